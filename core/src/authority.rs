@@ -1,0 +1,445 @@
+//! The authority's side: who holds each key, until when, under which fence.
+//!
+//! [`decide`] is the whole rulebook as a pure function of one key's [`Record`], the authority's
+//! clock and a request. The built-in server stores records in a database and the simulator in
+//! memory; both call `decide`, so the rules exist once. [`LeaseTable`] is a bounded in-memory
+//! store for small authorities (and tests).
+
+use heapless::index_map::FnvIndexMap;
+
+use crate::time::{Duration, Instant};
+use crate::wire::{Fence, Key, Op, OwnerId, Reject, Reply, Request};
+
+/// Everything an authority keeps about one key. Persist it whole: `last_fence` must survive
+/// restarts so fences never repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Record {
+    /// The current grant, if any (it may have expired; [`decide`] clears it lazily).
+    pub holder: Option<Holder>,
+    /// The highest fence ever issued for this key.
+    pub last_fence: Fence,
+}
+
+/// A grant as the authority sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Holder {
+    /// Who holds it.
+    pub owner: OwnerId,
+    /// Under which fence.
+    pub fence: Fence,
+    /// The ttl granted; needed to re-arm expiry after a restart.
+    pub ttl: Duration,
+    /// When it expires, on the authority's clock.
+    pub expires_at: Instant,
+}
+
+/// The ttls an authority accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Limits {
+    /// Shortest ttl granted.
+    pub min_ttl: Duration,
+    /// Longest ttl granted.
+    pub max_ttl: Duration,
+}
+
+impl Default for Limits {
+    /// 10 ms to one day.
+    fn default() -> Self {
+        Limits {
+            min_ttl: Duration::from_millis(10),
+            max_ttl: crate::config::MAX_TTL,
+        }
+    }
+}
+
+/// What a request did to a key; for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Outcome {
+    /// A new grant (new fence).
+    Granted,
+    /// A grant extended.
+    Renewed,
+    /// A grant given back.
+    Released,
+    /// Refused: held by someone else, or not the asker's grant.
+    Refused,
+    /// Refused outright: invalid request.
+    Rejected,
+}
+
+/// The result of [`decide`]: the record to store, the reply to send, and what happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// The key's record after the request. Store it (durably) before sending `reply`.
+    pub record: Record,
+    /// The answer.
+    pub reply: Reply,
+    /// What happened.
+    pub outcome: Outcome,
+    /// A grant had expired and was cleared on the way.
+    pub expired: bool,
+}
+
+impl Decision {
+    /// Whether `record` differs from the one passed in, i.e. whether a write is needed.
+    pub fn changed(&self, before: &Record) -> bool {
+        self.record != *before
+    }
+}
+
+/// Applies one request to one key at authority time `now`.
+///
+/// - Acquire (and Takeover, which a server-timed authority treats the same): granted with a
+///   new fence if the key is free, expired, or already the asker's; otherwise `Busy` with the
+///   holder's remaining time.
+/// - Renew: extended to `now + ttl` if the asker holds exactly that fence; otherwise
+///   `NotHolder`.
+/// - Release: cleared if the asker holds exactly that fence; otherwise `NotHolder` (repeat
+///   releases are harmless). The fence counter is kept.
+pub fn decide(record: &Record, now: Instant, request: &Request, limits: &Limits) -> Decision {
+    let mut rec = *record;
+    let expired = matches!(rec.holder, Some(h) if now >= h.expires_at);
+    if expired {
+        rec.holder = None;
+    }
+    let owner = request.owner;
+    let decision = |record, reply, outcome| Decision {
+        record,
+        reply,
+        outcome,
+        expired,
+    };
+
+    let ttl = match request.op {
+        Op::Acquire { ttl } | Op::Takeover { ttl, .. } | Op::Renew { ttl, .. } => Some(ttl),
+        Op::Release { .. } => None,
+    };
+    if let Some(ttl) = ttl {
+        if ttl < limits.min_ttl || ttl > limits.max_ttl {
+            return decision(rec, Reply::Rejected(Reject::InvalidTtl), Outcome::Rejected);
+        }
+    }
+
+    match request.op {
+        Op::Acquire { ttl } | Op::Takeover { ttl, .. } => match rec.holder {
+            Some(h) if h.owner != owner => decision(
+                rec,
+                Reply::Busy {
+                    retry_after: h.expires_at - now,
+                },
+                Outcome::Refused,
+            ),
+            _ => {
+                let Some(fence) = rec.last_fence.next() else {
+                    return decision(
+                        rec,
+                        Reply::Rejected(Reject::FenceExhausted),
+                        Outcome::Rejected,
+                    );
+                };
+                rec.last_fence = fence;
+                rec.holder = Some(Holder {
+                    owner,
+                    fence,
+                    ttl,
+                    expires_at: now + ttl,
+                });
+                decision(rec, Reply::Granted { fence, ttl }, Outcome::Granted)
+            }
+        },
+        Op::Renew { fence, ttl } => match rec.holder {
+            Some(ref mut h) if h.owner == owner && h.fence == fence => {
+                h.ttl = ttl;
+                h.expires_at = now + ttl;
+                decision(rec, Reply::Granted { fence, ttl }, Outcome::Renewed)
+            }
+            _ => decision(rec, Reply::NotHolder, Outcome::Refused),
+        },
+        Op::Release { fence } => match rec.holder {
+            Some(h) if h.owner == owner && h.fence == fence => {
+                rec.holder = None;
+                decision(rec, Reply::Released, Outcome::Released)
+            }
+            _ => decision(rec, Reply::NotHolder, Outcome::Refused),
+        },
+    }
+}
+
+impl Record {
+    /// The record as an authority must see it after a restart at `now`: every grant counts as
+    /// made just now. The old expiry was on a clock that did not survive the restart, and a
+    /// grant acknowledged just before the crash must not be handed to anyone else early.
+    pub fn recover(&self, now: Instant) -> Record {
+        let mut rec = *self;
+        if let Some(ref mut h) = rec.holder {
+            h.expires_at = now + h.ttl;
+        }
+        rec
+    }
+}
+
+/// A bounded in-memory authority for up to `N` keys (`N` a power of two). Records are never
+/// evicted, because an evicted record would forget its fence counter.
+#[derive(Debug, Default)]
+pub struct LeaseTable<const N: usize> {
+    records: FnvIndexMap<Key, Record, N>,
+    limits: Limits,
+}
+
+impl<const N: usize> LeaseTable<N> {
+    /// An empty table.
+    pub fn new(limits: Limits) -> Self {
+        LeaseTable {
+            records: FnvIndexMap::new(),
+            limits,
+        }
+    }
+
+    /// Applies `request` to `key` at authority time `now`.
+    pub fn handle(&mut self, now: Instant, key: &Key, request: &Request) -> Decision {
+        let before = self.records.get(key).copied().unwrap_or_default();
+        let d = decide(&before, now, request, &self.limits);
+        if d.changed(&before) && self.records.insert(key.clone(), d.record).is_err() {
+            return Decision {
+                record: before,
+                reply: Reply::Rejected(Reject::Capacity),
+                outcome: Outcome::Rejected,
+                expired: false,
+            };
+        }
+        d
+    }
+
+    /// The record of `key`, if the table has one.
+    pub fn get(&self, key: &Key) -> Option<&Record> {
+        self.records.get(key)
+    }
+
+    /// All records.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Record)> {
+        self.records.iter()
+    }
+
+    /// Re-arms every grant as of `now`, as after a restart (see [`Record::recover`]).
+    pub fn recover(&mut self, now: Instant) {
+        for (_, r) in self.records.iter_mut() {
+            *r = r.recover(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::RequestId;
+
+    const A: OwnerId = OwnerId(1);
+    const B: OwnerId = OwnerId(2);
+    const TTL: Duration = Duration::from_secs(10);
+
+    fn req(owner: OwnerId, op: Op) -> Request {
+        Request {
+            id: RequestId(0),
+            owner,
+            op,
+        }
+    }
+    fn at(s: u64) -> Instant {
+        Instant::from_secs(s)
+    }
+
+    #[test]
+    fn grant_busy_expire_regrant() {
+        let l = Limits::default();
+        let r0 = Record::default();
+        let d = decide(&r0, at(0), &req(A, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(
+            d.reply,
+            Reply::Granted {
+                fence: Fence(1),
+                ttl: TTL
+            }
+        );
+        let d2 = decide(&d.record, at(4), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(
+            d2.reply,
+            Reply::Busy {
+                retry_after: Duration::from_secs(6)
+            }
+        );
+        assert!(!d2.changed(&d.record));
+        let d3 = decide(&d2.record, at(10), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(
+            d3.reply,
+            Reply::Granted {
+                fence: Fence(2),
+                ttl: TTL
+            }
+        );
+        assert!(d3.expired);
+        // A's renewal of its expired fence is refused.
+        let d4 = decide(
+            &d3.record,
+            at(11),
+            &req(
+                A,
+                Op::Renew {
+                    fence: Fence(1),
+                    ttl: TTL,
+                },
+            ),
+            &l,
+        );
+        assert_eq!(d4.reply, Reply::NotHolder);
+    }
+
+    #[test]
+    fn reacquire_by_holder_gets_a_new_fence() {
+        let l = Limits::default();
+        let d = decide(
+            &Record::default(),
+            at(0),
+            &req(A, Op::Acquire { ttl: TTL }),
+            &l,
+        );
+        let d2 = decide(&d.record, at(1), &req(A, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(
+            d2.reply,
+            Reply::Granted {
+                fence: Fence(2),
+                ttl: TTL
+            }
+        );
+    }
+
+    #[test]
+    fn release_is_fenced_and_keeps_the_counter() {
+        let l = Limits::default();
+        let d = decide(
+            &Record::default(),
+            at(0),
+            &req(A, Op::Acquire { ttl: TTL }),
+            &l,
+        );
+        let wrong = decide(
+            &d.record,
+            at(1),
+            &req(B, Op::Release { fence: Fence(1) }),
+            &l,
+        );
+        assert_eq!(wrong.reply, Reply::NotHolder);
+        let stale = decide(
+            &d.record,
+            at(1),
+            &req(A, Op::Release { fence: Fence(7) }),
+            &l,
+        );
+        assert_eq!(stale.reply, Reply::NotHolder);
+        let ok = decide(
+            &d.record,
+            at(1),
+            &req(A, Op::Release { fence: Fence(1) }),
+            &l,
+        );
+        assert_eq!(ok.reply, Reply::Released);
+        assert_eq!(ok.record.holder, None);
+        assert_eq!(ok.record.last_fence, Fence(1));
+        let again = decide(
+            &ok.record,
+            at(2),
+            &req(A, Op::Release { fence: Fence(1) }),
+            &l,
+        );
+        assert_eq!(again.reply, Reply::NotHolder);
+        let next = decide(&ok.record, at(2), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(
+            next.reply,
+            Reply::Granted {
+                fence: Fence(2),
+                ttl: TTL
+            }
+        );
+    }
+
+    #[test]
+    fn absurd_ttls_are_rejected_without_change() {
+        let l = Limits::default();
+        for ttl in [Duration::ZERO, Duration::from_micros(1), Duration::MAX] {
+            let d = decide(&Record::default(), at(0), &req(A, Op::Acquire { ttl }), &l);
+            assert_eq!(d.reply, Reply::Rejected(Reject::InvalidTtl));
+            assert!(!d.changed(&Record::default()));
+        }
+    }
+
+    #[test]
+    fn fence_exhaustion_is_an_error_not_a_wrap() {
+        let rec = Record {
+            holder: None,
+            last_fence: Fence(u64::MAX),
+        };
+        let d = decide(
+            &rec,
+            at(0),
+            &req(A, Op::Acquire { ttl: TTL }),
+            &Limits::default(),
+        );
+        assert_eq!(d.reply, Reply::Rejected(Reject::FenceExhausted));
+    }
+
+    #[test]
+    fn recovery_rearms_expiry_from_restart() {
+        let mut t: LeaseTable<4> = LeaseTable::new(Limits::default());
+        let k = crate::wire::parse_key("k").unwrap();
+        t.handle(at(100), &k, &req(A, Op::Acquire { ttl: TTL }));
+        // The restarted authority's clock starts again near zero.
+        t.recover(at(1));
+        let d = t.handle(at(5), &k, &req(B, Op::Acquire { ttl: TTL }));
+        assert_eq!(
+            d.reply,
+            Reply::Busy {
+                retry_after: Duration::from_secs(6)
+            }
+        );
+        let d = t.handle(at(11), &k, &req(B, Op::Acquire { ttl: TTL }));
+        assert_eq!(
+            d.reply,
+            Reply::Granted {
+                fence: Fence(2),
+                ttl: TTL
+            }
+        );
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_keys_but_serves_old_ones() {
+        let mut t: LeaseTable<2> = LeaseTable::new(Limits::default());
+        let k = |s| crate::wire::parse_key(s).unwrap();
+        assert!(matches!(
+            t.handle(at(0), &k("a"), &req(A, Op::Acquire { ttl: TTL }))
+                .reply,
+            Reply::Granted { .. }
+        ));
+        assert!(matches!(
+            t.handle(at(0), &k("b"), &req(A, Op::Acquire { ttl: TTL }))
+                .reply,
+            Reply::Granted { .. }
+        ));
+        assert_eq!(
+            t.handle(at(0), &k("c"), &req(A, Op::Acquire { ttl: TTL }))
+                .reply,
+            Reply::Rejected(Reject::Capacity)
+        );
+        assert_eq!(
+            t.handle(at(0), &k("a"), &req(A, Op::Release { fence: Fence(1) }))
+                .reply,
+            Reply::Released
+        );
+    }
+}

@@ -1,0 +1,712 @@
+//! The holder's side: one [`Lease`] per key.
+
+use core::fmt;
+
+use heapless::Deque;
+
+use crate::config::{Config, ConfigError};
+use crate::time::{Duration, Instant};
+use crate::wire::{Fence, Op, OwnerId, Reject, Reply, Request, RequestId, Response};
+
+/// A sans-IO lease on one key, from the holder's side.
+///
+/// Drive it like this: call a verb ([`acquire`](Lease::acquire), [`release`](Lease::release)) or
+/// feed an input ([`handle_response`](Lease::handle_response),
+/// [`handle_timeout`](Lease::handle_timeout),
+/// [`handle_transport_error`](Lease::handle_transport_error)); then drain
+/// [`poll_transmit`](Lease::poll_transmit) (send each request),
+/// [`poll_event`](Lease::poll_event) (tell the application), and finally arm a timer for
+/// [`poll_timeout`](Lease::poll_timeout). The machine never reads a clock: every `now` is the
+/// caller's reading of one local monotonic clock, which must never go backwards.
+///
+/// # Safety contract
+///
+/// A grant of `ttl` obtained by a request *sent* at local time `s` is believed until
+/// `s + ttl·(1−ε) − margin` (see [`Config::validity`]). The authority counts the same `ttl` from
+/// the moment it acted, which is after `s`, on a clock at most a factor `1+ε` faster, so the
+/// holder's belief always ends before the authority can grant the key to anyone else. Anchoring
+/// at the *reply* instead would let a slow reply stretch the holder's belief past the
+/// authority's expiry.
+///
+/// From that instant on [`remaining`](Lease::remaining) is `None`, and the next call into the
+/// machine with a `now` at or after it emits [`Event::Lost`]; `poll_timeout` asks for such a
+/// call no later than that instant. Nothing the network does (late, duplicated, reordered or
+/// forged replies) extends the belief: only a reply to the *newest* request counts, a renewal
+/// is anchored at its own send time, and a fence that is not new is never trusted.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    config: Config,
+    owner: OwnerId,
+    phase: Phase,
+    /// The fence held now, or the highest one ever granted to this lease.
+    fence: Fence,
+    /// End of the local validity while [`Phase::Held`]; give-up bound while releasing.
+    valid_until: Instant,
+    pending: Option<Pending>,
+    /// The pending request has not been handed out by `poll_transmit` yet.
+    unsent: bool,
+    next_id: u32,
+    /// When to send the next request (renewal, retry, takeover).
+    wake: Option<Instant>,
+    /// Consecutive failed attempts, for backoff and [`Health::Unknown`].
+    failures: u16,
+    rng: u64,
+    events: Deque<Event, 4>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    id: RequestId,
+    sent_at: Instant,
+    op: Op,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Acquiring {
+        /// Stop trying once an attempt could not end before this.
+        give_up_at: Option<Instant>,
+        /// `release` was called while an attempt was in flight.
+        cancel: bool,
+        /// Observed record version to take over (compare-and-set stores).
+        takeover: Option<u64>,
+    },
+    Held,
+    Releasing,
+    Lost,
+    Released,
+}
+
+/// What the machine is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum State {
+    /// Not holding and not trying.
+    Idle,
+    /// Asking the authority, or backing off between attempts.
+    Acquiring,
+    /// Waiting out another holder's observed record before a takeover.
+    Waiting,
+    /// Holding (possibly past its validity until the next call notices).
+    Held,
+    /// Giving the lease back.
+    Releasing,
+}
+
+/// How much the holder can trust its lease right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Health {
+    /// Held, and the last renewal attempt succeeded.
+    Held,
+    /// Held and still valid, but renewal is failing: act only if the remaining time suffices.
+    Unknown,
+    /// The last holding ended without the holder asking.
+    Lost,
+    /// The last holding ended by [`Lease::release`].
+    Released,
+    /// Never held, or acquiring.
+    NotHeld,
+}
+
+/// What the application must know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Event {
+    /// The key is ours under `fence` until `valid_until` (local clock) unless renewed.
+    Acquired {
+        /// Present it to every resource the lease protects.
+        fence: Fence,
+        /// End of the local validity.
+        valid_until: Instant,
+    },
+    /// A renewal extended the validity.
+    Renewed {
+        /// Unchanged by renewal.
+        fence: Fence,
+        /// New end of the local validity.
+        valid_until: Instant,
+    },
+    /// An acquisition ended without a grant.
+    NotAcquired {
+        /// Why.
+        reason: NotAcquired,
+    },
+    /// The lease is gone; stop acting on `fence` now.
+    Lost {
+        /// The fence that must no longer be used.
+        fence: Fence,
+        /// Why.
+        reason: LostReason,
+    },
+    /// A release finished (acknowledged, or given up once the grant expired anyway).
+    Released {
+        /// The fence given back.
+        fence: Fence,
+    },
+}
+
+/// Why an acquisition ended without a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum NotAcquired {
+    /// Someone else holds the key and the deadline came first.
+    Busy,
+    /// The authority could not be reached before the deadline.
+    Unavailable,
+    /// [`Lease::release`] was called during the acquisition.
+    Cancelled,
+    /// The authority refused the request outright.
+    Rejected(Reject),
+}
+
+/// Why a held lease was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum LostReason {
+    /// The local validity ran out before a renewal succeeded.
+    Expired,
+    /// The authority says the grant is no longer ours.
+    Revoked,
+    /// The authority refused the renewal outright.
+    Rejected(Reject),
+}
+
+/// Misuse of [`Lease::acquire`] and friends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum AcquireError {
+    /// The lease is already held.
+    AlreadyHeld,
+    /// An acquisition is already under way.
+    InProgress,
+    /// A release is under way; wait for [`Event::Released`].
+    Releasing,
+}
+
+/// Misuse of [`Lease::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum ReleaseError {
+    /// Nothing is held or being acquired.
+    NotHeld,
+}
+
+impl fmt::Display for AcquireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AcquireError::AlreadyHeld => "lease is already held",
+            AcquireError::InProgress => "an acquisition is already under way",
+            AcquireError::Releasing => "a release is under way",
+        })
+    }
+}
+impl core::error::Error for AcquireError {}
+
+impl fmt::Display for ReleaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("lease is neither held nor being acquired")
+    }
+}
+impl core::error::Error for ReleaseError {}
+
+impl Lease {
+    /// A lease for `owner`, idle. `owner` must be unique per incarnation (see [`OwnerId`]).
+    pub const fn new(owner: OwnerId, config: Config) -> Result<Lease, ConfigError> {
+        if let Err(e) = config.validate() {
+            return Err(e);
+        }
+        Ok(Lease {
+            config,
+            owner,
+            phase: Phase::Idle,
+            fence: Fence::NONE,
+            valid_until: Instant::ZERO,
+            pending: None,
+            unsent: false,
+            next_id: 0,
+            wake: None,
+            failures: 0,
+            // Mixing in the owner keeps identically configured leases from retrying in step.
+            rng: config.jitter_seed ^ owner.0.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            events: Deque::new(),
+        })
+    }
+
+    // ----- getters -----
+
+    /// The timing this lease runs on.
+    pub const fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Who this lease asks as.
+    pub const fn owner(&self) -> OwnerId {
+        self.owner
+    }
+
+    /// What the machine is doing.
+    pub const fn state(&self) -> State {
+        match self.phase {
+            Phase::Idle | Phase::Lost | Phase::Released => State::Idle,
+            Phase::Acquiring {
+                takeover: Some(_), ..
+            } => State::Waiting,
+            Phase::Acquiring { .. } => State::Acquiring,
+            Phase::Held => State::Held,
+            Phase::Releasing => State::Releasing,
+        }
+    }
+
+    /// The fence of the lease held now, if any.
+    pub const fn fence(&self) -> Option<Fence> {
+        match self.phase {
+            Phase::Held => Some(self.fence),
+            _ => None,
+        }
+    }
+
+    /// How long the lease may still be relied on at local time `now`; `None` once it may not.
+    pub fn remaining(&self, now: Instant) -> Option<Duration> {
+        match self.phase {
+            Phase::Held if now < self.valid_until => Some(self.valid_until - now),
+            _ => None,
+        }
+    }
+
+    /// How much the holder can trust its lease at `now`.
+    pub fn health(&self, now: Instant) -> Health {
+        match self.phase {
+            Phase::Held if now >= self.valid_until => Health::Lost,
+            Phase::Held if self.failures > 0 => Health::Unknown,
+            Phase::Held => Health::Held,
+            Phase::Releasing | Phase::Released => Health::Released,
+            Phase::Lost => Health::Lost,
+            Phase::Idle | Phase::Acquiring { .. } => Health::NotHeld,
+        }
+    }
+
+    /// Held, still valid, and renewing without trouble.
+    pub fn is_healthy(&self, now: Instant) -> bool {
+        self.health(now) == Health::Held
+    }
+
+    // ----- verbs -----
+
+    /// Start acquiring; keep trying (waiting out other holders) until granted or
+    /// [`release`](Lease::release)d.
+    pub fn acquire(&mut self, now: Instant) -> Result<(), AcquireError> {
+        self.start_acquire(now, None)
+    }
+
+    /// Make one attempt; if the key is held or the authority unreachable, end with
+    /// [`Event::NotAcquired`] instead of waiting.
+    pub fn try_acquire(&mut self, now: Instant) -> Result<(), AcquireError> {
+        self.start_acquire(now, Some(now))
+    }
+
+    /// Keep trying until `deadline`, then end with [`Event::NotAcquired`]. An attempt already
+    /// in flight at the deadline is still honoured if it succeeds.
+    pub fn acquire_until(&mut self, now: Instant, deadline: Instant) -> Result<(), AcquireError> {
+        self.start_acquire(now, Some(deadline))
+    }
+
+    /// Stop believing in the lease at once and give it back; or cancel an acquisition. Ends
+    /// with [`Event::Released`] (or [`Event::NotAcquired`] for a cancelled acquisition).
+    pub fn release(&mut self, now: Instant) -> Result<(), ReleaseError> {
+        self.expire(now);
+        match self.phase {
+            Phase::Held => {
+                self.phase = Phase::Releasing;
+                self.wake = None;
+                self.failures = 0;
+                self.send(now, Op::Release { fence: self.fence });
+                Ok(())
+            }
+            Phase::Acquiring { ref mut cancel, .. } if self.pending.is_some() => {
+                // The attempt in flight may be granted; if so it is released at once.
+                *cancel = true;
+                Ok(())
+            }
+            Phase::Acquiring { .. } => {
+                self.not_acquired(NotAcquired::Cancelled);
+                Ok(())
+            }
+            Phase::Releasing => Ok(()),
+            Phase::Idle | Phase::Lost | Phase::Released => Err(ReleaseError::NotHeld),
+        }
+    }
+
+    // ----- inputs -----
+
+    /// Feed a reply from the authority. Replies to anything but the newest request are ignored.
+    pub fn handle_response(&mut self, now: Instant, response: Response) {
+        if self.expire(now) {
+            return;
+        }
+        let Some(p) = self.pending else { return };
+        if p.id != response.id || self.unsent {
+            return;
+        }
+        self.pending = None;
+        match self.phase {
+            Phase::Acquiring { .. } => self.on_acquire_reply(now, p, response.reply),
+            Phase::Held => self.on_renew_reply(now, p, response.reply),
+            Phase::Releasing => self.on_release_reply(now, response.reply),
+            Phase::Idle | Phase::Lost | Phase::Released => {}
+        }
+    }
+
+    /// The request `id` could not be delivered or answered (connection refused, reset,
+    /// timed out, garbled reply). It is retried with backoff.
+    pub fn handle_transport_error(&mut self, now: Instant, id: RequestId) {
+        if self.expire(now) {
+            return;
+        }
+        if matches!(self.pending, Some(p) if p.id == id) && !self.unsent {
+            self.fail(now);
+        }
+    }
+
+    /// The time from [`poll_timeout`](Lease::poll_timeout) came (early or spurious calls are
+    /// harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.expire(now) {
+            return;
+        }
+        if let Some(p) = self.pending {
+            if now >= p.sent_at + self.config.request_timeout {
+                self.fail(now);
+            }
+        }
+        if let Some(at) = self.wake {
+            if now >= at {
+                self.wake = None;
+                self.fire(now);
+            }
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next request to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Request> {
+        if !self.unsent {
+            return None;
+        }
+        self.unsent = false;
+        self.pending.map(|p| Request {
+            id: p.id,
+            owner: self.owner,
+            op: p.op,
+        })
+    }
+
+    /// The next event for the application, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Lease::handle_timeout) must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = self.wake;
+        let mut earliest = |t: Instant| {
+            next = Some(match next {
+                Some(n) if n <= t => n,
+                _ => t,
+            })
+        };
+        if let Some(p) = self.pending {
+            earliest(p.sent_at + self.config.request_timeout);
+        }
+        if matches!(self.phase, Phase::Held | Phase::Releasing) {
+            earliest(self.valid_until);
+        }
+        next
+    }
+
+    // ----- internals -----
+
+    fn start_acquire(
+        &mut self,
+        now: Instant,
+        give_up_at: Option<Instant>,
+    ) -> Result<(), AcquireError> {
+        self.expire(now);
+        match self.phase {
+            Phase::Idle | Phase::Lost | Phase::Released => {
+                self.phase = Phase::Acquiring {
+                    give_up_at,
+                    cancel: false,
+                    takeover: None,
+                };
+                self.failures = 0;
+                self.send(
+                    now,
+                    Op::Acquire {
+                        ttl: self.config.ttl,
+                    },
+                );
+                Ok(())
+            }
+            Phase::Acquiring { .. } => Err(AcquireError::InProgress),
+            Phase::Held => Err(AcquireError::AlreadyHeld),
+            Phase::Releasing => Err(AcquireError::Releasing),
+        }
+    }
+
+    /// Ends a holding or release whose time is up. Returns whether it did.
+    fn expire(&mut self, now: Instant) -> bool {
+        if now < self.valid_until {
+            return false;
+        }
+        match self.phase {
+            Phase::Held => {
+                self.end(
+                    Phase::Lost,
+                    Event::Lost {
+                        fence: self.fence,
+                        reason: LostReason::Expired,
+                    },
+                );
+                true
+            }
+            // The authority has expired the grant by now: nothing left to give back.
+            Phase::Releasing => {
+                self.end(Phase::Released, Event::Released { fence: self.fence });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn on_acquire_reply(&mut self, now: Instant, p: Pending, reply: Reply) {
+        let Phase::Acquiring {
+            give_up_at, cancel, ..
+        } = self.phase
+        else {
+            return;
+        };
+        match reply {
+            Reply::Granted { fence, ttl } => {
+                if fence <= self.fence {
+                    // A replayed or confused grant: an old fence is never trusted.
+                    return self.fail(now);
+                }
+                self.fence = fence;
+                let valid_until =
+                    self.anchor(p.sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
+                if cancel {
+                    self.phase = Phase::Releasing;
+                    self.valid_until = valid_until.max(now + self.config.request_timeout);
+                    self.failures = 0;
+                    self.send(now, Op::Release { fence });
+                    return;
+                }
+                if valid_until <= now {
+                    // The reply came too late to rely on. Asking again gets a fresh grant
+                    // (and a new fence) from our own stale one.
+                    return self.fail(now);
+                }
+                self.phase = Phase::Held;
+                self.valid_until = valid_until;
+                self.failures = 0;
+                self.wake = Some((p.sent_at + self.config.renew_every).max(now));
+                self.push(Event::Acquired { fence, valid_until });
+            }
+            Reply::Busy { retry_after } => {
+                if cancel {
+                    return self.not_acquired(NotAcquired::Cancelled);
+                }
+                let jitter = self.jitter(self.config.backoff_min);
+                self.retry_acquire_at(now + retry_after + jitter, give_up_at, None);
+            }
+            Reply::Observed { version, ttl } => {
+                if cancel {
+                    return self.not_acquired(NotAcquired::Cancelled);
+                }
+                // Anchored at receipt: the observed write happened before we read it.
+                self.retry_acquire_at(
+                    now + self.config.observe_wait(ttl),
+                    give_up_at,
+                    Some(version),
+                );
+            }
+            Reply::Rejected(r) => self.not_acquired(NotAcquired::Rejected(r)),
+            Reply::Unavailable | Reply::NotHolder | Reply::Released => self.fail(now),
+        }
+    }
+
+    fn retry_acquire_at(
+        &mut self,
+        at: Instant,
+        give_up_at: Option<Instant>,
+        takeover: Option<u64>,
+    ) {
+        if give_up_at.is_some_and(|g| at > g) {
+            return self.not_acquired(NotAcquired::Busy);
+        }
+        self.phase = Phase::Acquiring {
+            give_up_at,
+            cancel: false,
+            takeover,
+        };
+        self.failures = 0;
+        self.wake = Some(at);
+    }
+
+    fn on_renew_reply(&mut self, now: Instant, p: Pending, reply: Reply) {
+        match reply {
+            Reply::Granted { fence, ttl } if fence == self.fence => {
+                let until =
+                    self.anchor(p.sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
+                self.valid_until = self.valid_until.max(until);
+                self.failures = 0;
+                self.wake = Some((p.sent_at + self.config.renew_every).max(now));
+                self.push(Event::Renewed {
+                    fence,
+                    valid_until: self.valid_until,
+                });
+            }
+            Reply::NotHolder | Reply::Busy { .. } | Reply::Observed { .. } => self.end(
+                Phase::Lost,
+                Event::Lost {
+                    fence: self.fence,
+                    reason: LostReason::Revoked,
+                },
+            ),
+            Reply::Rejected(r) => self.end(
+                Phase::Lost,
+                Event::Lost {
+                    fence: self.fence,
+                    reason: LostReason::Rejected(r),
+                },
+            ),
+            Reply::Granted { .. } | Reply::Unavailable | Reply::Released => self.fail(now),
+        }
+    }
+
+    fn on_release_reply(&mut self, now: Instant, reply: Reply) {
+        match reply {
+            Reply::Unavailable => self.fail(now),
+            // Released, NotHolder (already gone), or anything else: the belief ended when
+            // `release` was called, and the authority will expire whatever remains.
+            _ => self.end(Phase::Released, Event::Released { fence: self.fence }),
+        }
+    }
+
+    /// Sends the request the current phase calls for.
+    fn fire(&mut self, now: Instant) {
+        let op = match self.phase {
+            Phase::Acquiring {
+                takeover: Some(version),
+                ..
+            } => Op::Takeover {
+                version,
+                ttl: self.config.ttl,
+            },
+            Phase::Acquiring { takeover: None, .. } => Op::Acquire {
+                ttl: self.config.ttl,
+            },
+            Phase::Held => Op::Renew {
+                fence: self.fence,
+                ttl: self.config.ttl,
+            },
+            Phase::Releasing => Op::Release { fence: self.fence },
+            Phase::Idle | Phase::Lost | Phase::Released => return,
+        };
+        self.send(now, op);
+    }
+
+    /// The newest request failed: back off and retry, or give up.
+    fn fail(&mut self, now: Instant) {
+        self.pending = None;
+        self.unsent = false;
+        self.failures = self.failures.saturating_add(1);
+        let at = now + self.backoff();
+        match self.phase {
+            Phase::Acquiring { cancel: true, .. } => self.not_acquired(NotAcquired::Cancelled),
+            Phase::Acquiring {
+                give_up_at: Some(g),
+                ..
+            } if at > g => self.not_acquired(NotAcquired::Unavailable),
+            Phase::Acquiring { .. } | Phase::Held | Phase::Releasing => self.wake = Some(at),
+            Phase::Idle | Phase::Lost | Phase::Released => {}
+        }
+    }
+
+    fn send(&mut self, now: Instant, op: Op) {
+        let id = RequestId(self.next_id);
+        self.next_id = self.next_id.wrapping_add(1);
+        self.pending = Some(Pending {
+            id,
+            sent_at: now,
+            op,
+        });
+        self.unsent = true;
+    }
+
+    fn not_acquired(&mut self, reason: NotAcquired) {
+        self.end(Phase::Idle, Event::NotAcquired { reason });
+    }
+
+    fn end(&mut self, phase: Phase, event: Event) {
+        self.phase = phase;
+        self.pending = None;
+        self.unsent = false;
+        self.wake = None;
+        self.failures = 0;
+        self.valid_until = Instant::ZERO;
+        self.push(event);
+    }
+
+    fn push(&mut self, event: Event) {
+        // Draining after every call keeps at most one event queued; if a caller does not,
+        // the newest events matter most.
+        if self.events.is_full() {
+            self.events.pop_front();
+        }
+        let _ = self.events.push_back(event);
+    }
+
+    /// Where validity is counted from: the request's send time.
+    #[allow(unused_variables)]
+    fn anchor(&self, sent_at: Instant, received_at: Instant) -> Instant {
+        #[cfg(feature = "fault-injection")]
+        if self.config.fault == crate::config::Fault::AnchorAtReceive {
+            return received_at;
+        }
+        sent_at
+    }
+
+    /// Exponential backoff with jitter in `[d/2, d]`.
+    fn backoff(&mut self) -> Duration {
+        let doublings = u32::from(self.failures.saturating_sub(1).min(20));
+        let base = self
+            .config
+            .backoff_min
+            .saturating_mul(1 << doublings)
+            .min(self.config.backoff_max);
+        let half = base.mul_div_floor(1, 2);
+        half + self.jitter(base - half)
+    }
+
+    /// Uniform in `[0, max]`.
+    fn jitter(&mut self, max: Duration) -> Duration {
+        // splitmix64: tiny, and good enough to spread retries.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Duration::from_micros(z % max.as_micros().saturating_add(1).max(1))
+    }
+}

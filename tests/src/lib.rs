@@ -1,0 +1,1 @@
+//! Deterministic simulation of leasehold clients, an authority and a faulty network.
