@@ -68,6 +68,7 @@ pub struct RequestId(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
 pub struct Request {
     /// Echoed in the response.
     pub id: RequestId,
@@ -82,6 +83,7 @@ pub struct Request {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
 pub enum Op {
     /// Grant the key to me if it is free (or already mine), with a new fence.
     Acquire {
@@ -114,6 +116,7 @@ pub enum Op {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
 pub struct Response {
     /// The id of the request answered.
     pub id: RequestId,
@@ -126,6 +129,7 @@ pub struct Response {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
 pub enum Reply {
     /// Acquire, takeover or renewal succeeded: the key is mine under `fence` for `ttl` from the
     /// moment the authority acted (the holder counts from when it sent the request).
