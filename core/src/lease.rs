@@ -715,3 +715,429 @@ impl Lease {
         Duration::from_micros(z % max.as_micros().saturating_add(1).max(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    fn config() -> Config {
+        let mut c = Config::new(TTL);
+        c.drift = crate::Drift::from_ppm(10_000);
+        c.margin = Duration::ZERO;
+        c
+    }
+    fn ms(n: u64) -> Instant {
+        Instant::from_millis(n)
+    }
+    /// First renewal of a lease acquired at 0: ttl/3.
+    const RENEW: Instant = Instant::from_micros(3_333_333);
+    fn lease() -> Lease {
+        Lease::new(OwnerId(1), config()).unwrap()
+    }
+    fn reply(l: &mut Lease, now: Instant, req: &Request, reply: Reply) {
+        l.handle_response(now, Response { id: req.id, reply });
+    }
+    fn granted(fence: u64) -> Reply {
+        Reply::Granted {
+            fence: Fence(fence),
+            ttl: TTL,
+        }
+    }
+    /// Acquires with fence 1, sent at 0 and answered at `rtt` ms.
+    fn held(rtt: u64) -> Lease {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(rtt), &r, granted(1));
+        l
+    }
+
+    #[test]
+    fn validity_is_anchored_at_send_not_reply() {
+        let mut l = held(3_000);
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Acquired {
+                fence: Fence(1),
+                valid_until: ms(9_900)
+            })
+        );
+        assert_eq!(l.remaining(ms(3_000)), Some(Duration::from_millis(6_900)));
+        assert_eq!(l.remaining(ms(9_899)), Some(Duration::from_millis(1)));
+        assert_eq!(l.remaining(ms(9_900)), None);
+    }
+
+    #[test]
+    fn a_reply_slower_than_the_validity_is_not_trusted() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        // No timer ran in between (the request timeout would normally have fired).
+        reply(&mut l, ms(9_950), &r, granted(1));
+        assert_eq!(l.poll_event(), None);
+        assert_eq!(l.state(), State::Acquiring);
+        assert_eq!(l.remaining(ms(9_950)), None);
+        // The retry gets a fresh grant with a newer fence.
+        l.handle_timeout(l.poll_timeout().unwrap());
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(r.op, Op::Acquire { ttl: TTL });
+        reply(&mut l, ms(11_000), &r, granted(2));
+        assert!(matches!(
+            l.poll_event(),
+            Some(Event::Acquired {
+                fence: Fence(2),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn renews_on_schedule_and_extends_from_the_renewal_send() {
+        let mut l = held(10);
+        l.poll_event();
+        assert_eq!(l.poll_timeout(), Some(RENEW));
+        l.handle_timeout(RENEW);
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(
+            r.op,
+            Op::Renew {
+                fence: Fence(1),
+                ttl: TTL
+            }
+        );
+        reply(&mut l, ms(3_400), &r, granted(1));
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Renewed {
+                fence: Fence(1),
+                valid_until: RENEW + Duration::from_millis(9_900)
+            })
+        );
+        assert_eq!(l.poll_timeout(), Some(Instant::from_micros(6_666_666)));
+        assert!(l.is_healthy(ms(3_400)));
+    }
+
+    #[test]
+    fn failing_renewals_retry_then_lose_at_the_deadline() {
+        let mut l = held(10);
+        l.poll_event();
+        let mut now = ms(0);
+        let mut renewals = 0;
+        loop {
+            let t = l.poll_timeout().expect("a held lease always has a timer");
+            assert!(t >= now, "poll_timeout went back in time");
+            now = t;
+            l.handle_timeout(now);
+            while let Some(r) = l.poll_transmit() {
+                renewals += 1;
+                l.handle_transport_error(now, r.id);
+            }
+            if let Some(e) = l.poll_event() {
+                assert_eq!(
+                    e,
+                    Event::Lost {
+                        fence: Fence(1),
+                        reason: LostReason::Expired
+                    }
+                );
+                break;
+            }
+            if now > RENEW {
+                assert_eq!(l.health(now), Health::Unknown);
+            }
+        }
+        assert_eq!(now, ms(9_900), "Lost is reported exactly at the deadline");
+        assert!(renewals > 3, "renewal was retried ({renewals})");
+        assert_eq!(l.health(now), Health::Lost);
+        assert_eq!(l.remaining(now), None);
+        assert_eq!(l.fence(), None);
+    }
+
+    #[test]
+    fn a_late_renewal_reply_cannot_resurrect_the_lease() {
+        let mut l = held(10);
+        l.poll_event();
+        l.handle_timeout(RENEW);
+        let r = l.poll_transmit().unwrap();
+        // Reply arrives only after the deadline passed, with no timer call in between.
+        reply(&mut l, ms(9_901), &r, granted(1));
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Lost {
+                fence: Fence(1),
+                reason: LostReason::Expired
+            })
+        );
+        assert_eq!(l.poll_event(), None);
+        assert_eq!(l.remaining(ms(9_901)), None);
+    }
+
+    #[test]
+    fn stale_duplicate_and_forged_replies_are_ignored() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        l.handle_response(
+            ms(1),
+            Response {
+                id: RequestId(r.id.0 + 1),
+                reply: granted(1),
+            },
+        );
+        assert_eq!(l.poll_event(), None);
+        reply(&mut l, ms(2), &r, granted(5));
+        assert!(matches!(
+            l.poll_event(),
+            Some(Event::Acquired {
+                fence: Fence(5),
+                ..
+            })
+        ));
+        // A duplicate of the same reply changes nothing.
+        reply(&mut l, ms(3), &r, granted(5));
+        assert_eq!(l.poll_event(), None);
+        // A renewal answered with a different fence is not believed.
+        l.handle_timeout(RENEW);
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(3_334), &r, granted(6));
+        assert_eq!(l.poll_event(), None);
+        assert_eq!(l.health(ms(3_334)), Health::Unknown);
+        assert_eq!(
+            l.remaining(ms(3_334)),
+            Some(Duration::from_millis(9_900 - 3_334))
+        );
+    }
+
+    #[test]
+    fn an_old_fence_is_never_accepted_again() {
+        let mut l = held(1);
+        l.poll_event();
+        l.release(ms(5)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(6), &r, Reply::Released);
+        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(1) }));
+        l.acquire(ms(7)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(8), &r, granted(1));
+        assert_eq!(l.poll_event(), None);
+        assert_eq!(l.state(), State::Acquiring);
+    }
+
+    #[test]
+    fn busy_waits_for_the_holder_then_retries() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(
+            &mut l,
+            ms(1),
+            &r,
+            Reply::Busy {
+                retry_after: Duration::from_secs(4),
+            },
+        );
+        let t = l.poll_timeout().unwrap();
+        let jitter_max = config().backoff_min;
+        assert!(t >= ms(4_001) && t <= ms(4_001) + jitter_max, "{t}");
+        l.handle_timeout(t);
+        assert_eq!(l.poll_transmit().unwrap().op, Op::Acquire { ttl: TTL });
+    }
+
+    #[test]
+    fn try_acquire_gives_up_on_busy() {
+        let mut l = lease();
+        l.try_acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(
+            &mut l,
+            ms(1),
+            &r,
+            Reply::Busy {
+                retry_after: Duration::from_secs(4),
+            },
+        );
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::NotAcquired {
+                reason: NotAcquired::Busy
+            })
+        );
+        assert_eq!(l.state(), State::Idle);
+        assert_eq!(l.poll_timeout(), None);
+    }
+
+    #[test]
+    fn acquire_until_gives_up_when_unreachable_past_the_deadline() {
+        let mut l = lease();
+        l.acquire_until(ms(0), ms(2_000)).unwrap();
+        let mut now = ms(0);
+        let event = loop {
+            if let Some(r) = l.poll_transmit() {
+                l.handle_transport_error(now, r.id);
+            }
+            if let Some(e) = l.poll_event() {
+                break e;
+            }
+            now = l.poll_timeout().unwrap();
+            l.handle_timeout(now);
+        };
+        assert_eq!(
+            event,
+            Event::NotAcquired {
+                reason: NotAcquired::Unavailable
+            }
+        );
+        assert!(now <= ms(2_000));
+    }
+
+    #[test]
+    fn observe_and_wait_then_take_over_the_observed_version() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(
+            &mut l,
+            ms(50),
+            &r,
+            Reply::Observed {
+                version: 7,
+                ttl: TTL,
+            },
+        );
+        assert_eq!(l.state(), State::Waiting);
+        // Counted from receipt, stretched by ε.
+        assert_eq!(l.poll_timeout(), Some(ms(50 + 10_100)));
+        l.handle_timeout(ms(10_150));
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(
+            r.op,
+            Op::Takeover {
+                version: 7,
+                ttl: TTL
+            }
+        );
+        // The holder renewed meanwhile: wait again for the new version.
+        reply(
+            &mut l,
+            ms(10_160),
+            &r,
+            Reply::Observed {
+                version: 8,
+                ttl: TTL,
+            },
+        );
+        l.handle_timeout(ms(20_260));
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(
+            r.op,
+            Op::Takeover {
+                version: 8,
+                ttl: TTL
+            }
+        );
+        reply(&mut l, ms(20_270), &r, granted(3));
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Acquired {
+                fence: Fence(3),
+                valid_until: ms(20_260 + 9_900)
+            })
+        );
+    }
+
+    #[test]
+    fn revoked_renewal_loses_at_once() {
+        let mut l = held(1);
+        l.poll_event();
+        l.handle_timeout(RENEW);
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(3_340), &r, Reply::NotHolder);
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Lost {
+                fence: Fence(1),
+                reason: LostReason::Revoked
+            })
+        );
+        assert_eq!(l.remaining(ms(3_340)), None);
+    }
+
+    #[test]
+    fn release_ends_belief_at_once_and_retries_until_acknowledged() {
+        let mut l = held(1);
+        l.poll_event();
+        l.release(ms(100)).unwrap();
+        assert_eq!(l.remaining(ms(100)), None);
+        assert_eq!(l.health(ms(100)), Health::Released);
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(r.op, Op::Release { fence: Fence(1) });
+        reply(&mut l, ms(101), &r, Reply::Unavailable);
+        l.handle_timeout(l.poll_timeout().unwrap());
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(r.op, Op::Release { fence: Fence(1) });
+        reply(&mut l, ms(900), &r, Reply::NotHolder);
+        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(1) }));
+        assert_eq!(l.release(ms(901)), Err(ReleaseError::NotHeld));
+    }
+
+    #[test]
+    fn release_during_acquire_gives_back_a_late_grant() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        l.release(ms(1)).unwrap();
+        reply(&mut l, ms(2), &r, granted(4));
+        assert_eq!(l.poll_event(), None, "never told Acquired");
+        assert_eq!(l.remaining(ms(2)), None);
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(r.op, Op::Release { fence: Fence(4) });
+        reply(&mut l, ms(3), &r, Reply::Released);
+        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(4) }));
+    }
+
+    #[test]
+    fn misuse_is_an_error_not_a_panic() {
+        let mut l = held(1);
+        assert_eq!(l.acquire(ms(2)), Err(AcquireError::AlreadyHeld));
+        l.release(ms(3)).unwrap();
+        assert_eq!(l.acquire(ms(4)), Err(AcquireError::Releasing));
+        let mut idle = lease();
+        assert_eq!(idle.release(ms(0)), Err(ReleaseError::NotHeld));
+        idle.acquire(ms(0)).unwrap();
+        assert_eq!(idle.acquire(ms(0)), Err(AcquireError::InProgress));
+    }
+
+    #[test]
+    fn rejected_acquire_is_final() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(1), &r, Reply::Rejected(Reject::InvalidTtl));
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::NotAcquired {
+                reason: NotAcquired::Rejected(Reject::InvalidTtl)
+            })
+        );
+        assert_eq!(l.poll_timeout(), None);
+    }
+
+    #[test]
+    fn same_inputs_same_outputs() {
+        let run = || {
+            let mut l = lease();
+            let mut out = [Instant::ZERO; 8];
+            l.acquire(ms(0)).unwrap();
+            for slot in out.iter_mut() {
+                let r = l.poll_transmit().unwrap();
+                l.handle_transport_error(ms(0), r.id);
+                *slot = l.poll_timeout().unwrap();
+                l.handle_timeout(*slot);
+            }
+            out
+        };
+        assert_eq!(run(), run());
+    }
+}
