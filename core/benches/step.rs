@@ -13,6 +13,7 @@ fn bench(c: &mut Criterion) {
         now,
         Response {
             id: req.id,
+            owner: req.owner,
             reply: Reply::Granted {
                 fence: Fence(1),
                 ttl,
@@ -33,6 +34,7 @@ fn bench(c: &mut Criterion) {
                     now,
                     black_box(Response {
                         id: req.id,
+                        owner: req.owner,
                         reply: Reply::Granted {
                             fence: Fence(1),
                             ttl,
@@ -53,6 +55,7 @@ fn bench(c: &mut Criterion) {
                 now,
                 black_box(Response {
                     id: leasehold_core::RequestId(u32::MAX),
+                    owner: OwnerId(1),
                     reply: Reply::Unavailable,
                 }),
             );

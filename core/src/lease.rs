@@ -352,13 +352,14 @@ impl Lease {
 
     // ----- inputs -----
 
-    /// Feed a reply from the authority. Replies to anything but the newest request are ignored.
+    /// Feed a reply from the authority. Replies to anything but this owner's newest request are
+    /// ignored.
     pub fn handle_response(&mut self, now: Instant, response: Response) {
         if self.expire(now) {
             return;
         }
         let Some(p) = self.pending else { return };
-        if p.id != response.id || self.unsent {
+        if p.id != response.id || response.owner != self.owner || self.unsent {
             return;
         }
         self.pending = None;
@@ -737,7 +738,14 @@ mod tests {
         Lease::new(OwnerId(1), config()).unwrap()
     }
     fn reply(l: &mut Lease, now: Instant, req: &Request, reply: Reply) {
-        l.handle_response(now, Response { id: req.id, reply });
+        l.handle_response(
+            now,
+            Response {
+                id: req.id,
+                owner: req.owner,
+                reply,
+            },
+        );
     }
     fn granted(fence: u64) -> Reply {
         Reply::Granted {
@@ -879,10 +887,17 @@ mod tests {
         let mut l = lease();
         l.acquire(ms(0)).unwrap();
         let r = l.poll_transmit().unwrap();
+        let other_owner = Response {
+            id: r.id,
+            owner: OwnerId(99),
+            reply: granted(1),
+        };
+        l.handle_response(ms(1), other_owner);
         l.handle_response(
             ms(1),
             Response {
                 id: RequestId(r.id.0 + 1),
+                owner: r.owner,
                 reply: granted(1),
             },
         );

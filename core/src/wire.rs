@@ -112,7 +112,7 @@ pub enum Op {
     },
 }
 
-/// The authority's answer to the request with the same id.
+/// The authority's answer to the request with the same id and owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -120,6 +120,9 @@ pub enum Op {
 pub struct Response {
     /// The id of the request answered.
     pub id: RequestId,
+    /// The owner of the request answered. A lease ignores replies to any other owner, so a
+    /// restarted holder cannot mistake its previous incarnation's late reply for its own.
+    pub owner: OwnerId,
     /// The answer.
     pub reply: Reply,
 }
