@@ -623,7 +623,8 @@ impl World {
             Msg::ToAuthority { client, request } => {
                 if self.authority.down_until.is_some() {
                     self.stats.dropped += 1;
-                    return Ok(self.log(What::Dropped("authority down")));
+                    self.log(What::Dropped("authority down"));
+                    return Ok(());
                 }
                 let now = self.authority.clock.local(self.now);
                 let (reply, granted) = match self.authority.store {
@@ -660,7 +661,8 @@ impl World {
                 let c = &self.clients[client];
                 if c.partitioned_until > self.now || c.lease.is_none() {
                     self.stats.dropped += 1;
-                    return Ok(self.log(What::Dropped("client unreachable")));
+                    self.log(What::Dropped("client unreachable"));
+                    return Ok(());
                 }
                 self.log(What::ClientReceives(client, response));
                 let local = self.local(client);

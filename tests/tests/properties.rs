@@ -87,7 +87,7 @@ proptest! {
                 Input::AcquireUntil(d) => { let _ = lease.acquire_until(now, now + Duration::from_micros(d)); }
                 Input::Release => { let _ = lease.release(now); }
                 Input::Advance(d) => {
-                    now = now + Duration::from_micros(d);
+                    now += Duration::from_micros(d);
                     if lease.poll_timeout().is_some_and(|t| t <= now) {
                         lease.handle_timeout(now);
                     }
