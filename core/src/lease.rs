@@ -51,14 +51,13 @@ pub struct Lease {
     /// Consecutive failed attempts, for backoff and [`Health::Unknown`].
     failures: u16,
     rng: u64,
-    events: Deque<Event, 4>,
+    events: Deque<Event, 2>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pending {
     id: RequestId,
     sent_at: Instant,
-    op: Op,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,7 +332,7 @@ impl Lease {
                 self.phase = Phase::Releasing;
                 self.wake = None;
                 self.failures = 0;
-                self.send(now, Op::Release { fence: self.fence });
+                self.send(now);
                 Ok(())
             }
             Phase::Acquiring { ref mut cancel, .. } if self.pending.is_some() => {
@@ -409,10 +408,11 @@ impl Lease {
             return None;
         }
         self.unsent = false;
+        let op = self.op()?;
         self.pending.map(|p| Request {
             id: p.id,
             owner: self.owner,
-            op: p.op,
+            op,
         })
     }
 
@@ -455,12 +455,7 @@ impl Lease {
                     takeover: None,
                 };
                 self.failures = 0;
-                self.send(
-                    now,
-                    Op::Acquire {
-                        ttl: self.config.ttl,
-                    },
-                );
+                self.send(now);
                 Ok(())
             }
             Phase::Acquiring { .. } => Err(AcquireError::InProgress),
@@ -514,7 +509,7 @@ impl Lease {
                     self.phase = Phase::Releasing;
                     self.valid_until = valid_until.max(now + self.config.request_timeout);
                     self.failures = 0;
-                    self.send(now, Op::Release { fence });
+                    self.send(now);
                     return;
                 }
                 if valid_until <= now {
@@ -609,27 +604,30 @@ impl Lease {
         }
     }
 
-    /// Sends the request the current phase calls for.
-    fn fire(&mut self, now: Instant) {
-        let op = match self.phase {
+    /// The request the current phase calls for. The pending request is always this one, so
+    /// it need not be stored.
+    fn op(&self) -> Option<Op> {
+        let ttl = self.config.ttl;
+        Some(match self.phase {
             Phase::Acquiring {
                 takeover: Some(version),
                 ..
-            } => Op::Takeover {
-                version,
-                ttl: self.config.ttl,
-            },
-            Phase::Acquiring { takeover: None, .. } => Op::Acquire {
-                ttl: self.config.ttl,
-            },
+            } => Op::Takeover { version, ttl },
+            Phase::Acquiring { takeover: None, .. } => Op::Acquire { ttl },
             Phase::Held => Op::Renew {
                 fence: self.fence,
-                ttl: self.config.ttl,
+                ttl,
             },
             Phase::Releasing => Op::Release { fence: self.fence },
-            Phase::Idle | Phase::Lost | Phase::Released => return,
-        };
-        self.send(now, op);
+            Phase::Idle | Phase::Lost | Phase::Released => return None,
+        })
+    }
+
+    /// Sends the request the current phase calls for.
+    fn fire(&mut self, now: Instant) {
+        if self.op().is_some() {
+            self.send(now);
+        }
     }
 
     /// The newest request failed: back off and retry, or give up.
@@ -649,14 +647,10 @@ impl Lease {
         }
     }
 
-    fn send(&mut self, now: Instant, op: Op) {
+    fn send(&mut self, now: Instant) {
         let id = RequestId(self.next_id);
         self.next_id = self.next_id.wrapping_add(1);
-        self.pending = Some(Pending {
-            id,
-            sent_at: now,
-            op,
-        });
+        self.pending = Some(Pending { id, sent_at: now });
         self.unsent = true;
     }
 
@@ -675,8 +669,8 @@ impl Lease {
     }
 
     fn push(&mut self, event: Event) {
-        // Draining after every call keeps at most one event queued; if a caller does not,
-        // the newest events matter most.
+        // Every call produces at most one event, so draining after each call never overflows;
+        // for a caller that does not drain, the newest events matter most.
         if self.events.is_full() {
             self.events.pop_front();
         }
