@@ -1,0 +1,288 @@
+//! The built-in server's API over real HTTP on loopback.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use leasehold_server::{RunningServer, Server, ServerConfig};
+use serde_json::{json, Value};
+
+struct Reply {
+    status: u16,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    fn error_code(&self) -> String {
+        self.json()["error"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// One request on a fresh connection, written byte for byte as given.
+fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Reply { status, body }
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Reply {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    raw(addr, &head, body)
+}
+
+fn post(addr: SocketAddr, key: &str, body: Value) -> Reply {
+    request(
+        addr,
+        "POST",
+        &format!("/v1/leases/{key}"),
+        None,
+        body.to_string().as_bytes(),
+    )
+}
+
+fn get(addr: SocketAddr, path: &str) -> Reply {
+    request(addr, "GET", path, None, b"")
+}
+
+fn acquire(owner: u64, ttl: u64) -> Value {
+    json!({"id": 1, "owner": owner, "op": {"acquire": {"ttl": ttl}}})
+}
+
+fn server(dir: &std::path::Path) -> RunningServer {
+    Server::spawn(ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap())).expect("server starts")
+}
+
+const TTL: u64 = 10_000_000;
+
+#[test]
+fn acquire_busy_renew_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let a = s.addr();
+
+    let r = post(a, "pump", acquire(7, TTL));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"id": 1, "owner": 7, "reply": {"granted": {"fence": 1, "ttl": TTL}}})
+    );
+
+    let r = post(a, "pump", acquire(8, TTL)).json();
+    let retry = r["reply"]["busy"]["retry_after"].as_u64().expect("busy");
+    assert!(retry > 0 && retry <= TTL);
+
+    let renew = json!({"id": 2, "owner": 7, "op": {"renew": {"fence": 1, "ttl": TTL}}});
+    assert_eq!(
+        post(a, "pump", renew).json()["reply"],
+        json!({"granted": {"fence": 1, "ttl": TTL}})
+    );
+
+    // Someone else's release, and a stale fence, change nothing.
+    let theirs = json!({"id": 3, "owner": 8, "op": {"release": {"fence": 1}}});
+    assert_eq!(post(a, "pump", theirs).json()["reply"], json!("not_holder"));
+    let stale = json!({"id": 3, "owner": 7, "op": {"release": {"fence": 9}}});
+    assert_eq!(post(a, "pump", stale).json()["reply"], json!("not_holder"));
+    assert_eq!(
+        get(a, "/v1/leases/pump").json()["holder"]["owner"],
+        json!(7)
+    );
+
+    let release = json!({"id": 4, "owner": 7, "op": {"release": {"fence": 1}}});
+    assert_eq!(
+        post(a, "pump", release.clone()).json()["reply"],
+        json!("released")
+    );
+    assert_eq!(
+        post(a, "pump", release).json()["reply"],
+        json!("not_holder"),
+        "repeat release is harmless"
+    );
+
+    let v = get(a, "/v1/leases/pump").json();
+    assert_eq!(v["holder"], Value::Null);
+    assert_eq!(v["last_fence"], json!(1));
+    let r = post(a, "pump", acquire(8, TTL)).json();
+    assert_eq!(r["reply"]["granted"]["fence"], json!(2));
+
+    let list = get(a, "/v1/leases").json();
+    assert_eq!(list["leases"].as_array().map(Vec::len), Some(1));
+    assert_eq!(get(a, "/healthz").json(), json!({"status": "ok"}));
+    let metrics = get(a, "/metrics").body;
+    assert!(metrics.contains("leasehold_grants_total 2"), "{metrics}");
+    assert!(metrics.contains("leasehold_releases_total 1"), "{metrics}");
+}
+
+#[test]
+fn bad_input_gets_a_typed_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let a = s.addr();
+    assert_eq!(post(a, "held", acquire(1, TTL)).status, 200);
+    let before = get(a, "/v1/leases/held").json();
+
+    let cases: Vec<(&str, Reply, u16, &str)> = vec![
+        ("garbage body", request(a, "POST", "/v1/leases/held", None, b"{not json"), 400, "malformed_json"),
+        ("truncated JSON", request(a, "POST", "/v1/leases/held", None, br#"{"id":1,"owner":2,"op":{"acq"#), 400, "malformed_json"),
+        ("unknown field", post(a, "held", json!({"id":1,"owner":2,"op":{"acquire":{"ttl":TTL}},"evil":true})), 400, "malformed_json"),
+        ("unknown op", post(a, "held", json!({"id":1,"owner":2,"op":{"steal":{}}})), 400, "malformed_json"),
+        ("negative ttl", post(a, "held", json!({"id":1,"owner":2,"op":{"acquire":{"ttl":-5}}})), 400, "malformed_json"),
+        ("zero ttl", post(a, "held", acquire(2, 0)), 400, "invalid_ttl"),
+        ("absurd ttl", post(a, "held", acquire(2, u64::MAX)), 400, "invalid_ttl"),
+        ("renew with absurd ttl", post(a, "held", json!({"id":1,"owner":1,"op":{"renew":{"fence":1,"ttl":u64::MAX}}})), 400, "invalid_ttl"),
+        ("bad key", post(a, "bad%20key", acquire(2, TTL)), 400, "invalid_key"),
+        ("long key", post(a, &"k".repeat(65), acquire(2, TTL)), 400, "invalid_key"),
+        ("declared too large", raw(a, "POST /v1/leases/held HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 99999999\r\n\r\n", b""), 413, "body_too_large"),
+        ("streamed too large", request(a, "POST", "/v1/leases/held", None, &vec![b' '; 20_000]), 413, "body_too_large"),
+        ("unknown key", get(a, "/v1/leases/never"), 404, "unknown_key"),
+        ("unknown path", get(a, "/v2/everything"), 404, "not_found"),
+        ("wrong method", request(a, "DELETE", "/v1/leases/held", None, b""), 405, "method_not_allowed"),
+        ("wrong method on list", request(a, "POST", "/v1/leases", None, b"{}"), 405, "method_not_allowed"),
+    ];
+    for (what, reply, status, code) in cases {
+        assert_eq!(reply.status, status, "{what}: {}", reply.body);
+        assert_eq!(reply.error_code(), code, "{what}: {}", reply.body);
+        assert!(
+            reply.json()["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}: no message"
+        );
+    }
+    // Garbage that is not even HTTP.
+    let mut s2 = TcpStream::connect(a).unwrap();
+    let _ = s2.write_all(b"\x00\xff\xfe garbage\r\n\r\n");
+    drop(s2);
+
+    let after = get(a, "/v1/leases/held").json();
+    assert_eq!(before["holder"]["fence"], after["holder"]["fence"]);
+    assert_eq!(before["last_fence"], after["last_fence"]);
+    assert_eq!(get(a, "/healthz").status, 200, "server still serving");
+    assert!(get(a, "/metrics")
+        .body
+        .contains("leasehold_errors_total{code=\"invalid_ttl\"} 3"));
+}
+
+#[test]
+fn bearer_token_is_required_when_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    c.token = Some("s3cret".into());
+    let s = Server::spawn(c).unwrap();
+    let a = s.addr();
+    let body = acquire(1, TTL).to_string();
+    let none = request(a, "POST", "/v1/leases/k", None, body.as_bytes());
+    assert_eq!(
+        (none.status, none.error_code().as_str()),
+        (401, "unauthorized")
+    );
+    let wrong = request(a, "POST", "/v1/leases/k", Some("s3cres"), body.as_bytes());
+    assert_eq!(wrong.status, 401);
+    assert_eq!(request(a, "GET", "/metrics", None, b"").status, 401);
+    assert_eq!(
+        request(a, "POST", "/v1/leases/k", Some("s3cret"), body.as_bytes()).status,
+        200
+    );
+    assert_eq!(request(a, "GET", "/healthz", None, b"").status, 200);
+}
+
+#[test]
+fn grants_survive_a_restart_and_fences_keep_increasing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = server(dir.path());
+        for key in ["a", "b"] {
+            for owner in 1..=3 {
+                let r = post(s.addr(), key, acquire(owner, TTL)).json();
+                let fence = r["reply"]["granted"]["fence"].as_u64().expect("granted");
+                let release = json!({"id": 2, "owner": owner, "op": {"release": {"fence": fence}}});
+                assert_eq!(
+                    post(s.addr(), key, release).json()["reply"],
+                    json!("released")
+                );
+            }
+        }
+        assert_eq!(
+            post(s.addr(), "a", acquire(9, TTL)).json()["reply"]["granted"]["fence"],
+            json!(4)
+        );
+    }
+    let s = server(dir.path());
+    // The grant acknowledged before the restart still holds.
+    assert!(post(s.addr(), "a", acquire(10, TTL)).json()["reply"]["busy"].is_object());
+    assert_eq!(
+        get(s.addr(), "/v1/leases/a").json()["holder"]["fence"],
+        json!(4)
+    );
+    assert_eq!(
+        post(s.addr(), "b", acquire(10, TTL)).json()["reply"]["granted"]["fence"],
+        json!(4)
+    );
+}
+
+#[test]
+fn concurrent_clients_get_strictly_increasing_fences() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let a = s.addr();
+    let granted: Vec<Vec<(String, u64)>> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..16u64)
+            .map(|owner| {
+                scope.spawn(move || {
+                    let mut got = Vec::new();
+                    for round in 0..10 {
+                        let key = if round % 2 == 0 { "shared".to_string() } else { format!("own-{owner}") };
+                        let r = post(a, &key, acquire(owner + 1, TTL)).json();
+                        if let Some(f) = r["reply"]["granted"]["fence"].as_u64() {
+                            got.push((key.clone(), f));
+                            let rel = json!({"id": 2, "owner": owner + 1, "op": {"release": {"fence": f}}});
+                            assert_eq!(post(a, &key, rel).json()["reply"], json!("released"));
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut shared: Vec<u64> = granted
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k == "shared")
+        .map(|(_, f)| *f)
+        .collect();
+    let n = shared.len();
+    shared.sort_unstable();
+    shared.dedup();
+    assert_eq!(shared.len(), n, "a fence was granted twice");
+    assert!(n >= 1);
+    let own: usize = granted
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k != "shared")
+        .count();
+    assert_eq!(own, 16 * 5, "every private key acquire succeeds");
+    assert_eq!(
+        get(a, "/v1/leases/shared").json()["last_fence"].as_u64(),
+        shared.last().copied()
+    );
+}
