@@ -1,0 +1,387 @@
+//! Backends carry one core request for one key to an authority and bring back its reply.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_io::Async;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::{Connection, SendRequest};
+use leasehold_core::{Key, Reject, Reply, Request};
+use smol_hyper::rt::FuturesIo;
+
+/// Carries one core request for one key to an authority and brings back its reply.
+///
+/// Implementations translate between the core's [`Request`]/[`Reply`] and a store's API; they
+/// hold no lease logic (no validity, no retry policy: the core decides both).
+pub trait Backend: Send + Sync + 'static {
+    /// Sends `request` for `key`. An `Err` means the request may or may not have reached the
+    /// authority; the core treats it as a failed attempt and retries with backoff.
+    fn call(
+        &self,
+        key: &Key,
+        request: Request,
+    ) -> impl Future<Output = Result<Reply, TransportError>> + Send;
+}
+
+/// Why a request got no usable reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The authority could not be reached.
+    #[error("cannot connect to {addr}: {message}")]
+    Connect {
+        /// Where we tried.
+        addr: String,
+        /// The cause.
+        message: String,
+    },
+    /// No reply within the request timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed mid-request.
+    #[error("i/o error: {0}")]
+    Io(String),
+    /// The reply could not be understood.
+    #[error("unintelligible reply: {0}")]
+    Protocol(String),
+    /// The backend is misconfigured (bad URL, missing credentials...).
+    #[error("misconfigured backend: {0}")]
+    Config(String),
+}
+
+/// A parsed `http://host:port[/prefix]` URL.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpTarget {
+    pub(crate) authority: String,
+    pub(crate) prefix: String,
+}
+
+impl HttpTarget {
+    pub(crate) fn parse(url: &str) -> Result<HttpTarget, TransportError> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            TransportError::Config(format!("{url:?}: only http:// URLs are supported"))
+        })?;
+        let (authority, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return Err(TransportError::Config(format!("{url:?}: no host")));
+        }
+        let authority = if authority.contains(':') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        Ok(HttpTarget {
+            authority,
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+type Io = FuturesIo<Async<TcpStream>>;
+
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    conn: Pin<Box<Connection<Io, Full<Bytes>>>>,
+}
+
+/// A small keep-alive HTTP/1.1 client that needs no async runtime: sockets and timers come
+/// from async-io, whose reactor runs on its own thread, so it works under smol, tokio or a
+/// plain `block_on`.
+pub struct HttpClient {
+    target: HttpTarget,
+    timeout: Duration,
+    idle: Mutex<Vec<Conn>>,
+}
+
+/// An HTTP response: status and body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+impl HttpClient {
+    /// A client for `base_url` (`http://host:port[/prefix]`) with a per-request `timeout`.
+    pub fn new(base_url: &str, timeout: Duration) -> Result<HttpClient, TransportError> {
+        Ok(HttpClient {
+            target: HttpTarget::parse(base_url)?,
+            timeout,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Sends one request and reads the whole response, reusing an idle connection if any.
+    pub async fn send(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<HttpResponse, TransportError> {
+        let timeout = self.timeout;
+        futures_lite::future::or(self.send_inner(request), async move {
+            async_io::Timer::after(timeout).await;
+            Err(TransportError::Timeout(timeout))
+        })
+        .await
+    }
+
+    /// Builds a request for `path` (below the base URL's prefix).
+    pub fn request(&self, method: hyper::Method, path: &str) -> hyper::http::request::Builder {
+        hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.target.prefix, path))
+            .header(hyper::header::HOST, &self.target.authority)
+    }
+
+    async fn send_inner(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<HttpResponse, TransportError> {
+        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let mut c = match idle {
+            Some(c) if !c.sender.is_closed() => c,
+            _ => self.connect().await?,
+        };
+        // The connection future must be polled while the request and its body are in flight.
+        let exchange = async {
+            futures_lite::future::poll_fn(|cx| c.sender.poll_ready(cx))
+                .await
+                .map_err(|e| TransportError::Io(e.to_string()))?;
+            let resp = c
+                .sender
+                .send_request(request)
+                .await
+                .map_err(|e| TransportError::Io(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| TransportError::Io(e.to_string()))?
+                .to_bytes();
+            Ok(HttpResponse { status, body })
+        };
+        let result = {
+            let conn = &mut c.conn;
+            futures_lite::future::or(exchange, async move {
+                let r = conn.as_mut().await;
+                Err(TransportError::Io(match r {
+                    Ok(()) => "connection closed".to_string(),
+                    Err(e) => e.to_string(),
+                }))
+            })
+            .await
+        };
+        if result.is_ok() && !c.sender.is_closed() {
+            if let Ok(mut v) = self.idle.lock() {
+                v.push(c);
+            }
+        }
+        result
+    }
+
+    async fn connect(&self) -> Result<Conn, TransportError> {
+        let authority = self.target.authority.clone();
+        let connect_err = |e: std::io::Error| TransportError::Connect {
+            addr: authority.clone(),
+            message: e.to_string(),
+        };
+        let addrs: Vec<SocketAddr> = self
+            .target
+            .authority
+            .to_socket_addrs()
+            .map_err(connect_err)?
+            .collect();
+        let mut last = None;
+        for addr in addrs {
+            match Async::<TcpStream>::connect(addr).await {
+                Ok(stream) => {
+                    let _ = stream.get_ref().set_nodelay(true);
+                    let (sender, conn) =
+                        hyper::client::conn::http1::handshake(FuturesIo::new(stream))
+                            .await
+                            .map_err(|e| TransportError::Io(e.to_string()))?;
+                    return Ok(Conn {
+                        sender,
+                        conn: Box::pin(conn),
+                    });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(connect_err(
+            last.unwrap_or_else(|| std::io::Error::other("no address")),
+        ))
+    }
+}
+
+/// The built-in lease server (`leasehold serve`).
+pub struct BuiltinBackend {
+    http: HttpClient,
+    token: Option<String>,
+}
+
+impl BuiltinBackend {
+    /// A backend for the server at `url` (e.g. `http://127.0.0.1:7878`), with an optional
+    /// bearer token and a per-request timeout.
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<BuiltinBackend, TransportError> {
+        Ok(BuiltinBackend {
+            http: HttpClient::new(url, timeout)?,
+            token,
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl Backend for BuiltinBackend {
+    async fn call(&self, key: &Key, request: Request) -> Result<Reply, TransportError> {
+        let body =
+            serde_json::to_vec(&request).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let mut b = self
+            .http
+            .request(hyper::Method::POST, &format!("/v1/leases/{key}"))
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &self.token {
+            b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = b
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let resp = self.http.send(req).await?;
+        builtin_reply(&request, resp)
+    }
+}
+
+/// Maps the built-in server's answer to the core's reply, per the server's API contract.
+fn builtin_reply(request: &Request, resp: HttpResponse) -> Result<Reply, TransportError> {
+    if resp.status == 200 {
+        let r: leasehold_core::Response = serde_json::from_slice(&resp.body)
+            .map_err(|e| TransportError::Protocol(format!("bad response body: {e}")))?;
+        if r.id != request.id || r.owner != request.owner {
+            return Err(TransportError::Protocol(
+                "response for another request".into(),
+            ));
+        }
+        return Ok(r.reply);
+    }
+    if resp.status >= 500 {
+        return Ok(Reply::Unavailable);
+    }
+    let err: ErrorBody = serde_json::from_slice(&resp.body).map_err(|_| {
+        TransportError::Protocol(format!(
+            "HTTP {} with a body that is not an error: {:?}",
+            resp.status, resp.body
+        ))
+    })?;
+    tracing::warn!("server rejected request: {} ({})", err.error, err.message);
+    Ok(Reply::Rejected(match err.error.as_str() {
+        "invalid_ttl" => Reject::InvalidTtl,
+        "invalid_key" => Reject::InvalidKey,
+        "unauthorized" => Reject::Unauthorized,
+        "fence_exhausted" => Reject::FenceExhausted,
+        "malformed_json" | "body_too_large" => Reject::Malformed,
+        _ => Reject::Misconfigured,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_core::{Op, OwnerId, RequestId};
+
+    fn req() -> Request {
+        Request {
+            id: RequestId(3),
+            owner: OwnerId(7),
+            op: Op::Release {
+                fence: leasehold_core::Fence(1),
+            },
+        }
+    }
+    fn resp(status: u16, body: &str) -> HttpResponse {
+        HttpResponse {
+            status,
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn maps_server_answers() {
+        assert_eq!(
+            builtin_reply(
+                &req(),
+                resp(200, r#"{"id":3,"owner":7,"reply":"released"}"#)
+            ),
+            Ok(Reply::Released)
+        );
+        assert!(matches!(
+            builtin_reply(
+                &req(),
+                resp(200, r#"{"id":4,"owner":7,"reply":"released"}"#)
+            ),
+            Err(TransportError::Protocol(_))
+        ));
+        assert!(matches!(
+            builtin_reply(&req(), resp(200, "garbage")),
+            Err(TransportError::Protocol(_))
+        ));
+        assert_eq!(builtin_reply(&req(), resp(503, "")), Ok(Reply::Unavailable));
+        assert_eq!(
+            builtin_reply(
+                &req(),
+                resp(400, r#"{"error":"invalid_ttl","message":"x"}"#)
+            ),
+            Ok(Reply::Rejected(Reject::InvalidTtl))
+        );
+        assert_eq!(
+            builtin_reply(
+                &req(),
+                resp(401, r#"{"error":"unauthorized","message":"x"}"#)
+            ),
+            Ok(Reply::Rejected(Reject::Unauthorized))
+        );
+        assert!(matches!(
+            builtin_reply(&req(), resp(404, "<html>")),
+            Err(TransportError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn parses_urls() {
+        let t = HttpTarget::parse("http://127.0.0.1:7878/").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.prefix.as_str()),
+            ("127.0.0.1:7878", "")
+        );
+        let t = HttpTarget::parse("http://example.com/base/").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.prefix.as_str()),
+            ("example.com:80", "/base")
+        );
+        assert!(matches!(
+            HttpTarget::parse("https://x"),
+            Err(TransportError::Config(_))
+        ));
+        assert!(matches!(
+            HttpTarget::parse("http:///x"),
+            Err(TransportError::Config(_))
+        ));
+    }
+}

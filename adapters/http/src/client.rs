@@ -1,0 +1,423 @@
+//! The high-level handle: `client.acquire("key").await` and a lease that renews itself.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use async_lock::{Mutex as AsyncMutex, MutexGuardArc};
+use event_listener::Event as Signal;
+use futures_lite::future;
+use leasehold_core::{
+    Config, ConfigError, Event, Fence, Health, Key, KeyError, LostReason, NotAcquired, OwnerId,
+    Reject, Reply, RequestId, Response, State,
+};
+
+use crate::backend::{Backend, TransportError};
+
+/// Local monotonic time as the core wants it: microseconds since this process first asked.
+fn epoch() -> std::time::Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// The core's `now`, read from the process's monotonic clock.
+pub fn now() -> leasehold_core::Instant {
+    leasehold_core::Instant::from_micros(epoch().elapsed().as_micros() as u64)
+}
+
+fn to_std(t: leasehold_core::Instant) -> std::time::Instant {
+    epoch() + Duration::from_micros(t.as_micros())
+}
+
+/// Why an acquisition failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcquireError {
+    /// The key is not acceptable.
+    #[error("invalid key: {0}")]
+    InvalidKey(KeyError),
+    /// Someone else holds the key (and we were not to wait, or the deadline came).
+    #[error("the lease is held by someone else")]
+    Busy,
+    /// The authority could not be reached before the deadline.
+    #[error("the lease authority is unreachable")]
+    Unavailable,
+    /// The authority refused the request outright.
+    #[error("the authority rejected the request: {0}")]
+    Rejected(Reject),
+    /// The driver thread could not be started.
+    #[error("cannot start the lease driver: {0}")]
+    Spawn(String),
+}
+
+/// Client-side settings of a lease.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Timing of every lease this client takes.
+    pub config: Config,
+}
+
+impl Options {
+    /// Defaults for a ttl (see [`Config::new`]).
+    pub fn new(ttl: Duration) -> Options {
+        Options {
+            config: Config::new(ttl.into()),
+        }
+    }
+}
+
+/// Takes leases from one backend.
+pub struct Client<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for Client<B> {
+    fn clone(&self) -> Self {
+        Client {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<B> {
+    backend: B,
+    config: Config,
+    /// One async mutex per key: leases of the same key taken through one client queue up
+    /// here instead of hammering the authority.
+    local: Mutex<HashMap<Key, Arc<AsyncMutex<()>>>>,
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Wait,
+    Try,
+    Until(leasehold_core::Instant),
+}
+
+impl<B: Backend> Client<B> {
+    /// A client taking leases from `backend` with the given options. The configuration is
+    /// checked here, so every later acquisition can rely on it.
+    pub fn new(backend: B, options: Options) -> Result<Client<B>, ConfigError> {
+        options.config.validate()?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                backend,
+                config: options.config,
+                local: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    /// Waits until the lease on `key` is granted (or the authority refuses outright).
+    pub async fn acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        let key = parse(key)?;
+        let guard = self.local(&key).lock_arc().await;
+        self.start(key, guard, Mode::Wait).await
+    }
+
+    /// One attempt: `Err(Busy)` at once if anyone (in this process or elsewhere) holds `key`.
+    pub async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        let key = parse(key)?;
+        let guard = self.local(&key).try_lock_arc().ok_or(AcquireError::Busy)?;
+        self.start(key, guard, Mode::Try).await
+    }
+
+    /// Waits at most `timeout` for the lease on `key`.
+    pub async fn acquire_timeout(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Lease, AcquireError> {
+        let key = parse(key)?;
+        let deadline = now() + timeout.into();
+        let local = self.local(&key);
+        let guard = future::or(async { Some(local.lock_arc().await) }, async {
+            async_io::Timer::at(to_std(deadline)).await;
+            None
+        })
+        .await
+        .ok_or(AcquireError::Busy)?;
+        self.start(key, guard, Mode::Until(deadline)).await
+    }
+
+    fn local(&self, key: &Key) -> Arc<AsyncMutex<()>> {
+        let mut map = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.clone()).or_default().clone()
+    }
+
+    async fn start(
+        &self,
+        key: Key,
+        guard: MutexGuardArc<()>,
+        mode: Mode,
+    ) -> Result<Lease, AcquireError> {
+        let owner = OwnerId(fastrand::u64(..));
+        let mut config = self.inner.config;
+        config.jitter_seed = fastrand::u64(..);
+        let machine = leasehold_core::Lease::new(owner, config)
+            .map_err(|e| AcquireError::Spawn(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            machine: Mutex::new(machine),
+            ended: Mutex::new(None),
+            changed: Signal::new(),
+            poke: Signal::new(),
+            release: AtomicBool::new(false),
+        });
+        let inner = self.inner.clone();
+        let driver_shared = shared.clone();
+        let driver_key = key.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("leasehold:{key}"))
+            .spawn(move || future::block_on(drive(inner, driver_key, driver_shared, mode)))
+            .map_err(|e| AcquireError::Spawn(e.to_string()))?;
+        let lease = Lease {
+            key,
+            owner,
+            shared,
+            guard: Some(guard),
+            _thread: thread,
+            released: false,
+        };
+        loop {
+            let listener = lease.shared.changed.listen();
+            if lease.shared.lock().state() == State::Held {
+                return Ok(lease);
+            }
+            if let Some(Event::NotAcquired { reason }) = *lease.shared.ended() {
+                return Err(match reason {
+                    NotAcquired::Busy | NotAcquired::Cancelled => AcquireError::Busy,
+                    NotAcquired::Unavailable => AcquireError::Unavailable,
+                    NotAcquired::Rejected(r) => AcquireError::Rejected(r),
+                });
+            }
+            listener.await;
+        }
+    }
+}
+
+fn parse(key: &str) -> Result<Key, AcquireError> {
+    leasehold_core::parse_key(key).map_err(AcquireError::InvalidKey)
+}
+
+struct Shared {
+    machine: Mutex<leasehold_core::Lease>,
+    /// The event that ended the lease's life (lost, released, not acquired).
+    ended: Mutex<Option<Event>>,
+    /// Driver to handles: the machine's state changed.
+    changed: Signal,
+    /// Handles to driver: look at `release`.
+    poke: Signal,
+    release: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, leasehold_core::Lease> {
+        self.machine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn ended(&self) -> MutexGuard<'_, Option<Event>> {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+type InFlight =
+    Pin<Box<dyn Future<Output = (RequestId, OwnerId, Result<Reply, TransportError>)> + Send>>;
+
+/// Moves requests, replies and time between the core machine and the backend. No lease logic
+/// lives here: the machine decides what to send, when to wake and what everything means.
+async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, mode: Mode) {
+    {
+        let mut m = shared.lock();
+        let t = now();
+        let _ = match mode {
+            Mode::Wait => m.acquire(t),
+            Mode::Try => m.try_acquire(t),
+            Mode::Until(deadline) => m.acquire_until(t, deadline),
+        };
+    }
+    let mut inflight: Option<InFlight> = None;
+    loop {
+        let timeout = {
+            let mut m = shared.lock();
+            if shared.release.swap(false, Ordering::SeqCst) {
+                let _ = m.release(now());
+            }
+            while let Some(req) = m.poll_transmit() {
+                // The machine has at most one request outstanding: a new one supersedes the old.
+                let inner = inner.clone();
+                let key = key.clone();
+                inflight = Some(Box::pin(async move {
+                    (req.id, req.owner, inner.backend.call(&key, req).await)
+                }));
+            }
+            while let Some(e) = m.poll_event() {
+                tracing::debug!(key = %key, "lease event: {e:?}");
+                if matches!(
+                    e,
+                    Event::Lost { .. } | Event::Released { .. } | Event::NotAcquired { .. }
+                ) {
+                    *shared.ended() = Some(e);
+                }
+            }
+            m.poll_timeout()
+        };
+        shared.changed.notify(usize::MAX);
+        if timeout.is_none() && inflight.is_none() {
+            // Idle for good: lost, released or not acquired.
+            return;
+        }
+        let poked = shared.poke.listen();
+        if shared.release.load(Ordering::SeqCst) {
+            continue;
+        }
+        enum Wake {
+            Reply(RequestId, OwnerId, Result<Reply, TransportError>),
+            Timer,
+            Poke,
+        }
+        let reply = async {
+            match inflight.as_mut() {
+                Some(f) => {
+                    let (id, owner, r) = f.await;
+                    Wake::Reply(id, owner, r)
+                }
+                None => future::pending().await,
+            }
+        };
+        let timer = async {
+            match timeout {
+                Some(t) => {
+                    async_io::Timer::at(to_std(t)).await;
+                }
+                None => future::pending::<()>().await,
+            }
+            Wake::Timer
+        };
+        let poke = async {
+            poked.await;
+            Wake::Poke
+        };
+        let wake = future::or(future::or(reply, timer), poke).await;
+        let mut m = shared.lock();
+        match wake {
+            Wake::Reply(id, owner, result) => {
+                inflight = None;
+                match result {
+                    Ok(reply) => m.handle_response(now(), Response { id, owner, reply }),
+                    Err(e) => {
+                        tracing::debug!(key = %key, "request failed: {e}");
+                        m.handle_transport_error(now(), id)
+                    }
+                }
+            }
+            Wake::Timer => m.handle_timeout(now()),
+            Wake::Poke => {}
+        }
+    }
+}
+
+/// A held lease. It renews itself in the background until released, dropped or lost.
+///
+/// Check [`remaining`](Lease::remaining) (or [`is_healthy`](Lease::is_healthy)) before acting,
+/// present [`fence`](Lease::fence) to every resource the lease protects, and select on
+/// [`lost`](Lease::lost) to stop work promptly.
+pub struct Lease {
+    key: Key,
+    owner: OwnerId,
+    shared: Arc<Shared>,
+    guard: Option<MutexGuardArc<()>>,
+    _thread: std::thread::JoinHandle<()>,
+    released: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("owner", &self.owner)
+            .field("fence", &self.fence())
+            .finish()
+    }
+}
+
+impl Lease {
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Who holds it (unique per acquisition).
+    pub fn owner(&self) -> OwnerId {
+        self.owner
+    }
+
+    /// The fence, while held.
+    pub fn fence(&self) -> Option<Fence> {
+        self.shared.lock().fence()
+    }
+
+    /// How long the lease may still be relied on; `None` once it may not.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.shared.lock().remaining(now()).map(Into::into)
+    }
+
+    /// How much the lease can be trusted now.
+    pub fn health(&self) -> Health {
+        self.shared.lock().health(now())
+    }
+
+    /// Held, valid, and renewing without trouble.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.lock().is_healthy(now())
+    }
+
+    /// Resolves when the lease is lost (never, after a clean release).
+    pub async fn lost(&self) -> LostReason {
+        loop {
+            let listener = self.shared.changed.listen();
+            if let Some(Event::Lost { reason, .. }) = *self.shared.ended() {
+                return reason;
+            }
+            listener.await;
+        }
+    }
+
+    /// Gives the lease back and waits until the authority acknowledged it (or the grant ran
+    /// out anyway). The lease stops being valid at once.
+    pub async fn release(mut self) {
+        self.begin_release();
+        loop {
+            let listener = self.shared.changed.listen();
+            if self.shared.ended().is_some() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    fn begin_release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        // Local waiters get their turn before the remote release goes out, so that they
+        // compete with other processes on equal terms instead of always winning.
+        self.guard.take();
+        self.shared.release.store(true, Ordering::SeqCst);
+        self.shared.poke.notify(usize::MAX);
+    }
+}
+
+impl Drop for Lease {
+    /// Releases in the background.
+    fn drop(&mut self) {
+        self.begin_release();
+    }
+}

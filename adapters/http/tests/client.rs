@@ -1,0 +1,219 @@
+//! The handle against a real built-in server on loopback.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::future;
+use leasehold_core::{ConfigError, Key, Reply, Request};
+use leasehold_http::{
+    AcquireError, Backend, BuiltinBackend, Client, Health, LostReason, Options, TransportError,
+};
+use leasehold_server::{RunningServer, Server, ServerConfig};
+
+fn server(dir: &std::path::Path) -> RunningServer {
+    Server::spawn(ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap())).expect("server starts")
+}
+
+fn client(url: &str, ttl_ms: u64) -> Client<BuiltinBackend> {
+    let backend = BuiltinBackend::new(url, None, Duration::from_millis(500)).unwrap();
+    Client::new(backend, Options::new(Duration::from_millis(ttl_ms))).unwrap()
+}
+
+async fn sleep(ms: u64) {
+    async_io::Timer::after(Duration::from_millis(ms)).await;
+}
+
+/// Fails the test instead of hanging it.
+async fn within<T>(ms: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    future::or(f, async {
+        sleep(ms).await;
+        panic!("{what} did not finish within {ms} ms")
+    })
+    .await
+}
+
+#[test]
+fn mutual_exclusion_and_increasing_fences() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    smol::block_on(async {
+        let a = client(&s.url(), 2_000);
+        let b = client(&s.url(), 2_000);
+        let la = a.acquire("job").await.unwrap();
+        let fa = la.fence().unwrap();
+        assert!(la.is_healthy());
+        assert!(la.remaining().unwrap() > Duration::from_millis(1_500));
+        assert_eq!(b.try_acquire("job").await.unwrap_err(), AcquireError::Busy);
+        la.release().await;
+        let lb = within(2_000, "acquire after release", b.acquire("job"))
+            .await
+            .unwrap();
+        assert!(lb.fence().unwrap() > fa);
+        assert!(matches!(
+            a.try_acquire("no spaces").await,
+            Err(AcquireError::InvalidKey(_))
+        ));
+    });
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn works_under_tokio() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let a = client(&s.url(), 1_000);
+    let b = client(&s.url(), 1_000);
+    let la = a.acquire("tokio").await.unwrap();
+    assert_eq!(
+        b.try_acquire("tokio").await.unwrap_err(),
+        AcquireError::Busy
+    );
+    // Tokio's own timer, to show the lease renews while tokio drives the test.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(la.is_healthy(), "renewed past its ttl under tokio");
+    drop(la);
+    let lb = b
+        .acquire_timeout("tokio", Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(lb.fence().is_some());
+}
+
+/// Counts calls into the real backend.
+struct Counting(BuiltinBackend, Arc<AtomicUsize>);
+
+impl Backend for Counting {
+    async fn call(&self, key: &Key, request: Request) -> Result<Reply, TransportError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.call(key, request).await
+    }
+}
+
+#[test]
+fn uncontended_acquire_costs_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let backend = Counting(
+        BuiltinBackend::new(&s.url(), None, Duration::from_secs(1)).unwrap(),
+        calls.clone(),
+    );
+    let c = Client::new(backend, Options::new(Duration::from_secs(30))).unwrap();
+    smol::block_on(async {
+        let l = c.acquire("solo").await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one HTTP request for an uncontended acquire"
+        );
+        l.release().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    });
+}
+
+#[test]
+fn renews_past_the_ttl_and_keeps_its_fence() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    smol::block_on(async {
+        let c = client(&s.url(), 300);
+        let l = c.acquire("renewed").await.unwrap();
+        let f = l.fence();
+        for _ in 0..10 {
+            sleep(100).await;
+            assert!(l.remaining().is_some(), "lease lapsed while renewing");
+        }
+        assert_eq!(l.fence(), f);
+        assert_eq!(l.health(), Health::Held);
+        let other = client(&s.url(), 300);
+        assert_eq!(
+            other.try_acquire("renewed").await.unwrap_err(),
+            AcquireError::Busy
+        );
+    });
+}
+
+#[test]
+fn lost_fires_by_the_local_deadline_when_the_server_vanishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    smol::block_on(async {
+        let c = client(&s.url(), 600);
+        let l = c.acquire("doomed").await.unwrap();
+        let started = Instant::now();
+        drop(s);
+        let why = within(2_000, "lost()", l.lost()).await;
+        assert_eq!(why, LostReason::Expired);
+        // Validity is ttl·(1−ε) − margin = 600·0.99 − 6 = 588 ms from the last renewal send.
+        assert!(
+            started.elapsed() <= Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(l.remaining(), None);
+        assert_eq!(l.health(), Health::Lost);
+        assert_eq!(l.fence(), None);
+    });
+}
+
+#[test]
+fn dropping_a_lease_releases_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    smol::block_on(async {
+        let a = client(&s.url(), 30_000);
+        let b = client(&s.url(), 30_000);
+        drop(a.acquire("dropped").await.unwrap());
+        // Far sooner than the 30 s ttl.
+        let l = within(2_000, "acquire after drop", b.acquire("dropped"))
+            .await
+            .unwrap();
+        assert!(l.fence().is_some());
+    });
+}
+
+#[test]
+fn same_process_acquires_queue_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    smol::block_on(async {
+        let c = client(&s.url(), 5_000);
+        let first = c.acquire("local").await.unwrap();
+        assert_eq!(
+            c.try_acquire("local").await.unwrap_err(),
+            AcquireError::Busy
+        );
+        let c2 = c.clone();
+        let second = smol::spawn(async move { c2.acquire("local").await });
+        sleep(300).await;
+        assert!(
+            !second.is_finished(),
+            "second acquire must wait for the first"
+        );
+        let f1 = first.fence().unwrap();
+        first.release().await;
+        let l2 = within(2_000, "queued acquire", second).await.unwrap();
+        assert!(l2.fence().unwrap() > f1);
+    });
+}
+
+#[test]
+fn bad_configuration_and_dead_servers_are_errors_not_panics() {
+    let backend =
+        BuiltinBackend::new("http://127.0.0.1:9", None, Duration::from_millis(200)).unwrap();
+    let zero = Client::new(backend, Options::new(Duration::ZERO)).err();
+    assert_eq!(zero, Some(ConfigError::ZeroTtl));
+    assert!(matches!(
+        BuiltinBackend::new("ftp://x", None, Duration::from_secs(1)),
+        Err(TransportError::Config(_))
+    ));
+
+    // Nothing listens on the discard port.
+    let c = client("http://127.0.0.1:9", 1_000);
+    let r = smol::block_on(within(
+        3_000,
+        "acquire on a dead server",
+        c.acquire_timeout("k", Duration::from_millis(500)),
+    ));
+    assert_eq!(r.unwrap_err(), AcquireError::Unavailable);
+}
