@@ -527,8 +527,12 @@ impl Lease {
                 if cancel {
                     return self.not_acquired(NotAcquired::Cancelled);
                 }
+                // Poll at least every `backoff_max`: a holder may release long before its
+                // grant would expire, and a waiter that slept the whole `retry_after` would be
+                // starved by a holder that releases and re-acquires in between.
                 let jitter = self.jitter(self.config.backoff_min);
-                self.retry_acquire_at(now + retry_after + jitter, give_up_at, None);
+                let wait = retry_after.min(self.config.backoff_max);
+                self.retry_acquire_at(now + wait + jitter, give_up_at, None);
             }
             Reply::Observed { version, ttl } => {
                 if cancel {
@@ -939,19 +943,25 @@ mod tests {
         let mut l = lease();
         l.acquire(ms(0)).unwrap();
         let r = l.poll_transmit().unwrap();
-        reply(
-            &mut l,
-            ms(1),
-            &r,
-            Reply::Busy {
-                retry_after: Duration::from_secs(4),
-            },
-        );
+        // A holder's remaining time shorter than the poll cap is waited out exactly...
+        let short = Reply::Busy {
+            retry_after: Duration::from_millis(400),
+        };
+        reply(&mut l, ms(1), &r, short);
         let t = l.poll_timeout().unwrap();
         let jitter_max = config().backoff_min;
-        assert!(t >= ms(4_001) && t <= ms(4_001) + jitter_max, "{t}");
+        assert!(t >= ms(401) && t <= ms(401) + jitter_max, "{t}");
         l.handle_timeout(t);
-        assert_eq!(l.poll_transmit().unwrap().op, Op::Acquire { ttl: TTL });
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(r.op, Op::Acquire { ttl: TTL });
+        // ...a longer one is polled every backoff_max, in case the holder releases early.
+        let long = Reply::Busy {
+            retry_after: Duration::from_secs(9),
+        };
+        reply(&mut l, t, &r, long);
+        let t2 = l.poll_timeout().unwrap();
+        let cap = config().backoff_max;
+        assert!(t2 >= t + cap && t2 <= t + cap + jitter_max, "{t2}");
     }
 
     #[test]
