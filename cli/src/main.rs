@@ -1,0 +1,56 @@
+//! The `leasehold` command.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod run;
+mod serve;
+mod status;
+
+/// Distributed leases: only one of us at a time, with fences to prove who held it when.
+#[derive(Parser)]
+#[command(name = "leasehold", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the built-in lease server on an embedded, durable store.
+    Serve(serve::Args),
+    /// Show who holds a key (or every key).
+    Status(status::Args),
+    /// Hold a lease while a command runs; stop the command if the lease is lost.
+    Run(run::Args),
+    /// Start a local server and three contending workers; print a timeline and a verdict.
+    Demo(demo::Args),
+    /// One demo worker (started by `demo`).
+    #[command(hide = true)]
+    DemoWorker(demo::WorkerArgs),
+}
+
+/// Parses `15s`, `500ms`, `2m`.
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 15s, 500ms, 2m)"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(a) => serve::main(a),
+        Command::Status(a) => status::main(a),
+        Command::Run(a) => run::main(a),
+        Command::Demo(a) => demo::main(a),
+        Command::DemoWorker(a) => demo::worker(a),
+    }
+}

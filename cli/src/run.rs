@@ -1,0 +1,185 @@
+//! `leasehold run`: hold a lease while a command runs.
+//!
+//! Exit codes: the command's own code when it finishes; 128+N when it died of signal N;
+//! 75 when the lease could not be acquired (held, timed out, or server unreachable); 76 when
+//! the lease was lost while the command ran (the command was sent SIGTERM, then SIGKILL after
+//! the grace period); 126/127 when the command could not be started; 2 for usage errors.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use futures_lite::future;
+use leasehold_http::{AcquireError, BuiltinBackend, Client, Options};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The lease could not be acquired.
+pub(crate) const EXIT_NOT_ACQUIRED: u8 = 75;
+/// The lease was lost while the command ran.
+pub(crate) const EXIT_LOST: u8 = 76;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The lease key.
+    #[arg(long)]
+    key: String,
+    /// Lease time-to-live; renewed every third of it while the command runs.
+    #[arg(long, default_value = "15s", value_parser = crate::duration)]
+    ttl: Duration,
+    /// The lease server.
+    #[arg(
+        long,
+        env = "LEASEHOLD_SERVER",
+        default_value = "http://127.0.0.1:7878"
+    )]
+    server: String,
+    /// Bearer token, if the server requires one.
+    #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Wait for the lease if it is held (the default).
+    #[arg(long, overrides_with = "no_wait")]
+    wait: bool,
+    /// Fail at once (exit 75) if the lease is held.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting after this long (exit 75).
+    #[arg(long, value_parser = crate::duration)]
+    timeout: Option<Duration>,
+    /// After SIGTERM on loss, wait this long before SIGKILL.
+    #[arg(long, default_value = "5s", value_parser = crate::duration)]
+    grace: Duration,
+    /// Clock-rate bound ε between this host and the server, in parts per million.
+    #[arg(long, default_value_t = 10_000)]
+    drift_ppm: u32,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+pub(crate) fn main(args: Args) -> ExitCode {
+    smol::block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let mut options = Options::new(args.ttl);
+    options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
+    let backend = match BuiltinBackend::new(
+        &args.server,
+        args.token.clone(),
+        options.config.request_timeout.into(),
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("leasehold run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match Client::new(backend, options) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("leasehold run: bad lease timing: {e}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let spinner = (!args.no_wait && std::io::stderr().is_terminal()).then(|| {
+        let s = indicatif::ProgressBar::new_spinner();
+        s.set_message(format!(
+            "waiting for lease {:?} on {}",
+            args.key, args.server
+        ));
+        s.enable_steady_tick(Duration::from_millis(120));
+        s
+    });
+    let acquired = match (args.no_wait, args.timeout) {
+        (true, _) => client.try_acquire(&args.key).await,
+        (false, Some(t)) => client.acquire_timeout(&args.key, t).await,
+        (false, None) => client.acquire(&args.key).await,
+    };
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let lease = match acquired {
+        Ok(l) => l,
+        Err(e) => {
+            let why = match &e {
+                AcquireError::Busy => "it is held by someone else".to_string(),
+                other => other.to_string(),
+            };
+            eprintln!("leasehold run: could not acquire {:?}: {why}", args.key);
+            return ExitCode::from(match e {
+                AcquireError::InvalidKey(_) | AcquireError::Rejected(_) => 2,
+                _ => EXIT_NOT_ACQUIRED,
+            });
+        }
+    };
+    let fence = lease.fence().map(|f| f.0).unwrap_or(0);
+    tracing::info!(key = %args.key, fence, "acquired");
+
+    let mut child = match async_process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .env("LEASEHOLD_FENCE", fence.to_string())
+        .env("LEASEHOLD_KEY", &args.key)
+        .env("LEASEHOLD_OWNER", lease.owner().to_string())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("leasehold run: cannot start {:?}: {e}", args.command[0]);
+            lease.release().await;
+            return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    let pid = Pid::from_raw(child.id() as i32);
+
+    enum Outcome {
+        Exited(std::io::Result<std::process::ExitStatus>),
+        Lost(leasehold_http::LostReason),
+    }
+    let outcome = future::or(async { Outcome::Exited(child.status().await) }, async {
+        Outcome::Lost(lease.lost().await)
+    })
+    .await;
+    match outcome {
+        Outcome::Exited(status) => {
+            lease.release().await;
+            exit_code(status)
+        }
+        Outcome::Lost(reason) => {
+            eprintln!(
+                "leasehold run: lease {:?} lost ({reason:?}); stopping the command",
+                args.key
+            );
+            let _ = kill(pid, Signal::SIGTERM);
+            let grace = args.grace;
+            let exited = future::or(async { child.status().await.ok() }, async {
+                async_io::Timer::after(grace).await;
+                None
+            })
+            .await;
+            if exited.is_none() {
+                eprintln!("leasehold run: command ignored SIGTERM for {grace:?}; sending SIGKILL");
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = child.status().await;
+            }
+            ExitCode::from(EXIT_LOST)
+        }
+    }
+}
+
+fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => ExitCode::from(c as u8),
+            (None, Some(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+            _ => ExitCode::FAILURE,
+        },
+        Err(_) => ExitCode::FAILURE,
+    }
+}
