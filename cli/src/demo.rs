@@ -62,11 +62,9 @@ fn serve_resource(listener: TcpListener, state: Arc<Mutex<Resource>>, start: Ins
             };
             for line in BufReader::new(conn).lines().map_while(Result::ok) {
                 let parts: Vec<&str> = line.split_whitespace().collect();
-                let (Some(&"WRITE"), Some(Ok(fence)), Some(worker)) = (
-                    parts.first(),
-                    parts.get(1).map(|f| f.parse::<u64>()),
-                    parts.get(2),
-                ) else {
+                let (Some(&"WRITE"), Some(Ok(fence)), Some(worker)) =
+                    (parts.first(), parts.get(1).map(|f| f.parse::<u64>()), parts.get(2))
+                else {
                     let _ = writeln!(out, "ERR malformed");
                     continue;
                 };
@@ -125,7 +123,9 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         DRIFT_PPM as f64 / 1e4,
         args.workers
     );
-    println!("each worker: acquire, write to a shared resource with its fence ~every 150 ms, release, repeat");
+    println!(
+        "each worker: acquire, write to a shared resource with its fence ~every 150 ms, release, repeat"
+    );
     println!("the resource refuses any write whose fence is lower than one it has seen\n");
 
     let lines: Arc<Mutex<Vec<Line>>> = Arc::new(Mutex::new(Vec::new()));
@@ -134,21 +134,8 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     for i in 1..=args.workers {
         let name = format!("w{i}");
         let mut child = std::process::Command::new(&exe)
-            .args([
-                "demo-worker",
-                "--server",
-                &server.url(),
-                "--key",
-                "demo",
-                "--name",
-                &name,
-            ])
-            .args([
-                "--resource",
-                &resource_addr.to_string(),
-                "--ttl",
-                &format!("{}ms", ttl.as_millis()),
-            ])
+            .args(["demo-worker", "--server", &server.url(), "--key", "demo", "--name", &name])
+            .args(["--resource", &resource_addr.to_string(), "--ttl", &format!("{}ms", ttl.as_millis())])
             .stdout(Stdio::piped())
             .spawn()?;
         let out = child.stdout.take().ok_or("no worker stdout")?;
@@ -157,33 +144,22 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             for text in BufReader::new(out).lines().map_while(Result::ok) {
                 let t = start.elapsed();
                 println!("  t={:>7.3}s  {who}  {text}", t.as_secs_f64());
-                lines.lock().unwrap_or_else(|p| p.into_inner()).push(Line {
-                    t,
-                    who: who.clone(),
-                    text,
-                });
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(Line { t, who: who.clone(), text });
             }
         });
         workers.push((name, child));
     }
 
     std::thread::sleep(args.kill_after.saturating_sub(start.elapsed()));
-    let victim = resource
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .accepted
-        .last()
-        .map(|(_, f, w)| (w.clone(), *f));
+    let victim =
+        resource.lock().unwrap_or_else(|p| p.into_inner()).accepted.last().map(|(_, f, w)| (w.clone(), *f));
     let mut killed: Option<(Duration, String, u64)> = None;
     if let Some((name, fence)) = victim {
         if let Some((_, child)) = workers.iter_mut().find(|(n, _)| *n == name) {
             let _ = child.kill(); // SIGKILL: no release, no goodbye
             let _ = child.wait();
             let t = start.elapsed();
-            println!(
-                "  t={:>7.3}s  --  kill -9 {name} while it holds fence {fence}",
-                t.as_secs_f64()
-            );
+            println!("  t={:>7.3}s  --  kill -9 {name} while it holds fence {fence}", t.as_secs_f64());
             killed = Some((t, name, fence));
         }
     }
@@ -209,11 +185,7 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     println!("\nwho held which fence when (from the resource's accepted writes):");
     for (f, w, a, b, n) in &spans {
-        println!(
-            "  fence {f:>3}  {w}  {:>7.3}s – {:>7.3}s  {n} writes",
-            a.as_secs_f64(),
-            b.as_secs_f64()
-        );
+        println!("  fence {f:>3}  {w}  {:>7.3}s – {:>7.3}s  {n} writes", a.as_secs_f64(), b.as_secs_f64());
     }
     let mut fences: Vec<u64> = spans.iter().map(|s| s.0).collect();
     let interleaved = fences.windows(2).filter(|w| w[1] <= w[0]).count();
@@ -263,14 +235,13 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
     };
     let mut options = Options::new(args.ttl);
     options.config.drift = leasehold_core::Drift::from_ppm(DRIFT_PPM);
-    let backend =
-        match BuiltinBackend::new(&args.server, None, options.config.request_timeout.into()) {
-            Ok(b) => b,
-            Err(e) => {
-                say(format!("error: {e}"));
-                return ExitCode::FAILURE;
-            }
-        };
+    let backend = match BuiltinBackend::new(&args.server, None, options.config.request_timeout.into()) {
+        Ok(b) => b,
+        Err(e) => {
+            say(format!("error: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
     let Ok(client) = Client::new(backend, options) else {
         return ExitCode::FAILURE;
     };
@@ -300,10 +271,7 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
             let mut lost = false;
             for seq in 0..writes {
                 // Act only with time to spare; the fence protects the resource regardless.
-                if lease
-                    .remaining()
-                    .is_none_or(|r| r < Duration::from_millis(300))
-                {
+                if lease.remaining().is_none_or(|r| r < Duration::from_millis(300)) {
                     lost = true;
                     break;
                 }

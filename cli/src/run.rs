@@ -28,11 +28,7 @@ pub(crate) struct Args {
     #[arg(long, default_value = "15s", value_parser = crate::duration)]
     ttl: Duration,
     /// The lease server.
-    #[arg(
-        long,
-        env = "LEASEHOLD_SERVER",
-        default_value = "http://127.0.0.1:7878"
-    )]
+    #[arg(long, env = "LEASEHOLD_SERVER", default_value = "http://127.0.0.1:7878")]
     server: String,
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
@@ -64,17 +60,14 @@ pub(crate) fn main(args: Args) -> ExitCode {
 async fn run(args: Args) -> ExitCode {
     let mut options = Options::new(args.ttl);
     options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
-    let backend = match BuiltinBackend::new(
-        &args.server,
-        args.token.clone(),
-        options.config.request_timeout.into(),
-    ) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("leasehold run: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let backend =
+        match BuiltinBackend::new(&args.server, args.token.clone(), options.config.request_timeout.into()) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("leasehold run: {e}");
+                return ExitCode::from(2);
+            }
+        };
     let client = match Client::new(backend, options) {
         Ok(c) => c,
         Err(e) => {
@@ -85,10 +78,7 @@ async fn run(args: Args) -> ExitCode {
 
     let spinner = (!args.no_wait && std::io::stderr().is_terminal()).then(|| {
         let s = indicatif::ProgressBar::new_spinner();
-        s.set_message(format!(
-            "waiting for lease {:?} on {}",
-            args.key, args.server
-        ));
+        s.set_message(format!("waiting for lease {:?} on {}", args.key, args.server));
         s.enable_steady_tick(Duration::from_millis(120));
         s
     });
@@ -128,11 +118,7 @@ async fn run(args: Args) -> ExitCode {
         Err(e) => {
             eprintln!("leasehold run: cannot start {:?}: {e}", args.command[0]);
             lease.release().await;
-            return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
+            return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
     let pid = Pid::from_raw(child.id() as i32);
@@ -151,10 +137,7 @@ async fn run(args: Args) -> ExitCode {
             exit_code(status)
         }
         Outcome::Lost(reason) => {
-            eprintln!(
-                "leasehold run: lease {:?} lost ({reason:?}); stopping the command",
-                args.key
-            );
+            eprintln!("leasehold run: lease {:?} lost ({reason:?}); stopping the command", args.key);
             let _ = kill(pid, Signal::SIGTERM);
             let grace = args.grace;
             let exited = future::or(async { child.status().await.ok() }, async {

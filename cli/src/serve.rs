@@ -31,10 +31,7 @@ pub(crate) struct Args {
 pub(crate) fn main(args: Args) -> ExitCode {
     let mut config = ServerConfig::new(args.data, args.listen);
     config.token = args.token;
-    config.limits = Limits {
-        min_ttl: args.min_ttl.into(),
-        max_ttl: args.max_ttl.into(),
-    };
+    config.limits = Limits { min_ttl: args.min_ttl.into(), max_ttl: args.max_ttl.into() };
     smol::block_on(async {
         let server = match Server::bind(config).await {
             Ok(s) => s,

@@ -11,11 +11,7 @@ pub(crate) struct Args {
     /// The key to show; every key when omitted.
     key: Option<String>,
     /// The lease server.
-    #[arg(
-        long,
-        env = "LEASEHOLD_SERVER",
-        default_value = "http://127.0.0.1:7878"
-    )]
+    #[arg(long, env = "LEASEHOLD_SERVER", default_value = "http://127.0.0.1:7878")]
     server: String,
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
@@ -59,10 +55,7 @@ pub(crate) fn main(args: Args) -> ExitCode {
         Some(Value::Array(a)) => a.clone(),
         _ => vec![body],
     };
-    println!(
-        "{:<32} {:>8} {:>18} {:>12}",
-        "KEY", "FENCE", "HOLDER", "REMAINING"
-    );
+    println!("{:<32} {:>8} {:>18} {:>12}", "KEY", "FENCE", "HOLDER", "REMAINING");
     for r in rows {
         let key = r["key"].as_str().unwrap_or("?");
         match r.get("holder") {

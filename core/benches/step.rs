@@ -11,43 +11,30 @@ fn bench(c: &mut Criterion) {
     let req = lease.poll_transmit().unwrap();
     lease.handle_response(
         now,
-        Response {
-            id: req.id,
-            owner: req.owner,
-            reply: Reply::Granted {
-                fence: Fence(1),
-                ttl,
-            },
-        },
+        Response { id: req.id, owner: req.owner, reply: Reply::Granted { fence: Fence(1), ttl } },
     );
     while lease.poll_event().is_some() {}
 
     // Steady state of a holder: timer fires, renewal goes out, reply comes back.
-    c.bench_function(
-        "renew_cycle: handle_timeout + poll_transmit + handle_response + drain",
-        |b| {
-            b.iter(|| {
-                now = lease.poll_timeout().unwrap();
-                lease.handle_timeout(black_box(now));
-                let req = lease.poll_transmit().unwrap();
-                lease.handle_response(
-                    now,
-                    black_box(Response {
-                        id: req.id,
-                        owner: req.owner,
-                        reply: Reply::Granted {
-                            fence: Fence(1),
-                            ttl,
-                        },
-                    }),
-                );
-                while let Some(e) = lease.poll_event() {
-                    black_box(e);
-                }
-                black_box(lease.poll_timeout())
-            })
-        },
-    );
+    c.bench_function("renew_cycle: handle_timeout + poll_transmit + handle_response + drain", |b| {
+        b.iter(|| {
+            now = lease.poll_timeout().unwrap();
+            lease.handle_timeout(black_box(now));
+            let req = lease.poll_transmit().unwrap();
+            lease.handle_response(
+                now,
+                black_box(Response {
+                    id: req.id,
+                    owner: req.owner,
+                    reply: Reply::Granted { fence: Fence(1), ttl },
+                }),
+            );
+            while let Some(e) = lease.poll_event() {
+                black_box(e);
+            }
+            black_box(lease.poll_timeout())
+        })
+    });
 
     c.bench_function("handle_response (stale id) + drain", |b| {
         b.iter(|| {

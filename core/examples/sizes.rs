@@ -5,10 +5,7 @@ use leasehold_core::{authority::Record, Config, Event, Lease, Request, Response}
 fn main() {
     println!("Lease    {:>4} bytes", size_of::<Lease>());
     println!("  Config {:>4} bytes", size_of::<Config>());
-    println!(
-        "  Event  {:>4} bytes (the lease queues up to 2)",
-        size_of::<Event>()
-    );
+    println!("  Event  {:>4} bytes (the lease queues up to 2)", size_of::<Event>());
     println!("Request  {:>4} bytes", size_of::<Request>());
     println!("Response {:>4} bytes", size_of::<Response>());
     println!("Record   {:>4} bytes", size_of::<Record>());

@@ -51,10 +51,7 @@ pub struct Limits {
 impl Default for Limits {
     /// 10 ms to one day.
     fn default() -> Self {
-        Limits {
-            min_ttl: Duration::from_millis(10),
-            max_ttl: crate::config::MAX_TTL,
-        }
+        Limits { min_ttl: Duration::from_millis(10), max_ttl: crate::config::MAX_TTL }
     }
 }
 
@@ -110,12 +107,7 @@ pub fn decide(record: &Record, now: Instant, request: &Request, limits: &Limits)
         rec.holder = None;
     }
     let owner = request.owner;
-    let decision = |record, reply, outcome| Decision {
-        record,
-        reply,
-        outcome,
-        expired,
-    };
+    let decision = |record, reply, outcome| Decision { record, reply, outcome, expired };
 
     let ttl = match request.op {
         Op::Acquire { ttl } | Op::Takeover { ttl, .. } | Op::Renew { ttl, .. } => Some(ttl),
@@ -129,28 +121,15 @@ pub fn decide(record: &Record, now: Instant, request: &Request, limits: &Limits)
 
     match request.op {
         Op::Acquire { ttl } | Op::Takeover { ttl, .. } => match rec.holder {
-            Some(h) if h.owner != owner => decision(
-                rec,
-                Reply::Busy {
-                    retry_after: h.expires_at - now,
-                },
-                Outcome::Refused,
-            ),
+            Some(h) if h.owner != owner => {
+                decision(rec, Reply::Busy { retry_after: h.expires_at - now }, Outcome::Refused)
+            }
             _ => {
                 let Some(fence) = rec.last_fence.next() else {
-                    return decision(
-                        rec,
-                        Reply::Rejected(Reject::FenceExhausted),
-                        Outcome::Rejected,
-                    );
+                    return decision(rec, Reply::Rejected(Reject::FenceExhausted), Outcome::Rejected);
                 };
                 rec.last_fence = fence;
-                rec.holder = Some(Holder {
-                    owner,
-                    fence,
-                    ttl,
-                    expires_at: now + ttl,
-                });
+                rec.holder = Some(Holder { owner, fence, ttl, expires_at: now + ttl });
                 decision(rec, Reply::Granted { fence, ttl }, Outcome::Granted)
             }
         },
@@ -196,10 +175,7 @@ pub struct LeaseTable<const N: usize> {
 impl<const N: usize> LeaseTable<N> {
     /// An empty table.
     pub fn new(limits: Limits) -> Self {
-        LeaseTable {
-            records: FnvIndexMap::new(),
-            limits,
-        }
+        LeaseTable { records: FnvIndexMap::new(), limits }
     }
 
     /// Applies `request` to `key` at authority time `now`.
@@ -245,11 +221,7 @@ mod tests {
     const TTL: Duration = Duration::from_secs(10);
 
     fn req(owner: OwnerId, op: Op) -> Request {
-        Request {
-            id: RequestId(0),
-            owner,
-            op,
-        }
+        Request { id: RequestId(0), owner, op }
     }
     fn at(s: u64) -> Instant {
         Instant::from_secs(s)
@@ -260,112 +232,42 @@ mod tests {
         let l = Limits::default();
         let r0 = Record::default();
         let d = decide(&r0, at(0), &req(A, Op::Acquire { ttl: TTL }), &l);
-        assert_eq!(
-            d.reply,
-            Reply::Granted {
-                fence: Fence(1),
-                ttl: TTL
-            }
-        );
+        assert_eq!(d.reply, Reply::Granted { fence: Fence(1), ttl: TTL });
         let d2 = decide(&d.record, at(4), &req(B, Op::Acquire { ttl: TTL }), &l);
-        assert_eq!(
-            d2.reply,
-            Reply::Busy {
-                retry_after: Duration::from_secs(6)
-            }
-        );
+        assert_eq!(d2.reply, Reply::Busy { retry_after: Duration::from_secs(6) });
         assert!(!d2.changed(&d.record));
         let d3 = decide(&d2.record, at(10), &req(B, Op::Acquire { ttl: TTL }), &l);
-        assert_eq!(
-            d3.reply,
-            Reply::Granted {
-                fence: Fence(2),
-                ttl: TTL
-            }
-        );
+        assert_eq!(d3.reply, Reply::Granted { fence: Fence(2), ttl: TTL });
         assert!(d3.expired);
         // A's renewal of its expired fence is refused.
-        let d4 = decide(
-            &d3.record,
-            at(11),
-            &req(
-                A,
-                Op::Renew {
-                    fence: Fence(1),
-                    ttl: TTL,
-                },
-            ),
-            &l,
-        );
+        let d4 = decide(&d3.record, at(11), &req(A, Op::Renew { fence: Fence(1), ttl: TTL }), &l);
         assert_eq!(d4.reply, Reply::NotHolder);
     }
 
     #[test]
     fn reacquire_by_holder_gets_a_new_fence() {
         let l = Limits::default();
-        let d = decide(
-            &Record::default(),
-            at(0),
-            &req(A, Op::Acquire { ttl: TTL }),
-            &l,
-        );
+        let d = decide(&Record::default(), at(0), &req(A, Op::Acquire { ttl: TTL }), &l);
         let d2 = decide(&d.record, at(1), &req(A, Op::Acquire { ttl: TTL }), &l);
-        assert_eq!(
-            d2.reply,
-            Reply::Granted {
-                fence: Fence(2),
-                ttl: TTL
-            }
-        );
+        assert_eq!(d2.reply, Reply::Granted { fence: Fence(2), ttl: TTL });
     }
 
     #[test]
     fn release_is_fenced_and_keeps_the_counter() {
         let l = Limits::default();
-        let d = decide(
-            &Record::default(),
-            at(0),
-            &req(A, Op::Acquire { ttl: TTL }),
-            &l,
-        );
-        let wrong = decide(
-            &d.record,
-            at(1),
-            &req(B, Op::Release { fence: Fence(1) }),
-            &l,
-        );
+        let d = decide(&Record::default(), at(0), &req(A, Op::Acquire { ttl: TTL }), &l);
+        let wrong = decide(&d.record, at(1), &req(B, Op::Release { fence: Fence(1) }), &l);
         assert_eq!(wrong.reply, Reply::NotHolder);
-        let stale = decide(
-            &d.record,
-            at(1),
-            &req(A, Op::Release { fence: Fence(7) }),
-            &l,
-        );
+        let stale = decide(&d.record, at(1), &req(A, Op::Release { fence: Fence(7) }), &l);
         assert_eq!(stale.reply, Reply::NotHolder);
-        let ok = decide(
-            &d.record,
-            at(1),
-            &req(A, Op::Release { fence: Fence(1) }),
-            &l,
-        );
+        let ok = decide(&d.record, at(1), &req(A, Op::Release { fence: Fence(1) }), &l);
         assert_eq!(ok.reply, Reply::Released);
         assert_eq!(ok.record.holder, None);
         assert_eq!(ok.record.last_fence, Fence(1));
-        let again = decide(
-            &ok.record,
-            at(2),
-            &req(A, Op::Release { fence: Fence(1) }),
-            &l,
-        );
+        let again = decide(&ok.record, at(2), &req(A, Op::Release { fence: Fence(1) }), &l);
         assert_eq!(again.reply, Reply::NotHolder);
         let next = decide(&ok.record, at(2), &req(B, Op::Acquire { ttl: TTL }), &l);
-        assert_eq!(
-            next.reply,
-            Reply::Granted {
-                fence: Fence(2),
-                ttl: TTL
-            }
-        );
+        assert_eq!(next.reply, Reply::Granted { fence: Fence(2), ttl: TTL });
     }
 
     #[test]
@@ -380,16 +282,8 @@ mod tests {
 
     #[test]
     fn fence_exhaustion_is_an_error_not_a_wrap() {
-        let rec = Record {
-            holder: None,
-            last_fence: Fence(u64::MAX),
-        };
-        let d = decide(
-            &rec,
-            at(0),
-            &req(A, Op::Acquire { ttl: TTL }),
-            &Limits::default(),
-        );
+        let rec = Record { holder: None, last_fence: Fence(u64::MAX) };
+        let d = decide(&rec, at(0), &req(A, Op::Acquire { ttl: TTL }), &Limits::default());
         assert_eq!(d.reply, Reply::Rejected(Reject::FenceExhausted));
     }
 
@@ -401,20 +295,9 @@ mod tests {
         // The restarted authority's clock starts again near zero.
         t.recover(at(1));
         let d = t.handle(at(5), &k, &req(B, Op::Acquire { ttl: TTL }));
-        assert_eq!(
-            d.reply,
-            Reply::Busy {
-                retry_after: Duration::from_secs(6)
-            }
-        );
+        assert_eq!(d.reply, Reply::Busy { retry_after: Duration::from_secs(6) });
         let d = t.handle(at(11), &k, &req(B, Op::Acquire { ttl: TTL }));
-        assert_eq!(
-            d.reply,
-            Reply::Granted {
-                fence: Fence(2),
-                ttl: TTL
-            }
-        );
+        assert_eq!(d.reply, Reply::Granted { fence: Fence(2), ttl: TTL });
     }
 
     #[test]
@@ -422,24 +305,17 @@ mod tests {
         let mut t: LeaseTable<2> = LeaseTable::new(Limits::default());
         let k = |s| crate::wire::parse_key(s).unwrap();
         assert!(matches!(
-            t.handle(at(0), &k("a"), &req(A, Op::Acquire { ttl: TTL }))
-                .reply,
+            t.handle(at(0), &k("a"), &req(A, Op::Acquire { ttl: TTL })).reply,
             Reply::Granted { .. }
         ));
         assert!(matches!(
-            t.handle(at(0), &k("b"), &req(A, Op::Acquire { ttl: TTL }))
-                .reply,
+            t.handle(at(0), &k("b"), &req(A, Op::Acquire { ttl: TTL })).reply,
             Reply::Granted { .. }
         ));
         assert_eq!(
-            t.handle(at(0), &k("c"), &req(A, Op::Acquire { ttl: TTL }))
-                .reply,
+            t.handle(at(0), &k("c"), &req(A, Op::Acquire { ttl: TTL })).reply,
             Reply::Rejected(Reject::Capacity)
         );
-        assert_eq!(
-            t.handle(at(0), &k("a"), &req(A, Op::Release { fence: Fence(1) }))
-                .reply,
-            Reply::Released
-        );
+        assert_eq!(t.handle(at(0), &k("a"), &req(A, Op::Release { fence: Fence(1) })).reply, Reply::Released);
     }
 }

@@ -172,16 +172,10 @@ impl Config {
         if self.request_timeout.is_zero() {
             return Err(ConfigError::ZeroRequestTimeout);
         }
-        if self
-            .renew_every
-            .saturating_add(self.request_timeout)
-            .as_micros()
-            >= validity.as_micros()
-        {
+        if self.renew_every.saturating_add(self.request_timeout).as_micros() >= validity.as_micros() {
             return Err(ConfigError::RenewTooLate);
         }
-        if self.backoff_min.is_zero() || self.backoff_min.as_micros() > self.backoff_max.as_micros()
-        {
+        if self.backoff_min.is_zero() || self.backoff_min.as_micros() > self.backoff_max.as_micros() {
             return Err(ConfigError::BadBackoff);
         }
         Ok(())
@@ -215,11 +209,7 @@ mod tests {
     #[test]
     fn defaults_are_valid_across_sane_ttls() {
         for ms in [10, 100, 1_000, 15_000, 3_600_000] {
-            assert_eq!(
-                Config::new(Duration::from_millis(ms)).validate(),
-                Ok(()),
-                "{ms}ms"
-            );
+            assert_eq!(Config::new(Duration::from_millis(ms)).validate(), Ok(()), "{ms}ms");
         }
     }
 
@@ -232,38 +222,14 @@ mod tests {
             c.validate()
         };
         assert_eq!(with(|c| c.ttl = Duration::ZERO), Err(ConfigError::ZeroTtl));
-        assert_eq!(
-            with(|c| c.ttl = Duration::from_secs(86_401)),
-            Err(ConfigError::TtlTooLong)
-        );
-        assert_eq!(
-            with(|c| c.drift = Drift::from_ppm(100_001)),
-            Err(ConfigError::DriftTooLarge)
-        );
-        assert_eq!(
-            with(|c| c.margin = Duration::from_secs(15)),
-            Err(ConfigError::NoValidity)
-        );
-        assert_eq!(
-            with(|c| c.renew_every = Duration::ZERO),
-            Err(ConfigError::ZeroRenewInterval)
-        );
-        assert_eq!(
-            with(|c| c.renew_every = Duration::from_secs(13)),
-            Err(ConfigError::RenewTooLate)
-        );
-        assert_eq!(
-            with(|c| c.request_timeout = Duration::ZERO),
-            Err(ConfigError::ZeroRequestTimeout)
-        );
-        assert_eq!(
-            with(|c| c.backoff_min = Duration::ZERO),
-            Err(ConfigError::BadBackoff)
-        );
-        assert_eq!(
-            with(|c| c.backoff_max = Duration::from_micros(1)),
-            Err(ConfigError::BadBackoff)
-        );
+        assert_eq!(with(|c| c.ttl = Duration::from_secs(86_401)), Err(ConfigError::TtlTooLong));
+        assert_eq!(with(|c| c.drift = Drift::from_ppm(100_001)), Err(ConfigError::DriftTooLarge));
+        assert_eq!(with(|c| c.margin = Duration::from_secs(15)), Err(ConfigError::NoValidity));
+        assert_eq!(with(|c| c.renew_every = Duration::ZERO), Err(ConfigError::ZeroRenewInterval));
+        assert_eq!(with(|c| c.renew_every = Duration::from_secs(13)), Err(ConfigError::RenewTooLate));
+        assert_eq!(with(|c| c.request_timeout = Duration::ZERO), Err(ConfigError::ZeroRequestTimeout));
+        assert_eq!(with(|c| c.backoff_min = Duration::ZERO), Err(ConfigError::BadBackoff));
+        assert_eq!(with(|c| c.backoff_max = Duration::from_micros(1)), Err(ConfigError::BadBackoff));
     }
 
     #[test]

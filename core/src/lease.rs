@@ -261,9 +261,7 @@ impl Lease {
     pub const fn state(&self) -> State {
         match self.phase {
             Phase::Idle | Phase::Lost | Phase::Released => State::Idle,
-            Phase::Acquiring {
-                takeover: Some(_), ..
-            } => State::Waiting,
+            Phase::Acquiring { takeover: Some(_), .. } => State::Waiting,
             Phase::Acquiring { .. } => State::Acquiring,
             Phase::Held => State::Held,
             Phase::Releasing => State::Releasing,
@@ -409,11 +407,7 @@ impl Lease {
         }
         self.unsent = false;
         let op = self.op()?;
-        self.pending.map(|p| Request {
-            id: p.id,
-            owner: self.owner,
-            op,
-        })
+        self.pending.map(|p| Request { id: p.id, owner: self.owner, op })
     }
 
     /// The next event for the application, if any.
@@ -441,19 +435,11 @@ impl Lease {
 
     // ----- internals -----
 
-    fn start_acquire(
-        &mut self,
-        now: Instant,
-        give_up_at: Option<Instant>,
-    ) -> Result<(), AcquireError> {
+    fn start_acquire(&mut self, now: Instant, give_up_at: Option<Instant>) -> Result<(), AcquireError> {
         self.expire(now);
         match self.phase {
             Phase::Idle | Phase::Lost | Phase::Released => {
-                self.phase = Phase::Acquiring {
-                    give_up_at,
-                    cancel: false,
-                    takeover: None,
-                };
+                self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover: None };
                 self.failures = 0;
                 self.send(now);
                 Ok(())
@@ -471,13 +457,7 @@ impl Lease {
         }
         match self.phase {
             Phase::Held => {
-                self.end(
-                    Phase::Lost,
-                    Event::Lost {
-                        fence: self.fence,
-                        reason: LostReason::Expired,
-                    },
-                );
+                self.end(Phase::Lost, Event::Lost { fence: self.fence, reason: LostReason::Expired });
                 true
             }
             // The authority has expired the grant by now: nothing left to give back.
@@ -490,10 +470,7 @@ impl Lease {
     }
 
     fn on_acquire_reply(&mut self, now: Instant, p: Pending, reply: Reply) {
-        let Phase::Acquiring {
-            give_up_at, cancel, ..
-        } = self.phase
-        else {
+        let Phase::Acquiring { give_up_at, cancel, .. } = self.phase else {
             return;
         };
         match reply {
@@ -539,31 +516,18 @@ impl Lease {
                     return self.not_acquired(NotAcquired::Cancelled);
                 }
                 // Anchored at receipt: the observed write happened before we read it.
-                self.retry_acquire_at(
-                    now + self.config.observe_wait(ttl),
-                    give_up_at,
-                    Some(version),
-                );
+                self.retry_acquire_at(now + self.config.observe_wait(ttl), give_up_at, Some(version));
             }
             Reply::Rejected(r) => self.not_acquired(NotAcquired::Rejected(r)),
             Reply::Unavailable | Reply::NotHolder | Reply::Released => self.fail(now),
         }
     }
 
-    fn retry_acquire_at(
-        &mut self,
-        at: Instant,
-        give_up_at: Option<Instant>,
-        takeover: Option<u64>,
-    ) {
+    fn retry_acquire_at(&mut self, at: Instant, give_up_at: Option<Instant>, takeover: Option<u64>) {
         if give_up_at.is_some_and(|g| at > g) {
             return self.not_acquired(NotAcquired::Busy);
         }
-        self.phase = Phase::Acquiring {
-            give_up_at,
-            cancel: false,
-            takeover,
-        };
+        self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover };
         self.failures = 0;
         self.wake = Some(at);
     }
@@ -571,30 +535,18 @@ impl Lease {
     fn on_renew_reply(&mut self, now: Instant, p: Pending, reply: Reply) {
         match reply {
             Reply::Granted { fence, ttl } if fence == self.fence => {
-                let until =
-                    self.anchor(p.sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
+                let until = self.anchor(p.sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
                 self.valid_until = self.valid_until.max(until);
                 self.failures = 0;
                 self.wake = Some((p.sent_at + self.config.renew_every).max(now));
-                self.push(Event::Renewed {
-                    fence,
-                    valid_until: self.valid_until,
-                });
+                self.push(Event::Renewed { fence, valid_until: self.valid_until });
             }
-            Reply::NotHolder | Reply::Busy { .. } | Reply::Observed { .. } => self.end(
-                Phase::Lost,
-                Event::Lost {
-                    fence: self.fence,
-                    reason: LostReason::Revoked,
-                },
-            ),
-            Reply::Rejected(r) => self.end(
-                Phase::Lost,
-                Event::Lost {
-                    fence: self.fence,
-                    reason: LostReason::Rejected(r),
-                },
-            ),
+            Reply::NotHolder | Reply::Busy { .. } | Reply::Observed { .. } => {
+                self.end(Phase::Lost, Event::Lost { fence: self.fence, reason: LostReason::Revoked })
+            }
+            Reply::Rejected(r) => {
+                self.end(Phase::Lost, Event::Lost { fence: self.fence, reason: LostReason::Rejected(r) })
+            }
             Reply::Granted { .. } | Reply::Unavailable | Reply::Released => self.fail(now),
         }
     }
@@ -613,15 +565,9 @@ impl Lease {
     fn op(&self) -> Option<Op> {
         let ttl = self.config.ttl;
         Some(match self.phase {
-            Phase::Acquiring {
-                takeover: Some(version),
-                ..
-            } => Op::Takeover { version, ttl },
+            Phase::Acquiring { takeover: Some(version), .. } => Op::Takeover { version, ttl },
             Phase::Acquiring { takeover: None, .. } => Op::Acquire { ttl },
-            Phase::Held => Op::Renew {
-                fence: self.fence,
-                ttl,
-            },
+            Phase::Held => Op::Renew { fence: self.fence, ttl },
             Phase::Releasing => Op::Release { fence: self.fence },
             Phase::Idle | Phase::Lost | Phase::Released => return None,
         })
@@ -642,10 +588,9 @@ impl Lease {
         let at = now + self.backoff();
         match self.phase {
             Phase::Acquiring { cancel: true, .. } => self.not_acquired(NotAcquired::Cancelled),
-            Phase::Acquiring {
-                give_up_at: Some(g),
-                ..
-            } if at > g => self.not_acquired(NotAcquired::Unavailable),
+            Phase::Acquiring { give_up_at: Some(g), .. } if at > g => {
+                self.not_acquired(NotAcquired::Unavailable)
+            }
             Phase::Acquiring { .. } | Phase::Held | Phase::Releasing => self.wake = Some(at),
             Phase::Idle | Phase::Lost | Phase::Released => {}
         }
@@ -694,11 +639,7 @@ impl Lease {
     /// Exponential backoff with jitter in `[d/2, d]`.
     fn backoff(&mut self) -> Duration {
         let doublings = u32::from(self.failures.saturating_sub(1).min(20));
-        let base = self
-            .config
-            .backoff_min
-            .saturating_mul(1 << doublings)
-            .min(self.config.backoff_max);
+        let base = self.config.backoff_min.saturating_mul(1 << doublings).min(self.config.backoff_max);
         let half = base.mul_div_floor(1, 2);
         half + self.jitter(base - half)
     }
@@ -736,20 +677,10 @@ mod tests {
         Lease::new(OwnerId(1), config()).unwrap()
     }
     fn reply(l: &mut Lease, now: Instant, req: &Request, reply: Reply) {
-        l.handle_response(
-            now,
-            Response {
-                id: req.id,
-                owner: req.owner,
-                reply,
-            },
-        );
+        l.handle_response(now, Response { id: req.id, owner: req.owner, reply });
     }
     fn granted(fence: u64) -> Reply {
-        Reply::Granted {
-            fence: Fence(fence),
-            ttl: TTL,
-        }
+        Reply::Granted { fence: Fence(fence), ttl: TTL }
     }
     /// Acquires with fence 1, sent at 0 and answered at `rtt` ms.
     fn held(rtt: u64) -> Lease {
@@ -763,13 +694,7 @@ mod tests {
     #[test]
     fn validity_is_anchored_at_send_not_reply() {
         let mut l = held(3_000);
-        assert_eq!(
-            l.poll_event(),
-            Some(Event::Acquired {
-                fence: Fence(1),
-                valid_until: ms(9_900)
-            })
-        );
+        assert_eq!(l.poll_event(), Some(Event::Acquired { fence: Fence(1), valid_until: ms(9_900) }));
         assert_eq!(l.remaining(ms(3_000)), Some(Duration::from_millis(6_900)));
         assert_eq!(l.remaining(ms(9_899)), Some(Duration::from_millis(1)));
         assert_eq!(l.remaining(ms(9_900)), None);
@@ -790,13 +715,7 @@ mod tests {
         let r = l.poll_transmit().unwrap();
         assert_eq!(r.op, Op::Acquire { ttl: TTL });
         reply(&mut l, ms(11_000), &r, granted(2));
-        assert!(matches!(
-            l.poll_event(),
-            Some(Event::Acquired {
-                fence: Fence(2),
-                ..
-            })
-        ));
+        assert!(matches!(l.poll_event(), Some(Event::Acquired { fence: Fence(2), .. })));
     }
 
     #[test]
@@ -806,20 +725,11 @@ mod tests {
         assert_eq!(l.poll_timeout(), Some(RENEW));
         l.handle_timeout(RENEW);
         let r = l.poll_transmit().unwrap();
-        assert_eq!(
-            r.op,
-            Op::Renew {
-                fence: Fence(1),
-                ttl: TTL
-            }
-        );
+        assert_eq!(r.op, Op::Renew { fence: Fence(1), ttl: TTL });
         reply(&mut l, ms(3_400), &r, granted(1));
         assert_eq!(
             l.poll_event(),
-            Some(Event::Renewed {
-                fence: Fence(1),
-                valid_until: RENEW + Duration::from_millis(9_900)
-            })
+            Some(Event::Renewed { fence: Fence(1), valid_until: RENEW + Duration::from_millis(9_900) })
         );
         assert_eq!(l.poll_timeout(), Some(Instant::from_micros(6_666_666)));
         assert!(l.is_healthy(ms(3_400)));
@@ -841,13 +751,7 @@ mod tests {
                 l.handle_transport_error(now, r.id);
             }
             if let Some(e) = l.poll_event() {
-                assert_eq!(
-                    e,
-                    Event::Lost {
-                        fence: Fence(1),
-                        reason: LostReason::Expired
-                    }
-                );
+                assert_eq!(e, Event::Lost { fence: Fence(1), reason: LostReason::Expired });
                 break;
             }
             if now > RENEW {
@@ -869,13 +773,7 @@ mod tests {
         let r = l.poll_transmit().unwrap();
         // Reply arrives only after the deadline passed, with no timer call in between.
         reply(&mut l, ms(9_901), &r, granted(1));
-        assert_eq!(
-            l.poll_event(),
-            Some(Event::Lost {
-                fence: Fence(1),
-                reason: LostReason::Expired
-            })
-        );
+        assert_eq!(l.poll_event(), Some(Event::Lost { fence: Fence(1), reason: LostReason::Expired }));
         assert_eq!(l.poll_event(), None);
         assert_eq!(l.remaining(ms(9_901)), None);
     }
@@ -885,29 +783,12 @@ mod tests {
         let mut l = lease();
         l.acquire(ms(0)).unwrap();
         let r = l.poll_transmit().unwrap();
-        let other_owner = Response {
-            id: r.id,
-            owner: OwnerId(99),
-            reply: granted(1),
-        };
+        let other_owner = Response { id: r.id, owner: OwnerId(99), reply: granted(1) };
         l.handle_response(ms(1), other_owner);
-        l.handle_response(
-            ms(1),
-            Response {
-                id: RequestId(r.id.0 + 1),
-                owner: r.owner,
-                reply: granted(1),
-            },
-        );
+        l.handle_response(ms(1), Response { id: RequestId(r.id.0 + 1), owner: r.owner, reply: granted(1) });
         assert_eq!(l.poll_event(), None);
         reply(&mut l, ms(2), &r, granted(5));
-        assert!(matches!(
-            l.poll_event(),
-            Some(Event::Acquired {
-                fence: Fence(5),
-                ..
-            })
-        ));
+        assert!(matches!(l.poll_event(), Some(Event::Acquired { fence: Fence(5), .. })));
         // A duplicate of the same reply changes nothing.
         reply(&mut l, ms(3), &r, granted(5));
         assert_eq!(l.poll_event(), None);
@@ -917,10 +798,7 @@ mod tests {
         reply(&mut l, ms(3_334), &r, granted(6));
         assert_eq!(l.poll_event(), None);
         assert_eq!(l.health(ms(3_334)), Health::Unknown);
-        assert_eq!(
-            l.remaining(ms(3_334)),
-            Some(Duration::from_millis(9_900 - 3_334))
-        );
+        assert_eq!(l.remaining(ms(3_334)), Some(Duration::from_millis(9_900 - 3_334)));
     }
 
     #[test]
@@ -944,9 +822,7 @@ mod tests {
         l.acquire(ms(0)).unwrap();
         let r = l.poll_transmit().unwrap();
         // A holder's remaining time shorter than the poll cap is waited out exactly...
-        let short = Reply::Busy {
-            retry_after: Duration::from_millis(400),
-        };
+        let short = Reply::Busy { retry_after: Duration::from_millis(400) };
         reply(&mut l, ms(1), &r, short);
         let t = l.poll_timeout().unwrap();
         let jitter_max = config().backoff_min;
@@ -955,9 +831,7 @@ mod tests {
         let r = l.poll_transmit().unwrap();
         assert_eq!(r.op, Op::Acquire { ttl: TTL });
         // ...a longer one is polled every backoff_max, in case the holder releases early.
-        let long = Reply::Busy {
-            retry_after: Duration::from_secs(9),
-        };
+        let long = Reply::Busy { retry_after: Duration::from_secs(9) };
         reply(&mut l, t, &r, long);
         let t2 = l.poll_timeout().unwrap();
         let cap = config().backoff_max;
@@ -969,20 +843,8 @@ mod tests {
         let mut l = lease();
         l.try_acquire(ms(0)).unwrap();
         let r = l.poll_transmit().unwrap();
-        reply(
-            &mut l,
-            ms(1),
-            &r,
-            Reply::Busy {
-                retry_after: Duration::from_secs(4),
-            },
-        );
-        assert_eq!(
-            l.poll_event(),
-            Some(Event::NotAcquired {
-                reason: NotAcquired::Busy
-            })
-        );
+        reply(&mut l, ms(1), &r, Reply::Busy { retry_after: Duration::from_secs(4) });
+        assert_eq!(l.poll_event(), Some(Event::NotAcquired { reason: NotAcquired::Busy }));
         assert_eq!(l.state(), State::Idle);
         assert_eq!(l.poll_timeout(), None);
     }
@@ -1002,12 +864,7 @@ mod tests {
             now = l.poll_timeout().unwrap();
             l.handle_timeout(now);
         };
-        assert_eq!(
-            event,
-            Event::NotAcquired {
-                reason: NotAcquired::Unavailable
-            }
-        );
+        assert_eq!(event, Event::NotAcquired { reason: NotAcquired::Unavailable });
         assert!(now <= ms(2_000));
     }
 
@@ -1016,53 +873,22 @@ mod tests {
         let mut l = lease();
         l.acquire(ms(0)).unwrap();
         let r = l.poll_transmit().unwrap();
-        reply(
-            &mut l,
-            ms(50),
-            &r,
-            Reply::Observed {
-                version: 7,
-                ttl: TTL,
-            },
-        );
+        reply(&mut l, ms(50), &r, Reply::Observed { version: 7, ttl: TTL });
         assert_eq!(l.state(), State::Waiting);
         // Counted from receipt, stretched by ε.
         assert_eq!(l.poll_timeout(), Some(ms(50 + 10_100)));
         l.handle_timeout(ms(10_150));
         let r = l.poll_transmit().unwrap();
-        assert_eq!(
-            r.op,
-            Op::Takeover {
-                version: 7,
-                ttl: TTL
-            }
-        );
+        assert_eq!(r.op, Op::Takeover { version: 7, ttl: TTL });
         // The holder renewed meanwhile: wait again for the new version.
-        reply(
-            &mut l,
-            ms(10_160),
-            &r,
-            Reply::Observed {
-                version: 8,
-                ttl: TTL,
-            },
-        );
+        reply(&mut l, ms(10_160), &r, Reply::Observed { version: 8, ttl: TTL });
         l.handle_timeout(ms(20_260));
         let r = l.poll_transmit().unwrap();
-        assert_eq!(
-            r.op,
-            Op::Takeover {
-                version: 8,
-                ttl: TTL
-            }
-        );
+        assert_eq!(r.op, Op::Takeover { version: 8, ttl: TTL });
         reply(&mut l, ms(20_270), &r, granted(3));
         assert_eq!(
             l.poll_event(),
-            Some(Event::Acquired {
-                fence: Fence(3),
-                valid_until: ms(20_260 + 9_900)
-            })
+            Some(Event::Acquired { fence: Fence(3), valid_until: ms(20_260 + 9_900) })
         );
     }
 
@@ -1073,13 +899,7 @@ mod tests {
         l.handle_timeout(RENEW);
         let r = l.poll_transmit().unwrap();
         reply(&mut l, ms(3_340), &r, Reply::NotHolder);
-        assert_eq!(
-            l.poll_event(),
-            Some(Event::Lost {
-                fence: Fence(1),
-                reason: LostReason::Revoked
-            })
-        );
+        assert_eq!(l.poll_event(), Some(Event::Lost { fence: Fence(1), reason: LostReason::Revoked }));
         assert_eq!(l.remaining(ms(3_340)), None);
     }
 
@@ -1136,9 +956,7 @@ mod tests {
         reply(&mut l, ms(1), &r, Reply::Rejected(Reject::InvalidTtl));
         assert_eq!(
             l.poll_event(),
-            Some(Event::NotAcquired {
-                reason: NotAcquired::Rejected(Reject::InvalidTtl)
-            })
+            Some(Event::NotAcquired { reason: NotAcquired::Rejected(Reject::InvalidTtl) })
         );
         assert_eq!(l.poll_timeout(), None);
     }

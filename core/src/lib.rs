@@ -16,6 +16,4 @@ pub use config::Fault;
 pub use config::{Config, ConfigError, Drift, MAX_DRIFT, MAX_TTL};
 pub use lease::{AcquireError, Event, Health, Lease, LostReason, NotAcquired, ReleaseError, State};
 pub use time::{Duration, Instant};
-pub use wire::{
-    parse_key, Fence, Key, KeyError, Op, OwnerId, Reject, Reply, Request, RequestId, Response,
-};
+pub use wire::{parse_key, Fence, Key, KeyError, Op, OwnerId, Reject, Reply, Request, RequestId, Response};

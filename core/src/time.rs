@@ -110,11 +110,7 @@ impl Duration {
             return Duration::MAX;
         }
         let v = (self.0 as u128) * (num as u128) / (den as u128);
-        Duration(if v > u64::MAX as u128 {
-            u64::MAX
-        } else {
-            v as u64
-        })
+        Duration(if v > u64::MAX as u128 { u64::MAX } else { v as u64 })
     }
     /// `self * num / den`, rounded up, computed without intermediate overflow.
     /// `den == 0` yields [`Duration::MAX`].
@@ -124,11 +120,7 @@ impl Duration {
         }
         let p = (self.0 as u128) * (num as u128);
         let v = p.div_ceil(den as u128);
-        Duration(if v > u64::MAX as u128 {
-            u64::MAX
-        } else {
-            v as u64
-        })
+        Duration(if v > u64::MAX as u128 { u64::MAX } else { v as u64 })
     }
 }
 
@@ -206,10 +198,7 @@ mod tests {
     fn arithmetic_saturates() {
         assert_eq!(Instant::MAX + Duration::from_secs(1), Instant::MAX);
         assert_eq!(Instant::ZERO - Duration::from_secs(1), Instant::ZERO);
-        assert_eq!(
-            Instant::from_secs(1) - Instant::from_secs(2),
-            Duration::ZERO
-        );
+        assert_eq!(Instant::from_secs(1) - Instant::from_secs(2), Duration::ZERO);
         assert_eq!(Duration::MAX.saturating_mul(3), Duration::MAX);
     }
 

@@ -224,10 +224,7 @@ impl fmt::Display for KeyError {
         match self {
             KeyError::Empty => f.write_str("key is empty"),
             KeyError::TooLong => write!(f, "key is longer than {MAX_KEY_LEN} bytes"),
-            KeyError::BadByte(i) => write!(
-                f,
-                "key has a character outside [A-Za-z0-9._:/-] at byte {i}"
-            ),
+            KeyError::BadByte(i) => write!(f, "key has a character outside [A-Za-z0-9._:/-] at byte {i}"),
         }
     }
 }
@@ -243,9 +240,8 @@ pub fn parse_key(s: &str) -> Result<Key, KeyError> {
     if s.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong);
     }
-    if let Some(i) = s
-        .bytes()
-        .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-')))
+    if let Some(i) =
+        s.bytes().position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-')))
     {
         return Err(KeyError::BadByte(i));
     }

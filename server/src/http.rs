@@ -24,13 +24,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -
         Ok(r) => r,
         Err(e) => {
             shared.metrics.error(e.code);
-            json(
-                e.status,
-                &ErrorBody {
-                    error: e.code,
-                    message: &e.message,
-                },
-            )
+            json(e.status, &ErrorBody { error: e.code, message: &e.message })
         }
     };
     if is_post {
@@ -46,11 +40,7 @@ struct ApiError {
 }
 
 fn err(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        code,
-        message: message.into(),
-    }
+    ApiError { status, code, message: message.into() }
 }
 
 #[derive(Serialize)]
@@ -83,15 +73,12 @@ fn view(shared: &Shared, key: String, rec: &Record) -> LeaseView {
     let now = shared.clock.now();
     LeaseView {
         key,
-        holder: rec
-            .holder
-            .filter(|h| h.expires_at > now)
-            .map(|h| HolderView {
-                owner: h.owner.0,
-                fence: h.fence.0,
-                ttl: h.ttl.as_micros(),
-                remaining: (h.expires_at - now).as_micros(),
-            }),
+        holder: rec.holder.filter(|h| h.expires_at > now).map(|h| HolderView {
+            owner: h.owner.0,
+            fence: h.fence.0,
+            ttl: h.ttl.as_micros(),
+            remaining: (h.expires_at - now).as_micros(),
+        }),
         last_fence: rec.last_fence.0,
     }
 }
@@ -100,10 +87,7 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     r
 }
 
@@ -111,23 +95,14 @@ fn authorized(shared: &Shared, req: &hyper::Request<Incoming>) -> bool {
     let Some(token) = shared.token.as_deref() else {
         return true;
     };
-    let Some(given) = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(given) = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
     let Some(given) = given.strip_prefix("Bearer ") else {
         return false;
     };
     // Constant time in the token's content, so a timing probe learns nothing but its length.
-    given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -136,11 +111,7 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
         return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
     }
     if !authorized(shared, &req) {
-        return Err(err(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        ));
+        return Err(err(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"));
     }
     let method_not_allowed = || {
         err(
@@ -152,10 +123,8 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
     match path.as_str() {
         "/metrics" if req.method() == Method::GET => {
             let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
+            r.headers_mut()
+                .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
             return Ok(r);
         }
         "/metrics" => return Err(method_not_allowed()),
@@ -168,44 +137,24 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
         _ => {}
     }
     let Some(raw_key) = path.strip_prefix("/v1/leases/") else {
-        return Err(err(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no such endpoint: {path}"),
-        ));
+        return Err(err(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}")));
     };
-    let key = parse_key(raw_key)
-        .map_err(|e| err(StatusCode::BAD_REQUEST, "invalid_key", e.to_string()))?;
+    let key = parse_key(raw_key).map_err(|e| err(StatusCode::BAD_REQUEST, "invalid_key", e.to_string()))?;
     match *req.method() {
-        Method::GET => match shared
-            .store
-            .get(key.clone())
-            .await
-            .map_err(|e| unavailable(&e))?
-        {
+        Method::GET => match shared.store.get(key.clone()).await.map_err(|e| unavailable(&e))? {
             Some(rec) => Ok(json(StatusCode::OK, &view(shared, key.to_string(), &rec))),
-            None => Err(err(
-                StatusCode::NOT_FOUND,
-                "unknown_key",
-                format!("key {key:?} has never been leased"),
-            )),
+            None => {
+                Err(err(StatusCode::NOT_FOUND, "unknown_key", format!("key {key:?} has never been leased")))
+            }
         },
         Method::POST => {
             let request = read_request(req).await?;
-            let d = shared
-                .store
-                .apply(key, request)
-                .await
-                .map_err(|e| unavailable(&e))?;
+            let d = shared.store.apply(key, request).await.map_err(|e| unavailable(&e))?;
             shared.metrics.outcome(d.outcome, d.expired);
             if let Reply::Rejected(r) = d.reply {
                 return Err(rejected(r));
             }
-            let response = leasehold_core::Response {
-                id: request.id,
-                owner: request.owner,
-                reply: d.reply,
-            };
+            let response = leasehold_core::Response { id: request.id, owner: request.owner, reply: d.reply };
             Ok(json(StatusCode::OK, &response))
         }
         _ => Err(method_not_allowed()),
@@ -214,43 +163,22 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
 
 async fn read_request(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
     let too_large = || {
-        err(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body exceeds {MAX_BODY} bytes"),
-        )
+        err(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {MAX_BODY} bytes"))
     };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                too_large()
-            } else {
-                err(
-                    StatusCode::BAD_REQUEST,
-                    "malformed_json",
-                    format!("could not read body: {e}"),
-                )
-            }
-        })?;
-    serde_json::from_slice::<Request>(&body.to_bytes()).map_err(|e| {
-        err(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("not a lease request: {e}"),
-        )
-    })
+    let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            too_large()
+        } else {
+            err(StatusCode::BAD_REQUEST, "malformed_json", format!("could not read body: {e}"))
+        }
+    })?;
+    serde_json::from_slice::<Request>(&body.to_bytes())
+        .map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("not a lease request: {e}")))
 }
 
 fn rejected(r: Reject) -> ApiError {
@@ -259,21 +187,13 @@ fn rejected(r: Reject) -> ApiError {
         Reject::InvalidKey => (StatusCode::BAD_REQUEST, "invalid_key"),
         Reject::FenceExhausted => (StatusCode::CONFLICT, "fence_exhausted"),
         Reject::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-        Reject::Malformed | Reject::UnsupportedVersion => {
-            (StatusCode::BAD_REQUEST, "malformed_json")
-        }
-        Reject::Capacity | Reject::Misconfigured => {
-            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        }
+        Reject::Malformed | Reject::UnsupportedVersion => (StatusCode::BAD_REQUEST, "malformed_json"),
+        Reject::Capacity | Reject::Misconfigured => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
     err(status, code, r.to_string())
 }
 
 fn unavailable(e: &crate::store::StoreError) -> ApiError {
     tracing::error!("{e}");
-    err(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        e.to_string(),
-    )
+    err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
 }

@@ -30,12 +30,7 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// A config for `data_dir` on `listen`, no token, default limits.
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
-        ServerConfig {
-            data_dir: data_dir.into(),
-            listen,
-            token: None,
-            limits: Limits::default(),
-        }
+        ServerConfig { data_dir: data_dir.into(), listen, token: None, limits: Limits::default() }
     }
 }
 
@@ -87,39 +82,21 @@ impl Server {
         let (store, writer) = store::Store::open(&config.data_dir, clock, config.limits)?;
         let listener = async_net::TcpListener::bind(config.listen)
             .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let shared = Arc::new(Shared {
-            store,
-            clock,
-            token: config.token,
-            metrics: Default::default(),
-        });
-        Ok(Server {
-            listener,
-            shared,
-            writer: Box::pin(writer),
-        })
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let shared = Arc::new(Shared { store, clock, token: config.token, metrics: Default::default() });
+        Ok(Server { listener, shared, writer: Box::pin(writer) })
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Serves until this future is dropped; dropping it closes every connection and the store.
     /// Works on any executor: connections run on a local executor driven by this future, and
     /// store I/O on a blocking thread pool.
     pub async fn run(self) {
-        let Server {
-            listener,
-            shared,
-            writer,
-        } = self;
+        let Server { listener, shared, writer } = self;
         let ex = smol::LocalExecutor::new();
         ex.spawn(writer).detach();
         ex.run(async {
@@ -165,11 +142,7 @@ impl Server {
                 let _ = stopped.recv().await;
             }))
         });
-        Ok(RunningServer {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(RunningServer { addr, stop, thread: Some(thread) })
     }
 }
 

@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use leasehold_core::authority::Outcome;
 
 /// Upper bounds (seconds) of the request latency histogram.
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
-];
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0];
 
 /// Error codes counted separately.
 pub(crate) const ERROR_CODES: [&str; 10] = [
@@ -73,65 +71,27 @@ impl Metrics {
     pub(crate) fn render(&self) -> String {
         let mut s = String::new();
         let mut counter = |name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(
-                s,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
         };
-        counter(
-            "leasehold_grants_total",
-            "New grants (new fence).",
-            &self.grants,
-        );
-        counter(
-            "leasehold_renewals_total",
-            "Grants extended.",
-            &self.renewals,
-        );
-        counter(
-            "leasehold_releases_total",
-            "Grants given back.",
-            &self.releases,
-        );
-        counter(
-            "leasehold_expiries_total",
-            "Grants found expired.",
-            &self.expiries,
-        );
-        counter(
-            "leasehold_refusals_total",
-            "Busy or not-holder answers.",
-            &self.refusals,
-        );
-        let _ = writeln!(
-            s,
-            "# HELP leasehold_errors_total Requests rejected, by error code."
-        );
+        counter("leasehold_grants_total", "New grants (new fence).", &self.grants);
+        counter("leasehold_renewals_total", "Grants extended.", &self.renewals);
+        counter("leasehold_releases_total", "Grants given back.", &self.releases);
+        counter("leasehold_expiries_total", "Grants found expired.", &self.expiries);
+        counter("leasehold_refusals_total", "Busy or not-holder answers.", &self.refusals);
+        let _ = writeln!(s, "# HELP leasehold_errors_total Requests rejected, by error code.");
         let _ = writeln!(s, "# TYPE leasehold_errors_total counter");
         for (code, v) in ERROR_CODES.iter().zip(&self.errors) {
-            let _ = writeln!(
-                s,
-                "leasehold_errors_total{{code=\"{code}\"}} {}",
-                v.load(Relaxed)
-            );
+            let _ = writeln!(s, "leasehold_errors_total{{code=\"{code}\"}} {}", v.load(Relaxed));
         }
         let name = "leasehold_request_duration_seconds";
-        let _ = writeln!(
-            s,
-            "# HELP {name} Time to answer lease requests, including the commit."
-        );
+        let _ = writeln!(s, "# HELP {name} Time to answer lease requests, including the commit.");
         let _ = writeln!(s, "# TYPE {name} histogram");
         for (b, v) in BUCKETS.iter().zip(&self.latency_buckets) {
             let _ = writeln!(s, "{name}_bucket{{le=\"{b}\"}} {}", v.load(Relaxed));
         }
         let count = self.latency_count.load(Relaxed);
         let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            s,
-            "{name}_sum {}",
-            self.latency_sum_us.load(Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(s, "{name}_sum {}", self.latency_sum_us.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(s, "{name}_count {count}");
         s
     }

@@ -92,10 +92,7 @@ impl Store {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(
-                            "commit failed, {} requests answered unavailable: {e}",
-                            batch.len()
-                        );
+                        tracing::error!("commit failed, {} requests answered unavailable: {e}", batch.len());
                         let e = Arc::new(e);
                         for job in &batch {
                             let _ = job.done.try_send(Err(e.clone()));
@@ -108,20 +105,10 @@ impl Store {
     }
 
     /// Applies `request` to `key` durably; returns the decision once it is on disk.
-    pub(crate) async fn apply(
-        &self,
-        key: Key,
-        request: Request,
-    ) -> Result<Decision, Arc<StoreError>> {
+    pub(crate) async fn apply(&self, key: Key, request: Request) -> Result<Decision, Arc<StoreError>> {
         let (done, result) = async_channel::bounded(1);
-        self.jobs
-            .send(Job { key, request, done })
-            .await
-            .map_err(|_| Arc::new(StoreError::Stopped))?;
-        result
-            .recv()
-            .await
-            .map_err(|_| Arc::new(StoreError::Stopped))?
+        self.jobs.send(Job { key, request, done }).await.map_err(|_| Arc::new(StoreError::Stopped))?;
+        result.recv().await.map_err(|_| Arc::new(StoreError::Stopped))?
     }
 
     /// The record of `key`, if it was ever written.
@@ -164,10 +151,7 @@ impl Store {
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<Record, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
-        key: key.to_string(),
-        source,
-    })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_string(), source })
 }
 
 fn encode(record: &Record) -> Vec<u8> {
@@ -189,9 +173,7 @@ fn recover(db: &Database, now: Instant) -> Result<(), StoreError> {
             }
         }
         for (k, rec) in updates {
-            table
-                .insert(k.as_str(), encode(&rec).as_slice())
-                .map_err(StoreError::db)?;
+            table.insert(k.as_str(), encode(&rec).as_slice()).map_err(StoreError::db)?;
         }
     }
     txn.commit().map_err(StoreError::db)?;
@@ -217,9 +199,7 @@ fn apply_batch(
             };
             let d = authority::decide(&before, clock.now(), &job.request, limits);
             if d.changed(&before) {
-                table
-                    .insert(key, encode(&d.record).as_slice())
-                    .map_err(StoreError::db)?;
+                table.insert(key, encode(&d.record).as_slice()).map_err(StoreError::db)?;
                 dirty = true;
             }
             decisions.push(d);

@@ -28,21 +28,14 @@ fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> Reply {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status =
+        text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Reply { status, body }
 }
 
 fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Reply {
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -51,13 +44,7 @@ fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body
 }
 
 fn post(addr: SocketAddr, key: &str, body: Value) -> Reply {
-    request(
-        addr,
-        "POST",
-        &format!("/v1/leases/{key}"),
-        None,
-        body.to_string().as_bytes(),
-    )
+    request(addr, "POST", &format!("/v1/leases/{key}"), None, body.to_string().as_bytes())
 }
 
 fn get(addr: SocketAddr, path: &str) -> Reply {
@@ -82,41 +69,25 @@ fn acquire_busy_renew_release() {
 
     let r = post(a, "pump", acquire(7, TTL));
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        r.json(),
-        json!({"id": 1, "owner": 7, "reply": {"granted": {"fence": 1, "ttl": TTL}}})
-    );
+    assert_eq!(r.json(), json!({"id": 1, "owner": 7, "reply": {"granted": {"fence": 1, "ttl": TTL}}}));
 
     let r = post(a, "pump", acquire(8, TTL)).json();
     let retry = r["reply"]["busy"]["retry_after"].as_u64().expect("busy");
     assert!(retry > 0 && retry <= TTL);
 
     let renew = json!({"id": 2, "owner": 7, "op": {"renew": {"fence": 1, "ttl": TTL}}});
-    assert_eq!(
-        post(a, "pump", renew).json()["reply"],
-        json!({"granted": {"fence": 1, "ttl": TTL}})
-    );
+    assert_eq!(post(a, "pump", renew).json()["reply"], json!({"granted": {"fence": 1, "ttl": TTL}}));
 
     // Someone else's release, and a stale fence, change nothing.
     let theirs = json!({"id": 3, "owner": 8, "op": {"release": {"fence": 1}}});
     assert_eq!(post(a, "pump", theirs).json()["reply"], json!("not_holder"));
     let stale = json!({"id": 3, "owner": 7, "op": {"release": {"fence": 9}}});
     assert_eq!(post(a, "pump", stale).json()["reply"], json!("not_holder"));
-    assert_eq!(
-        get(a, "/v1/leases/pump").json()["holder"]["owner"],
-        json!(7)
-    );
+    assert_eq!(get(a, "/v1/leases/pump").json()["holder"]["owner"], json!(7));
 
     let release = json!({"id": 4, "owner": 7, "op": {"release": {"fence": 1}}});
-    assert_eq!(
-        post(a, "pump", release.clone()).json()["reply"],
-        json!("released")
-    );
-    assert_eq!(
-        post(a, "pump", release).json()["reply"],
-        json!("not_holder"),
-        "repeat release is harmless"
-    );
+    assert_eq!(post(a, "pump", release.clone()).json()["reply"], json!("released"));
+    assert_eq!(post(a, "pump", release).json()["reply"], json!("not_holder"), "repeat release is harmless");
 
     let v = get(a, "/v1/leases/pump").json();
     assert_eq!(v["holder"], Value::Null);
@@ -161,12 +132,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     for (what, reply, status, code) in cases {
         assert_eq!(reply.status, status, "{what}: {}", reply.body);
         assert_eq!(reply.error_code(), code, "{what}: {}", reply.body);
-        assert!(
-            reply.json()["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{what}: no message"
-        );
+        assert!(reply.json()["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: no message");
     }
     // Garbage that is not even HTTP.
     let mut s2 = TcpStream::connect(a).unwrap();
@@ -177,9 +143,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     assert_eq!(before["holder"]["fence"], after["holder"]["fence"]);
     assert_eq!(before["last_fence"], after["last_fence"]);
     assert_eq!(get(a, "/healthz").status, 200, "server still serving");
-    assert!(get(a, "/metrics")
-        .body
-        .contains("leasehold_errors_total{code=\"invalid_ttl\"} 3"));
+    assert!(get(a, "/metrics").body.contains("leasehold_errors_total{code=\"invalid_ttl\"} 3"));
 }
 
 #[test]
@@ -191,17 +155,11 @@ fn bearer_token_is_required_when_set() {
     let a = s.addr();
     let body = acquire(1, TTL).to_string();
     let none = request(a, "POST", "/v1/leases/k", None, body.as_bytes());
-    assert_eq!(
-        (none.status, none.error_code().as_str()),
-        (401, "unauthorized")
-    );
+    assert_eq!((none.status, none.error_code().as_str()), (401, "unauthorized"));
     let wrong = request(a, "POST", "/v1/leases/k", Some("s3cres"), body.as_bytes());
     assert_eq!(wrong.status, 401);
     assert_eq!(request(a, "GET", "/metrics", None, b"").status, 401);
-    assert_eq!(
-        request(a, "POST", "/v1/leases/k", Some("s3cret"), body.as_bytes()).status,
-        200
-    );
+    assert_eq!(request(a, "POST", "/v1/leases/k", Some("s3cret"), body.as_bytes()).status, 200);
     assert_eq!(request(a, "GET", "/healthz", None, b"").status, 200);
 }
 
@@ -215,28 +173,16 @@ fn grants_survive_a_restart_and_fences_keep_increasing() {
                 let r = post(s.addr(), key, acquire(owner, TTL)).json();
                 let fence = r["reply"]["granted"]["fence"].as_u64().expect("granted");
                 let release = json!({"id": 2, "owner": owner, "op": {"release": {"fence": fence}}});
-                assert_eq!(
-                    post(s.addr(), key, release).json()["reply"],
-                    json!("released")
-                );
+                assert_eq!(post(s.addr(), key, release).json()["reply"], json!("released"));
             }
         }
-        assert_eq!(
-            post(s.addr(), "a", acquire(9, TTL)).json()["reply"]["granted"]["fence"],
-            json!(4)
-        );
+        assert_eq!(post(s.addr(), "a", acquire(9, TTL)).json()["reply"]["granted"]["fence"], json!(4));
     }
     let s = server(dir.path());
     // The grant acknowledged before the restart still holds.
     assert!(post(s.addr(), "a", acquire(10, TTL)).json()["reply"]["busy"].is_object());
-    assert_eq!(
-        get(s.addr(), "/v1/leases/a").json()["holder"]["fence"],
-        json!(4)
-    );
-    assert_eq!(
-        post(s.addr(), "b", acquire(10, TTL)).json()["reply"]["granted"]["fence"],
-        json!(4)
-    );
+    assert_eq!(get(s.addr(), "/v1/leases/a").json()["holder"]["fence"], json!(4));
+    assert_eq!(post(s.addr(), "b", acquire(10, TTL)).json()["reply"]["granted"]["fence"], json!(4));
 }
 
 #[test]
@@ -264,25 +210,14 @@ fn concurrent_clients_get_strictly_increasing_fences() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut shared: Vec<u64> = granted
-        .iter()
-        .flatten()
-        .filter(|(k, _)| k == "shared")
-        .map(|(_, f)| *f)
-        .collect();
+    let mut shared: Vec<u64> =
+        granted.iter().flatten().filter(|(k, _)| k == "shared").map(|(_, f)| *f).collect();
     let n = shared.len();
     shared.sort_unstable();
     shared.dedup();
     assert_eq!(shared.len(), n, "a fence was granted twice");
     assert!(n >= 1);
-    let own: usize = granted
-        .iter()
-        .flatten()
-        .filter(|(k, _)| k != "shared")
-        .count();
+    let own: usize = granted.iter().flatten().filter(|(k, _)| k != "shared").count();
     assert_eq!(own, 16 * 5, "every private key acquire succeeds");
-    assert_eq!(
-        get(a, "/v1/leases/shared").json()["last_fence"].as_u64(),
-        shared.last().copied()
-    );
+    assert_eq!(get(a, "/v1/leases/shared").json()["last_fence"].as_u64(), shared.last().copied());
 }

@@ -14,8 +14,7 @@ use std::fmt;
 
 use leasehold_core::authority::{self, Limits, Outcome, Record};
 use leasehold_core::{
-    Config, Drift, Duration, Event, Fault, Fence, Instant, Lease, Op, OwnerId, Reply, Request,
-    Response,
+    Config, Drift, Duration, Event, Fault, Fence, Instant, Lease, Op, OwnerId, Reply, Request, Response,
 };
 
 /// How the authority times leases.
@@ -69,11 +68,7 @@ impl Params {
         Params {
             seed,
             clients: rng.usize(3..=5),
-            discipline: if rng.bool() {
-                Discipline::ServerTimed
-            } else {
-                Discipline::CompareAndSet
-            },
+            discipline: if rng.bool() { Discipline::ServerTimed } else { Discipline::CompareAndSet },
             config,
             min_delay: rng.u64(0..=max_delay / 4),
             max_delay,
@@ -99,10 +94,7 @@ impl Clock {
         // Any two rates in [1−δ, 1+δ] differ by at most (1+δ)/(1−δ) = 1+ε when δ = ε/(2+ε).
         let eps = i128::from(drift.as_ppm());
         let delta = (eps * PPM / (2 * PPM + eps)) as i64;
-        Clock {
-            offset: rng.u64(0..1 << 40),
-            dev_ppm: rng.i64(-delta..=delta),
-        }
+        Clock { offset: rng.u64(0..1 << 40), dev_ppm: rng.i64(-delta..=delta) }
     }
 
     fn local(&self, t: u64) -> Instant {
@@ -192,19 +184,10 @@ pub struct Violation {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "SAFETY VIOLATION with seed {} at t={}us: {}",
-            self.params.seed, self.at, self.message
-        )?;
+        writeln!(f, "SAFETY VIOLATION with seed {} at t={}us: {}", self.params.seed, self.at, self.message)?;
         writeln!(f, "params: {:?}", self.params)?;
         let skip = self.trace.len().saturating_sub(400);
-        writeln!(
-            f,
-            "trace (last {} of {} entries):",
-            self.trace.len() - skip,
-            self.trace.len()
-        )?;
+        writeln!(f, "trace (last {} of {} entries):", self.trace.len() - skip, self.trace.len())?;
         for e in &self.trace[skip..] {
             writeln!(f, "  {e}")?;
         }
@@ -270,16 +253,11 @@ impl CasRecord {
     /// The conditional writes the DynamoDB backend issues, as the store evaluates them.
     fn apply(&mut self, req: &Request) -> (Reply, bool) {
         let mine = self.owner == Some(req.owner);
-        let observed = Reply::Observed {
-            version: self.version,
-            ttl: self.ttl,
-        };
+        let observed = Reply::Observed { version: self.version, ttl: self.ttl };
         match req.op {
             Op::Acquire { ttl } | Op::Takeover { ttl, .. } => {
                 let allowed = match req.op {
-                    Op::Takeover { version, .. } => {
-                        self.owner.is_none() || mine || version == self.version
-                    }
+                    Op::Takeover { version, .. } => self.owner.is_none() || mine || version == self.version,
                     _ => self.owner.is_none() || mine,
                 };
                 if !allowed {
@@ -289,13 +267,7 @@ impl CasRecord {
                 self.version += 1;
                 self.owner = Some(req.owner);
                 self.ttl = ttl;
-                (
-                    Reply::Granted {
-                        fence: self.fence,
-                        ttl,
-                    },
-                    true,
-                )
+                (Reply::Granted { fence: self.fence, ttl }, true)
             }
             Op::Renew { fence, ttl } if mine && fence == self.fence => {
                 self.version += 1;
@@ -370,11 +342,7 @@ impl World {
             },
             down_until: None,
         };
-        let next_fault = if params.faults {
-            rng.u64(0..params.run_for / 4)
-        } else {
-            u64::MAX
-        };
+        let next_fault = if params.faults { rng.u64(0..params.run_for / 4) } else { u64::MAX };
         World {
             params,
             rng,
@@ -511,12 +479,7 @@ impl World {
     }
 
     fn violation(&self, message: String) -> Box<Violation> {
-        Box::new(Violation {
-            params: self.params,
-            at: self.now,
-            message,
-            trace: self.trace.clone(),
-        })
+        Box::new(Violation { params: self.params, at: self.now, message, trace: self.trace.clone() })
     }
 
     fn app(&mut self, i: usize) -> Result<(), Box<Violation>> {
@@ -557,11 +520,7 @@ impl World {
     }
 
     fn drain(&mut self, i: usize) -> Result<(), Box<Violation>> {
-        while let Some(request) = self.clients[i]
-            .lease
-            .as_mut()
-            .and_then(Lease::poll_transmit)
-        {
+        while let Some(request) = self.clients[i].lease.as_mut().and_then(Lease::poll_transmit) {
             self.log(What::Send(i, request));
             self.send(i, Msg::ToAuthority { client: i, request });
         }
@@ -606,11 +565,7 @@ impl World {
             self.stats.dropped += 1;
             return self.log(What::Dropped("loss"));
         }
-        let copies = if self.rng.f64() < self.params.duplication {
-            2
-        } else {
-            1
-        };
+        let copies = if self.rng.f64() < self.params.duplication { 2 } else { 1 };
         for _ in 0..copies {
             let at = self.now + self.rng.u64(self.params.min_delay..=self.params.max_delay);
             self.network.insert((at, self.next_msg), msg);
@@ -650,11 +605,7 @@ impl World {
                 }
                 // The reply goes to whichever incarnation is live when it arrives (as on a
                 // serial link): a restarted client must ignore replies meant for its old self.
-                let response = Response {
-                    id: request.id,
-                    owner: request.owner,
-                    reply,
-                };
+                let response = Response { id: request.id, owner: request.owner, reply };
                 self.send(client, Msg::ToClient { client, response });
             }
             Msg::ToClient { client, response } => {

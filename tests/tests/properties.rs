@@ -1,8 +1,8 @@
 //! Property tests: arbitrary inputs into one `Lease`.
 
 use leasehold_core::{
-    Config, Duration, Fence, Health, Instant, Lease, Op, OwnerId, Reject, Reply, Request,
-    RequestId, Response, State,
+    Config, Duration, Fence, Health, Instant, Lease, Op, OwnerId, Reject, Reply, Request, RequestId,
+    Response, State,
 };
 use proptest::prelude::*;
 
@@ -33,9 +33,7 @@ fn reply() -> impl Strategy<Value = Reply> {
     let fence = (0u64..6).prop_map(Fence);
     prop_oneof![
         (fence, duration.clone()).prop_map(|(fence, ttl)| Reply::Granted { fence, ttl }),
-        duration
-            .clone()
-            .prop_map(|retry_after| Reply::Busy { retry_after }),
+        duration.clone().prop_map(|retry_after| Reply::Busy { retry_after }),
         (any::<u64>(), duration).prop_map(|(version, ttl)| Reply::Observed { version, ttl }),
         Just(Reply::NotHolder),
         Just(Reply::Released),

@@ -13,10 +13,7 @@ use leasehold_tests::sim::{run_seed, Params, Stats, Violation, World};
 const CI_SEEDS: u64 = 100_000;
 
 fn seeds() -> u64 {
-    std::env::var("LEASEHOLD_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(CI_SEEDS)
+    std::env::var("LEASEHOLD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(CI_SEEDS)
 }
 
 /// Runs `seeds` seeds on all cores; returns the first violation (lowest seed) and totals.
@@ -31,8 +28,7 @@ fn run_many(seeds: std::ops::Range<u64>, fault: Fault) -> (Option<Box<Violation>
                     let mut first: Option<Box<Violation>> = None;
                     loop {
                         let seed = next.fetch_add(1, Ordering::Relaxed);
-                        if seed >= seeds.end || first.as_ref().is_some_and(|v| v.params.seed < seed)
-                        {
+                        if seed >= seeds.end || first.as_ref().is_some_and(|v| v.params.seed < seed) {
                             break;
                         }
                         match run_seed(seed, fault) {
@@ -50,10 +46,7 @@ fn run_many(seeds: std::ops::Range<u64>, fault: Fault) -> (Option<Box<Violation>
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("simulation thread panicked"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("simulation thread panicked")).collect()
     });
     let mut total = Stats::default();
     let mut first: Option<Box<Violation>> = None;
@@ -95,10 +88,7 @@ fn safety_holds_across_seeds() {
     // The runs must have exercised what they claim to check.
     assert!(total.acquired > n, "too few acquisitions: {total:?}");
     assert!(total.renewed > n, "too few renewals: {total:?}");
-    assert!(
-        total.lost > 0 && total.released > 0 && total.dropped > 0,
-        "{total:?}"
-    );
+    assert!(total.lost > 0 && total.released > 0 && total.dropped > 0, "{total:?}");
 }
 
 #[test]
@@ -142,10 +132,7 @@ fn trace_of(seed: u64) -> Vec<String> {
 /// `LEASEHOLD_SIM_SEED=S cargo test -p leasehold-tests --test simulation replay -- --nocapture`
 #[test]
 fn replay() {
-    let Some(seed) = std::env::var("LEASEHOLD_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    else {
+    let Some(seed) = std::env::var("LEASEHOLD_SIM_SEED").ok().and_then(|s| s.parse().ok()) else {
         return;
     };
     let fault = match std::env::var("LEASEHOLD_SIM_FAULT").as_deref() {

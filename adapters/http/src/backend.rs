@@ -20,11 +20,8 @@ use smol_hyper::rt::FuturesIo;
 pub trait Backend: Send + Sync + 'static {
     /// Sends `request` for `key`. An `Err` means the request may or may not have reached the
     /// authority; the core treats it as a failed attempt and retries with backoff.
-    fn call(
-        &self,
-        key: &Key,
-        request: Request,
-    ) -> impl Future<Output = Result<Reply, TransportError>> + Send;
+    fn call(&self, key: &Key, request: Request)
+        -> impl Future<Output = Result<Reply, TransportError>> + Send;
 }
 
 /// Why a request got no usable reply.
@@ -62,9 +59,9 @@ pub(crate) struct HttpTarget {
 
 impl HttpTarget {
     pub(crate) fn parse(url: &str) -> Result<HttpTarget, TransportError> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            TransportError::Config(format!("{url:?}: only http:// URLs are supported"))
-        })?;
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| TransportError::Config(format!("{url:?}: only http:// URLs are supported")))?;
         let (authority, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
@@ -72,15 +69,9 @@ impl HttpTarget {
         if authority.is_empty() {
             return Err(TransportError::Config(format!("{url:?}: no host")));
         }
-        let authority = if authority.contains(':') {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
-        Ok(HttpTarget {
-            authority,
-            prefix: prefix.to_string(),
-        })
+        let authority =
+            if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
+        Ok(HttpTarget { authority, prefix: prefix.to_string() })
     }
 }
 
@@ -112,18 +103,11 @@ pub struct HttpResponse {
 impl HttpClient {
     /// A client for `base_url` (`http://host:port[/prefix]`) with a per-request `timeout`.
     pub fn new(base_url: &str, timeout: Duration) -> Result<HttpClient, TransportError> {
-        Ok(HttpClient {
-            target: HttpTarget::parse(base_url)?,
-            timeout,
-            idle: Mutex::new(Vec::new()),
-        })
+        Ok(HttpClient { target: HttpTarget::parse(base_url)?, timeout, idle: Mutex::new(Vec::new()) })
     }
 
     /// Sends one request and reads the whole response, reusing an idle connection if any.
-    pub async fn send(
-        &self,
-        request: hyper::Request<Full<Bytes>>,
-    ) -> Result<HttpResponse, TransportError> {
+    pub async fn send(&self, request: hyper::Request<Full<Bytes>>) -> Result<HttpResponse, TransportError> {
         let timeout = self.timeout;
         futures_lite::future::or(self.send_inner(request), async move {
             async_io::Timer::after(timeout).await;
@@ -140,10 +124,7 @@ impl HttpClient {
             .header(hyper::header::HOST, &self.target.authority)
     }
 
-    async fn send_inner(
-        &self,
-        request: hyper::Request<Full<Bytes>>,
-    ) -> Result<HttpResponse, TransportError> {
+    async fn send_inner(&self, request: hyper::Request<Full<Bytes>>) -> Result<HttpResponse, TransportError> {
         let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
         let mut c = match idle {
             Some(c) if !c.sender.is_closed() => c,
@@ -154,18 +135,10 @@ impl HttpClient {
             futures_lite::future::poll_fn(|cx| c.sender.poll_ready(cx))
                 .await
                 .map_err(|e| TransportError::Io(e.to_string()))?;
-            let resp = c
-                .sender
-                .send_request(request)
-                .await
-                .map_err(|e| TransportError::Io(e.to_string()))?;
+            let resp = c.sender.send_request(request).await.map_err(|e| TransportError::Io(e.to_string()))?;
             let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| TransportError::Io(e.to_string()))?
-                .to_bytes();
+            let body =
+                resp.into_body().collect().await.map_err(|e| TransportError::Io(e.to_string()))?.to_bytes();
             Ok(HttpResponse { status, body })
         };
         let result = {
@@ -189,36 +162,23 @@ impl HttpClient {
 
     async fn connect(&self) -> Result<Conn, TransportError> {
         let authority = self.target.authority.clone();
-        let connect_err = |e: std::io::Error| TransportError::Connect {
-            addr: authority.clone(),
-            message: e.to_string(),
-        };
-        let addrs: Vec<SocketAddr> = self
-            .target
-            .authority
-            .to_socket_addrs()
-            .map_err(connect_err)?
-            .collect();
+        let connect_err =
+            |e: std::io::Error| TransportError::Connect { addr: authority.clone(), message: e.to_string() };
+        let addrs: Vec<SocketAddr> = self.target.authority.to_socket_addrs().map_err(connect_err)?.collect();
         let mut last = None;
         for addr in addrs {
             match Async::<TcpStream>::connect(addr).await {
                 Ok(stream) => {
                     let _ = stream.get_ref().set_nodelay(true);
-                    let (sender, conn) =
-                        hyper::client::conn::http1::handshake(FuturesIo::new(stream))
-                            .await
-                            .map_err(|e| TransportError::Io(e.to_string()))?;
-                    return Ok(Conn {
-                        sender,
-                        conn: Box::pin(conn),
-                    });
+                    let (sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
+                        .await
+                        .map_err(|e| TransportError::Io(e.to_string()))?;
+                    return Ok(Conn { sender, conn: Box::pin(conn) });
                 }
                 Err(e) => last = Some(e),
             }
         }
-        Err(connect_err(
-            last.unwrap_or_else(|| std::io::Error::other("no address")),
-        ))
+        Err(connect_err(last.unwrap_or_else(|| std::io::Error::other("no address"))))
     }
 }
 
@@ -236,10 +196,7 @@ impl BuiltinBackend {
         token: Option<String>,
         timeout: Duration,
     ) -> Result<BuiltinBackend, TransportError> {
-        Ok(BuiltinBackend {
-            http: HttpClient::new(url, timeout)?,
-            token,
-        })
+        Ok(BuiltinBackend { http: HttpClient::new(url, timeout)?, token })
     }
 }
 
@@ -252,8 +209,7 @@ struct ErrorBody {
 
 impl Backend for BuiltinBackend {
     async fn call(&self, key: &Key, request: Request) -> Result<Reply, TransportError> {
-        let body =
-            serde_json::to_vec(&request).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let body = serde_json::to_vec(&request).map_err(|e| TransportError::Protocol(e.to_string()))?;
         let mut b = self
             .http
             .request(hyper::Method::POST, &format!("/v1/leases/{key}"))
@@ -261,9 +217,7 @@ impl Backend for BuiltinBackend {
         if let Some(t) = &self.token {
             b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = b
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let req = b.body(Full::new(Bytes::from(body))).map_err(|e| TransportError::Config(e.to_string()))?;
         let resp = self.http.send(req).await?;
         builtin_reply(&request, resp)
     }
@@ -275,9 +229,7 @@ fn builtin_reply(request: &Request, resp: HttpResponse) -> Result<Reply, Transpo
         let r: leasehold_core::Response = serde_json::from_slice(&resp.body)
             .map_err(|e| TransportError::Protocol(format!("bad response body: {e}")))?;
         if r.id != request.id || r.owner != request.owner {
-            return Err(TransportError::Protocol(
-                "response for another request".into(),
-            ));
+            return Err(TransportError::Protocol("response for another request".into()));
         }
         return Ok(r.reply);
     }
@@ -307,81 +259,42 @@ mod tests {
     use leasehold_core::{Op, OwnerId, RequestId};
 
     fn req() -> Request {
-        Request {
-            id: RequestId(3),
-            owner: OwnerId(7),
-            op: Op::Release {
-                fence: leasehold_core::Fence(1),
-            },
-        }
+        Request { id: RequestId(3), owner: OwnerId(7), op: Op::Release { fence: leasehold_core::Fence(1) } }
     }
     fn resp(status: u16, body: &str) -> HttpResponse {
-        HttpResponse {
-            status,
-            body: Bytes::from(body.to_string()),
-        }
+        HttpResponse { status, body: Bytes::from(body.to_string()) }
     }
 
     #[test]
     fn maps_server_answers() {
         assert_eq!(
-            builtin_reply(
-                &req(),
-                resp(200, r#"{"id":3,"owner":7,"reply":"released"}"#)
-            ),
+            builtin_reply(&req(), resp(200, r#"{"id":3,"owner":7,"reply":"released"}"#)),
             Ok(Reply::Released)
         );
         assert!(matches!(
-            builtin_reply(
-                &req(),
-                resp(200, r#"{"id":4,"owner":7,"reply":"released"}"#)
-            ),
+            builtin_reply(&req(), resp(200, r#"{"id":4,"owner":7,"reply":"released"}"#)),
             Err(TransportError::Protocol(_))
         ));
-        assert!(matches!(
-            builtin_reply(&req(), resp(200, "garbage")),
-            Err(TransportError::Protocol(_))
-        ));
+        assert!(matches!(builtin_reply(&req(), resp(200, "garbage")), Err(TransportError::Protocol(_))));
         assert_eq!(builtin_reply(&req(), resp(503, "")), Ok(Reply::Unavailable));
         assert_eq!(
-            builtin_reply(
-                &req(),
-                resp(400, r#"{"error":"invalid_ttl","message":"x"}"#)
-            ),
+            builtin_reply(&req(), resp(400, r#"{"error":"invalid_ttl","message":"x"}"#)),
             Ok(Reply::Rejected(Reject::InvalidTtl))
         );
         assert_eq!(
-            builtin_reply(
-                &req(),
-                resp(401, r#"{"error":"unauthorized","message":"x"}"#)
-            ),
+            builtin_reply(&req(), resp(401, r#"{"error":"unauthorized","message":"x"}"#)),
             Ok(Reply::Rejected(Reject::Unauthorized))
         );
-        assert!(matches!(
-            builtin_reply(&req(), resp(404, "<html>")),
-            Err(TransportError::Protocol(_))
-        ));
+        assert!(matches!(builtin_reply(&req(), resp(404, "<html>")), Err(TransportError::Protocol(_))));
     }
 
     #[test]
     fn parses_urls() {
         let t = HttpTarget::parse("http://127.0.0.1:7878/").unwrap();
-        assert_eq!(
-            (t.authority.as_str(), t.prefix.as_str()),
-            ("127.0.0.1:7878", "")
-        );
+        assert_eq!((t.authority.as_str(), t.prefix.as_str()), ("127.0.0.1:7878", ""));
         let t = HttpTarget::parse("http://example.com/base/").unwrap();
-        assert_eq!(
-            (t.authority.as_str(), t.prefix.as_str()),
-            ("example.com:80", "/base")
-        );
-        assert!(matches!(
-            HttpTarget::parse("https://x"),
-            Err(TransportError::Config(_))
-        ));
-        assert!(matches!(
-            HttpTarget::parse("http:///x"),
-            Err(TransportError::Config(_))
-        ));
+        assert_eq!((t.authority.as_str(), t.prefix.as_str()), ("example.com:80", "/base"));
+        assert!(matches!(HttpTarget::parse("https://x"), Err(TransportError::Config(_))));
+        assert!(matches!(HttpTarget::parse("http:///x"), Err(TransportError::Config(_))));
     }
 }

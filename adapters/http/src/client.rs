@@ -11,8 +11,8 @@ use async_lock::{Mutex as AsyncMutex, MutexGuardArc};
 use event_listener::Event as Signal;
 use futures_lite::future;
 use leasehold_core::{
-    Config, ConfigError, Event, Fence, Health, Key, KeyError, LostReason, NotAcquired, OwnerId,
-    Reject, Reply, RequestId, Response, State,
+    Config, ConfigError, Event, Fence, Health, Key, KeyError, LostReason, NotAcquired, OwnerId, Reject,
+    Reply, RequestId, Response, State,
 };
 
 use crate::backend::{Backend, TransportError};
@@ -63,9 +63,7 @@ pub struct Options {
 impl Options {
     /// Defaults for a ttl (see [`Config::new`]).
     pub fn new(ttl: Duration) -> Options {
-        Options {
-            config: Config::new(ttl.into()),
-        }
+        Options { config: Config::new(ttl.into()) }
     }
 }
 
@@ -76,9 +74,7 @@ pub struct Client<B: Backend> {
 
 impl<B: Backend> Clone for Client<B> {
     fn clone(&self) -> Self {
-        Client {
-            inner: self.inner.clone(),
-        }
+        Client { inner: self.inner.clone() }
     }
 }
 
@@ -103,11 +99,7 @@ impl<B: Backend> Client<B> {
     pub fn new(backend: B, options: Options) -> Result<Client<B>, ConfigError> {
         options.config.validate()?;
         Ok(Client {
-            inner: Arc::new(Inner {
-                backend,
-                config: options.config,
-                local: Mutex::new(HashMap::new()),
-            }),
+            inner: Arc::new(Inner { backend, config: options.config, local: Mutex::new(HashMap::new()) }),
         })
     }
 
@@ -131,11 +123,7 @@ impl<B: Backend> Client<B> {
     }
 
     /// Waits at most `timeout` for the lease on `key`.
-    pub async fn acquire_timeout(
-        &self,
-        key: &str,
-        timeout: Duration,
-    ) -> Result<Lease, AcquireError> {
+    pub async fn acquire_timeout(&self, key: &str, timeout: Duration) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let deadline = now() + timeout.into();
         let local = self.local(&key);
@@ -153,17 +141,12 @@ impl<B: Backend> Client<B> {
         map.entry(key.clone()).or_default().clone()
     }
 
-    async fn start(
-        &self,
-        key: Key,
-        guard: MutexGuardArc<()>,
-        mode: Mode,
-    ) -> Result<Lease, AcquireError> {
+    async fn start(&self, key: Key, guard: MutexGuardArc<()>, mode: Mode) -> Result<Lease, AcquireError> {
         let owner = OwnerId(fastrand::u64(..));
         let mut config = self.inner.config;
         config.jitter_seed = fastrand::u64(..);
-        let machine = leasehold_core::Lease::new(owner, config)
-            .map_err(|e| AcquireError::Spawn(e.to_string()))?;
+        let machine =
+            leasehold_core::Lease::new(owner, config).map_err(|e| AcquireError::Spawn(e.to_string()))?;
         let shared = Arc::new(Shared {
             machine: Mutex::new(machine),
             ended: Mutex::new(None),
@@ -178,14 +161,7 @@ impl<B: Backend> Client<B> {
             .name(format!("leasehold:{key}"))
             .spawn(move || future::block_on(drive(inner, driver_key, driver_shared, mode)))
             .map_err(|e| AcquireError::Spawn(e.to_string()))?;
-        let lease = Lease {
-            key,
-            owner,
-            shared,
-            guard: Some(guard),
-            _thread: thread,
-            released: false,
-        };
+        let lease = Lease { key, owner, shared, guard: Some(guard), _thread: thread, released: false };
         loop {
             let listener = lease.shared.changed.listen();
             if lease.shared.lock().state() == State::Held {
@@ -227,8 +203,7 @@ impl Shared {
     }
 }
 
-type InFlight =
-    Pin<Box<dyn Future<Output = (RequestId, OwnerId, Result<Reply, TransportError>)> + Send>>;
+type InFlight = Pin<Box<dyn Future<Output = (RequestId, OwnerId, Result<Reply, TransportError>)> + Send>>;
 
 /// Moves requests, replies and time between the core machine and the backend. No lease logic
 /// lives here: the machine decides what to send, when to wake and what everything means.
@@ -253,16 +228,12 @@ async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, 
                 // The machine has at most one request outstanding: a new one supersedes the old.
                 let inner = inner.clone();
                 let key = key.clone();
-                inflight = Some(Box::pin(async move {
-                    (req.id, req.owner, inner.backend.call(&key, req).await)
-                }));
+                inflight =
+                    Some(Box::pin(async move { (req.id, req.owner, inner.backend.call(&key, req).await) }));
             }
             while let Some(e) = m.poll_event() {
                 tracing::debug!(key = %key, "lease event: {e:?}");
-                if matches!(
-                    e,
-                    Event::Lost { .. } | Event::Released { .. } | Event::NotAcquired { .. }
-                ) {
+                if matches!(e, Event::Lost { .. } | Event::Released { .. } | Event::NotAcquired { .. }) {
                     *shared.ended() = Some(e);
                 }
             }

@@ -46,14 +46,9 @@ fn mutual_exclusion_and_increasing_fences() {
         assert!(la.remaining().unwrap() > Duration::from_millis(1_500));
         assert_eq!(b.try_acquire("job").await.unwrap_err(), AcquireError::Busy);
         la.release().await;
-        let lb = within(2_000, "acquire after release", b.acquire("job"))
-            .await
-            .unwrap();
+        let lb = within(2_000, "acquire after release", b.acquire("job")).await.unwrap();
         assert!(lb.fence().unwrap() > fa);
-        assert!(matches!(
-            a.try_acquire("no spaces").await,
-            Err(AcquireError::InvalidKey(_))
-        ));
+        assert!(matches!(a.try_acquire("no spaces").await, Err(AcquireError::InvalidKey(_))));
     });
 }
 
@@ -64,18 +59,12 @@ async fn works_under_tokio() {
     let a = client(&s.url(), 1_000);
     let b = client(&s.url(), 1_000);
     let la = a.acquire("tokio").await.unwrap();
-    assert_eq!(
-        b.try_acquire("tokio").await.unwrap_err(),
-        AcquireError::Busy
-    );
+    assert_eq!(b.try_acquire("tokio").await.unwrap_err(), AcquireError::Busy);
     // Tokio's own timer, to show the lease renews while tokio drives the test.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(la.is_healthy(), "renewed past its ttl under tokio");
     drop(la);
-    let lb = b
-        .acquire_timeout("tokio", Duration::from_secs(2))
-        .await
-        .unwrap();
+    let lb = b.acquire_timeout("tokio", Duration::from_secs(2)).await.unwrap();
     assert!(lb.fence().is_some());
 }
 
@@ -94,18 +83,12 @@ fn uncontended_acquire_costs_one_request() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(dir.path());
     let calls = Arc::new(AtomicUsize::new(0));
-    let backend = Counting(
-        BuiltinBackend::new(&s.url(), None, Duration::from_secs(1)).unwrap(),
-        calls.clone(),
-    );
+    let backend =
+        Counting(BuiltinBackend::new(&s.url(), None, Duration::from_secs(1)).unwrap(), calls.clone());
     let c = Client::new(backend, Options::new(Duration::from_secs(30))).unwrap();
     smol::block_on(async {
         let l = c.acquire("solo").await.unwrap();
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            1,
-            "one HTTP request for an uncontended acquire"
-        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one HTTP request for an uncontended acquire");
         l.release().await;
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     });
@@ -126,10 +109,7 @@ fn renews_past_the_ttl_and_keeps_its_fence() {
         assert_eq!(l.fence(), f);
         assert_eq!(l.health(), Health::Held);
         let other = client(&s.url(), 300);
-        assert_eq!(
-            other.try_acquire("renewed").await.unwrap_err(),
-            AcquireError::Busy
-        );
+        assert_eq!(other.try_acquire("renewed").await.unwrap_err(), AcquireError::Busy);
     });
 }
 
@@ -145,11 +125,7 @@ fn lost_fires_by_the_local_deadline_when_the_server_vanishes() {
         let why = within(2_000, "lost()", l.lost()).await;
         assert_eq!(why, LostReason::Expired);
         // Validity is ttl·(1−ε) − margin = 600·0.99 − 6 = 588 ms from the last renewal send.
-        assert!(
-            started.elapsed() <= Duration::from_millis(600),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() <= Duration::from_millis(600), "{:?}", started.elapsed());
         assert_eq!(l.remaining(), None);
         assert_eq!(l.health(), Health::Lost);
         assert_eq!(l.fence(), None);
@@ -165,9 +141,7 @@ fn dropping_a_lease_releases_it() {
         let b = client(&s.url(), 30_000);
         drop(a.acquire("dropped").await.unwrap());
         // Far sooner than the 30 s ttl.
-        let l = within(2_000, "acquire after drop", b.acquire("dropped"))
-            .await
-            .unwrap();
+        let l = within(2_000, "acquire after drop", b.acquire("dropped")).await.unwrap();
         assert!(l.fence().is_some());
     });
 }
@@ -179,17 +153,11 @@ fn same_process_acquires_queue_locally() {
     smol::block_on(async {
         let c = client(&s.url(), 5_000);
         let first = c.acquire("local").await.unwrap();
-        assert_eq!(
-            c.try_acquire("local").await.unwrap_err(),
-            AcquireError::Busy
-        );
+        assert_eq!(c.try_acquire("local").await.unwrap_err(), AcquireError::Busy);
         let c2 = c.clone();
         let second = smol::spawn(async move { c2.acquire("local").await });
         sleep(300).await;
-        assert!(
-            !second.is_finished(),
-            "second acquire must wait for the first"
-        );
+        assert!(!second.is_finished(), "second acquire must wait for the first");
         let f1 = first.fence().unwrap();
         first.release().await;
         let l2 = within(2_000, "queued acquire", second).await.unwrap();
@@ -199,8 +167,7 @@ fn same_process_acquires_queue_locally() {
 
 #[test]
 fn bad_configuration_and_dead_servers_are_errors_not_panics() {
-    let backend =
-        BuiltinBackend::new("http://127.0.0.1:9", None, Duration::from_millis(200)).unwrap();
+    let backend = BuiltinBackend::new("http://127.0.0.1:9", None, Duration::from_millis(200)).unwrap();
     let zero = Client::new(backend, Options::new(Duration::ZERO)).err();
     assert_eq!(zero, Some(ConfigError::ZeroTtl));
     assert!(matches!(

@@ -1,0 +1,221 @@
+//! The `leasehold` binary as users run it: real processes on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
+use leasehold_http::{Backend, BuiltinBackend};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
+
+/// A child process killed (with its process group) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `leasehold serve` on a free port; returns the process and its URL.
+fn serve(data: &Path) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start leasehold serve");
+    let out = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected: {line:?}"))
+        .to_string();
+    (Proc(child), url)
+}
+
+fn run_cmd(url: &str, key: &str, ttl: &str, extra: &[&str], cmd: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["run", "--key", key, "--ttl", ttl, "--server", url]).args(extra).arg("--").args(cmd);
+    c.process_group(0);
+    c
+}
+
+fn call(url: &str, key: &str, owner: u64, op: Op) -> Reply {
+    let b = BuiltinBackend::new(url, None, Duration::from_secs(2)).unwrap();
+    let req = Request { id: RequestId(1), owner: OwnerId(owner), op };
+    smol::block_on(b.call(&parse_key(key).unwrap(), req)).expect("server answers")
+}
+
+/// Whether anyone holds `key`, read without touching it.
+fn is_held(url: &str, key: &str) -> bool {
+    let out = Command::new(BIN).args(["status", key, "--server", url]).output().unwrap();
+    out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("free")
+}
+
+fn nanos_now() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+#[test]
+fn two_run_processes_never_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let log = dir.path().join("fenced.log");
+    // Each child appends "start FENCE T" and "end FENCE T" around a short sleep, three times
+    // per contender.
+    let script = format!(
+        "for i in 1 2 3; do {BIN} run --key shared --ttl 1s --server {url} -- sh -c \
+         'echo start $LEASEHOLD_FENCE $(date +%s%N) >> {log}; sleep 0.2; echo end $LEASEHOLD_FENCE $(date +%s%N) >> {log}' \
+         || exit 1; done",
+        log = log.display()
+    );
+    let mut a = Proc(Command::new("sh").args(["-c", &script]).process_group(0).spawn().unwrap());
+    let mut b = Proc(Command::new("sh").args(["-c", &script]).process_group(0).spawn().unwrap());
+    assert!(a.0.wait().unwrap().success());
+    assert!(b.0.wait().unwrap().success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let entries: Vec<(String, u64, u128)> = text
+        .lines()
+        .map(|l| {
+            let p: Vec<&str> = l.split_whitespace().collect();
+            (p[0].to_string(), p[1].parse().unwrap(), p[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(entries.len(), 12, "{text}");
+    // Lines alternate start/end with the same fence: no one started while another held.
+    let mut last_fence = 0;
+    for pair in entries.chunks(2) {
+        assert_eq!((pair[0].0.as_str(), pair[1].0.as_str()), ("start", "end"), "overlap in:\n{text}");
+        assert_eq!(pair[0].1, pair[1].1, "overlap in:\n{text}");
+        assert!(pair[0].1 > last_fence, "fences must increase:\n{text}");
+        last_fence = pair[0].1;
+    }
+}
+
+#[test]
+fn kill_9_of_the_holder_hands_over_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let marker = dir.path().join("acquired");
+    let ttl = Duration::from_secs(1);
+    let holder = Proc(run_cmd(&url, "failover", "1s", &[], &["sleep", "60"]).spawn().unwrap());
+    // Wait until the holder holds.
+    let started = Instant::now();
+    while !is_held(&url, "failover") {
+        assert!(started.elapsed() < Duration::from_secs(5), "holder never acquired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let script = format!("date +%s%N > {}", marker.display());
+    let mut waiter = Proc(run_cmd(&url, "failover", "1s", &[], &["sh", "-c", &script]).spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(700));
+    let killed_at = nanos_now();
+    killpg(Pid::from_raw(holder.0.id() as i32), Signal::SIGKILL).unwrap();
+    let status = waiter.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let acquired_at: u128 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
+    let failover = Duration::from_nanos((acquired_at - killed_at) as u64);
+    let bound = ttl.mul_f64(1.01);
+    println!(
+        "failover after kill -9: {:.3}s, bound ttl*(1+eps) = {:.3}s, ratio {:.2}",
+        failover.as_secs_f64(),
+        bound.as_secs_f64(),
+        failover.as_secs_f64() / bound.as_secs_f64()
+    );
+    // Slack: one retry jitter (ttl/64) plus process start-up of the child that writes the mark.
+    assert!(
+        failover <= bound + Duration::from_millis(250),
+        "failover {failover:?} exceeds {bound:?} + slack"
+    );
+}
+
+#[test]
+fn exit_codes_are_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let code = |c: &mut Command| c.status().unwrap().code();
+
+    assert_eq!(code(&mut run_cmd(&url, "codes", "2s", &[], &["sh", "-c", "exit 7"])), Some(7));
+    assert_eq!(code(&mut run_cmd(&url, "codes", "2s", &[], &["no-such-command-here"])), Some(127));
+    let env = run_cmd(
+        &url,
+        "codes",
+        "2s",
+        &[],
+        &["sh", "-c", "test -n \"$LEASEHOLD_FENCE\" && test \"$LEASEHOLD_KEY\" = codes"],
+    )
+    .status()
+    .unwrap();
+    assert!(env.success(), "fence and key are exported to the command");
+
+    let _holder = Proc(run_cmd(&url, "codes", "2s", &[], &["sleep", "60"]).spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(code(&mut run_cmd(&url, "codes", "2s", &["--no-wait"], &["true"])), Some(75));
+    assert_eq!(code(&mut run_cmd(&url, "codes", "2s", &["--timeout", "300ms"], &["true"])), Some(75));
+    assert_eq!(code(&mut run_cmd(&url, "bad key", "2s", &[], &["true"])), Some(2));
+    assert_eq!(code(&mut run_cmd(&url, "codes", "0s", &[], &["true"])), Some(2));
+    assert_eq!(
+        code(&mut run_cmd("http://127.0.0.1:9", "codes", "1s", &["--timeout", "500ms"], &["true"])),
+        Some(75)
+    );
+}
+
+#[test]
+fn a_lost_lease_stops_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, url) = serve(&dir.path().join("store"));
+    let mut run = Proc(run_cmd(&url, "lost", "1s", &["--grace", "200ms"], &["sleep", "60"]).spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    drop(server); // the authority vanishes; renewals fail
+    let t = Instant::now();
+    let status = run.0.wait().unwrap();
+    assert_eq!(status.code(), Some(76));
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+}
+
+#[test]
+fn a_killed_server_keeps_its_grants_and_fences() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let ttl = LDuration::from_secs(30);
+    let (server, url) = serve(&store);
+    let Reply::Granted { fence: f1, .. } = call(&url, "durable", 1, Op::Acquire { ttl }) else { panic!() };
+    let Reply::Granted { fence: f2, .. } = call(&url, "other", 1, Op::Acquire { ttl }) else { panic!() };
+    assert_eq!(call(&url, "other", 1, Op::Release { fence: f2 }), Reply::Released);
+    drop(server); // SIGKILL: no shutdown path runs
+
+    let (_server, url) = serve(&store);
+    assert!(matches!(call(&url, "durable", 2, Op::Acquire { ttl }), Reply::Busy { .. }), "grant survived");
+    assert_eq!(call(&url, "durable", 1, Op::Renew { fence: f1, ttl }), Reply::Granted { fence: f1, ttl });
+    let Reply::Granted { fence: f3, .. } = call(&url, "other", 2, Op::Acquire { ttl }) else { panic!() };
+    assert!(f3 > f2, "fence {f3} after {f2}");
+
+    let out = Command::new(BIN).args(["status", "durable", "--server", &url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("durable") && text.contains(&format!(" {f1} ")), "{text}");
+    let missing = Command::new(BIN).args(["status", "never-used", "--server", &url]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    let dead = Command::new(BIN).args(["status", "--server", "http://127.0.0.1:9"]).output().unwrap();
+    assert_eq!(dead.status.code(), Some(2));
+}
+
+#[test]
+fn demo_passes() {
+    let out = Command::new(BIN).args(["demo", "--duration", "7s", "--kill-after", "3s"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("VERDICT: PASS"), "{text}");
+    assert!(text.contains("kill -9"), "{text}");
+}
