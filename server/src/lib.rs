@@ -117,7 +117,10 @@ impl Server {
                         let shared = shared.clone();
                         async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req).await) }
                     });
+                    // The timer arms hyper's 30 s header read timeout, so a client that opens a
+                    // connection and dribbles (or never sends) its request head cannot pin it.
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .timer(smol_hyper::rt::SmolTimer::new())
                         .keep_alive(true)
                         .serve_connection(FuturesIo::new(stream), service)
                         .await

@@ -68,7 +68,8 @@ impl Metrics {
         self.latency_sum_us.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
-    pub(crate) fn render(&self) -> String {
+    /// The text exposition; `commits` comes from the store's writer.
+    pub(crate) fn render(&self, commits: u64) -> String {
         let mut s = String::new();
         let mut counter = |name: &str, help: &str, v: &AtomicU64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
@@ -78,6 +79,9 @@ impl Metrics {
         counter("leasehold_releases_total", "Grants given back.", &self.releases);
         counter("leasehold_expiries_total", "Grants found expired.", &self.expiries);
         counter("leasehold_refusals_total", "Busy or not-holder answers.", &self.refusals);
+        let name = "leasehold_commits_total";
+        let _ = writeln!(s, "# HELP {name} Fsynced write transactions (one per group of changes).");
+        let _ = writeln!(s, "# TYPE {name} counter\n{name} {commits}");
         let _ = writeln!(s, "# HELP leasehold_errors_total Requests rejected, by error code.");
         let _ = writeln!(s, "# TYPE leasehold_errors_total counter");
         for (code, v) in ERROR_CODES.iter().zip(&self.errors) {

@@ -6,6 +6,7 @@
 //! and only then answers. Under load, many grants share one fsync.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use leasehold_core::authority::{self, Decision, Limits, Record};
@@ -55,6 +56,7 @@ struct Job {
 pub(crate) struct Store {
     db: Arc<Database>,
     jobs: async_channel::Sender<Job>,
+    commits: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -70,6 +72,8 @@ impl Store {
         recover(&db, clock.now())?;
         let (tx, rx) = async_channel::bounded::<Job>(4 * MAX_BATCH);
         let writer_db = db.clone();
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer_commits = commits.clone();
         let writer = async move {
             while let Ok(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -86,7 +90,10 @@ impl Store {
                 })
                 .await;
                 match result {
-                    Ok(decisions) => {
+                    Ok((decisions, committed)) => {
+                        if committed {
+                            writer_commits.fetch_add(1, Ordering::Relaxed);
+                        }
                         for (job, d) in batch.iter().zip(decisions) {
                             let _ = job.done.try_send(Ok(d));
                         }
@@ -101,7 +108,7 @@ impl Store {
                 }
             }
         };
-        Ok((Store { db, jobs: tx }, writer))
+        Ok((Store { db, jobs: tx, commits }, writer))
     }
 
     /// Applies `request` to `key` durably; returns the decision once it is on disk.
@@ -109,6 +116,12 @@ impl Store {
         let (done, result) = async_channel::bounded(1);
         self.jobs.send(Job { key, request, done }).await.map_err(|_| Arc::new(StoreError::Stopped))?;
         result.recv().await.map_err(|_| Arc::new(StoreError::Stopped))?
+    }
+
+    /// How many write transactions have been committed (each one fsync); with the number of
+    /// requests, shows how well commits are grouped.
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// The record of `key`, if it was ever written.
@@ -185,7 +198,7 @@ fn apply_batch(
     batch: &[Job],
     clock: Clock,
     limits: &Limits,
-) -> Result<Vec<Decision>, StoreError> {
+) -> Result<(Vec<Decision>, bool), StoreError> {
     let txn = db.begin_write().map_err(StoreError::db)?;
     let mut decisions = Vec::with_capacity(batch.len());
     let mut dirty = false;
@@ -211,5 +224,5 @@ fn apply_batch(
     } else {
         txn.abort().map_err(StoreError::db)?;
     }
-    Ok(decisions)
+    Ok((decisions, dirty))
 }

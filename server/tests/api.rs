@@ -101,6 +101,9 @@ fn acquire_busy_renew_release() {
     let metrics = get(a, "/metrics").body;
     assert!(metrics.contains("leasehold_grants_total 2"), "{metrics}");
     assert!(metrics.contains("leasehold_releases_total 1"), "{metrics}");
+    // Sequential requests commit one by one; busy and not_holder answers change nothing and
+    // cost no fsync: acquire, renew, release, acquire.
+    assert!(metrics.contains("leasehold_commits_total 4"), "{metrics}");
 }
 
 #[test]
