@@ -1,0 +1,284 @@
+//! `leasehold serve` and `leasehold status` as users run them: the real binary on loopback,
+//! spoken to over plain HTTP/1.1, killed with SIGKILL and restarted on the same store.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
+const LONG_TTL: u64 = 120_000_000;
+
+/// A `leasehold serve` process, SIGKILLed when dropped.
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Serve {
+    fn start(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(extra)
+            .env_remove("LEASEHOLD_TOKEN")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read stdout");
+        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+            let _ = child.kill();
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!("serve did not announce its address: stdout {line:?}, stderr {err:?}");
+        };
+        let addr = addr.parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
+        Serve { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill_9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request on a fresh connection; `None` when the server is gone or the answer is cut off.
+fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Option<(u16, Value)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.get(9..12)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n")?.1;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    try_http(addr, method, path, token, body).unwrap_or_else(|| panic!("no answer to {method} {path}"))
+}
+
+fn acquire_body(owner: u64) -> String {
+    json!({"id": 1, "owner": owner, "op": {"acquire": {"ttl": LONG_TTL}}}).to_string()
+}
+
+fn release_body(owner: u64, fence: u64) -> String {
+    json!({"id": 2, "owner": owner, "op": {"release": {"fence": fence}}}).to_string()
+}
+
+fn fence_of(reply: &Value) -> Option<u64> {
+    reply["reply"]["granted"]["fence"].as_u64()
+}
+
+fn status(args: &[&str]) -> Output {
+    Command::new(BIN).arg("status").args(args).env_remove("LEASEHOLD_TOKEN").output().expect("run status")
+}
+
+/// An acknowledged grant: key, owner, fence.
+type Grant = (String, u64, u64);
+
+#[test]
+fn kill_9_under_load_loses_no_acknowledged_grant_and_fences_keep_increasing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Serve::start(dir.path(), &[], &[]);
+    let addr = server.addr;
+    let stop = AtomicBool::new(false);
+
+    // Eight clients acquire fresh keys of their own (and keep them), and cycle acquire+release
+    // on one shared key; each remembers only what the server acknowledged.
+    let (held, shared): (Vec<Vec<Grant>>, Vec<Vec<u64>>) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (1..=8u64)
+            .map(|owner| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    let (mut held, mut shared) = (Vec::new(), Vec::new());
+                    for i in 0.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let key = format!("c{owner}-{i}");
+                        let path = format!("/v1/leases/{key}");
+                        let Some((200, r)) = try_http(addr, "POST", &path, None, &acquire_body(owner)) else {
+                            break;
+                        };
+                        held.push((key, owner, fence_of(&r).expect("a fresh key is granted")));
+                        let Some((200, r)) =
+                            try_http(addr, "POST", "/v1/leases/shared", None, &acquire_body(owner))
+                        else {
+                            break;
+                        };
+                        if let Some(f) = fence_of(&r) {
+                            shared.push(f);
+                            if try_http(addr, "POST", "/v1/leases/shared", None, &release_body(owner, f))
+                                .is_none()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                    (held, shared)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(700));
+        server.kill_9();
+        stop.store(true, Ordering::Relaxed);
+        clients.into_iter().map(|c| c.join().expect("client thread")).unzip()
+    });
+    let held: Vec<_> = held.into_iter().flatten().collect();
+    let shared_max = shared.iter().flatten().copied().max().unwrap_or(0);
+    assert!(held.len() >= 16, "too little load before the kill to prove anything: {}", held.len());
+
+    let server = Serve::start(dir.path(), &[], &[]);
+    let addr = server.addr;
+    for (key, owner, fence) in &held {
+        let (st, v) = http(addr, "GET", &format!("/v1/leases/{key}"), None, "");
+        assert_eq!(st, 200, "acknowledged grant of {key} forgotten: {v}");
+        assert_eq!(v["holder"]["owner"], json!(owner), "{key}: {v}");
+        assert_eq!(v["holder"]["fence"], json!(fence), "{key}: {v}");
+    }
+    // Held for another owner, and the holder can still renew with its fence.
+    let (key, owner, fence) = &held[0];
+    let (_, r) = http(addr, "POST", &format!("/v1/leases/{key}"), None, &acquire_body(999));
+    assert!(r["reply"]["busy"].is_object(), "{key} must be busy after the restart: {r}");
+    let renew = json!({"id": 3, "owner": owner, "op": {"renew": {"fence": fence, "ttl": LONG_TTL}}});
+    let (_, r) = http(addr, "POST", &format!("/v1/leases/{key}"), None, &renew.to_string());
+    assert_eq!(fence_of(&r), Some(*fence), "{r}");
+
+    // The shared key's fence never goes back: free it if held, and the next grant is newer than
+    // anything acknowledged before the kill.
+    let (_, v) = http(addr, "GET", "/v1/leases/shared", None, "");
+    assert!(v["last_fence"].as_u64().unwrap_or(0) >= shared_max, "{v} vs {shared_max}");
+    if let (Some(o), Some(f)) = (v["holder"]["owner"].as_u64(), v["holder"]["fence"].as_u64()) {
+        let (_, r) = http(addr, "POST", "/v1/leases/shared", None, &release_body(o, f));
+        assert_eq!(r["reply"], json!("released"));
+    }
+    let (_, r) = http(addr, "POST", "/v1/leases/shared", None, &acquire_body(1000));
+    let next = fence_of(&r).expect("free shared key is granted");
+    assert!(next > shared_max, "fence {next} after {shared_max} acknowledged before the kill");
+}
+
+#[test]
+fn token_from_flag_or_env_guards_everything_but_healthz() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, env, token) in [
+        (&["--token", "flag-secret"][..], &[][..], "flag-secret"),
+        (&[][..], &[("LEASEHOLD_TOKEN", "env-secret")][..], "env-secret"),
+    ] {
+        let server = Serve::start(&dir.path().join(token), extra, env);
+        let a = server.addr;
+        let (st, v) = http(a, "POST", "/v1/leases/k", None, &acquire_body(1));
+        assert_eq!((st, v["error"].as_str()), (401, Some("unauthorized")), "{v}");
+        assert_eq!(http(a, "POST", "/v1/leases/k", Some("wrong"), &acquire_body(1)).0, 401);
+        assert_eq!(http(a, "GET", "/v1/leases", Some(&format!("{token}x")), "").0, 401);
+        assert_eq!(http(a, "GET", "/healthz", None, "").0, 200);
+        let (st, v) = http(a, "POST", "/v1/leases/k", Some(token), &acquire_body(1));
+        assert_eq!((st, fence_of(&v)), (200, Some(1)), "{v}");
+        // The refused requests changed nothing: the first authorised acquire got fence 1.
+
+        let denied = status(&["k", "--server", &server.url()]);
+        assert_eq!(denied.status.code(), Some(1), "{denied:?}");
+        assert!(String::from_utf8_lossy(&denied.stderr).contains("token"), "{denied:?}");
+        let ok = status(&["k", "--server", &server.url(), "--token", token]);
+        assert!(ok.status.success(), "{ok:?}");
+    }
+}
+
+#[test]
+fn status_prints_a_table_and_documented_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Serve::start(dir.path(), &[], &[]);
+    let a = server.addr;
+    let (_, r) = http(a, "POST", "/v1/leases/pump", None, &acquire_body(0xabc));
+    let fence = fence_of(&r).expect("granted");
+    let (_, r) = http(a, "POST", "/v1/leases/valve", None, &acquire_body(2));
+    let f2 = fence_of(&r).expect("granted");
+    http(a, "POST", "/v1/leases/valve", None, &release_body(2, f2));
+
+    let one = status(&["pump", "--server", &server.url()]);
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(one.status.success(), "{one:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "header and one row: {text}");
+    assert!(lines[0].contains("KEY") && lines[0].contains("FENCE"), "{text}");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[..3], ["pump", &fence.to_string(), "0000000000000abc"], "{text}");
+
+    let all = status(&["--server", &server.url()]);
+    let text = String::from_utf8_lossy(&all.stdout);
+    assert!(all.status.success(), "{all:?}");
+    assert!(text.lines().any(|l| l.starts_with("pump ")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("valve ") && l.ends_with("free")), "{text}");
+
+    let unknown = status(&["never-used", "--server", &server.url()]);
+    assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("never-used"), "{unknown:?}");
+
+    let bad = status(&["bad key!", "--server", &server.url()]);
+    assert_ne!(bad.status.code(), Some(0), "{bad:?}");
+
+    // A port nobody listens on: bind one, note it, close it.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = status(&["--server", &format!("http://{free}")]);
+    assert_eq!(dead.status.code(), Some(2), "{dead:?}");
+    assert!(String::from_utf8_lossy(&dead.stderr).contains("unreachable"), "{dead:?}");
+}
+
+#[test]
+fn a_second_server_on_the_same_store_or_port_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Serve::start(dir.path(), &[], &[]);
+    http(first.addr, "POST", "/v1/leases/k", None, &acquire_body(1));
+
+    // Two authorities on one store would hand out the same fence twice.
+    let second = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .output()
+        .expect("run serve");
+    assert!(!second.status.success(), "{second:?}");
+    assert!(String::from_utf8_lossy(&second.stderr).contains("store"), "{second:?}");
+
+    let other = tempfile::tempdir().unwrap();
+    let busy_port = Command::new(BIN)
+        .args(["serve", "--listen", &first.addr.to_string(), "--data"])
+        .arg(other.path())
+        .output()
+        .expect("run serve");
+    assert!(!busy_port.status.success(), "{busy_port:?}");
+    assert!(String::from_utf8_lossy(&busy_port.stderr).contains("cannot listen"), "{busy_port:?}");
+
+    // The first server is untouched.
+    let (st, v) = http(first.addr, "GET", "/v1/leases/k", None, "");
+    assert_eq!((st, v["holder"]["fence"].as_u64()), (200, Some(1)), "{v}");
+}
