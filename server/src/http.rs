@@ -148,7 +148,7 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
             }
         },
         Method::POST => {
-            let request = read_request(req).await?;
+            let request = read_request(req, shared.request_timeout).await?;
             let d = shared.store.apply(key, request).await.map_err(|e| unavailable(&e))?;
             shared.metrics.outcome(d.outcome, d.expired);
             if let Reply::Rejected(r) = d.reply {
@@ -161,7 +161,10 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
     }
 }
 
-async fn read_request(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
+async fn read_request(
+    req: hyper::Request<Incoming>,
+    timeout: std::time::Duration,
+) -> Result<Request, ApiError> {
     let too_large = || {
         err(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {MAX_BODY} bytes"))
     };
@@ -170,13 +173,22 @@ async fn read_request(req: hyper::Request<Incoming>) -> Result<Request, ApiError
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
-        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-            too_large()
-        } else {
-            err(StatusCode::BAD_REQUEST, "malformed_json", format!("could not read body: {e}"))
-        }
-    })?;
+    let collect = async {
+        Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                too_large()
+            } else {
+                err(StatusCode::BAD_REQUEST, "malformed_json", format!("could not read body: {e}"))
+            }
+        })
+    };
+    // hyper bounds the wait for the head only; a client that never finishes its body must not
+    // pin the connection either.
+    let deadline = async {
+        async_io::Timer::after(timeout).await;
+        Err(err(StatusCode::BAD_REQUEST, "malformed_json", format!("body not received within {timeout:?}")))
+    };
+    let body = futures_lite::future::or(collect, deadline).await?;
     serde_json::from_slice::<Request>(&body.to_bytes())
         .map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("not a lease request: {e}")))
 }

@@ -25,12 +25,21 @@ pub struct ServerConfig {
     pub token: Option<String>,
     /// The ttls granted.
     pub limits: Limits,
+    /// How long a client may take to send a request's head, and then its body; a connection
+    /// that stalls longer is closed (head) or answered `malformed_json` (body). 30 s by default.
+    pub request_timeout: std::time::Duration,
 }
 
 impl ServerConfig {
     /// A config for `data_dir` on `listen`, no token, default limits.
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
-        ServerConfig { data_dir: data_dir.into(), listen, token: None, limits: Limits::default() }
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen,
+            token: None,
+            limits: Limits::default(),
+            request_timeout: std::time::Duration::from_secs(30),
+        }
     }
 }
 
@@ -65,6 +74,7 @@ pub(crate) struct Shared {
     store: store::Store,
     clock: Clock,
     token: Option<String>,
+    request_timeout: std::time::Duration,
     metrics: metrics::Metrics,
 }
 
@@ -83,7 +93,13 @@ impl Server {
         let listener = async_net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-        let shared = Arc::new(Shared { store, clock, token: config.token, metrics: Default::default() });
+        let shared = Arc::new(Shared {
+            store,
+            clock,
+            token: config.token,
+            request_timeout: config.request_timeout,
+            metrics: Default::default(),
+        });
         Ok(Server { listener, shared, writer: Box::pin(writer) })
     }
 
@@ -113,14 +129,16 @@ impl Server {
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 ex.spawn(async move {
+                    let head_timeout = shared.request_timeout;
                     let service = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
                         async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req).await) }
                     });
-                    // The timer arms hyper's 30 s header read timeout, so a client that opens a
-                    // connection and dribbles (or never sends) its request head cannot pin it.
+                    // A client that opens a connection and dribbles (or never sends) its
+                    // request head cannot pin it.
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
                         .timer(smol_hyper::rt::SmolTimer::new())
+                        .header_read_timeout(head_timeout)
                         .keep_alive(true)
                         .serve_connection(FuturesIo::new(stream), service)
                         .await

@@ -224,3 +224,33 @@ fn concurrent_clients_get_strictly_increasing_fences() {
     assert_eq!(own, 16 * 5, "every private key acquire succeeds");
     assert_eq!(get(a, "/v1/leases/shared").json()["last_fence"].as_u64(), shared.last().copied());
 }
+
+#[test]
+fn stalled_clients_are_cut_off_and_others_keep_being_served() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    c.request_timeout = Duration::from_millis(300);
+    let s = Server::spawn(c).unwrap();
+    let a = s.addr();
+
+    // Half a head, then silence: the connection is closed.
+    let mut head = TcpStream::connect(a).unwrap();
+    head.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    head.write_all(b"POST /v1/leases/k HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // A whole head promising a body that never comes: a typed error.
+    let mut body = TcpStream::connect(a).unwrap();
+    body.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    body.write_all(b"POST /v1/leases/k HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n{\"id\":1,").unwrap();
+
+    let started = Instant::now();
+    assert_eq!(post(a, "k", acquire(1, TTL)).status, 200, "served while others stall");
+    let mut out = Vec::new();
+    let _ = head.read_to_end(&mut out);
+    assert!(started.elapsed() < Duration::from_secs(3), "stalled head kept for {:?}", started.elapsed());
+    let mut out = String::new();
+    let _ = body.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("malformed_json") && out.contains("not received"), "{out}");
+    assert_eq!(get(a, "/v1/leases/k").json()["holder"]["fence"], json!(1), "nothing else changed");
+}
