@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod gateway;
 mod run;
 mod serve;
 mod status;
@@ -28,6 +29,8 @@ enum Command {
     Run(run::Args),
     /// Start a local server and three contending workers; print a timeline and a verdict.
     Demo(demo::Args),
+    /// Forward lease requests from serial-linked devices to a lease server.
+    Gateway(gateway::Args),
     /// One demo worker (started by `demo`).
     #[command(hide = true)]
     DemoWorker(demo::WorkerArgs),
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Status(a) => status::main(a),
         Command::Run(a) => run::main(a),
         Command::Demo(a) => demo::main(a),
+        Command::Gateway(a) => gateway::main(a),
         Command::DemoWorker(a) => demo::worker(a),
     }
 }
