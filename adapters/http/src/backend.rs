@@ -77,6 +77,10 @@ impl HttpTarget {
 
 type Io = FuturesIo<Async<TcpStream>>;
 
+/// Idle keep-alive connections kept per client; more concurrent requests than this open
+/// connections that are closed after use.
+const MAX_IDLE: usize = 8;
+
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
     conn: Pin<Box<Connection<Io, Full<Bytes>>>>,
@@ -125,10 +129,9 @@ impl HttpClient {
     }
 
     async fn send_inner(&self, request: hyper::Request<Full<Bytes>>) -> Result<HttpResponse, TransportError> {
-        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
-        let mut c = match idle {
-            Some(c) if !c.sender.is_closed() => c,
-            _ => self.connect().await?,
+        let mut c = match self.take_idle().await {
+            Some(c) => c,
+            None => self.connect().await?,
         };
         // The connection future must be polled while the request and its body are in flight.
         let exchange = async {
@@ -154,10 +157,29 @@ impl HttpClient {
         };
         if result.is_ok() && !c.sender.is_closed() {
             if let Ok(mut v) = self.idle.lock() {
-                v.push(c);
+                if v.len() < MAX_IDLE {
+                    v.push(c);
+                }
             }
         }
         result
+    }
+
+    /// An idle connection that is still open. Nothing polls an idle connection, so a server
+    /// that closed it (restart, idle timeout) is only noticed by polling it once here; sending
+    /// on it instead would fail a request that a fresh connection would have carried.
+    async fn take_idle(&self) -> Option<Conn> {
+        loop {
+            let mut c = self.idle.lock().ok()?.pop()?;
+            if c.sender.is_closed() {
+                continue;
+            }
+            // A finished connection future means the peer closed it (or it broke).
+            if futures_lite::future::poll_once(c.conn.as_mut()).await.is_some() || c.sender.is_closed() {
+                continue;
+            }
+            return Some(c);
+        }
     }
 
     async fn connect(&self) -> Result<Conn, TransportError> {

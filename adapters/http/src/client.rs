@@ -84,6 +84,34 @@ struct Inner<B> {
     /// One async mutex per key: leases of the same key taken through one client queue up
     /// here instead of hammering the authority.
     local: Mutex<HashMap<Key, Arc<AsyncMutex<()>>>>,
+    /// Started with the first acquisition; stops once the client and all its leases are gone.
+    driver: Mutex<Option<DriverThread>>,
+}
+
+/// The thread that drives every lease of one client (and its clones).
+///
+/// Renewal runs here rather than on the caller's executor for two reasons: the crate needs no
+/// runtime (no spawn trait to implement, works under smol, tokio or plain `block_on`), and a
+/// caller that blocks its own executor threads cannot starve renewals and lose the lease.
+struct DriverThread {
+    executor: Arc<async_executor::Executor<'static>>,
+    /// Dropping it (with the last `Inner`, i.e. after the last lease's task ended) ends the
+    /// thread.
+    _stop: async_channel::Sender<()>,
+}
+
+impl DriverThread {
+    fn start() -> std::io::Result<DriverThread> {
+        let executor = Arc::new(async_executor::Executor::new());
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let ex = executor.clone();
+        std::thread::Builder::new().name("leasehold-driver".into()).spawn(move || {
+            future::block_on(ex.run(async move {
+                let _ = stopped.recv().await;
+            }))
+        })?;
+        Ok(DriverThread { executor, _stop: stop })
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -99,7 +127,12 @@ impl<B: Backend> Client<B> {
     pub fn new(backend: B, options: Options) -> Result<Client<B>, ConfigError> {
         options.config.validate()?;
         Ok(Client {
-            inner: Arc::new(Inner { backend, config: options.config, local: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                backend,
+                config: options.config,
+                local: Mutex::new(HashMap::new()),
+                driver: Mutex::new(None),
+            }),
         })
     }
 
@@ -138,7 +171,19 @@ impl<B: Backend> Client<B> {
 
     fn local(&self, key: &Key) -> Arc<AsyncMutex<()>> {
         let mut map = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget keys nobody holds or waits for (guards and waiters own a clone), so a client
+        // that touches many keys over its life does not keep a lock for each.
+        map.retain(|k, m| k == key || Arc::strong_count(m) > 1);
         map.entry(key.clone()).or_default().clone()
+    }
+
+    fn executor(&self) -> Result<Arc<async_executor::Executor<'static>>, AcquireError> {
+        let mut driver = self.inner.driver.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = driver.as_ref() {
+            return Ok(d.executor.clone());
+        }
+        let d = DriverThread::start().map_err(|e| AcquireError::Spawn(e.to_string()))?;
+        Ok(driver.insert(d).executor.clone())
     }
 
     async fn start(&self, key: Key, guard: MutexGuardArc<()>, mode: Mode) -> Result<Lease, AcquireError> {
@@ -154,14 +199,8 @@ impl<B: Backend> Client<B> {
             poke: Signal::new(),
             release: AtomicBool::new(false),
         });
-        let inner = self.inner.clone();
-        let driver_shared = shared.clone();
-        let driver_key = key.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("leasehold:{key}"))
-            .spawn(move || future::block_on(drive(inner, driver_key, driver_shared, mode)))
-            .map_err(|e| AcquireError::Spawn(e.to_string()))?;
-        let lease = Lease { key, owner, shared, guard: Some(guard), _thread: thread, released: false };
+        self.executor()?.spawn(drive(self.inner.clone(), key.clone(), shared.clone(), mode)).detach();
+        let lease = Lease { key, owner, shared, guard: Some(guard), released: false };
         loop {
             let listener = lease.shared.changed.listen();
             if lease.shared.lock().state() == State::Held {
@@ -304,7 +343,6 @@ pub struct Lease {
     owner: OwnerId,
     shared: Arc<Shared>,
     guard: Option<MutexGuardArc<()>>,
-    _thread: std::thread::JoinHandle<()>,
     released: bool,
 }
 
@@ -324,7 +362,10 @@ impl Lease {
         &self.key
     }
 
-    /// Who holds it (unique per acquisition).
+    /// Who holds it: a fresh random 64-bit id per acquisition (from `fastrand`, whose
+    /// per-thread generators are seeded from std's OS-randomised hasher keys, so processes
+    /// started at the same instant still differ). A new id per incarnation means a restarted
+    /// process never mistakes its predecessor's grant for its own.
     pub fn owner(&self) -> OwnerId {
         self.owner
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
-use leasehold_core::{ConfigError, Key, Reply, Request};
+use leasehold_core::{ConfigError, Key, Op, OwnerId, Reject, Reply, Request, RequestId};
 use leasehold_http::{
     AcquireError, Backend, BuiltinBackend, Client, Health, LostReason, Options, TransportError,
 };
@@ -183,4 +183,106 @@ fn bad_configuration_and_dead_servers_are_errors_not_panics() {
         c.acquire_timeout("k", Duration::from_millis(500)),
     ));
     assert_eq!(r.unwrap_err(), AcquireError::Unavailable);
+}
+
+#[test]
+fn bearer_token_and_server_limits_are_typed_rejections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    config.token = Some("s3cret".into());
+    config.limits.max_ttl = leasehold_core::Duration::from_secs(60);
+    let s = Server::spawn(config).expect("server starts");
+    smol::block_on(async {
+        let anonymous = client(&s.url(), 2_000);
+        assert_eq!(
+            anonymous.try_acquire("guarded").await.unwrap_err(),
+            AcquireError::Rejected(Reject::Unauthorized)
+        );
+        let backend = BuiltinBackend::new(&s.url(), Some("s3cret".into()), Duration::from_secs(1)).unwrap();
+        let c = Client::new(backend, Options::new(Duration::from_secs(2))).unwrap();
+        let l = c.try_acquire("guarded").await.unwrap();
+        assert!(l.fence().is_some());
+        l.release().await;
+
+        // Valid for the client, longer than this server grants.
+        let backend = BuiltinBackend::new(&s.url(), Some("s3cret".into()), Duration::from_secs(1)).unwrap();
+        let c = Client::new(backend, Options::new(Duration::from_secs(120))).unwrap();
+        assert_eq!(c.acquire("guarded").await.unwrap_err(), AcquireError::Rejected(Reject::InvalidTtl));
+    });
+}
+
+fn acquire_request(owner: u64) -> Request {
+    Request {
+        id: RequestId(1),
+        owner: OwnerId(owner),
+        op: Op::Acquire { ttl: leasehold_core::Duration::from_secs(5) },
+    }
+}
+
+#[test]
+fn a_connection_the_server_closed_is_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let addr = s.addr();
+    let backend = BuiltinBackend::new(&s.url(), None, Duration::from_secs(1)).unwrap();
+    let key = leasehold_core::parse_key("pooled").unwrap();
+    smol::block_on(async {
+        let first = backend.call(&key, acquire_request(1)).await;
+        assert!(matches!(first, Ok(Reply::Granted { .. })), "{first:?}");
+        // The restart closes the pooled keep-alive connection behind the client's back.
+        drop(s);
+        let s = Server::spawn(ServerConfig::new(dir.path(), addr)).expect("server restarts on the same port");
+        let second = backend.call(&key, acquire_request(2)).await;
+        assert!(matches!(second, Ok(Reply::Busy { .. })), "fresh connection, durable grant: {second:?}");
+        drop(s);
+    });
+}
+
+/// Counts failed calls into the real backend.
+struct CountingErrors(BuiltinBackend, Arc<AtomicUsize>);
+
+impl Backend for CountingErrors {
+    async fn call(&self, key: &Key, request: Request) -> Result<Reply, TransportError> {
+        let r = self.0.call(key, request).await;
+        if r.is_err() {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
+#[test]
+fn a_short_outage_is_ridden_out_by_the_cores_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let addr = s.addr();
+    let errors = Arc::new(AtomicUsize::new(0));
+    let backend = CountingErrors(
+        BuiltinBackend::new(&s.url(), None, Duration::from_millis(200)).unwrap(),
+        errors.clone(),
+    );
+    let c = Client::new(backend, Options::new(Duration::from_millis(1_500))).unwrap();
+    smol::block_on(async {
+        let l = c.acquire("outage").await.unwrap();
+        let fence = l.fence();
+        drop(s);
+        // Long enough for renewals to fail, short enough for the grant to stay valid.
+        sleep(700).await;
+        assert!(errors.load(Ordering::SeqCst) >= 1, "renewals against a dead server are transport errors");
+        assert!(l.remaining().is_some(), "still within the grant");
+        let _s =
+            Server::spawn(ServerConfig::new(dir.path(), addr)).expect("server restarts on the same port");
+        // Past the ttl measured from the acquisition: only a retried renewal keeps it.
+        sleep(1_500).await;
+        assert!(l.is_healthy(), "renewal resumed after the outage: {:?}", l.health());
+        assert_eq!(l.fence(), fence);
+        l.release().await;
+    });
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Client<BuiltinBackend>>();
+    assert_send_sync::<leasehold_http::Lease>();
 }
