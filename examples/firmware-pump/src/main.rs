@@ -1,0 +1,269 @@
+//! A pump controller on QEMU's lm3s6965evb (Cortex-M3). It acts ("pump on") only while it
+//! holds the lease "pump", which it takes through leasehold-serial over UART0 and a host
+//! gateway. Semihosting carries its log to the emulator's stdout and its device id in.
+//!
+//! Run: `qemu-system-arm -M lm3s6965evb -nographic -monitor none
+//!   -semihosting-config enable=on,target=native -serial tcp:127.0.0.1:PORT,server=on,wait=on
+//!   -kernel target/thumbv7m-none-eabi/release/firmware-pump -append "DEVICE NONCE"`
+//! then `leasehold gateway --link tcp:127.0.0.1:PORT --server URL`.
+
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use cortex_m::peripheral::syst::SystClkSource;
+use cortex_m_rt::{entry, exception};
+use cortex_m_semihosting::{debug, hio, nr};
+use leasehold_core::{parse_key, Config, Duration, Event, Instant, Lease, OwnerId};
+use leasehold_serial::{Clock, DeviceLink};
+
+const TTL: Duration = Duration::from_millis(1_000);
+/// One pump action every 100 ms while holding, eight per holding, then a pause.
+const ACT_EVERY: Duration = Duration::from_millis(100);
+const ACTS_PER_HOLD: u32 = 8;
+const PAUSE: Duration = Duration::from_millis(300);
+/// Act only with at least this much validity left.
+const ACT_GUARD: Duration = Duration::from_millis(50);
+
+// ----- UART0: a PL011 at 0x4000_C000 -----
+
+const UART0: usize = 0x4000_C000;
+const DR: usize = 0x00;
+const FR: usize = 0x18;
+const CR: usize = 0x30;
+const FR_RXFE: u32 = 1 << 4;
+const FR_TXFF: u32 = 1 << 5;
+
+struct Uart;
+
+impl Uart {
+    fn new() -> Uart {
+        // Enable UART, TX and RX.
+        unsafe { core::ptr::write_volatile((UART0 + CR) as *mut u32, 0x301) };
+        Uart
+    }
+    fn flags(&self) -> u32 {
+        unsafe { core::ptr::read_volatile((UART0 + FR) as *const u32) }
+    }
+}
+
+impl embedded_io::ErrorType for Uart {
+    type Error = core::convert::Infallible;
+}
+
+impl embedded_io::ReadReady for Uart {
+    fn read_ready(&mut self) -> Result<bool, Self::Error> {
+        Ok(self.flags() & FR_RXFE == 0)
+    }
+}
+
+impl embedded_io::Read for Uart {
+    /// Blocks until at least one byte is there, then returns what the FIFO holds.
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.flags() & FR_RXFE != 0 {}
+        let mut n = 0;
+        while n < buf.len() && self.flags() & FR_RXFE == 0 {
+            buf[n] = unsafe { core::ptr::read_volatile((UART0 + DR) as *const u32) } as u8;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+impl embedded_io::Write for Uart {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        for &b in buf {
+            while self.flags() & FR_TXFF != 0 {}
+            unsafe { core::ptr::write_volatile((UART0 + DR) as *mut u32, u32::from(b)) };
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+// ----- Clock: SysTick at 1 kHz from the 12 MHz core clock, refined by the counter -----
+
+const CORE_HZ: u32 = 12_000_000;
+const TICKS_PER_MS: u32 = CORE_HZ / 1_000;
+static MILLIS: AtomicU32 = AtomicU32::new(0);
+
+#[exception]
+fn SysTick() {
+    MILLIS.fetch_add(1, Ordering::Relaxed);
+}
+
+struct SysTickClock;
+
+impl Clock for SysTickClock {
+    fn now(&self) -> Instant {
+        loop {
+            let ms = MILLIS.load(Ordering::Relaxed);
+            let val = cortex_m::peripheral::SYST::get_current();
+            if MILLIS.load(Ordering::Relaxed) == ms {
+                let sub_us = (TICKS_PER_MS - 1 - val.min(TICKS_PER_MS - 1)) / (TICKS_PER_MS / 1_000);
+                return Instant::from_micros(u64::from(ms) * 1_000 + u64::from(sub_us));
+            }
+        }
+    }
+}
+
+// ----- Output over semihosting, without core::fmt -----
+
+struct Line {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Line {
+    fn new(s: &str) -> Line {
+        let mut l = Line { buf: [0; 64], len: 0 };
+        l.push(s);
+        l
+    }
+    fn push(&mut self, s: &str) -> &mut Line {
+        for &b in s.as_bytes() {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+        self
+    }
+    fn num(&mut self, mut n: u64) -> &mut Line {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in &digits[i..] {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = d;
+                self.len += 1;
+            }
+        }
+        self
+    }
+    fn say(&mut self) {
+        self.push("\n");
+        if let Ok(mut out) = hio::hstdout() {
+            let _ = out.write_all(&self.buf[..self.len]);
+        }
+    }
+}
+
+/// "DEVICE NONCE" from the emulator's `-append`; QEMU puts the kernel path first.
+fn device_and_nonce() -> (u32, u32) {
+    let mut buf = [0u8; 128];
+    let mut block = [buf.as_mut_ptr() as usize, buf.len()];
+    let r = unsafe { cortex_m_semihosting::syscall1(nr::GET_CMDLINE, block.as_mut_ptr() as usize) };
+    if r != 0 {
+        return (1, 0);
+    }
+    let len = unsafe { core::ptr::read_volatile(&block[1]) }.min(buf.len());
+    let mut nums = buf[..len].split(|&b| b == b' ').filter_map(|w| {
+        if w.is_empty() || !w.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(w.iter().fold(0u32, |a, &d| a.wrapping_mul(10).wrapping_add(u32::from(d - b'0'))))
+    });
+    (nums.next().unwrap_or(1), nums.next().unwrap_or(0))
+}
+
+#[entry]
+fn main() -> ! {
+    let mut cp = cortex_m::Peripherals::take().unwrap_or_else(|| fail());
+    cp.SYST.set_clock_source(SystClkSource::Core);
+    cp.SYST.set_reload(TICKS_PER_MS - 1);
+    cp.SYST.clear_current();
+    cp.SYST.enable_interrupt();
+    cp.SYST.enable_counter();
+
+    let (device, nonce) = device_and_nonce();
+    let owner = OwnerId((u64::from(device) << 32) | u64::from(nonce));
+    let mut config = Config::new(TTL);
+    config.jitter_seed = u64::from(nonce) ^ u64::from(device);
+    let Ok(lease) = Lease::new(owner, config) else { fail() };
+    let Ok(key) = parse_key("pump") else { fail() };
+    let mut link = DeviceLink::new(Uart::new(), SysTickClock, lease, key, device);
+    Line::new("BOOT device ").num(u64::from(device)).say();
+
+    let _ = link.acquire();
+    // When we last asked: ask-to-grant time is the round trip when the key is free.
+    let mut asked_at = link.now();
+    let mut holding: Option<u64> = None;
+    let mut acts = 0;
+    let mut next_act = Instant::ZERO;
+    let mut reacquire_at: Option<Instant> = None;
+    let mut next_clock_report = Instant::ZERO;
+    loop {
+        let Ok(event) = link.poll();
+        let now = link.now();
+        match event {
+            Some(Event::Acquired { fence, .. }) => {
+                Line::new("ACQUIRED ").num(fence.0).push(" after_us ").num((now - asked_at).as_micros()).say();
+                holding = Some(fence.0);
+                acts = 0;
+                next_act = now;
+            }
+            Some(Event::Lost { fence, .. }) => {
+                Line::new("LOST ").num(fence.0).say();
+                holding = None;
+                reacquire_at = Some(now + PAUSE);
+            }
+            Some(Event::Released { fence }) => {
+                Line::new("RELEASED ").num(fence.0).say();
+                reacquire_at = Some(now + PAUSE);
+            }
+            Some(Event::NotAcquired { .. }) => reacquire_at = Some(now + PAUSE),
+            Some(Event::Renewed { .. }) | None => {}
+        }
+        if let Some(fence) = holding {
+            if now >= next_act {
+                next_act = now + ACT_EVERY;
+                // The fence goes with every action; acting needs validity to spare.
+                if link.remaining().is_some_and(|r| r >= ACT_GUARD) {
+                    acts += 1;
+                    Line::new("ACT ").num(fence).push(" ").num(u64::from(acts)).say();
+                }
+                if acts >= ACTS_PER_HOLD {
+                    holding = None;
+                    let _ = link.release();
+                }
+            }
+        }
+        if reacquire_at.is_some_and(|t| now >= t) {
+            reacquire_at = None;
+            asked_at = now;
+            let _ = link.acquire();
+        }
+        if now >= next_clock_report {
+            Line::new("CLOCK ").num(now.as_micros()).say();
+            next_clock_report = now + Duration::from_secs(1);
+        }
+        // SysTick wakes us every millisecond; UART bytes wait in the FIFO meanwhile.
+        cortex_m::asm::wfi();
+    }
+}
+
+fn fail() -> ! {
+    debug::exit(debug::EXIT_FAILURE);
+    loop {
+        cortex_m::asm::wfi();
+    }
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    fail()
+}
