@@ -433,3 +433,25 @@ impl Drop for Lease {
         self.begin_release();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BuiltinBackend;
+
+    #[test]
+    fn local_guards_of_unused_keys_are_forgotten() {
+        let backend = BuiltinBackend::new("http://127.0.0.1:9", None, Duration::from_secs(1)).unwrap();
+        let c = Client::new(backend, Options::new(Duration::from_secs(10))).unwrap();
+        let key = |i: u32| leasehold_core::parse_key(&format!("k{i}")).unwrap();
+        let held = c.local(&key(0)).try_lock_arc().unwrap();
+        for i in 1..100 {
+            drop(c.local(&key(i)).try_lock_arc().unwrap());
+        }
+        let again = c.local(&key(0));
+        assert!(again.try_lock().is_none(), "a held key keeps its guard");
+        assert_eq!(c.inner.local.lock().unwrap().len(), 1, "only the held key's guard is left");
+        drop(held);
+        assert!(again.try_lock().is_some());
+    }
+}

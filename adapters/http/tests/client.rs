@@ -286,3 +286,17 @@ fn handles_are_send_and_sync() {
     assert_send_sync::<Client<BuiltinBackend>>();
     assert_send_sync::<leasehold_http::Lease>();
 }
+
+#[test]
+fn release_against_a_vanished_server_returns_by_the_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    smol::block_on(async {
+        let c = client(&s.url(), 600);
+        let l = c.acquire("orphan").await.unwrap();
+        drop(s);
+        let started = Instant::now();
+        within(3_000, "release with no server", l.release()).await;
+        assert!(started.elapsed() <= Duration::from_millis(1_000), "{:?}", started.elapsed());
+    });
+}
