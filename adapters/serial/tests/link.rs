@@ -1,0 +1,88 @@
+//! The device links on the host: real sockets, the host codec, and the core's own authority
+//! rules (`LeaseTable`) standing in for the gateway's backend.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use embedded_io_adapters::futures_03::FromFutures;
+use leasehold_core::authority::{LeaseTable, Limits};
+use leasehold_core::{parse_key, Config, Duration as LDuration, Event, Instant as LInstant, Lease, OwnerId};
+use leasehold_serial::host::{response_to, AsyncHostLink};
+use leasehold_serial::{AsyncDeviceLink, Body, Clock};
+
+#[derive(Clone, Copy)]
+struct HostClock(Instant);
+impl Clock for HostClock {
+    fn now(&self) -> LInstant {
+        LInstant::from_micros(self.0.elapsed().as_micros() as u64)
+    }
+}
+
+struct TimerDelay;
+impl embedded_hal_async::delay::DelayNs for TimerDelay {
+    async fn delay_ns(&mut self, ns: u32) {
+        async_io::Timer::after(Duration::from_nanos(u64::from(ns))).await;
+    }
+}
+
+/// Answers every request on `stream` from one shared in-memory authority.
+async fn gateway(stream: async_net::TcpStream, table: Arc<Mutex<LeaseTable<8>>>, epoch: Instant) -> usize {
+    let mut link = AsyncHostLink::new(stream);
+    let mut answered = 0;
+    while let Ok(Some(frame)) = link.read_frame().await {
+        let Ok(f) = frame else { continue };
+        let Body::Request { key, request } = f.body else { continue };
+        let now = LInstant::from_micros(epoch.elapsed().as_micros() as u64);
+        let reply = table.lock().unwrap().handle(now, &key, &request).reply;
+        let response = leasehold_core::Response { id: request.id, owner: request.owner, reply };
+        if link.write_frame(&response_to(&f.header, response)).await.is_err() {
+            break;
+        }
+        answered += 1;
+    }
+    answered
+}
+
+#[test]
+fn async_device_link_acquires_renews_and_releases() {
+    smol::block_on(async {
+        let epoch = Instant::now();
+        let table = Arc::new(Mutex::new(LeaseTable::<8>::new(Limits::default())));
+        let listener = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = table.clone();
+        let host = smol::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            gateway(s, t, epoch).await
+        });
+        let uart = FromFutures::new(async_net::TcpStream::connect(addr).await.unwrap());
+        let config = Config::new(LDuration::from_millis(300));
+        let lease = Lease::new(OwnerId(9), config).unwrap();
+        let mut link =
+            AsyncDeviceLink::new(uart, HostClock(epoch), TimerDelay, lease, parse_key("pump").unwrap(), 4);
+
+        link.acquire().unwrap();
+        let Event::Acquired { fence, .. } = link.next_event().await.unwrap() else { panic!("not acquired") };
+        // Renewals keep it alive well past one ttl, each one answered by the authority.
+        let held_since = Instant::now();
+        let mut renewals = 0;
+        while held_since.elapsed() < Duration::from_millis(900) {
+            match link.next_event().await.unwrap() {
+                Event::Renewed { fence: f, .. } => {
+                    assert_eq!(f, fence);
+                    renewals += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(renewals >= 3, "{renewals} renewals");
+        assert!(link.remaining().is_some());
+        link.release().unwrap();
+        assert_eq!(link.next_event().await.unwrap(), Event::Released { fence });
+        let key = parse_key("pump").unwrap();
+        assert_eq!(table.lock().unwrap().get(&key).and_then(|r| r.holder), None, "released at the authority");
+        assert_eq!(link.stats().frames as usize, renewals + 2);
+        drop(link);
+        assert_eq!(host.await, renewals + 2);
+    });
+}
