@@ -1,0 +1,163 @@
+//! One conformance suite, every backend: the same generic checks against the built-in server
+//! and a real etcd, each started on loopback by the test.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use leasehold_core::{parse_key, Duration as LDuration, Fence, Op, OwnerId, Reply, Request, RequestId};
+use leasehold_http::{Backend, BuiltinBackend, Client, Options, TransportError};
+use leasehold_server::{Server, ServerConfig};
+use leasehold_stores::EtcdBackend;
+
+/// A child process and the directory it owns; both go when dropped.
+struct Proc(Child, #[allow(dead_code)] tempfile::TempDir);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real etcd on loopback, ready to serve.
+fn etcd() -> (Proc, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let c = format!("http://127.0.0.1:{client}");
+    let p = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+        .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+        .args(["--initial-cluster", &format!("default={p}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start etcd ({e}); install it: apt-get install etcd-server"));
+    let proc = Proc(child, dir);
+    let started = Instant::now();
+    loop {
+        let ok = std::net::TcpStream::connect(("127.0.0.1", client)).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.contains("\"health\":\"true\"")
+        });
+        if ok {
+            return (proc, c);
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "etcd did not become healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn req(owner: u64, op: Op) -> Request {
+    Request { id: RequestId(1), owner: OwnerId(owner), op }
+}
+
+const TTL: LDuration = LDuration::from_secs(2);
+
+async fn granted<B: Backend>(b: &B, key: &str, owner: u64) -> Fence {
+    match b.call(&parse_key(key).unwrap(), req(owner, Op::Acquire { ttl: TTL })).await {
+        Ok(Reply::Granted { fence, ttl }) => {
+            assert!(ttl <= TTL && !ttl.is_zero());
+            fence
+        }
+        other => panic!("expected a grant for {owner} on {key}, got {other:?}"),
+    }
+}
+
+/// Mutual exclusion, fenced release, monotonic fences, renewal, recovery after a transport
+/// failure.
+async fn protocol<B: Backend>(b: &B, name: &str) {
+    let k = parse_key(&format!("conf-{name}")).unwrap();
+    let f1 = granted(b, &k, 1).await;
+    let contender = b.call(&k, req(2, Op::Acquire { ttl: TTL })).await.unwrap();
+    assert!(matches!(contender, Reply::Busy { .. } | Reply::Observed { .. }), "{name}: {contender:?}");
+    assert_eq!(
+        b.call(&k, req(2, Op::Release { fence: f1 })).await.unwrap(),
+        Reply::NotHolder,
+        "{name}: other owner"
+    );
+    assert_eq!(
+        b.call(&k, req(1, Op::Release { fence: Fence(f1.0 + 1000) })).await.unwrap(),
+        Reply::NotHolder
+    );
+    assert_eq!(
+        b.call(&k, req(1, Op::Renew { fence: f1, ttl: TTL })).await.unwrap(),
+        Reply::Granted { fence: f1, ttl: TTL }
+    );
+    assert_eq!(b.call(&k, req(2, Op::Renew { fence: f1, ttl: TTL })).await.unwrap(), Reply::NotHolder);
+    assert_eq!(b.call(&k, req(1, Op::Release { fence: f1 })).await.unwrap(), Reply::Released, "{name}");
+    let mut last = f1;
+    for owner in 2..6 {
+        let f = granted(b, &k, owner).await;
+        assert!(f > last, "{name}: fence {f} after {last}");
+        assert_eq!(b.call(&k, req(owner, Op::Release { fence: f })).await.unwrap(), Reply::Released);
+        last = f;
+    }
+}
+
+/// A holder that dies right after its grant: a waiting client gets the key within the bound.
+async fn takeover<B: Backend>(b: B, name: &str) -> Duration {
+    let key = format!("takeover-{name}");
+    let k = parse_key(&key).unwrap();
+    let t0 = Instant::now();
+    granted(&b, &k, 77).await; // ...and never renews
+    let client = Client::new(b, Options::new(TTL.into())).unwrap();
+    let lease = client.acquire(&key).await.unwrap();
+    let waited = t0.elapsed();
+    assert!(lease.fence().is_some());
+    waited
+}
+
+#[test]
+fn builtin_server_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).unwrap();
+    let b = || BuiltinBackend::new(&s.url(), None, Duration::from_secs(2)).unwrap();
+    smol::block_on(protocol(&b(), "builtin"));
+    let waited = smol::block_on(takeover(b(), "builtin"));
+    // Slack: one busy poll (backoff_max = ttl/8) at most.
+    report("builtin", waited, TTL.into(), Duration::from_millis(300));
+}
+
+#[test]
+fn etcd_conforms() {
+    let (_etcd, url) = etcd();
+    let b = || EtcdBackend::new(&url, "leasehold/", Duration::from_secs(2)).unwrap();
+    smol::block_on(protocol(&b(), "etcd"));
+    let waited = smol::block_on(takeover(b(), "etcd"));
+    // etcd deletes a dead lease's key in a sweep every 500 ms after its expiry, then one busy
+    // poll (ttl/8) finds it free.
+    report("etcd", waited, TTL.into(), Duration::from_millis(900));
+}
+
+#[test]
+fn misconfiguration_is_a_clear_error() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let b = EtcdBackend::new(&dead, "x/", Duration::from_millis(500)).unwrap();
+    let r = smol::block_on(b.call(&parse_key("k").unwrap(), req(1, Op::Acquire { ttl: TTL })));
+    assert!(matches!(r, Err(TransportError::Connect { .. })), "{r:?}");
+    assert!(matches!(
+        EtcdBackend::new("etcd://x", "x/", Duration::from_secs(1)),
+        Err(TransportError::Config(_))
+    ));
+}
+
+fn report(name: &str, waited: Duration, ttl: Duration, slack: Duration) {
+    let bound = ttl.mul_f64(1.01);
+    println!(
+        "{name}: takeover after a dead holder {:.3}s, bound ttl*(1+eps) {:.3}s, ratio {:.2}",
+        waited.as_secs_f64(),
+        bound.as_secs_f64(),
+        waited.as_secs_f64() / bound.as_secs_f64()
+    );
+    assert!(waited <= bound + slack, "{name}: {waited:?}");
+}
