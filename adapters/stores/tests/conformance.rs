@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use leasehold_core::{parse_key, Duration as LDuration, Fence, Op, OwnerId, Reply, Request, RequestId};
 use leasehold_http::{Backend, BuiltinBackend, Client, Options, TransportError};
 use leasehold_server::{Server, ServerConfig};
-use leasehold_stores::EtcdBackend;
+use leasehold_stores::{Credentials, DynamoDbBackend, EtcdBackend};
 
 /// A child process and the directory it owns; both go when dropped.
 struct Proc(Child, #[allow(dead_code)] tempfile::TempDir);
@@ -55,6 +55,36 @@ fn etcd() -> (Proc, String) {
         assert!(started.elapsed() < Duration::from_secs(15), "etcd did not become healthy");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// dynalite, a DynamoDB-compatible server, on loopback (in memory).
+fn dynalite() -> (Proc, String) {
+    let cli = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tools/dynalite/node_modules/dynalite/cli.js");
+    assert!(
+        cli.exists(),
+        "dynalite is not installed: run `bash scripts/setup.sh` (or `cd tools/dynalite && npm ci`)"
+    );
+    let port = free_port();
+    let child = Command::new("node")
+        .arg(&cli)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--createTableMs", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start node ({e}); install it: apt-get install nodejs npm"));
+    let proc = Proc(child, tempfile::tempdir().unwrap());
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(15), "dynalite did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (proc, format!("http://127.0.0.1:{port}"))
+}
+
+fn dynamo(url: &str, table: &str) -> DynamoDbBackend {
+    let creds = Credentials::new("AKIDLEASEHOLDTEST", "not-a-real-secret", None, None, "test");
+    DynamoDbBackend::new(url, "us-east-1", table, creds, Duration::from_secs(2)).unwrap()
 }
 
 fn req(owner: u64, op: Op) -> Request {
@@ -137,6 +167,32 @@ fn etcd_conforms() {
     // etcd deletes a dead lease's key in a sweep every 500 ms after its expiry, then one busy
     // poll (ttl/8) finds it free.
     report("etcd", waited, TTL.into(), Duration::from_millis(900));
+}
+
+#[test]
+fn dynamodb_conforms() {
+    let (_server, url) = dynalite();
+    smol::block_on(dynamo(&url, "leases").create_table()).unwrap();
+    smol::block_on(protocol(&dynamo(&url, "leases"), "dynamodb"));
+    // No server clock: the waiting client observes the record, waits ttl·(1+ε) + margin on its
+    // own clock from receipt, then takes over the version it saw.
+    let waited = smol::block_on(takeover(dynamo(&url, "leases"), "dynamodb"));
+    report("dynamodb", waited, TTL.into(), Duration::from_millis(300));
+    // A missing table is the operator's problem, said as such, not a retry loop.
+    let missing = smol::block_on(
+        dynamo(&url, "no-such-table").call(&parse_key("k").unwrap(), req(1, Op::Acquire { ttl: TTL })),
+    );
+    assert_eq!(missing.unwrap(), Reply::Rejected(leasehold_core::Reject::Misconfigured));
+    assert!(matches!(
+        DynamoDbBackend::new(
+            &url,
+            "us-east-1",
+            "ab",
+            Credentials::new("a", "b", None, None, "t"),
+            Duration::from_secs(1)
+        ),
+        Err(TransportError::Config(_))
+    ));
 }
 
 #[test]
