@@ -4,10 +4,8 @@
 //! `cargo run --release -p leasehold-tests --example load -- [CLIENTS] [SECONDS]`
 //! etcd is started on loopback if the `etcd` binary is installed (`apt-get install etcd-server`).
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use leasehold_core::Duration as LDuration;
 use leasehold_http::{Backend, BuiltinBackend};
@@ -39,10 +37,6 @@ fn run<B: Backend>(name: &str, backend: Arc<B>, clients: &[usize], secs: u64) ->
         .collect()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let clients: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
@@ -57,39 +51,14 @@ fn main() {
         Arc::new(BuiltinBackend::new(&server.url(), None, Duration::from_secs(5)).expect("backend"));
     let b = run("builtin", builtin, &levels, secs);
 
-    let (cp, pp) = (free_port(), free_port());
-    let (c, p) = (format!("http://127.0.0.1:{cp}"), format!("http://127.0.0.1:{pp}"));
-    let etcd = Command::new("etcd")
-        .arg("--data-dir")
-        .arg(dir.path().join("etcd"))
-        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-        .args([
-            "--listen-peer-urls",
-            &p,
-            "--initial-advertise-peer-urls",
-            &p,
-            "--initial-cluster",
-            &format!("default={p}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let Ok(mut etcd) = etcd else {
+    if std::process::Command::new("etcd").arg("--version").output().is_err() {
         println!("etcd not installed (apt-get install etcd-server): no comparison");
         return;
-    };
-    let backend = Arc::new(EtcdBackend::new(&c, "load/", Duration::from_secs(5)).expect("backend"));
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", cp)).is_err()
-        && started.elapsed() < Duration::from_secs(10)
-    {
-        std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(500));
-    println!("etcd:     {c} (its WAL fsyncs before acknowledging, default settings)");
+    let etcd = leasehold_tests::servers::etcd();
+    let backend = Arc::new(EtcdBackend::new(etcd.url(), "load/", Duration::from_secs(5)).expect("backend"));
+    println!("etcd:     {} (its WAL fsyncs before acknowledging, default settings)", etcd.url());
     let e = run("etcd", backend, &levels, secs);
-    let _ = etcd.kill();
-    let _ = etcd.wait();
     for (i, c) in levels.iter().enumerate() {
         println!("clients {c:>3}: built-in / etcd = {:.1}x", b[i].rate() / e[i].rate().max(1e-9));
     }

@@ -1,87 +1,15 @@
 //! One conformance suite, every backend: the same generic checks against the built-in server
 //! and a real etcd, each started on loopback by the test.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use leasehold_core::{parse_key, Duration as LDuration, Fence, Op, OwnerId, Reply, Request, RequestId};
 use leasehold_http::{Backend, BuiltinBackend, Client, Options, TransportError};
 use leasehold_server::{Server, ServerConfig};
 use leasehold_stores::{Credentials, DynamoDbBackend, EtcdBackend};
+use leasehold_tests::servers::{dynalite, etcd, free_port};
 
 /// A child process and the directory it owns; both go when dropped.
-struct Proc(Child, #[allow(dead_code)] tempfile::TempDir);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A real etcd on loopback, ready to serve.
-fn etcd() -> (Proc, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let c = format!("http://127.0.0.1:{client}");
-    let p = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-        .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
-        .args(["--initial-cluster", &format!("default={p}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start etcd ({e}); install it: apt-get install etcd-server"));
-    let proc = Proc(child, dir);
-    let started = Instant::now();
-    loop {
-        let ok = std::net::TcpStream::connect(("127.0.0.1", client)).is_ok_and(|mut s| {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out.contains("\"health\":\"true\"")
-        });
-        if ok {
-            return (proc, c);
-        }
-        assert!(started.elapsed() < Duration::from_secs(15), "etcd did not become healthy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// dynalite, a DynamoDB-compatible server, on loopback (in memory).
-fn dynalite() -> (Proc, String) {
-    let cli = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tools/dynalite/node_modules/dynalite/cli.js");
-    assert!(
-        cli.exists(),
-        "dynalite is not installed: run `bash scripts/setup.sh` (or `cd tools/dynalite && npm ci`)"
-    );
-    let port = free_port();
-    let child = Command::new("node")
-        .arg(&cli)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--createTableMs", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start node ({e}); install it: apt-get install nodejs npm"));
-    let proc = Proc(child, tempfile::tempdir().unwrap());
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(15), "dynalite did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (proc, format!("http://127.0.0.1:{port}"))
-}
-
 fn dynamo(url: &str, table: &str) -> DynamoDbBackend {
     let creds = Credentials::new("AKIDLEASEHOLDTEST", "not-a-real-secret", None, None, "test");
     DynamoDbBackend::new(url, "us-east-1", table, creds, Duration::from_secs(2)).unwrap()
@@ -160,7 +88,8 @@ fn builtin_server_conforms() {
 
 #[test]
 fn etcd_conforms() {
-    let (_etcd, url) = etcd();
+    let server = etcd();
+    let url = server.url().to_string();
     let b = || EtcdBackend::new(&url, "leasehold/", Duration::from_secs(2)).unwrap();
     smol::block_on(protocol(&b(), "etcd"));
     let waited = smol::block_on(takeover(b(), "etcd"));
@@ -171,7 +100,8 @@ fn etcd_conforms() {
 
 #[test]
 fn dynamodb_conforms() {
-    let (_server, url) = dynalite();
+    let server = dynalite();
+    let url = server.url().to_string();
     smol::block_on(dynamo(&url, "leases").create_table()).unwrap();
     smol::block_on(protocol(&dynamo(&url, "leases"), "dynamodb"));
     // No server clock: the waiting client observes the record, waits ttl·(1+ε) + margin on its
