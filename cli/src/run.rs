@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use futures_lite::future;
-use leasehold_http::{AcquireError, BuiltinBackend, Client, Options};
+use leasehold_http::{AcquireError, Backend, BuiltinBackend, Client, Options, TransportError};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -27,9 +27,18 @@ pub(crate) struct Args {
     /// Lease time-to-live; renewed every third of it while the command runs.
     #[arg(long, default_value = "15s", value_parser = crate::duration)]
     ttl: Duration,
-    /// The lease server.
+    /// The lease server (or the etcd / DynamoDB endpoint).
     #[arg(long, env = "LEASEHOLD_SERVER", default_value = "http://127.0.0.1:7878")]
     server: String,
+    /// Which kind of store `--server` is.
+    #[arg(long, value_enum, default_value = "builtin")]
+    backend: BackendKind,
+    /// etcd: the prefix under which lease keys are stored.
+    #[arg(long, default_value = "leasehold/")]
+    prefix: String,
+    /// DynamoDB: the table (partition key `key`, string).
+    #[arg(long, default_value = "leases")]
+    table: String,
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -53,21 +62,47 @@ pub(crate) struct Args {
     command: Vec<String>,
 }
 
-pub(crate) fn main(args: Args) -> ExitCode {
-    smol::block_on(run(args))
+/// Where leases live.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum BackendKind {
+    /// The built-in server (`leasehold serve`).
+    Builtin,
+    /// An etcd cluster's v3 JSON gateway (`--server http://HOST:2379`).
+    Etcd,
+    /// A DynamoDB table (`--server` is the endpoint; credentials and region from AWS_*).
+    Dynamodb,
 }
 
-async fn run(args: Args) -> ExitCode {
+pub(crate) fn main(args: Args) -> ExitCode {
     let mut options = Options::new(args.ttl);
     options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
-    let backend =
-        match BuiltinBackend::new(&args.server, args.token.clone(), options.config.request_timeout.into()) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("leasehold run: {e}");
-                return ExitCode::from(2);
+    let timeout: Duration = options.config.request_timeout.into();
+    smol::block_on(async {
+        match args.backend {
+            BackendKind::Builtin => {
+                let b = BuiltinBackend::new(&args.server, args.token.clone(), timeout);
+                run(args, options, b).await
             }
-        };
+            BackendKind::Etcd => {
+                let b = leasehold_stores::EtcdBackend::new(&args.server, &args.prefix, timeout);
+                run(args, options, b).await
+            }
+            BackendKind::Dynamodb => {
+                let b = leasehold_stores::DynamoDbBackend::from_env(&args.server, &args.table, timeout);
+                run(args, options, b).await
+            }
+        }
+    })
+}
+
+async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, TransportError>) -> ExitCode {
+    let backend = match backend {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("leasehold run: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let client = match Client::new(backend, options) {
         Ok(c) => c,
         Err(e) => {
