@@ -106,42 +106,6 @@ fn two_run_processes_never_overlap() {
 }
 
 #[test]
-fn kill_9_of_the_holder_hands_over_within_the_bound() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_server, url) = serve(&dir.path().join("store"));
-    let marker = dir.path().join("acquired");
-    let ttl = Duration::from_secs(1);
-    let holder = Proc(run_cmd(&url, "failover", "1s", &[], &["sleep", "60"]).spawn().unwrap());
-    // Wait until the holder holds.
-    let started = Instant::now();
-    while !is_held(&url, "failover") {
-        assert!(started.elapsed() < Duration::from_secs(5), "holder never acquired");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let script = format!("date +%s%N > {}", marker.display());
-    let mut waiter = Proc(run_cmd(&url, "failover", "1s", &[], &["sh", "-c", &script]).spawn().unwrap());
-    std::thread::sleep(Duration::from_millis(700));
-    let killed_at = nanos_now();
-    killpg(Pid::from_raw(holder.0.id() as i32), Signal::SIGKILL).unwrap();
-    let status = waiter.0.wait().unwrap();
-    assert!(status.success(), "{status:?}");
-    let acquired_at: u128 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
-    let failover = Duration::from_nanos((acquired_at - killed_at) as u64);
-    let bound = ttl.mul_f64(1.01);
-    println!(
-        "failover after kill -9: {:.3}s, bound ttl*(1+eps) = {:.3}s, ratio {:.2}",
-        failover.as_secs_f64(),
-        bound.as_secs_f64(),
-        failover.as_secs_f64() / bound.as_secs_f64()
-    );
-    // Slack: one retry jitter (ttl/64) plus process start-up of the child that writes the mark.
-    assert!(
-        failover <= bound + Duration::from_millis(250),
-        "failover {failover:?} exceeds {bound:?} + slack"
-    );
-}
-
-#[test]
 fn exit_codes_are_as_documented() {
     let dir = tempfile::tempdir().unwrap();
     let (_server, url) = serve(&dir.path().join("store"));

@@ -60,6 +60,19 @@ struct Pending {
     sent_at: Instant,
 }
 
+/// A compare-and-set record seen held, and since when it has been seen unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Observation {
+    version: u64,
+    /// Receipt of the first reply showing this version. The write of this version happened
+    /// before it, so the holder's belief ends `ttl·(1−ε)` after a send that preceded it.
+    since: Instant,
+    /// `since + ttl·(1+ε) + margin`: from then on a takeover of `version` is safe.
+    due: Instant,
+    /// The next attempt is the takeover (else a poll, which also catches an early release).
+    ready: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Idle,
@@ -68,8 +81,9 @@ enum Phase {
         give_up_at: Option<Instant>,
         /// `release` was called while an attempt was in flight.
         cancel: bool,
-        /// Observed record version to take over (compare-and-set stores).
-        takeover: Option<u64>,
+        /// An observed record to take over once it has stood still long enough
+        /// (compare-and-set stores).
+        takeover: Option<Observation>,
     },
     Held,
     Releasing,
@@ -515,15 +529,27 @@ impl Lease {
                 if cancel {
                     return self.not_acquired(NotAcquired::Cancelled);
                 }
-                // Anchored at receipt: the observed write happened before we read it.
-                self.retry_acquire_at(now + self.config.observe_wait(ttl), give_up_at, Some(version));
+                // Anchored at receipt of the first sighting of this version: the write of it
+                // happened before we read it. A changed version starts the wait again.
+                let since = match self.phase {
+                    Phase::Acquiring { takeover: Some(o), .. } if o.version == version => o.since,
+                    _ => now,
+                };
+                let due = since + self.config.observe_wait(ttl);
+                // Poll meanwhile: the holder may die right after a renewal we have not seen,
+                // or release early; either way waiting out a stale sighting would cost a
+                // second full ttl.
+                let poll = now + self.config.backoff_max;
+                let (at, ready) = if due <= poll { (due.max(now), true) } else { (poll, false) };
+                let o = Observation { version, since, due, ready };
+                self.retry_acquire_at(at, give_up_at, Some(o));
             }
             Reply::Rejected(r) => self.not_acquired(NotAcquired::Rejected(r)),
             Reply::Unavailable | Reply::NotHolder | Reply::Released => self.fail(now),
         }
     }
 
-    fn retry_acquire_at(&mut self, at: Instant, give_up_at: Option<Instant>, takeover: Option<u64>) {
+    fn retry_acquire_at(&mut self, at: Instant, give_up_at: Option<Instant>, takeover: Option<Observation>) {
         if give_up_at.is_some_and(|g| at > g) {
             return self.not_acquired(NotAcquired::Busy);
         }
@@ -565,8 +591,8 @@ impl Lease {
     fn op(&self) -> Option<Op> {
         let ttl = self.config.ttl;
         Some(match self.phase {
-            Phase::Acquiring { takeover: Some(version), .. } => Op::Takeover { version, ttl },
-            Phase::Acquiring { takeover: None, .. } => Op::Acquire { ttl },
+            Phase::Acquiring { takeover: Some(o), .. } if o.ready => Op::Takeover { version: o.version, ttl },
+            Phase::Acquiring { .. } => Op::Acquire { ttl },
             Phase::Held => Op::Renew { fence: self.fence, ttl },
             Phase::Releasing => Op::Release { fence: self.fence },
             Phase::Idle | Phase::Lost | Phase::Released => return None,
@@ -871,25 +897,76 @@ mod tests {
     #[test]
     fn observe_and_wait_then_take_over_the_observed_version() {
         let mut l = lease();
+        let poll = config().backoff_max;
         l.acquire(ms(0)).unwrap();
         let r = l.poll_transmit().unwrap();
-        reply(&mut l, ms(50), &r, Reply::Observed { version: 7, ttl: TTL });
+        let seen = |version| Reply::Observed { version, ttl: TTL };
+        reply(&mut l, ms(50), &r, seen(7));
         assert_eq!(l.state(), State::Waiting);
-        // Counted from receipt, stretched by ε.
-        assert_eq!(l.poll_timeout(), Some(ms(50 + 10_100)));
-        l.handle_timeout(ms(10_150));
-        let r = l.poll_transmit().unwrap();
-        assert_eq!(r.op, Op::Takeover { version: 7, ttl: TTL });
-        // The holder renewed meanwhile: wait again for the new version.
-        reply(&mut l, ms(10_160), &r, Reply::Observed { version: 8, ttl: TTL });
-        l.handle_timeout(ms(20_260));
-        let r = l.poll_transmit().unwrap();
-        assert_eq!(r.op, Op::Takeover { version: 8, ttl: TTL });
-        reply(&mut l, ms(20_270), &r, granted(3));
+        // Polls (plain acquires) every backoff_max while version 7 stands still...
+        let mut now = ms(50);
+        let mut replied = ms(50);
+        loop {
+            let t = l.poll_timeout().unwrap();
+            assert!(t <= replied + poll, "polls at least every backoff_max");
+            now = t;
+            l.handle_timeout(now);
+            let r = l.poll_transmit().unwrap();
+            if let Op::Takeover { version, .. } = r.op {
+                assert_eq!(version, 7);
+                // ...and takes over exactly ttl·(1+ε) after the *first* sighting.
+                assert_eq!(now, ms(50 + 10_100));
+                reply(&mut l, now + Duration::from_millis(5), &r, granted(3));
+                break;
+            }
+            assert_eq!(r.op, Op::Acquire { ttl: TTL });
+            replied = now + Duration::from_millis(5);
+            reply(&mut l, replied, &r, seen(7));
+        }
         assert_eq!(
             l.poll_event(),
-            Some(Event::Acquired { fence: Fence(3), valid_until: ms(20_260 + 9_900) })
+            Some(Event::Acquired { fence: Fence(3), valid_until: now + Duration::from_millis(9_900) })
         );
+    }
+
+    #[test]
+    fn a_renewed_record_restarts_the_wait() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(0), &r, Reply::Observed { version: 1, ttl: TTL });
+        let t = l.poll_timeout().unwrap();
+        l.handle_timeout(t);
+        let r = l.poll_transmit().unwrap();
+        assert_eq!(r.op, Op::Acquire { ttl: TTL });
+        // The holder renewed: version 2 is a new sighting, counted from now.
+        reply(&mut l, t, &r, Reply::Observed { version: 2, ttl: TTL });
+        let mut now = t;
+        let r = loop {
+            now = l.poll_timeout().unwrap();
+            l.handle_timeout(now);
+            let r = l.poll_transmit().unwrap();
+            if matches!(r.op, Op::Takeover { .. }) {
+                break r;
+            }
+            reply(&mut l, now, &r, Reply::Observed { version: 2, ttl: TTL });
+        };
+        assert_eq!(r.op, Op::Takeover { version: 2, ttl: TTL });
+        assert_eq!(now, t + Duration::from_millis(10_100));
+    }
+
+    #[test]
+    fn a_poll_that_finds_the_key_free_is_granted_at_once() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(0), &r, Reply::Observed { version: 1, ttl: TTL });
+        let t = l.poll_timeout().unwrap();
+        assert!(t < ms(2_000));
+        l.handle_timeout(t);
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, t, &r, granted(4));
+        assert!(matches!(l.poll_event(), Some(Event::Acquired { fence: Fence(4), .. })));
     }
 
     #[test]
