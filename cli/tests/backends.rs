@@ -50,7 +50,7 @@ fn kill_9(backend: &str, url: &str, slack: Duration) {
     let (held, acquired) = (dir.path().join("held"), dir.path().join("acquired"));
     let hold = format!("touch {}; sleep 60", held.display());
     let mut holder = run(backend, url, &["--key", "failover"], &["sh", "-c", &hold]);
-    let holder = holder.process_group(0).spawn().unwrap();
+    let mut holder = holder.process_group(0).spawn().unwrap();
     let started = Instant::now();
     while !held.exists() {
         assert!(started.elapsed() < Duration::from_secs(5), "{backend}: holder never acquired");
@@ -61,6 +61,7 @@ fn kill_9(backend: &str, url: &str, slack: Duration) {
     std::thread::sleep(Duration::from_millis(700));
     let killed_at = nanos_now();
     killpg(Pid::from_raw(holder.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = holder.wait();
     assert!(waiter.wait().unwrap().success(), "{backend}: waiter failed");
     let at: u128 = std::fs::read_to_string(&acquired).unwrap().trim().parse().unwrap();
     let failover = Duration::from_nanos((at - killed_at) as u64);

@@ -58,16 +58,6 @@ fn call(url: &str, key: &str, owner: u64, op: Op) -> Reply {
     smol::block_on(b.call(&parse_key(key).unwrap(), req)).expect("server answers")
 }
 
-/// Whether anyone holds `key`, read without touching it.
-fn is_held(url: &str, key: &str) -> bool {
-    let out = Command::new(BIN).args(["status", key, "--server", url]).output().unwrap();
-    out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("free")
-}
-
-fn nanos_now() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-}
-
 #[test]
 fn two_run_processes_never_overlap() {
     let dir = tempfile::tempdir().unwrap();
