@@ -62,6 +62,41 @@ async fn protocol<B: Backend>(b: &B, name: &str) {
     }
 }
 
+/// Fails the first `n` renewals in transport, then passes everything through.
+struct Flaky<B> {
+    inner: B,
+    failures_left: std::sync::atomic::AtomicUsize,
+}
+
+impl<B: Backend> Backend for Flaky<B> {
+    async fn call(&self, key: &leasehold_core::Key, request: Request) -> Result<Reply, TransportError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if matches!(request.op, Op::Renew { .. })
+            && self.failures_left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok()
+        {
+            return Err(TransportError::Io("injected transient failure".into()));
+        }
+        self.inner.call(key, request).await
+    }
+}
+
+/// Two renewals fail in transport; the lease stays valid, retries, and renews with its fence.
+async fn renewal_after_a_transient_failure<B: Backend>(b: B, name: &str) {
+    let flaky = Flaky { inner: b, failures_left: 2.into() };
+    let client = Client::new(flaky, Options::new(TTL.into())).unwrap();
+    let lease = client.acquire(&format!("flaky-{name}")).await.unwrap();
+    let fence = lease.fence();
+    let t0 = Instant::now();
+    while client.backend().failures_left.load(std::sync::atomic::Ordering::SeqCst) > 0 || !lease.is_healthy()
+    {
+        assert!(lease.remaining().is_some(), "{name}: lease lapsed during transient failures");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{name}: never renewed after the failures");
+        async_io::Timer::after(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lease.fence(), fence, "{name}: a renewal keeps the fence");
+    lease.release().await;
+}
+
 /// A holder that dies right after its grant: a waiting client gets the key within the bound.
 async fn takeover<B: Backend>(b: B, name: &str) -> Duration {
     let key = format!("takeover-{name}");
@@ -81,6 +116,7 @@ fn builtin_server_conforms() {
     let s = Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).unwrap();
     let b = || BuiltinBackend::new(&s.url(), None, Duration::from_secs(2)).unwrap();
     smol::block_on(protocol(&b(), "builtin"));
+    smol::block_on(renewal_after_a_transient_failure(b(), "builtin"));
     let waited = smol::block_on(takeover(b(), "builtin"));
     // Slack: one busy poll (backoff_max = ttl/8) at most.
     report("builtin", waited, TTL.into(), Duration::from_millis(300));
@@ -92,6 +128,7 @@ fn etcd_conforms() {
     let url = server.url().to_string();
     let b = || EtcdBackend::new(&url, "leasehold/", Duration::from_secs(2)).unwrap();
     smol::block_on(protocol(&b(), "etcd"));
+    smol::block_on(renewal_after_a_transient_failure(b(), "etcd"));
     let waited = smol::block_on(takeover(b(), "etcd"));
     // etcd deletes a dead lease's key in a sweep every 500 ms after its expiry, then one busy
     // poll (ttl/8) finds it free.
@@ -104,6 +141,7 @@ fn dynamodb_conforms() {
     let url = server.url().to_string();
     smol::block_on(dynamo(&url, "leases").create_table()).unwrap();
     smol::block_on(protocol(&dynamo(&url, "leases"), "dynamodb"));
+    smol::block_on(renewal_after_a_transient_failure(dynamo(&url, "leases"), "dynamodb"));
     // No server clock: the waiting client observes the record, waits ttl·(1+ε) + margin on its
     // own clock from receipt, then takes over the version it saw.
     let waited = smol::block_on(takeover(dynamo(&url, "leases"), "dynamodb"));
