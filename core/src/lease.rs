@@ -904,7 +904,7 @@ mod tests {
         reply(&mut l, ms(50), &r, seen(7));
         assert_eq!(l.state(), State::Waiting);
         // Polls (plain acquires) every backoff_max while version 7 stands still...
-        let mut now = ms(50);
+        let mut now;
         let mut replied = ms(50);
         loop {
             let t = l.poll_timeout().unwrap();
@@ -941,7 +941,7 @@ mod tests {
         assert_eq!(r.op, Op::Acquire { ttl: TTL });
         // The holder renewed: version 2 is a new sighting, counted from now.
         reply(&mut l, t, &r, Reply::Observed { version: 2, ttl: TTL });
-        let mut now = t;
+        let mut now;
         let r = loop {
             now = l.poll_timeout().unwrap();
             l.handle_timeout(now);
