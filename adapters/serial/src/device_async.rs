@@ -6,11 +6,15 @@ use embedded_io_async::{Read, Write};
 use leasehold_core::{AcquireError, Duration, Event, Key, Lease, ReleaseError};
 
 use crate::decode::DecodeStats;
-use crate::device::{Clock, Core};
+use crate::device::{Clock, Core, LinkStats};
 use crate::frame::MAX_FRAME;
 
-/// A device's lease over an async UART. [`next_event`](AsyncDeviceLink::next_event) runs the
-/// link until the machine has something to tell the application.
+/// A device's lease over an async UART (`embedded_io_async::{Read, Write}`, e.g. embassy's
+/// `BufferedUart`). [`next_event`](AsyncDeviceLink::next_event) runs the link until the
+/// machine has something to tell the application.
+///
+/// A pending read is dropped when the machine's deadline comes first, so the UART's `read`
+/// must be cancel-safe (lose no bytes when dropped), as embedded-io-async encourages.
 #[derive(Debug)]
 pub struct AsyncDeviceLink<U, C, D> {
     uart: U,
@@ -49,7 +53,12 @@ impl<U: Read + Write, C: Clock, D: DelayNs> AsyncDeviceLink<U, C, D> {
 
     /// What the decoder has seen.
     pub fn stats(&self) -> DecodeStats {
-        self.core.decoder_stats()
+        self.core.stats().decoder
+    }
+
+    /// The decoder's counts and the link's own (foreign frames, version mismatches, failed writes).
+    pub fn link_stats(&self) -> LinkStats {
+        self.core.stats()
     }
 
     /// Drives the link until the next event.
@@ -58,9 +67,9 @@ impl<U: Read + Write, C: Clock, D: DelayNs> AsyncDeviceLink<U, C, D> {
         loop {
             let now = self.clock.now();
             self.core.due(now);
-            while let Some((id, bytes)) = self.core.next_frame(&mut self.tx) {
+            while let Some((id, bytes)) = self.core.next_frame(now, &mut self.tx) {
                 if let Err(e) = self.uart.write_all(bytes).await {
-                    self.core.lease.handle_transport_error(now, id);
+                    self.core.write_failed(now, id);
                     return Err(e);
                 }
             }

@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this crate speaks.
 pub const VERSION: u8 = 1;
 
-/// The largest frame on the wire, delimiters and COBS overhead included. A request with a
-/// 64-byte key is about 90 bytes.
+/// The largest frame on the wire, both zero delimiters and COBS overhead included, so at most
+/// `MAX_FRAME - 2` bytes between delimiters. The decoder's buffer is this size; longer runs are
+/// counted as [`DecodeError::Oversize`](crate::DecodeError::Oversize). The largest frame this
+/// version can produce (a takeover with a 64-byte key and maximal integers) is 114 bytes; an
+/// acquire for a 4-byte key is 19.
 pub const MAX_FRAME: usize = 128;
 
 /// Who sent a frame, and which one it is.
@@ -46,8 +49,8 @@ pub enum Body {
     },
 }
 
-/// One frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One frame. Serialized as its header then its body, with nothing between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Frame {
     /// Version, sequence number, device.
@@ -77,20 +80,12 @@ impl Frame {
 
     /// Encodes into `buf`, framed by a zero byte on both sides (the leading one lets a
     /// receiver that saw line noise resynchronise at this very frame). Returns the bytes to send.
+    ///
+    /// Every frame of this version fits (keys are at most 64 bytes; the largest frame is 114
+    /// bytes); the error only guards the buffer.
     pub fn encode<'b>(&self, buf: &'b mut [u8; MAX_FRAME]) -> Result<&'b [u8], EncodeError> {
-        let mut raw = [0u8; MAX_FRAME];
-        let used = {
-            let head = postcard::to_slice(&self.header, &mut raw).map_err(|_| EncodeError)?.len();
-            let (_, rest) = raw.split_at_mut(head);
-            head + postcard::to_slice(&self.body, rest).map_err(|_| EncodeError)?.len()
-        };
-        // COBS adds one byte per 254 and we add two delimiters.
-        if used + used / 254 + 3 > MAX_FRAME {
-            return Err(EncodeError);
-        }
         buf[0] = 0;
-        let n = cobs::encode(&raw[..used], &mut buf[1..MAX_FRAME - 1]);
-        buf[1 + n] = 0;
-        Ok(&buf[..n + 2])
+        let n = postcard::to_slice_cobs(self, &mut buf[1..]).map_err(|_| EncodeError)?.len();
+        Ok(&buf[..n + 1])
     }
 }

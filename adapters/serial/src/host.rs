@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::io;
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use leasehold_core::Response;
+use leasehold_core::{Key, Reply, Request, Response};
 
 use crate::decode::{DecodeError, DecodeStats, FrameDecoder};
 use crate::frame::{Body, Frame, Header, MAX_FRAME, VERSION};
@@ -17,6 +17,24 @@ pub fn response_to(request: &Header, response: Response) -> Frame {
 /// The frame that tells a sender of another version which one we speak.
 pub fn version_mismatch(request: &Header) -> Frame {
     Frame::new(request.seq, request.device, Body::VersionMismatch { supported: VERSION })
+}
+
+/// A request a device sent, with what is needed to answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRequest {
+    /// The frame's header: which device, which frame.
+    pub header: Header,
+    /// The key the device's lease is for.
+    pub key: Key,
+    /// The core request, to be forwarded to a lease authority.
+    pub request: Request,
+}
+
+impl DeviceRequest {
+    /// The frame answering this request with `reply`.
+    pub fn answer(&self, reply: Reply) -> Frame {
+        response_to(&self.header, Response { id: self.request.id, owner: self.request.owner, reply })
+    }
 }
 
 fn encode(frame: &Frame) -> io::Result<([u8; MAX_FRAME], usize)> {
@@ -46,7 +64,10 @@ impl<S: io::Read + io::Write> HostLink<S> {
             if let Some(f) = self.pending.pop_front() {
                 return Ok(Some(f));
             }
-            let n = self.stream.read(&mut buf)?;
+            let n = match self.stream.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
             if n == 0 {
                 return Ok(None);
             }
@@ -61,9 +82,36 @@ impl<S: io::Read + io::Write> HostLink<S> {
         self.stream.flush()
     }
 
+    /// The next request from a device; `None` at end of stream. Frames of another protocol
+    /// version are answered with a version-mismatch frame here, and other bad frames are
+    /// skipped (and counted in [`stats`](HostLink::stats)).
+    pub fn next_request(&mut self) -> io::Result<Option<DeviceRequest>> {
+        while let Some(frame) = self.read_frame()? {
+            match frame {
+                Ok(Frame { header, body: Body::Request { key, request } }) => {
+                    return Ok(Some(DeviceRequest { header, key, request }));
+                }
+                Err(DecodeError::WrongVersion(h)) => self.write_frame(&version_mismatch(&h))?,
+                // Responses or notices echoed back, line noise: nothing to answer.
+                Ok(_) | Err(_) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Answers `request` with `reply`.
+    pub fn answer(&mut self, request: &DeviceRequest, reply: Reply) -> io::Result<()> {
+        self.write_frame(&request.answer(reply))
+    }
+
     /// What the decoder has seen.
     pub fn stats(&self) -> DecodeStats {
         self.decoder.stats()
+    }
+
+    /// The stream, e.g. to set a timeout on it.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
     }
 }
 
@@ -103,8 +151,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncHostLink<S> {
         self.stream.flush().await
     }
 
+    /// The next request from a device; `None` at end of stream. Frames of another protocol
+    /// version are answered with a version-mismatch frame here, and other bad frames are
+    /// skipped (and counted in [`stats`](AsyncHostLink::stats)).
+    pub async fn next_request(&mut self) -> io::Result<Option<DeviceRequest>> {
+        while let Some(frame) = self.read_frame().await? {
+            match frame {
+                Ok(Frame { header, body: Body::Request { key, request } }) => {
+                    return Ok(Some(DeviceRequest { header, key, request }));
+                }
+                Err(DecodeError::WrongVersion(h)) => self.write_frame(&version_mismatch(&h)).await?,
+                // Responses or notices echoed back, line noise: nothing to answer.
+                Ok(_) | Err(_) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Answers `request` with `reply`.
+    pub async fn answer(&mut self, request: &DeviceRequest, reply: Reply) -> io::Result<()> {
+        self.write_frame(&request.answer(reply)).await
+    }
+
     /// What the decoder has seen.
     pub fn stats(&self) -> DecodeStats {
         self.decoder.stats()
+    }
+
+    /// The stream, e.g. to set a timeout on it.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
     }
 }

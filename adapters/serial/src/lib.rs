@@ -4,15 +4,17 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+#[macro_use]
+mod fmt;
+
 mod decode;
 mod device;
 mod device_async;
-mod fmt;
 mod frame;
 #[cfg(feature = "std")]
 pub mod host;
 
 pub use decode::{DecodeError, DecodeStats, FrameDecoder};
-pub use device::{Clock, DeviceLink};
+pub use device::{Clock, DeviceLink, LinkStats};
 pub use device_async::AsyncDeviceLink;
 pub use frame::{Body, EncodeError, Frame, Header, MAX_FRAME, VERSION};
