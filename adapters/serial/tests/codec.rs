@@ -40,6 +40,37 @@ fn golden_bytes() {
     assert_eq!(encode(&granted_frame()), [0, 7, 1, 1, 42, 1, 1, 7, 6, 3, 0xc0, 0x96, 0xb1, 2, 0]);
     let mismatch = Frame::new(9, 42, Body::VersionMismatch { supported: 1 });
     assert_eq!(encode(&mismatch), [0, 6, 1, 9, 42, 2, 1, 0]);
+    assert_eq!(
+        encode(&request_frame(2, Op::Renew { fence: Fence(3), ttl: Duration::from_secs(5) })),
+        [0, 4, 1, 2, 42, 14, 4, b'p', b'u', b'm', b'p', 2, 7, 2, 3, 0xc0, 0x96, 0xb1, 2, 0]
+    );
+    assert_eq!(
+        encode(&request_frame(3, Op::Release { fence: Fence(3) })),
+        [0, 4, 1, 3, 42, 10, 4, b'p', b'u', b'm', b'p', 3, 7, 3, 3, 0]
+    );
+    assert_eq!(encode(&response_frame(3, Reply::Released)), [0, 8, 1, 3, 42, 1, 3, 7, 4, 0]);
+    assert_eq!(
+        encode(&response_frame(1, Reply::Busy { retry_after: Duration::from_millis(250) })),
+        [0, 11, 1, 1, 42, 1, 1, 7, 1, 0x90, 0xa1, 0x0f, 0]
+    );
+    assert_eq!(
+        encode(&response_frame(1, Reply::Rejected(Reject::UnsupportedVersion))),
+        [0, 9, 1, 1, 42, 1, 1, 7, 5, 4, 0]
+    );
+    // Multi-byte varints in the header: seq 300, device 70000.
+    let mut f = response_frame(1, Reply::NotHolder);
+    f.header.seq = 300;
+    f.header.device = 70_000;
+    assert_eq!(encode(&f), [0, 11, 1, 0xac, 2, 0xf0, 0xa2, 4, 1, 1, 7, 3, 0]);
+}
+
+fn request_frame(seq: u16, op: Op) -> Frame {
+    let request = Request { id: RequestId(u32::from(seq)), owner: OwnerId(7), op };
+    Frame::new(seq, 42, Body::Request { key: parse_key("pump").unwrap(), request })
+}
+
+fn response_frame(seq: u16, reply: Reply) -> Frame {
+    Frame::new(seq, 42, Body::Response(Response { id: RequestId(u32::from(seq)), owner: OwnerId(7), reply }))
 }
 
 #[test]
@@ -58,9 +89,36 @@ fn every_variant_round_trips() {
         Reply::NotHolder,
         Reply::Released,
         Reply::Rejected(Reject::InvalidTtl),
+        Reply::Rejected(Reject::InvalidKey),
+        Reply::Rejected(Reject::Unauthorized),
+        Reply::Rejected(Reject::Malformed),
+        Reply::Rejected(Reject::UnsupportedVersion),
+        Reply::Rejected(Reject::Capacity),
+        Reply::Rejected(Reject::FenceExhausted),
         Reply::Rejected(Reject::Misconfigured),
         Reply::Unavailable,
     ];
+    // A new core variant must be added here (and appended, never inserted, in the core).
+    for r in &replies {
+        match r {
+            Reply::Granted { .. }
+            | Reply::Busy { .. }
+            | Reply::Observed { .. }
+            | Reply::NotHolder
+            | Reply::Released
+            | Reply::Unavailable => {}
+            Reply::Rejected(
+                Reject::InvalidTtl
+                | Reject::InvalidKey
+                | Reject::Unauthorized
+                | Reject::Malformed
+                | Reject::UnsupportedVersion
+                | Reject::Capacity
+                | Reject::FenceExhausted
+                | Reject::Misconfigured,
+            ) => {}
+        }
+    }
     let key = parse_key(&"k".repeat(64)).unwrap();
     let mut frames: Vec<Frame> = ops
         .iter()
@@ -119,8 +177,48 @@ fn an_oversize_frame_is_refused_at_encoding() {
     assert!(f.encode(&mut buf).is_ok());
 }
 
+#[test]
+fn only_wrong_versions_are_counted_as_such() {
+    let mut stream = Vec::new();
+    for v in [0u8, 2, 255] {
+        let mut f = acquire_frame();
+        f.header.version = v;
+        stream.extend(encode(&f));
+    }
+    stream.extend(encode(&acquire_frame()));
+    let (out, d) = decode_all(&stream);
+    assert_eq!(out.len(), 4);
+    assert_eq!(out[3], Ok(acquire_frame()));
+    let s = d.stats();
+    assert_eq!((s.frames, s.wrong_version, s.errors()), (1, 3, 3));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 1_000, ..ProptestConfig::default() })]
+
+    /// Pure noise: never a panic, and every run a delimiter ends is accounted for exactly once.
+    #[test]
+    fn noise_is_counted_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2_000)) {
+        let (out, d) = decode_all(&bytes);
+        let s = d.stats();
+        prop_assert_eq!(out.len() as u32, s.frames + s.errors());
+        prop_assert_eq!(out.iter().filter(|r| r.is_ok()).count() as u32, s.frames);
+        let runs = bytes.split(|&b| b == 0).count() - 1; // runs ended by a delimiter
+        prop_assert!(out.len() <= runs);
+    }
+
+    /// Each of the other side's kinds of frames, cut anywhere, still lets the next one through.
+    #[test]
+    fn a_cut_frame_costs_only_itself(cut in 0usize..19, seq in any::<u16>()) {
+        let f = acquire_frame();
+        let bytes = encode(&f);
+        let mut stream = bytes[..cut.min(bytes.len())].to_vec();
+        let mut next = f.clone();
+        next.header.seq = seq;
+        stream.extend(encode(&next));
+        let (out, _) = decode_all(&stream);
+        prop_assert_eq!(out.last(), Some(&Ok(next)));
+    }
 
     /// Random bytes with valid frames spliced in: every valid frame comes out, in order.
     #[test]
