@@ -8,10 +8,9 @@
 //! which succeeds only if the holder has not renewed meanwhile. Release removes the owner but
 //! keeps the item, so the fence counter never resets.
 //!
-//! Table: partition key `key` (string). Create it with [`DynamoDbBackend::create_table`] or
-//! `aws dynamodb create-table --table-name leases --attribute-definitions
-//! AttributeName=key,AttributeType=S --key-schema AttributeName=key,KeyType=HASH
-//! --billing-mode PAY_PER_REQUEST`.
+//! The request bodies and the reading of DynamoDB's answers are pure functions below,
+//! unit-tested on answers recorded from dynalite 4.0.0; [`DynamoDbBackend`] only signs and
+//! sends them.
 
 use std::time::{Duration, SystemTime};
 
@@ -25,7 +24,14 @@ use leasehold_core::{Duration as LDuration, Fence, Key, Op, OwnerId, Reject, Rep
 use leasehold_http::{Backend, HttpClient, TransportError};
 use serde_json::{json, Value};
 
+/// How long [`DynamoDbBackend::create_table`] waits for a new table to become `ACTIVE`.
+const TABLE_ACTIVE_WITHIN: Duration = Duration::from_secs(120);
+
 /// A lease backend on a DynamoDB table (or a DynamoDB-compatible server).
+///
+/// Table layout: partition key `key` (S), one item per lease key with attributes `owner` (S,
+/// the owner id in decimal; absent while free), `fence` (N), `version` (N) and `ttl_us` (N,
+/// the holder's ttl in microseconds).
 pub struct DynamoDbBackend {
     http: HttpClient,
     endpoint: String,
@@ -35,6 +41,7 @@ pub struct DynamoDbBackend {
 }
 
 /// What a failed DynamoDB call means for a lease request.
+#[derive(Debug, PartialEq)]
 enum Failure {
     /// The condition did not hold; the item as it was, if the server returned it.
     Condition(Option<Value>),
@@ -45,7 +52,7 @@ enum Failure {
 impl DynamoDbBackend {
     /// A backend on `table` at `endpoint` (`http://…`; only plain HTTP endpoints such as local
     /// servers or a TLS-terminating proxy are supported) in `region`, signing with
-    /// `credentials`.
+    /// `credentials`. Nothing is contacted until the first call.
     pub fn new(
         endpoint: &str,
         region: &str,
@@ -73,32 +80,39 @@ impl DynamoDbBackend {
         table: &str,
         timeout: Duration,
     ) -> Result<DynamoDbBackend, TransportError> {
-        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
-        let missing = |n: &str| TransportError::Config(format!("{n} is not set"));
-        let ak = var("AWS_ACCESS_KEY_ID").ok_or_else(|| missing("AWS_ACCESS_KEY_ID"))?;
-        let sk = var("AWS_SECRET_ACCESS_KEY").ok_or_else(|| missing("AWS_SECRET_ACCESS_KEY"))?;
-        let region =
-            var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")).ok_or_else(|| missing("AWS_REGION"))?;
-        let creds = Credentials::new(ak, sk, var("AWS_SESSION_TOKEN"), None, "environment");
-        DynamoDbBackend::new(endpoint, &region, table, creds, timeout)
+        let (credentials, region) = env_config(|n| std::env::var(n).ok())?;
+        DynamoDbBackend::new(endpoint, &region, table, credentials, timeout)
     }
 
-    /// Creates the table (partition key `key`, on demand).
+    /// Creates the table (partition key `key`, on demand) if it does not exist, and waits
+    /// until it is `ACTIVE` (DynamoDB takes seconds; until then items cannot be written).
     pub async fn create_table(&self) -> Result<(), TransportError> {
-        let body = json!({
-            "TableName": self.table,
-            "AttributeDefinitions": [{"AttributeName": "key", "AttributeType": "S"}],
-            "KeySchema": [{"AttributeName": "key", "KeyType": "HASH"}],
-            "BillingMode": "PAY_PER_REQUEST",
-        });
-        match self.api("CreateTable", &body).await? {
-            (200, _) => Ok(()),
-            (_, v) if error_type(&v) == "ResourceInUseException" => Ok(()),
-            (status, v) => Err(TransportError::Config(format!("CreateTable: HTTP {status}: {v}"))),
+        match self.api("CreateTable", &create_table_body(&self.table)).await? {
+            (200, _) => {}
+            (_, v) if error_type(&v) == "ResourceInUseException" => {}
+            (status, v) => return Err(TransportError::Config(format!("CreateTable: HTTP {status}: {v}"))),
+        }
+        let started = std::time::Instant::now();
+        loop {
+            match self.api("DescribeTable", &json!({"TableName": self.table})).await? {
+                (200, v) if v["Table"]["TableStatus"] == "ACTIVE" => return Ok(()),
+                (200, _) => {}
+                (status, v) => {
+                    return Err(TransportError::Config(format!("DescribeTable: HTTP {status}: {v}")))
+                }
+            }
+            if started.elapsed() > TABLE_ACTIVE_WITHIN {
+                return Err(TransportError::Config(format!(
+                    "table {} is not ACTIVE after {TABLE_ACTIVE_WITHIN:?}",
+                    self.table
+                )));
+            }
+            async_io::Timer::after(Duration::from_millis(250)).await;
         }
     }
 
-    /// One signed API call; returns the status and the JSON body.
+    /// One signed API call; returns the status and the JSON body (`null` for an error answer
+    /// that is not JSON, e.g. from a proxy).
     async fn api(&self, op: &str, body: &Value) -> Result<(u16, Value), TransportError> {
         let bytes = body.to_string().into_bytes();
         let target = format!("DynamoDB_20120810.{op}");
@@ -136,44 +150,19 @@ impl DynamoDbBackend {
             .into_parts();
         instructions.apply_to_request_http1x(&mut req);
         let resp = self.http.send(req).await?;
-        let v: Value = serde_json::from_slice(&resp.body)
-            .map_err(|e| TransportError::Protocol(format!("DynamoDB {op}: HTTP {}: {e}", resp.status)))?;
-        Ok((resp.status, v))
+        match serde_json::from_slice(&resp.body) {
+            Ok(v) => Ok((resp.status, v)),
+            Err(_) if resp.status != 200 => Ok((resp.status, Value::Null)),
+            Err(e) => Err(TransportError::Protocol(format!("DynamoDB {op}: {e}"))),
+        }
     }
 
     /// A conditional UpdateItem; `Ok` carries the new item.
-    async fn update(
-        &self,
-        key: &Key,
-        expr: &str,
-        cond: &str,
-        values: Value,
-    ) -> Result<Result<Value, Failure>, TransportError> {
-        let body = json!({
-            "TableName": self.table,
-            "Key": {"key": {"S": key.as_str()}},
-            "UpdateExpression": expr,
-            "ConditionExpression": cond,
-            // DynamoDB refuses names the expressions do not use.
-            "ExpressionAttributeNames": names(&[expr, cond]),
-            "ExpressionAttributeValues": values,
-            "ReturnValues": "ALL_NEW",
-            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
-        });
-        let (status, v) = self.api("UpdateItem", &body).await?;
-        if status == 200 {
-            return Ok(Ok(v["Attributes"].clone()));
-        }
-        Ok(Err(classify(status, &v)))
-    }
-
-    async fn current(&self, key: &Key) -> Result<Value, TransportError> {
-        let body =
-            json!({"TableName": self.table, "Key": {"key": {"S": key.as_str()}}, "ConsistentRead": true});
-        match self.api("GetItem", &body).await? {
-            (200, v) => Ok(v["Item"].clone()),
-            (status, v) => Err(TransportError::Protocol(format!("GetItem: HTTP {status}: {v}"))),
-        }
+    async fn update(&self, body: &Value) -> Result<Result<Value, Failure>, TransportError> {
+        Ok(match self.api("UpdateItem", body).await? {
+            (200, v) => Ok(v["Attributes"].clone()),
+            (status, v) => Err(classify(status, &v)),
+        })
     }
 
     async fn acquire(
@@ -183,67 +172,134 @@ impl DynamoDbBackend {
         ttl: LDuration,
         takeover: Option<u64>,
     ) -> Result<Reply, TransportError> {
-        let mut values = json!({
-            ":me": {"S": owner.0.to_string()},
-            ":ttl": {"N": ttl.as_micros().to_string()},
-            ":zero": {"N": "0"},
-            ":one": {"N": "1"},
-        });
-        let mut cond = "attribute_not_exists(#o) OR #o = :me".to_string();
-        if let Some(v) = takeover {
-            values[":seen"] = json!({"N": v.to_string()});
-            cond.push_str(" OR #v = :seen");
-        }
-        let expr = "SET #o = :me, #t = :ttl, #f = if_not_exists(#f, :zero) + :one, #v = if_not_exists(#v, :zero) + :one";
-        match self.update(key, expr, &cond, values).await? {
-            Ok(item) => match num(&item["fence"]) {
-                Some(f) => Ok(Reply::Granted { fence: Fence(f), ttl }),
-                None => Err(TransportError::Protocol(format!("UpdateItem returned no fence: {item}"))),
-            },
+        match self.update(&acquire_body(&self.table, key, owner, ttl, takeover)).await? {
+            Ok(item) => granted(&item, ttl),
             Err(Failure::Reply(r)) => Ok(r),
             Err(Failure::Condition(old)) => {
-                // DynamoDB returns the item that failed the check; some compatible servers do
-                // not, and then one consistent read fetches it.
+                // DynamoDB returns the item that failed the check; some compatible servers
+                // (dynalite) do not, and then one consistent read fetches it.
                 let item = match old {
                     Some(item) => item,
-                    None => self.current(key).await?,
+                    None => match self.api("GetItem", &get_body(&self.table, key)).await? {
+                        (200, v) => v["Item"].clone(),
+                        (status, v) => match classify(status, &v) {
+                            Failure::Reply(r) => return Ok(r),
+                            Failure::Condition(_) => {
+                                return Err(TransportError::Protocol(format!("GetItem: HTTP {status}: {v}")))
+                            }
+                        },
+                    },
                 };
-                Ok(match (item["owner"].is_object(), num(&item["version"]), num(&item["ttl_us"])) {
-                    (true, Some(version), Some(ttl_us)) => {
-                        Reply::Observed { version, ttl: LDuration::from_micros(ttl_us) }
-                    }
-                    // Freed between the write and the read: ask again at once.
-                    _ => Reply::Busy { retry_after: LDuration::ZERO },
-                })
+                Ok(observed(&item))
             }
         }
     }
 
-    async fn fenced(
-        &self,
-        key: &Key,
-        owner: OwnerId,
-        fence: Fence,
-        expr: &str,
-        ttl: Option<LDuration>,
-    ) -> Result<Reply, TransportError> {
-        let mut values = json!({
-            ":me": {"S": owner.0.to_string()},
-            ":fence": {"N": fence.0.to_string()},
-            ":one": {"N": "1"},
-        });
-        if let Some(ttl) = ttl {
-            values[":ttl"] = json!({"N": ttl.as_micros().to_string()});
-        }
-        match self.update(key, expr, "#o = :me AND #f = :fence", values).await? {
-            Ok(_) => Ok(match ttl {
-                Some(ttl) => Reply::Granted { fence, ttl },
-                None => Reply::Released,
-            }),
+    async fn fenced(&self, body: &Value, on_success: Reply) -> Result<Reply, TransportError> {
+        match self.update(body).await? {
+            Ok(_) => Ok(on_success),
             Err(Failure::Condition(_)) => Ok(Reply::NotHolder),
             Err(Failure::Reply(r)) => Ok(r),
         }
     }
+}
+
+impl Backend for DynamoDbBackend {
+    async fn call(&self, key: &Key, request: Request) -> Result<Reply, TransportError> {
+        let (table, owner) = (&self.table, request.owner);
+        match request.op {
+            Op::Acquire { ttl } => self.acquire(key, owner, ttl, None).await,
+            Op::Takeover { version, ttl } => self.acquire(key, owner, ttl, Some(version)).await,
+            Op::Renew { fence, ttl } => {
+                self.fenced(&renew_body(table, key, owner, fence, ttl), Reply::Granted { fence, ttl }).await
+            }
+            Op::Release { fence } => {
+                self.fenced(&release_body(table, key, owner, fence), Reply::Released).await
+            }
+        }
+    }
+}
+
+/// Credentials and region from environment variables read through `var`.
+fn env_config(var: impl Fn(&str) -> Option<String>) -> Result<(Credentials, String), TransportError> {
+    let var = |n: &str| var(n).filter(|v| !v.is_empty());
+    let missing = |n: &str| TransportError::Config(format!("{n} is not set"));
+    let ak = var("AWS_ACCESS_KEY_ID").ok_or_else(|| missing("AWS_ACCESS_KEY_ID"))?;
+    let sk = var("AWS_SECRET_ACCESS_KEY").ok_or_else(|| missing("AWS_SECRET_ACCESS_KEY"))?;
+    let region = var("AWS_REGION")
+        .or_else(|| var("AWS_DEFAULT_REGION"))
+        .ok_or_else(|| missing("AWS_REGION (or AWS_DEFAULT_REGION)"))?;
+    Ok((Credentials::new(ak, sk, var("AWS_SESSION_TOKEN"), None, "environment"), region))
+}
+
+fn create_table_body(table: &str) -> Value {
+    json!({
+        "TableName": table,
+        "AttributeDefinitions": [{"AttributeName": "key", "AttributeType": "S"}],
+        "KeySchema": [{"AttributeName": "key", "KeyType": "HASH"}],
+        "BillingMode": "PAY_PER_REQUEST",
+    })
+}
+
+fn get_body(table: &str, key: &Key) -> Value {
+    json!({"TableName": table, "Key": {"key": {"S": key.as_str()}}, "ConsistentRead": true})
+}
+
+/// A conditional UpdateItem returning the new item, and the old one if the condition fails.
+fn update_body(table: &str, key: &Key, expr: &str, cond: &str, values: Value) -> Value {
+    json!({
+        "TableName": table,
+        "Key": {"key": {"S": key.as_str()}},
+        "UpdateExpression": expr,
+        "ConditionExpression": cond,
+        // DynamoDB refuses names the expressions do not use.
+        "ExpressionAttributeNames": names(&[expr, cond]),
+        "ExpressionAttributeValues": values,
+        "ReturnValues": "ALL_NEW",
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    })
+}
+
+/// Acquire: the key is free (no owner) or already ours, or (takeover) still at the `version`
+/// the core observed and waited out. Sets owner and ttl and bumps fence and version in one
+/// write.
+fn acquire_body(table: &str, key: &Key, owner: OwnerId, ttl: LDuration, takeover: Option<u64>) -> Value {
+    let mut values = json!({
+        ":me": {"S": owner.0.to_string()},
+        ":ttl": {"N": ttl.as_micros().to_string()},
+        ":zero": {"N": "0"},
+        ":one": {"N": "1"},
+    });
+    let mut cond = "attribute_not_exists(#o) OR #o = :me".to_string();
+    if let Some(v) = takeover {
+        values[":seen"] = json!({"N": v.to_string()});
+        cond.push_str(" OR #v = :seen");
+    }
+    let expr =
+        "SET #o = :me, #t = :ttl, #f = if_not_exists(#f, :zero) + :one, #v = if_not_exists(#v, :zero) + :one";
+    update_body(table, key, expr, &cond, values)
+}
+
+/// Renew: still ours with this fence; the new version tells observers we are alive.
+fn renew_body(table: &str, key: &Key, owner: OwnerId, fence: Fence, ttl: LDuration) -> Value {
+    let mut values = fenced_values(owner, fence);
+    values[":ttl"] = json!({"N": ttl.as_micros().to_string()});
+    update_body(table, key, "SET #t = :ttl, #v = #v + :one", FENCED, values)
+}
+
+/// Release: still ours with this fence; the item stays so the fence counter never resets.
+fn release_body(table: &str, key: &Key, owner: OwnerId, fence: Fence) -> Value {
+    update_body(table, key, "REMOVE #o SET #v = #v + :one", FENCED, fenced_values(owner, fence))
+}
+
+const FENCED: &str = "#o = :me AND #f = :fence";
+
+fn fenced_values(owner: OwnerId, fence: Fence) -> Value {
+    json!({
+        ":me": {"S": owner.0.to_string()},
+        ":fence": {"N": fence.0.to_string()},
+        ":one": {"N": "1"},
+    })
 }
 
 fn names(exprs: &[&str]) -> Value {
@@ -254,6 +310,30 @@ fn names(exprs: &[&str]) -> Value {
         .map(|(n, a)| (n.to_string(), json!(a)))
         .collect();
     Value::Object(used)
+}
+
+/// The reply to a successful acquire or takeover, from the new item.
+fn granted(item: &Value, ttl: LDuration) -> Result<Reply, TransportError> {
+    match num(&item["fence"]) {
+        Some(f) => Ok(Reply::Granted { fence: Fence(f), ttl }),
+        None => Err(TransportError::Protocol(format!("UpdateItem returned no fence: {item}"))),
+    }
+}
+
+/// The reply to an acquire that found the key held, from the item as it is.
+fn observed(item: &Value) -> Reply {
+    if !item["owner"].is_object() {
+        // Freed between the write and the read: ask again at once.
+        return Reply::Busy { retry_after: LDuration::ZERO };
+    }
+    match (num(&item["version"]), num(&item["ttl_us"])) {
+        (Some(version), Some(ttl_us)) => Reply::Observed { version, ttl: LDuration::from_micros(ttl_us) },
+        // Waiting would never end: the item was not written by leasehold.
+        _ => {
+            tracing::warn!("DynamoDB item has an owner but no numeric version/ttl_us: {item}");
+            Reply::Rejected(Reject::Misconfigured)
+        }
+    }
 }
 
 fn num(v: &Value) -> Option<u64> {
@@ -270,63 +350,157 @@ fn classify(status: u16, v: &Value) -> Failure {
     let message = v["message"].as_str().or(v["Message"].as_str()).unwrap_or("");
     match kind {
         "ConditionalCheckFailedException" => return Failure::Condition(v.get("Item").cloned()),
-        "ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded" => {
-            return Failure::Reply(Reply::Unavailable)
-        }
+        "ProvisionedThroughputExceededException"
+        | "ThrottlingException"
+        | "RequestLimitExceeded"
+        | "TransactionConflictException"
+        | "InternalServerError"
+        | "ServiceUnavailable" => return Failure::Reply(Reply::Unavailable),
         _ => {}
     }
     if status >= 500 {
         return Failure::Reply(Reply::Unavailable);
     }
-    tracing::warn!("DynamoDB refused the request: {kind}: {message}");
+    tracing::warn!("DynamoDB refused the request: HTTP {status}: {kind}: {message}");
     Failure::Reply(Reply::Rejected(match kind {
         "UnrecognizedClientException"
         | "InvalidSignatureException"
+        | "IncompleteSignatureException"
         | "MissingAuthenticationTokenException"
         | "AccessDeniedException"
         | "ExpiredTokenException" => Reject::Unauthorized,
-        // ResourceNotFoundException: the table is missing; ValidationException: a schema
-        // that does not match. Either way an operator must act.
+        // ResourceNotFoundException: the table is missing (or still being created);
+        // ValidationException: a schema that does not match; no JSON at all: not a DynamoDB
+        // endpoint. Either way an operator must act.
         _ => Reject::Misconfigured,
     }))
-}
-
-impl Backend for DynamoDbBackend {
-    async fn call(&self, key: &Key, request: Request) -> Result<Reply, TransportError> {
-        let owner = request.owner;
-        match request.op {
-            Op::Acquire { ttl } => self.acquire(key, owner, ttl, None).await,
-            Op::Takeover { version, ttl } => self.acquire(key, owner, ttl, Some(version)).await,
-            Op::Renew { fence, ttl } => {
-                self.fenced(key, owner, fence, "SET #t = :ttl, #v = #v + :one", Some(ttl)).await
-            }
-            Op::Release { fence } => {
-                self.fenced(key, owner, fence, "REMOVE #o SET #v = #v + :one", None).await
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use leasehold_core::parse_key;
+
+    // Answers recorded from dynalite 4.0.0.
+    const NEW_ITEM: &str = r#"{"Attributes":{"key":{"S":"k"},"owner":{"S":"1"},"ttl_us":{"N":"2000000"},
+        "fence":{"N":"1"},"version":{"N":"1"}}}"#;
+    const CONDITION_FAILED: &str = r#"{"__type":"com.amazonaws.dynamodb.v20120810#ConditionalCheckFailedException",
+        "message":"The conditional request failed"}"#;
+    const NO_TABLE: &str = r#"{"__type":"com.amazonaws.dynamodb.v20120810#ResourceNotFoundException",
+        "message":"Requested resource not found"}"#;
+    const NO_AUTH: &str = r#"{"__type":"com.amazon.coral.service#MissingAuthenticationTokenException",
+        "message":"Request is missing Authentication Token"}"#;
+    // Real DynamoDB with ReturnValuesOnConditionCheckFailure = ALL_OLD.
+    const CONDITION_FAILED_WITH_ITEM: &str = r#"{"__type":"com.amazonaws.dynamodb.v20120810#ConditionalCheckFailedException",
+        "message":"The conditional request failed","Item":{"key":{"S":"k"},"owner":{"S":"1"},
+        "ttl_us":{"N":"2000000"},"fence":{"N":"3"},"version":{"N":"8"}}}"#;
+
+    fn v(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn acquire_sets_owner_and_bumps_counters_in_one_conditional_write() {
+        let k = parse_key("pump").unwrap();
+        let b = acquire_body("leases", &k, OwnerId(7), LDuration::from_secs(15), None);
+        assert_eq!(b["Key"], json!({"key": {"S": "pump"}}));
+        assert_eq!(b["ConditionExpression"], "attribute_not_exists(#o) OR #o = :me");
+        assert!(b["UpdateExpression"].as_str().unwrap().contains("#f = if_not_exists(#f, :zero) + :one"));
+        assert_eq!(b["ExpressionAttributeValues"][":me"], json!({"S": "7"}));
+        assert_eq!(b["ExpressionAttributeValues"][":ttl"], json!({"N": "15000000"}));
+        assert_eq!(b["ExpressionAttributeValues"].get(":seen"), None);
+        assert_eq!(b["ReturnValues"], "ALL_NEW");
+        assert_eq!(b["ReturnValuesOnConditionCheckFailure"], "ALL_OLD");
+        let t = acquire_body("leases", &k, OwnerId(7), LDuration::from_secs(15), Some(9));
+        assert_eq!(t["ConditionExpression"], "attribute_not_exists(#o) OR #o = :me OR #v = :seen");
+        assert_eq!(t["ExpressionAttributeValues"][":seen"], json!({"N": "9"}));
+    }
+
+    #[test]
+    fn renew_and_release_are_fenced_and_name_only_what_they_use() {
+        let k = parse_key("pump").unwrap();
+        let r = renew_body("leases", &k, OwnerId(7), Fence(4), LDuration::from_secs(2));
+        assert_eq!(r["ConditionExpression"], "#o = :me AND #f = :fence");
+        assert_eq!(r["ExpressionAttributeValues"][":fence"], json!({"N": "4"}));
+        assert_eq!(r["ExpressionAttributeValues"][":ttl"], json!({"N": "2000000"}));
+        let d = release_body("leases", &k, OwnerId(7), Fence(4));
+        assert_eq!(d["UpdateExpression"], "REMOVE #o SET #v = #v + :one");
+        assert_eq!(d["ExpressionAttributeValues"].get(":ttl"), None);
+        // No #t in release: DynamoDB rejects unused names.
+        assert_eq!(d["ExpressionAttributeNames"], json!({"#o": "owner", "#f": "fence", "#v": "version"}));
+    }
+
+    #[test]
+    fn reads_items() {
+        let ttl = LDuration::from_secs(2);
+        assert_eq!(granted(&v(NEW_ITEM)["Attributes"], ttl), Ok(Reply::Granted { fence: Fence(1), ttl }));
+        assert!(matches!(granted(&json!({}), ttl), Err(TransportError::Protocol(_))));
+        assert_eq!(observed(&v(NEW_ITEM)["Attributes"]), Reply::Observed { version: 1, ttl });
+        // Released (owner removed) or never written: try again.
+        assert_eq!(
+            observed(&json!({"key": {"S": "k"}, "fence": {"N": "3"}, "version": {"N": "4"}})),
+            Reply::Busy { retry_after: LDuration::ZERO }
+        );
+        assert_eq!(observed(&Value::Null), Reply::Busy { retry_after: LDuration::ZERO });
+        assert_eq!(observed(&json!({"owner": {"S": "1"}})), Reply::Rejected(Reject::Misconfigured));
+    }
 
     #[test]
     fn errors_map_to_replies() {
-        let c = |s, t: &str| match classify(s, &json!({"__type": t, "message": "m"})) {
-            Failure::Reply(r) => Some(r),
-            Failure::Condition(_) => None,
-        };
-        assert_eq!(c(400, "com.amazonaws.dynamodb.v20120810#ConditionalCheckFailedException"), None);
-        assert_eq!(c(400, "com.amazonaws.dynamodb.v20120810#ThrottlingException"), Some(Reply::Unavailable));
+        let c = |s, t: &str| classify(s, &json!({"__type": t, "message": "m"}));
+        let ddb = "com.amazonaws.dynamodb.v20120810#";
+        assert_eq!(classify(400, &v(CONDITION_FAILED)), Failure::Condition(None));
+        assert_eq!(
+            classify(400, &v(CONDITION_FAILED_WITH_ITEM)),
+            Failure::Condition(Some(v(CONDITION_FAILED_WITH_ITEM)["Item"].clone()))
+        );
+        assert_eq!(
+            observed(&v(CONDITION_FAILED_WITH_ITEM)["Item"]),
+            Reply::Observed { version: 8, ttl: LDuration::from_secs(2) }
+        );
+        assert_eq!(c(400, &format!("{ddb}ThrottlingException")), Failure::Reply(Reply::Unavailable));
+        assert_eq!(
+            c(400, &format!("{ddb}ProvisionedThroughputExceededException")),
+            Failure::Reply(Reply::Unavailable)
+        );
         assert_eq!(
             c(400, "com.amazon.coral.service#UnrecognizedClientException"),
-            Some(Reply::Rejected(Reject::Unauthorized))
+            Failure::Reply(Reply::Rejected(Reject::Unauthorized))
         );
+        assert_eq!(classify(400, &v(NO_AUTH)), Failure::Reply(Reply::Rejected(Reject::Unauthorized)));
+        assert_eq!(classify(400, &v(NO_TABLE)), Failure::Reply(Reply::Rejected(Reject::Misconfigured)));
+        assert_eq!(c(500, "x#InternalServerError"), Failure::Reply(Reply::Unavailable));
+        assert_eq!(classify(503, &Value::Null), Failure::Reply(Reply::Unavailable));
+        assert_eq!(classify(404, &Value::Null), Failure::Reply(Reply::Rejected(Reject::Misconfigured)));
+    }
+
+    #[test]
+    fn credentials_and_region_from_the_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |n: &str| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string())
+        };
+        let (c, region) = env_config(env(&[
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_SESSION_TOKEN", "tok"),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ]))
+        .unwrap();
         assert_eq!(
-            c(400, "com.amazonaws.dynamodb.v20120810#ResourceNotFoundException"),
-            Some(Reply::Rejected(Reject::Misconfigured))
+            (c.access_key_id(), c.session_token(), region.as_str()),
+            ("AKID", Some("tok"), "eu-west-1")
         );
-        assert_eq!(c(503, "x#InternalServerError"), Some(Reply::Unavailable));
+        let (_, region) = env_config(env(&[
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_REGION", "us-east-2"),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ]))
+        .unwrap();
+        assert_eq!(region, "us-east-2");
+        let missing = env_config(env(&[("AWS_ACCESS_KEY_ID", "AKID"), ("AWS_REGION", "x")])).err();
+        assert_eq!(missing, Some(TransportError::Config("AWS_SECRET_ACCESS_KEY is not set".into())));
+        let empty = env_config(env(&[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "s")])).err();
+        assert_eq!(empty, Some(TransportError::Config("AWS_ACCESS_KEY_ID is not set".into())));
     }
 }
