@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests start for real: rustup targets for the no_std builds and firmware,
-# QEMU for the emulated boards, etcd, and a DynamoDB-compatible server (dynalite).
+# QEMU for the emulated boards, etcd, a DynamoDB-compatible server (dynalite), and socat
+# (pseudo-terminal pairs standing in for serial ports).
 # Idempotent: skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,7 @@ need_apt=()
 command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+command -v socat >/dev/null || need_apt+=(socat)
 command -v node >/dev/null || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -175,3 +175,119 @@ fn garbage_and_wrong_versions_do_not_break_a_link() {
     assert_eq!((got[1].header.seq, r.id, r.owner), (4, request.id, request.owner));
     assert!(matches!(r.reply, leasehold_core::Reply::Granted { .. }), "{r:?}");
 }
+
+/// A pseudo-terminal as a device UART: a reader thread feeds a queue, so `read_ready` can
+/// answer without blocking.
+struct PtyUart {
+    rx: std::sync::mpsc::Receiver<u8>,
+    pending: std::collections::VecDeque<u8>,
+    tx: std::fs::File,
+}
+
+impl PtyUart {
+    fn open(path: &std::path::Path) -> PtyUart {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut reader = file.try_clone().unwrap();
+        let (send, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || buf[..n].iter().any(|&b| send.send(b).is_err()) {
+                    break;
+                }
+            }
+        });
+        PtyUart { rx, pending: Default::default(), tx: file }
+    }
+}
+
+impl embedded_io::ErrorType for PtyUart {
+    type Error = std::io::Error;
+}
+impl embedded_io::ReadReady for PtyUart {
+    fn read_ready(&mut self) -> Result<bool, Self::Error> {
+        self.pending.extend(self.rx.try_iter());
+        Ok(!self.pending.is_empty())
+    }
+}
+impl embedded_io::Read for PtyUart {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        if self.pending.is_empty() {
+            let b = self.rx.recv().map_err(|_| std::io::Error::other("pty closed"))?;
+            self.pending.push_back(b);
+        }
+        self.pending.extend(self.rx.try_iter());
+        let n = buf.len().min(self.pending.len());
+        for (slot, b) in buf.iter_mut().zip(self.pending.drain(..n)) {
+            *slot = b;
+        }
+        Ok(n)
+    }
+}
+impl embedded_io::Write for PtyUart {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        self.tx.write(buf)
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        self.tx.flush()
+    }
+}
+
+#[test]
+fn a_serial_device_path_link_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw_end, board_end) = (dir.path().join("ttyGW"), dir.path().join("ttyBOARD"));
+    // Two linked pseudo-terminals: the gateway opens one like /dev/ttyUSB0, the device the other.
+    let _socat = Proc(
+        Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", gw_end.display()))
+            .arg(format!("pty,raw,echo=0,link={}", board_end.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start socat ({e}); install it: apt-get install socat")),
+    );
+    let t0 = Instant::now();
+    while !(gw_end.exists() && board_end.exists()) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "socat made no ptys");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let server =
+        Server::spawn(ServerConfig::new(dir.path().join("store"), "127.0.0.1:0".parse().unwrap())).unwrap();
+    let _gw = Proc(
+        Command::new(BIN)
+            .args(["gateway", "--server", &server.url(), "--link"])
+            .arg(&gw_end)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lease = Lease::new(OwnerId(4242), Config::new(LDuration::from_millis(600))).unwrap();
+    let mut dev = DeviceLink::new(
+        PtyUart::open(&board_end),
+        Clock(Instant::now()),
+        lease,
+        parse_key("tty").unwrap(),
+        9,
+    );
+    dev.acquire().unwrap();
+    let mut events = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1_500) {
+        if let Some(e) = dev.poll().unwrap() {
+            events.push(e);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(matches!(events.first(), Some(Event::Acquired { .. })), "{events:?}");
+    assert!(events.iter().filter(|e| matches!(e, Event::Renewed { .. })).count() >= 2, "{events:?}");
+    assert!(dev.remaining().is_some());
+    dev.release().unwrap();
+    let released = loop {
+        assert!(start.elapsed() < Duration::from_secs(4), "no release ack");
+        if let Some(e) = dev.poll().unwrap() {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(matches!(released, Event::Released { .. }), "{released:?}");
+}
