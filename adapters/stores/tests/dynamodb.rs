@@ -1,0 +1,171 @@
+//! DynamoDB-specific behaviour against dynalite started on loopback (`cd tools/dynalite && npm
+//! ci`): the item layout, observe-and-take-over by version, counters kept across releases, and
+//! errors, checked by reading the table directly.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use leasehold_core::{
+    parse_key, Duration as LDuration, Fence, Op, OwnerId, Reject, Reply, Request, RequestId,
+};
+use leasehold_http::{Backend, HttpClient, TransportError};
+use leasehold_stores::{Credentials, DynamoDbBackend};
+use leasehold_tests::servers::{dynalite, free_port};
+use serde_json::{json, Value};
+
+const TTL: LDuration = LDuration::from_secs(2);
+
+fn backend(url: &str, table: &str) -> DynamoDbBackend {
+    let creds = Credentials::new("AKIDLEASEHOLDTEST", "not-a-real-secret", None, None, "test");
+    DynamoDbBackend::new(url, "us-east-1", table, creds, Duration::from_secs(2)).unwrap()
+}
+
+async fn call(b: &DynamoDbBackend, owner: u64, op: Op) -> Result<Reply, TransportError> {
+    b.call(&parse_key("pump").unwrap(), Request { id: RequestId(1), owner: OwnerId(owner), op }).await
+}
+
+/// Raw access to the table. dynalite checks that a request is signed, not the signature.
+async fn raw(url: &str, op: &str, body: Value) -> (u16, Value) {
+    let http = HttpClient::new(url, Duration::from_secs(2)).unwrap();
+    let req = http
+        .request(hyper::Method::POST, "/")
+        .header("content-type", "application/x-amz-json-1.0")
+        .header("x-amz-target", format!("DynamoDB_20120810.{op}"))
+        .header("x-amz-date", "20260101T000000Z")
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/dynamodb/aws4_request, \
+             SignedHeaders=host;x-amz-date, Signature=00",
+        )
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = http.send(req).await.unwrap();
+    (resp.status, serde_json::from_slice(&resp.body).unwrap())
+}
+
+async fn item(url: &str) -> Value {
+    let (status, v) = raw(
+        url,
+        "GetItem",
+        json!({"TableName": "leases", "Key": {"key": {"S": "pump"}}, "ConsistentRead": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v["Item"].clone()
+}
+
+#[test]
+fn item_layout_observe_and_take_over_by_version() {
+    let server = dynalite();
+    let url = server.url();
+    let b = backend(url, "leases");
+    smol::block_on(async {
+        b.create_table().await.unwrap();
+        b.create_table().await.expect("creating an existing table is fine");
+        let Ok(Reply::Granted { fence: f1, .. }) = call(&b, 1, Op::Acquire { ttl: TTL }).await else {
+            panic!()
+        };
+        assert_eq!(
+            item(url).await,
+            json!({"key": {"S": "pump"}, "owner": {"S": "1"}, "fence": {"N": f1.0.to_string()},
+                   "version": {"N": "1"}, "ttl_us": {"N": "2000000"}})
+        );
+        // A contender sees the record; no server clock, so it must wait out that version.
+        assert_eq!(call(&b, 2, Op::Acquire { ttl: TTL }).await, Ok(Reply::Observed { version: 1, ttl: TTL }));
+        // The holder renews meanwhile: the stale takeover fails and shows the new version.
+        assert_eq!(
+            call(&b, 1, Op::Renew { fence: f1, ttl: TTL }).await,
+            Ok(Reply::Granted { fence: f1, ttl: TTL })
+        );
+        assert_eq!(
+            call(&b, 2, Op::Takeover { version: 1, ttl: TTL }).await,
+            Ok(Reply::Observed { version: 2, ttl: TTL })
+        );
+        // The holder goes silent; the version it left is taken over, with a new fence.
+        let Ok(Reply::Granted { fence: f2, .. }) = call(&b, 2, Op::Takeover { version: 2, ttl: TTL }).await
+        else {
+            panic!()
+        };
+        assert_eq!(f2, Fence(f1.0 + 1));
+        assert_eq!(call(&b, 1, Op::Renew { fence: f1, ttl: TTL }).await, Ok(Reply::NotHolder));
+        assert_eq!(call(&b, 1, Op::Release { fence: f1 }).await, Ok(Reply::NotHolder));
+        assert_eq!(call(&b, 2, Op::Release { fence: f1 }).await, Ok(Reply::NotHolder));
+        // Released: the owner goes, the counters stay, so the next fence is higher still.
+        assert_eq!(call(&b, 2, Op::Release { fence: f2 }).await, Ok(Reply::Released));
+        let after = item(url).await;
+        assert_eq!(after.get("owner"), None);
+        assert_eq!(after["fence"], json!({"N": f2.0.to_string()}));
+        assert_eq!(after["version"], json!({"N": "4"}));
+        assert_eq!(
+            call(&b, 3, Op::Acquire { ttl: TTL }).await,
+            Ok(Reply::Granted { fence: Fence(f2.0 + 1), ttl: TTL })
+        );
+    });
+}
+
+#[test]
+fn an_item_not_written_by_leasehold_is_misconfigured_not_a_wait() {
+    let server = dynalite();
+    let url = server.url();
+    let b = backend(url, "leases");
+    smol::block_on(async {
+        b.create_table().await.unwrap();
+        let put = json!({"TableName": "leases", "Item": {"key": {"S": "pump"}, "owner": {"S": "someone"}}});
+        assert_eq!(raw(url, "PutItem", put).await.0, 200);
+        assert_eq!(call(&b, 1, Op::Acquire { ttl: TTL }).await, Ok(Reply::Rejected(Reject::Misconfigured)));
+    });
+}
+
+#[test]
+fn missing_table_and_unreachable_endpoint() {
+    let server = dynalite();
+    let missing = backend(server.url(), "no-such-table");
+    assert_eq!(
+        smol::block_on(call(&missing, 1, Op::Acquire { ttl: TTL })),
+        Ok(Reply::Rejected(Reject::Misconfigured))
+    );
+    let dead = backend(&format!("http://127.0.0.1:{}", free_port()), "leases");
+    let r = smol::block_on(call(&dead, 1, Op::Acquire { ttl: TTL }));
+    assert!(matches!(r, Err(TransportError::Connect { .. })), "{r:?}");
+    assert!(matches!(smol::block_on(dead.create_table()), Err(TransportError::Connect { .. })));
+}
+
+/// dynalite with its default table creation delay (500 ms in CREATING), killed on drop.
+struct SlowDynalite(std::process::Child);
+
+impl Drop for SlowDynalite {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn create_table_waits_until_the_table_is_active() {
+    let cli = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/dynalite/node_modules/dynalite/cli.js");
+    assert!(
+        std::path::Path::new(cli).exists(),
+        "dynalite is not installed: run `cd tools/dynalite && npm ci`"
+    );
+    let port = free_port();
+    let _server = SlowDynalite(
+        Command::new("node")
+            .args([cli, "--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start node ({e}); install it: apt-get install -y nodejs npm")),
+    );
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(15), "dynalite did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = backend(&format!("http://127.0.0.1:{port}"), "slow-table");
+    let t0 = Instant::now();
+    smol::block_on(b.create_table()).unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(400), "returned while CREATING: {:?}", t0.elapsed());
+    assert!(matches!(smol::block_on(call(&b, 1, Op::Acquire { ttl: TTL })), Ok(Reply::Granted { .. })));
+}

@@ -1,0 +1,192 @@
+//! etcd-specific behaviour against a real etcd started on loopback (`apt-get install -y
+//! etcd-server`): what the backend-generic conformance suite (in `tests/tests/conformance.rs`)
+//! cannot see from outside, checked by reading etcd directly.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use leasehold_core::{
+    parse_key, Duration as LDuration, Fence, Op, OwnerId, Reject, Reply, Request, RequestId,
+};
+use leasehold_http::{Backend, Client, HttpClient, LostReason, Options};
+use leasehold_stores::EtcdBackend;
+use leasehold_tests::servers::etcd;
+use serde_json::{json, Value};
+
+const PREFIX: &str = "leasehold/";
+
+fn backend(url: &str) -> EtcdBackend {
+    EtcdBackend::new(url, PREFIX, Duration::from_secs(2)).unwrap()
+}
+
+async fn call(b: &EtcdBackend, key: &str, owner: u64, op: Op) -> Reply {
+    let request = Request { id: RequestId(1), owner: OwnerId(owner), op };
+    b.call(&parse_key(key).unwrap(), request).await.unwrap()
+}
+
+async fn grant(b: &EtcdBackend, key: &str, owner: u64, ttl: LDuration) -> Fence {
+    match call(b, key, owner, Op::Acquire { ttl }).await {
+        Reply::Granted { fence, ttl: t } => {
+            assert_eq!(t, ttl);
+            fence
+        }
+        other => panic!("expected a grant for {owner} on {key}, got {other:?}"),
+    }
+}
+
+/// Direct access to etcd's gateway, as an operator would have.
+struct Etcd(HttpClient);
+
+impl Etcd {
+    fn new(url: &str) -> Etcd {
+        Etcd(HttpClient::new(url, Duration::from_secs(2)).unwrap())
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let req =
+            self.0.request(hyper::Method::POST, path).body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = self.0.send(req).await.unwrap();
+        assert_eq!(resp.status, 200, "{path}: {:?}", resp.body);
+        serde_json::from_slice(&resp.body).unwrap()
+    }
+
+    /// The stored key: (value, mod_revision, lease).
+    async fn get(&self, key: &str) -> Option<(String, u64, i64)> {
+        let v = self.post("/v3/kv/range", json!({"key": B64.encode(format!("{PREFIX}{key}"))})).await;
+        let kv = &v["kvs"][0];
+        kv.is_object().then(|| {
+            let n = |f: &str| kv[f].as_str().unwrap_or("0").parse::<i64>().unwrap();
+            let value = String::from_utf8(B64.decode(kv["value"].as_str().unwrap()).unwrap()).unwrap();
+            (value, n("mod_revision") as u64, n("lease"))
+        })
+    }
+
+    async fn leases(&self) -> usize {
+        let v = self.post("/v3/lease/leases", json!({})).await;
+        v["leases"].as_array().map_or(0, Vec::len)
+    }
+
+    async fn ttl(&self, lease: i64) -> (i64, i64) {
+        let v = self.post("/v3/lease/timetolive", json!({"ID": lease.to_string()})).await;
+        let n = |f: &str| v[f].as_str().unwrap_or("0").parse::<i64>().unwrap();
+        (n("TTL"), n("grantedTTL"))
+    }
+}
+
+#[test]
+fn grant_is_an_etcd_lease_with_the_key_and_the_fence_is_its_revision() {
+    let server = etcd();
+    let (b, etcd) = (backend(server.url()), Etcd::new(server.url()));
+    smol::block_on(async {
+        // 300 ms asked: etcd counts seconds and keeps at least that.
+        let fence = grant(&b, "pump", 7, LDuration::from_millis(300)).await;
+        let (value, rev, lease) = etcd.get("pump").await.expect("key written");
+        assert_eq!((value.as_str(), rev), ("7", fence.0));
+        let (_, granted) = etcd.ttl(lease).await;
+        assert!(granted >= 1, "granted TTL {granted}s");
+        // The contender gets Busy with about the holder's remaining time, and its own fresh
+        // etcd lease is revoked, not leaked.
+        let long = grant(&b, "long", 1, LDuration::from_secs(10)).await;
+        match call(&b, "long", 2, Op::Acquire { ttl: LDuration::from_secs(10) }).await {
+            Reply::Busy { retry_after } => {
+                assert!((8..=10).contains(&(retry_after.as_micros() / 1_000_000)), "{retry_after:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(etcd.leases().await, 2, "only the two holders' leases remain");
+        // Released: key gone, lease revoked.
+        assert_eq!(call(&b, "long", 1, Op::Release { fence: long }).await, Reply::Released);
+        assert_eq!(etcd.get("long").await, None);
+        assert_eq!(etcd.leases().await, 1);
+    });
+}
+
+#[test]
+fn a_retried_acquire_gets_a_new_fence_and_drops_the_old_lease() {
+    let server = etcd();
+    let (b, etcd) = (backend(server.url()), Etcd::new(server.url()));
+    smol::block_on(async {
+        let ttl = LDuration::from_secs(5);
+        let first = grant(&b, "k", 3, ttl).await;
+        let (_, _, old_lease) = etcd.get("k").await.unwrap();
+        // The first reply was lost; the core asks again.
+        let second = grant(&b, "k", 3, ttl).await;
+        assert!(second > first, "{second} after {first}");
+        let (_, rev, new_lease) = etcd.get("k").await.unwrap();
+        assert_eq!(rev, second.0);
+        assert_ne!(new_lease, old_lease);
+        assert_eq!(etcd.ttl(old_lease).await.0, -1, "old lease revoked");
+        assert_eq!(call(&b, "k", 3, Op::Renew { fence: first, ttl }).await, Reply::NotHolder);
+        assert_eq!(
+            call(&b, "k", 3, Op::Renew { fence: second, ttl }).await,
+            Reply::Granted { fence: second, ttl }
+        );
+        assert_eq!(call(&b, "k", 3, Op::Release { fence: first }).await, Reply::NotHolder);
+        assert_eq!(call(&b, "k", 3, Op::Release { fence: second }).await, Reply::Released);
+    });
+}
+
+#[test]
+fn losses_are_not_holder_not_errors() {
+    let server = etcd();
+    let (b, etcd) = (backend(server.url()), Etcd::new(server.url()));
+    smol::block_on(async {
+        let ttl = LDuration::from_secs(5);
+        // The lease dies (here: an operator revokes it): the keepalive's answer has no TTL.
+        let f = grant(&b, "revoked", 1, ttl).await;
+        let (_, _, lease) = etcd.get("revoked").await.unwrap();
+        etcd.post("/v3/lease/revoke", json!({"ID": lease.to_string()})).await;
+        assert_eq!(call(&b, "revoked", 1, Op::Renew { fence: f, ttl }).await, Reply::NotHolder);
+        assert!(grant(&b, "revoked", 2, ttl).await > f);
+        // The key is deleted under a live lease.
+        let f = grant(&b, "deleted", 1, ttl).await;
+        etcd.post("/v3/kv/deleterange", json!({"key": B64.encode(format!("{PREFIX}deleted"))})).await;
+        assert_eq!(call(&b, "deleted", 1, Op::Renew { fence: f, ttl }).await, Reply::NotHolder);
+        assert_eq!(call(&b, "deleted", 1, Op::Release { fence: f }).await, Reply::NotHolder);
+    });
+}
+
+#[test]
+fn grants_survive_a_new_backend_instance() {
+    // No per-process state: a restarted process with the same owner id renews and releases.
+    let server = etcd();
+    let ttl = LDuration::from_secs(5);
+    let f = smol::block_on(grant(&backend(server.url()), "k", 9, ttl));
+    let other = backend(server.url());
+    smol::block_on(async {
+        assert_eq!(call(&other, "k", 9, Op::Renew { fence: f, ttl }).await, Reply::Granted { fence: f, ttl });
+        assert_eq!(call(&other, "k", 8, Op::Renew { fence: f, ttl }).await, Reply::NotHolder);
+        assert_eq!(call(&other, "k", 9, Op::Release { fence: f }).await, Reply::Released);
+    });
+}
+
+#[test]
+fn a_held_lease_learns_of_its_loss() {
+    // Through the core's lease machine: the renewal after a revoke reports a loss.
+    let server = etcd();
+    let etcd = Etcd::new(server.url());
+    let client = Client::new(backend(server.url()), Options::new(Duration::from_secs(2))).unwrap();
+    smol::block_on(async {
+        let lease = client.acquire("watched").await.unwrap();
+        let (_, rev, id) = etcd.get("watched").await.unwrap();
+        assert_eq!(lease.fence(), Some(Fence(rev)));
+        etcd.post("/v3/lease/revoke", json!({"ID": id.to_string()})).await;
+        let lost = futures_lite::future::or(async { Some(lease.lost().await) }, async {
+            async_io::Timer::after(Duration::from_secs(3)).await;
+            None
+        })
+        .await;
+        assert_eq!(lost, Some(LostReason::Revoked));
+    });
+}
+
+#[test]
+fn a_url_without_a_gateway_is_misconfigured() {
+    let server = etcd();
+    let b = backend(&format!("{}/not-etcd", server.url()));
+    let reply = smol::block_on(call(&b, "k", 1, Op::Acquire { ttl: LDuration::from_secs(1) }));
+    assert_eq!(reply, Reply::Rejected(Reject::Misconfigured));
+}
