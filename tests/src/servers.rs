@@ -44,6 +44,17 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// A single-node etcd with a fresh data directory, healthy.
 pub fn etcd() -> Running {
+    // etcd cannot report a kernel-chosen port, so the ports are picked beforehand; another
+    // process may take one in between, and then etcd exits: try again on new ports.
+    for _ in 0..5 {
+        if let Some(running) = try_etcd() {
+            return running;
+        }
+    }
+    panic!("etcd exited at start five times (ports taken?); run `etcd` by hand to see why");
+}
+
+fn try_etcd() -> Option<Running> {
     let dir = tempfile::tempdir().expect("temp dir");
     let (client, peer) = (free_port(), free_port());
     let c = format!("http://127.0.0.1:{client}");
@@ -58,39 +69,53 @@ pub fn etcd() -> Running {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start etcd ({e}); install it: apt-get install etcd-server"));
-    let running = Running { child, url: c, _dir: dir };
+    let mut running = Running { child, url: c, _dir: dir };
     let started = Instant::now();
+    // The body check matters: it rules out a socket connected to itself, which a bare connect
+    // to a port nobody listens on yet can produce.
     while !http_get(client, "/health").is_some_and(|r| r.contains("\"health\":\"true\"")) {
+        if running.child.try_wait().expect("wait for etcd").is_some() {
+            return None;
+        }
         assert!(started.elapsed() < Duration::from_secs(15), "etcd did not become healthy");
         std::thread::sleep(Duration::from_millis(50));
     }
-    running
+    // Healthy, but was that our etcd? If another one owns the port, ours has exited by now.
+    std::thread::sleep(Duration::from_millis(50));
+    running.child.try_wait().expect("wait for etcd").is_none().then_some(running)
 }
 
-/// dynalite (in memory), from `tools/dynalite` (installed by `scripts/setup.sh`).
+/// dynalite (in memory), from `tools/dynalite` (installed by `scripts/setup.sh`); tables become
+/// ACTIVE at once.
 pub fn dynalite() -> Running {
-    let cli = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/dynalite/node_modules/dynalite/cli.js");
+    dynalite_with_create_table_ms(0)
+}
+
+/// dynalite whose new tables stay CREATING for `ms` milliseconds, as DynamoDB's do.
+pub fn dynalite_with_create_table_ms(ms: u64) -> Running {
+    use std::io::{BufRead, BufReader};
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/dynalite");
     assert!(
-        cli.exists(),
+        tools.join("node_modules/dynalite").exists(),
         "dynalite is not installed: run `bash scripts/setup.sh` (or `cd tools/dynalite && npm ci`)"
     );
-    let port = free_port();
-    let child = Command::new("node")
-        .arg(&cli)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--createTableMs", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    // serve.js listens on a port the kernel picks and prints it: no free-port race.
+    let mut child = Command::new("node")
+        .arg(tools.join("serve.js"))
+        .arg(ms.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start node ({e}); install it: apt-get install nodejs npm"));
-    let running = Running {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        _dir: tempfile::tempdir().expect("temp dir"),
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line);
+    let port = match read.ok().and_then(|_| line.trim().strip_prefix("listening ")?.parse::<u16>().ok()) {
+        Some(port) => port,
+        None => {
+            let _ = child.kill();
+            panic!("dynalite did not start: it printed {line:?} (see its stderr above)");
+        }
     };
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(15), "dynalite did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    running
+    Running { child, url: format!("http://127.0.0.1:{port}"), _dir: tempfile::tempdir().expect("temp dir") }
 }

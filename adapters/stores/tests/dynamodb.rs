@@ -2,7 +2,6 @@
 //! ci`): the item layout, observe-and-take-over by version, counters kept across releases, and
 //! errors, checked by reading the table directly.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
@@ -12,7 +11,7 @@ use leasehold_core::{
 };
 use leasehold_http::{Backend, HttpClient, TransportError};
 use leasehold_stores::{Credentials, DynamoDbBackend};
-use leasehold_tests::servers::{dynalite, free_port};
+use leasehold_tests::servers::{dynalite, dynalite_with_create_table_ms, free_port};
 use serde_json::{json, Value};
 
 const TTL: LDuration = LDuration::from_secs(2);
@@ -132,38 +131,10 @@ fn missing_table_and_unreachable_endpoint() {
     assert!(matches!(smol::block_on(dead.create_table()), Err(TransportError::Connect { .. })));
 }
 
-/// dynalite with its default table creation delay (500 ms in CREATING), killed on drop.
-struct SlowDynalite(std::process::Child);
-
-impl Drop for SlowDynalite {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn create_table_waits_until_the_table_is_active() {
-    let cli = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/dynalite/node_modules/dynalite/cli.js");
-    assert!(
-        std::path::Path::new(cli).exists(),
-        "dynalite is not installed: run `cd tools/dynalite && npm ci`"
-    );
-    let port = free_port();
-    let _server = SlowDynalite(
-        Command::new("node")
-            .args([cli, "--host", "127.0.0.1", "--port", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start node ({e}); install it: apt-get install -y nodejs npm")),
-    );
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(15), "dynalite did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let b = backend(&format!("http://127.0.0.1:{port}"), "slow-table");
+    let server = dynalite_with_create_table_ms(500);
+    let b = backend(server.url(), "slow-table");
     let t0 = Instant::now();
     smol::block_on(b.create_table()).unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(400), "returned while CREATING: {:?}", t0.elapsed());
