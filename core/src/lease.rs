@@ -2,8 +2,6 @@
 
 use core::fmt;
 
-use heapless::Deque;
-
 use crate::config::{Config, ConfigError};
 use crate::time::{Duration, Instant};
 use crate::wire::{Fence, Op, OwnerId, Reject, Reply, Request, RequestId, Response};
@@ -42,18 +40,30 @@ pub struct Lease {
     fence: Fence,
     /// End of the local validity while [`Phase::Held`]; give-up bound while releasing.
     valid_until: Instant,
-    pending: Option<Pending>,
+    /// When the pending request was made: what its validity is anchored at.
+    sent_at: Instant,
+    /// When to send the next request (renewal, retry, takeover), if `wake_set`.
+    wake: Instant,
+    rng: u64,
+    /// The id of the next request; the pending one, if any, is the one before it.
+    next_id: u32,
+    /// Consecutive failed attempts, for backoff and [`Health::Unknown`].
+    failures: u8,
+    wake_set: bool,
+    /// A request is awaiting its reply (or its turn in `poll_transmit`).
+    pending: bool,
     /// The pending request has not been handed out by `poll_transmit` yet.
     unsent: bool,
-    next_id: u32,
-    /// When to send the next request (renewal, retry, takeover).
-    wake: Option<Instant>,
-    /// Consecutive failed attempts, for backoff and [`Health::Unknown`].
-    failures: u16,
-    rng: u64,
-    events: Deque<Event, 2>,
+    /// Oldest first. Each call produces at most one event, so a caller that drains after
+    /// every call never loses one; for one that does not, the newest two are kept.
+    events: [Option<Event>; 2],
 }
 
+/// "No deadline" for the give-up bound, which would otherwise need an `Option` (8 more
+/// bytes): nothing is ever later, so the comparison needs no special case.
+const NEVER: Instant = Instant::MAX;
+
+/// The request awaiting its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pending {
     id: RequestId,
@@ -64,10 +74,9 @@ struct Pending {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Observation {
     version: u64,
-    /// Receipt of the first reply showing this version. The write of this version happened
-    /// before it, so the holder's belief ends `ttl·(1−ε)` after a send that preceded it.
-    since: Instant,
-    /// `since + ttl·(1+ε) + margin`: from then on a takeover of `version` is safe.
+    /// `ttl·(1+ε) + margin` after the receipt of the first reply showing this version: from
+    /// then on a takeover of `version` is safe. The write of this version happened before
+    /// that receipt, so the holder's belief ends `ttl·(1−ε)` after a send that preceded it.
     due: Instant,
     /// The next attempt is the takeover (else a poll, which also catches an early release).
     ready: bool,
@@ -77,8 +86,8 @@ struct Observation {
 enum Phase {
     Idle,
     Acquiring {
-        /// Stop trying once an attempt could not end before this.
-        give_up_at: Option<Instant>,
+        /// Stop trying once an attempt could not end before this ([`NEVER`]: keep trying).
+        give_up_at: Instant,
         /// `release` was called while an attempt was in flight.
         cancel: bool,
         /// An observed record to take over once it has stood still long enough
@@ -248,14 +257,16 @@ impl Lease {
             phase: Phase::Idle,
             fence: Fence::NONE,
             valid_until: Instant::ZERO,
-            pending: None,
-            unsent: false,
-            next_id: 0,
-            wake: None,
-            failures: 0,
+            sent_at: Instant::ZERO,
+            wake: Instant::ZERO,
             // Mixing in the owner keeps identically configured leases from retrying in step.
             rng: config.jitter_seed ^ owner.0.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            events: Deque::new(),
+            next_id: 0,
+            failures: 0,
+            wake_set: false,
+            pending: false,
+            unsent: false,
+            events: [None, None],
         })
     }
 
@@ -320,19 +331,19 @@ impl Lease {
     /// Start acquiring; keep trying (waiting out other holders) until granted or
     /// [`release`](Lease::release)d.
     pub fn acquire(&mut self, now: Instant) -> Result<(), AcquireError> {
-        self.start_acquire(now, None)
+        self.start_acquire(now, NEVER)
     }
 
     /// Make one attempt; if the key is held or the authority unreachable, end with
     /// [`Event::NotAcquired`] instead of waiting.
     pub fn try_acquire(&mut self, now: Instant) -> Result<(), AcquireError> {
-        self.start_acquire(now, Some(now))
+        self.start_acquire(now, now)
     }
 
     /// Keep trying until `deadline`, then end with [`Event::NotAcquired`]. An attempt already
     /// in flight at the deadline is still honoured if it succeeds.
     pub fn acquire_until(&mut self, now: Instant, deadline: Instant) -> Result<(), AcquireError> {
-        self.start_acquire(now, Some(deadline))
+        self.start_acquire(now, deadline)
     }
 
     /// Stop believing in the lease at once and give it back; or cancel an acquisition. Ends
@@ -342,12 +353,12 @@ impl Lease {
         match self.phase {
             Phase::Held => {
                 self.phase = Phase::Releasing;
-                self.wake = None;
+                self.wake_set = false;
                 self.failures = 0;
                 self.send(now);
                 Ok(())
             }
-            Phase::Acquiring { ref mut cancel, .. } if self.pending.is_some() => {
+            Phase::Acquiring { ref mut cancel, .. } if self.pending => {
                 // The attempt in flight may be granted; if so it is released at once.
                 *cancel = true;
                 Ok(())
@@ -369,11 +380,11 @@ impl Lease {
         if self.expire(now) {
             return;
         }
-        let Some(p) = self.pending else { return };
+        let Some(p) = self.pending() else { return };
         if p.id != response.id || response.owner != self.owner || self.unsent {
             return;
         }
-        self.pending = None;
+        self.pending = false;
         match self.phase {
             Phase::Acquiring { .. } => self.on_acquire_reply(now, p, response.reply),
             Phase::Held => self.on_renew_reply(now, p, response.reply),
@@ -388,7 +399,7 @@ impl Lease {
         if self.expire(now) {
             return;
         }
-        if matches!(self.pending, Some(p) if p.id == id) && !self.unsent {
+        if self.pending().is_some_and(|p| p.id == id) && !self.unsent {
             self.fail(now);
         }
     }
@@ -399,16 +410,12 @@ impl Lease {
         if self.expire(now) {
             return;
         }
-        if let Some(p) = self.pending {
-            if now >= p.sent_at + self.config.request_timeout {
-                self.fail(now);
-            }
+        if self.pending && now >= self.sent_at + self.config.request_timeout {
+            self.fail(now);
         }
-        if let Some(at) = self.wake {
-            if now >= at {
-                self.wake = None;
-                self.fire(now);
-            }
+        if self.wake_set && now >= self.wake {
+            self.wake_set = false;
+            self.fire(now);
         }
     }
 
@@ -421,25 +428,22 @@ impl Lease {
         }
         self.unsent = false;
         let op = self.op()?;
-        self.pending.map(|p| Request { id: p.id, owner: self.owner, op })
+        self.pending().map(|p| Request { id: p.id, owner: self.owner, op })
     }
 
     /// The next event for the application, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let first = self.events[0].take();
+        self.events[0] = self.events[1].take();
+        first
     }
 
     /// When [`handle_timeout`](Lease::handle_timeout) must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = self.wake;
-        let mut earliest = |t: Instant| {
-            next = Some(match next {
-                Some(n) if n <= t => n,
-                _ => t,
-            })
-        };
-        if let Some(p) = self.pending {
-            earliest(p.sent_at + self.config.request_timeout);
+        let mut next = self.wake_set.then_some(self.wake);
+        let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if self.pending {
+            earliest(self.sent_at + self.config.request_timeout);
         }
         if matches!(self.phase, Phase::Held | Phase::Releasing) {
             earliest(self.valid_until);
@@ -449,7 +453,7 @@ impl Lease {
 
     // ----- internals -----
 
-    fn start_acquire(&mut self, now: Instant, give_up_at: Option<Instant>) -> Result<(), AcquireError> {
+    fn start_acquire(&mut self, now: Instant, give_up_at: Instant) -> Result<(), AcquireError> {
         self.expire(now);
         match self.phase {
             Phase::Idle | Phase::Lost | Phase::Released => {
@@ -511,7 +515,7 @@ impl Lease {
                 self.phase = Phase::Held;
                 self.valid_until = valid_until;
                 self.failures = 0;
-                self.wake = Some((p.sent_at + self.config.renew_every).max(now));
+                self.wake_at((p.sent_at + self.config.renew_every).max(now));
                 self.push(Event::Acquired { fence, valid_until });
             }
             Reply::Busy { retry_after } => {
@@ -531,17 +535,16 @@ impl Lease {
                 }
                 // Anchored at receipt of the first sighting of this version: the write of it
                 // happened before we read it. A changed version starts the wait again.
-                let since = match self.phase {
-                    Phase::Acquiring { takeover: Some(o), .. } if o.version == version => o.since,
-                    _ => now,
+                let due = match self.phase {
+                    Phase::Acquiring { takeover: Some(o), .. } if o.version == version => o.due,
+                    _ => now + self.config.observe_wait(ttl),
                 };
-                let due = since + self.config.observe_wait(ttl);
                 // Poll meanwhile: the holder may die right after a renewal we have not seen,
                 // or release early; either way waiting out a stale sighting would cost a
                 // second full ttl.
                 let poll = now + self.config.backoff_max;
                 let (at, ready) = if due <= poll { (due.max(now), true) } else { (poll, false) };
-                let o = Observation { version, since, due, ready };
+                let o = Observation { version, due, ready };
                 self.retry_acquire_at(at, give_up_at, Some(o));
             }
             Reply::Rejected(r) => self.not_acquired(NotAcquired::Rejected(r)),
@@ -549,13 +552,13 @@ impl Lease {
         }
     }
 
-    fn retry_acquire_at(&mut self, at: Instant, give_up_at: Option<Instant>, takeover: Option<Observation>) {
-        if give_up_at.is_some_and(|g| at > g) {
+    fn retry_acquire_at(&mut self, at: Instant, give_up_at: Instant, takeover: Option<Observation>) {
+        if at > give_up_at {
             return self.not_acquired(NotAcquired::Busy);
         }
         self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover };
         self.failures = 0;
-        self.wake = Some(at);
+        self.wake_at(at);
     }
 
     fn on_renew_reply(&mut self, now: Instant, p: Pending, reply: Reply) {
@@ -564,7 +567,7 @@ impl Lease {
                 let until = self.anchor(p.sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
                 self.valid_until = self.valid_until.max(until);
                 self.failures = 0;
-                self.wake = Some((p.sent_at + self.config.renew_every).max(now));
+                self.wake_at((p.sent_at + self.config.renew_every).max(now));
                 self.push(Event::Renewed { fence, valid_until: self.valid_until });
             }
             Reply::NotHolder | Reply::Busy { .. } | Reply::Observed { .. } => {
@@ -608,24 +611,24 @@ impl Lease {
 
     /// The newest request failed: back off and retry, or give up.
     fn fail(&mut self, now: Instant) {
-        self.pending = None;
+        self.pending = false;
         self.unsent = false;
         self.failures = self.failures.saturating_add(1);
         let at = now + self.backoff();
         match self.phase {
             Phase::Acquiring { cancel: true, .. } => self.not_acquired(NotAcquired::Cancelled),
-            Phase::Acquiring { give_up_at: Some(g), .. } if at > g => {
+            Phase::Acquiring { give_up_at, .. } if at > give_up_at => {
                 self.not_acquired(NotAcquired::Unavailable)
             }
-            Phase::Acquiring { .. } | Phase::Held | Phase::Releasing => self.wake = Some(at),
+            Phase::Acquiring { .. } | Phase::Held | Phase::Releasing => self.wake_at(at),
             Phase::Idle | Phase::Lost | Phase::Released => {}
         }
     }
 
     fn send(&mut self, now: Instant) {
-        let id = RequestId(self.next_id);
         self.next_id = self.next_id.wrapping_add(1);
-        self.pending = Some(Pending { id, sent_at: now });
+        self.sent_at = now;
+        self.pending = true;
         self.unsent = true;
     }
 
@@ -635,21 +638,32 @@ impl Lease {
 
     fn end(&mut self, phase: Phase, event: Event) {
         self.phase = phase;
-        self.pending = None;
+        self.pending = false;
         self.unsent = false;
-        self.wake = None;
+        self.wake_set = false;
         self.failures = 0;
         self.valid_until = Instant::ZERO;
         self.push(event);
     }
 
     fn push(&mut self, event: Event) {
-        // Every call produces at most one event, so draining after each call never overflows;
-        // for a caller that does not drain, the newest events matter most.
-        if self.events.is_full() {
-            self.events.pop_front();
+        match self.events {
+            [None, _] => self.events[0] = Some(event),
+            [Some(_), None] => self.events[1] = Some(event),
+            [Some(_), Some(_)] => self.events = [self.events[1], Some(event)],
         }
-        let _ = self.events.push_back(event);
+    }
+
+    /// Schedules the next request.
+    fn wake_at(&mut self, at: Instant) {
+        self.wake = at;
+        self.wake_set = true;
+    }
+
+    /// The request awaiting its reply, if any.
+    fn pending(&self) -> Option<Pending> {
+        let id = RequestId(self.next_id.wrapping_sub(1));
+        self.pending.then_some(Pending { id, sent_at: self.sent_at })
     }
 
     /// Where validity is counted from: the request's send time.
