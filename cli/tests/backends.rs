@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use leasehold_tests::servers::{dynalite, etcd};
+use leasehold_test_servers::{dynalite, etcd};
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
 

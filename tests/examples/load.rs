@@ -55,7 +55,7 @@ fn main() {
         println!("etcd not installed (apt-get install etcd-server): no comparison");
         return;
     }
-    let etcd = leasehold_tests::servers::etcd();
+    let etcd = leasehold_test_servers::etcd();
     let backend = Arc::new(EtcdBackend::new(etcd.url(), "load/", Duration::from_secs(5)).expect("backend"));
     println!("etcd:     {} (its WAL fsyncs before acknowledging, default settings)", etcd.url());
     let e = run("etcd", backend, &levels, secs);

@@ -5,5 +5,4 @@
 //! invariants on true (simulated) time after every step. A seed replays exactly.
 
 pub mod load;
-pub mod servers;
 pub mod sim;

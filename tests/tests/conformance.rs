@@ -7,7 +7,7 @@ use leasehold_core::{parse_key, Duration as LDuration, Fence, Op, OwnerId, Reply
 use leasehold_http::{Backend, BuiltinBackend, Client, Options, TransportError};
 use leasehold_server::{Server, ServerConfig};
 use leasehold_stores::{Credentials, DynamoDbBackend, EtcdBackend};
-use leasehold_tests::servers::{dynalite, etcd, free_port};
+use leasehold_test_servers::{dynalite, etcd, free_port};
 
 /// A child process and the directory it owns; both go when dropped.
 fn dynamo(url: &str, table: &str) -> DynamoDbBackend {

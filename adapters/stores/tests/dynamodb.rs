@@ -11,7 +11,7 @@ use leasehold_core::{
 };
 use leasehold_http::{Backend, HttpClient, TransportError};
 use leasehold_stores::{Credentials, DynamoDbBackend};
-use leasehold_tests::servers::{dynalite, dynalite_with_create_table_ms, free_port};
+use leasehold_test_servers::{dynalite, dynalite_with_create_table_ms, free_port};
 use serde_json::{json, Value};
 
 const TTL: LDuration = LDuration::from_secs(2);

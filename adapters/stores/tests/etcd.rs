@@ -13,7 +13,7 @@ use leasehold_core::{
 };
 use leasehold_http::{Backend, Client, HttpClient, LostReason, Options};
 use leasehold_stores::EtcdBackend;
-use leasehold_tests::servers::etcd;
+use leasehold_test_servers::etcd;
 use serde_json::{json, Value};
 
 const PREFIX: &str = "leasehold/";
