@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_io::Async;
@@ -48,34 +49,128 @@ pub enum TransportError {
     /// The backend is misconfigured (bad URL, missing credentials...).
     #[error("misconfigured backend: {0}")]
     Config(String),
+    /// The TLS handshake with an `https://` server failed: its certificate is not trusted or
+    /// not valid for the URL's host, it sent a TLS alert, or it does not speak TLS.
+    #[error("TLS with {addr} failed: {message}")]
+    Tls {
+        /// Where we tried.
+        addr: String,
+        /// The cause, e.g. `invalid peer certificate: ...`.
+        message: String,
+    },
 }
 
-/// A parsed `http://host:port[/prefix]` URL.
+/// A parsed `http[s]://host[:port][/prefix]` URL.
 #[derive(Debug, Clone)]
 pub(crate) struct HttpTarget {
+    /// `https://`.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) tls: bool,
+    /// The host without brackets: what a TLS certificate must name.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) host: String,
+    /// `host:port` to connect to, the scheme's default port filled in.
     pub(crate) authority: String,
+    /// The URL's authority as written: the `Host` header.
+    pub(crate) host_header: String,
     pub(crate) prefix: String,
 }
 
 impl HttpTarget {
     pub(crate) fn parse(url: &str) -> Result<HttpTarget, TransportError> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| TransportError::Config(format!("{url:?}: only http:// URLs are supported")))?;
+        let bad = |why: &str| TransportError::Config(format!("{url:?}: {why}"));
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            if cfg!(not(feature = "tls")) {
+                return Err(bad("https:// URLs need leasehold-http's `tls` feature"));
+            }
+            (true, rest)
+        } else {
+            return Err(bad("only http:// and https:// URLs are supported"));
+        };
         let (authority, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
-        if authority.is_empty() {
-            return Err(TransportError::Config(format!("{url:?}: no host")));
+        let (host, port) = match authority.strip_prefix('[') {
+            // An IPv6 literal: `[::1]` or `[::1]:8443`.
+            Some(v6) => {
+                let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '[' in the host"))?;
+                match after {
+                    "" => (host, None),
+                    _ => (host, Some(after.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?)),
+                }
+            }
+            None => match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
         }
+        let port = match port {
+            Some(p) => p.parse::<u16>().map_err(|_| bad("bad port"))?,
+            None if tls => 443,
+            None => 80,
+        };
         let authority =
-            if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
-        Ok(HttpTarget { authority, prefix: prefix.to_string() })
+            if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        Ok(HttpTarget {
+            tls,
+            host: host.to_string(),
+            authority,
+            host_header: rest[..rest.find('/').unwrap_or(rest.len())].to_string(),
+            prefix: prefix.to_string(),
+        })
     }
 }
 
-type Io = FuturesIo<Async<TcpStream>>;
+/// A connection's byte stream: plain TCP or TLS over TCP.
+enum Stream {
+    Plain(Async<TcpStream>),
+    #[cfg(feature = "tls")]
+    Tls(Box<futures_rustls::client::TlsStream<Async<TcpStream>>>),
+}
+
+/// Both variants are `Unpin`, so each call is forwarded through `Pin::new`.
+macro_rules! forward {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => $e,
+            #[cfg(feature = "tls")]
+            Stream::Tls($s) => $e,
+        }
+    };
+}
+
+impl futures_lite::AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
+        forward!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl futures_lite::AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        forward!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        forward!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        forward!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        forward!(self, s => Pin::new(s).poll_close(cx))
+    }
+}
+
+type Io = FuturesIo<Stream>;
 
 /// Idle keep-alive connections kept per client; more concurrent requests than this open
 /// connections that are closed after use.
@@ -89,10 +184,17 @@ struct Conn {
 /// A small keep-alive HTTP/1.1 client that needs no async runtime: sockets and timers come
 /// from async-io, whose reactor runs on its own thread, so it works under smol, tokio or a
 /// plain `block_on`.
+///
+/// `https://` URLs (with the default `tls` feature) are served by rustls with ALPN `http/1.1`,
+/// SNI and certificate checks against the URL's host, and the trust roots of a
+/// [`TlsConfig`](crate::TlsConfig) (Mozilla's roots unless [`with_tls`](HttpClient::with_tls)
+/// adds more). TLS connections are pooled exactly like plain ones.
 pub struct HttpClient {
     target: HttpTarget,
     timeout: Duration,
     idle: Mutex<Vec<Conn>>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsTarget>,
 }
 
 /// An HTTP response: status and body.
@@ -105,9 +207,34 @@ pub struct HttpResponse {
 }
 
 impl HttpClient {
-    /// A client for `base_url` (`http://host:port[/prefix]`) with a per-request `timeout`.
+    /// A client for `base_url` (`http[s]://host[:port][/prefix]`) with a per-request
+    /// `timeout` (which covers connecting and the TLS handshake too).
     pub fn new(base_url: &str, timeout: Duration) -> Result<HttpClient, TransportError> {
-        Ok(HttpClient { target: HttpTarget::parse(base_url)?, timeout, idle: Mutex::new(Vec::new()) })
+        let target = HttpTarget::parse(base_url)?;
+        Ok(HttpClient {
+            #[cfg(feature = "tls")]
+            tls: match target.tls {
+                true => Some(crate::tls::TlsTarget::new(&target.host, &crate::TlsConfig::new())?),
+                false => None,
+            },
+            target,
+            timeout,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Uses `tls` for an `https://` URL (for `http://` it is unused), e.g. to trust a private
+    /// CA as well.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, tls: crate::TlsConfig) -> HttpClient {
+        if let Some(t) = self.tls.as_mut() {
+            t.connector = tls.connector();
+            // Pooled connections were verified against the old roots.
+            if let Ok(mut idle) = self.idle.lock() {
+                idle.clear();
+            }
+        }
+        self
     }
 
     /// Sends one request and reads the whole response, reusing an idle connection if any.
@@ -125,7 +252,7 @@ impl HttpClient {
         hyper::Request::builder()
             .method(method)
             .uri(format!("{}{}", self.target.prefix, path))
-            .header(hyper::header::HOST, &self.target.authority)
+            .header(hyper::header::HOST, &self.target.host_header)
     }
 
     async fn send_inner(&self, request: hyper::Request<Full<Bytes>>) -> Result<HttpResponse, TransportError> {
@@ -167,7 +294,8 @@ impl HttpClient {
 
     /// An idle connection that is still open. Nothing polls an idle connection, so a server
     /// that closed it (restart, idle timeout) is only noticed by polling it once here; sending
-    /// on it instead would fail a request that a fresh connection would have carried.
+    /// on it instead would fail a request that a fresh connection would have carried. Over TLS
+    /// the poll reads the peer's close_notify or EOF the same way.
     async fn take_idle(&self) -> Option<Conn> {
         loop {
             let mut c = self.idle.lock().ok()?.pop()?;
@@ -192,6 +320,7 @@ impl HttpClient {
             match Async::<TcpStream>::connect(addr).await {
                 Ok(stream) => {
                     let _ = stream.get_ref().set_nodelay(true);
+                    let stream = self.secure(stream).await?;
                     let (sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
                         .await
                         .map_err(|e| TransportError::Io(e.to_string()))?;
@@ -201,6 +330,16 @@ impl HttpClient {
             }
         }
         Err(connect_err(last.unwrap_or_else(|| std::io::Error::other("no address"))))
+    }
+
+    /// The TLS handshake for an `https://` target; plain TCP otherwise.
+    async fn secure(&self, stream: Async<TcpStream>) -> Result<Stream, TransportError> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            let stream = tls.handshake(&self.target.authority, stream).await?;
+            return Ok(Stream::Tls(Box::new(stream)));
+        }
+        Ok(Stream::Plain(stream))
     }
 }
 
@@ -219,6 +358,13 @@ impl BuiltinBackend {
         timeout: Duration,
     ) -> Result<BuiltinBackend, TransportError> {
         Ok(BuiltinBackend { http: HttpClient::new(url, timeout)?, token })
+    }
+
+    /// Uses `tls` for an `https://` URL, e.g. to trust the private CA that signed the
+    /// server's certificate (see [`HttpClient::with_tls`]).
+    #[cfg(feature = "tls")]
+    pub fn with_tls(self, tls: crate::TlsConfig) -> BuiltinBackend {
+        BuiltinBackend { http: self.http.with_tls(tls), ..self }
     }
 }
 
@@ -310,13 +456,77 @@ mod tests {
         assert!(matches!(builtin_reply(&req(), resp(404, "<html>")), Err(TransportError::Protocol(_))));
     }
 
+    fn parsed(url: &str) -> (bool, String, String, String, String) {
+        let t = HttpTarget::parse(url).unwrap();
+        (t.tls, t.host, t.authority, t.host_header, t.prefix)
+    }
+
+    fn strings(
+        tls: bool,
+        host: &str,
+        authority: &str,
+        header: &str,
+        prefix: &str,
+    ) -> (bool, String, String, String, String) {
+        (tls, host.into(), authority.into(), header.into(), prefix.into())
+    }
+
     #[test]
     fn parses_urls() {
-        let t = HttpTarget::parse("http://127.0.0.1:7878/").unwrap();
-        assert_eq!((t.authority.as_str(), t.prefix.as_str()), ("127.0.0.1:7878", ""));
-        let t = HttpTarget::parse("http://example.com/base/").unwrap();
-        assert_eq!((t.authority.as_str(), t.prefix.as_str()), ("example.com:80", "/base"));
-        assert!(matches!(HttpTarget::parse("https://x"), Err(TransportError::Config(_))));
-        assert!(matches!(HttpTarget::parse("http:///x"), Err(TransportError::Config(_))));
+        assert_eq!(
+            parsed("http://127.0.0.1:7878/"),
+            strings(false, "127.0.0.1", "127.0.0.1:7878", "127.0.0.1:7878", "")
+        );
+        assert_eq!(
+            parsed("http://example.com/base/"),
+            strings(false, "example.com", "example.com:80", "example.com", "/base")
+        );
+        assert_eq!(parsed("http://[::1]:2379"), strings(false, "::1", "[::1]:2379", "[::1]:2379", ""));
+        assert_eq!(parsed("http://[::1]/p"), strings(false, "::1", "[::1]:80", "[::1]", "/p"));
+        for bad in [
+            "http:///x",
+            "ftp://x",
+            "http://:80",
+            "http://x:port",
+            "http://x:99999",
+            "http://[::1",
+            "http://[::1]x",
+        ] {
+            assert!(matches!(HttpTarget::parse(bad), Err(TransportError::Config(_))), "{bad}");
+        }
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn parses_https_urls() {
+        assert_eq!(
+            parsed("https://dynamodb.eu-west-1.amazonaws.com"),
+            strings(
+                true,
+                "dynamodb.eu-west-1.amazonaws.com",
+                "dynamodb.eu-west-1.amazonaws.com:443",
+                "dynamodb.eu-west-1.amazonaws.com",
+                ""
+            )
+        );
+        assert_eq!(
+            parsed("https://localhost:8443/v/"),
+            strings(true, "localhost", "localhost:8443", "localhost:8443", "/v")
+        );
+        assert!(
+            HttpClient::new("https://127.0.0.1:8443", Duration::from_secs(1)).is_ok(),
+            "IP names are fine"
+        );
+        assert!(matches!(
+            HttpClient::new("https://bad_name!:8443", Duration::from_secs(1)),
+            Err(TransportError::Config(_))
+        ));
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn https_needs_the_tls_feature() {
+        let e = HttpTarget::parse("https://example.com").unwrap_err();
+        assert!(matches!(&e, TransportError::Config(m) if m.contains("`tls` feature")), "{e}");
     }
 }
