@@ -50,9 +50,10 @@ enum Failure {
 }
 
 impl DynamoDbBackend {
-    /// A backend on `table` at `endpoint` (`http://…`; only plain HTTP endpoints such as local
-    /// servers or a TLS-terminating proxy are supported) in `region`, signing with
-    /// `credentials`. Nothing is contacted until the first call.
+    /// A backend on `table` at `endpoint` in `region`, signing with `credentials`: AWS's
+    /// `https://dynamodb.<region>.amazonaws.com` (validated against Mozilla's roots, built in;
+    /// needs the default `tls` feature) or a local `http://` server. Nothing is contacted
+    /// until the first call.
     pub fn new(
         endpoint: &str,
         region: &str,
@@ -70,6 +71,13 @@ impl DynamoDbBackend {
             table: table.to_string(),
             identity: credentials.into(),
         })
+    }
+
+    /// Uses `tls` for an `https://` endpoint, e.g. to trust a private CA in front of a
+    /// DynamoDB-compatible server (see [`leasehold_http::TlsConfig`]).
+    #[cfg(feature = "tls")]
+    pub fn with_tls(self, tls: leasehold_http::TlsConfig) -> DynamoDbBackend {
+        DynamoDbBackend { http: self.http.with_tls(tls), ..self }
     }
 
     /// Credentials and region from the usual environment variables (`AWS_ACCESS_KEY_ID`,

@@ -51,10 +51,19 @@ impl From<TransportError> for Fail {
 }
 
 impl EtcdBackend {
-    /// A backend for the etcd client URL `url` (e.g. `http://127.0.0.1:2379`); keys are stored
-    /// under `prefix` (e.g. `leasehold/`). Nothing is contacted until the first call.
+    /// A backend for the etcd client URL `url` (e.g. `http://127.0.0.1:2379`, or
+    /// `https://…` with the default `tls` feature); keys are stored under `prefix` (e.g.
+    /// `leasehold/`). Nothing is contacted until the first call.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<EtcdBackend, TransportError> {
         Ok(EtcdBackend { http: HttpClient::new(url, timeout)?, prefix: prefix.to_string() })
+    }
+
+    /// Uses `tls` for an `https://` URL, typically to trust the CA that signed the etcd
+    /// cluster's certificates (etcd's `--trusted-ca-file`; see
+    /// [`leasehold_http::TlsConfig`]). Client certificates are not supported.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(self, tls: leasehold_http::TlsConfig) -> EtcdBackend {
+        EtcdBackend { http: self.http.with_tls(tls), ..self }
     }
 
     fn key(&self, key: &Key) -> String {
