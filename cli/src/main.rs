@@ -57,3 +57,12 @@ fn main() -> ExitCode {
         Command::DemoWorker(a) => demo::worker(a),
     }
 }
+
+/// The TLS settings for `https://` servers: Mozilla's roots, plus `ca_file` if given.
+pub(crate) fn tls(ca_file: Option<&std::path::Path>) -> Result<leasehold_http::TlsConfig, String> {
+    let tls = leasehold_http::TlsConfig::new();
+    match ca_file {
+        Some(path) => tls.add_ca_file(path).map_err(|e| e.to_string()),
+        None => Ok(tls),
+    }
+}

@@ -42,6 +42,10 @@ pub(crate) struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Also trust the CA certificate(s) in this PEM file for an `https://` server (Mozilla's
+    /// roots are always trusted).
+    #[arg(long, env = "LEASEHOLD_CA_FILE", value_name = "PEM")]
+    ca_file: Option<std::path::PathBuf>,
     /// Wait for the lease if it is held (the default).
     #[arg(long, overrides_with = "no_wait")]
     wait: bool,
@@ -77,18 +81,28 @@ pub(crate) fn main(args: Args) -> ExitCode {
     let mut options = Options::new(args.ttl);
     options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
     let timeout: Duration = options.config.request_timeout.into();
+    let tls = match crate::tls(args.ca_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("leasehold run: {e}");
+            return ExitCode::from(2);
+        }
+    };
     smol::block_on(async {
         match args.backend {
             BackendKind::Builtin => {
-                let b = BuiltinBackend::new(&args.server, args.token.clone(), timeout);
+                let b =
+                    BuiltinBackend::new(&args.server, args.token.clone(), timeout).map(|b| b.with_tls(tls));
                 run(args, options, b).await
             }
             BackendKind::Etcd => {
-                let b = leasehold_stores::EtcdBackend::new(&args.server, &args.prefix, timeout);
+                let b = leasehold_stores::EtcdBackend::new(&args.server, &args.prefix, timeout)
+                    .map(|b| b.with_tls(tls));
                 run(args, options, b).await
             }
             BackendKind::Dynamodb => {
-                let b = leasehold_stores::DynamoDbBackend::from_env(&args.server, &args.table, timeout);
+                let b = leasehold_stores::DynamoDbBackend::from_env(&args.server, &args.table, timeout)
+                    .map(|b| b.with_tls(tls));
                 run(args, options, b).await
             }
         }

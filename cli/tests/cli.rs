@@ -173,3 +173,35 @@ fn demo_passes() {
     assert!(text.contains("VERDICT: PASS"), "{text}");
     assert!(text.contains("kill -9"), "{text}");
 }
+
+#[test]
+fn tls_settings_are_checked_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let marker = dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+
+    // A CA file that does not exist or holds no certificate: exit 2, naming the file.
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    for ca in [dir.path().join("missing.pem"), not_pem] {
+        let out = run_cmd(&url, "tls", "2s", &["--ca-file", ca.to_str().unwrap()], &["sh", "-c", &touch])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("CA file"), "{out:?}");
+        let status =
+            Command::new(BIN).args(["status", "--server", &url, "--ca-file"]).arg(&ca).output().unwrap();
+        assert_eq!(status.status.code(), Some(2), "{status:?}");
+    }
+    assert!(!marker.exists(), "the command ran without a lease");
+
+    // https:// to a server that speaks plain HTTP: a TLS failure, reported, never a grant.
+    let https = url.replace("http://", "https://");
+    let out = Command::new(BIN).args(["status", "--server", &https]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("tls"), "{out:?}");
+    let code = run_cmd(&https, "tls", "2s", &["--timeout", "500ms"], &["sh", "-c", &touch]).status().unwrap();
+    assert_eq!(code.code(), Some(75));
+    assert!(!marker.exists(), "the command ran without a lease");
+}
