@@ -1,9 +1,11 @@
-//! Puts memory.x where cortex-m-rt's link.x finds it.
+//! Puts memory.x where cortex-m-rt's link.x finds it, with an empty device.x: its `device`
+//! feature includes one, and main.rs defines the interrupt vectors itself.
 use std::{env, fs, path::PathBuf};
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     fs::write(out.join("memory.x"), include_bytes!("memory.x")).expect("write memory.x");
+    fs::write(out.join("device.x"), "").expect("write device.x");
     println!("cargo:rustc-link-search={}", out.display());
     println!("cargo:rerun-if-changed=memory.x");
 }

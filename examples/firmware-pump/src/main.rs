@@ -2,6 +2,10 @@
 //! holds the lease "pump", which it takes through leasehold-serial over UART0 and a host
 //! gateway. Semihosting carries its log to the emulator's stdout and its device id in.
 //!
+//! Its clock is SysTick's cycle counter, whose interrupt only counts 1.34 s wraps: the lease's
+//! safety needs a clock that never runs slow, and QEMU drops interrupts, not counter cycles.
+//! Timer 0A's 1 kHz interrupt only wakes the main loop, where losing one is harmless.
+//!
 //! Run: `qemu-system-arm -M lm3s6965evb -nographic -monitor none
 //!   -semihosting-config enable=on,target=native -serial tcp:127.0.0.1:PORT,server=on,wait=on,nodelay=on
 //!   -kernel target/thumbv7m-none-eabi/release/firmware-pump -append "DEVICE NONCE"`
@@ -13,6 +17,7 @@
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use cortex_m::peripheral::syst::SystClkSource;
+use cortex_m::peripheral::{NVIC, SCB, SYST};
 use cortex_m_rt::{entry, exception};
 use cortex_m_semihosting::{debug, hio, nr};
 use leasehold_core::{parse_key, Config, Duration, Event, Instant, Lease, OwnerId};
@@ -87,34 +92,124 @@ impl embedded_io::Write for Uart {
     }
 }
 
-// ----- Clock: SysTick at 1 kHz from the core clock, refined by the counter -----
+// ----- Clock: SysTick's cycle counter; its interrupt only counts wraps -----
 
 /// The lm3s6965 core clock after reset as QEMU models it (PLL 200 MHz / 16). Measured: with
 /// 12 MHz assumed, the device counted 1.000 s per 0.961 s of host time. The QEMU end-to-end
 /// test checks the rate stays within ε of the host's, since the lease's safety depends on it.
 const CORE_HZ: u32 = 12_500_000;
-const TICKS_PER_MS: u32 = CORE_HZ / 1_000;
-static MILLIS: AtomicU32 = AtomicU32::new(0);
+/// SysTick's largest reload: it wraps every 2^24 cycles, 1.34 s at CORE_HZ.
+const SYST_RELOAD: u32 = 0x00FF_FFFF;
+static WRAPS: AtomicU32 = AtomicU32::new(0);
 
 #[exception]
 fn SysTick() {
-    MILLIS.fetch_add(1, Ordering::Relaxed);
+    WRAPS.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Time is read from the down-counter, which QEMU computes from its virtual clock, so it never
+/// falls behind. Counting interrupts does: QEMU merges those that come due while the vCPU is
+/// busy or stalled (semihosting writes, UART traffic), and counting a 1 kHz tick ran at 0.989
+/// of host time, the unsafe direction for a lease holder. Interrupts now only carry the count
+/// past 2^24 cycles; merging two of them would take a 1.34 s stall.
 struct SysTickClock;
+
+impl SysTickClock {
+    /// Starts SysTick; the clock is valid once it returns.
+    fn start(syst: &mut SYST) -> SysTickClock {
+        syst.set_clock_source(SystClkSource::Core);
+        syst.set_reload(SYST_RELOAD);
+        syst.clear_current();
+        syst.enable_interrupt();
+        syst.enable_counter();
+        // The counter reads 0 until it first loads SYST_RELOAD, and that load is no wrap. Real
+        // hardware takes one cycle; QEMU waits for its main loop, which can take milliseconds
+        // under load, and a 0 read meanwhile would put time 1.34 s ahead, then back.
+        while SYST::get_current() == 0 {}
+        SysTickClock
+    }
+}
 
 impl Clock for SysTickClock {
     fn now(&self) -> Instant {
-        loop {
-            let ms = MILLIS.load(Ordering::Relaxed);
-            let val = cortex_m::peripheral::SYST::get_current();
-            if MILLIS.load(Ordering::Relaxed) == ms {
-                let sub_us = (TICKS_PER_MS - 1 - val.min(TICKS_PER_MS - 1)) * 1_000 / TICKS_PER_MS;
-                return Instant::from_micros(u64::from(ms) * 1_000 + u64::from(sub_us));
+        // Masked, so the handler cannot count a wrap between the reads.
+        let cycles = cortex_m::interrupt::free(|_| {
+            let mut wraps = u64::from(WRAPS.load(Ordering::Relaxed));
+            let mut val = SYST::get_current();
+            // A wrap the handler has not counted yet (masked by us, or just happened): re-read,
+            // since `val` may be from before it, and count it, unless the counter still reads
+            // 0: hardware pends as it reaches 0, one cycle before reloading (QEMU on reload).
+            if SCB::is_pendst_pending() {
+                val = SYST::get_current();
+                if val != 0 {
+                    wraps += 1;
+                }
             }
-        }
+            wraps * u64::from(SYST_RELOAD + 1) + u64::from(SYST_RELOAD - val)
+        });
+        // From total cycles, so rounding never accumulates; split so it cannot overflow.
+        let hz = u64::from(CORE_HZ);
+        Instant::from_micros(cycles / hz * 1_000_000 + cycles % hz * 1_000_000 / hz)
     }
 }
+
+// ----- Wake-ups: General-Purpose Timer 0A, periodic at 1 kHz -----
+//
+// The main loop sleeps in `wfi` and polls the UART and its deadlines when woken. A lost or
+// merged wake-up only delays that poll; time comes from SysTick above. QEMU runs the GPTM
+// from the same system clock, and its interrupt is a level, held until cleared.
+
+const SYSCTL_RCGC1: usize = 0x400F_E104;
+const RCGC1_TIMER0: u32 = 1 << 16;
+const TIMER0: usize = 0x4003_0000;
+const GPTMCFG: usize = 0x000;
+const GPTMTAMR: usize = 0x004;
+const GPTMCTL: usize = 0x00C;
+const GPTMIMR: usize = 0x018;
+const GPTMICR: usize = 0x024;
+const GPTMTAILR: usize = 0x028;
+const TAMR_PERIODIC: u32 = 0x2;
+const CTL_TAEN: u32 = 1 << 0;
+const TATO: u32 = 1 << 0;
+/// "Timer 0A" in the LM3S6965's interrupt table.
+const TIMER0A_IRQ: usize = 19;
+
+fn reg_read(addr: usize) -> u32 {
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+fn reg_write(addr: usize, value: u32) {
+    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+}
+
+fn start_wakeup_timer(nvic: &mut NVIC) {
+    reg_write(SYSCTL_RCGC1, reg_read(SYSCTL_RCGC1) | RCGC1_TIMER0);
+    reg_write(TIMER0 + GPTMCTL, 0);
+    reg_write(TIMER0 + GPTMCFG, 0); // one 32-bit timer
+    reg_write(TIMER0 + GPTMTAMR, TAMR_PERIODIC);
+    reg_write(TIMER0 + GPTMTAILR, CORE_HZ / 1_000 - 1);
+    reg_write(TIMER0 + GPTMIMR, TATO);
+    reg_write(TIMER0 + GPTMCTL, CTL_TAEN);
+    unsafe { nvic.iser[TIMER0A_IRQ / 32].write(1 << (TIMER0A_IRQ % 32)) };
+}
+
+extern "C" fn timer0a() {
+    reg_write(TIMER0 + GPTMICR, TATO);
+}
+
+// No device crate: this is the device-specific part of the vector table, up to the one
+// interrupt we use (cortex-m-rt's `device` feature; build.rs provides an empty device.x).
+extern "C" {
+    fn DefaultHandler();
+}
+
+#[link_section = ".vector_table.interrupts"]
+#[no_mangle]
+static __INTERRUPTS: [unsafe extern "C" fn(); TIMER0A_IRQ + 1] = {
+    let mut v: [unsafe extern "C" fn(); TIMER0A_IRQ + 1] = [DefaultHandler; TIMER0A_IRQ + 1];
+    v[TIMER0A_IRQ] = timer0a;
+    v
+};
 
 // ----- Output over semihosting, without core::fmt -----
 
@@ -186,11 +281,8 @@ fn device_and_nonce() -> (u32, u32) {
 #[entry]
 fn main() -> ! {
     let mut cp = cortex_m::Peripherals::take().unwrap_or_else(|| fail());
-    cp.SYST.set_clock_source(SystClkSource::Core);
-    cp.SYST.set_reload(TICKS_PER_MS - 1);
-    cp.SYST.clear_current();
-    cp.SYST.enable_interrupt();
-    cp.SYST.enable_counter();
+    let clock = SysTickClock::start(&mut cp.SYST);
+    start_wakeup_timer(&mut cp.NVIC);
 
     let (device, nonce) = device_and_nonce();
     let owner = OwnerId((u64::from(device) << 32) | u64::from(nonce));
@@ -198,7 +290,7 @@ fn main() -> ! {
     config.jitter_seed = u64::from(nonce) ^ u64::from(device);
     let Ok(lease) = Lease::new(owner, config) else { fail() };
     let Ok(key) = parse_key("pump") else { fail() };
-    let mut link = DeviceLink::new(Uart::new(), SysTickClock, lease, key, device);
+    let mut link = DeviceLink::new(Uart::new(), clock, lease, key, device);
     Line::new("BOOT device ").num(u64::from(device)).say();
 
     let _ = link.acquire();
@@ -263,7 +355,7 @@ fn main() -> ! {
             Line::new("CLOCK ").num(now.as_micros()).say();
             next_clock_report = now + Duration::from_secs(1);
         }
-        // SysTick wakes us every millisecond; UART bytes wait in the FIFO meanwhile.
+        // Timer 0A wakes us every millisecond; UART bytes wait in the FIFO meanwhile.
         cortex_m::asm::wfi();
     }
 }
