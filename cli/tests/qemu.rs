@@ -87,6 +87,15 @@ fn board(elf: &PathBuf, device: u32, log: Arc<Mutex<Vec<Line>>>, start: Instant)
     (Proc(child), port)
 }
 
+/// The merged log, for failure messages.
+fn render(lines: &[Line]) -> String {
+    lines
+        .iter()
+        .map(|l| format!("{:>8.3}s {:<7} {}", l.t.as_secs_f64(), l.who, l.text))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn boards_and_a_host_share_one_lease_safely() {
     let elf = firmware();
@@ -150,7 +159,11 @@ fn boards_and_a_host_share_one_lease_safely() {
             let _ = b1.0.kill();
             break start.elapsed();
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "board 1 never held the lease");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "board 1 never held the lease:\n{}",
+            render(&log.lock().unwrap())
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     std::thread::sleep(Duration::from_secs(4));
@@ -159,13 +172,7 @@ fn boards_and_a_host_share_one_lease_safely() {
     drop(b2);
 
     let lines = log.lock().unwrap().clone();
-    let dump = || {
-        lines
-            .iter()
-            .map(|l| format!("{:>8.3}s {:<7} {}", l.t.as_secs_f64(), l.who, l.text))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let dump = || render(&lines);
 
     // The fenced log: every ACT names its fence. One party per fence, fences in order, and
     // the spans of consecutive fences never overlap in (host) time.
@@ -221,7 +228,7 @@ fn boards_and_a_host_share_one_lease_safely() {
         let (Some(a), Some(b)) = (clocks.first(), clocks.last()) else { panic!("{who} reported no clock") };
         let rate = (b.1 - a.1) as f64 / 1e6 / (b.0 - a.0).as_secs_f64();
         println!("{who} clock rate vs host: {rate:.4} over {:.1}s", (b.0 - a.0).as_secs_f64());
-        assert!((rate - 1.0).abs() < 0.01, "{who} clock runs at {rate} of host time");
+        assert!((rate - 1.0).abs() < 0.01, "{who} clock runs at {rate} of host time:\n{}", dump());
     }
     let mut rtts: Vec<u64> = lines
         .iter()
