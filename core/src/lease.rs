@@ -433,9 +433,9 @@ impl Lease {
 
     /// The next event for the application, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        let first = self.events[0].take();
+        let first = self.events[0].take()?;
         self.events[0] = self.events[1].take();
-        first
+        Some(first)
     }
 
     /// When [`handle_timeout`](Lease::handle_timeout) must next be called, if ever.
