@@ -151,9 +151,15 @@ fn boards_and_a_host_share_one_lease_safely() {
     let killed_at = loop {
         let holding = {
             let l = log.lock().unwrap();
-            // Mid-hold: board 1's newest line is its second action under a grant.
+            // Mid-hold: board 1's newest line is an early action under a grant.
             let last = l.iter().rev().find(|x| x.who == "board1" && !x.text.starts_with("CLOCK"));
-            last.is_some_and(|x| x.text.starts_with("ACT ") && x.text.ends_with(" 2"))
+            // Any of its first six actions will do: at least two more are due, so the kill
+            // lands mid-hold, and a busy host that misses the second still catches a later one.
+            last.is_some_and(|x| {
+                let mut w = x.text.split_whitespace();
+                w.next() == Some("ACT")
+                    && w.nth(1).and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n <= 6)
+            })
         };
         if holding {
             let _ = b1.0.kill();
