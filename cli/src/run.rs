@@ -3,7 +3,8 @@
 //! Exit codes: the command's own code when it finishes; 128+N when it died of signal N;
 //! 75 when the lease could not be acquired (held, timed out, or server unreachable); 76 when
 //! the lease was lost while the command ran (the command was sent SIGTERM, then SIGKILL after
-//! the grace period); 126/127 when the command could not be started; 2 for usage errors.
+//! the grace period); 126/127 when the command could not be started; 2 for usage and configuration
+//! errors (a refused certificate or missing credentials is reported at once, not retried).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -148,7 +149,7 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
             };
             eprintln!("leasehold run: could not acquire {:?}: {why}", args.key);
             return ExitCode::from(match e {
-                AcquireError::InvalidKey(_) | AcquireError::Rejected(_) => 2,
+                AcquireError::InvalidKey(_) | AcquireError::Rejected(_) | AcquireError::Misconfigured(_) => 2,
                 _ => EXIT_NOT_ACQUIRED,
             });
         }

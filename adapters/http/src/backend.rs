@@ -49,15 +49,34 @@ pub enum TransportError {
     /// The backend is misconfigured (bad URL, missing credentials...).
     #[error("misconfigured backend: {0}")]
     Config(String),
-    /// The TLS handshake with an `https://` server failed: its certificate is not trusted or
-    /// not valid for the URL's host, it sent a TLS alert, or it does not speak TLS.
+    /// The TLS handshake with an `https://` server failed: it sent a TLS alert, closed the
+    /// connection mid-handshake, or does not speak TLS.
     #[error("TLS with {addr} failed: {message}")]
     Tls {
+        /// Where we tried.
+        addr: String,
+        /// The cause, e.g. `received fatal alert: ...`.
+        message: String,
+    },
+    /// The `https://` server's certificate was refused: not issued by a trusted CA, not valid
+    /// for the URL's host, expired...
+    #[error("TLS with {addr} failed: {message}")]
+    Certificate {
         /// Where we tried.
         addr: String,
         /// The cause, e.g. `invalid peer certificate: ...`.
         message: String,
     },
+}
+
+impl TransportError {
+    /// Retrying cannot help: the configuration (URL, credentials, trusted CAs) has to change.
+    ///
+    /// [`Client`](crate::Client) gives up on such an error at once instead of retrying until a
+    /// deadline, so a typo fails in a second rather than after `--timeout` (or never).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, TransportError::Config(_) | TransportError::Certificate { .. })
+    }
 }
 
 /// A parsed `http[s]://host[:port][/prefix]` URL.

@@ -48,6 +48,10 @@ pub enum AcquireError {
     /// The authority refused the request outright.
     #[error("the authority rejected the request: {0}")]
     Rejected(Reject),
+    /// The authority cannot be talked to as configured (a refused certificate, missing
+    /// credentials...): see [`TransportError::is_permanent`]. Retrying would not help.
+    #[error("cannot talk to the authority as configured: {0}")]
+    Misconfigured(TransportError),
     /// The driver thread could not be started.
     #[error("cannot start the lease driver: {0}")]
     Spawn(String),
@@ -198,6 +202,7 @@ impl<B: Backend> Client<B> {
             changed: Signal::new(),
             poke: Signal::new(),
             release: AtomicBool::new(false),
+            permanent: Mutex::new(None),
         });
         self.executor()?.spawn(drive(self.inner.clone(), key.clone(), shared.clone(), mode)).detach();
         let lease = Lease { key, owner, shared, guard: Some(guard), released: false };
@@ -210,7 +215,10 @@ impl<B: Backend> Client<B> {
                 return Err(match reason {
                     NotAcquired::Busy | NotAcquired::Cancelled => AcquireError::Busy,
                     NotAcquired::Unavailable => AcquireError::Unavailable,
-                    NotAcquired::Rejected(r) => AcquireError::Rejected(r),
+                    NotAcquired::Rejected(r) => match lease.shared.permanent().take() {
+                        Some(e) => AcquireError::Misconfigured(e),
+                        None => AcquireError::Rejected(r),
+                    },
                 });
             }
             listener.await;
@@ -231,6 +239,8 @@ struct Shared {
     /// Handles to driver: look at `release`.
     poke: Signal,
     release: AtomicBool,
+    /// The transport error that made the driver give up, if that is why the lease ended.
+    permanent: Mutex<Option<TransportError>>,
 }
 
 impl Shared {
@@ -239,6 +249,9 @@ impl Shared {
     }
     fn ended(&self) -> MutexGuard<'_, Option<Event>> {
         self.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn permanent(&self) -> MutexGuard<'_, Option<TransportError>> {
+        self.permanent.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -321,6 +334,14 @@ async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, 
                 inflight = None;
                 match result {
                     Ok(reply) => m.handle_response(now(), Response { id, owner, reply }),
+                    // The machine knows "transient failure" and "refused"; a configuration
+                    // that cannot work is the second, told as the authority would tell it.
+                    Err(e) if e.is_permanent() => {
+                        tracing::warn!(key = %key, "giving up: {e}");
+                        *shared.permanent() = Some(e);
+                        let reply = Reply::Rejected(Reject::Misconfigured);
+                        m.handle_response(now(), Response { id, owner, reply })
+                    }
                     Err(e) => {
                         tracing::debug!(key = %key, "request failed: {e}");
                         m.handle_transport_error(now(), id)

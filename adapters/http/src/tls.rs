@@ -125,27 +125,32 @@ impl TlsTarget {
         Ok(TlsTarget { connector: config.connector(), name })
     }
 
-    /// The TLS handshake on a connected socket. Every failure (certificate, alert, a peer that
-    /// does not speak TLS, a close mid-handshake) is a [`TransportError::Tls`].
+    /// The TLS handshake on a connected socket. A refused certificate is a
+    /// [`TransportError::Certificate`]; every other failure (an alert, a peer that does not
+    /// speak TLS, a close mid-handshake) is a [`TransportError::Tls`].
     pub(crate) async fn handshake(
         &self,
         addr: &str,
         stream: Async<TcpStream>,
     ) -> Result<futures_rustls::client::TlsStream<Async<TcpStream>>, TransportError> {
         self.connector.connect(self.name.clone(), stream).await.map_err(|e| {
-            let message = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            let addr = addr.to_string();
+            let e = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
                 Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
-                    "invalid peer certificate: not issued by a trusted CA (UnknownIssuer); a private \
-                     CA must be added to the client's trusted CAs"
-                        .to_string()
+                    let message = "invalid peer certificate: not issued by a trusted CA (UnknownIssuer); \
+                                   a private CA must be added to the client's trusted CAs";
+                    TransportError::Certificate { addr, message: message.to_string() }
                 }
-                Some(e @ rustls::Error::InvalidMessage(_)) => {
-                    format!("the server's answer is not TLS ({e}): is it an http:// server?")
+                Some(e @ rustls::Error::InvalidCertificate(_)) => {
+                    TransportError::Certificate { addr, message: e.to_string() }
                 }
-                Some(rustls_error) => rustls_error.to_string(),
-                None => format!("handshake failed: {e}"),
+                Some(e @ rustls::Error::InvalidMessage(_)) => TransportError::Tls {
+                    addr,
+                    message: format!("the server's answer is not TLS ({e}): is it an http:// server?"),
+                },
+                Some(e) => TransportError::Tls { addr, message: e.to_string() },
+                None => TransportError::Tls { addr, message: format!("handshake failed: {e}") },
             };
-            let e = TransportError::Tls { addr: addr.to_string(), message };
             tracing::warn!("{e}");
             e
         })

@@ -170,15 +170,27 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
     panic!("{what} did not happen within 2 s");
 }
 
-/// A TLS error from one raw call to `url` with `tls`.
-fn tls_error(url: &str, tls: TlsConfig) -> String {
+/// The error of one raw call to `url` with `tls`, which must be a TLS failure.
+fn tls_error(url: &str, tls: TlsConfig) -> TransportError {
     let backend = BuiltinBackend::new(url, None, Duration::from_secs(2)).unwrap().with_tls(tls);
-    match smol::block_on(backend.call(&key("k"), acquire_request(1))) {
-        Err(TransportError::Tls { addr, message }) => {
-            assert!(url.ends_with(&addr), "{addr} in {url}");
-            message
+    let e = smol::block_on(backend.call(&key("k"), acquire_request(1))).expect_err("a TLS failure");
+    match &e {
+        TransportError::Tls { addr, .. } | TransportError::Certificate { addr, .. } => {
+            assert!(url.ends_with(addr.as_str()), "{addr} in {url}")
         }
         other => panic!("expected a TLS error, got {other:?}"),
+    }
+    e
+}
+
+/// The message of a refused certificate, which retrying cannot fix.
+fn certificate_error(url: &str, tls: TlsConfig) -> String {
+    match tls_error(url, tls) {
+        e @ TransportError::Certificate { .. } => {
+            assert!(e.is_permanent());
+            e.to_string()
+        }
+        other => panic!("expected a refused certificate, got {other:?}"),
     }
 }
 
@@ -276,20 +288,30 @@ fn a_certificate_from_an_unknown_ca_is_a_tls_error() {
     let t = Terminator::start(stranger.server_config(&["localhost"]), s.addr());
     let url = format!("https://localhost:{}", t.addr.port());
 
-    let message = tls_error(&url, trusted.tls());
+    let message = certificate_error(&url, trusted.tls());
     assert!(message.contains("not issued by a trusted CA"), "{message}");
     // Mozilla's roots alone do not know a private CA either.
-    let message = tls_error(&url, TlsConfig::new());
+    let message = certificate_error(&url, TlsConfig::new());
     assert!(message.contains("not issued by a trusted CA"), "{message}");
     // The server learns of it from the client's alert.
     smol::block_on(eventually("two failed handshakes", || t.failed.load(Ordering::SeqCst) == 2));
     assert_eq!(t.accepted().len(), 0, "no handshake completed");
 
-    // Through the handle it is an unavailable authority, not a panic or a hang.
+    // Through the handle it is a configuration to fix, reported by the first attempt: an
+    // acquisition that would wait forever for a reachable authority gives up.
     let backend = BuiltinBackend::new(&url, None, Duration::from_secs(1)).unwrap().with_tls(trusted.tls());
     let c = Client::new(backend, Options::new(Duration::from_secs(2))).unwrap();
-    let r = smol::block_on(c.acquire_timeout("k", Duration::from_millis(300)));
-    assert_eq!(r.unwrap_err(), AcquireError::Unavailable);
+    match smol::block_on(c.acquire("k")) {
+        Err(AcquireError::Misconfigured(e @ TransportError::Certificate { .. })) => {
+            assert!(e.to_string().contains("not issued by a trusted CA"), "{e}")
+        }
+        other => panic!("expected a refused certificate, got {other:?}"),
+    }
+    smol::block_on(async {
+        eventually("the third failed handshake", || t.failed.load(Ordering::SeqCst) >= 3).await;
+        sleep(200).await;
+    });
+    assert_eq!(t.failed.load(Ordering::SeqCst), 3, "one attempt, no retries");
 }
 
 #[test]
@@ -299,9 +321,9 @@ fn a_certificate_for_another_host_is_a_tls_error() {
     let ca = Ca::new("leasehold test CA");
     let t = Terminator::start(ca.server_config(&["elsewhere.invalid"]), s.addr());
 
-    let message = tls_error(&format!("https://localhost:{}", t.addr.port()), ca.tls());
+    let message = certificate_error(&format!("https://localhost:{}", t.addr.port()), ca.tls());
     assert!(message.contains("not valid for name \"localhost\""), "{message}");
-    let message = tls_error(&format!("https://127.0.0.1:{}", t.addr.port()), ca.tls());
+    let message = certificate_error(&format!("https://127.0.0.1:{}", t.addr.port()), ca.tls());
     assert!(message.contains("not valid for name \"127.0.0.1\""), "{message}");
     assert_eq!(t.accepted().len(), 0);
 }
@@ -310,8 +332,11 @@ fn a_certificate_for_another_host_is_a_tls_error() {
 fn https_to_a_plain_http_server_is_a_tls_error() {
     let dir = tempfile::tempdir().unwrap();
     let s = lease_server(dir.path());
-    let message = tls_error(&format!("https://127.0.0.1:{}", s.addr().port()), TlsConfig::new());
-    assert!(message.contains("the server's answer is not TLS"), "{message}");
+    let e = tls_error(&format!("https://127.0.0.1:{}", s.addr().port()), TlsConfig::new());
+    assert!(
+        matches!(&e, TransportError::Tls { message, .. } if message.contains("the server's answer is not TLS")),
+        "{e}"
+    );
 }
 
 #[test]

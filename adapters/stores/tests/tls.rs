@@ -135,7 +135,7 @@ fn etcd_over_https_with_a_private_ca() {
     let untrusted = EtcdBackend::new(&url, "leasehold/", TIMEOUT).unwrap();
     let r = smol::block_on(call(&untrusted, 3, Op::Acquire { ttl: TTL }));
     assert!(
-        matches!(&r, Err(TransportError::Tls { message, .. }) if message.contains("trusted CA")),
+        matches!(&r, Err(TransportError::Certificate { message, .. }) if message.contains("trusted CA")),
         "{r:?}"
     );
 }
