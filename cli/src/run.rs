@@ -5,12 +5,19 @@
 //! the lease was lost while the command ran (the command was sent SIGTERM, then SIGKILL after
 //! the grace period); 126/127 when the command could not be started; 2 for usage and configuration
 //! errors (a refused certificate or missing credentials is reported at once, not retried).
+//!
+//! Signals: SIGTERM and SIGHUP are passed on to the command; SIGINT is not, because Ctrl-C on
+//! a terminal already reached the whole foreground process group, command included. Either
+//! way `run` waits for the command to exit and then releases the lease at once, so the next
+//! holder need not wait out the ttl. A signal while waiting for the lease cancels the wait and
+//! exits 128+N once any grant that raced it is released.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use futures_lite::future;
+use async_signal::{Signal as Caught, Signals};
+use futures_lite::{future, StreamExt};
 use leasehold_http::{AcquireError, Backend, BuiltinBackend, Client, Options, TransportError};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -126,20 +133,45 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
         }
     };
 
+    // Installed before the first request, so no signal finds a grant without its release.
+    let mut signals = match Signals::new([Caught::Term, Caught::Int, Caught::Hup]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("leasehold run: cannot catch signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
     let spinner = (!args.no_wait && std::io::stderr().is_terminal()).then(|| {
         let s = indicatif::ProgressBar::new_spinner();
         s.set_message(format!("waiting for lease {:?} on {}", args.key, args.server));
         s.enable_steady_tick(Duration::from_millis(120));
         s
     });
-    let acquired = match (args.no_wait, args.timeout) {
-        (true, _) => client.try_acquire(&args.key).await,
-        (false, Some(t)) => client.acquire_timeout(&args.key, t).await,
-        (false, None) => client.acquire(&args.key).await,
+    let acquire = async {
+        Ok(match (args.no_wait, args.timeout) {
+            (true, _) => client.try_acquire(&args.key).await,
+            (false, Some(t)) => client.acquire_timeout(&args.key, t).await,
+            (false, None) => client.acquire(&args.key).await,
+        })
     };
+    let acquired = future::or(acquire, async { Err(next_signal(&mut signals).await) }).await;
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
+    let acquired = match acquired {
+        Ok(a) => a,
+        Err(sig) => {
+            // Dropping the acquisition cancelled it; a grant already on its way is released by
+            // the client's driver. A second signal does not wait for that.
+            tracing::info!(key = %args.key, "signal {sig} while waiting; cancelling");
+            future::or(client.wait_idle(), async {
+                next_signal(&mut signals).await;
+            })
+            .await;
+            return ExitCode::from(128u8.saturating_add(sig as u8));
+        }
+    };
     let lease = match acquired {
         Ok(l) => l,
         Err(e) => {
@@ -177,10 +209,24 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
         Exited(std::io::Result<std::process::ExitStatus>),
         Lost(leasehold_http::LostReason),
     }
-    let outcome = future::or(async { Outcome::Exited(child.status().await) }, async {
-        Outcome::Lost(lease.lost().await)
-    })
-    .await;
+    let outcome = loop {
+        let ended = future::or(async { Outcome::Exited(child.status().await) }, async {
+            Outcome::Lost(lease.lost().await)
+        });
+        let signalled = async { Err(next_signal(&mut signals).await) };
+        let sig = match future::or(async { Ok(ended.await) }, signalled).await {
+            Ok(outcome) => break outcome,
+            Err(sig) => sig,
+        };
+        if sig == Caught::Int as i32 {
+            tracing::info!("SIGINT: waiting for the command to exit, then releasing");
+        } else {
+            tracing::info!("signal {sig}: passing it on to the command, then releasing");
+            if let Ok(sig) = Signal::try_from(sig) {
+                let _ = kill(pid, sig);
+            }
+        }
+    };
     match outcome {
         Outcome::Exited(status) => {
             lease.release().await;
@@ -202,6 +248,15 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
             }
             ExitCode::from(EXIT_LOST)
         }
+    }
+}
+
+/// The next caught signal's number. A broken signal pipe never resolves: the command's exit
+/// or the lease's loss still ends the wait.
+async fn next_signal(signals: &mut Signals) -> i32 {
+    match signals.next().await {
+        Some(Ok(sig)) => sig as i32,
+        _ => future::pending().await,
     }
 }
 

@@ -126,6 +126,88 @@ fn exit_codes_are_as_documented() {
     );
 }
 
+/// Waits (up to 20 s) until `path` exists.
+fn wait_for_file(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A counter from the server's /metrics.
+fn metric(url: &str, name: &str) -> u64 {
+    let addr = url.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::{Read, Write};
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// Whether someone else can take `key` at once (and gives it back).
+fn free_now(url: &str, key: &str) -> bool {
+    let ttl = LDuration::from_secs(30);
+    match call(url, key, 999, Op::Acquire { ttl }) {
+        Reply::Granted { fence, .. } => {
+            assert_eq!(call(url, key, 999, Op::Release { fence }), Reply::Released);
+            true
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn signals_end_the_command_and_release_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    // A 30 s ttl: only a release frees the key within this test.
+    let script = |trap: &str, marker: &Path| {
+        format!("trap 'exit {trap}' TERM INT; touch {}; while :; do sleep 0.05; done", marker.display())
+    };
+
+    // SIGTERM to leasehold alone (a service manager stopping it): passed on to the command.
+    let started = dir.path().join("term-started");
+    let mut run =
+        Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &script("3", &started)]).spawn().unwrap());
+    wait_for_file(&started);
+    assert!(!free_now(&url, "sig"));
+    nix::sys::signal::kill(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(run.0.wait().unwrap().code(), Some(3), "the command's own exit code");
+    assert!(free_now(&url, "sig"), "released on the way out, not left to expire");
+
+    // Ctrl-C on a terminal: SIGINT to the whole process group. Not passed on a second time.
+    let started = dir.path().join("int-started");
+    let mut run =
+        Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &script("4", &started)]).spawn().unwrap());
+    wait_for_file(&started);
+    killpg(Pid::from_raw(run.0.id() as i32), Signal::SIGINT).unwrap();
+    assert_eq!(run.0.wait().unwrap().code(), Some(4));
+    assert!(free_now(&url, "sig"));
+
+    // SIGTERM while waiting for a held key: the wait is cancelled, the command never runs.
+    let holder = match call(&url, "sig", 7, Op::Acquire { ttl: LDuration::from_secs(30) }) {
+        Reply::Granted { fence, .. } => fence,
+        other => panic!("{other:?}"),
+    };
+    let refusals = metric(&url, "leasehold_refusals_total");
+    let ran = dir.path().join("ran");
+    let touch = format!("touch {}", ran.display());
+    let mut run = Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &touch]).spawn().unwrap());
+    let t = Instant::now();
+    while metric(&url, "leasehold_refusals_total") == refusals {
+        assert!(t.elapsed() < Duration::from_secs(20), "leasehold run never asked for the key");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(run.0.wait().unwrap().code(), Some(128 + 15));
+    assert!(!ran.exists(), "the command ran without the lease");
+    assert_eq!(call(&url, "sig", 7, Op::Release { fence: holder }), Reply::Released, "still ours");
+}
+
 #[test]
 fn a_lost_lease_stops_the_command() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -90,6 +90,27 @@ struct Inner<B> {
     local: Mutex<HashMap<Key, Arc<AsyncMutex<()>>>>,
     /// Started with the first acquisition; stops once the client and all its leases are gone.
     driver: Mutex<Option<DriverThread>>,
+    /// Leases whose driver task has not ended yet, and a signal for each that ends.
+    active: AtomicUsize,
+    idle: Signal,
+}
+
+/// Counts one lease's driver task as active for as long as it lives (dropping the task, run or
+/// not, ends it).
+struct Active<B: Backend>(Arc<Inner<B>>);
+
+impl<B: Backend> Active<B> {
+    fn new(inner: &Arc<Inner<B>>) -> Active<B> {
+        inner.active.fetch_add(1, Ordering::SeqCst);
+        Active(inner.clone())
+    }
+}
+
+impl<B: Backend> Drop for Active<B> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.idle.notify(usize::MAX);
+    }
 }
 
 /// The thread that drives every lease of one client (and its clones).
@@ -136,6 +157,8 @@ impl<B: Backend> Client<B> {
                 config: options.config,
                 local: Mutex::new(HashMap::new()),
                 driver: Mutex::new(None),
+                active: AtomicUsize::new(0),
+                idle: Signal::new(),
             }),
         })
     }
@@ -173,6 +196,21 @@ impl<B: Backend> Client<B> {
         self.start(key, guard, Mode::Until(deadline)).await
     }
 
+    /// Waits until every lease taken through this client (and its clones) has ended:
+    /// released, lost, or not acquired. Dropped leases and cancelled acquisitions finish in the
+    /// background; await this before the process exits so their releases reach the authority
+    /// and the next holder need not wait out the ttl. A lease still held keeps it waiting, so
+    /// release or drop them first.
+    pub async fn wait_idle(&self) {
+        loop {
+            let listener = self.inner.idle.listen();
+            if self.inner.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            listener.await;
+        }
+    }
+
     fn local(&self, key: &Key) -> Arc<AsyncMutex<()>> {
         let mut map = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
         // Forget keys nobody holds or waits for (guards and waiters own a clone), so a client
@@ -204,7 +242,14 @@ impl<B: Backend> Client<B> {
             release: AtomicBool::new(false),
             permanent: Mutex::new(None),
         });
-        self.executor()?.spawn(drive(self.inner.clone(), key.clone(), shared.clone(), mode)).detach();
+        let active = Active::new(&self.inner);
+        let task = drive(self.inner.clone(), key.clone(), shared.clone(), mode);
+        self.executor()?
+            .spawn(async move {
+                task.await;
+                drop(active);
+            })
+            .detach();
         let lease = Lease { key, owner, shared, guard: Some(guard), released: false };
         loop {
             let listener = lease.shared.changed.listen();

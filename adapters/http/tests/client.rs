@@ -149,6 +149,59 @@ fn dropping_a_lease_releases_it() {
     });
 }
 
+/// Holds every release back for a while, as a slow network would.
+struct SlowRelease(BuiltinBackend);
+
+impl Backend for SlowRelease {
+    async fn call(&self, key: &Key, request: Request) -> Result<Reply, TransportError> {
+        if matches!(request.op, Op::Release { .. }) {
+            sleep(300).await;
+        }
+        self.0.call(key, request).await
+    }
+}
+
+#[test]
+fn wait_idle_returns_once_dropped_leases_are_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let backend = SlowRelease(BuiltinBackend::new(&s.url(), None, Duration::from_secs(2)).unwrap());
+    let a = Client::new(backend, Options::new(Duration::from_secs(30))).unwrap();
+    let rival = client(&s.url(), 30_000);
+    smol::block_on(async {
+        // Nothing taken yet: idle at once.
+        within(1_000, "wait_idle of a fresh client", a.wait_idle()).await;
+        let l1 = a.acquire("idle-1").await.unwrap();
+        let l2 = a.acquire("idle-2").await.unwrap();
+        drop(l1);
+        drop(l2);
+        // The releases are still held back: the keys are taken as far as the server knows.
+        assert_eq!(rival.try_acquire("idle-1").await.unwrap_err(), AcquireError::Busy);
+        within(5_000, "wait_idle after drops", a.wait_idle()).await;
+        // Both releases reached the server: free long before the 30 s ttl.
+        for key in ["idle-1", "idle-2"] {
+            let l = rival.try_acquire(key).await.unwrap();
+            l.release().await;
+        }
+        // A held lease keeps the client busy; releasing it ends that.
+        let held = a.acquire("idle-1").await.unwrap();
+        let waited = future::or(
+            async {
+                a.wait_idle().await;
+                true
+            },
+            async {
+                sleep(200).await;
+                false
+            },
+        )
+        .await;
+        assert!(!waited, "wait_idle returned while a lease was held");
+        held.release().await;
+        within(1_000, "wait_idle after release", a.wait_idle()).await;
+    });
+}
+
 #[test]
 fn same_process_acquires_queue_locally() {
     let dir = tempfile::tempdir().unwrap();
