@@ -287,3 +287,51 @@ fn tls_settings_are_checked_before_anything_runs() {
     assert_eq!(code.code(), Some(75));
     assert!(!marker.exists(), "the command ran without a lease");
 }
+
+/// Runs `cmd` to the end, killing it (and failing the test) if it takes over 20 s.
+fn output_within_20s(cmd: &mut Command) -> std::process::Output {
+    let mut child = Proc(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap());
+    let t = Instant::now();
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{cmd:?} still running after 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = std::process::Output { status: child.0.wait().unwrap(), stdout: vec![], stderr: vec![] };
+    use std::io::Read;
+    child.0.stdout.take().unwrap().read_to_end(&mut out.stdout).unwrap();
+    child.0.stderr.take().unwrap().read_to_end(&mut out.stderr).unwrap();
+    out
+}
+
+#[test]
+fn https_servers_are_trusted_through_the_ca_file() {
+    use leasehold_test_servers::tls::{Ca, Terminator};
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let ca = Ca::new("leasehold cli test CA");
+    let t = Terminator::start(
+        ca.server_config(&["localhost"]),
+        url.strip_prefix("http://").unwrap().parse().unwrap(),
+    );
+    let https = format!("https://localhost:{}", t.addr().port());
+    let ran = dir.path().join("ran");
+    let touch = format!("test -n \"$LEASEHOLD_FENCE\" && touch {}", ran.display());
+
+    // Not trusted: no --timeout, yet the first attempt settles it. Exit 2, naming the cause.
+    let out = output_within_20s(&mut run_cmd(&https, "tls-run", "5s", &[], &["sh", "-c", &touch]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not issued by a trusted CA"), "{out:?}");
+    assert!(!ran.exists(), "the command ran without a lease");
+    assert_eq!(t.accepted().len(), 0);
+
+    // Trusted through --ca-file: the lease is taken over https and the command runs.
+    let pem = dir.path().join("ca.pem");
+    ca.write_pem(&pem);
+    let ca_file = ["--ca-file", pem.to_str().unwrap()];
+    let out = output_within_20s(&mut run_cmd(&https, "tls-run", "5s", &ca_file, &["sh", "-c", &touch]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(ran.exists(), "the command ran under the lease");
+    let status = output_within_20s(Command::new(BIN).args(["status", "--server", &https]).args(ca_file));
+    assert!(status.status.success(), "{status:?}");
+    assert!(t.accepted().iter().all(|a| a.sni.as_deref() == Some("localhost")), "{:?}", t.accepted());
+}

@@ -1,5 +1,9 @@
 //! Real stores started on loopback for tests: etcd and dynalite (DynamoDB-compatible).
 //! Each is stopped when dropped. A missing binary fails loudly with the install command.
+//! With the `tls` feature, [`tls`] puts any of them (or a leasehold server) behind https.
+
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::Path;

@@ -2,141 +2,18 @@
 //! certificates made at test time.
 #![cfg(feature = "tls")]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_io::Async;
-use futures_lite::{future, io, AsyncWriteExt};
-use futures_rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use futures_rustls::rustls::{self, ServerConfig};
-use futures_rustls::TlsAcceptor;
 use leasehold_core::{Key, Op, OwnerId, Reply, Request, RequestId};
 use leasehold_http::{
     AcquireError, Backend, BuiltinBackend, Client, Health, HttpClient, Options, TlsConfig, TransportError,
 };
 use leasehold_server::{RunningServer, Server, ServerConfig as LeaseServerConfig};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use leasehold_test_servers::tls::{Accepted, Ca, Terminator};
 
-/// A test CA: its certificate (PEM) and what it needs to sign server certificates.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        Ca { pem: cert.pem(), issuer: Issuer::new(params, key) }
-    }
-
-    /// A server certificate for `names` (DNS names or IP addresses) and its key.
-    fn server_config(&self, names: &[&str]) -> Arc<ServerConfig> {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, names[0]);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(vec![cert.der().clone()], key)
-                .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Arc::new(config)
-    }
-
-    fn tls(&self) -> TlsConfig {
-        TlsConfig::new().add_ca_pem(self.pem.as_bytes()).unwrap()
-    }
-}
-
-/// What the terminator saw of one completed handshake.
-#[derive(Debug, Clone, PartialEq)]
-struct Accepted {
-    sni: Option<String>,
-    alpn: Option<Vec<u8>>,
-}
-
-/// Terminates TLS on 127.0.0.1:0 and forwards the plaintext to `upstream`, a real leasehold
-/// server. Stops (closing every connection) when dropped.
-struct Terminator {
-    addr: SocketAddr,
-    accepted: Arc<Mutex<Vec<Accepted>>>,
-    failed: Arc<AtomicUsize>,
-    closed: Arc<AtomicUsize>,
-    _stop: smol::channel::Sender<()>,
-}
-
-impl Terminator {
-    fn start(config: Arc<ServerConfig>, upstream: SocketAddr) -> Terminator {
-        let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
-        let addr = listener.get_ref().local_addr().unwrap();
-        let accepted = Arc::new(Mutex::new(Vec::new()));
-        let failed = Arc::new(AtomicUsize::new(0));
-        let closed = Arc::new(AtomicUsize::new(0));
-        let (stop, stopped) = smol::channel::bounded::<()>(1);
-        let (acc, fail, clo) = (accepted.clone(), failed.clone(), closed.clone());
-        std::thread::spawn(move || {
-            let ex = smol::Executor::new();
-            let acceptor = TlsAcceptor::from(config);
-            let serve = async {
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else { continue };
-                    let (acceptor, acc, fail, clo) =
-                        (acceptor.clone(), acc.clone(), fail.clone(), clo.clone());
-                    ex.spawn(async move {
-                        let tls = match acceptor.accept(tcp).await {
-                            Ok(tls) => tls,
-                            Err(_) => {
-                                fail.fetch_add(1, Ordering::SeqCst);
-                                return;
-                            }
-                        };
-                        let conn = tls.get_ref().1;
-                        acc.lock().unwrap().push(Accepted {
-                            sni: conn.server_name().map(str::to_string),
-                            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
-                        });
-                        let up = Async::<TcpStream>::connect(upstream).await.unwrap();
-                        let (tls_r, mut tls_w) = io::split(tls);
-                        let (up_r, mut up_w) = io::split(up);
-                        // Either side closing closes the other.
-                        future::or(
-                            async {
-                                let _ = io::copy(tls_r, &mut up_w).await;
-                                let _ = up_w.close().await;
-                            },
-                            async {
-                                let _ = io::copy(up_r, &mut tls_w).await;
-                                let _ = tls_w.close().await;
-                            },
-                        )
-                        .await;
-                        clo.fetch_add(1, Ordering::SeqCst);
-                    })
-                    .detach();
-                }
-            };
-            smol::block_on(ex.run(future::or(serve, async {
-                let _ = stopped.recv().await;
-            })));
-        });
-        Terminator { addr, accepted, failed, closed, _stop: stop }
-    }
-
-    fn accepted(&self) -> Vec<Accepted> {
-        self.accepted.lock().unwrap().clone()
-    }
+/// A client configuration that trusts `ca`.
+fn trust(ca: &Ca) -> TlsConfig {
+    TlsConfig::new().add_ca_pem(ca.pem().as_bytes()).unwrap()
 }
 
 fn lease_server(dir: &std::path::Path) -> RunningServer {
@@ -200,9 +77,9 @@ fn leases_over_https_reuse_one_tls_connection() {
     let s = lease_server(dir.path());
     let ca = Ca::new("leasehold test CA");
     let t = Terminator::start(ca.server_config(&["localhost", "127.0.0.1"]), s.addr());
-    let url = format!("https://localhost:{}", t.addr.port());
+    let url = format!("https://localhost:{}", t.addr().port());
     smol::block_on(async {
-        let backend = BuiltinBackend::new(&url, None, Duration::from_secs(2)).unwrap().with_tls(ca.tls());
+        let backend = BuiltinBackend::new(&url, None, Duration::from_secs(2)).unwrap().with_tls(trust(&ca));
         let a = Client::new(backend, Options::new(Duration::from_millis(400))).unwrap();
         let la = a.acquire("tls-job").await.unwrap();
         let fence = la.fence().unwrap();
@@ -230,7 +107,7 @@ fn leases_over_https_reuse_one_tls_connection() {
         vec![Accepted { sni: Some("localhost".into()), alpn: Some(b"http/1.1".to_vec()) }],
         "one handshake, SNI from the URL, ALPN http/1.1"
     );
-    assert_eq!(t.failed.load(Ordering::SeqCst), 0);
+    assert_eq!(t.failed(), 0);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -240,8 +117,8 @@ async fn https_works_under_tokio() {
     let ca = Ca::new("leasehold test CA");
     // An IP address URL: checked against the certificate's IP SAN, no SNI sent.
     let t = Terminator::start(ca.server_config(&["127.0.0.1"]), s.addr());
-    let url = format!("https://127.0.0.1:{}", t.addr.port());
-    let backend = BuiltinBackend::new(&url, None, Duration::from_secs(2)).unwrap().with_tls(ca.tls());
+    let url = format!("https://127.0.0.1:{}", t.addr().port());
+    let backend = BuiltinBackend::new(&url, None, Duration::from_secs(2)).unwrap().with_tls(trust(&ca));
     let c = Client::new(backend, Options::new(Duration::from_millis(500))).unwrap();
     let l = c.acquire("tokio-tls").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -257,8 +134,8 @@ fn a_tls_connection_the_server_closed_is_not_reused() {
     let addr = s.addr();
     let ca = Ca::new("leasehold test CA");
     let t = Terminator::start(ca.server_config(&["localhost"]), addr);
-    let url = format!("https://localhost:{}", t.addr.port());
-    let backend = BuiltinBackend::new(&url, None, Duration::from_secs(2)).unwrap().with_tls(ca.tls());
+    let url = format!("https://localhost:{}", t.addr().port());
+    let backend = BuiltinBackend::new(&url, None, Duration::from_secs(2)).unwrap().with_tls(trust(&ca));
     smol::block_on(async {
         let first = backend.call(&key("pooled"), acquire_request(1)).await;
         assert!(matches!(first, Ok(Reply::Granted { .. })), "{first:?}");
@@ -268,8 +145,7 @@ fn a_tls_connection_the_server_closed_is_not_reused() {
         // The restart closes the upstream connection; the terminator then closes the TLS one
         // (close_notify and FIN) behind the client's back.
         drop(s);
-        eventually("the terminator closing the TLS connection", || t.closed.load(Ordering::SeqCst) == 1)
-            .await;
+        eventually("the terminator closing the TLS connection", || t.closed() == 1).await;
         let s = Server::spawn(LeaseServerConfig::new(dir.path(), addr))
             .expect("server restarts on the same port");
         let third = backend.call(&key("pooled"), acquire_request(3)).await;
@@ -286,20 +162,20 @@ fn a_certificate_from_an_unknown_ca_is_a_tls_error() {
     let trusted = Ca::new("trusted CA");
     let stranger = Ca::new("unknown CA");
     let t = Terminator::start(stranger.server_config(&["localhost"]), s.addr());
-    let url = format!("https://localhost:{}", t.addr.port());
+    let url = format!("https://localhost:{}", t.addr().port());
 
-    let message = certificate_error(&url, trusted.tls());
+    let message = certificate_error(&url, trust(&trusted));
     assert!(message.contains("not issued by a trusted CA"), "{message}");
     // Mozilla's roots alone do not know a private CA either.
     let message = certificate_error(&url, TlsConfig::new());
     assert!(message.contains("not issued by a trusted CA"), "{message}");
     // The server learns of it from the client's alert.
-    smol::block_on(eventually("two failed handshakes", || t.failed.load(Ordering::SeqCst) == 2));
+    smol::block_on(eventually("two failed handshakes", || t.failed() == 2));
     assert_eq!(t.accepted().len(), 0, "no handshake completed");
 
     // Through the handle it is a configuration to fix, reported by the first attempt: an
     // acquisition that would wait forever for a reachable authority gives up.
-    let backend = BuiltinBackend::new(&url, None, Duration::from_secs(1)).unwrap().with_tls(trusted.tls());
+    let backend = BuiltinBackend::new(&url, None, Duration::from_secs(1)).unwrap().with_tls(trust(&trusted));
     let c = Client::new(backend, Options::new(Duration::from_secs(2))).unwrap();
     match smol::block_on(c.acquire("k")) {
         Err(AcquireError::Misconfigured(e @ TransportError::Certificate { .. })) => {
@@ -308,10 +184,10 @@ fn a_certificate_from_an_unknown_ca_is_a_tls_error() {
         other => panic!("expected a refused certificate, got {other:?}"),
     }
     smol::block_on(async {
-        eventually("the third failed handshake", || t.failed.load(Ordering::SeqCst) >= 3).await;
+        eventually("the third failed handshake", || t.failed() >= 3).await;
         sleep(200).await;
     });
-    assert_eq!(t.failed.load(Ordering::SeqCst), 3, "one attempt, no retries");
+    assert_eq!(t.failed(), 3, "one attempt, no retries");
 }
 
 #[test]
@@ -321,9 +197,9 @@ fn a_certificate_for_another_host_is_a_tls_error() {
     let ca = Ca::new("leasehold test CA");
     let t = Terminator::start(ca.server_config(&["elsewhere.invalid"]), s.addr());
 
-    let message = certificate_error(&format!("https://localhost:{}", t.addr.port()), ca.tls());
+    let message = certificate_error(&format!("https://localhost:{}", t.addr().port()), trust(&ca));
     assert!(message.contains("not valid for name \"localhost\""), "{message}");
-    let message = certificate_error(&format!("https://127.0.0.1:{}", t.addr.port()), ca.tls());
+    let message = certificate_error(&format!("https://127.0.0.1:{}", t.addr().port()), trust(&ca));
     assert!(message.contains("not valid for name \"127.0.0.1\""), "{message}");
     assert_eq!(t.accepted().len(), 0);
 }
@@ -344,7 +220,7 @@ fn http_urls_ignore_the_tls_config() {
     let dir = tempfile::tempdir().unwrap();
     let s = lease_server(dir.path());
     let ca = Ca::new("leasehold test CA");
-    let backend = BuiltinBackend::new(&s.url(), None, Duration::from_secs(1)).unwrap().with_tls(ca.tls());
+    let backend = BuiltinBackend::new(&s.url(), None, Duration::from_secs(1)).unwrap().with_tls(trust(&ca));
     let c = Client::new(backend, Options::new(Duration::from_secs(2))).unwrap();
     smol::block_on(async {
         let l = c.try_acquire("plain").await.unwrap();
@@ -358,7 +234,7 @@ fn ca_files_are_read_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("file CA");
     let good = dir.path().join("ca.pem");
-    std::fs::write(&good, &ca.pem).unwrap();
+    ca.write_pem(&good);
     assert!(TlsConfig::new().add_ca_file(&good).is_ok());
 
     let config_error = |r: Result<TlsConfig, TransportError>| match r {
@@ -378,7 +254,7 @@ fn ca_files_are_read_and_checked() {
     let data = tempfile::tempdir().unwrap();
     let s = lease_server(data.path());
     let t = Terminator::start(ca.server_config(&["localhost"]), s.addr());
-    let http = HttpClient::new(&format!("https://localhost:{}/", t.addr.port()), Duration::from_secs(2))
+    let http = HttpClient::new(&format!("https://localhost:{}/", t.addr().port()), Duration::from_secs(2))
         .unwrap()
         .with_tls(TlsConfig::new().add_ca_file(&good).unwrap());
     let resp = smol::block_on(

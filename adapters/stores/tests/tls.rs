@@ -2,96 +2,27 @@
 //! test time) on 127.0.0.1:0 in front of a real etcd and a real dynalite.
 #![cfg(feature = "tls")]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_io::Async;
-use futures_lite::{future, io, AsyncWriteExt};
-use futures_rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use futures_rustls::rustls::{self, ServerConfig};
-use futures_rustls::TlsAcceptor;
+use futures_rustls::rustls::ServerConfig;
 use leasehold_core::{parse_key, Duration as LDuration, Fence, Op, OwnerId, Reply, Request, RequestId};
 use leasehold_http::{Backend, TlsConfig, TransportError};
 use leasehold_stores::{Credentials, DynamoDbBackend, EtcdBackend};
+use leasehold_test_servers::tls::{Ca, Terminator};
 use leasehold_test_servers::{dynalite, etcd};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 /// Generous: a request that times out drops its connection, and the handshake counts below
 /// would then include a legitimate reconnect.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A CA's certificate (PEM) and a server configuration with a certificate it signed for
-/// `localhost` and 127.0.0.1.
-fn ca_and_server() -> (String, Arc<ServerConfig>) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "leasehold stores test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-
-    let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key)
-        .unwrap();
-    (ca_pem, Arc::new(config))
-}
-
-/// Terminates TLS and forwards to `upstream`; counts completed handshakes. Stops when dropped.
-struct Terminator {
-    port: u16,
-    handshakes: Arc<AtomicUsize>,
-    _stop: smol::channel::Sender<()>,
-}
-
-fn terminator(config: Arc<ServerConfig>, upstream: SocketAddr) -> Terminator {
-    let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
-    let port = listener.get_ref().local_addr().unwrap().port();
-    let handshakes = Arc::new(AtomicUsize::new(0));
-    let (stop, stopped) = smol::channel::bounded::<()>(1);
-    let count = handshakes.clone();
-    std::thread::spawn(move || {
-        let ex = smol::Executor::new();
-        let acceptor = TlsAcceptor::from(config);
-        let serve = async {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
-                let (acceptor, count) = (acceptor.clone(), count.clone());
-                ex.spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let Ok(up) = Async::<TcpStream>::connect(upstream).await else { return };
-                    let (tls_r, mut tls_w) = io::split(tls);
-                    let (up_r, mut up_w) = io::split(up);
-                    future::or(
-                        async {
-                            let _ = io::copy(tls_r, &mut up_w).await;
-                            let _ = up_w.close().await;
-                        },
-                        async {
-                            let _ = io::copy(up_r, &mut tls_w).await;
-                            let _ = tls_w.close().await;
-                        },
-                    )
-                    .await;
-                })
-                .detach();
-            }
-        };
-        smol::block_on(ex.run(future::or(serve, async {
-            let _ = stopped.recv().await;
-        })));
-    });
-    Terminator { port, handshakes, _stop: stop }
+/// A CA and a server configuration with a certificate it signed for `localhost` and
+/// 127.0.0.1.
+fn ca_and_server() -> (Ca, Arc<ServerConfig>) {
+    let ca = Ca::new("leasehold stores test CA");
+    let config = ca.server_config(&["localhost", "127.0.0.1"]);
+    (ca, config)
 }
 
 fn addr_of(url: &str) -> SocketAddr {
@@ -115,9 +46,9 @@ async fn grant(b: &impl Backend, owner: u64) -> Fence {
 fn etcd_over_https_with_a_private_ca() {
     let server = etcd();
     let (ca, config) = ca_and_server();
-    let t = terminator(config, addr_of(server.url()));
-    let url = format!("https://localhost:{}", t.port);
-    let tls = TlsConfig::new().add_ca_pem(ca.as_bytes()).unwrap();
+    let t = Terminator::start(config, addr_of(server.url()));
+    let url = format!("https://localhost:{}", t.addr().port());
+    let tls = TlsConfig::new().add_ca_pem(ca.pem().as_bytes()).unwrap();
     let https = EtcdBackend::new(&url, "leasehold/", TIMEOUT).unwrap().with_tls(tls);
     let plain = EtcdBackend::new(server.url(), "leasehold/", TIMEOUT).unwrap();
     smol::block_on(async {
@@ -129,7 +60,7 @@ fn etcd_over_https_with_a_private_ca() {
         assert!(grant(&plain, 2).await > fence);
     });
     // Acquire (grant, txn) and release (txn, revoke) shared one pooled TLS connection.
-    assert_eq!(t.handshakes.load(Ordering::SeqCst), 1);
+    assert_eq!(t.accepted().len(), 1);
 
     // Without the CA, the same endpoint is a typed TLS error.
     let untrusted = EtcdBackend::new(&url, "leasehold/", TIMEOUT).unwrap();
@@ -144,9 +75,9 @@ fn etcd_over_https_with_a_private_ca() {
 fn dynamodb_over_https_signs_and_reaches_the_table() {
     let server = dynalite();
     let (ca, config) = ca_and_server();
-    let t = terminator(config, addr_of(server.url()));
-    let url = format!("https://127.0.0.1:{}", t.port);
-    let tls = TlsConfig::new().add_ca_pem(ca.as_bytes()).unwrap();
+    let t = Terminator::start(config, addr_of(server.url()));
+    let url = format!("https://127.0.0.1:{}", t.addr().port());
+    let tls = TlsConfig::new().add_ca_pem(ca.pem().as_bytes()).unwrap();
     let creds = Credentials::new("AKIDLEASEHOLDTEST", "not-a-real-secret", None, None, "test");
     let dynamo = || {
         DynamoDbBackend::new(&url, "us-east-1", "leases", creds.clone(), TIMEOUT)
@@ -164,5 +95,5 @@ fn dynamodb_over_https_signs_and_reaches_the_table() {
     });
     // Two clients, each on one pooled TLS connection (a: CreateTable, DescribeTable, three
     // UpdateItems; b: UpdateItem, GetItem, UpdateItem).
-    assert_eq!(t.handshakes.load(Ordering::SeqCst), 2);
+    assert_eq!(t.accepted().len(), 2);
 }
