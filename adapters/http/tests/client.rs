@@ -202,6 +202,34 @@ fn wait_idle_returns_once_dropped_leases_are_released() {
     });
 }
 
+/// Grants, then answers every renewal with a permanent error (credentials revoked, say).
+struct RenewalsMisconfigured(BuiltinBackend);
+
+impl Backend for RenewalsMisconfigured {
+    async fn call(&self, key: &Key, request: Request) -> Result<Reply, TransportError> {
+        match request.op {
+            Op::Renew { .. } => Err(TransportError::Config("credentials revoked".into())),
+            _ => self.0.call(key, request).await,
+        }
+    }
+}
+
+#[test]
+fn a_permanent_error_ends_a_held_lease_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let backend = RenewalsMisconfigured(BuiltinBackend::new(&s.url(), None, Duration::from_secs(2)).unwrap());
+    // The first renewal (due after a third of the ttl) fails for good.
+    let c = Client::new(backend, Options::new(Duration::from_secs(3))).unwrap();
+    smol::block_on(async {
+        let l = c.acquire("revoked").await.unwrap();
+        let reason = within(10_000, "lost after the first renewal", l.lost()).await;
+        // Not `Expired`: the lease ended at the failed renewal, not at its deadline.
+        assert_eq!(reason, LostReason::Rejected(Reject::Misconfigured));
+        assert_eq!(l.remaining(), None);
+    });
+}
+
 #[test]
 fn same_process_acquires_queue_locally() {
     let dir = tempfile::tempdir().unwrap();
