@@ -1,6 +1,6 @@
 //! Real stores started on loopback for tests: etcd and dynalite (DynamoDB-compatible).
 //! Each is stopped when dropped. A missing binary fails loudly with the install command.
-//! With the `tls` feature, [`tls`] puts any of them (or a leasehold server) behind https.
+//! With the `tls` feature, the `tls` module puts any of them (or a leasehold server) behind https.
 
 #[cfg(feature = "tls")]
 pub mod tls;
