@@ -27,10 +27,8 @@ pub(crate) struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Also trust the CA certificate(s) in this PEM file for an `https://` server (Mozilla's
-    /// roots are always trusted).
-    #[arg(long, env = "LEASEHOLD_CA_FILE", value_name = "PEM")]
-    ca_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: crate::TlsArgs,
     /// Per-request timeout towards the server.
     #[arg(long, default_value = "2s", value_parser = crate::duration)]
     timeout: Duration,
@@ -40,7 +38,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn main(args: Args) -> ExitCode {
-    let backend = match crate::tls(args.ca_file.as_deref()).and_then(|tls| {
+    let backend = match args.tls.config().and_then(|tls| {
         BuiltinBackend::new(&args.server, args.token.clone(), args.timeout)
             .map(|b| b.with_tls(tls))
             .map_err(|e| e.to_string())

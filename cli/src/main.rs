@@ -58,11 +58,33 @@ fn main() -> ExitCode {
     }
 }
 
-/// The TLS settings for `https://` servers: Mozilla's roots, plus `ca_file` if given.
-pub(crate) fn tls(ca_file: Option<&std::path::Path>) -> Result<leasehold_http::TlsConfig, String> {
-    let tls = leasehold_http::TlsConfig::new();
-    match ca_file {
-        Some(path) => tls.add_ca_file(path).map_err(|e| e.to_string()),
-        None => Ok(tls),
+/// TLS settings for an `https://` server, shared by every command that talks to one.
+#[derive(clap::Args)]
+pub(crate) struct TlsArgs {
+    /// Also trust the CA certificate(s) in this PEM file for an `https://` server (Mozilla's
+    /// roots are always trusted).
+    #[arg(long, env = "LEASEHOLD_CA_FILE", value_name = "PEM")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Present the client certificate (chain) in this PEM file to a server that requires one,
+    /// such as etcd with `--client-cert-auth`.
+    #[arg(long, env = "LEASEHOLD_CLIENT_CERT", value_name = "PEM", requires = "client_key")]
+    client_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `--client-cert`.
+    #[arg(long, env = "LEASEHOLD_CLIENT_KEY", value_name = "PEM", requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// Mozilla's roots, plus the CA file and the client certificate if given; any file that
+    /// cannot be used is an error here, before anything runs.
+    pub(crate) fn config(&self) -> Result<leasehold_http::TlsConfig, String> {
+        let mut tls = leasehold_http::TlsConfig::new();
+        if let Some(path) = &self.ca_file {
+            tls = tls.add_ca_file(path).map_err(|e| e.to_string())?;
+        }
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            tls = tls.with_client_cert_files(cert, key).map_err(|e| e.to_string())?;
+        }
+        Ok(tls)
     }
 }

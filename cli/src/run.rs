@@ -50,10 +50,8 @@ pub(crate) struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Also trust the CA certificate(s) in this PEM file for an `https://` server (Mozilla's
-    /// roots are always trusted).
-    #[arg(long, env = "LEASEHOLD_CA_FILE", value_name = "PEM")]
-    ca_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: crate::TlsArgs,
     /// Wait for the lease if it is held (the default).
     #[arg(long, overrides_with = "no_wait")]
     wait: bool,
@@ -89,7 +87,7 @@ pub(crate) fn main(args: Args) -> ExitCode {
     let mut options = Options::new(args.ttl);
     options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
     let timeout: Duration = options.config.request_timeout.into();
-    let tls = match crate::tls(args.ca_file.as_deref()) {
+    let tls = match args.tls.config() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("leasehold run: {e}");

@@ -16,14 +16,12 @@ pub(crate) struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Also trust the CA certificate(s) in this PEM file for an `https://` server (Mozilla's
-    /// roots are always trusted).
-    #[arg(long, env = "LEASEHOLD_CA_FILE", value_name = "PEM")]
-    ca_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: crate::TlsArgs,
 }
 
 pub(crate) fn main(args: Args) -> ExitCode {
-    let client = match crate::tls(args.ca_file.as_deref()).map_err(|e| e.to_string()).and_then(|tls| {
+    let client = match args.tls.config().map_err(|e| e.to_string()).and_then(|tls| {
         HttpClient::new(&args.server, Duration::from_secs(5))
             .map(|c| c.with_tls(tls))
             .map_err(|e| e.to_string())

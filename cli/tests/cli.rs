@@ -335,3 +335,40 @@ fn https_servers_are_trusted_through_the_ca_file() {
     assert!(status.status.success(), "{status:?}");
     assert!(t.accepted().iter().all(|a| a.sni.as_deref() == Some("localhost")), "{:?}", t.accepted());
 }
+
+#[test]
+fn etcd_with_client_certificate_auth_through_the_cli() {
+    use leasehold_test_servers::tls::{etcd_tls, Ca};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("leasehold cli etcd CA");
+    let etcd = etcd_tls(&ca);
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let ca_file = file("ca.pem", ca.pem());
+    let (cert, key) = ca.client_cert("cli");
+    let (cert, key) = (file("client.pem", &cert), file("client-key.pem", &key));
+    let ran = dir.path().join("ran");
+    let touch = format!("test -n \"$LEASEHOLD_FENCE\" && touch {}", ran.display());
+    let base = ["--backend", "etcd", "--ca-file", ca_file.as_str()];
+
+    // Without a client certificate etcd refuses the connection: exit 2 at the first attempt.
+    let out = output_within_20s(&mut run_cmd(etcd.url(), "mtls", "5s", &base, &["sh", "-c", &touch]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("client certificate"), "{out:?}");
+    assert!(!ran.exists());
+
+    // A certificate without its key is a usage error clap reports.
+    let args = [&base[..], &["--client-cert", &cert]].concat();
+    let out = output_within_20s(&mut run_cmd(etcd.url(), "mtls", "5s", &args, &["true"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--client-key"), "{out:?}");
+
+    // With it, the command runs under a lease etcd granted.
+    let args = [&base[..], &["--client-cert", &cert, "--client-key", &key]].concat();
+    let out = output_within_20s(&mut run_cmd(etcd.url(), "mtls", "5s", &args, &["sh", "-c", &touch]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(ran.exists(), "the command ran under the lease");
+}

@@ -18,7 +18,7 @@ pub struct Running {
 }
 
 impl Running {
-    /// `http://127.0.0.1:PORT`.
+    /// Where clients connect: `http://127.0.0.1:PORT` (or `https://`).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -48,27 +48,37 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// A single-node etcd with a fresh data directory, healthy.
 pub fn etcd() -> Running {
+    etcd_with(|_| Vec::new(), "http")
+}
+
+/// etcd started with the extra arguments `args(dir)` gives (files it needs go in `dir`, which
+/// lives as long as the process), serving clients on `scheme`://127.0.0.1:PORT.
+pub(crate) fn etcd_with(args: impl Fn(&Path) -> Vec<String>, scheme: &str) -> Running {
     // etcd cannot report a kernel-chosen port, so the ports are picked beforehand; another
     // process may take one in between, and then etcd exits: try again on new ports.
     for _ in 0..5 {
-        if let Some(running) = try_etcd() {
+        if let Some(running) = try_etcd(&args, scheme) {
             return running;
         }
     }
     panic!("etcd exited at start five times (ports taken?); run `etcd` by hand to see why");
 }
 
-fn try_etcd() -> Option<Running> {
+fn try_etcd(args: &impl Fn(&Path) -> Vec<String>, scheme: &str) -> Option<Running> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (client, peer) = (free_port(), free_port());
-    let c = format!("http://127.0.0.1:{client}");
+    let (client, peer, metrics) = (free_port(), free_port(), free_port());
+    let c = format!("{scheme}://127.0.0.1:{client}");
     let p = format!("http://127.0.0.1:{peer}");
+    // /health on a plain-http metrics listener works whatever the client side requires.
+    let m = format!("http://127.0.0.1:{metrics}");
     let child = Command::new("etcd")
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(dir.path().join("data"))
         .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
         .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
         .args(["--initial-cluster", &format!("default={p}")])
+        .args(["--listen-metrics-urls", &m])
+        .args(args(dir.path()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -77,7 +87,7 @@ fn try_etcd() -> Option<Running> {
     let started = Instant::now();
     // The body check matters: it rules out a socket connected to itself, which a bare connect
     // to a port nobody listens on yet can produce.
-    while !http_get(client, "/health").is_some_and(|r| r.contains("\"health\":\"true\"")) {
+    while !http_get(metrics, "/health").is_some_and(|r| r.contains("\"health\":\"true\"")) {
         if running.child.try_wait().expect("wait for etcd").is_some() {
             return None;
         }

@@ -11,7 +11,12 @@ use futures_lite::{future, io, AsyncWriteExt};
 use futures_rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use futures_rustls::rustls::{self, ServerConfig};
 use futures_rustls::TlsAcceptor;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+use crate::Running;
 
 /// A test CA: its certificate and what it needs to sign server certificates.
 pub struct Ca {
@@ -41,14 +46,32 @@ impl Ca {
         std::fs::write(path, &self.pem).expect("write the CA file");
     }
 
+    /// A client certificate (PEM) this CA signed for `name`, and its private key (PEM).
+    pub fn client_cert(&self, name: &str) -> (String, String) {
+        self.issue(&[name], &[ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
+    /// A certificate (PEM) this CA signed for `names` (DNS names or IP addresses; the first
+    /// is also the common name) and its private key (PEM).
+    fn issue(&self, names: &[&str], usage: &[ExtendedKeyUsagePurpose]) -> (String, String) {
+        let (cert, key) = self.sign(names, usage);
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn sign(&self, names: &[&str], usage: &[ExtendedKeyUsagePurpose]) -> (rcgen::Certificate, KeyPair) {
+        let key = KeyPair::generate().expect("key");
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut params = CertificateParams::new(names.clone()).expect("certificate parameters");
+        params.distinguished_name.push(DnType::CommonName, &names[0]);
+        params.extended_key_usages = usage.to_vec();
+        let cert = params.signed_by(&key, &self.issuer).expect("signed certificate");
+        (cert, key)
+    }
+
     /// A server configuration with a certificate this CA signed for `names` (DNS names or IP
     /// addresses), offering h2 and http/1.1.
     pub fn server_config(&self, names: &[&str]) -> Arc<ServerConfig> {
-        let key = KeyPair::generate().expect("server key");
-        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let mut params = CertificateParams::new(names.clone()).expect("server certificate parameters");
-        params.distinguished_name.push(DnType::CommonName, &names[0]);
-        let cert = params.signed_by(&key, &self.issuer).expect("signed server certificate");
+        let (cert, key) = self.sign(names, &[ExtendedKeyUsagePurpose::ServerAuth]);
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let mut config =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -158,4 +181,34 @@ impl Terminator {
     pub fn closed(&self) -> usize {
         self.closed.load(Ordering::SeqCst)
     }
+}
+
+/// A single-node etcd serving its clients over https with a certificate `ca` signed for
+/// 127.0.0.1 and localhost, and accepting only clients that present a certificate `ca` signed
+/// (`--client-cert-auth`).
+pub fn etcd_tls(ca: &Ca) -> Running {
+    // Client use too: etcd 3.4's JSON gateway dials etcd's own gRPC server with this
+    // certificate, and --client-cert-auth checks it like any client's.
+    let usage = [ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let (cert, key) = ca.issue(&["localhost", "127.0.0.1"], &usage);
+    let ca_pem = ca.pem().to_string();
+    crate::etcd_with(
+        move |dir| {
+            let write = |name: &str, text: &str| {
+                let path = dir.join(name);
+                std::fs::write(&path, text).expect("write a TLS file for etcd");
+                path.display().to_string()
+            };
+            vec![
+                "--cert-file".into(),
+                write("server.pem", &cert),
+                "--key-file".into(),
+                write("server-key.pem", &key),
+                "--trusted-ca-file".into(),
+                write("ca.pem", &ca_pem),
+                "--client-cert-auth".into(),
+            ]
+        },
+        "https",
+    )
 }

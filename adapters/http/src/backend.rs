@@ -58,8 +58,8 @@ pub enum TransportError {
         /// The cause, e.g. `received fatal alert: ...`.
         message: String,
     },
-    /// The `https://` server's certificate was refused: not issued by a trusted CA, not valid
-    /// for the URL's host, expired...
+    /// The certificates did not pass: the `https://` server's is not issued by a trusted CA,
+    /// not valid for the URL's host, expired..., or the server refused ours (or its absence).
     #[error("TLS with {addr} failed: {message}")]
     Certificate {
         /// Where we tried.
@@ -279,25 +279,22 @@ impl HttpClient {
             Some(c) => c,
             None => self.connect().await?,
         };
+        let io = |e: hyper::Error| self.io_error(e);
         // The connection future must be polled while the request and its body are in flight.
         let exchange = async {
-            futures_lite::future::poll_fn(|cx| c.sender.poll_ready(cx))
-                .await
-                .map_err(|e| TransportError::Io(e.to_string()))?;
-            let resp = c.sender.send_request(request).await.map_err(|e| TransportError::Io(e.to_string()))?;
+            futures_lite::future::poll_fn(|cx| c.sender.poll_ready(cx)).await.map_err(io)?;
+            let resp = c.sender.send_request(request).await.map_err(io)?;
             let status = resp.status().as_u16();
-            let body =
-                resp.into_body().collect().await.map_err(|e| TransportError::Io(e.to_string()))?.to_bytes();
+            let body = resp.into_body().collect().await.map_err(io)?.to_bytes();
             Ok(HttpResponse { status, body })
         };
         let result = {
             let conn = &mut c.conn;
             futures_lite::future::or(exchange, async move {
-                let r = conn.as_mut().await;
-                Err(TransportError::Io(match r {
-                    Ok(()) => "connection closed".to_string(),
-                    Err(e) => e.to_string(),
-                }))
+                Err(match conn.as_mut().await {
+                    Ok(()) => TransportError::Io("connection closed".to_string()),
+                    Err(e) => io(e),
+                })
             })
             .await
         };
@@ -309,6 +306,17 @@ impl HttpClient {
             }
         }
         result
+    }
+
+    /// A failed exchange: the server refusing our client certificate (which TLS 1.3 reports
+    /// only here), or an i/o error.
+    fn io_error(&self, e: hyper::Error) -> TransportError {
+        #[cfg(feature = "tls")]
+        if let Some(refused) = crate::tls::refused_identity(&self.target.authority, &e) {
+            tracing::warn!("{refused}");
+            return refused;
+        }
+        TransportError::Io(e.to_string())
     }
 
     /// An idle connection that is still open. Nothing polls an idle connection, so a server

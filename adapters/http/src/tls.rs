@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use async_io::Async;
 use futures_rustls::pki_types::pem::PemObject;
-use futures_rustls::pki_types::{CertificateDer, ServerName};
+use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use futures_rustls::rustls::{self, ClientConfig, RootCertStore};
 use futures_rustls::TlsConnector;
 
@@ -16,6 +16,9 @@ use crate::backend::TransportError;
 /// Which certificates an `https://` server may present: Mozilla's root certificates (compiled
 /// in from `webpki-roots`, so public endpoints such as AWS validate on any machine, with or
 /// without a system certificate store) plus any CA certificates added here.
+///
+/// For servers that require client certificates (etcd's `--client-cert-auth`, mutual TLS in
+/// general), [`with_client_cert_files`](TlsConfig::with_client_cert_files) adds one.
 ///
 /// Clone it to share one configuration (and its TLS session cache) between clients.
 ///
@@ -31,12 +34,22 @@ use crate::backend::TransportError;
 #[derive(Clone)]
 pub struct TlsConfig {
     roots: RootCertStore,
+    identity: Option<Arc<Identity>>,
     config: Arc<ClientConfig>,
+}
+
+/// A client certificate chain and its private key.
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
 }
 
 impl std::fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig").field("roots", &self.roots.len()).finish_non_exhaustive()
+        f.debug_struct("TlsConfig")
+            .field("roots", &self.roots.len())
+            .field("client_cert", &self.identity.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -53,7 +66,8 @@ impl TlsConfig {
         DEFAULT
             .get_or_init(|| {
                 let roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-                TlsConfig { config: client_config(roots.clone()), roots }
+                let config = client_config(roots.clone(), None).expect("no client certificate to refuse");
+                TlsConfig { config, roots, identity: None }
             })
             .clone()
     }
@@ -81,7 +95,51 @@ impl TlsConfig {
         if added == 0 {
             return Err(TransportError::Config("no CERTIFICATE block in the PEM data".into()));
         }
-        self.config = client_config(self.roots.clone());
+        self.config = client_config(self.roots.clone(), self.identity.as_deref())?;
+        Ok(self)
+    }
+
+    /// Presents the client certificate chain in the PEM file `cert` (leaf first), proven with
+    /// the private key in the PEM file `key`, to servers that ask for one.
+    pub fn with_client_cert_files(
+        self,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<TlsConfig, TransportError> {
+        let (cert, key) = (cert.as_ref(), key.as_ref());
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| TransportError::Config(format!("client {what} file {}: {e}", path.display())))
+        };
+        let (cert_pem, key_pem) = (read(cert, "certificate")?, read(key, "key")?);
+        self.with_client_cert_pem(&cert_pem, &key_pem).map_err(|e| {
+            TransportError::Config(format!(
+                "client certificate {} / key {}: {}",
+                cert.display(),
+                key.display(),
+                config_message(e)
+            ))
+        })
+    }
+
+    /// Presents the client certificate chain in `cert_pem` (leaf first), proven with the
+    /// private key in `key_pem` (PKCS#8, PKCS#1 or SEC1), to servers that ask for one.
+    pub fn with_client_cert_pem(
+        mut self,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<TlsConfig, TransportError> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TransportError::Config(format!("unreadable certificate PEM: {e}")))?;
+        if chain.is_empty() {
+            return Err(TransportError::Config("no CERTIFICATE block in the client certificate PEM".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| TransportError::Config(format!("no usable private key in the key PEM: {e}")))?;
+        let identity = Identity { chain, key };
+        self.config = client_config(self.roots.clone(), Some(&identity))?;
+        self.identity = Some(Arc::new(identity));
         Ok(self)
     }
 
@@ -97,18 +155,27 @@ fn config_message(e: TransportError) -> String {
     }
 }
 
-/// TLS 1.2 and 1.3 with ring's safe defaults, ALPN `http/1.1`, no client certificate.
-fn client_config(roots: RootCertStore) -> Arc<ClientConfig> {
+/// TLS 1.2 and 1.3 with ring's safe defaults, ALPN `http/1.1`, and the client certificate if
+/// there is one (an error if its key does not fit it).
+fn client_config(
+    roots: RootCertStore,
+    identity: Option<&Identity>,
+) -> Result<Arc<ClientConfig>, TransportError> {
     // An explicit provider: the process-wide default would panic if another crate in the
     // build enabled a second provider (e.g. aws-lc-rs) on rustls.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("ring supports rustls's default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .map_err(|e| TransportError::Config(format!("client certificate and key do not fit: {e}")))?,
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
+    Ok(Arc::new(config))
 }
 
 /// The TLS side of one `https://` target: whom to trust, and the name the certificate must
@@ -144,6 +211,9 @@ impl TlsTarget {
                 Some(e @ rustls::Error::InvalidCertificate(_)) => {
                     TransportError::Certificate { addr, message: e.to_string() }
                 }
+                Some(rustls::Error::AlertReceived(alert)) if refuses_identity(*alert) => {
+                    identity_refused(addr, *alert)
+                }
                 Some(e @ rustls::Error::InvalidMessage(_)) => TransportError::Tls {
                     addr,
                     message: format!("the server's answer is not TLS ({e}): is it an http:// server?"),
@@ -155,4 +225,48 @@ impl TlsTarget {
             e
         })
     }
+}
+
+/// Alerts with which a server turns down the client's certificate (or its absence).
+fn refuses_identity(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::CertificateRequired
+            | A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+    )
+}
+
+fn identity_refused(addr: String, alert: rustls::AlertDescription) -> TransportError {
+    let message = format!(
+        "the server refused our client certificate (alert {alert:?}): it requires one signed by a CA \
+         it trusts"
+    );
+    TransportError::Certificate { addr, message }
+}
+
+/// A server's refusal of the client certificate, if that is what `e` (or what caused it)
+/// is. Under TLS 1.3 the server checks the client's certificate after the client considers
+/// the handshake done, so the refusal arrives with the first response instead.
+pub(crate) fn refused_identity(addr: &str, e: &(dyn std::error::Error + 'static)) -> Option<TransportError> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        // io::Error's source() skips the error it wraps, so look inside it too.
+        let inner = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|i| i as &_);
+        for candidate in [Some(e), inner].into_iter().flatten() {
+            if let Some(rustls::Error::AlertReceived(alert)) = candidate.downcast_ref::<rustls::Error>() {
+                if refuses_identity(*alert) {
+                    return Some(identity_refused(addr.to_string(), *alert));
+                }
+            }
+        }
+        next = e.source();
+    }
+    None
 }

@@ -10,7 +10,7 @@ use futures_rustls::rustls::ServerConfig;
 use leasehold_core::{parse_key, Duration as LDuration, Fence, Op, OwnerId, Reply, Request, RequestId};
 use leasehold_http::{Backend, TlsConfig, TransportError};
 use leasehold_stores::{Credentials, DynamoDbBackend, EtcdBackend};
-use leasehold_test_servers::tls::{Ca, Terminator};
+use leasehold_test_servers::tls::{etcd_tls, Ca, Terminator};
 use leasehold_test_servers::{dynalite, etcd};
 
 /// Generous: a request that times out drops its connection, and the handshake counts below
@@ -69,6 +69,44 @@ fn etcd_over_https_with_a_private_ca() {
         matches!(&r, Err(TransportError::Certificate { message, .. }) if message.contains("trusted CA")),
         "{r:?}"
     );
+}
+
+#[test]
+fn etcd_serving_tls_itself_with_client_certificates() {
+    let ca = Ca::new("leasehold etcd CA");
+    let server = etcd_tls(&ca);
+    assert!(server.url().starts_with("https://127.0.0.1:"), "{}", server.url());
+    let trust = || TlsConfig::new().add_ca_pem(ca.pem().as_bytes()).unwrap();
+    let (cert, key) = ca.client_cert("leasehold-client");
+    let with_cert = trust().with_client_cert_pem(cert.as_bytes(), key.as_bytes()).unwrap();
+    let etcd = EtcdBackend::new(server.url(), "leasehold/", TIMEOUT).unwrap().with_tls(with_cert);
+    smol::block_on(async {
+        let fence = grant(&etcd, 1).await;
+        assert!(matches!(call(&etcd, 2, Op::Acquire { ttl: TTL }).await, Ok(Reply::Busy { .. })));
+        assert_eq!(call(&etcd, 1, Op::Release { fence }).await, Ok(Reply::Released));
+        assert!(grant(&etcd, 2).await > fence);
+    });
+
+    // No client certificate, or one from a CA etcd does not trust: refused, permanently.
+    let stranger = Ca::new("some other CA");
+    let (cert, key) = stranger.client_cert("leasehold-client");
+    let foreign = trust().with_client_cert_pem(cert.as_bytes(), key.as_bytes()).unwrap();
+    for (what, tls) in [("no client certificate", trust()), ("a foreign client certificate", foreign)] {
+        let b = EtcdBackend::new(server.url(), "leasehold/", TIMEOUT).unwrap().with_tls(tls);
+        match smol::block_on(call(&b, 3, Op::Acquire { ttl: TTL })) {
+            Err(e @ TransportError::Certificate { .. }) => {
+                assert!(e.is_permanent());
+                assert!(e.to_string().contains("refused our client certificate"), "{what}: {e}");
+            }
+            other => panic!("{what}: expected a refused client certificate, got {other:?}"),
+        }
+    }
+
+    // A key that does not belong to the certificate is caught before any connection.
+    let (_, other_key) = ca.client_cert("someone-else");
+    let (cert, _) = ca.client_cert("leasehold-client");
+    let r = trust().with_client_cert_pem(cert.as_bytes(), other_key.as_bytes());
+    assert!(matches!(&r, Err(TransportError::Config(m)) if m.contains("do not fit")), "{r:?}");
 }
 
 #[test]
