@@ -21,7 +21,7 @@ pub(crate) struct Args {
     /// How long the demo runs.
     #[arg(long, default_value = "12s", value_parser = crate::duration)]
     duration: Duration,
-    /// When to SIGKILL whichever worker holds the lease.
+    /// When to SIGKILL the worker holding the lease (the first seen mid-hold from then on).
     #[arg(long, default_value = "5s", value_parser = crate::duration)]
     kill_after: Duration,
 }
@@ -151,8 +151,24 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
 
     std::thread::sleep(args.kill_after.saturating_sub(start.elapsed()));
-    let victim =
-        resource.lock().unwrap_or_else(|p| p.into_inner()).accepted.last().map(|(_, f, w)| (w.clone(), *f));
+    // The victim must be mid-hold: its newest line says it acquired a fence (not yet released)
+    // and the resource has accepted a write under that fence. Whoever wrote last may already
+    // have released, and killing it would measure nothing.
+    let victim = loop {
+        let holder = {
+            let lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+            let res = resource.lock().unwrap_or_else(|p| p.into_inner());
+            workers.iter().find_map(|(name, _)| {
+                let last = lines.iter().rev().find(|l| l.who == *name)?;
+                let fence: u64 = last.text.strip_prefix("acquired fence ")?.parse().ok()?;
+                res.accepted.iter().any(|(_, f, _)| *f == fence).then(|| (name.clone(), fence))
+            })
+        };
+        if holder.is_some() || start.elapsed() >= args.duration {
+            break holder;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let mut killed: Option<(Duration, String, u64)> = None;
     if let Some((name, fence)) = victim {
         if let Some((_, child)) = workers.iter_mut().find(|(n, _)| *n == name) {
@@ -196,7 +212,18 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             .find(|l| l.t > *t_kill && l.who != *victim && l.text.starts_with("acquired"))
             .map(|l| l.t - *t_kill)
     });
-    let mut ok = interleaved == 0 && res.stale.is_empty() && !spans.is_empty();
+    // Recounted from the log rather than trusted to the resource's own check.
+    let stale_accepted = res
+        .accepted
+        .iter()
+        .scan(0, |highest, (_, f, _)| {
+            let stale = *f < *highest;
+            *highest = (*highest).max(*f);
+            Some(stale)
+        })
+        .filter(|&stale| stale)
+        .count();
+    let mut ok = interleaved == 0 && stale_accepted == 0 && res.stale.is_empty() && !spans.is_empty();
     println!();
     match (&killed, failover) {
         (Some(_), Some(f)) => {
@@ -221,7 +248,7 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         fences.len(),
         res.accepted.len(),
         interleaved,
-        0,
+        stale_accepted,
         res.stale.len()
     );
     Ok(ok)
