@@ -113,7 +113,9 @@ async fn forward<S: Stream, B: Backend>(link: &mut AsyncHostLink<S>, backend: &B
                     continue;
                 };
                 // A request that cannot be forwarded is answered "unavailable": the device's
-                // machine backs off and retries, exactly as after a lost reply.
+                // machine backs off and retries, exactly as after a lost reply. Permanent
+                // errors too: they are the gateway's configuration, fixable while devices keep
+                // trying, and a rejection would make every device give up.
                 let reply = backend.call(&key, request).await.unwrap_or_else(|e| {
                     tracing::warn!("device {}: {e}", f.header.device);
                     Reply::Unavailable
