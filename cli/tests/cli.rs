@@ -26,10 +26,16 @@ impl Drop for Proc {
 
 /// `leasehold serve` on a free port; returns the process and its URL.
 fn serve(data: &Path) -> (Proc, String) {
+    serve_with(data, &[])
+}
+
+/// `leasehold serve` on a free port with `extra` arguments.
+fn serve_with(data: &Path, extra: &[&str]) -> (Proc, String) {
     let mut child = Command::new(BIN)
         .args(["serve", "--data"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .process_group(0)
         .spawn()
@@ -371,4 +377,69 @@ fn etcd_with_client_certificate_auth_through_the_cli() {
     let out = output_within_20s(&mut run_cmd(etcd.url(), "mtls", "5s", &args, &["sh", "-c", &touch]));
     assert!(out.status.success(), "{out:?}");
     assert!(ran.exists(), "the command ran under the lease");
+}
+
+#[test]
+fn serve_over_https_with_and_without_client_certificates() {
+    use leasehold_test_servers::tls::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let ca = Ca::new("leasehold serve test CA");
+    let ca_file = file("ca.pem", ca.pem());
+    let (cert, key) = ca.server_cert(&["localhost", "127.0.0.1"]);
+    let (cert, key) = (file("server.pem", &cert), file("server-key.pem", &key));
+    let (ccert, ckey) = ca.client_cert("worker");
+    let (ccert, ckey) = (file("client.pem", &ccert), file("client-key.pem", &ckey));
+    let ran = dir.path().join("ran");
+    let touch = format!("test -n \"$LEASEHOLD_FENCE\" && touch {}", ran.display());
+
+    // https with a bearer token: the token travels encrypted, the CA vouches for the server.
+    let tls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str(), "--token", "s3cret"];
+    let (_server, url) = serve_with(&dir.path().join("store-1"), &tls);
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let trusted = ["--ca-file", ca_file.as_str(), "--token", "s3cret"];
+    let out = output_within_20s(&mut run_cmd(&url, "tls-serve", "5s", &trusted, &["sh", "-c", &touch]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(ran.exists());
+    std::fs::remove_file(&ran).unwrap();
+    // Without the CA the client refuses the server, at once.
+    let out = output_within_20s(&mut run_cmd(&url, "tls-serve", "5s", &["--token", "s3cret"], &["true"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not issued by a trusted CA"), "{out:?}");
+    // Plain http to the https port gets nothing it could mistake for an answer.
+    let plain = url.replace("https://", "http://");
+    let out = output_within_20s(&mut run_cmd(&plain, "tls-serve", "5s", &["--timeout", "1s"], &["true"]));
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+
+    // Mutual TLS: only clients with a certificate from the client CA get in.
+    let mtls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str(), "--client-ca", ca_file.as_str()];
+    let (_server, url) = serve_with(&dir.path().join("store-2"), &mtls);
+    let out = output_within_20s(&mut run_cmd(&url, "mtls-serve", "5s", &["--ca-file", &ca_file], &["true"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("client certificate"), "{out:?}");
+    let with_cert =
+        ["--ca-file", ca_file.as_str(), "--client-cert", ccert.as_str(), "--client-key", ckey.as_str()];
+    let out = output_within_20s(&mut run_cmd(&url, "mtls-serve", "5s", &with_cert, &["sh", "-c", &touch]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(ran.exists());
+
+    // Unusable TLS files stop `serve` before it listens: exit 2, naming the problem.
+    for args in [
+        vec!["--tls-cert", cert.as_str(), "--tls-key", ckey.as_str()],
+        vec!["--tls-cert", ca_file.as_str(), "--tls-key", dir.path().join("missing").to_str().unwrap()],
+    ] {
+        let out = output_within_20s(
+            Command::new(BIN)
+                .args(["serve", "--data"])
+                .arg(dir.path().join("store-3"))
+                .args(["--listen", "127.0.0.1:0"])
+                .args(&args),
+        );
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"), "{out:?}");
+    }
 }

@@ -3,6 +3,8 @@
 mod http;
 mod metrics;
 mod store;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +15,8 @@ use smol_hyper::rt::FuturesIo;
 
 pub use http::MAX_BODY;
 pub use store::StoreError;
+#[cfg(feature = "tls")]
+pub use tls::ServerTls;
 
 /// How to run a server.
 #[derive(Debug, Clone)]
@@ -27,7 +31,11 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// How long a client may take to send a request's head, and then its body; a connection
     /// that stalls longer is closed (head) or answered `malformed_json` (body). 30 s by default.
+    /// It bounds the TLS handshake too.
     pub request_timeout: std::time::Duration,
+    /// Serve https instead of http.
+    #[cfg(feature = "tls")]
+    pub tls: Option<ServerTls>,
 }
 
 impl ServerConfig {
@@ -39,6 +47,8 @@ impl ServerConfig {
             token: None,
             limits: Limits::default(),
             request_timeout: std::time::Duration::from_secs(30),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -57,6 +67,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// The authority's clock: microseconds since the process started. It restarts with the
@@ -81,6 +94,8 @@ pub(crate) struct Shared {
 /// A bound, recovered server, ready to [`run`](Server::run).
 pub struct Server {
     listener: async_net::TcpListener,
+    #[cfg(feature = "tls")]
+    tls: Option<ServerTls>,
     shared: Arc<Shared>,
     writer: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
@@ -100,7 +115,26 @@ impl Server {
             request_timeout: config.request_timeout,
             metrics: Default::default(),
         });
-        Ok(Server { listener, shared, writer: Box::pin(writer) })
+        Ok(Server {
+            listener,
+            #[cfg(feature = "tls")]
+            tls: config.tls,
+            shared,
+            writer: Box::pin(writer),
+        })
+    }
+
+    /// `http://ADDR`, or `https://ADDR` when serving TLS.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme(), self.local_addr())
+    }
+
+    fn scheme(&self) -> &'static str {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return "https";
+        }
+        "http"
     }
 
     /// The address actually bound.
@@ -112,6 +146,9 @@ impl Server {
     /// Works on any executor: connections run on a local executor driven by this future, and
     /// store I/O on a blocking thread pool.
     pub async fn run(self) {
+        #[cfg(feature = "tls")]
+        let Server { listener, tls, shared, writer } = self;
+        #[cfg(not(feature = "tls"))]
         let Server { listener, shared, writer } = self;
         let ex = smol::LocalExecutor::new();
         ex.spawn(writer).detach();
@@ -128,25 +165,33 @@ impl Server {
                 };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
-                ex.spawn(async move {
-                    let head_timeout = shared.request_timeout;
-                    let service = hyper::service::service_fn(move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req).await) }
-                    });
-                    // A client that opens a connection and dribbles (or never sends) its
-                    // request head cannot pin it.
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .timer(smol_hyper::rt::SmolTimer::new())
-                        .header_read_timeout(head_timeout)
-                        .keep_alive(true)
-                        .serve_connection(FuturesIo::new(stream), service)
-                        .await
-                    {
-                        tracing::debug!("connection from {peer}: {e}");
-                    }
-                })
-                .detach();
+                #[cfg(feature = "tls")]
+                if let Some(tls) = &tls {
+                    let acceptor = tls.acceptor.clone();
+                    ex.spawn(async move {
+                        // A client that never finishes its handshake cannot pin a connection.
+                        let timeout = shared.request_timeout;
+                        let handshake =
+                            futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+                                async_io::Timer::after(timeout).await;
+                                None
+                            });
+                        match handshake.await {
+                            Some(Ok(stream)) => serve_connection(stream, shared, peer).await,
+                            Some(Err(e)) => {
+                                shared.metrics.tls_failure();
+                                tracing::debug!("TLS handshake with {peer} failed: {e}");
+                            }
+                            None => {
+                                shared.metrics.tls_failure();
+                                tracing::debug!("TLS handshake with {peer} timed out");
+                            }
+                        }
+                    })
+                    .detach();
+                    continue;
+                }
+                ex.spawn(serve_connection(stream, shared, peer)).detach();
             }
         })
         .await
@@ -156,20 +201,21 @@ impl Server {
     /// embedding; the `leasehold serve` command runs [`Server::run`] directly.
     pub fn spawn(config: ServerConfig) -> Result<RunningServer, ServerError> {
         let server = smol::block_on(Server::bind(config))?;
-        let addr = server.local_addr();
+        let (addr, url) = (server.local_addr(), server.url());
         let (stop, stopped) = async_channel::bounded::<()>(1);
         let thread = std::thread::spawn(move || {
             smol::block_on(futures_lite::future::or(server.run(), async {
                 let _ = stopped.recv().await;
             }))
         });
-        Ok(RunningServer { addr, stop, thread: Some(thread) })
+        Ok(RunningServer { addr, url, stop, thread: Some(thread) })
     }
 }
 
 /// A server running on its own thread; dropping it stops the server and closes its store.
 pub struct RunningServer {
     addr: SocketAddr,
+    url: String,
     stop: async_channel::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -180,9 +226,9 @@ impl RunningServer {
         self.addr
     }
 
-    /// `http://ADDR`.
+    /// `http://ADDR`, or `https://ADDR` when serving TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.url.clone()
     }
 }
 
@@ -192,5 +238,28 @@ impl Drop for RunningServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Serves HTTP/1.1 on one connection, plain or TLS, until the client closes it.
+async fn serve_connection<S>(stream: S, shared: Arc<Shared>, peer: SocketAddr)
+where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + Send + 'static,
+{
+    let head_timeout = shared.request_timeout;
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req).await) }
+    });
+    // A client that opens a connection and dribbles (or never sends) its request head cannot
+    // pin it.
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(smol_hyper::rt::SmolTimer::new())
+        .header_read_timeout(head_timeout)
+        .keep_alive(true)
+        .serve_connection(FuturesIo::new(stream), service)
+        .await
+    {
+        tracing::debug!("connection from {peer}: {e}");
     }
 }

@@ -29,6 +29,7 @@ pub(crate) struct Metrics {
     releases: AtomicU64,
     expiries: AtomicU64,
     refusals: AtomicU64,
+    tls_failures: AtomicU64,
     errors: [AtomicU64; ERROR_CODES.len()],
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -49,6 +50,11 @@ impl Metrics {
             Outcome::Rejected => return,
         };
         c.fetch_add(1, Relaxed);
+    }
+
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn tls_failure(&self) {
+        self.tls_failures.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn error(&self, code: &str) {
@@ -79,6 +85,11 @@ impl Metrics {
         counter("leasehold_releases_total", "Grants given back.", &self.releases);
         counter("leasehold_expiries_total", "Grants found expired.", &self.expiries);
         counter("leasehold_refusals_total", "Busy or not-holder answers.", &self.refusals);
+        counter(
+            "leasehold_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out (untrusted client, plain http, port scans).",
+            &self.tls_failures,
+        );
         let name = "leasehold_commits_total";
         let _ = writeln!(s, "# HELP {name} Fsynced write transactions (one per group of changes).");
         let _ = writeln!(s, "# TYPE {name} counter\n{name} {commits}");

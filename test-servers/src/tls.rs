@@ -46,6 +46,12 @@ impl Ca {
         std::fs::write(path, &self.pem).expect("write the CA file");
     }
 
+    /// A server certificate (PEM) this CA signed for `names` (DNS names or IP addresses), and
+    /// its private key (PEM): what `leasehold serve --tls-cert --tls-key` takes.
+    pub fn server_cert(&self, names: &[&str]) -> (String, String) {
+        self.issue(names, &[ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
     /// A client certificate (PEM) this CA signed for `name`, and its private key (PEM).
     pub fn client_cert(&self, name: &str) -> (String, String) {
         self.issue(&[name], &[ExtendedKeyUsagePurpose::ClientAuth])
