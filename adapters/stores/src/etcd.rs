@@ -59,8 +59,8 @@ impl EtcdBackend {
     }
 
     /// Uses `tls` for an `https://` URL, typically to trust the CA that signed the etcd
-    /// cluster's certificates (etcd's `--trusted-ca-file`; see
-    /// [`leasehold_http::TlsConfig`]). Client certificates are not supported.
+    /// cluster's certificates and to present a client certificate to an etcd started with
+    /// `--client-cert-auth` (see [`leasehold_http::TlsConfig`]).
     #[cfg(feature = "tls")]
     pub fn with_tls(self, tls: leasehold_http::TlsConfig) -> EtcdBackend {
         EtcdBackend { http: self.http.with_tls(tls), ..self }
