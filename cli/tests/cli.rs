@@ -143,15 +143,8 @@ fn wait_for_file(path: &Path) {
 
 /// A counter from the server's /metrics.
 fn metric(url: &str, name: &str) -> u64 {
-    let addr = url.strip_prefix("http://").unwrap();
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    use std::io::{Read, Write};
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
+    let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the URL");
+    leasehold_test_servers::metric(port, name).unwrap_or_else(|| panic!("no {name} at {url}/metrics"))
 }
 
 /// Whether someone else can take `key` at once (and gives it back).

@@ -36,6 +36,13 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind loopback").local_addr().expect("local addr").port()
 }
 
+/// The counter `name` from the plain-http `/metrics` (Prometheus text) of a server on
+/// 127.0.0.1:`port`; `None` if it cannot be reached or has no such counter.
+pub fn metric(port: u16, name: &str) -> Option<u64> {
+    let text = http_get(port, "/metrics")?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;

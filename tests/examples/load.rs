@@ -12,8 +12,6 @@
 //! etcd-server`). The generator only knows the [`leasehold_http::Backend`] trait, so any
 //! store is measured the same way.
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,15 +57,6 @@ fn run<B: Backend>(
         .collect()
 }
 
-/// `leasehold_commits_total` from the built-in server's `/metrics`.
-fn builtin_commits(addr: SocketAddr) -> Option<u64> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("leasehold_commits_total ")).and_then(|v| v.trim().parse().ok())
-}
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let levels: Vec<usize> = match args.next() {
@@ -85,8 +74,10 @@ fn main() {
     println!("built-in: {} (redb, fsync before every reply, group commit)", server.url());
     let builtin =
         Arc::new(BuiltinBackend::new(&server.url(), None, Duration::from_secs(5)).expect("backend"));
-    let addr = server.addr();
-    let b = run("builtin", builtin, &levels, secs, || builtin_commits(addr));
+    let port = server.addr().port();
+    let b = run("builtin", builtin, &levels, secs, || {
+        leasehold_test_servers::metric(port, "leasehold_commits_total")
+    });
 
     if std::process::Command::new("etcd").arg("--version").output().is_err() {
         println!("etcd not installed (apt-get install etcd-server): no comparison");
