@@ -21,7 +21,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn main(args: Args) -> ExitCode {
-    let client = match args.tls.config().map_err(|e| e.to_string()).and_then(|tls| {
+    let client = match args.tls.config().and_then(|tls| {
         HttpClient::new(&args.server, Duration::from_secs(5))
             .map(|c| c.with_tls(tls))
             .map_err(|e| e.to_string())

@@ -176,17 +176,13 @@ impl Server {
                                 async_io::Timer::after(timeout).await;
                                 None
                             });
-                        match handshake.await {
-                            Some(Ok(stream)) => serve_connection(stream, shared, peer).await,
-                            Some(Err(e)) => {
-                                shared.metrics.tls_failure();
-                                tracing::debug!("TLS handshake with {peer} failed: {e}");
-                            }
-                            None => {
-                                shared.metrics.tls_failure();
-                                tracing::debug!("TLS handshake with {peer} timed out");
-                            }
-                        }
+                        let why = match handshake.await {
+                            Some(Ok(stream)) => return serve_connection(stream, shared, peer).await,
+                            Some(Err(e)) => e.to_string(),
+                            None => "timed out".to_string(),
+                        };
+                        shared.metrics.tls_failure();
+                        tracing::debug!("TLS handshake with {peer} failed: {why}");
                     })
                     .detach();
                     continue;
