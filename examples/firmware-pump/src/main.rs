@@ -31,6 +31,16 @@ const PAUSE: Duration = Duration::from_millis(300);
 /// Act only with at least this much validity left.
 const ACT_GUARD: Duration = Duration::from_millis(50);
 
+// ----- Memory-mapped peripheral registers (UART0, Timer 0, system control) -----
+
+fn reg_read(addr: usize) -> u32 {
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+fn reg_write(addr: usize, value: u32) {
+    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+}
+
 // ----- UART0: a PL011 at 0x4000_C000 -----
 
 const UART0: usize = 0x4000_C000;
@@ -45,11 +55,11 @@ struct Uart;
 impl Uart {
     fn new() -> Uart {
         // Enable UART, TX and RX.
-        unsafe { core::ptr::write_volatile((UART0 + CR) as *mut u32, 0x301) };
+        reg_write(UART0 + CR, 0x301);
         Uart
     }
     fn flags(&self) -> u32 {
-        unsafe { core::ptr::read_volatile((UART0 + FR) as *const u32) }
+        reg_read(UART0 + FR)
     }
 }
 
@@ -72,7 +82,7 @@ impl embedded_io::Read for Uart {
         while self.flags() & FR_RXFE != 0 {}
         let mut n = 0;
         while n < buf.len() && self.flags() & FR_RXFE == 0 {
-            buf[n] = unsafe { core::ptr::read_volatile((UART0 + DR) as *const u32) } as u8;
+            buf[n] = reg_read(UART0 + DR) as u8;
             n += 1;
         }
         Ok(n)
@@ -83,7 +93,7 @@ impl embedded_io::Write for Uart {
     fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
         for &b in buf {
             while self.flags() & FR_TXFF != 0 {}
-            unsafe { core::ptr::write_volatile((UART0 + DR) as *mut u32, u32::from(b)) };
+            reg_write(UART0 + DR, u32::from(b));
         }
         Ok(buf.len())
     }
@@ -173,14 +183,6 @@ const CTL_TAEN: u32 = 1 << 0;
 const TATO: u32 = 1 << 0;
 /// "Timer 0A" in the LM3S6965's interrupt table.
 const TIMER0A_IRQ: usize = 19;
-
-fn reg_read(addr: usize) -> u32 {
-    unsafe { core::ptr::read_volatile(addr as *const u32) }
-}
-
-fn reg_write(addr: usize, value: u32) {
-    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
-}
 
 fn start_wakeup_timer(nvic: &mut NVIC) {
     reg_write(SYSCTL_RCGC1, reg_read(SYSCTL_RCGC1) | RCGC1_TIMER0);
