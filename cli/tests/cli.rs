@@ -132,11 +132,11 @@ fn exit_codes_are_as_documented() {
     );
 }
 
-/// Waits (up to 20 s) until `path` exists.
-fn wait_for_file(path: &Path) {
+/// Polls `done` until it holds; fails the test, naming `what`, if that takes over 20 s.
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let t = Instant::now();
-    while !path.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "{} never appeared", path.display());
+    while !done() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{what}: not within 20 s");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -172,7 +172,7 @@ fn signals_end_the_command_and_release_at_once() {
     let started = dir.path().join("term-started");
     let mut run =
         Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &script("3", &started)]).spawn().unwrap());
-    wait_for_file(&started);
+    eventually("the command starts", || started.exists());
     assert!(!free_now(&url, "sig"));
     nix::sys::signal::kill(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(run.0.wait().unwrap().code(), Some(3), "the command's own exit code");
@@ -182,7 +182,7 @@ fn signals_end_the_command_and_release_at_once() {
     let started = dir.path().join("int-started");
     let mut run =
         Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &script("4", &started)]).spawn().unwrap());
-    wait_for_file(&started);
+    eventually("the command starts", || started.exists());
     killpg(Pid::from_raw(run.0.id() as i32), Signal::SIGINT).unwrap();
     assert_eq!(run.0.wait().unwrap().code(), Some(4));
     assert!(free_now(&url, "sig"));
@@ -196,11 +196,7 @@ fn signals_end_the_command_and_release_at_once() {
     let ran = dir.path().join("ran");
     let touch = format!("touch {}", ran.display());
     let mut run = Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &touch]).spawn().unwrap());
-    let t = Instant::now();
-    while metric(&url, "leasehold_refusals_total") == refusals {
-        assert!(t.elapsed() < Duration::from_secs(20), "leasehold run never asked for the key");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("leasehold run asks for the key", || metric(&url, "leasehold_refusals_total") != refusals);
     nix::sys::signal::kill(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(run.0.wait().unwrap().code(), Some(128 + 15));
     assert!(!ran.exists(), "the command ran without the lease");
@@ -290,11 +286,7 @@ fn tls_settings_are_checked_before_anything_runs() {
 /// Runs `cmd` to the end, killing it (and failing the test) if it takes over 20 s.
 fn output_within_20s(cmd: &mut Command) -> std::process::Output {
     let mut child = Proc(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap());
-    let t = Instant::now();
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(20), "{cmd:?} still running after 20 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(&format!("{cmd:?} exits"), || child.0.try_wait().unwrap().is_some());
     let mut out = std::process::Output { status: child.0.wait().unwrap(), stdout: vec![], stderr: vec![] };
     use std::io::Read;
     child.0.stdout.take().unwrap().read_to_end(&mut out.stdout).unwrap();
