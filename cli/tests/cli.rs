@@ -283,6 +283,13 @@ fn tls_settings_are_checked_before_anything_runs() {
     assert!(!marker.exists(), "the command ran without a lease");
 }
 
+/// Writes `text` to `dir/name` and returns the path, as a command-line argument.
+fn write_file(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
 /// Runs `cmd` to the end, killing it (and failing the test) if it takes over 20 s.
 fn output_within_20s(cmd: &mut Command) -> std::process::Output {
     let mut child = Proc(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap());
@@ -333,11 +340,7 @@ fn etcd_with_client_certificate_auth_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("leasehold cli etcd CA");
     let etcd = etcd_tls(&ca);
-    let file = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_str().unwrap().to_string()
-    };
+    let file = |name: &str, text: &str| write_file(dir.path(), name, text);
     let ca_file = file("ca.pem", ca.pem());
     let (cert, key) = ca.client_cert("cli");
     let (cert, key) = (file("client.pem", &cert), file("client-key.pem", &key));
@@ -368,11 +371,7 @@ fn etcd_with_client_certificate_auth_through_the_cli() {
 fn serve_over_https_with_and_without_client_certificates() {
     use leasehold_test_servers::tls::Ca;
     let dir = tempfile::tempdir().unwrap();
-    let file = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_str().unwrap().to_string()
-    };
+    let file = |name: &str, text: &str| write_file(dir.path(), name, text);
     let ca = Ca::new("leasehold serve test CA");
     let ca_file = file("ca.pem", ca.pem());
     let (cert, key) = ca.server_cert(&["localhost", "127.0.0.1"]);
