@@ -197,7 +197,7 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
         Ok(c) => c,
         Err(e) => {
             eprintln!("leasehold run: cannot start {:?}: {e}", args.command[0]);
-            lease.release().await;
+            release(lease).await;
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
@@ -227,11 +227,11 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
     };
     match outcome {
         Outcome::Exited(status) => {
-            lease.release().await;
+            release(lease).await;
             exit_code(status)
         }
         Outcome::Lost(reason) => {
-            eprintln!("leasehold run: lease {:?} lost ({reason:?}); stopping the command", args.key);
+            eprintln!("leasehold run: lease {:?} lost ({reason}); stopping the command", args.key);
             let _ = kill(pid, Signal::SIGTERM);
             let grace = args.grace;
             let exited = future::or(async { child.status().await.ok() }, async {
@@ -267,5 +267,13 @@ fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> ExitCode {
             _ => ExitCode::FAILURE,
         },
         Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Gives the lease back; the command's exit code stands either way, but a release that never
+/// reached the authority is worth a line: the key frees only when the grant expires.
+async fn release(lease: leasehold_http::Lease) {
+    if let Err(e) = lease.release().await {
+        eprintln!("leasehold run: {}", leasehold_http::Report(&e));
     }
 }

@@ -74,7 +74,7 @@ impl<B: Backend> Backend for Flaky<B> {
         if matches!(request.op, Op::Renew { .. })
             && self.failures_left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok()
         {
-            return Err(TransportError::Io("injected transient failure".into()));
+            return Err(TransportError::io("injected", std::io::Error::other("injected transient failure")));
         }
         self.inner.call(key, request).await
     }
@@ -94,7 +94,7 @@ async fn renewal_after_a_transient_failure<B: Backend>(b: B, name: &str) {
         async_io::Timer::after(Duration::from_millis(10)).await;
     }
     assert_eq!(lease.fence(), fence, "{name}: a renewal keeps the fence");
-    lease.release().await;
+    lease.release().await.expect("release acknowledged");
 }
 
 /// A holder that dies right after its grant: a waiting client gets the key within the bound.

@@ -97,7 +97,7 @@ fn leases_over_https_reuse_one_tls_connection() {
         )
         .unwrap();
         assert_eq!(rival.try_acquire("tls-job").await.unwrap_err(), AcquireError::Busy);
-        la.release().await;
+        la.release().await.expect("release acknowledged");
         let lb = rival.try_acquire("tls-job").await.unwrap();
         assert!(lb.fence().unwrap() > fence);
     });
@@ -123,7 +123,7 @@ async fn https_works_under_tokio() {
     let l = c.acquire("tokio-tls").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert!(l.is_healthy(), "renewed over https past its ttl under tokio");
-    l.release().await;
+    l.release().await.expect("release acknowledged");
     assert_eq!(t.accepted(), vec![Accepted { sni: None, alpn: Some(b"http/1.1".to_vec()) }]);
 }
 
@@ -225,7 +225,7 @@ fn http_urls_ignore_the_tls_config() {
     smol::block_on(async {
         let l = c.try_acquire("plain").await.unwrap();
         assert!(l.fence().is_some());
-        l.release().await;
+        l.release().await.expect("release acknowledged");
     });
 }
 

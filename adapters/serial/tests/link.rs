@@ -78,7 +78,7 @@ fn async_device_link_acquires_renews_and_releases() {
         assert!(renewals >= 3, "{renewals} renewals");
         assert!(link.remaining().is_some());
         link.release().unwrap();
-        assert_eq!(link.next_event().await.unwrap(), Event::Released { fence });
+        assert_eq!(link.next_event().await.unwrap(), Event::Released { fence, acknowledged: true });
         let key = parse_key("pump").unwrap();
         assert_eq!(table.lock().unwrap().get(&key).and_then(|r| r.holder), None, "released at the authority");
         assert_eq!(link.stats().frames as usize, renewals + 2);
