@@ -7,7 +7,7 @@ use leasehold_core::{parse_key, Duration as LDuration, Fence, Op, OwnerId, Reply
 use leasehold_http::{Backend, BuiltinBackend, Client, Options, TransportError};
 use leasehold_server::{Server, ServerConfig};
 use leasehold_stores::{Credentials, DynamoDbBackend, EtcdBackend};
-use leasehold_test_servers::{dynalite, etcd, free_port};
+use leasehold_test_servers::{dynalite, etcd, free_port, ClosingProxy};
 
 /// A child process and the directory it owns; both go when dropped.
 fn dynamo(url: &str, table: &str) -> DynamoDbBackend {
@@ -120,6 +120,21 @@ fn builtin_server_conforms() {
     let waited = smol::block_on(takeover(b(), "builtin"));
     // Slack: one busy poll (backoff_max = ttl/8) at most.
     report("builtin", waited, TTL.into(), Duration::from_millis(300));
+
+    let proxy = ClosingProxy::start(s.addr());
+    let through = BuiltinBackend::new(&proxy.url(), None, Duration::from_secs(2)).unwrap();
+    smol::block_on(protocol(&through, "builtin-closing"));
+    closed_after_every_response(&proxy);
+}
+
+/// The suite passed through `proxy`, which answers `Connection: close` and closes after each
+/// response: every reply came on a connection of its own.
+fn closed_after_every_response(proxy: &ClosingProxy) {
+    assert!(proxy.served() >= 15, "the suite's requests went through the proxy: {}", proxy.served());
+}
+
+fn addr_of(url: &str) -> std::net::SocketAddr {
+    url.trim_start_matches("http://").trim_end_matches('/').parse().expect("http://IP:PORT")
 }
 
 #[test]
@@ -133,6 +148,11 @@ fn etcd_conforms() {
     // etcd deletes a dead lease's key in a sweep every 500 ms after its expiry, then one busy
     // poll (ttl/8) finds it free.
     report("etcd", waited, TTL.into(), Duration::from_millis(900));
+
+    let proxy = ClosingProxy::start(addr_of(&url));
+    let through = EtcdBackend::new(&proxy.url(), "leasehold/", Duration::from_secs(2)).unwrap();
+    smol::block_on(protocol(&through, "etcd-closing"));
+    closed_after_every_response(&proxy);
 }
 
 #[test]
@@ -146,6 +166,9 @@ fn dynamodb_conforms() {
     // own clock from receipt, then takes over the version it saw.
     let waited = smol::block_on(takeover(dynamo(&url, "leases"), "dynamodb"));
     report("dynamodb", waited, TTL.into(), Duration::from_millis(300));
+    let proxy = ClosingProxy::start(addr_of(&url));
+    smol::block_on(protocol(&dynamo(&proxy.url(), "leases"), "dynamodb-closing"));
+    closed_after_every_response(&proxy);
     // A missing table is the operator's problem, said as such, not a retry loop.
     let missing = smol::block_on(
         dynamo(&url, "no-such-table").call(&parse_key("k").unwrap(), req(1, Op::Acquire { ttl: TTL })),

@@ -418,8 +418,10 @@ impl Shared {
     }
     fn set_waiting(&self, w: Waiting) {
         let mut waiting = self.waiting();
-        waiting.0 += 1;
-        waiting.1 = Some(w);
+        if waiting.1.as_ref() != Some(&w) {
+            waiting.0 += 1;
+            waiting.1 = Some(w);
+        }
     }
 }
 
