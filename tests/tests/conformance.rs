@@ -118,8 +118,9 @@ fn builtin_server_conforms() {
     smol::block_on(protocol(&b(), "builtin"));
     smol::block_on(renewal_after_a_transient_failure(b(), "builtin"));
     let waited = smol::block_on(takeover(b(), "builtin"));
-    // Slack: one busy poll (backoff_max = ttl/8) at most.
-    report("builtin", waited, TTL.into(), Duration::from_millis(300));
+    // Slack: one busy poll (backoff_max = ttl/8 = 250 ms) and the fsynced grant on a loaded
+    // machine.
+    report("builtin", waited, TTL.into(), Duration::from_millis(750));
 
     let proxy = ClosingProxy::start(s.addr());
     let through = BuiltinBackend::new(&proxy.url(), None, Duration::from_secs(2)).unwrap();
@@ -147,7 +148,7 @@ fn etcd_conforms() {
     let waited = smol::block_on(takeover(b(), "etcd"));
     // etcd deletes a dead lease's key in a sweep every 500 ms after its expiry, then one busy
     // poll (ttl/8) finds it free.
-    report("etcd", waited, TTL.into(), Duration::from_millis(900));
+    report("etcd", waited, TTL.into(), Duration::from_millis(1_250));
 
     let proxy = ClosingProxy::start(addr_of(&url));
     let through = EtcdBackend::new(&proxy.url(), "leasehold/", Duration::from_secs(2)).unwrap();
@@ -165,7 +166,7 @@ fn dynamodb_conforms() {
     // No server clock: the waiting client observes the record, waits ttl·(1+ε) + margin on its
     // own clock from receipt, then takes over the version it saw.
     let waited = smol::block_on(takeover(dynamo(&url, "leases"), "dynamodb"));
-    report("dynamodb", waited, TTL.into(), Duration::from_millis(300));
+    report("dynamodb", waited, TTL.into(), Duration::from_millis(750));
     let proxy = ClosingProxy::start(addr_of(&url));
     smol::block_on(protocol(&dynamo(&proxy.url(), "leases"), "dynamodb-closing"));
     closed_after_every_response(&proxy);

@@ -125,11 +125,14 @@ fn lost_fires_by_the_local_deadline_when_the_server_vanishes() {
         let l = c.acquire("doomed").await.unwrap();
         let started = Instant::now();
         drop(s);
+        // No renewal can succeed from here on, so the validity left now is when it ends.
+        let left = l.remaining().expect("just acquired");
         let why = within(4_000, "lost()", l.lost()).await;
         assert_eq!(why, LostReason::Expired);
-        // Validity ends ttl·(1−ε) − margin after the last renewal send, which was before
-        // `started`: lost() must not wait for the ttl, let alone for retries to give up.
-        assert!(started.elapsed() <= Duration::from_millis(2_000), "{:?}", started.elapsed());
+        // lost() fires at the end of the validity, not after the ttl, let alone after retries
+        // give up; the slack is only for a loaded machine's scheduling.
+        let slack = Duration::from_millis(500);
+        assert!(started.elapsed() <= left + slack, "{:?} for {left:?} left", started.elapsed());
         assert_eq!(l.remaining(), None);
         assert_eq!(l.health(), Health::Lost);
         assert_eq!(l.fence(), None);
