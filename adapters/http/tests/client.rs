@@ -57,12 +57,12 @@ fn mutual_exclusion_and_increasing_fences() {
 async fn works_under_tokio() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(dir.path());
-    let a = client(&s.url(), 1_000);
-    let b = client(&s.url(), 1_000);
+    let a = client(&s.url(), 2_000);
+    let b = client(&s.url(), 2_000);
     let la = a.acquire("tokio").await.unwrap();
     assert_eq!(b.try_acquire("tokio").await.unwrap_err(), AcquireError::Busy);
     // Tokio's own timer, to show the lease renews while tokio drives the test.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
     assert!(la.is_healthy(), "renewed past its ttl under tokio");
     drop(la);
     let lb = b.acquire_timeout("tokio", Duration::from_secs(2)).await.unwrap();
@@ -100,9 +100,9 @@ fn renews_past_the_ttl_and_keeps_its_fence() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(dir.path());
     smol::block_on(async {
-        // Renewals every ttl/3 against an fsyncing server: a ttl of a second leaves room for
+        // Renewals every ttl/3 against an fsyncing server: a ttl of two seconds leaves room for
         // a loaded CI machine's disk without changing what is checked.
-        let c = client(&s.url(), 1_000);
+        let c = client(&s.url(), 2_000);
         let l = c.acquire("renewed").await.unwrap();
         let f = l.fence();
         for _ in 0..10 {
