@@ -596,9 +596,17 @@ impl Lease {
         give_up_at: Instant,
         takeover: Option<Observation>,
     ) {
-        let Some(at) = last_chance(now, at, give_up_at) else {
+        let Some(attempt) = last_chance(now, at, give_up_at) else {
             return self.not_acquired(NotAcquired::Busy);
         };
+        // A takeover is safe only from its due time on: a last attempt brought forward to the
+        // deadline is a plain acquire, which catches a release but never takes over a record
+        // that has not stood still long enough.
+        let takeover = match takeover {
+            Some(o) if attempt < at => Some(Observation { ready: false, ..o }),
+            other => other,
+        };
+        let at = attempt;
         self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover };
         self.failures = 0;
         self.wake_at(at);
@@ -995,6 +1003,34 @@ mod tests {
                 false => assert_eq!(event, Event::NotAcquired { reason: NotAcquired::Busy }),
             }
         }
+    }
+
+    #[test]
+    fn a_deadline_before_the_takeover_is_due_never_takes_over() {
+        // Observed at 50 ms, the takeover is due ttl·(1+ε) later (10.15 s); the deadline at
+        // 9.99 s comes first, within one poll interval of it. Its last attempt may catch a
+        // release, but must not take over.
+        let mut l = lease();
+        l.acquire_until(ms(0), ms(9_990)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(50), &r, Reply::Observed { version: 7, ttl: TTL });
+        let mut now = ms(50);
+        let (mut last, mut ended) = (None, None);
+        for _ in 0..1_000 {
+            if let Some(e) = l.poll_event() {
+                ended = Some(e);
+                break;
+            }
+            now = l.poll_timeout().unwrap();
+            l.handle_timeout(now);
+            if let Some(r) = l.poll_transmit() {
+                assert_eq!(r.op, Op::Acquire { ttl: TTL }, "at {now}: only polls before the takeover is due");
+                last = Some(now);
+                reply(&mut l, now + Duration::from_millis(100), &r, Reply::Observed { version: 7, ttl: TTL });
+            }
+        }
+        assert_eq!(last, Some(ms(9_990)), "the last poll is at the deadline");
+        assert_eq!(ended, Some(Event::NotAcquired { reason: NotAcquired::Busy }));
     }
 
     #[test]
