@@ -3,7 +3,8 @@
 //! etcd keeps its own clock, so this is the server-timed discipline: a grant is an etcd lease
 //! of at least the requested ttl with the key attached, created only if the key is absent
 //! (`create_revision == 0`). The fence is the cluster revision of the winning write, which
-//! strictly increases per key and survives restarts. Renewal is a lease keepalive; release
+//! strictly increases per key and survives restarts. Renewal is a lease keepalive followed by
+//! a check that the key is still our write (so a key re-created meanwhile is not renewed); release
 //! deletes the key if it is still our write, and revokes the lease.
 //!
 //! The backend keeps no state between calls: which etcd lease carries a grant is read from
@@ -141,20 +142,29 @@ impl EtcdBackend {
     }
 
     async fn renew(&self, key: &Key, owner: OwnerId, fence: Fence, ttl: LDuration) -> Result<Reply, Fail> {
-        // The key must still be our write (not deleted by an operator, not re-acquired): its
-        // lease is the one to keep alive.
-        let range = self.post("/v3/kv/range", json!({"key": self.key(key)})).await?;
-        let lease = match first_kv(&range) {
-            Some(h) if h.value == value_of(owner) && h.mod_revision == fence.0 as i64 => h.lease,
-            _ => return Ok(Reply::NotHolder),
-        };
-        let Some(lease) = lease else { return Ok(Reply::NotHolder) };
+        // Which etcd lease carries the grant is read from the key (the backend keeps no state).
+        let Some(lease) = self.our_lease(key, owner, fence).await? else { return Ok(Reply::NotHolder) };
         let alive = self.post("/v3/lease/keepalive", json!({"ID": lease.to_string()})).await?;
-        Ok(match keepalive_ttl(&alive) {
-            // etcd keeps the lease its granted TTL from now; never promise more than that.
-            Some(secs) => Reply::Granted { fence, ttl: ttl.min(LDuration::from_secs(secs as u64)) },
-            // A dead lease's keepalive answer has no TTL: a loss, not an error.
-            None => Reply::NotHolder,
+        // A dead lease's keepalive answer has no TTL: a loss, not an error.
+        let Some(secs) = keepalive_ttl(&alive) else { return Ok(Reply::NotHolder) };
+        // Checked again *after* the keepalive: the key may have been deleted and re-created
+        // (by an operator, or expired and won by a rival) since the read above, and then the
+        // keepalive only extended a lease that no longer carries our key. A key still at
+        // revision `fence` is the same write throughout (etcd never reuses a revision), so it
+        // was attached to `lease` when the keepalive extended it.
+        if self.our_lease(key, owner, fence).await? != Some(lease) {
+            return Ok(Reply::NotHolder);
+        }
+        // etcd keeps the lease its granted TTL from now; never promise more than that.
+        Ok(Reply::Granted { fence, ttl: ttl.min(LDuration::from_secs(secs as u64)) })
+    }
+
+    /// The etcd lease of `key` if the key is still `owner`'s write at revision `fence`.
+    async fn our_lease(&self, key: &Key, owner: OwnerId, fence: Fence) -> Result<Option<i64>, Fail> {
+        let range = self.post("/v3/kv/range", json!({"key": self.key(key)})).await?;
+        Ok(match first_kv(&range) {
+            Some(h) if h.value == value_of(owner) && h.mod_revision == fence.0 as i64 => h.lease,
+            _ => None,
         })
     }
 
