@@ -61,19 +61,19 @@ pub(crate) fn main(args: Args) -> ExitCode {
         Some(Value::Array(a)) => a.clone(),
         _ => vec![body],
     };
-    println!("{:<32} {:>8} {:>18} {:>12}", "KEY", "FENCE", "HOLDER", "REMAINING");
+    println!("{:<32} {:>8} {:>20} {:>12}", "KEY", "FENCE", "HOLDER", "REMAINING");
     for r in rows {
         let key = r["key"].as_str().unwrap_or("?");
         match r.get("holder") {
             Some(h) if h.is_object() => println!(
-                "{:<32} {:>8} {:>18} {:>11.1}s",
+                "{:<32} {:>8} {:>20} {:>11.1}s",
                 key,
                 h["fence"].as_u64().unwrap_or(0),
-                format!("{:016x}", h["owner"].as_u64().unwrap_or(0)),
+                h["owner"].as_u64().unwrap_or(0).to_string(),
                 h["remaining"].as_u64().unwrap_or(0) as f64 / 1e6
             ),
             _ => println!(
-                "{:<32} {:>8} {:>18} {:>12}",
+                "{:<32} {:>8} {:>20} {:>12}",
                 key,
                 r["last_fence"].as_u64().unwrap_or(0),
                 "-",

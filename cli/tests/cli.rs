@@ -427,3 +427,47 @@ fn serve_over_https_with_and_without_client_certificates() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"), "{out:?}");
     }
 }
+
+/// A `GET` of `path` on the built-in server at `url`, as JSON.
+fn get_json(url: &str, path: &str) -> serde_json::Value {
+    let http = leasehold_http::HttpClient::new(url, Duration::from_secs(2)).unwrap();
+    let req = http
+        .request(hyper::Method::GET, path)
+        .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+        .unwrap();
+    let resp = smol::block_on(http.send(req)).unwrap();
+    assert_eq!(resp.status, 200, "GET {path}: {:?}", String::from_utf8_lossy(&resp.body));
+    serde_json::from_slice(&resp.body).unwrap()
+}
+
+#[test]
+fn logs_on_a_pipe_have_no_colour_and_owner_ids_are_decimal_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let owner_file = dir.path().join("owner");
+    let marker = dir.path().join("started");
+    let script =
+        format!("echo $LEASEHOLD_OWNER > {}; touch {}; sleep 60", owner_file.display(), marker.display());
+    let mut run = Proc(
+        run_cmd(&url, "owned", "5s", &[], &["sh", "-c", &script])
+            .env("LEASEHOLD_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the command starts", || marker.exists());
+    let exported = std::fs::read_to_string(&owner_file).unwrap().trim().to_string();
+    let served = get_json(&url, "/v1/leases/owned")["holder"]["owner"].as_u64().expect("held");
+    assert_eq!(exported, served.to_string(), "LEASEHOLD_OWNER as the server reports the holder");
+    let status = Command::new(BIN).args(["status", "owned", "--server", &url]).output().unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.split_whitespace().any(|w| w == exported), "status shows {exported}:\n{shown}");
+
+    // stderr is a pipe here: the info line about the grant, without colour codes.
+    killpg(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
+    run.0.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut run.0.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("acquired"), "{log:?}");
+    assert!(!log.contains('\x1b'), "ANSI escape codes on a pipe: {log:?}");
+}

@@ -232,7 +232,7 @@ fn status_prints_a_table_and_documented_exit_codes() {
     assert_eq!(lines.len(), 2, "header and one row: {text}");
     assert!(lines[0].contains("KEY") && lines[0].contains("FENCE"), "{text}");
     let row: Vec<&str> = lines[1].split_whitespace().collect();
-    assert_eq!(row[..3], ["pump", &fence.to_string(), "0000000000000abc"], "{text}");
+    assert_eq!(row[..3], ["pump", &fence.to_string(), "2748"], "owner 0xabc in decimal: {text}");
 
     let all = status(&["--server", &server.url()]);
     let text = String::from_utf8_lossy(&all.stdout);
