@@ -291,3 +291,42 @@ fn a_key_re_created_by_a_rival_before_the_keepalive_is_not_renewed() {
         Reply::Granted { fence: rival, ttl }
     );
 }
+
+#[test]
+fn listing_pages_through_the_held_keys_under_the_prefix_in_byte_order() {
+    use leasehold_stores::Filter;
+    let server = etcd();
+    let etcd = Etcd::new(server.url());
+    // One key per page: a listing that stopped after its first page would show one key.
+    let b = backend(server.url()).with_page_size(1);
+    let ttl = LDuration::from_secs(30);
+    smol::block_on(async {
+        let mut fences = std::collections::HashMap::new();
+        for (key, owner) in [("job:2", 2), ("pump", 4), ("job:10", 10), ("job:1", 1), ("gone", 5)] {
+            fences.insert(key, grant(&b, key, owner, ttl).await);
+        }
+        assert_eq!(call(&b, "gone", 5, Op::Release { fence: fences["gone"] }).await, Reply::Released);
+        // Beside ours: a key outside the prefix, and one under it that leasehold did not write.
+        let put = |k: &str, v: &str| json!({"key": B64.encode(k), "value": B64.encode(v)});
+        etcd.post("/v3/kv/put", put("other/job:3", "3")).await;
+        etcd.post("/v3/kv/put", put(&format!("{PREFIX}job:foreign"), "not an owner")).await;
+
+        let all = b.list(&Filter::default()).await.unwrap();
+        let keys: Vec<&str> = all.iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(keys, ["job:1", "job:10", "job:2", "pump"]);
+        for k in &all {
+            let h = k.holder.as_ref().expect("etcd lists held keys only");
+            assert_eq!((h.fence, k.last_fence), (fences[k.key.as_str()], fences[k.key.as_str()]), "{k:?}");
+            let owner = k.key.strip_prefix("job:").map_or(4, |n| n.parse().unwrap());
+            assert_eq!(h.owner, OwnerId(owner), "{k:?}");
+            assert_eq!(h.ttl, Some(Duration::from_secs(30)), "{k:?}");
+            let left = h.remaining.expect("etcd tells the lease's time to live");
+            assert!(left > Duration::ZERO && left <= Duration::from_secs(30), "{k:?}");
+        }
+        let jobs = b.list(&Filter { prefix: "job:1".into(), held_only: true }).await.unwrap();
+        assert_eq!(jobs.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["job:1", "job:10"]);
+        assert_eq!(b.status(&parse_key("pump").unwrap()).await.unwrap().as_ref(), all.last());
+        assert_eq!(b.status(&parse_key("gone").unwrap()).await.unwrap(), None, "released: deleted");
+        assert_eq!(b.status(&parse_key("never").unwrap()).await.unwrap(), None);
+    });
+}
