@@ -243,12 +243,24 @@ fn a_killed_server_keeps_its_grants_and_fences() {
 }
 
 #[test]
-fn demo_passes() {
-    let out = Command::new(BIN).args(["demo", "--duration", "7s", "--kill-after", "3s"]).output().unwrap();
+fn demo_passes_and_refuses_the_stopped_holders_stale_write() {
+    let out = Command::new(BIN)
+        .args(["demo", "--duration", "8s", "--kill-after", "2s", "--stop-after", "4s"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("VERDICT: PASS"), "{text}");
-    assert!(text.contains("kill -9"), "{text}");
+    assert!(text.contains("kill -9") && text.contains("kill -STOP") && text.contains("kill -CONT"), "{text}");
+    let verdict = text.lines().find(|l| l.starts_with("VERDICT: PASS")).unwrap_or_else(|| panic!("{text}"));
+    // "… N interleaved holders (M stopped on purpose), A stale writes accepted, R stale writes refused"
+    let count = |what: &str| -> u64 {
+        let before = verdict.split(what).next().unwrap_or_else(|| panic!("no {what:?} in {verdict}"));
+        before.split_whitespace().last().and_then(|n| n.trim_start_matches('(').parse().ok()).unwrap()
+    };
+    assert!(count(" stale writes refused") >= 1, "{verdict}");
+    assert_eq!(count(" stale writes accepted"), 0, "{verdict}");
+    assert_eq!(count(" interleaved holders"), count(" stopped on purpose"), "{verdict}");
+    assert!(text.contains("REFUSED"), "{text}");
 }
 
 #[test]
