@@ -132,7 +132,12 @@ async fn status(args: &Args) -> Result<Vec<KeyStatus>, StatusError> {
             }
         }
         None => {
-            let filter = Filter { prefix: args.prefix.clone().unwrap_or_default(), held_only: !args.all };
+            let prefix = args.prefix.clone().unwrap_or_default();
+            // A prefix outside the key alphabet could match nothing: say so instead.
+            if !prefix.is_empty() {
+                parse_key(&prefix).map_err(|e| StatusError::Usage(format!("--prefix {prefix:?}: {e}")))?;
+            }
+            let filter = Filter { prefix, held_only: !args.all };
             let mut rows = store.list(&filter).await.map_err(failed)?;
             // Also here, whatever the store did: an older server ignores the query.
             rows.retain(|r| filter.admits(r));

@@ -320,6 +320,9 @@ fn status_exit_codes_are_as_documented() {
     assert!(String::from_utf8_lossy(&dead.stderr).contains("unreachable"), "{dead:?}");
     let usage = status(&["k", "--all", "--server", &url]);
     assert_eq!(usage.status.code(), Some(2), "{usage:?}");
+    let bad_prefix = status(&["--prefix", "a b", "--server", &url, "--token", "s3cret"]);
+    assert_eq!(bad_prefix.status.code(), Some(2), "{bad_prefix:?}");
+    assert!(String::from_utf8_lossy(&bad_prefix.stderr).contains("--prefix"), "{bad_prefix:?}");
     let no_credentials = Command::new(BIN)
         .args(["status", "--backend", "dynamodb", "--server", &url])
         .env_remove("AWS_ACCESS_KEY_ID")
