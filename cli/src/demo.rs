@@ -501,8 +501,10 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
             if lost {
                 say(format!("lost fence {fence}: {:?}", lease.health()));
             } else {
-                lease.release().await;
-                say(format!("released fence {fence}"));
+                match lease.release().await {
+                    Ok(()) => say(format!("released fence {fence}")),
+                    Err(e) => say(format!("release of fence {fence}: {e}")),
+                }
             }
             async_io::Timer::after(Duration::from_millis(50 + fastrand_u64() % 250)).await;
         }

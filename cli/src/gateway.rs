@@ -1,26 +1,38 @@
 //! `leasehold gateway`: devices on serial links, a lease backend on the network.
 //!
 //! The gateway only forwards. It never holds a lease for a device: each device's validity is
-//! anchored at the device's own send time, so a slow gateway can only shorten a lease.
+//! anchored at the device's own send time, so a slow gateway can only shorten a lease. What it
+//! adds is bookkeeping about the links: a bound on the keys each link may use, counters that
+//! live as long as the gateway (not the connection), and warnings throttled per link.
 
+use std::collections::HashSet;
+use std::fmt;
 use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_io::Async;
 use futures_lite::{AsyncRead, AsyncWrite};
-use leasehold_core::{Reply, Response};
-use leasehold_http::{Backend, BuiltinBackend};
+use leasehold_core::{Key, Reject, Reply, Response};
+use leasehold_http::{Backend, BuiltinBackend, TransportError};
 use leasehold_serial::host::{response_to, version_mismatch, AsyncHostLink};
 use leasehold_serial::{Body, DecodeError};
+
+/// Repeated warnings of one kind on one link: the first in each window is logged, the rest are
+/// counted and reported as one line when the window ends.
+const LOG_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// A device link: a serial device path (e.g. /dev/ttyUSB0, configured with stty) or
     /// tcp:HOST:PORT (e.g. an emulator's UART). Repeat for several links.
-    #[arg(long = "link", required = true, value_name = "PATH|tcp:HOST:PORT")]
-    links: Vec<String>,
+    #[arg(long = "link", required = true, value_name = "PATH|tcp:HOST:PORT", value_parser = LinkSpec::parse)]
+    links: Vec<LinkSpec>,
     /// The lease server.
     #[arg(long, env = "LEASEHOLD_SERVER", default_value = "http://127.0.0.1:7878")]
     server: String,
@@ -35,9 +47,23 @@ pub(crate) struct Args {
     /// Stop after this many reconnect failures in a row on every link (default: never).
     #[arg(long)]
     give_up_after: Option<u32>,
+    /// Forward requests for at most this many distinct keys from one link (for the gateway's
+    /// lifetime); requests for further keys are answered "rejected: capacity".
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_keys_per_link: u32,
+    /// Serve per-link counters as Prometheus text on http://ADDR/metrics; port 0 picks a free
+    /// one (the chosen address is printed on stdout).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 pub(crate) fn main(args: Args) -> ExitCode {
+    if let Some(dup) =
+        args.links.iter().enumerate().find_map(|(i, l)| args.links[..i].contains(l).then_some(l))
+    {
+        eprintln!("leasehold gateway: link {dup} is given twice");
+        return ExitCode::from(2);
+    }
     let backend = match args.tls.config().and_then(|tls| {
         BuiltinBackend::new(&args.server, args.token.clone(), args.timeout)
             .map(|b| b.with_tls(tls))
@@ -49,86 +75,598 @@ pub(crate) fn main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let links: Arc<[Arc<LinkState>]> =
+        args.links.iter().map(|spec| Arc::new(LinkState::new(spec.clone()))).collect();
     smol::block_on(async {
-        let tasks: Vec<_> = args
-            .links
+        if let Some(addr) = args.metrics {
+            let listener = match async_net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("leasehold gateway: cannot listen on {addr} for --metrics: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Ok(addr) = listener.local_addr() {
+                println!("metrics on http://{addr}/metrics");
+                let _ = std::io::stdout().flush();
+            }
+            smol::spawn(serve_metrics(listener, links.clone())).detach();
+        }
+        smol::spawn(report_suppressed(links.clone())).detach();
+        let max_keys = args.max_keys_per_link as usize;
+        let tasks: Vec<_> = links
             .iter()
-            .map(|l| smol::spawn(serve_link(l.clone(), backend.clone(), args.give_up_after)))
+            .map(|l| smol::spawn(serve_link(l.clone(), backend.clone(), args.give_up_after, max_keys)))
             .collect();
         for t in tasks {
             t.await;
         }
-    });
-    ExitCode::FAILURE
+        ExitCode::FAILURE
+    })
+}
+
+/// A `--link` value, checked before anything starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkSpec {
+    /// `tcp:HOST:PORT`; an IPv6 host is written in brackets and stored without them.
+    Tcp { host: String, port: u16 },
+    /// A serial device (or any file that reads and writes bytes).
+    Path(PathBuf),
+}
+
+/// Why a `--link` value is not a link.
+#[derive(Debug)]
+pub(crate) enum LinkSpecError {
+    EmptyPath,
+    NoPort(String),
+    EmptyHost(String),
+    EmptyPort(String),
+    BadPort { spec: String, source: std::num::ParseIntError },
+    ZeroPort(String),
+    Ipv6(String),
+}
+
+impl fmt::Display for LinkSpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const FORM: &str = "expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:5555, or a device path";
+        match self {
+            LinkSpecError::EmptyPath => write!(f, "empty link ({FORM})"),
+            LinkSpecError::NoPort(s) => write!(f, "{s:?} has no port ({FORM})"),
+            LinkSpecError::EmptyHost(s) => write!(f, "{s:?} has no host ({FORM})"),
+            LinkSpecError::EmptyPort(s) => write!(f, "{s:?} has an empty port ({FORM})"),
+            LinkSpecError::BadPort { spec, .. } => write!(f, "{spec:?} has a port that is not 1-65535"),
+            LinkSpecError::ZeroPort(s) => write!(f, "{s:?}: port 0 cannot be connected to"),
+            LinkSpecError::Ipv6(s) => write!(
+                f,
+                "{s:?}: an IPv6 host is written in brackets, e.g. tcp:[::1]:5555, and brackets hold only an IPv6 address"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LinkSpecError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LinkSpecError::BadPort { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl LinkSpec {
+    pub(crate) fn parse(s: &str) -> Result<LinkSpec, LinkSpecError> {
+        let Some(rest) = s.strip_prefix("tcp:") else {
+            return if s.is_empty() { Err(LinkSpecError::EmptyPath) } else { Ok(LinkSpec::Path(s.into())) };
+        };
+        let Some((host, port)) = rest.rsplit_once(':') else { return Err(LinkSpecError::NoPort(s.into())) };
+        let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) if v6.parse::<Ipv6Addr>().is_ok() => v6,
+            Some(_) => return Err(LinkSpecError::Ipv6(s.into())),
+            None if host.contains(':') => return Err(LinkSpecError::Ipv6(s.into())),
+            None if host.is_empty() => return Err(LinkSpecError::EmptyHost(s.into())),
+            None => host,
+        };
+        if port.is_empty() {
+            return Err(LinkSpecError::EmptyPort(s.into()));
+        }
+        match port.parse::<u16>() {
+            Ok(0) => Err(LinkSpecError::ZeroPort(s.into())),
+            Ok(port) => Ok(LinkSpec::Tcp { host: host.into(), port }),
+            Err(source) => Err(LinkSpecError::BadPort { spec: s.into(), source }),
+        }
+    }
+}
+
+impl fmt::Display for LinkSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkSpec::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            LinkSpec::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            LinkSpec::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-async fn open(link: &str) -> std::io::Result<Box<dyn Stream>> {
-    if let Some(addr) = link.strip_prefix("tcp:") {
-        let s = async_net::TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        return Ok(Box::new(s));
+async fn open(link: &LinkSpec) -> std::io::Result<Box<dyn Stream>> {
+    match link {
+        LinkSpec::Tcp { host, port } => {
+            let s = async_net::TcpStream::connect((host.as_str(), *port)).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s))
+        }
+        LinkSpec::Path(path) => {
+            let file = OpenOptions::new().read(true).write(true).open(path)?;
+            Ok(Box::new(Async::new(file)?))
+        }
     }
-    let file = OpenOptions::new().read(true).write(true).open(link)?;
-    Ok(Box::new(Async::new(file)?))
+}
+
+/// One counter; relaxed atomics, read only for reporting.
+#[derive(Default)]
+struct Counter(AtomicU64);
+
+impl Counter {
+    fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
+    fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// What one link has done since the gateway started, over all its connections.
+#[derive(Default)]
+struct Counters {
+    /// 1 while connected.
+    up: Counter,
+    connects: Counter,
+    /// Frames of this protocol version decoded.
+    frames: Counter,
+    oversize: Counter,
+    cobs: Counter,
+    malformed: Counter,
+    version_mismatches: Counter,
+    /// Requests sent to the lease server (answered or not).
+    forwarded: Counter,
+    /// Forwarded requests that got no reply from the server (the device was told "unavailable").
+    backend_errors: Counter,
+    /// Requests refused because the link reached `--max-keys-per-link`.
+    key_limit_refusals: Counter,
+    /// Distinct keys the link has used.
+    keys: Counter,
+}
+
+/// What the gateway warns about, per link.
+enum Warning {
+    /// A frame that could not be used (line noise, another protocol version...).
+    Frame(DecodeError),
+    /// The link could not be opened.
+    Open(std::io::Error),
+    /// A request reached no lease server.
+    Backend { device: u32, error: TransportError },
+    /// A request for one key too many.
+    KeyLimit { device: u32, key: Key, max: usize },
+}
+
+impl Warning {
+    /// Which throttle it goes through: one per kind, so a flood of one cannot hide another.
+    fn kind(&self) -> usize {
+        match self {
+            Warning::Frame(DecodeError::WrongVersion(_)) => 0,
+            Warning::Frame(_) => 1,
+            Warning::Open(_) => 2,
+            Warning::Backend { .. } => 3,
+            Warning::KeyLimit { .. } => 4,
+        }
+    }
+}
+
+const KINDS: usize = 5;
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Warning::Frame(e @ DecodeError::WrongVersion(_)) => {
+                write!(f, "{e}; answered with a version mismatch")
+            }
+            Warning::Frame(e) => write!(f, "bad frame: {e}"),
+            Warning::Open(e) => write!(f, "cannot open: {e}; retrying"),
+            Warning::Backend { device, error } => {
+                write!(f, "device {device}: no reply from the lease server ({error}); told the device it is unavailable")
+            }
+            Warning::KeyLimit { device, key, max } => write!(
+                f,
+                "device {device}: refused key {:?}: this link already uses {max} keys (--max-keys-per-link)",
+                key.as_str()
+            ),
+        }
+    }
+}
+
+/// One kind of warning within the current window.
+#[derive(Default)]
+struct Throttle {
+    /// The window's first occurrence has been logged.
+    logged: bool,
+    /// Occurrences since then, and the latest of them.
+    suppressed: u64,
+    last: Option<Warning>,
+}
+
+/// One link: its name, counters and warning throttles, kept for the gateway's lifetime.
+struct LinkState {
+    spec: LinkSpec,
+    name: String,
+    counters: Counters,
+    throttles: Mutex<[Throttle; KINDS]>,
+}
+
+impl LinkState {
+    fn new(spec: LinkSpec) -> LinkState {
+        LinkState { name: spec.to_string(), spec, counters: Counters::default(), throttles: Mutex::default() }
+    }
+
+    /// Logs `w` if it is the first of its kind in this window; otherwise counts it.
+    fn warn(&self, w: Warning) {
+        let mut throttles = self.throttles.lock().unwrap_or_else(PoisonError::into_inner);
+        let t = &mut throttles[w.kind()];
+        if t.logged {
+            t.suppressed += 1;
+            t.last = Some(w);
+        } else {
+            t.logged = true;
+            drop(throttles);
+            tracing::warn!("link {}: {w}", self.name);
+        }
+    }
+
+    /// Ends the window: one line per kind that had occurrences beyond the logged one.
+    fn end_window(&self) -> Vec<String> {
+        let ended = std::mem::take(&mut *self.throttles.lock().unwrap_or_else(PoisonError::into_inner));
+        let window = LOG_WINDOW.as_secs();
+        ended
+            .into_iter()
+            .filter_map(|t| {
+                Some(format!(
+                    "link {}: {} ({} more in the last {window} s)",
+                    self.name, t.last?, t.suppressed
+                ))
+            })
+            .collect()
+    }
+
+    fn count_decode_error(&self, e: &DecodeError) {
+        let c = &self.counters;
+        match e {
+            DecodeError::Oversize => c.oversize.inc(),
+            DecodeError::Cobs => c.cobs.inc(),
+            DecodeError::Malformed => c.malformed.inc(),
+            DecodeError::WrongVersion(_) => c.version_mismatches.inc(),
+        }
+    }
+}
+
+async fn report_suppressed(links: Arc<[Arc<LinkState>]>) {
+    loop {
+        async_io::Timer::after(LOG_WINDOW).await;
+        for line in links.iter().flat_map(|l| l.end_window()) {
+            tracing::warn!("{line}");
+        }
+    }
+}
+
+/// The keys a link has used, up to its limit. Kept across reconnects: a device cannot reset
+/// its allowance by dropping the line.
+struct KeySet {
+    keys: HashSet<Key>,
+    max: usize,
+}
+
+impl KeySet {
+    /// Whether a request for `key` may be forwarded; records the key if it is new.
+    fn admit(&mut self, key: &Key) -> bool {
+        if self.keys.contains(key) {
+            return true;
+        }
+        if self.keys.len() >= self.max {
+            return false;
+        }
+        self.keys.insert(key.clone());
+        true
+    }
 }
 
 /// Keeps one link connected and forwards its frames, forever (or until `give_up_after`).
-async fn serve_link<B: Backend>(link: String, backend: Arc<B>, give_up_after: Option<u32>) {
+async fn serve_link<B: Backend>(
+    link: Arc<LinkState>,
+    backend: Arc<B>,
+    give_up_after: Option<u32>,
+    max_keys: usize,
+) {
     let mut failures = 0u32;
+    let mut keys = KeySet { keys: HashSet::new(), max: max_keys };
+    let name = &link.name;
     loop {
-        let stream = match open(&link).await {
+        let stream = match open(&link.spec).await {
             Ok(s) => {
                 failures = 0;
-                eprintln!("leasehold gateway: link {link} connected");
+                eprintln!("leasehold gateway: link {name} connected");
                 s
             }
             Err(e) => {
                 failures += 1;
                 if give_up_after.is_some_and(|n| failures >= n) {
-                    eprintln!("leasehold gateway: link {link}: {e}; giving up");
+                    eprintln!("leasehold gateway: link {name}: {e}; giving up");
                     return;
                 }
-                tracing::warn!("link {link}: {e}; retrying");
+                link.warn(Warning::Open(e));
                 async_io::Timer::after(Duration::from_millis(250)).await;
                 continue;
             }
         };
-        match forward(&mut AsyncHostLink::new(stream), &*backend).await {
-            Ok(()) => eprintln!("leasehold gateway: link {link} closed; reconnecting"),
-            Err(e) => eprintln!("leasehold gateway: link {link}: {e}; reconnecting"),
+        link.counters.connects.inc();
+        link.counters.up.set(1);
+        let result = forward(&mut AsyncHostLink::new(stream), &*backend, &link, &mut keys).await;
+        link.counters.up.set(0);
+        match result {
+            Ok(()) => eprintln!("leasehold gateway: link {name} closed; reconnecting"),
+            Err(e) => eprintln!("leasehold gateway: link {name}: {e}; reconnecting"),
         }
         async_io::Timer::after(Duration::from_millis(100)).await;
     }
 }
 
-async fn forward<S: Stream, B: Backend>(link: &mut AsyncHostLink<S>, backend: &B) -> std::io::Result<()> {
+/// Forwards one connection's requests until it ends. Nothing a device sends can make this
+/// panic: bad frames are counted and skipped, a request for one key too many is refused.
+async fn forward<S: Stream, B: Backend>(
+    link: &mut AsyncHostLink<S>,
+    backend: &B,
+    state: &LinkState,
+    keys: &mut KeySet,
+) -> std::io::Result<()> {
+    let c = &state.counters;
     while let Some(frame) = link.read_frame().await? {
         match frame {
             Ok(f) => {
+                c.frames.inc();
                 let Body::Request { key, request } = f.body else {
-                    tracing::debug!("ignoring a non-request frame from device {}", f.header.device);
+                    tracing::debug!(
+                        "link {}: ignoring a non-request frame from device {}",
+                        state.name,
+                        f.header.device
+                    );
                     continue;
                 };
-                // A request that cannot be forwarded is answered "unavailable": the device's
-                // machine backs off and retries, exactly as after a lost reply. Permanent
-                // errors too: they are the gateway's configuration, fixable while devices keep
-                // trying, and a rejection would make every device give up.
-                let reply = backend.call(&key, request).await.unwrap_or_else(|e| {
-                    tracing::warn!("device {}: {e}", f.header.device);
-                    Reply::Unavailable
-                });
+                let device = f.header.device;
+                let reply = if keys.admit(&key) {
+                    c.keys.set(keys.keys.len() as u64);
+                    c.forwarded.inc();
+                    // A request that cannot be forwarded is answered "unavailable": the device's
+                    // machine backs off and retries, exactly as after a lost reply. Permanent
+                    // errors too: they are the gateway's configuration, fixable while devices
+                    // keep trying, and a rejection would make every device give up.
+                    backend.call(&key, request).await.unwrap_or_else(|error| {
+                        c.backend_errors.inc();
+                        state.warn(Warning::Backend { device, error });
+                        Reply::Unavailable
+                    })
+                } else {
+                    // The same answer an authority gives when it cannot track more keys: the
+                    // device's machine reports it and stops asking for this key.
+                    c.key_limit_refusals.inc();
+                    state.warn(Warning::KeyLimit { device, key, max: keys.max });
+                    Reply::Rejected(Reject::Capacity)
+                };
                 let response = Response { id: request.id, owner: request.owner, reply };
                 link.write_frame(&response_to(&f.header, response)).await?;
             }
-            Err(DecodeError::WrongVersion(h)) => {
-                tracing::warn!("device {} speaks protocol version {}", h.device, h.version);
-                link.write_frame(&version_mismatch(&h)).await?;
+            Err(e) => {
+                state.count_decode_error(&e);
+                state.warn(Warning::Frame(e));
+                if let DecodeError::WrongVersion(h) = e {
+                    link.write_frame(&version_mismatch(&h)).await?;
+                }
             }
-            Err(e) => tracing::debug!("bad frame: {e:?} (stats {:?})", link.stats()),
         }
     }
     Ok(())
+}
+
+/// One series of a family: its labels beyond `link`, and where its value is.
+type Series = (&'static str, fn(&Counters) -> &Counter);
+
+/// One metric family: each link's series, with extra labels.
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    series: &'static [Series],
+}
+
+const FAMILIES: [Family; 9] = [
+    Family {
+        name: "leasehold_gateway_link_up",
+        kind: "gauge",
+        help: "1 while the link is connected.",
+        series: &[("", |c| &c.up)],
+    },
+    Family {
+        name: "leasehold_gateway_link_connects_total",
+        kind: "counter",
+        help: "Connections made.",
+        series: &[("", |c| &c.connects)],
+    },
+    Family {
+        name: "leasehold_gateway_frames_total",
+        kind: "counter",
+        help: "Frames of this protocol version decoded.",
+        series: &[("", |c| &c.frames)],
+    },
+    Family {
+        name: "leasehold_gateway_decode_errors_total",
+        kind: "counter",
+        help: "Byte runs that were not a frame, by kind.",
+        series: &[
+            ("kind=\"oversize\"", |c| &c.oversize),
+            ("kind=\"cobs\"", |c| &c.cobs),
+            ("kind=\"malformed\"", |c| &c.malformed),
+        ],
+    },
+    Family {
+        name: "leasehold_gateway_version_mismatches_total",
+        kind: "counter",
+        help: "Frames of another protocol version (each answered with a version mismatch).",
+        series: &[("", |c| &c.version_mismatches)],
+    },
+    Family {
+        name: "leasehold_gateway_requests_forwarded_total",
+        kind: "counter",
+        help: "Requests sent to the lease server.",
+        series: &[("", |c| &c.forwarded)],
+    },
+    Family {
+        name: "leasehold_gateway_backend_errors_total",
+        kind: "counter",
+        help: "Forwarded requests the lease server did not answer (the device was told it is unavailable).",
+        series: &[("", |c| &c.backend_errors)],
+    },
+    Family {
+        name: "leasehold_gateway_key_limit_refusals_total",
+        kind: "counter",
+        help: "Requests refused because the link reached --max-keys-per-link.",
+        series: &[("", |c| &c.key_limit_refusals)],
+    },
+    Family {
+        name: "leasehold_gateway_link_keys",
+        kind: "gauge",
+        help: "Distinct keys the link has used.",
+        series: &[("", |c| &c.keys)],
+    },
+];
+
+/// The counters of every link in the Prometheus text format.
+fn render_metrics(links: &[Arc<LinkState>]) -> String {
+    let mut out = String::new();
+    for Family { name, kind, help, series } in &FAMILIES {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for l in links {
+            let label = escape_label(&l.name);
+            for (extra, get) in *series {
+                let sep = if extra.is_empty() { "" } else { "," };
+                out.push_str(&format!("{name}{{link=\"{label}\"{sep}{extra}}} {}\n", get(&l.counters).get()));
+            }
+        }
+    }
+    out
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+async fn serve_metrics(listener: async_net::TcpListener, links: Arc<[Arc<LinkState>]>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("metrics listener: accept failed: {e}");
+                async_io::Timer::after(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let links = links.clone();
+        smol::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let links = links.clone();
+                async move {
+                    let (status, body) = if req.uri().path() == "/metrics" {
+                        (hyper::StatusCode::OK, render_metrics(&links))
+                    } else {
+                        (hyper::StatusCode::NOT_FOUND, "not found; try /metrics\n".to_string())
+                    };
+                    let mut r =
+                        hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+                    *r.status_mut() = status;
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(smol_hyper::rt::SmolTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(smol_hyper::rt::FuturesIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("metrics connection: {e}");
+            }
+        })
+        .detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_specs_are_checked() {
+        let tcp = |h: &str, port| LinkSpec::Tcp { host: h.into(), port };
+        assert_eq!(LinkSpec::parse("tcp:127.0.0.1:5555").unwrap(), tcp("127.0.0.1", 5555));
+        assert_eq!(LinkSpec::parse("tcp:localhost:1").unwrap(), tcp("localhost", 1));
+        assert_eq!(LinkSpec::parse("tcp:[::1]:5555").unwrap(), tcp("::1", 5555));
+        assert_eq!(LinkSpec::parse("tcp:[::1]:5555").unwrap().to_string(), "tcp:[::1]:5555");
+        assert_eq!(LinkSpec::parse("/dev/ttyUSB0").unwrap(), LinkSpec::Path("/dev/ttyUSB0".into()));
+        let err = |s| LinkSpec::parse(s).unwrap_err();
+        assert!(matches!(err("tcp:127.0.0.1:"), LinkSpecError::EmptyPort(_)));
+        assert!(matches!(err("tcp:127.0.0.1"), LinkSpecError::NoPort(_)));
+        assert!(matches!(err("tcp::5555"), LinkSpecError::EmptyHost(_)));
+        assert!(matches!(err("tcp:h:0"), LinkSpecError::ZeroPort(_)));
+        assert!(matches!(err("tcp:h:65536"), LinkSpecError::BadPort { .. }));
+        assert!(std::error::Error::source(&err("tcp:h:x")).is_some());
+        assert!(matches!(err("tcp:::1:5555"), LinkSpecError::Ipv6(_)));
+        assert!(matches!(err("tcp:[nope]:5555"), LinkSpecError::Ipv6(_)));
+        assert!(matches!(err(""), LinkSpecError::EmptyPath));
+    }
+
+    #[test]
+    fn a_key_set_admits_known_keys_past_its_limit_and_no_new_ones() {
+        let key = |s| leasehold_core::parse_key(s).unwrap();
+        let mut keys = KeySet { keys: HashSet::new(), max: 2 };
+        assert!(keys.admit(&key("a")) && keys.admit(&key("b")) && keys.admit(&key("a")));
+        assert!(!keys.admit(&key("c")));
+        assert!(keys.admit(&key("b")));
+    }
+
+    #[test]
+    fn repeated_warnings_are_counted_and_summed_up_once_per_window() {
+        let link = LinkState::new(LinkSpec::parse("tcp:h:1").unwrap());
+        let header = |version| leasehold_serial::Header { version, seq: 1, device: 7 };
+        for v in 2..=6 {
+            link.warn(Warning::Frame(DecodeError::WrongVersion(header(v))));
+        }
+        link.warn(Warning::Frame(DecodeError::Cobs));
+        assert_eq!(
+            link.end_window(),
+            ["link tcp:h:1: device 7 speaks protocol version 6 (this side speaks 1); answered with a version \
+              mismatch (4 more in the last 10 s)"]
+        );
+        // A new window: the next one is logged at once, and nothing is left to sum up.
+        link.warn(Warning::Frame(DecodeError::WrongVersion(header(2))));
+        assert!(link.end_window().is_empty());
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use async_signal::{Signal as Caught, Signals};
 use futures_lite::{future, StreamExt};
-use leasehold_http::{AcquireError, Backend, BuiltinBackend, Client, Options, TransportError};
+use leasehold_http::{
+    AcquireError, Backend, BuiltinBackend, Client, Options, Report, TransportError, Waiting,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -146,11 +148,25 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
         s.enable_steady_tick(Duration::from_millis(120));
         s
     });
+    // What the wait is for, said on stderr whether or not it is a terminal: a key held by
+    // someone else and a server that cannot be reached call for different actions.
+    let mut said = None;
+    let report = |w: &Waiting| {
+        let (kind, line) = waiting_line(w);
+        match &spinner {
+            Some(s) => s.set_message(format!("lease {:?} on {}: {line}", args.key, args.server)),
+            // A pipe gets a line only when the story changes, not at every poll.
+            None if said.as_deref() != Some(kind.as_str()) => {
+                eprintln!("leasehold run: waiting for {:?} on {}: {line}", args.key, args.server);
+                said = Some(kind);
+            }
+            None => {}
+        }
+    };
     let acquire = async {
         Ok(match (args.no_wait, args.timeout) {
             (true, _) => client.try_acquire(&args.key).await,
-            (false, Some(t)) => client.acquire_timeout(&args.key, t).await,
-            (false, None) => client.acquire(&args.key).await,
+            (false, timeout) => client.acquire_reporting(&args.key, timeout, report).await,
         })
     };
     let acquired = future::or(acquire, async { Err(next_signal(&mut signals).await) }).await;
@@ -175,7 +191,7 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
         Err(e) => {
             let why = match &e {
                 AcquireError::Busy => "it is held by someone else".to_string(),
-                other => other.to_string(),
+                other => Report(other).to_string(),
             };
             eprintln!("leasehold run: could not acquire {:?}: {why}", args.key);
             return ExitCode::from(match e {
@@ -197,7 +213,7 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
         Ok(c) => c,
         Err(e) => {
             eprintln!("leasehold run: cannot start {:?}: {e}", args.command[0]);
-            lease.release().await;
+            release(lease).await;
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
@@ -227,11 +243,11 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
     };
     match outcome {
         Outcome::Exited(status) => {
-            lease.release().await;
+            release(lease).await;
             exit_code(status)
         }
         Outcome::Lost(reason) => {
-            eprintln!("leasehold run: lease {:?} lost ({reason:?}); stopping the command", args.key);
+            eprintln!("leasehold run: lease {:?} lost ({reason}); stopping the command", args.key);
             let _ = kill(pid, Signal::SIGTERM);
             let grace = args.grace;
             let exited = future::or(async { child.status().await.ok() }, async {
@@ -267,5 +283,35 @@ fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> ExitCode {
             _ => ExitCode::FAILURE,
         },
         Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Gives the lease back; the command's exit code stands either way, but a release that never
+/// reached the authority is worth a line: the key frees only when the grant expires.
+async fn release(lease: leasehold_http::Lease) {
+    if let Err(e) = lease.release().await {
+        eprintln!("leasehold run: {}", leasehold_http::Report(&e));
+    }
+}
+
+/// What a waiting acquisition is up against: a kind (a line is printed when it changes) and
+/// the line.
+fn waiting_line(w: &Waiting) -> (String, String) {
+    match w {
+        Waiting::Held { expires_in: Some(d) } => (
+            "held".into(),
+            format!(
+                "held by someone else (its grant runs out within {:.1} s unless renewed)",
+                d.as_secs_f64()
+            ),
+        ),
+        Waiting::Unreachable(Some(e)) => {
+            let e = Report(e).to_string();
+            (format!("unreachable: {e}"), format!("server unreachable ({e}); retrying"))
+        }
+        Waiting::Unreachable(None) => {
+            ("unavailable".into(), "the server answers that it cannot serve now; retrying".into())
+        }
+        _ => ("held".into(), "held by someone else".into()),
     }
 }

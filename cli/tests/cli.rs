@@ -440,6 +440,80 @@ fn serve_over_https_with_and_without_client_certificates() {
     }
 }
 
+/// Reads `child`'s stderr line by line until a line satisfies `wanted`; fails the test with
+/// what it read if none does within 20 s.
+fn stderr_line(child: &mut Proc, what: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> String {
+    let err = child.0.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let hit = wanted(&line);
+            if tx.send((hit, line)).is_err() || hit {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Ok((hit, line)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if hit {
+            return line;
+        }
+        seen.push(line);
+    }
+    panic!("{what}: no such line on stderr within 20 s; saw {seen:#?}");
+}
+
+#[test]
+fn waiting_says_whether_the_key_is_held_or_the_server_unreachable() {
+    // A dead port: the wait is for a server, said on a pipe too, with the address and cause.
+    let dead = format!("127.0.0.1:{}", leasehold_test_servers::free_port());
+    let mut waiting = Proc(
+        run_cmd(&format!("http://{dead}"), "unreachable", "2s", &[], &["true"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = stderr_line(&mut waiting, "unreachable server", |l| l.contains("unreachable"));
+    assert!(line.contains(&dead) && line.contains("refused") && line.contains("retrying"), "{line}");
+    assert!(!line.contains("held by someone else"), "{line}");
+    drop(waiting);
+
+    // A held key: the wait is for the holder, whose grant's remaining time is shown.
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let ttl = LDuration::from_secs(30);
+    assert!(matches!(call(&url, "taken", 5, Op::Acquire { ttl }), Reply::Granted { .. }));
+    let mut waiting =
+        Proc(run_cmd(&url, "taken", "2s", &[], &["true"]).stderr(Stdio::piped()).spawn().unwrap());
+    let line = stderr_line(&mut waiting, "held key", |l| l.contains("waiting for"));
+    assert!(line.contains("held by someone else") && line.contains("runs out within"), "{line}");
+    assert!(!line.contains("unreachable"), "{line}");
+}
+
+#[test]
+fn run_timeout_waits_the_whole_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let ttl = LDuration::from_secs(30);
+    assert!(matches!(call(&url, "long-held", 5, Op::Acquire { ttl }), Reply::Granted { .. }));
+    let started = Instant::now();
+    let out = output_within_20s(&mut run_cmd(&url, "long-held", "15s", &["--timeout", "2s"], &["true"]));
+    let waited = started.elapsed();
+    assert_eq!(out.status.code(), Some(75), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(waited >= Duration::from_secs(2), "gave up after {waited:?}");
+    eprintln!("run --timeout 2s on a key held for 30 s: exit 75 after {waited:?}");
+
+    // Against a server nobody answers for, the same.
+    let dead = format!("http://127.0.0.1:{}", leasehold_test_servers::free_port());
+    let started = Instant::now();
+    let out = output_within_20s(&mut run_cmd(&dead, "k", "15s", &["--timeout", "3s"], &["true"]));
+    let waited = started.elapsed();
+    assert_eq!(out.status.code(), Some(75), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(waited >= Duration::from_secs(3), "gave up after {waited:?}");
+    eprintln!("run --timeout 3s against a dead port: exit 75 after {waited:?}");
+}
+
 /// A `GET` of `path` on the built-in server at `url`, as JSON.
 fn get_json(url: &str, path: &str) -> serde_json::Value {
     let http = leasehold_http::HttpClient::new(url, Duration::from_secs(2)).unwrap();

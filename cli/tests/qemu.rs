@@ -138,7 +138,7 @@ fn boards_and_a_host_share_one_lease_safely() {
                         say(format!("ACT {fence} {n}"));
                         async_io::Timer::after(Duration::from_millis(100)).await;
                     }
-                    lease.release().await;
+                    lease.release().await.expect("release acknowledged");
                     say(format!("RELEASED {fence}"));
                     async_io::Timer::after(Duration::from_millis(300)).await;
                 }

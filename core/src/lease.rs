@@ -168,10 +168,14 @@ pub enum Event {
         /// Why.
         reason: LostReason,
     },
-    /// A release finished (acknowledged, or given up once the grant expired anyway).
+    /// A release finished: acknowledged, or given up once the grant expired anyway.
     Released {
         /// The fence given back.
         fence: Fence,
+        /// The authority answered the release, so the key was free at once. `false`: no
+        /// answer came before the grant's validity ran out, so the key frees by expiry, up to
+        /// a ttl after the last successful renewal.
+        acknowledged: bool,
     },
 }
 
@@ -225,6 +229,39 @@ pub enum AcquireError {
 pub enum ReleaseError {
     /// Nothing is held or being acquired.
     NotHeld,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Held => "held",
+            Health::Unknown => "held, but renewal is failing",
+            Health::Lost => "lost",
+            Health::Released => "released",
+            Health::NotHeld => "not held",
+        })
+    }
+}
+
+impl fmt::Display for NotAcquired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotAcquired::Busy => f.write_str("held by someone else until the deadline"),
+            NotAcquired::Unavailable => f.write_str("the authority was unreachable until the deadline"),
+            NotAcquired::Cancelled => f.write_str("cancelled"),
+            NotAcquired::Rejected(r) => write!(f, "refused by the authority: {r}"),
+        }
+    }
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LostReason::Expired => f.write_str("validity ran out before a renewal succeeded"),
+            LostReason::Revoked => f.write_str("the authority says the lease is no longer ours"),
+            LostReason::Rejected(r) => write!(f, "the authority refused the renewal: {r}"),
+        }
+    }
 }
 
 impl fmt::Display for AcquireError {
@@ -480,7 +517,7 @@ impl Lease {
             }
             // The authority has expired the grant by now: nothing left to give back.
             Phase::Releasing => {
-                self.end(Phase::Released, Event::Released { fence: self.fence });
+                self.end(Phase::Released, Event::Released { fence: self.fence, acknowledged: false });
                 true
             }
             _ => false,
@@ -527,7 +564,7 @@ impl Lease {
                 // starved by a holder that releases and re-acquires in between.
                 let jitter = self.jitter(self.config.backoff_min);
                 let wait = retry_after.min(self.config.backoff_max);
-                self.retry_acquire_at(now + wait + jitter, give_up_at, None);
+                self.retry_acquire_at(now, now + wait + jitter, give_up_at, None);
             }
             Reply::Observed { version, ttl } => {
                 if cancel {
@@ -545,17 +582,23 @@ impl Lease {
                 let poll = now + self.config.backoff_max;
                 let (at, ready) = if due <= poll { (due.max(now), true) } else { (poll, false) };
                 let o = Observation { version, due, ready };
-                self.retry_acquire_at(at, give_up_at, Some(o));
+                self.retry_acquire_at(now, at, give_up_at, Some(o));
             }
             Reply::Rejected(r) => self.not_acquired(NotAcquired::Rejected(r)),
             Reply::Unavailable | Reply::NotHolder | Reply::Released => self.fail(now),
         }
     }
 
-    fn retry_acquire_at(&mut self, at: Instant, give_up_at: Instant, takeover: Option<Observation>) {
-        if at > give_up_at {
+    fn retry_acquire_at(
+        &mut self,
+        now: Instant,
+        at: Instant,
+        give_up_at: Instant,
+        takeover: Option<Observation>,
+    ) {
+        let Some(at) = last_chance(now, at, give_up_at) else {
             return self.not_acquired(NotAcquired::Busy);
-        }
+        };
         self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover };
         self.failures = 0;
         self.wake_at(at);
@@ -585,7 +628,7 @@ impl Lease {
             Reply::Unavailable => self.fail(now),
             // Released, NotHolder (already gone), or anything else: the belief ended when
             // `release` was called, and the authority will expire whatever remains.
-            _ => self.end(Phase::Released, Event::Released { fence: self.fence }),
+            _ => self.end(Phase::Released, Event::Released { fence: self.fence, acknowledged: true }),
         }
     }
 
@@ -617,10 +660,11 @@ impl Lease {
         let at = now + self.backoff();
         match self.phase {
             Phase::Acquiring { cancel: true, .. } => self.not_acquired(NotAcquired::Cancelled),
-            Phase::Acquiring { give_up_at, .. } if at > give_up_at => {
-                self.not_acquired(NotAcquired::Unavailable)
-            }
-            Phase::Acquiring { .. } | Phase::Held | Phase::Releasing => self.wake_at(at),
+            Phase::Acquiring { give_up_at, .. } => match last_chance(now, at, give_up_at) {
+                Some(at) => self.wake_at(at),
+                None => self.not_acquired(NotAcquired::Unavailable),
+            },
+            Phase::Held | Phase::Releasing => self.wake_at(at),
             Phase::Idle | Phase::Lost | Phase::Released => {}
         }
     }
@@ -694,6 +738,15 @@ impl Lease {
         z ^= z >> 31;
         Duration::from_micros(z % max.as_micros().saturating_add(1).max(1))
     }
+}
+
+/// When an acquisition that gives up at `give_up_at` makes its next attempt, planned for `at`:
+/// then, or at the deadline itself if `at` is later, so that a waiter keeps trying for its
+/// whole allowance and its last attempt (honoured if granted, see
+/// [`Lease::acquire_until`]) can still catch a release just before the deadline. `None` once
+/// the deadline has come.
+fn last_chance(now: Instant, at: Instant, give_up_at: Instant) -> Option<Instant> {
+    (now < give_up_at).then_some(at.min(give_up_at))
 }
 
 #[cfg(test)]
@@ -848,7 +901,7 @@ mod tests {
         l.release(ms(5)).unwrap();
         let r = l.poll_transmit().unwrap();
         reply(&mut l, ms(6), &r, Reply::Released);
-        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(1) }));
+        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(1), acknowledged: true }));
         l.acquire(ms(7)).unwrap();
         let r = l.poll_transmit().unwrap();
         reply(&mut l, ms(8), &r, granted(1));
@@ -905,7 +958,43 @@ mod tests {
             l.handle_timeout(now);
         };
         assert_eq!(event, Event::NotAcquired { reason: NotAcquired::Unavailable });
-        assert!(now <= ms(2_000));
+        assert_eq!(now, ms(2_000), "the last attempt is made at the deadline, not a backoff before it");
+    }
+
+    #[test]
+    fn a_waiter_tries_until_its_deadline_and_its_last_attempt_can_win() {
+        // The holder's grant has 14 s to go, far past the deadline: a retry planned at
+        // `retry_after` would fall beyond it, yet the waiter must keep polling, and the attempt
+        // made at the deadline itself must still be able to catch a release.
+        let busy = Reply::Busy { retry_after: Duration::from_secs(14) };
+        let deadline = ms(2_000);
+        for released_before_last in [false, true] {
+            let mut l = lease();
+            l.acquire_until(ms(0), deadline).unwrap();
+            let mut now = ms(0);
+            let (mut attempts, mut last) = (0, None);
+            let event = loop {
+                if let Some(r) = l.poll_transmit() {
+                    (attempts, last) = (attempts + 1, Some(now));
+                    let answer = match released_before_last && now == deadline {
+                        true => granted(1),
+                        false => busy,
+                    };
+                    reply(&mut l, now + Duration::from_millis(1), &r, answer);
+                }
+                if let Some(e) = l.poll_event() {
+                    break e;
+                }
+                now = l.poll_timeout().unwrap();
+                l.handle_timeout(now);
+            };
+            assert!(attempts >= 2, "kept polling: {attempts} attempts");
+            assert_eq!(last, Some(deadline), "the last attempt is made at the deadline");
+            match released_before_last {
+                true => assert!(matches!(event, Event::Acquired { fence: Fence(1), .. }), "{event:?}"),
+                false => assert_eq!(event, Event::NotAcquired { reason: NotAcquired::Busy }),
+            }
+        }
     }
 
     #[test]
@@ -1008,8 +1097,28 @@ mod tests {
         let r = l.poll_transmit().unwrap();
         assert_eq!(r.op, Op::Release { fence: Fence(1) });
         reply(&mut l, ms(900), &r, Reply::NotHolder);
-        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(1) }));
+        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(1), acknowledged: true }));
         assert_eq!(l.release(ms(901)), Err(ReleaseError::NotHeld));
+    }
+
+    #[test]
+    fn a_release_nobody_answers_ends_unacknowledged_when_the_grant_would_have_expired() {
+        let mut l = held(1);
+        l.poll_event();
+        l.release(ms(100)).unwrap();
+        let mut now = ms(100);
+        let event = loop {
+            if let Some(r) = l.poll_transmit() {
+                l.handle_transport_error(now, r.id);
+            }
+            if let Some(e) = l.poll_event() {
+                break e;
+            }
+            now = l.poll_timeout().unwrap();
+            l.handle_timeout(now);
+        };
+        assert_eq!(event, Event::Released { fence: Fence(1), acknowledged: false });
+        assert_eq!(now, ms(9_900), "gives up exactly when the belief would have ended");
     }
 
     #[test]
@@ -1024,7 +1133,7 @@ mod tests {
         let r = l.poll_transmit().unwrap();
         assert_eq!(r.op, Op::Release { fence: Fence(4) });
         reply(&mut l, ms(3), &r, Reply::Released);
-        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(4) }));
+        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(4), acknowledged: true }));
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! Each is stopped when dropped. A missing binary fails loudly with the install command.
 //! With the `tls` feature, the `tls` module puts any of them (or a leasehold server) behind https.
 
+mod closing;
 #[cfg(feature = "tls")]
 pub mod tls;
+
+pub use closing::ClosingProxy;
 
 use std::net::TcpListener;
 use std::path::Path;

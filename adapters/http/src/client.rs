@@ -15,7 +15,8 @@ use leasehold_core::{
     Reply, RequestId, Response, State,
 };
 
-use crate::backend::{Backend, TransportError};
+use crate::backend::Backend;
+use crate::error::TransportError;
 
 /// Local monotonic time as the core wants it: microseconds since this process first asked.
 fn epoch() -> std::time::Instant {
@@ -42,9 +43,10 @@ pub enum AcquireError {
     /// Someone else holds the key (and we were not to wait, or the deadline came).
     #[error("the lease is held by someone else")]
     Busy,
-    /// The authority could not be reached before the deadline.
-    #[error("the lease authority is unreachable")]
-    Unavailable,
+    /// The authority could not be reached (or answered that it cannot serve) before the
+    /// deadline. The last transport error, if that is what kept it away, says where and why.
+    #[error("the lease authority is unavailable{}", match .0 { Some(e) => format!(": {e}"), None => String::new() })]
+    Unavailable(#[source] Option<Unreachable>),
     /// The authority refused the request outright.
     #[error("the authority rejected the request: {0}")]
     Rejected(Reject),
@@ -55,6 +57,68 @@ pub enum AcquireError {
     /// The driver thread could not be started.
     #[error("cannot start the lease driver: {0}")]
     Spawn(String),
+}
+
+/// The transport error behind [`AcquireError::Unavailable`], displayed by it already: its
+/// [`source`](std::error::Error::source) is that error's cause, so a [`Report`](crate::Report)
+/// of the chain names each thing once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable(pub TransportError);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Unreachable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+/// Why [`Lease::release`] could not confirm that the key is free.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReleaseError {
+    /// No answer to the release came before the grant's validity ran out (the authority is
+    /// unreachable). The holder stopped believing at once all the same; the key frees when the
+    /// authority expires the grant, at most a ttl after its last renewal.
+    #[error(
+        "the release of {key:?} (fence {fence}) was not acknowledged; the key frees when its grant expires"
+    )]
+    NotAcknowledged {
+        /// The key.
+        key: String,
+        /// The fence given back.
+        fence: Fence,
+        /// The last transport error, if any.
+        #[source]
+        last_error: Option<TransportError>,
+    },
+    /// The lease had been lost before the release: there was nothing to give back.
+    #[error("the lease on {key:?} was lost before the release: {reason}")]
+    Lost {
+        /// The key.
+        key: String,
+        /// Why it was lost.
+        reason: LostReason,
+    },
+}
+
+/// What an acquisition is waiting for, as told to
+/// [`Client::acquire_reporting`]'s callback each time it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Waiting {
+    /// Someone else holds the key. `expires_in` is how long the authority says its grant has
+    /// left (a bound: the holder may release earlier), if the backend can tell.
+    Held {
+        /// The holder's remaining grant, if the backend can tell.
+        expires_in: Option<Duration>,
+    },
+    /// The authority cannot be reached, or cannot serve; the acquisition keeps retrying.
+    Unreachable(Option<TransportError>),
 }
 
 /// Client-side settings of a lease.
@@ -172,28 +236,46 @@ impl<B: Backend> Client<B> {
     pub async fn acquire(&self, key: &str) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let guard = self.local(&key).lock_arc().await;
-        self.start(key, guard, Mode::Wait).await
+        self.start(key, guard, Mode::Wait, &mut |_| {}).await
     }
 
     /// One attempt: `Err(Busy)` at once if anyone (in this process or elsewhere) holds `key`.
     pub async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let guard = self.local(&key).try_lock_arc().ok_or(AcquireError::Busy)?;
-        self.start(key, guard, Mode::Try).await
+        self.start(key, guard, Mode::Try, &mut |_| {}).await
     }
 
-    /// Waits at most `timeout` for the lease on `key`.
+    /// Waits at most `timeout` for the lease on `key`. It keeps trying for the whole
+    /// `timeout`, and makes its last attempt at the deadline itself; an attempt in flight then
+    /// is still honoured if granted, so it can return up to one request timeout later.
     pub async fn acquire_timeout(&self, key: &str, timeout: Duration) -> Result<Lease, AcquireError> {
+        self.acquire_reporting(key, Some(timeout), |_| {}).await
+    }
+
+    /// [`acquire`](Client::acquire) (`timeout` `None`) or
+    /// [`acquire_timeout`](Client::acquire_timeout), telling `report` what the acquisition is
+    /// waiting for each time that changes: a holder, or an authority it cannot reach.
+    pub async fn acquire_reporting(
+        &self,
+        key: &str,
+        timeout: Option<Duration>,
+        mut report: impl FnMut(&Waiting) + Send,
+    ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
-        let deadline = now() + timeout.into();
         let local = self.local(&key);
+        let Some(timeout) = timeout else {
+            let guard = local.lock_arc().await;
+            return self.start(key, guard, Mode::Wait, &mut report).await;
+        };
+        let deadline = now() + timeout.into();
         let guard = future::or(async { Some(local.lock_arc().await) }, async {
             async_io::Timer::at(to_std(deadline)).await;
             None
         })
         .await
         .ok_or(AcquireError::Busy)?;
-        self.start(key, guard, Mode::Until(deadline)).await
+        self.start(key, guard, Mode::Until(deadline), &mut report).await
     }
 
     /// Waits until every lease taken through this client (and its clones) has ended:
@@ -228,7 +310,13 @@ impl<B: Backend> Client<B> {
         Ok(driver.insert(d).executor.clone())
     }
 
-    async fn start(&self, key: Key, guard: MutexGuardArc<()>, mode: Mode) -> Result<Lease, AcquireError> {
+    async fn start(
+        &self,
+        key: Key,
+        guard: MutexGuardArc<()>,
+        mode: Mode,
+        report: &mut (dyn FnMut(&Waiting) + Send),
+    ) -> Result<Lease, AcquireError> {
         let owner = OwnerId(fastrand::u64(..));
         let mut config = self.inner.config;
         config.jitter_seed = fastrand::u64(..);
@@ -241,6 +329,9 @@ impl<B: Backend> Client<B> {
             poke: Signal::new(),
             release: AtomicBool::new(false),
             permanent: Mutex::new(None),
+            last_error: Mutex::new(None),
+            waiting: Mutex::new((0, None)),
+            guard: Mutex::new(Some(guard)),
         });
         let active = Active::new(&self.inner);
         let task = drive(self.inner.clone(), key.clone(), shared.clone(), mode);
@@ -250,7 +341,8 @@ impl<B: Backend> Client<B> {
                 drop(active);
             })
             .detach();
-        let lease = Lease { key, owner, shared, guard: Some(guard), released: false };
+        let lease = Lease { key, owner, shared, released: false };
+        let mut reported = 0;
         loop {
             let listener = lease.shared.changed.listen();
             if lease.shared.lock().state() == State::Held {
@@ -259,12 +351,22 @@ impl<B: Backend> Client<B> {
             if let Some(Event::NotAcquired { reason }) = *lease.shared.ended() {
                 return Err(match reason {
                     NotAcquired::Busy | NotAcquired::Cancelled => AcquireError::Busy,
-                    NotAcquired::Unavailable => AcquireError::Unavailable,
+                    NotAcquired::Unavailable => {
+                        AcquireError::Unavailable(lease.shared.last_error().clone().map(Unreachable))
+                    }
                     NotAcquired::Rejected(r) => match lease.shared.permanent().take() {
                         Some(e) => AcquireError::Misconfigured(e),
                         None => AcquireError::Rejected(r),
                     },
                 });
+            }
+            let news = match &*lease.shared.waiting() {
+                (n, Some(w)) if *n != reported => Some((*n, w.clone())),
+                _ => None,
+            };
+            if let Some((n, w)) = news {
+                reported = n;
+                report(&w);
             }
             listener.await;
         }
@@ -286,6 +388,13 @@ struct Shared {
     release: AtomicBool,
     /// The transport error that made the driver give up, if that is why the lease ended.
     permanent: Mutex<Option<TransportError>>,
+    /// The newest transport error, cleared by every answer from the authority.
+    last_error: Mutex<Option<TransportError>>,
+    /// What an acquisition waits for, numbered by change.
+    waiting: Mutex<(u64, Option<Waiting>)>,
+    /// This client's turn at the key; given up as soon as the lease ends (lost, released or
+    /// not acquired), whether or not the handle is dropped.
+    guard: Mutex<Option<MutexGuardArc<()>>>,
 }
 
 impl Shared {
@@ -297,6 +406,22 @@ impl Shared {
     }
     fn permanent(&self) -> MutexGuard<'_, Option<TransportError>> {
         self.permanent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn last_error(&self) -> MutexGuard<'_, Option<TransportError>> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn waiting(&self) -> MutexGuard<'_, (u64, Option<Waiting>)> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn drop_guard(&self) {
+        drop(self.guard.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+    fn set_waiting(&self, w: Waiting) {
+        let mut waiting = self.waiting();
+        if waiting.1.as_ref() != Some(&w) {
+            waiting.0 += 1;
+            waiting.1 = Some(w);
+        }
     }
 }
 
@@ -332,6 +457,7 @@ async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, 
                 tracing::debug!(key = %key, "lease event: {e:?}");
                 if matches!(e, Event::Lost { .. } | Event::Released { .. } | Event::NotAcquired { .. }) {
                     *shared.ended() = Some(e);
+                    shared.drop_guard();
                 }
             }
             m.poll_timeout()
@@ -374,21 +500,39 @@ async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, 
         };
         let wake = future::or(future::or(reply, timer), poke).await;
         let mut m = shared.lock();
+        let acquiring = matches!(m.state(), State::Acquiring | State::Waiting);
         match wake {
             Wake::Reply(id, owner, result) => {
                 inflight = None;
+                // What the acquisition waits for, as the reply says it; the machine decides.
+                if acquiring {
+                    match &result {
+                        Ok(Reply::Busy { retry_after }) => shared
+                            .set_waiting(Waiting::Held { expires_in: Some(Duration::from(*retry_after)) }),
+                        Ok(Reply::Observed { .. }) => shared.set_waiting(Waiting::Held { expires_in: None }),
+                        Ok(Reply::Unavailable) => shared.set_waiting(Waiting::Unreachable(None)),
+                        Err(e) if !e.is_permanent() => {
+                            shared.set_waiting(Waiting::Unreachable(Some(e.clone())))
+                        }
+                        _ => {}
+                    }
+                }
+                match &result {
+                    Ok(_) => *shared.last_error() = None,
+                    Err(e) => *shared.last_error() = Some(e.clone()),
+                }
                 match result {
                     Ok(reply) => m.handle_response(now(), Response { id, owner, reply }),
                     // The machine knows "transient failure" and "refused"; a configuration
                     // that cannot work is the second, told as the authority would tell it.
                     Err(e) if e.is_permanent() => {
-                        tracing::warn!(key = %key, "giving up: {e}");
+                        tracing::warn!(key = %key, "giving up: {}", crate::Report(&e));
                         *shared.permanent() = Some(e);
                         let reply = Reply::Rejected(Reject::Misconfigured);
                         m.handle_response(now(), Response { id, owner, reply })
                     }
                     Err(e) => {
-                        tracing::debug!(key = %key, "request failed: {e}");
+                        tracing::debug!(key = %key, "request failed: {}", crate::Report(&e));
                         m.handle_transport_error(now(), id)
                     }
                 }
@@ -408,7 +552,6 @@ pub struct Lease {
     key: Key,
     owner: OwnerId,
     shared: Arc<Shared>,
-    guard: Option<MutexGuardArc<()>>,
     released: bool,
 }
 
@@ -467,16 +610,36 @@ impl Lease {
         }
     }
 
-    /// Gives the lease back and waits until the authority acknowledged it (or the grant ran
-    /// out anyway). The lease stops being valid at once.
-    pub async fn release(mut self) {
+    /// Gives the lease back and waits until the authority acknowledged it. The lease stops
+    /// being valid at once.
+    ///
+    /// Against an authority that does not answer it retries until the grant's validity runs
+    /// out, so it takes at most [`remaining`](Lease::remaining) as it was when called (never
+    /// more than the ttl), then returns [`ReleaseError::NotAcknowledged`]: the key frees by
+    /// expiry instead. Dropping the future early leaves the release running in the background
+    /// ([`Client::wait_idle`] waits for it).
+    pub async fn release(mut self) -> Result<(), ReleaseError> {
         self.begin_release();
         loop {
             let listener = self.shared.changed.listen();
-            if self.shared.ended().is_some() {
-                return;
+            let ended = *self.shared.ended();
+            match ended {
+                Some(Event::Released { acknowledged: true, .. }) => return Ok(()),
+                Some(Event::Released { fence, acknowledged: false }) => {
+                    let last_error = self.shared.last_error().clone();
+                    return Err(ReleaseError::NotAcknowledged {
+                        key: self.key.to_string(),
+                        fence,
+                        last_error,
+                    });
+                }
+                Some(Event::Lost { reason, .. }) => {
+                    return Err(ReleaseError::Lost { key: self.key.to_string(), reason })
+                }
+                // A lease handle exists only once held, so an acquisition never ends here.
+                Some(_) => return Ok(()),
+                None => listener.await,
             }
-            listener.await;
         }
     }
 
@@ -487,7 +650,7 @@ impl Lease {
         self.released = true;
         // Local waiters get their turn before the remote release goes out, so that they
         // compete with other processes on equal terms instead of always winning.
-        self.guard.take();
+        self.shared.drop_guard();
         self.shared.release.store(true, Ordering::SeqCst);
         self.shared.poke.notify(usize::MAX);
     }

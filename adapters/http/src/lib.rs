@@ -1,12 +1,22 @@
 #![doc = include_str!("../README.md")]
 
 mod backend;
+mod builtin;
 mod client;
+mod error;
+mod http;
 #[cfg(feature = "tls")]
 mod tls;
 
-pub use backend::{Backend, BuiltinBackend, HttpClient, HttpResponse, TransportError};
-pub use client::{now, AcquireError, Client, Lease, Options};
-pub use leasehold_core::{Fence, Health, LostReason};
+pub use backend::Backend;
+pub use builtin::BuiltinBackend;
+pub use client::{now, AcquireError, Client, Lease, Options, ReleaseError, Unreachable, Waiting};
+pub use error::{Cause, Report, TransportError};
+pub use http::{HttpClient, HttpResponse, Resolver, DEFAULT_MAX_CONNECTIONS};
+// What the API's signatures and errors name, so matching an error or tuning a config needs
+// no direct dependency on leasehold-core.
+pub use leasehold_core::{
+    Config, ConfigError, Drift, Fence, Health, Key, KeyError, LostReason, NotAcquired, OwnerId, Reject,
+};
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;

@@ -11,7 +11,7 @@ use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use futures_rustls::rustls::{self, ClientConfig, RootCertStore};
 use futures_rustls::TlsConnector;
 
-use crate::backend::TransportError;
+use crate::error::{Cause, TransportError};
 
 /// Which certificates an `https://` server may present: Mozilla's root certificates (compiled
 /// in from `webpki-roots`, so public endpoints such as AWS validate on any machine, with or
@@ -202,26 +202,36 @@ impl TlsTarget {
     ) -> Result<futures_rustls::client::TlsStream<Async<TcpStream>>, TransportError> {
         self.connector.connect(self.name.clone(), stream).await.map_err(|e| {
             let addr = addr.to_string();
-            let e = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-                Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+            let rustls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).cloned();
+            let e = match rustls {
+                Some(r @ rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
                     let message = "invalid peer certificate: not issued by a trusted CA (UnknownIssuer); \
                                    a private CA must be added to the client's trusted CAs";
-                    TransportError::Certificate { addr, message: message.to_string() }
+                    TransportError::Certificate {
+                        addr,
+                        message: message.to_string(),
+                        source: Some(Arc::new(r)),
+                    }
                 }
-                Some(e @ rustls::Error::InvalidCertificate(_)) => {
-                    TransportError::Certificate { addr, message: e.to_string() }
+                Some(r @ rustls::Error::InvalidCertificate(_)) => {
+                    TransportError::Certificate { addr, message: r.to_string(), source: Some(Arc::new(r)) }
                 }
-                Some(rustls::Error::AlertReceived(alert)) if refuses_identity(*alert) => {
-                    identity_refused(addr, *alert)
+                Some(rustls::Error::AlertReceived(alert)) if refuses_identity(alert) => {
+                    identity_refused(addr, alert)
                 }
-                Some(e @ rustls::Error::InvalidMessage(_)) => TransportError::Tls {
+                Some(r @ rustls::Error::InvalidMessage(_)) => TransportError::Tls {
                     addr,
-                    message: format!("the server's answer is not TLS ({e}): is it an http:// server?"),
+                    message: format!("the server's answer is not TLS ({r}): is it an http:// server?"),
+                    source: Some(Arc::new(r)),
                 },
-                Some(e) => TransportError::Tls { addr, message: e.to_string() },
-                None => TransportError::Tls { addr, message: format!("handshake failed: {e}") },
+                Some(r) => TransportError::Tls { addr, message: r.to_string(), source: Some(Arc::new(r)) },
+                None => TransportError::Tls {
+                    addr,
+                    message: "handshake failed".to_string(),
+                    source: Some(Arc::new(e) as Cause),
+                },
             };
-            tracing::warn!("{e}");
+            tracing::warn!("{}", crate::Report(&e));
             e
         })
     }
@@ -248,7 +258,7 @@ fn identity_refused(addr: String, alert: rustls::AlertDescription) -> TransportE
         "the server refused our client certificate (alert {alert:?}): it requires one signed by a CA \
          it trusts"
     );
-    TransportError::Certificate { addr, message }
+    TransportError::Certificate { addr, message, source: Some(Arc::new(rustls::Error::AlertReceived(alert))) }
 }
 
 /// A server's refusal of the client certificate, if that is what `e` (or what caused it)

@@ -21,6 +21,23 @@ pub enum DecodeError {
     WrongVersion(Header),
 }
 
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Oversize => write!(f, "more than {} bytes without a delimiter", MAX_FRAME - 2),
+            DecodeError::Cobs => f.write_str("invalid COBS (a truncated frame or line noise)"),
+            DecodeError::Malformed => f.write_str("not a frame of this protocol"),
+            DecodeError::WrongVersion(h) => write!(
+                f,
+                "device {} speaks protocol version {} (this side speaks {VERSION})",
+                h.device, h.version
+            ),
+        }
+    }
+}
+
+impl core::error::Error for DecodeError {}
+
 /// Counts of everything the decoder saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]

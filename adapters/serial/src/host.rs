@@ -115,24 +115,38 @@ impl<S: io::Read + io::Write> HostLink<S> {
     }
 }
 
+/// How much work [`AsyncHostLink::read_frame`] does before it yields to the executor: one unit
+/// per read from the stream and one per frame (or decode error) handed out. 32 reads are 8 KiB.
+const BUDGET: u32 = 32;
+
 /// Frames over an async byte stream (futures-io `AsyncRead + AsyncWrite`).
+///
+/// Cooperative: a stream that is always ready (a peer sending unpaced bytes) never makes a read
+/// wait, so [`read_frame`](AsyncHostLink::read_frame) yields to the executor after every
+/// `BUDGET` (32) reads or frames. Without that, one flooding link would keep every other task on
+/// a single-threaded executor from running.
 #[derive(Debug)]
 pub struct AsyncHostLink<S> {
     stream: S,
     decoder: FrameDecoder,
     pending: VecDeque<Result<Frame, DecodeError>>,
+    /// Work left before the next yield.
+    budget: u32,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncHostLink<S> {
     /// A link over `stream`.
     pub fn new(stream: S) -> Self {
-        AsyncHostLink { stream, decoder: FrameDecoder::new(), pending: VecDeque::new() }
+        AsyncHostLink { stream, decoder: FrameDecoder::new(), pending: VecDeque::new(), budget: BUDGET }
     }
 
-    /// The next frame, or why the bytes were not one; `None` at end of stream.
+    /// The next frame, or why the bytes were not one; `None` at end of stream. Yields to the
+    /// executor once its budget is spent, however much the stream has ready.
     pub async fn read_frame(&mut self) -> io::Result<Option<Result<Frame, DecodeError>>> {
         let mut buf = [0u8; 256];
         loop {
+            // Spent before anything is taken, so a future dropped at the yield loses nothing.
+            self.spend().await;
             if let Some(f) = self.pending.pop_front() {
                 return Ok(Some(f));
             }
@@ -141,6 +155,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncHostLink<S> {
                 return Ok(None);
             }
             self.pending.extend(buf[..n].iter().filter_map(|&b| self.decoder.push(b)));
+        }
+    }
+
+    /// Takes one unit of work from the budget; when it is spent, lets other tasks run first.
+    async fn spend(&mut self) {
+        self.budget = self.budget.saturating_sub(1);
+        if self.budget == 0 {
+            self.budget = BUDGET;
+            futures_lite::future::yield_now().await;
         }
     }
 

@@ -195,7 +195,7 @@ fn acquire_renew_release_cycle_through_the_host_codec() {
     rig.link.release().unwrap();
     assert_eq!(rig.events(), []);
     assert_eq!(rig.serve().iter().map(|r| r.op).collect::<Vec<_>>(), [Op::Release { fence }]);
-    assert_eq!(rig.events(), [Event::Released { fence }]);
+    assert_eq!(rig.events(), [Event::Released { fence, acknowledged: true }]);
     assert_eq!(rig.holder(), None, "released at the authority");
     assert_eq!(rig.link.remaining(), None);
 

@@ -78,11 +78,85 @@ fn async_device_link_acquires_renews_and_releases() {
         assert!(renewals >= 3, "{renewals} renewals");
         assert!(link.remaining().is_some());
         link.release().unwrap();
-        assert_eq!(link.next_event().await.unwrap(), Event::Released { fence });
+        assert_eq!(link.next_event().await.unwrap(), Event::Released { fence, acknowledged: true });
         let key = parse_key("pump").unwrap();
         assert_eq!(table.lock().unwrap().get(&key).and_then(|r| r.holder), None, "released at the authority");
         assert_eq!(link.stats().frames as usize, renewals + 2);
         drop(link);
         assert_eq!(host.await, renewals + 2);
     });
+}
+
+/// A peer that always has bytes ready: `pattern` over and over, for `reads` reads, then end of
+/// stream. Writes are swallowed.
+struct AlwaysReady {
+    pattern: &'static [u8],
+    at: usize,
+    reads: usize,
+}
+
+impl futures_lite::AsyncRead for AlwaysReady {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.reads == 0 {
+            return std::task::Poll::Ready(Ok(0));
+        }
+        self.reads -= 1;
+        for b in buf.iter_mut() {
+            *b = self.pattern[self.at % self.pattern.len()];
+            self.at += 1;
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+}
+
+impl futures_lite::AsyncWrite for AlwaysReady {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// How many `read_frame` calls complete on a stream that is never empty before one returns to
+/// the executor (Pending); `None` if the stream ran out first (it never yielded).
+fn calls_before_a_yield(pattern: &'static [u8]) -> Option<usize> {
+    let mut link = AsyncHostLink::new(AlwaysReady { pattern, at: 0, reads: 100_000 });
+    smol::block_on(async {
+        for done in 0.. {
+            match futures_lite::future::poll_once(link.read_frame()).await {
+                None => return Some(done),
+                Some(Ok(Some(_))) => {}
+                // End of stream (or an error) before any yield.
+                Some(_) => return None,
+            }
+        }
+        None
+    })
+}
+
+#[test]
+fn a_link_that_is_always_ready_still_yields_to_the_executor() {
+    // Garbage with no delimiter: no frame ever completes, so one call would read forever.
+    assert_eq!(calls_before_a_yield(&[0x55]), Some(0));
+    // A bad frame every two bytes: every call completes at once, and the caller loops forever.
+    let calls = calls_before_a_yield(&[0x01, 0x00]);
+    assert!(calls.is_some_and(|n| (1..=32).contains(&n)), "{calls:?}");
 }

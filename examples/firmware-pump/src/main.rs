@@ -322,7 +322,7 @@ fn main() -> ! {
                 holding = None;
                 reacquire_at = Some(now + PAUSE);
             }
-            Some(Event::Released { fence }) => {
+            Some(Event::Released { fence, .. }) => {
                 Line::new("RELEASED ").num(fence.0).say();
                 reacquire_at = Some(now + PAUSE);
             }
