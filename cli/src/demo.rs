@@ -1,29 +1,37 @@
-//! `leasehold demo`: a local server, contending worker processes, a fenced resource, a
-//! SIGKILL of the holder, and a verdict.
+//! `leasehold demo`: a local server, contending worker processes, a shared resource that
+//! logs every write attempted on it, a SIGKILL of one holder, a SIGSTOP of another past its
+//! ttl, and an analysis of the log that applies the fence check and gives a verdict.
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use leasehold_http::{BuiltinBackend, Client, Options};
 use leasehold_server::{Server, ServerConfig};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Number of contending workers.
+    /// Number of contending workers (three or more for both the kill and the stop).
     #[arg(long, default_value_t = 3)]
     workers: usize,
     /// Lease ttl.
     #[arg(long, default_value = "2s", value_parser = crate::duration)]
     ttl: Duration,
-    /// How long the demo runs.
+    /// How long the demo runs (longer if the stopped worker's write is still to come).
     #[arg(long, default_value = "12s", value_parser = crate::duration)]
     duration: Duration,
     /// When to SIGKILL the worker holding the lease (the first seen mid-hold from then on).
     #[arg(long, default_value = "5s", value_parser = crate::duration)]
     kill_after: Duration,
+    /// When to SIGSTOP the holder just before a write, until a newer holder has written
+    /// (once the failover after the kill has been seen).
+    #[arg(long, default_value = "7s", value_parser = crate::duration)]
+    stop_after: Duration,
 }
 
 #[derive(clap::Args)]
@@ -42,18 +50,55 @@ pub(crate) struct WorkerArgs {
 
 const DRIFT_PPM: u32 = 10_000;
 
-/// What the shared resource saw.
-#[derive(Default)]
-struct Resource {
-    highest: u64,
-    /// (time, fence, worker) of every accepted write.
-    accepted: Vec<(Duration, u64, String)>,
-    /// Writes refused because a higher fence had already written.
-    stale: Vec<(Duration, u64, String)>,
+/// One write attempted on the resource, as it arrived.
+#[derive(Debug, Clone, PartialEq)]
+struct Attempt {
+    t: Duration,
+    fence: u64,
+    worker: String,
 }
 
-/// Serves `WRITE <fence> <worker> <seq>` lines: accepted unless a higher fence already wrote.
-fn serve_resource(listener: TcpListener, state: Arc<Mutex<Resource>>, start: Instant) {
+/// A worker's report that it was granted `fence`, as it arrived.
+#[derive(Debug, Clone, PartialEq)]
+struct Grant {
+    t: Duration,
+    fence: u64,
+}
+
+/// The holder stopped on purpose.
+#[derive(Debug, Clone)]
+struct Stopped {
+    worker: String,
+    fence: u64,
+    at: Duration,
+    resumed: Option<Duration>,
+}
+
+/// What the resource and the stop share.
+#[derive(Default)]
+struct Resource {
+    /// Every write attempted, in arrival order. The resource itself checks nothing: the fence
+    /// check is the analysis's, on this log.
+    log: Vec<Attempt>,
+    /// Worker name → pid, for the stop.
+    pids: HashMap<String, u32>,
+    /// The worker killed with SIGKILL; it is not stopped as well.
+    killed: Option<String>,
+    /// Set when the next holder about to write is to be stopped.
+    stop_armed: bool,
+    stopped: Option<Stopped>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves two lines per write: `READY <fence> <worker>` once the worker has checked that its
+/// lease is valid, answered `GO`; then `WRITE <fence> <worker> <seq>`, logged and answered
+/// `LOGGED`. Between the two is where a pause hurts (the check passed, the write is still to
+/// come), so that is where an armed stop lands: the holder is stopped before its `GO`, and
+/// resumed once a newer holder has written.
+fn serve_resource(listener: TcpListener, state: Arc<Mutex<Resource>>, start: Instant, ttl: Duration) {
     for conn in listener.incoming().flatten() {
         let state = state.clone();
         std::thread::spawn(move || {
@@ -62,27 +107,101 @@ fn serve_resource(listener: TcpListener, state: Arc<Mutex<Resource>>, start: Ins
             };
             for line in BufReader::new(conn).lines().map_while(Result::ok) {
                 let parts: Vec<&str> = line.split_whitespace().collect();
-                let (Some(&"WRITE"), Some(Ok(fence)), Some(worker)) =
+                let (Some(verb), Some(Ok(fence)), Some(worker)) =
                     (parts.first(), parts.get(1).map(|f| f.parse::<u64>()), parts.get(2))
                 else {
                     let _ = writeln!(out, "ERR malformed");
                     continue;
                 };
-                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-                let t = start.elapsed();
-                let answer = if fence >= s.highest {
-                    s.highest = fence;
-                    s.accepted.push((t, fence, worker.to_string()));
-                    "OK".to_string()
-                } else {
-                    s.stale.push((t, fence, worker.to_string()));
-                    format!("STALE {}", s.highest)
+                let answer = match *verb {
+                    "READY" => {
+                        stop_if_armed(&state, worker, fence, start, ttl);
+                        "GO"
+                    }
+                    "WRITE" => {
+                        let t = start.elapsed();
+                        lock(&state).log.push(Attempt { t, fence, worker: worker.to_string() });
+                        "LOGGED"
+                    }
+                    _ => "ERR unknown verb",
                 };
-                drop(s);
                 let _ = writeln!(out, "{answer}");
             }
         });
     }
+}
+
+/// If a stop is armed: SIGSTOP `worker` (which holds `fence` and has just checked it), wait
+/// until a higher fence has written (or 3 ttl), SIGCONT it.
+fn stop_if_armed(state: &Mutex<Resource>, worker: &str, fence: u64, start: Instant, ttl: Duration) {
+    let pid = {
+        let mut s = lock(state);
+        if !s.stop_armed || s.killed.as_deref() == Some(worker) {
+            return;
+        }
+        let Some(&pid) = s.pids.get(worker) else { return };
+        s.stop_armed = false;
+        if kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).is_err() {
+            return;
+        }
+        let at = start.elapsed();
+        s.stopped = Some(Stopped { worker: worker.to_string(), fence, at, resumed: None });
+        println!("  t={:>7.3}s  --  kill -STOP {worker}: its lease is valid, its write of fence {fence} comes next", at.as_secs_f64());
+        pid
+    };
+    let deadline = Instant::now() + ttl * 3;
+    while Instant::now() < deadline && !lock(state).log.iter().any(|a| a.fence > fence) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut s = lock(state);
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+    let resumed = start.elapsed();
+    if let Some(st) = s.stopped.as_mut() {
+        println!(
+            "  t={:>7.3}s  --  kill -CONT {worker} after {:.3}s: meanwhile its lease ran out and a newer holder wrote; it writes with fence {fence}",
+            resumed.as_secs_f64(),
+            (resumed - st.at).as_secs_f64(),
+        );
+        st.resumed = Some(resumed);
+    }
+}
+
+/// The fence check, applied to the log afterwards.
+#[derive(Debug, Default, PartialEq)]
+struct Analysis {
+    /// Writes that pass: fence at least the highest one written before.
+    accepted: Vec<Attempt>,
+    /// Writes refused: a higher fence had already written.
+    refused: Vec<Attempt>,
+    /// Writes that passed the check although a higher fence had already been *granted*: the
+    /// window a fence cannot close (the new holder had not written yet).
+    stale_accepted: Vec<Attempt>,
+    /// Fences whose holder wrote while a newer holder existed (granted or written), i.e.
+    /// holders that overlapped.
+    interleaved: BTreeSet<u64>,
+}
+
+/// Applies the fence check to `log` (in arrival order) and compares it with the `grants`
+/// (each reported when granted): nothing here trusts what the resource or the workers did.
+fn analyse(log: &[Attempt], grants: &[Grant]) -> Analysis {
+    let mut a = Analysis::default();
+    let mut highest_written = 0;
+    for w in log {
+        let highest_granted = grants.iter().filter(|g| g.t <= w.t).map(|g| g.fence).max().unwrap_or(0);
+        if w.fence < highest_written.max(highest_granted) {
+            a.interleaved.insert(w.fence);
+        }
+        if w.fence < highest_written {
+            a.refused.push(w.clone());
+            continue;
+        }
+        if w.fence < highest_granted {
+            a.stale_accepted.push(w.clone());
+        }
+        highest_written = w.fence;
+        a.accepted.push(w.clone());
+    }
+    a
 }
 
 struct Line {
@@ -109,11 +228,11 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let resource_addr = listener.local_addr()?;
     let resource = Arc::new(Mutex::new(Resource::default()));
+    let ttl = args.ttl;
     {
         let resource = resource.clone();
-        std::thread::spawn(move || serve_resource(listener, resource, start));
+        std::thread::spawn(move || serve_resource(listener, resource, start, ttl));
     }
-    let ttl = args.ttl;
     let bound = ttl.mul_f64(1.0 + DRIFT_PPM as f64 / 1e6);
     println!(
         "leasehold demo: server {} (store {}), key \"demo\", ttl {:?}, ε {}%, {} workers",
@@ -126,7 +245,7 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     println!(
         "each worker: acquire, write to a shared resource with its fence ~every 150 ms, release, repeat"
     );
-    println!("the resource refuses any write whose fence is lower than one it has seen\n");
+    println!("the resource logs every write; the analysis refuses any whose fence is lower than one written before\n");
 
     let lines: Arc<Mutex<Vec<Line>>> = Arc::new(Mutex::new(Vec::new()));
     let exe = std::env::current_exe()?;
@@ -138,13 +257,14 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             .args(["--resource", &resource_addr.to_string(), "--ttl", &format!("{}ms", ttl.as_millis())])
             .stdout(Stdio::piped())
             .spawn()?;
+        lock(&resource).pids.insert(name.clone(), child.id());
         let out = child.stdout.take().ok_or("no worker stdout")?;
         let (lines, who) = (lines.clone(), name.clone());
         std::thread::spawn(move || {
             for text in BufReader::new(out).lines().map_while(Result::ok) {
                 let t = start.elapsed();
                 println!("  t={:>7.3}s  {who}  {text}", t.as_secs_f64());
-                lines.lock().unwrap_or_else(|p| p.into_inner()).push(Line { t, who: who.clone(), text });
+                lock(&lines).push(Line { t, who: who.clone(), text });
             }
         });
         workers.push((name, child));
@@ -152,16 +272,16 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     std::thread::sleep(args.kill_after.saturating_sub(start.elapsed()));
     // The victim must be mid-hold: its newest line says it acquired a fence (not yet released)
-    // and the resource has accepted a write under that fence. Whoever wrote last may already
+    // and the resource has logged a write under that fence. Whoever wrote last may already
     // have released, and killing it would measure nothing.
     let victim = loop {
         let holder = {
-            let lines = lines.lock().unwrap_or_else(|p| p.into_inner());
-            let res = resource.lock().unwrap_or_else(|p| p.into_inner());
+            let lines = lock(&lines);
+            let res = lock(&resource);
             workers.iter().find_map(|(name, _)| {
                 let last = lines.iter().rev().find(|l| l.who == *name)?;
                 let fence: u64 = last.text.strip_prefix("acquired fence ")?.parse().ok()?;
-                res.accepted.iter().any(|(_, f, _)| *f == fence).then(|| (name.clone(), fence))
+                res.log.iter().any(|w| w.fence == fence).then(|| (name.clone(), fence))
             })
         };
         if holder.is_some() || start.elapsed() >= args.duration {
@@ -172,6 +292,7 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let mut killed: Option<(Duration, String, u64)> = None;
     if let Some((name, fence)) = victim {
         if let Some((_, child)) = workers.iter_mut().find(|(n, _)| *n == name) {
+            lock(&resource).killed = Some(name.clone());
             let _ = child.kill(); // SIGKILL: no release, no goodbye
             let _ = child.wait();
             let t = start.elapsed();
@@ -179,7 +300,25 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             killed = Some((t, name, fence));
         }
     }
+    // The stop comes after the failover, so the two measure one thing each; it needs one
+    // worker to stop and another to take over.
+    let stop_planned = args.workers >= 3;
+    if stop_planned {
+        while start.elapsed() < args.duration
+            && killed.as_ref().is_some_and(|(t, name, _)| acquired_after(&lock(&lines), *t, name).is_none())
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(args.stop_after.saturating_sub(start.elapsed()));
+        lock(&resource).stop_armed = true;
+    }
     std::thread::sleep(args.duration.saturating_sub(start.elapsed()));
+    // A stop under way is seen to its end: its write is the point of it.
+    let finish_by = Instant::now() + ttl * 4;
+    while Instant::now() < finish_by && stop_pending(&lock(&resource)) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    lock(&resource).stop_armed = false;
     for (_, child) in workers.iter_mut() {
         let _ = child.kill();
         let _ = child.wait();
@@ -187,43 +326,54 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     drop(server);
 
     // ----- analysis -----
-    let res = resource.lock().unwrap_or_else(|p| p.into_inner());
-    let lines = lines.lock().unwrap_or_else(|p| p.into_inner());
+    let res = lock(&resource);
+    let lines = lock(&lines);
+    let grants: Vec<Grant> = lines
+        .iter()
+        .filter_map(|l| Some(Grant { t: l.t, fence: l.text.strip_prefix("acquired fence ")?.parse().ok()? }))
+        .collect();
+    let a = analyse(&res.log, &grants);
     let mut spans: Vec<(u64, String, Duration, Duration, usize)> = Vec::new();
-    for (t, f, w) in &res.accepted {
+    for w in &a.accepted {
         match spans.last_mut() {
-            Some(s) if s.0 == *f => {
-                s.3 = *t;
+            Some(s) if s.0 == w.fence => {
+                s.3 = w.t;
                 s.4 += 1;
             }
-            _ => spans.push((*f, w.clone(), *t, *t, 1)),
+            _ => spans.push((w.fence, w.worker.clone(), w.t, w.t, 1)),
         }
     }
-    println!("\nwho held which fence when (from the resource's accepted writes):");
-    for (f, w, a, b, n) in &spans {
-        println!("  fence {f:>3}  {w}  {:>7.3}s – {:>7.3}s  {n} writes", a.as_secs_f64(), b.as_secs_f64());
+    println!("\nwho held which fence when (the writes the fence check accepts):");
+    for (f, w, from, to, n) in &spans {
+        println!(
+            "  fence {f:>3}  {w}  {:>7.3}s – {:>7.3}s  {n} writes",
+            from.as_secs_f64(),
+            to.as_secs_f64()
+        );
     }
-    let mut fences: Vec<u64> = spans.iter().map(|s| s.0).collect();
-    let interleaved = fences.windows(2).filter(|w| w[1] <= w[0]).count();
-    fences.dedup();
-    let failover = killed.as_ref().and_then(|(t_kill, victim, _)| {
-        lines
-            .iter()
-            .find(|l| l.t > *t_kill && l.who != *victim && l.text.starts_with("acquired"))
-            .map(|l| l.t - *t_kill)
-    });
-    // Recounted from the log rather than trusted to the resource's own check.
-    let stale_accepted = res
-        .accepted
-        .iter()
-        .scan(0, |highest, (_, f, _)| {
-            let stale = *f < *highest;
-            *highest = (*highest).max(*f);
-            Some(stale)
-        })
-        .filter(|&stale| stale)
-        .count();
-    let mut ok = interleaved == 0 && stale_accepted == 0 && res.stale.is_empty() && !spans.is_empty();
+    for w in &a.refused {
+        println!(
+            "  REFUSED  {} with fence {} at {:>7.3}s: a higher fence had written",
+            w.worker,
+            w.fence,
+            w.t.as_secs_f64()
+        );
+    }
+    for w in &a.stale_accepted {
+        println!(
+            "  STALE    {} with fence {} at {:>7.3}s: a higher fence was granted",
+            w.worker,
+            w.fence,
+            w.t.as_secs_f64()
+        );
+    }
+    let failover = killed
+        .as_ref()
+        .and_then(|(t_kill, victim, _)| acquired_after(&lines, *t_kill, victim).map(|t| t - *t_kill));
+    let stopped_fence = res.stopped.as_ref().map(|s| s.fence);
+    // Only the holder stopped on purpose may have overlapped a newer one.
+    let unexpected: Vec<u64> = a.interleaved.iter().copied().filter(|f| Some(*f) != stopped_fence).collect();
+    let mut ok = a.stale_accepted.is_empty() && unexpected.is_empty() && !spans.is_empty();
     println!();
     match (&killed, failover) {
         (Some(_), Some(f)) => {
@@ -242,16 +392,48 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
         (None, _) => println!("nobody held the lease at the kill time; no failover measured"),
     }
+    match &res.stopped {
+        Some(st) => {
+            let refused = a.refused.iter().filter(|w| w.worker == st.worker && w.fence == st.fence).count();
+            println!(
+                "stopped {} with fence {} past its ttl: {refused} of its writes refused by fence afterwards",
+                st.worker, st.fence
+            );
+            ok &= refused >= 1;
+        }
+        None if stop_planned => {
+            println!("the stop never happened: no holder was about to write");
+            ok = false;
+        }
+        None => println!("fewer than three workers: no stop"),
+    }
     println!(
-        "VERDICT: {} — {} grants, {} fenced writes, {} interleaved holders, {} stale writes accepted, {} stale writes refused",
+        "VERDICT: {} — {} grants, {} writes logged, {} interleaved holders ({} stopped on purpose), {} stale writes accepted, {} stale writes refused",
         if ok { "PASS" } else { "FAIL" },
-        fences.len(),
-        res.accepted.len(),
-        interleaved,
-        stale_accepted,
-        res.stale.len()
+        grants.len(),
+        res.log.len(),
+        a.interleaved.len(),
+        a.interleaved.len() - unexpected.len(),
+        a.stale_accepted.len(),
+        a.refused.len()
     );
     Ok(ok)
+}
+
+/// When a worker other than `not` first reported a grant after `t`.
+fn acquired_after(lines: &[Line], t: Duration, not: &str) -> Option<Duration> {
+    lines.iter().find(|l| l.t > t && l.who != not && l.text.starts_with("acquired")).map(|l| l.t)
+}
+
+/// Whether an armed or started stop has not yet produced the stopped worker's write.
+fn stop_pending(res: &Resource) -> bool {
+    match &res.stopped {
+        None => res.stop_armed,
+        Some(st) => match st.resumed {
+            None => true,
+            Some(resumed) => !res.log.iter().any(|w| w.worker == st.worker && w.t >= resumed),
+        },
+    }
 }
 
 /// One worker: acquire, write with the fence while the lease is valid, release, repeat.
@@ -302,11 +484,17 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
                     lost = true;
                     break;
                 }
-                let _ = writeln!(out, "WRITE {fence} {} {seq}", args.name);
-                match answers.next() {
-                    Some(Ok(a)) if a == "OK" => {}
-                    Some(Ok(a)) => say(format!("write refused: {a}")),
-                    _ => return ExitCode::FAILURE,
+                // The check above passed; a pause from here on goes unnoticed until the write.
+                for (line, expected) in [
+                    (format!("READY {fence} {}", args.name), "GO"),
+                    (format!("WRITE {fence} {} {seq}", args.name), "LOGGED"),
+                ] {
+                    let _ = writeln!(out, "{line}");
+                    match answers.next() {
+                        Some(Ok(a)) if a == expected => {}
+                        Some(Ok(a)) => say(format!("resource answered {a:?} to {line:?}")),
+                        _ => return ExitCode::FAILURE,
+                    }
                 }
                 async_io::Timer::after(Duration::from_millis(150)).await;
             }
@@ -326,4 +514,60 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
 fn fastrand_u64() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(t: u64) -> Duration {
+        Duration::from_millis(t)
+    }
+
+    fn log(writes: &[(u64, u64, &str)]) -> Vec<Attempt> {
+        writes.iter().map(|&(t, fence, w)| Attempt { t: ms(t), fence, worker: w.into() }).collect()
+    }
+
+    fn grants(gs: &[(u64, u64)]) -> Vec<Grant> {
+        gs.iter().map(|&(t, fence)| Grant { t: ms(t), fence }).collect()
+    }
+
+    #[test]
+    fn a_clean_log_passes_with_nothing_to_count() {
+        let l = log(&[(10, 1, "a"), (20, 1, "a"), (110, 2, "b"), (210, 3, "a")]);
+        let a = analyse(&l, &grants(&[(0, 1), (100, 2), (200, 3)]));
+        assert_eq!(a.accepted, l);
+        assert_eq!((a.refused.len(), a.stale_accepted.len(), a.interleaved.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_write_after_a_higher_fence_wrote_is_refused_and_its_holder_interleaved() {
+        // a held fence 1, paused; b was granted 2 and wrote; a wakes up and writes with 1.
+        let l = log(&[(10, 1, "a"), (110, 2, "b"), (120, 1, "a"), (130, 2, "b")]);
+        let a = analyse(&l, &grants(&[(0, 1), (100, 2)]));
+        assert_eq!(a.refused, log(&[(120, 1, "a")]));
+        assert_eq!(a.accepted, log(&[(10, 1, "a"), (110, 2, "b"), (130, 2, "b")]));
+        assert_eq!(a.interleaved, BTreeSet::from([1]));
+        assert!(a.stale_accepted.is_empty());
+    }
+
+    #[test]
+    fn a_write_after_a_newer_grant_but_before_its_first_write_is_a_stale_write_accepted() {
+        // What a fence cannot catch: b holds fence 2 but has not written yet.
+        let l = log(&[(10, 1, "a"), (105, 1, "a"), (110, 2, "b")]);
+        let a = analyse(&l, &grants(&[(0, 1), (100, 2)]));
+        assert_eq!(a.stale_accepted, log(&[(105, 1, "a")]));
+        assert_eq!(a.interleaved, BTreeSet::from([1]));
+        assert!(a.refused.is_empty());
+    }
+
+    #[test]
+    fn overlapping_holders_are_counted_once_each() {
+        // Two old holders (1 and 2) both keep writing after 3 took over.
+        let l =
+            log(&[(10, 1, "a"), (110, 2, "b"), (210, 3, "c"), (220, 1, "a"), (230, 2, "b"), (240, 1, "a")]);
+        let a = analyse(&l, &grants(&[(0, 1), (100, 2), (200, 3)]));
+        assert_eq!(a.interleaved, BTreeSet::from([1, 2]));
+        assert_eq!(a.refused.len(), 3);
+    }
 }

@@ -44,7 +44,7 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value = "builtin")]
     backend: BackendKind,
     /// etcd: the prefix under which lease keys are stored.
-    #[arg(long, default_value = "leasehold/")]
+    #[arg(long, visible_alias = "etcd-prefix", default_value = "leasehold/")]
     prefix: String,
     /// DynamoDB: the table (partition key `key`, string).
     #[arg(long, default_value = "leases")]

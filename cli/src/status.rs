@@ -1,18 +1,48 @@
-//! `leasehold status`.
+//! `leasehold status`: who holds which key, on any backend.
+//!
+//! Exit codes, as grep(1) has them: 0 shown (an empty list included); 1 the key asked for has
+//! no record (never leased; for etcd, not held, since etcd deletes free keys); 2 no answer:
+//! a usage or configuration error (bad key, URL, TLS file, missing credentials), a store that
+//! cannot be reached, or one that refused (wrong token, missing table).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use leasehold_http::HttpClient;
-use serde_json::Value;
+use leasehold_core::{parse_key, Fence, Key, OwnerId};
+use leasehold_http::{HttpClient, TransportError};
+use leasehold_stores::{DynamoDbBackend, EtcdBackend, Filter, Holder, KeyStatus, ListError};
+use serde_json::{json, Value};
+
+use crate::run::BackendKind;
+
+/// How long one request to the store may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The key to show; every key when omitted.
+    /// The key to show, held or free; the held keys when omitted.
     key: Option<String>,
-    /// The lease server.
+    /// List free keys too (that the store still has a record of).
+    #[arg(long, conflicts_with = "key")]
+    all: bool,
+    /// Only keys that start with this.
+    #[arg(long, value_name = "P", conflicts_with = "key")]
+    prefix: Option<String>,
+    /// One JSON document on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The lease server (or the etcd / DynamoDB endpoint).
     #[arg(long, env = "LEASEHOLD_SERVER", default_value = "http://127.0.0.1:7878")]
     server: String,
+    /// Which kind of store `--server` is.
+    #[arg(long, value_enum, default_value = "builtin")]
+    backend: BackendKind,
+    /// etcd: the prefix under which lease keys are stored (`run --etcd-prefix`).
+    #[arg(long, default_value = "leasehold/")]
+    etcd_prefix: String,
+    /// DynamoDB: the table (partition key `key`, string).
+    #[arg(long, default_value = "leases")]
+    table: String,
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -20,66 +50,287 @@ pub(crate) struct Args {
     tls: crate::TlsArgs,
 }
 
+/// Exit code: the key asked for has no record.
+const EXIT_UNKNOWN_KEY: u8 = 1;
+/// Exit code: no answer (usage, configuration, unreachable or refusing store).
+const EXIT_NO_ANSWER: u8 = 2;
+
+/// Why `status` has nothing to show.
+#[derive(Debug, thiserror::Error)]
+enum StatusError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{server}: {source}")]
+    Backend {
+        server: String,
+        #[source]
+        source: TransportError,
+    },
+    #[error("server {server} unreachable: {source}")]
+    Unreachable {
+        server: String,
+        #[source]
+        source: ListError,
+    },
+    #[error("server {server}: {source}")]
+    Refused {
+        server: String,
+        #[source]
+        source: ListError,
+    },
+    #[error("key {key:?} {why}")]
+    UnknownKey { key: String, why: &'static str },
+}
+
+impl StatusError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            StatusError::UnknownKey { .. } => EXIT_UNKNOWN_KEY,
+            _ => EXIT_NO_ANSWER,
+        }
+    }
+}
+
 pub(crate) fn main(args: Args) -> ExitCode {
-    let client = match args.tls.config().and_then(|tls| {
-        HttpClient::new(&args.server, Duration::from_secs(5))
-            .map(|c| c.with_tls(tls))
-            .map_err(|e| e.to_string())
-    }) {
-        Ok(c) => c,
+    match smol::block_on(status(&args)) {
+        Ok(rows) => {
+            if args.json {
+                println!("{}", document(&rows));
+            } else {
+                print!("{}", table(&rows));
+                if rows.is_empty() && !args.all {
+                    eprintln!("leasehold status: no key is held (--all lists free keys too)");
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("leasehold status: {e}");
-            return ExitCode::from(2);
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn status(args: &Args) -> Result<Vec<KeyStatus>, StatusError> {
+    let store = Store::open(args)?;
+    let failed = |source: ListError| match source {
+        ListError::Transport(_) => StatusError::Unreachable { server: args.server.clone(), source },
+        _ => StatusError::Refused { server: args.server.clone(), source },
+    };
+    let mut rows = match &args.key {
+        Some(k) => {
+            let key = parse_key(k).map_err(|e| StatusError::Usage(format!("key {k:?}: {e}")))?;
+            match store.status(&key).await.map_err(failed)? {
+                Some(row) => vec![row],
+                None => {
+                    let why = match args.backend {
+                        BackendKind::Etcd => "is not held (etcd keeps no record of free keys)",
+                        _ => "has never been leased",
+                    };
+                    return Err(StatusError::UnknownKey { key: k.clone(), why });
+                }
+            }
+        }
+        None => {
+            let prefix = args.prefix.clone().unwrap_or_default();
+            // A prefix outside the key alphabet could match nothing: say so instead.
+            if !prefix.is_empty() {
+                parse_key(&prefix).map_err(|e| StatusError::Usage(format!("--prefix {prefix:?}: {e}")))?;
+            }
+            let filter = Filter { prefix, held_only: !args.all };
+            let mut rows = store.list(&filter).await.map_err(failed)?;
+            // Also here, whatever the store did: an older server ignores the query.
+            rows.retain(|r| filter.admits(r));
+            rows
         }
     };
-    let path = match &args.key {
-        Some(k) => format!("/v1/leases/{k}"),
-        None => "/v1/leases".to_string(),
-    };
-    let mut req = client.request(hyper::Method::GET, &path);
-    if let Some(t) = &args.token {
+    // Byte order of the key, whatever order the store answered in.
+    rows.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
+    Ok(rows)
+}
+
+/// The store `status` reads.
+enum Store {
+    Builtin { http: HttpClient, token: Option<String> },
+    Etcd(EtcdBackend),
+    Dynamodb(DynamoDbBackend),
+}
+
+impl Store {
+    fn open(args: &Args) -> Result<Store, StatusError> {
+        let tls = args.tls.config().map_err(StatusError::Usage)?;
+        let backend = |source| StatusError::Backend { server: args.server.clone(), source };
+        Ok(match args.backend {
+            BackendKind::Builtin => Store::Builtin {
+                http: HttpClient::new(&args.server, REQUEST_TIMEOUT).map_err(backend)?.with_tls(tls),
+                token: args.token.clone(),
+            },
+            BackendKind::Etcd => Store::Etcd(
+                EtcdBackend::new(&args.server, &args.etcd_prefix, REQUEST_TIMEOUT)
+                    .map_err(backend)?
+                    .with_tls(tls),
+            ),
+            BackendKind::Dynamodb => Store::Dynamodb(
+                DynamoDbBackend::from_env(&args.server, &args.table, REQUEST_TIMEOUT)
+                    .map_err(backend)?
+                    .with_tls(tls),
+            ),
+        })
+    }
+
+    async fn list(&self, filter: &Filter) -> Result<Vec<KeyStatus>, ListError> {
+        match self {
+            Store::Builtin { http, token } => {
+                // Key prefixes are made of characters a query may carry as they are.
+                let query = format!("?held={}&prefix={}", filter.held_only, filter.prefix);
+                let list = get(http, token, &format!("/v1/leases{query}")).await?;
+                let rows = list["leases"].as_array().ok_or_else(|| malformed("a list without leases"))?;
+                rows.iter().map(builtin_row).collect()
+            }
+            Store::Etcd(b) => b.list(filter).await,
+            Store::Dynamodb(b) => b.list(filter).await,
+        }
+    }
+
+    async fn status(&self, key: &Key) -> Result<Option<KeyStatus>, ListError> {
+        match self {
+            Store::Builtin { http, token } => match get(http, token, &format!("/v1/leases/{key}")).await {
+                Ok(v) => builtin_row(&v).map(Some),
+                Err(ListError::Refused { status: 404, .. }) => Ok(None),
+                Err(e) => Err(e),
+            },
+            Store::Etcd(b) => b.status(key).await,
+            Store::Dynamodb(b) => b.status(key).await,
+        }
+    }
+}
+
+/// A GET on the built-in server; any answer but 200 is `Refused` with the server's message.
+async fn get(http: &HttpClient, token: &Option<String>, path: &str) -> Result<Value, ListError> {
+    let mut req = http.request(hyper::Method::GET, path);
+    if let Some(t) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
     }
-    let Ok(req) = req.body(http_body_util::Full::new(hyper::body::Bytes::new())) else {
-        eprintln!("leasehold status: cannot build a request for {path:?}");
-        return ExitCode::from(2);
-    };
-    let resp = match smol::block_on(client.send(req)) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("leasehold status: server {} unreachable: {e}", args.server);
-            return ExitCode::from(2);
-        }
-    };
+    let req = req
+        .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+        .map_err(|e| malformed(&format!("cannot build a request for {path:?}: {e}")))?;
+    let resp = http.send(req).await?;
     let body: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
     if resp.status != 200 {
-        let msg = body["message"].as_str().unwrap_or("unexpected answer");
-        eprintln!("leasehold status: {msg}");
-        return ExitCode::from(1);
+        let message = body["message"].as_str().unwrap_or("unexpected answer").to_string();
+        return Err(ListError::Refused { operation: format!("GET {path}"), status: resp.status, message });
     }
-    let rows: Vec<Value> = match body.get("leases") {
-        Some(Value::Array(a)) => a.clone(),
-        _ => vec![body],
+    Ok(body)
+}
+
+fn malformed(detail: &str) -> ListError {
+    ListError::Malformed { operation: "GET /v1/leases".into(), detail: detail.into() }
+}
+
+/// A key as the built-in server shows it (times in microseconds).
+fn builtin_row(v: &Value) -> Result<KeyStatus, ListError> {
+    let bad = || malformed(&format!("not a lease: {v}"));
+    let micros = |f: &Value| f.as_u64().map(Duration::from_micros);
+    let holder = match &v["holder"] {
+        Value::Null => None,
+        h => Some(Holder {
+            owner: OwnerId(h["owner"].as_u64().ok_or_else(bad)?),
+            fence: Fence(h["fence"].as_u64().ok_or_else(bad)?),
+            ttl: micros(&h["ttl"]),
+            remaining: micros(&h["remaining"]),
+        }),
     };
-    println!("{:<32} {:>8} {:>18} {:>12}", "KEY", "FENCE", "HOLDER", "REMAINING");
+    Ok(KeyStatus {
+        key: v["key"].as_str().ok_or_else(bad)?.to_string(),
+        holder,
+        last_fence: Fence(v["last_fence"].as_u64().ok_or_else(bad)?),
+    })
+}
+
+/// `{"leases":[…]}` in the built-in server's shape, whatever the backend: times in
+/// microseconds, `null` where the store cannot tell.
+fn document(rows: &[KeyStatus]) -> Value {
+    let micros = |d: Option<Duration>| d.map(|d| d.as_micros() as u64);
+    let leases: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let holder = r.holder.as_ref().map(|h| {
+                json!({"owner": h.owner.0, "fence": h.fence.0, "ttl": micros(h.ttl), "remaining": micros(h.remaining)})
+            });
+            json!({"key": r.key, "holder": holder, "last_fence": r.last_fence.0})
+        })
+        .collect();
+    json!({ "leases": leases })
+}
+
+/// KEY FENCE OWNER TTL REMAINING, one row per key; a free key shows its last fence, `-` and
+/// `free`.
+fn table(rows: &[KeyStatus]) -> String {
+    let width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0).max("KEY".len());
+    let secs = |d: Option<Duration>| d.map_or("unknown".to_string(), |d| format!("{:.1}s", d.as_secs_f64()));
+    let mut out =
+        format!("{:<width$} {:>8} {:>20} {:>8} {:>9}\n", "KEY", "FENCE", "OWNER", "TTL", "REMAINING");
     for r in rows {
-        let key = r["key"].as_str().unwrap_or("?");
-        match r.get("holder") {
-            Some(h) if h.is_object() => println!(
-                "{:<32} {:>8} {:>18} {:>11.1}s",
-                key,
-                h["fence"].as_u64().unwrap_or(0),
-                format!("{:016x}", h["owner"].as_u64().unwrap_or(0)),
-                h["remaining"].as_u64().unwrap_or(0) as f64 / 1e6
+        let line = match &r.holder {
+            Some(h) => format!(
+                "{:<width$} {:>8} {:>20} {:>8} {:>9}",
+                r.key,
+                h.fence.0,
+                h.owner.0,
+                secs(h.ttl),
+                secs(h.remaining)
             ),
-            _ => println!(
-                "{:<32} {:>8} {:>18} {:>12}",
-                key,
-                r["last_fence"].as_u64().unwrap_or(0),
-                "-",
-                "free"
-            ),
+            None => format!("{:<width$} {:>8} {:>20} {:>8} {:>9}", r.key, r.last_fence.0, "-", "-", "free"),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, holder: Option<(u64, u64)>) -> KeyStatus {
+        KeyStatus {
+            key: key.into(),
+            holder: holder.map(|(owner, fence)| Holder {
+                owner: OwnerId(owner),
+                fence: Fence(fence),
+                ttl: Some(Duration::from_secs(15)),
+                remaining: None,
+            }),
+            last_fence: Fence(holder.map_or(3, |h| h.1)),
         }
     }
-    ExitCode::SUCCESS
+
+    #[test]
+    fn table_rows_line_up_and_say_what_is_unknown() {
+        let text = table(&[row("pump", Some((18446744073709551615, 4))), row("a-much-longer-key", None)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines.iter().all(|l| l.len() == lines[0].len() || l.ends_with("free")), "{text}");
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(cells, ["pump", "4", "18446744073709551615", "15.0s", "unknown"], "{text}");
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["a-much-longer-key", "3", "-", "-", "free"]
+        );
+    }
+
+    #[test]
+    fn the_document_has_the_servers_shape() {
+        let doc = document(&[row("pump", Some((7, 4))), row("valve", None)]);
+        assert_eq!(
+            doc,
+            json!({"leases": [
+                {"key": "pump", "holder": {"owner": 7, "fence": 4, "ttl": 15_000_000, "remaining": null}, "last_fence": 4},
+                {"key": "valve", "holder": null, "last_fence": 3},
+            ]})
+        );
+        let served = json!({"key":"pump","holder":{"owner":7,"fence":4,"ttl":15000000,"remaining":null},"last_fence":4});
+        assert_eq!(builtin_row(&served).unwrap(), row("pump", Some((7, 4))));
+        assert!(matches!(builtin_row(&json!({"key": "k"})), Err(ListError::Malformed { .. })));
+    }
 }

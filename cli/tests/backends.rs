@@ -43,19 +43,31 @@ fn nanos_now() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
+/// `leasehold run` of the shell `script` on `key`, in its own process group, once the script
+/// has created `marker` (so the lease is held).
+fn holding(
+    backend: &str,
+    url: &str,
+    key: &str,
+    script: &str,
+    marker: &std::path::Path,
+) -> std::process::Child {
+    let holder = run(backend, url, &["--key", key], &["sh", "-c", script]).process_group(0).spawn().unwrap();
+    let started = Instant::now();
+    while !marker.exists() {
+        assert!(started.elapsed() < Duration::from_secs(20), "{backend}: holder never acquired");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    holder
+}
+
 /// Kills a holding `leasehold run` (and its command) with SIGKILL; returns how long until a
 /// waiting `leasehold run` got the lease, and prints it against the bound.
 fn kill_9(backend: &str, url: &str, slack: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let (held, acquired) = (dir.path().join("held"), dir.path().join("acquired"));
     let hold = format!("touch {}; sleep 60", held.display());
-    let mut holder = run(backend, url, &["--key", "failover"], &["sh", "-c", &hold]);
-    let mut holder = holder.process_group(0).spawn().unwrap();
-    let started = Instant::now();
-    while !held.exists() {
-        assert!(started.elapsed() < Duration::from_secs(5), "{backend}: holder never acquired");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut holder = holding(backend, url, "failover", &hold, &held);
     let mark = format!("date +%s%N > {}", acquired.display());
     let mut waiter = run(backend, url, &["--key", "failover"], &["sh", "-c", &mark]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
@@ -96,14 +108,20 @@ fn run_on_etcd() {
     kill_9("etcd", e.url(), Duration::from_millis(900));
 }
 
-#[test]
-fn run_on_dynamodb() {
+/// dynalite with the table `run` uses by default.
+fn dynalite_with_leases_table() -> leasehold_test_servers::Running {
     let d = dynalite();
     let creds = leasehold_stores::Credentials::new(AWS_ENV[0].1, AWS_ENV[1].1, None, None, "test");
     let b =
         leasehold_stores::DynamoDbBackend::new(d.url(), "us-east-1", "leases", creds, Duration::from_secs(2))
             .unwrap();
     smol::block_on(b.create_table()).unwrap();
+    d
+}
+
+#[test]
+fn run_on_dynamodb() {
+    let d = dynalite_with_leases_table();
     exclusive("dynamodb", d.url());
     // Observe-and-wait: ttl·(1+ε) + margin from when the waiter read the record.
     kill_9("dynamodb", d.url(), Duration::from_millis(300));
@@ -115,4 +133,81 @@ fn run_on_dynamodb() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AWS_ACCESS_KEY_ID"));
+}
+
+/// `leasehold status` on `backend` while `leasehold run` holds a key there, and after it let go:
+/// the table and the JSON show the holder the command saw, then nothing (and exit 1 by name).
+fn status_follows_run(backend: &str, url: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, marker) = (dir.path().join("seen"), dir.path().join("started"));
+    let hold = format!(
+        "echo $LEASEHOLD_OWNER $LEASEHOLD_FENCE > {}; touch {}; sleep 60",
+        seen.display(),
+        marker.display()
+    );
+    let mut holder = holding(backend, url, "watched/job-1", &hold, &marker);
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    let (owner, fence) = seen.trim().split_once(' ').unwrap();
+    let status = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(["status", "--backend", backend, "--server", url]).args(extra).args(args).envs(AWS_ENV);
+        c.output().unwrap()
+    };
+    let table = status(&["--prefix", "watched/"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{backend}: {table:?}");
+    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 1, "{backend}: {text}");
+    assert_eq!(rows[0][..3], ["watched/job-1", fence, owner], "{backend}: {text}");
+    let doc = status(&["watched/job-1", "--json"]);
+    let doc: serde_json::Value =
+        serde_json::from_slice(&doc.stdout).unwrap_or_else(|e| panic!("{e}: {doc:?}"));
+    let h = &doc["leases"][0]["holder"];
+    assert_eq!(
+        (h["owner"].to_string(), h["fence"].to_string()),
+        (owner.to_string(), fence.to_string()),
+        "{doc}"
+    );
+    assert_eq!(h["ttl"], serde_json::json!(2_000_000), "{backend}: {doc}");
+
+    // SIGTERM: the command exits and the lease is released at once.
+    killpg(Pid::from_raw(holder.id() as i32), Signal::SIGTERM).unwrap();
+    let _ = holder.wait();
+    let after = status(&["--prefix", "watched/"]);
+    assert!(after.status.success(), "{backend}: {after:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&after.stdout).lines().count(),
+        1,
+        "{backend}: only the header: {after:?}"
+    );
+    assert_eq!(status(&["--prefix", "nothing/"]).status.code(), Some(0));
+    assert_eq!(status(&["never-leased"]).status.code(), Some(1), "{backend}");
+}
+
+#[test]
+fn status_on_etcd() {
+    let e = etcd();
+    status_follows_run("etcd", e.url(), &[]);
+    // Keys under another prefix are another application's.
+    let other = Command::new(BIN)
+        .args(["status", "--backend", "etcd", "--server", e.url(), "--etcd-prefix", "elsewhere/", "--all"])
+        .output()
+        .unwrap();
+    assert!(other.status.success(), "{other:?}");
+    assert_eq!(String::from_utf8_lossy(&other.stdout).lines().count(), 1, "{other:?}");
+}
+
+#[test]
+fn status_on_dynamodb() {
+    let d = dynalite_with_leases_table();
+    // `run` uses the default table; `status` is told it.
+    status_follows_run("dynamodb", d.url(), &["--table", "leases"]);
+    // Released, the item stays: --all shows it free with its last fence.
+    let all = Command::new(BIN)
+        .args(["status", "--backend", "dynamodb", "--server", d.url(), "--table", "leases", "--all"])
+        .envs(AWS_ENV)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&all.stdout);
+    assert!(text.lines().any(|l| l.starts_with("watched/job-1 ") && l.ends_with("free")), "{all:?}");
 }

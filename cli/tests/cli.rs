@@ -243,12 +243,24 @@ fn a_killed_server_keeps_its_grants_and_fences() {
 }
 
 #[test]
-fn demo_passes() {
-    let out = Command::new(BIN).args(["demo", "--duration", "7s", "--kill-after", "3s"]).output().unwrap();
+fn demo_passes_and_refuses_the_stopped_holders_stale_write() {
+    let out = Command::new(BIN)
+        .args(["demo", "--duration", "8s", "--kill-after", "2s", "--stop-after", "4s"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("VERDICT: PASS"), "{text}");
-    assert!(text.contains("kill -9"), "{text}");
+    assert!(text.contains("kill -9") && text.contains("kill -STOP") && text.contains("kill -CONT"), "{text}");
+    let verdict = text.lines().find(|l| l.starts_with("VERDICT: PASS")).unwrap_or_else(|| panic!("{text}"));
+    // "… N interleaved holders (M stopped on purpose), A stale writes accepted, R stale writes refused"
+    let count = |what: &str| -> u64 {
+        let before = verdict.split(what).next().unwrap_or_else(|| panic!("no {what:?} in {verdict}"));
+        before.split_whitespace().last().and_then(|n| n.trim_start_matches('(').parse().ok()).unwrap()
+    };
+    assert!(count(" stale writes refused") >= 1, "{verdict}");
+    assert_eq!(count(" stale writes accepted"), 0, "{verdict}");
+    assert_eq!(count(" interleaved holders"), count(" stopped on purpose"), "{verdict}");
+    assert!(text.contains("REFUSED"), "{text}");
 }
 
 #[test]
@@ -500,4 +512,48 @@ fn run_timeout_waits_the_whole_timeout() {
     assert_eq!(out.status.code(), Some(75), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(waited >= Duration::from_secs(3), "gave up after {waited:?}");
     eprintln!("run --timeout 3s against a dead port: exit 75 after {waited:?}");
+}
+
+/// A `GET` of `path` on the built-in server at `url`, as JSON.
+fn get_json(url: &str, path: &str) -> serde_json::Value {
+    let http = leasehold_http::HttpClient::new(url, Duration::from_secs(2)).unwrap();
+    let req = http
+        .request(hyper::Method::GET, path)
+        .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+        .unwrap();
+    let resp = smol::block_on(http.send(req)).unwrap();
+    assert_eq!(resp.status, 200, "GET {path}: {:?}", String::from_utf8_lossy(&resp.body));
+    serde_json::from_slice(&resp.body).unwrap()
+}
+
+#[test]
+fn logs_on_a_pipe_have_no_colour_and_owner_ids_are_decimal_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let owner_file = dir.path().join("owner");
+    let marker = dir.path().join("started");
+    let script =
+        format!("echo $LEASEHOLD_OWNER > {}; touch {}; sleep 60", owner_file.display(), marker.display());
+    let mut run = Proc(
+        run_cmd(&url, "owned", "5s", &[], &["sh", "-c", &script])
+            .env("LEASEHOLD_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the command starts", || marker.exists());
+    let exported = std::fs::read_to_string(&owner_file).unwrap().trim().to_string();
+    let served = get_json(&url, "/v1/leases/owned")["holder"]["owner"].as_u64().expect("held");
+    assert_eq!(exported, served.to_string(), "LEASEHOLD_OWNER as the server reports the holder");
+    let status = Command::new(BIN).args(["status", "owned", "--server", &url]).output().unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.split_whitespace().any(|w| w == exported), "status shows {exported}:\n{shown}");
+
+    // stderr is a pipe here: the info line about the grant, without colour codes.
+    killpg(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
+    run.0.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut run.0.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("acquired"), "{log:?}");
+    assert!(!log.contains('\x1b'), "ANSI escape codes on a pipe: {log:?}");
 }

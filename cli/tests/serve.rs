@@ -207,51 +207,128 @@ fn token_from_flag_or_env_guards_everything_but_healthz() {
         // The refused requests changed nothing: the first authorised acquire got fence 1.
 
         let denied = status(&["k", "--server", &server.url()]);
-        assert_eq!(denied.status.code(), Some(1), "{denied:?}");
+        assert_eq!(denied.status.code(), Some(2), "{denied:?}");
         assert!(String::from_utf8_lossy(&denied.stderr).contains("token"), "{denied:?}");
         let ok = status(&["k", "--server", &server.url(), "--token", token]);
         assert!(ok.status.success(), "{ok:?}");
     }
 }
 
-#[test]
-fn status_prints_a_table_and_documented_exit_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Serve::start(dir.path(), &[], &[]);
-    let a = server.addr;
-    let (_, r) = http(a, "POST", "/v1/leases/pump", None, &acquire_body(0xabc));
+/// The rows of a `status` table (header checked and dropped), split into cells.
+fn rows(out: &Output) -> Vec<Vec<String>> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
+    assert_eq!(header, ["KEY", "FENCE", "OWNER", "TTL", "REMAINING"], "{text}");
+    lines.map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+}
+
+fn keys(out: &Output) -> Vec<String> {
+    rows(out).into_iter().map(|r| r[0].clone()).collect()
+}
+
+/// "pump" held by `owner`, "valve" leased and released; returns pump's fence.
+fn pump_held_by_valve_free(a: SocketAddr, owner: u64) -> u64 {
+    let (_, r) = http(a, "POST", "/v1/leases/pump", None, &acquire_body(owner));
     let fence = fence_of(&r).expect("granted");
     let (_, r) = http(a, "POST", "/v1/leases/valve", None, &acquire_body(2));
-    let f2 = fence_of(&r).expect("granted");
-    http(a, "POST", "/v1/leases/valve", None, &release_body(2, f2));
+    http(a, "POST", "/v1/leases/valve", None, &release_body(2, fence_of(&r).expect("granted")));
+    fence
+}
 
-    let one = status(&["pump", "--server", &server.url()]);
-    let text = String::from_utf8_lossy(&one.stdout);
-    assert!(one.status.success(), "{one:?}");
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "header and one row: {text}");
-    assert!(lines[0].contains("KEY") && lines[0].contains("FENCE"), "{text}");
-    let row: Vec<&str> = lines[1].split_whitespace().collect();
-    assert_eq!(row[..3], ["pump", &fence.to_string(), "0000000000000abc"], "{text}");
+#[test]
+fn status_shows_held_keys_by_default_all_with_all_and_filters_by_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Serve::start(dir.path(), &[], &[]);
+    let (a, url) = (server.addr, server.url());
+    let fence = pump_held_by_valve_free(a, 0xabc);
+    for key in ["job-10", "job-9", "job-100"] {
+        http(a, "POST", &format!("/v1/leases/{key}"), None, &acquire_body(5));
+    }
 
-    let all = status(&["--server", &server.url()]);
-    let text = String::from_utf8_lossy(&all.stdout);
-    assert!(all.status.success(), "{all:?}");
-    assert!(text.lines().any(|l| l.starts_with("pump ")), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("valve ") && l.ends_with("free")), "{text}");
+    // Byte order of the key ("job-10" < "job-100" < "job-9"), free keys hidden.
+    let held = status(&["--server", &url]);
+    assert_eq!(keys(&held), ["job-10", "job-100", "job-9", "pump"]);
+    let pump = rows(&held).pop().unwrap();
+    assert_eq!(pump[..4], ["pump", &fence.to_string(), "2748", "120.0s"], "owner 0xabc in decimal");
+    let left: f64 = pump[4].trim_end_matches('s').parse().unwrap();
+    assert!(left > 0.0 && left <= 120.0, "{pump:?}");
 
-    let unknown = status(&["never-used", "--server", &server.url()]);
+    let all = status(&["--all", "--server", &url]);
+    assert_eq!(keys(&all), ["job-10", "job-100", "job-9", "pump", "valve"]);
+    assert_eq!(rows(&all)[4][3..], ["-", "free"]);
+    assert_eq!(keys(&status(&["--prefix", "job-1", "--server", &url])), ["job-10", "job-100"]);
+    assert_eq!(keys(&status(&["--prefix", "v", "--all", "--server", &url])), ["valve"]);
+    let none = status(&["--prefix", "v", "--server", &url]);
+    assert_eq!(keys(&none), Vec::<String>::new());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("--all"), "{none:?}");
+    // A key asked for by name is shown free or held.
+    assert_eq!(rows(&status(&["valve", "--server", &url])), [["valve", "1", "-", "-", "free"]]);
+}
+
+#[test]
+fn status_json_is_one_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Serve::start(dir.path(), &[], &[]);
+    let (a, url) = (server.addr, server.url());
+    let fence = pump_held_by_valve_free(a, 7);
+
+    let doc = |args: &[&str]| -> Value {
+        let out = status(&[args, &["--json", "--server", &url]].concat());
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not one JSON document ({e}): {out:?}"))
+    };
+    let held = doc(&[]);
+    assert_eq!(held["leases"].as_array().map(Vec::len), Some(1), "{held}");
+    let pump = &held["leases"][0];
+    assert_eq!((pump["key"].as_str(), pump["last_fence"].as_u64()), (Some("pump"), Some(fence)), "{held}");
+    assert_eq!(pump["holder"]["owner"], json!(7), "{held}");
+    assert_eq!(pump["holder"]["fence"], json!(fence), "{held}");
+    assert_eq!(pump["holder"]["ttl"], json!(LONG_TTL), "{held}");
+    assert!(pump["holder"]["remaining"].as_u64().is_some_and(|r| r > 0 && r <= LONG_TTL), "{held}");
+    let all = doc(&["--all"]);
+    assert_eq!(all["leases"][1]["key"], json!("valve"), "{all}");
+    assert_eq!(all["leases"][1]["holder"], Value::Null, "{all}");
+    assert_eq!(doc(&["valve"])["leases"].as_array().map(Vec::len), Some(1));
+    assert_eq!(doc(&["--prefix", "nothing"]), json!({"leases": []}));
+}
+
+#[test]
+fn status_exit_codes_are_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Serve::start(dir.path(), &["--token", "s3cret"], &[]);
+    let url = server.url();
+    let ok = status(&["--server", &url, "--token", "s3cret"]);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+
+    // 1: the key asked for has no record.
+    let unknown = status(&["never-used", "--server", &url, "--token", "s3cret"]);
     assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("never-used"), "{unknown:?}");
 
-    let bad = status(&["bad key!", "--server", &server.url()]);
-    assert_ne!(bad.status.code(), Some(0), "{bad:?}");
-
+    // 2: no answer. A bad key, a wrong token, a dead server, usage.
+    let bad = status(&["bad key!", "--server", &url, "--token", "s3cret"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let denied = status(&["--server", &url, "--token", "wrong"]);
+    assert_eq!(denied.status.code(), Some(2), "{denied:?}");
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("token"), "{denied:?}");
     // A port nobody listens on: bind one, note it, close it.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let dead = status(&["--server", &format!("http://{free}")]);
     assert_eq!(dead.status.code(), Some(2), "{dead:?}");
     assert!(String::from_utf8_lossy(&dead.stderr).contains("unreachable"), "{dead:?}");
+    let usage = status(&["k", "--all", "--server", &url]);
+    assert_eq!(usage.status.code(), Some(2), "{usage:?}");
+    let bad_prefix = status(&["--prefix", "a b", "--server", &url, "--token", "s3cret"]);
+    assert_eq!(bad_prefix.status.code(), Some(2), "{bad_prefix:?}");
+    assert!(String::from_utf8_lossy(&bad_prefix.stderr).contains("--prefix"), "{bad_prefix:?}");
+    let no_credentials = Command::new(BIN)
+        .args(["status", "--backend", "dynamodb", "--server", &url])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .output()
+        .unwrap();
+    assert_eq!(no_credentials.status.code(), Some(2), "{no_credentials:?}");
 }
 
 #[test]

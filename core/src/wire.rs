@@ -51,9 +51,11 @@ impl fmt::Display for Fence {
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct OwnerId(pub u64);
 
+/// Decimal, as the built-in server's JSON, etcd's values and DynamoDB's items store it, so an
+/// id printed by one tool can be looked up in the others as it is.
 impl fmt::Display for OwnerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        write!(f, "{}", self.0)
     }
 }
 
@@ -254,6 +256,17 @@ pub fn parse_key(s: &str) -> Result<Key, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_ids_print_in_decimal_as_every_store_keeps_them() {
+        let shown = |o: OwnerId| {
+            let mut s = heapless::String::<20>::new();
+            fmt::Write::write_fmt(&mut s, format_args!("{o}")).unwrap();
+            s
+        };
+        assert_eq!(shown(OwnerId(255)), "255");
+        assert_eq!(shown(OwnerId(u64::MAX)), "18446744073709551615");
+    }
 
     #[test]
     fn keys_are_checked() {

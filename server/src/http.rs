@@ -129,8 +129,16 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
         }
         "/metrics" => return Err(method_not_allowed()),
         "/v1/leases" if req.method() == Method::GET => {
+            let query = list_query(req.uri().query().unwrap_or(""))?;
             let all = shared.store.all().await.map_err(|e| unavailable(&e))?;
-            let leases = all.into_iter().map(|(k, r)| view(shared, k, &r)).collect();
+            // Filtered here, so a client that wants the few held keys of many does not
+            // receive them all.
+            let leases = all
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(&query.prefix))
+                .map(|(k, r)| view(shared, k, &r))
+                .filter(|v| !query.held_only || v.holder.is_some())
+                .collect();
             return Ok(json(StatusCode::OK, &LeaseList { leases }));
         }
         "/v1/leases" => return Err(method_not_allowed()),
@@ -159,6 +167,56 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
         }
         _ => Err(method_not_allowed()),
     }
+}
+
+/// What `GET /v1/leases` lists: `held=true` only the keys held now, `prefix=P` only the keys
+/// that start with `P`.
+struct ListQuery {
+    held_only: bool,
+    prefix: String,
+}
+
+fn list_query(query: &str) -> Result<ListQuery, ApiError> {
+    let bad = |m: String| err(StatusCode::BAD_REQUEST, "invalid_query", m);
+    let mut q = ListQuery { held_only: false, prefix: String::new() };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "held" => {
+                q.held_only = match value {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad(format!("held={value:?}: expected true or false"))),
+                }
+            }
+            "prefix" => {
+                q.prefix = percent_decoded(value)
+                    .filter(|p| p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b)))
+                    .ok_or_else(|| bad(format!("prefix={value:?}: keys have only [A-Za-z0-9._:/-]")))?
+            }
+            _ => return Err(bad(format!("unknown parameter {name:?} (known: held, prefix)"))),
+        }
+    }
+    Ok(q)
+}
+
+/// `%3A` → `:` and so on; `None` for a broken escape or bytes that are not UTF-8.
+fn percent_decoded(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            b => b,
+        });
+    }
+    String::from_utf8(out).ok()
 }
 
 async fn read_request(

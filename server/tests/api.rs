@@ -150,6 +150,36 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
 }
 
 #[test]
+fn the_list_is_filtered_by_holding_and_prefix_on_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let a = s.addr();
+    for key in ["job:1", "job:10", "job:2", "pump", "job:free"] {
+        assert_eq!(post(a, key, acquire(1, TTL)).status, 200);
+    }
+    let release = json!({"id": 2, "owner": 1, "op": {"release": {"fence": 1}}});
+    assert_eq!(post(a, "job:free", release).json()["reply"], json!("released"));
+    let keys = |path: &str| -> Vec<String> {
+        let list = get(a, path).json();
+        let leases = list["leases"].as_array().unwrap_or_else(|| panic!("{path}: {list}"));
+        leases.iter().map(|l| l["key"].as_str().unwrap().to_string()).collect()
+    };
+    // Byte order of the key.
+    assert_eq!(keys("/v1/leases"), ["job:1", "job:10", "job:2", "job:free", "pump"]);
+    assert_eq!(keys("/v1/leases?held=true"), ["job:1", "job:10", "job:2", "pump"]);
+    assert_eq!(keys("/v1/leases?held=false"), keys("/v1/leases"));
+    assert_eq!(keys("/v1/leases?prefix=job:"), ["job:1", "job:10", "job:2", "job:free"]);
+    assert_eq!(keys("/v1/leases?prefix=job%3A1&held=true"), ["job:1", "job:10"]);
+    assert_eq!(keys("/v1/leases?prefix=nothing"), Vec::<String>::new());
+    for bad in
+        ["/v1/leases?held=yes", "/v1/leases?prefix=a%20b", "/v1/leases?prefix=%zz", "/v1/leases?sort=key"]
+    {
+        let r = get(a, bad);
+        assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_query"), "{bad}: {}", r.body);
+    }
+}
+
+#[test]
 fn bearer_token_is_required_when_set() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());

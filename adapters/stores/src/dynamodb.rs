@@ -24,6 +24,8 @@ use leasehold_core::{Duration as LDuration, Fence, Key, Op, OwnerId, Reject, Rep
 use leasehold_http::{Backend, HttpClient, TransportError};
 use serde_json::{json, Value};
 
+use crate::listing::{Filter, Holder, KeyStatus, ListError, DEFAULT_PAGE};
+
 /// How long [`DynamoDbBackend::create_table`] waits for a new table to become `ACTIVE`.
 const TABLE_ACTIVE_WITHIN: Duration = Duration::from_secs(120);
 
@@ -38,6 +40,8 @@ pub struct DynamoDbBackend {
     region: String,
     table: String,
     identity: Identity,
+    /// Items per Scan request of a listing.
+    page: u32,
 }
 
 /// What a failed DynamoDB call means for a lease request.
@@ -70,6 +74,7 @@ impl DynamoDbBackend {
             region: region.to_string(),
             table: table.to_string(),
             identity: credentials.into(),
+            page: DEFAULT_PAGE,
         })
     }
 
@@ -90,6 +95,49 @@ impl DynamoDbBackend {
     ) -> Result<DynamoDbBackend, TransportError> {
         let (credentials, region) = env_config(|n| std::env::var(n).ok())?;
         DynamoDbBackend::new(endpoint, &region, table, credentials, timeout)
+    }
+
+    /// How many items [`list`](Self::list) asks for per Scan request (default 1000; DynamoDB
+    /// also ends a page at 1 MB); smaller pages spread the read capacity a listing uses.
+    pub fn with_page_size(self, items: u32) -> DynamoDbBackend {
+        DynamoDbBackend { page: items.max(1), ..self }
+    }
+
+    /// Every item that passes `filter`, sorted by key (a Scan returns them in hash order),
+    /// read a page at a time with consistent reads. The filter is applied by DynamoDB, so
+    /// only matching items cross the wire (a Scan still reads, and bills, every item).
+    pub async fn list(&self, filter: &Filter) -> Result<Vec<KeyStatus>, ListError> {
+        let mut out = Vec::new();
+        let mut start: Option<Value> = None;
+        loop {
+            let page = self.read("Scan", &scan_body(&self.table, filter, self.page, start.take())).await?;
+            let items = page["Items"].as_array().map(Vec::as_slice).unwrap_or_default();
+            out.extend(items.iter().filter_map(key_status).filter(|k| filter.admits(k)));
+            // A page can be empty and still not the last: the filter runs after the limit.
+            match page.get("LastEvaluatedKey") {
+                Some(last) if last.is_object() => start = Some(last.clone()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// `key`'s item; `None` when it was never leased.
+    pub async fn status(&self, key: &Key) -> Result<Option<KeyStatus>, ListError> {
+        let v = self.read("GetItem", &get_body(&self.table, key)).await?;
+        Ok(v.get("Item").and_then(key_status))
+    }
+
+    /// An API call whose error answer is reported as it is, for listings.
+    async fn read(&self, op: &str, body: &Value) -> Result<Value, ListError> {
+        match self.api(op, body).await? {
+            (200, v) => Ok(v),
+            (status, v) => {
+                let message = format!("{}: {}", error_type(&v), error_text(&v));
+                Err(ListError::Refused { operation: format!("DynamoDB {op}"), status, message })
+            }
+        }
     }
 
     /// Creates the table (partition key `key`, on demand) if it does not exist, and waits
@@ -253,6 +301,46 @@ fn get_body(table: &str, key: &Key) -> Value {
     json!({"TableName": table, "Key": {"key": {"S": key.as_str()}}, "ConsistentRead": true})
 }
 
+/// A consistent Scan page of at most `limit` items from `start` (a `LastEvaluatedKey`),
+/// filtered by DynamoDB.
+fn scan_body(table: &str, filter: &Filter, limit: u32, start: Option<Value>) -> Value {
+    let mut body = json!({"TableName": table, "ConsistentRead": true, "Limit": limit});
+    let mut conditions = Vec::new();
+    if !filter.prefix.is_empty() {
+        conditions.push("begins_with(#k, :prefix)");
+        body["ExpressionAttributeValues"] = json!({":prefix": {"S": filter.prefix}});
+    }
+    if filter.held_only {
+        conditions.push("attribute_exists(#o)");
+    }
+    if !conditions.is_empty() {
+        let expr = conditions.join(" AND ");
+        body["ExpressionAttributeNames"] = names(&[&expr]);
+        body["FilterExpression"] = json!(expr);
+    }
+    if let Some(start) = start {
+        body["ExclusiveStartKey"] = start;
+    }
+    body
+}
+
+/// An item as a listing shows it; `None` for one leasehold did not write.
+fn key_status(item: &Value) -> Option<KeyStatus> {
+    let key = item["key"]["S"].as_str()?.to_string();
+    let last_fence = Fence(num(&item["fence"])?);
+    let holder = match item["owner"]["S"].as_str() {
+        None => None,
+        Some(owner) => Some(Holder {
+            owner: OwnerId(owner.parse().ok()?),
+            fence: last_fence,
+            ttl: num(&item["ttl_us"]).map(Duration::from_micros),
+            // Nobody keeps time here: only a contender's own wait can tell.
+            remaining: None,
+        }),
+    };
+    Some(KeyStatus { key, holder, last_fence })
+}
+
 /// A conditional UpdateItem returning the new item, and the old one if the condition fails.
 fn update_body(table: &str, key: &Key, expr: &str, cond: &str, values: Value) -> Value {
     json!({
@@ -311,7 +399,7 @@ fn fenced_values(owner: OwnerId, fence: Fence) -> Value {
 }
 
 fn names(exprs: &[&str]) -> Value {
-    let all = [("#o", "owner"), ("#f", "fence"), ("#v", "version"), ("#t", "ttl_us")];
+    let all = [("#o", "owner"), ("#f", "fence"), ("#v", "version"), ("#t", "ttl_us"), ("#k", "key")];
     let used: serde_json::Map<String, Value> = all
         .iter()
         .filter(|(n, _)| exprs.iter().any(|e| e.contains(n)))
@@ -353,9 +441,14 @@ fn error_type(v: &Value) -> &str {
     t.rsplit('#').next().unwrap_or(t)
 }
 
+/// The message of an error answer (DynamoDB spells it `message` or `Message`).
+fn error_text(v: &Value) -> &str {
+    v["message"].as_str().or(v["Message"].as_str()).unwrap_or("")
+}
+
 fn classify(status: u16, v: &Value) -> Failure {
     let kind = error_type(v);
-    let message = v["message"].as_str().or(v["Message"].as_str()).unwrap_or("");
+    let message = error_text(v);
     match kind {
         "ConditionalCheckFailedException" => return Failure::Condition(v.get("Item").cloned()),
         "ProvisionedThroughputExceededException"
@@ -451,6 +544,49 @@ mod tests {
         );
         assert_eq!(observed(&Value::Null), Reply::Busy { retry_after: LDuration::ZERO });
         assert_eq!(observed(&json!({"owner": {"S": "1"}})), Reply::Rejected(Reject::Misconfigured));
+    }
+
+    #[test]
+    fn scans_filter_on_the_server_and_name_only_what_they_use() {
+        let all = scan_body("leases", &Filter::default(), 100, None);
+        assert_eq!(all, json!({"TableName": "leases", "ConsistentRead": true, "Limit": 100}));
+        let filter = Filter { prefix: "job:".into(), held_only: true };
+        let next = scan_body("leases", &filter, 5, Some(json!({"key": {"S": "job:3"}})));
+        assert_eq!(next["FilterExpression"], "begins_with(#k, :prefix) AND attribute_exists(#o)");
+        assert_eq!(next["ExpressionAttributeNames"], json!({"#o": "owner", "#k": "key"}));
+        assert_eq!(next["ExpressionAttributeValues"], json!({":prefix": {"S": "job:"}}));
+        assert_eq!(next["ExclusiveStartKey"], json!({"key": {"S": "job:3"}}));
+        let held = scan_body("leases", &Filter { prefix: String::new(), held_only: true }, 5, None);
+        assert_eq!(held["ExpressionAttributeNames"], json!({"#o": "owner"}));
+        assert_eq!(held.get("ExpressionAttributeValues"), None);
+    }
+
+    #[test]
+    fn listed_items() {
+        let held = key_status(&v(NEW_ITEM)["Attributes"]).unwrap();
+        assert_eq!(
+            held,
+            KeyStatus {
+                key: "k".into(),
+                holder: Some(Holder {
+                    owner: OwnerId(1),
+                    fence: Fence(1),
+                    ttl: Some(Duration::from_secs(2)),
+                    remaining: None
+                }),
+                last_fence: Fence(1),
+            }
+        );
+        let free = json!({"key": {"S": "k"}, "fence": {"N": "3"}, "version": {"N": "4"}});
+        assert_eq!(
+            key_status(&free),
+            Some(KeyStatus { key: "k".into(), holder: None, last_fence: Fence(3) })
+        );
+        assert_eq!(
+            key_status(&json!({"key": {"S": "k"}, "owner": {"S": "someone"}, "fence": {"N": "1"}})),
+            None
+        );
+        assert_eq!(key_status(&json!({"key": {"S": "k"}})), None);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! etcd keeps its own clock, so this is the server-timed discipline: a grant is an etcd lease
 //! of at least the requested ttl with the key attached, created only if the key is absent
 //! (`create_revision == 0`). The fence is the cluster revision of the winning write, which
-//! strictly increases per key and survives restarts. Renewal is a lease keepalive; release
+//! strictly increases per key and survives restarts. Renewal is a lease keepalive followed by
+//! a check that the key is still our write (so a key re-created meanwhile is not renewed); release
 //! deletes the key if it is still our write, and revokes the lease.
 //!
 //! The backend keeps no state between calls: which etcd lease carries a grant is read from
@@ -13,6 +14,7 @@
 //! The request bodies and the reading of etcd's answers are pure functions below, unit-tested
 //! on answers recorded from etcd 3.4.23; [`EtcdBackend`] only sequences them over HTTP.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -20,8 +22,10 @@ use base64::Engine;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use leasehold_core::{Duration as LDuration, Fence, Key, Op, OwnerId, Reject, Reply, Request};
-use leasehold_http::{Backend, HttpClient, TransportError};
+use leasehold_http::{Backend, HttpClient, HttpResponse, TransportError};
 use serde_json::{json, Value};
+
+use crate::listing::{self, Filter, KeyStatus, ListError, DEFAULT_PAGE};
 
 /// How long a contender waits when etcd cannot say how long the holder has left.
 const UNKNOWN_WAIT: LDuration = LDuration::from_secs(1);
@@ -33,6 +37,8 @@ const UNKNOWN_WAIT: LDuration = LDuration::from_secs(1);
 pub struct EtcdBackend {
     http: HttpClient,
     prefix: String,
+    /// Keys per range request of a listing.
+    page: u32,
 }
 
 /// Why an etcd exchange ended without the value we needed.
@@ -55,7 +61,116 @@ impl EtcdBackend {
     /// `https://…` with the default `tls` feature); keys are stored under `prefix` (e.g.
     /// `leasehold/`). Nothing is contacted until the first call.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<EtcdBackend, TransportError> {
-        Ok(EtcdBackend { http: HttpClient::new(url, timeout)?, prefix: prefix.to_string() })
+        Ok(EtcdBackend {
+            http: HttpClient::new(url, timeout)?,
+            prefix: prefix.to_string(),
+            page: DEFAULT_PAGE,
+        })
+    }
+
+    /// How many keys [`list`](Self::list) asks etcd for per request (default 1000); smaller
+    /// pages are lighter on a busy cluster.
+    pub fn with_page_size(self, keys: u32) -> EtcdBackend {
+        EtcdBackend { page: keys.max(1), ..self }
+    }
+
+    /// Every key under `filter.prefix` (within the backend's own prefix), in byte order, read
+    /// a page at a time, with each holder's remaining time from its etcd lease. etcd keeps a
+    /// key only while it is held (a release deletes it, an expiry deletes it with its lease),
+    /// so a listing has no free keys and `filter.held_only` changes nothing.
+    pub async fn list(&self, filter: &Filter) -> Result<Vec<KeyStatus>, ListError> {
+        let start = format!("{}{}", self.prefix, filter.prefix).into_bytes();
+        let end = B64.encode(range_end(&start));
+        let mut from = start;
+        let mut ttls = HashMap::new();
+        let mut out = Vec::new();
+        loop {
+            let range = json!({"key": B64.encode(&from), "range_end": end, "limit": self.page.to_string()});
+            let page = self.read("/v3/kv/range", range).await?;
+            let kvs = page["kvs"].as_array().map(Vec::as_slice).unwrap_or_default();
+            for kv in kvs {
+                if let Some(k) = self.key_status(kv, &mut ttls).await?.filter(|k| filter.admits(k)) {
+                    out.push(k);
+                }
+            }
+            match kvs.last() {
+                // The next page starts just after the last key of this one.
+                Some(last) if page["more"] == json!(true) => {
+                    from = stored_key(last)
+                        .ok_or_else(|| malformed("/v3/kv/range", "a key that is not base64"))?;
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// `key` as etcd keeps it; `None` when etcd has no such key, which for etcd means it is
+    /// not held (released or expired keys are deleted).
+    pub async fn status(&self, key: &Key) -> Result<Option<KeyStatus>, ListError> {
+        let range = self.read("/v3/kv/range", json!({"key": self.key(key)})).await?;
+        match range["kvs"].get(0) {
+            Some(kv) => self.key_status(kv, &mut HashMap::new()).await,
+            None => Ok(None),
+        }
+    }
+
+    /// One listed key with its holder's remaining time (`ttls` caches etcd leases already
+    /// asked about). `None` for a key leasehold did not write, or whose lease ended since.
+    async fn key_status(
+        &self,
+        kv: &Value,
+        ttls: &mut HashMap<i64, Value>,
+    ) -> Result<Option<KeyStatus>, ListError> {
+        let Some(raw) = stored_key(kv) else { return Ok(None) };
+        let key = match raw.strip_prefix(self.prefix.as_bytes()).map(std::str::from_utf8) {
+            Some(Ok(k)) => k.to_string(),
+            _ => return Ok(None),
+        };
+        let Some(Holder { value, mod_revision, lease }) = first_kv(&json!({"kvs": [kv]})) else {
+            return Ok(None);
+        };
+        let owner =
+            B64.decode(&value).ok().and_then(|v| String::from_utf8(v).ok()).and_then(|v| v.parse().ok());
+        let Some(owner) = owner else {
+            tracing::warn!("etcd key {key:?} under {:?} has a value leasehold did not write", self.prefix);
+            return Ok(None);
+        };
+        let fence = Fence(mod_revision as u64);
+        let (mut ttl, mut remaining) = (None, None);
+        if let Some(id) = lease {
+            let alive = match ttls.get(&id) {
+                Some(v) => v.clone(),
+                None => {
+                    let v = self.read("/v3/lease/timetolive", json!({"ID": id.to_string()})).await?;
+                    ttls.insert(id, v.clone());
+                    v
+                }
+            };
+            // A lease that ended since the range took the key with it.
+            let Some(left) = remaining_time(&alive) else { return Ok(None) };
+            remaining = Some(left.into());
+            ttl = int(&alive["grantedTTL"]).filter(|t| *t > 0).map(|t| Duration::from_secs(t as u64));
+        }
+        Ok(Some(KeyStatus {
+            key,
+            holder: Some(listing::Holder { owner: OwnerId(owner), fence, ttl, remaining }),
+            last_fence: fence,
+        }))
+    }
+
+    /// A gateway call whose error answer is reported as it is, for listings.
+    async fn read(&self, path: &'static str, body: Value) -> Result<Value, ListError> {
+        let resp = self.exchange(path, &body).await?;
+        if resp.status != 200 {
+            let message = error_message(&resp.body);
+            return Err(ListError::Refused {
+                operation: format!("etcd {path}"),
+                status: resp.status,
+                message,
+            });
+        }
+        serde_json::from_slice(&resp.body).map_err(|e| malformed(path, &e.to_string()))
     }
 
     /// Uses `tls` for an `https://` URL, typically to trust the CA that signed the etcd
@@ -70,14 +185,18 @@ impl EtcdBackend {
         B64.encode(format!("{}{}", self.prefix, key))
     }
 
-    async fn post(&self, path: &str, body: Value) -> Result<Value, Fail> {
+    async fn exchange(&self, path: &str, body: &Value) -> Result<HttpResponse, TransportError> {
         let req = self
             .http
             .request(hyper::Method::POST, path)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| TransportError::Config(e.to_string()))?;
-        let resp = self.http.send(req).await?;
+        self.http.send(req).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value, Fail> {
+        let resp = self.exchange(path, &body).await?;
         answer(path, resp.status, &resp.body)
     }
 
@@ -123,7 +242,7 @@ impl EtcdBackend {
                 self.revoke(id).await;
                 let wait = match holder.and_then(|h| h.lease) {
                     Some(l) => match self.post("/v3/lease/timetolive", json!({"ID": l.to_string()})).await {
-                        Ok(v) => remaining(&v),
+                        Ok(v) => remaining_time(&v),
                         Err(_) => None,
                     },
                     None => None,
@@ -141,20 +260,29 @@ impl EtcdBackend {
     }
 
     async fn renew(&self, key: &Key, owner: OwnerId, fence: Fence, ttl: LDuration) -> Result<Reply, Fail> {
-        // The key must still be our write (not deleted by an operator, not re-acquired): its
-        // lease is the one to keep alive.
-        let range = self.post("/v3/kv/range", json!({"key": self.key(key)})).await?;
-        let lease = match first_kv(&range) {
-            Some(h) if h.value == value_of(owner) && h.mod_revision == fence.0 as i64 => h.lease,
-            _ => return Ok(Reply::NotHolder),
-        };
-        let Some(lease) = lease else { return Ok(Reply::NotHolder) };
+        // Which etcd lease carries the grant is read from the key (the backend keeps no state).
+        let Some(lease) = self.our_lease(key, owner, fence).await? else { return Ok(Reply::NotHolder) };
         let alive = self.post("/v3/lease/keepalive", json!({"ID": lease.to_string()})).await?;
-        Ok(match keepalive_ttl(&alive) {
-            // etcd keeps the lease its granted TTL from now; never promise more than that.
-            Some(secs) => Reply::Granted { fence, ttl: ttl.min(LDuration::from_secs(secs as u64)) },
-            // A dead lease's keepalive answer has no TTL: a loss, not an error.
-            None => Reply::NotHolder,
+        // A dead lease's keepalive answer has no TTL: a loss, not an error.
+        let Some(secs) = keepalive_ttl(&alive) else { return Ok(Reply::NotHolder) };
+        // Checked again *after* the keepalive: the key may have been deleted and re-created
+        // (by an operator, or expired and won by a rival) since the read above, and then the
+        // keepalive only extended a lease that no longer carries our key. A key still at
+        // revision `fence` is the same write throughout (etcd never reuses a revision), so it
+        // was attached to `lease` when the keepalive extended it.
+        if self.our_lease(key, owner, fence).await? != Some(lease) {
+            return Ok(Reply::NotHolder);
+        }
+        // etcd keeps the lease its granted TTL from now; never promise more than that.
+        Ok(Reply::Granted { fence, ttl: ttl.min(LDuration::from_secs(secs as u64)) })
+    }
+
+    /// The etcd lease of `key` if the key is still `owner`'s write at revision `fence`.
+    async fn our_lease(&self, key: &Key, owner: OwnerId, fence: Fence) -> Result<Option<i64>, Fail> {
+        let range = self.post("/v3/kv/range", json!({"key": self.key(key)})).await?;
+        Ok(match first_kv(&range) {
+            Some(h) if h.value == value_of(owner) && h.mod_revision == fence.0 as i64 => h.lease,
+            _ => None,
         })
     }
 
@@ -275,8 +403,30 @@ fn keepalive_ttl(v: &Value) -> Option<i64> {
 }
 
 /// The holder's remaining time from a `lease/timetolive` answer (`TTL` is -1 for a gone lease).
-fn remaining(v: &Value) -> Option<LDuration> {
+fn remaining_time(v: &Value) -> Option<LDuration> {
     int(&v["TTL"]).filter(|t| *t > 0).map(|t| LDuration::from_secs(t as u64))
+}
+
+/// A range answer's key, decoded from base64.
+fn stored_key(kv: &Value) -> Option<Vec<u8>> {
+    B64.decode(kv["key"].as_str()?).ok()
+}
+
+/// The end of the range of keys that start with `prefix`: etcd's rule, the prefix with its last
+/// byte below 0xff raised by one; `\0` (every key) when there is no such byte.
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn malformed(path: &str, detail: &str) -> ListError {
+    ListError::Malformed { operation: format!("etcd {path}"), detail: detail.to_string() }
 }
 
 /// etcd's JSON renders int64 as strings.
@@ -288,6 +438,15 @@ fn int(v: &Value) -> Option<i64> {
     }
 }
 
+/// What an error answer says: the gateway's `message`, or the start of whatever else came.
+fn error_message(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    v["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string())
+}
+
 /// Reads a gateway answer: 200 with JSON is a value, anything else a failure. Errors come as
 /// `{"error","message","code"}` with a gRPC status code.
 fn answer(path: &str, status: u16, body: &[u8]) -> Result<Value, Fail> {
@@ -295,12 +454,8 @@ fn answer(path: &str, status: u16, body: &[u8]) -> Result<Value, Fail> {
     if status == 200 {
         return parsed.map_err(|e| Fail::Transport(TransportError::Protocol(format!("etcd {path}: {e}"))));
     }
-    let v = parsed.unwrap_or(Value::Null);
-    let code = v["code"].as_i64();
-    let message = v["message"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string());
+    let code = parsed.unwrap_or(Value::Null)["code"].as_i64();
+    let message = error_message(body);
     let reply = match (code, status) {
         // UNAUTHENTICATED, PERMISSION_DENIED.
         (Some(16 | 7), _) | (None, 401 | 403) => Reply::Rejected(Reject::Unauthorized),
@@ -400,11 +555,22 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_range_ends_after_its_last_key() {
+        assert_eq!(range_end(b"leasehold/"), b"leasehold0");
+        assert_eq!(range_end(b"a\xff"), b"b");
+        assert_eq!(range_end(b"\xff\xff"), b"\0");
+        assert_eq!(range_end(b""), b"\0");
+    }
+
+    #[test]
     fn reads_lease_answers() {
         assert_eq!(keepalive_ttl(&v(ALIVE)), Some(5));
         assert_eq!(keepalive_ttl(&v(DEAD)), None);
-        assert_eq!(remaining(&v(r#"{"ID":"1","TTL":"4","grantedTTL":"5"}"#)), Some(LDuration::from_secs(4)));
-        assert_eq!(remaining(&v(r#"{"ID":"12345","TTL":"-1"}"#)), None);
+        assert_eq!(
+            remaining_time(&v(r#"{"ID":"1","TTL":"4","grantedTTL":"5"}"#)),
+            Some(LDuration::from_secs(4))
+        );
+        assert_eq!(remaining_time(&v(r#"{"ID":"12345","TTL":"-1"}"#)), None);
     }
 
     #[test]

@@ -140,3 +140,39 @@ fn create_table_waits_until_the_table_is_active() {
     assert!(t0.elapsed() >= Duration::from_millis(400), "returned while CREATING: {:?}", t0.elapsed());
     assert!(matches!(smol::block_on(call(&b, 1, Op::Acquire { ttl: TTL })), Ok(Reply::Granted { .. })));
 }
+
+#[test]
+fn listing_scans_every_page_filtered_by_the_server_and_sorted_by_key() {
+    use leasehold_stores::{Filter, KeyStatus};
+    let server = dynalite();
+    // One item per Scan page: a listing that stopped at the first page would show one.
+    let b = backend(server.url(), "leases").with_page_size(1);
+    let on = |key: &str, owner: u64, op: Op| {
+        let request = Request { id: RequestId(1), owner: OwnerId(owner), op };
+        smol::block_on(b.call(&parse_key(key).unwrap(), request)).unwrap()
+    };
+    smol::block_on(b.create_table()).unwrap();
+    for (key, owner) in [("job:2", 2), ("pump", 4), ("job:10", 10), ("job:1", 1), ("job:free", 7)] {
+        assert!(matches!(on(key, owner, Op::Acquire { ttl: TTL }), Reply::Granted { .. }));
+    }
+    assert_eq!(on("job:free", 7, Op::Release { fence: Fence(1) }), Reply::Released);
+    let keys = |f: Filter| -> Vec<String> {
+        smol::block_on(b.list(&f)).unwrap().into_iter().map(|k| k.key).collect()
+    };
+    assert_eq!(keys(Filter::default()), ["job:1", "job:10", "job:2", "job:free", "pump"]);
+    assert_eq!(keys(Filter { prefix: String::new(), held_only: true }), ["job:1", "job:10", "job:2", "pump"]);
+    assert_eq!(keys(Filter { prefix: "job:".into(), held_only: true }), ["job:1", "job:10", "job:2"]);
+    assert_eq!(keys(Filter { prefix: "job:f".into(), held_only: false }), ["job:free"]);
+
+    let pump = smol::block_on(b.status(&parse_key("pump").unwrap())).unwrap().expect("pump");
+    let holder = pump.holder.expect("held");
+    assert_eq!((holder.owner, holder.fence, holder.ttl), (OwnerId(4), Fence(1), Some(TTL.into())));
+    assert_eq!(holder.remaining, None, "DynamoDB keeps no clock");
+    let free = smol::block_on(b.status(&parse_key("job:free").unwrap())).unwrap();
+    assert_eq!(free, Some(KeyStatus { key: "job:free".into(), holder: None, last_fence: Fence(1) }));
+    assert_eq!(smol::block_on(b.status(&parse_key("never").unwrap())).unwrap(), None);
+
+    let missing = backend(server.url(), "no-such-table");
+    let refused = smol::block_on(missing.list(&Filter::default())).unwrap_err();
+    assert!(refused.to_string().contains("ResourceNotFoundException"), "{refused}");
+}

@@ -190,3 +190,143 @@ fn a_url_without_a_gateway_is_misconfigured() {
     let reply = smol::block_on(call(&b, "k", 1, Op::Acquire { ttl: LDuration::from_secs(1) }));
     assert_eq!(reply, Reply::Rejected(Reject::Misconfigured));
 }
+
+/// What [`Interceptor`] runs once.
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// A TCP proxy in front of etcd that runs `hook` once, just before it forwards the first
+/// request whose bytes contain `trigger`: a way to act *between* two requests of one backend
+/// call, on the real wire.
+struct Interceptor {
+    addr: std::net::SocketAddr,
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Interceptor {
+    fn start(upstream: &str, trigger: &'static [u8], hook: impl FnOnce() + Send + 'static) -> Interceptor {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let upstream: std::net::SocketAddr = upstream.trim_start_matches("http://").parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fired = Arc::new(AtomicBool::new(false));
+        let hook: Arc<Mutex<Option<Hook>>> = Arc::new(Mutex::new(Some(Box::new(hook))));
+        let flag = fired.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (hook, flag) = (hook.clone(), flag.clone());
+                std::thread::spawn(move || {
+                    let server = TcpStream::connect(upstream).unwrap();
+                    let (mut from_server, mut to_client) =
+                        (server.try_clone().unwrap(), client.try_clone().unwrap());
+                    std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+                    let (mut from_client, mut to_server) = (client, server);
+                    // The tail of the previous read too, so a trigger split across reads is seen.
+                    let mut seen: Vec<u8> = Vec::new();
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let n = match from_client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(trigger.len()).any(|w| w == trigger) {
+                            // Before forwarding: etcd cannot act on a request it has not read whole.
+                            if let Some(hook) = hook.lock().unwrap().take() {
+                                hook();
+                                flag.store(true, Ordering::SeqCst);
+                            }
+                        }
+                        seen.drain(..seen.len().saturating_sub(trigger.len()));
+                        if to_server.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_server.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Interceptor { addr, fired }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_key_re_created_by_a_rival_before_the_keepalive_is_not_renewed() {
+    // The renewal reads the key to find its etcd lease, then keeps that lease alive. Between
+    // the two, the key is deleted (here by an operator; an expiry does the same) and a rival
+    // acquires it: our keepalive still succeeds, on a lease that no longer carries the key.
+    let server = etcd();
+    let ttl = LDuration::from_secs(5);
+    let ours = smol::block_on(grant(&backend(server.url()), "raced", 1, ttl));
+    let rival_fence = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (url, rival) = (server.url().to_string(), rival_fence.clone());
+    let proxy = Interceptor::start(server.url(), b"POST /v3/lease/keepalive", move || {
+        smol::block_on(async {
+            let key = B64.encode(format!("{PREFIX}raced"));
+            Etcd::new(&url).post("/v3/kv/deleterange", json!({"key": key})).await;
+            *rival.lock().unwrap() = Some(grant(&backend(&url), "raced", 2, ttl).await);
+        })
+    });
+    let through_proxy = backend(&proxy.url());
+    let reply = smol::block_on(call(&through_proxy, "raced", 1, Op::Renew { fence: ours, ttl }));
+    assert!(proxy.fired(), "the renewal never sent a keepalive");
+    assert_eq!(reply, Reply::NotHolder, "renewed a key the rival re-created");
+    let rival = rival_fence.lock().unwrap().expect("the rival acquired");
+    let etcd = Etcd::new(server.url());
+    let (value, rev, _) = smol::block_on(etcd.get("raced")).expect("the rival's key");
+    assert_eq!((value.as_str(), rev), ("2", rival.0), "the rival's write is left alone");
+    let direct = backend(server.url());
+    assert_eq!(
+        smol::block_on(call(&direct, "raced", 2, Op::Renew { fence: rival, ttl })),
+        Reply::Granted { fence: rival, ttl }
+    );
+}
+
+#[test]
+fn listing_pages_through_the_held_keys_under_the_prefix_in_byte_order() {
+    use leasehold_stores::Filter;
+    let server = etcd();
+    let etcd = Etcd::new(server.url());
+    // One key per page: a listing that stopped after its first page would show one key.
+    let b = backend(server.url()).with_page_size(1);
+    let ttl = LDuration::from_secs(30);
+    smol::block_on(async {
+        let mut fences = std::collections::HashMap::new();
+        for (key, owner) in [("job:2", 2), ("pump", 4), ("job:10", 10), ("job:1", 1), ("gone", 5)] {
+            fences.insert(key, grant(&b, key, owner, ttl).await);
+        }
+        assert_eq!(call(&b, "gone", 5, Op::Release { fence: fences["gone"] }).await, Reply::Released);
+        // Beside ours: a key outside the prefix, and one under it that leasehold did not write.
+        let put = |k: &str, v: &str| json!({"key": B64.encode(k), "value": B64.encode(v)});
+        etcd.post("/v3/kv/put", put("other/job:3", "3")).await;
+        etcd.post("/v3/kv/put", put(&format!("{PREFIX}job:foreign"), "not an owner")).await;
+
+        let all = b.list(&Filter::default()).await.unwrap();
+        let keys: Vec<&str> = all.iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(keys, ["job:1", "job:10", "job:2", "pump"]);
+        for k in &all {
+            let h = k.holder.as_ref().expect("etcd lists held keys only");
+            assert_eq!((h.fence, k.last_fence), (fences[k.key.as_str()], fences[k.key.as_str()]), "{k:?}");
+            let owner = k.key.strip_prefix("job:").map_or(4, |n| n.parse().unwrap());
+            assert_eq!(h.owner, OwnerId(owner), "{k:?}");
+            assert_eq!(h.ttl, Some(Duration::from_secs(30)), "{k:?}");
+            let left = h.remaining.expect("etcd tells the lease's time to live");
+            assert!(left > Duration::ZERO && left <= Duration::from_secs(30), "{k:?}");
+        }
+        let jobs = b.list(&Filter { prefix: "job:1".into(), held_only: true }).await.unwrap();
+        assert_eq!(jobs.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["job:1", "job:10"]);
+        assert_eq!(b.status(&parse_key("pump").unwrap()).await.unwrap().as_ref(), all.last());
+        assert_eq!(b.status(&parse_key("gone").unwrap()).await.unwrap(), None, "released: deleted");
+        assert_eq!(b.status(&parse_key("never").unwrap()).await.unwrap(), None);
+    });
+}
