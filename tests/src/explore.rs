@@ -22,7 +22,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 
 use leasehold_core::authority::cas::CasRecord;
 use leasehold_core::authority::{self, Limits, Record};
@@ -124,6 +124,22 @@ enum Action {
     Advance(u64),
 }
 
+/// Feeds formatted text straight into a hasher.
+struct HashWriter(DefaultHasher);
+
+impl std::fmt::Write for HashWriter {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.write(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn debug_hash(v: &impl std::fmt::Debug) -> u64 {
+    let mut h = HashWriter(DefaultHasher::new());
+    let _ = write!(h, "{v:?}");
+    h.0.finish()
+}
+
 /// Distinct origins per party: clocks are never synchronised.
 const ORIGIN: [u64; 3] = [1_000_000, 5_000_000, 9_000_000];
 const PPM: i128 = 1_000_000;
@@ -168,11 +184,13 @@ impl Model {
     /// A key for the visited set: everything that determines the future, with the network as
     /// a set.
     fn key(s: &State) -> u64 {
-        let mut net: Vec<String> = s.net.iter().map(|m| format!("{m:?}")).collect();
+        // The machine has no `Hash`; its `Debug` output says everything it holds. It is fed to
+        // the hasher as it is formatted, never collected into a string.
+        let mut net: Vec<u64> = s.net.iter().map(debug_hash).collect();
         net.sort_unstable();
-        let mut h = DefaultHasher::new();
-        format!("{}|{:?}|{:?}|{:?}|{:?}", s.t, s.leases, s.store, net, s.app_left).hash(&mut h);
-        h.finish()
+        let mut h = HashWriter(DefaultHasher::new());
+        let _ = write!(h, "{}|{:?}|{:?}|{:?}|{:?}", s.t, s.leases, s.store, net, s.app_left);
+        h.0.finish()
     }
 
     fn send(s: &mut State, m: Msg) {
