@@ -105,7 +105,7 @@ pub struct Params {
     pub min_delay: u64,
     /// Largest one-way network delay (µs).
     pub max_delay: u64,
-    /// Per-message loss probability.
+    /// Per-message loss probability while a link is good (see `burst_*` for bad spells).
     pub loss: f64,
     /// Per-message duplication probability.
     pub duplication: f64,

@@ -60,6 +60,26 @@ fn the_receive_anchored_bug_is_found() {
 }
 
 #[test]
+fn the_receive_anchored_bug_gives_the_key_to_two_holders() {
+    // Mutual exclusion alone: the explorer must build the whole handover.
+    let model = Model {
+        refinement: false,
+        ..Model::small(Discipline::ServerTimed, Fault::AnchorAtReceive, CI_DEPTH)
+    };
+    let started = WallClock::now();
+    let r = explore_extremes(model);
+    let v = r.violation.expect("the explorer missed two holders under receive-anchoring");
+    println!(
+        "{} states, {:.2}s: {}\n{}",
+        r.states,
+        started.elapsed().as_secs_f64(),
+        v.message,
+        v.path.join("\n")
+    );
+    assert!(v.message.contains("two holders"), "{}", v.message);
+}
+
+#[test]
 fn ignoring_drift_is_found() {
     found(Fault::IgnoreDrift, &["the grant ends"]);
 }
