@@ -41,7 +41,8 @@ pub(crate) struct Args {
 pub(crate) fn main(args: Args) -> ExitCode {
     let mut config = ServerConfig::new(args.data, args.listen);
     config.token = args.token;
-    config.limits = Limits { min_ttl: args.min_ttl.into(), max_ttl: args.max_ttl.into() };
+    config.limits =
+        Limits { min_ttl: args.min_ttl.into(), max_ttl: args.max_ttl.into(), ..Limits::default() };
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         match ServerTls::from_pem_files(cert, key, args.client_ca.as_deref()) {
             Ok(tls) => config.tls = Some(tls),

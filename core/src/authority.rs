@@ -10,6 +10,8 @@ use heapless::index_map::FnvIndexMap;
 use crate::time::{Duration, Instant};
 use crate::wire::{Fence, Key, Op, OwnerId, Reject, Reply, Request};
 
+pub mod cas;
+
 /// Everything an authority keeps about one key. Persist it whole: `last_fence` must survive
 /// restarts so fences never repeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -20,6 +22,12 @@ pub struct Record {
     pub holder: Option<Holder>,
     /// The highest fence ever issued for this key.
     pub last_fence: Fence,
+    /// When the last grant ended by *expiry* (authority clock); `None` while a grant is live
+    /// or if the last one was released. It makes the next grant [`Reply::GrantedAfterExpiry`]
+    /// and starts the lock-delay ([`Limits::lock_delay`]). Kept in the record because the
+    /// expired grant may be cleared by a late renewal or release before anyone acquires.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub expired_at: Option<Instant>,
 }
 
 /// A grant as the authority sees it.
@@ -46,12 +54,21 @@ pub struct Limits {
     pub min_ttl: Duration,
     /// Longest ttl granted.
     pub max_ttl: Duration,
+    /// Lock-delay (Chubby, Consul): after a grant *expires* (not after a release), the key is
+    /// granted to nobody for this long, so that writes the dead holder still had in flight
+    /// land before anyone else acts, for resources that cannot check fences. Zero: off.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub lock_delay: Duration,
 }
 
 impl Default for Limits {
-    /// 10 ms to one day.
+    /// 10 ms to one day, no lock-delay.
     fn default() -> Self {
-        Limits { min_ttl: Duration::from_millis(10), max_ttl: crate::config::MAX_TTL }
+        Limits {
+            min_ttl: Duration::from_millis(10),
+            max_ttl: crate::config::MAX_TTL,
+            lock_delay: Duration::ZERO,
+        }
     }
 }
 
@@ -65,7 +82,7 @@ pub enum Outcome {
     Renewed,
     /// A grant given back.
     Released,
-    /// Refused: held by someone else, or not the asker's grant.
+    /// Refused: held by someone else, in lock-delay, or not the asker's grant.
     Refused,
     /// Refused outright: invalid request.
     Rejected,
@@ -94,18 +111,24 @@ impl Decision {
 /// Applies one request to one key at authority time `now`.
 ///
 /// - Acquire (and Takeover, which a server-timed authority treats the same): granted with a
-///   new fence if the key is free, expired, or already the asker's; otherwise `Busy` with the
-///   holder's remaining time.
+///   new fence if the key is free, expired, or already the asker's (see [`grants_to`]);
+///   otherwise `Busy` with the holder's remaining time. A grant that follows an expiry is
+///   [`Reply::GrantedAfterExpiry`]; within [`Limits::lock_delay`] of that expiry the key is
+///   `Busy` for everyone.
 /// - Renew: extended to `now + ttl` if the asker holds exactly that fence; otherwise
 ///   `NotHolder`.
 /// - Release: cleared if the asker holds exactly that fence; otherwise `NotHolder` (repeat
 ///   releases are harmless). The fence counter is kept.
 pub fn decide(record: &Record, now: Instant, request: &Request, limits: &Limits) -> Decision {
     let mut rec = *record;
-    let expired = matches!(rec.holder, Some(h) if now >= h.expires_at);
-    if expired {
-        rec.holder = None;
-    }
+    let expired = match rec.holder {
+        Some(h) if now >= h.expires_at => {
+            rec.holder = None;
+            rec.expired_at = Some(h.expires_at);
+            true
+        }
+        _ => false,
+    };
     let owner = request.owner;
     let decision = |record, reply, outcome| Decision { record, reply, outcome, expired };
 
@@ -121,16 +144,26 @@ pub fn decide(record: &Record, now: Instant, request: &Request, limits: &Limits)
 
     match request.op {
         Op::Acquire { ttl } | Op::Takeover { ttl, .. } => match rec.holder {
-            Some(h) if h.owner != owner => {
+            Some(h) if !grants_to(Some(h.owner), owner) => {
                 decision(rec, Reply::Busy { retry_after: h.expires_at - now }, Outcome::Refused)
             }
             _ => {
+                if let Some(at) = rec.expired_at {
+                    let free_at = at + limits.lock_delay;
+                    if now < free_at {
+                        return decision(rec, Reply::Busy { retry_after: free_at - now }, Outcome::Refused);
+                    }
+                }
                 let Some(fence) = rec.last_fence.next() else {
                     return decision(rec, Reply::Rejected(Reject::FenceExhausted), Outcome::Rejected);
                 };
+                let reply = match rec.expired_at.take() {
+                    Some(_) => Reply::GrantedAfterExpiry { fence, ttl },
+                    None => Reply::Granted { fence, ttl },
+                };
                 rec.last_fence = fence;
                 rec.holder = Some(Holder { owner, fence, ttl, expires_at: now + ttl });
-                decision(rec, Reply::Granted { fence, ttl }, Outcome::Granted)
+                decision(rec, reply, Outcome::Granted)
             }
         },
         Op::Renew { fence, ttl } => match rec.holder {
@@ -151,14 +184,31 @@ pub fn decide(record: &Record, now: Instant, request: &Request, limits: &Limits)
     }
 }
 
+/// The acquire rule every discipline shares: a key whose current holder is `holder` (`None`:
+/// free, or its grant has ended) may be granted, *with a new fence*, to `asker`. "Already
+/// mine" is granted anew rather than answered with the old fence: an asker that re-acquires
+/// has lost track of its grant (a restart, a lost reply), and a fresh fence makes every write
+/// it may still have in flight under the old one refusable. The etcd and DynamoDB backends
+/// express the same rule in their stores' own condition languages.
+pub const fn grants_to(holder: Option<OwnerId>, asker: OwnerId) -> bool {
+    match holder {
+        None => true,
+        Some(h) => h.0 == asker.0,
+    }
+}
+
 impl Record {
     /// The record as an authority must see it after a restart at `now`: every grant counts as
     /// made just now. The old expiry was on a clock that did not survive the restart, and a
-    /// grant acknowledged just before the crash must not be handed to anyone else early.
+    /// grant acknowledged just before the crash must not be handed to anyone else early. For
+    /// the same reason a lock-delay in progress starts again from `now`.
     pub fn recover(&self, now: Instant) -> Record {
         let mut rec = *self;
         if let Some(ref mut h) = rec.holder {
             h.expires_at = now + h.ttl;
+        }
+        if rec.expired_at.is_some() {
+            rec.expired_at = Some(now);
         }
         rec
     }
@@ -216,11 +266,12 @@ mod tests {
     use super::*;
     use crate::wire::RequestId;
 
-    const A: OwnerId = OwnerId(1);
-    const B: OwnerId = OwnerId(2);
-    const TTL: Duration = Duration::from_secs(10);
+    // Shared with the compare-and-set rules' tests.
+    pub(super) const A: OwnerId = OwnerId(1);
+    pub(super) const B: OwnerId = OwnerId(2);
+    pub(super) const TTL: Duration = Duration::from_secs(10);
 
-    fn req(owner: OwnerId, op: Op) -> Request {
+    pub(super) fn req(owner: OwnerId, op: Op) -> Request {
         Request { id: RequestId(0), owner, op }
     }
     fn at(s: u64) -> Instant {
@@ -237,7 +288,7 @@ mod tests {
         assert_eq!(d2.reply, Reply::Busy { retry_after: Duration::from_secs(6) });
         assert!(!d2.changed(&d.record));
         let d3 = decide(&d2.record, at(10), &req(B, Op::Acquire { ttl: TTL }), &l);
-        assert_eq!(d3.reply, Reply::Granted { fence: Fence(2), ttl: TTL });
+        assert_eq!(d3.reply, Reply::GrantedAfterExpiry { fence: Fence(2), ttl: TTL });
         assert!(d3.expired);
         // A's renewal of its expired fence is refused.
         let d4 = decide(&d3.record, at(11), &req(A, Op::Renew { fence: Fence(1), ttl: TTL }), &l);
@@ -271,6 +322,60 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_after_a_release_is_plain_after_an_expiry_is_flagged() {
+        let l = Limits::default();
+        let d = decide(&Record::default(), at(0), &req(A, Op::Acquire { ttl: TTL }), &l);
+        let released = decide(&d.record, at(1), &req(A, Op::Release { fence: Fence(1) }), &l);
+        let b = decide(&released.record, at(2), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(b.reply, Reply::Granted { fence: Fence(2), ttl: TTL });
+        // B's grant expires at 12; B's own late renewal clears it at 13 before anyone asks...
+        let late = decide(&b.record, at(13), &req(B, Op::Renew { fence: Fence(2), ttl: TTL }), &l);
+        assert_eq!(late.reply, Reply::NotHolder);
+        assert_eq!(late.record.holder, None);
+        assert_eq!(late.record.expired_at, Some(at(12)));
+        // ...and the next holder still learns that B's lease expired, and only it does.
+        let a = decide(&late.record, at(14), &req(A, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(a.reply, Reply::GrantedAfterExpiry { fence: Fence(3), ttl: TTL });
+        let a2 = decide(&a.record, at(15), &req(A, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(a2.reply, Reply::Granted { fence: Fence(4), ttl: TTL }, "re-acquire of a live grant");
+    }
+
+    #[test]
+    fn lock_delay_holds_the_key_after_an_expiry_but_not_after_a_release() {
+        let l = Limits { lock_delay: Duration::from_secs(5), ..Limits::default() };
+        let d = decide(&Record::default(), at(0), &req(A, Op::Acquire { ttl: TTL }), &l);
+        // A dies; its grant expires at 10; nobody may have the key until 15.
+        let b = decide(&d.record, at(10), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(b.reply, Reply::Busy { retry_after: Duration::from_secs(5) });
+        assert_eq!(b.outcome, Outcome::Refused);
+        let b = decide(&b.record, at(14), &req(A, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(b.reply, Reply::Busy { retry_after: Duration::from_secs(1) }, "not even the old owner");
+        let b = decide(&b.record, at(15), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(b.reply, Reply::GrantedAfterExpiry { fence: Fence(2), ttl: TTL });
+        // B releases at 16: the next acquire is granted at once.
+        let r = decide(&b.record, at(16), &req(B, Op::Release { fence: Fence(2) }), &l);
+        let a = decide(&r.record, at(16), &req(A, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(a.reply, Reply::Granted { fence: Fence(3), ttl: TTL });
+        // Off by default.
+        let d = decide(&d.record, at(10), &req(B, Op::Acquire { ttl: TTL }), &Limits::default());
+        assert_eq!(d.reply, Reply::GrantedAfterExpiry { fence: Fence(2), ttl: TTL });
+    }
+
+    #[test]
+    fn a_restart_restarts_the_lock_delay() {
+        let l = Limits { lock_delay: Duration::from_secs(5), ..Limits::default() };
+        let d = decide(&Record::default(), at(100), &req(A, Op::Acquire { ttl: TTL }), &l);
+        let busy = decide(&d.record, at(111), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(busy.record.expired_at, Some(at(110)));
+        // The restarted clock starts near zero; the delay counts from the restart.
+        let rec = busy.record.recover(at(1));
+        let b = decide(&rec, at(5), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(b.reply, Reply::Busy { retry_after: Duration::from_secs(1) });
+        let b = decide(&rec, at(6), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(b.reply, Reply::GrantedAfterExpiry { fence: Fence(2), ttl: TTL });
+    }
+
+    #[test]
     fn absurd_ttls_are_rejected_without_change() {
         let l = Limits::default();
         for ttl in [Duration::ZERO, Duration::from_micros(1), Duration::MAX] {
@@ -282,7 +387,7 @@ mod tests {
 
     #[test]
     fn fence_exhaustion_is_an_error_not_a_wrap() {
-        let rec = Record { holder: None, last_fence: Fence(u64::MAX) };
+        let rec = Record { holder: None, last_fence: Fence(u64::MAX), expired_at: None };
         let d = decide(&rec, at(0), &req(A, Op::Acquire { ttl: TTL }), &Limits::default());
         assert_eq!(d.reply, Reply::Rejected(Reject::FenceExhausted));
     }
@@ -297,7 +402,7 @@ mod tests {
         let d = t.handle(at(5), &k, &req(B, Op::Acquire { ttl: TTL }));
         assert_eq!(d.reply, Reply::Busy { retry_after: Duration::from_secs(6) });
         let d = t.handle(at(11), &k, &req(B, Op::Acquire { ttl: TTL }));
-        assert_eq!(d.reply, Reply::Granted { fence: Fence(2), ttl: TTL });
+        assert_eq!(d.reply, Reply::GrantedAfterExpiry { fence: Fence(2), ttl: TTL });
     }
 
     #[test]

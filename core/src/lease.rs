@@ -148,6 +148,11 @@ pub enum Event {
         fence: Fence,
         /// End of the local validity.
         valid_until: Instant,
+        /// The previous holder's lease ended by expiry rather than release (the authority
+        /// said [`Reply::GrantedAfterExpiry`]): it may have stopped half-way, so recover before
+        /// trusting the protected resource's state. `false` also when the authority cannot
+        /// tell (see [`Reply::Granted`]).
+        after_expiry: bool,
     },
     /// A renewal extended the validity.
     Renewed {
@@ -529,7 +534,8 @@ impl Lease {
             return;
         };
         match reply {
-            Reply::Granted { fence, ttl } => {
+            Reply::Granted { fence, ttl } | Reply::GrantedAfterExpiry { fence, ttl } => {
+                let after_expiry = matches!(reply, Reply::GrantedAfterExpiry { .. });
                 if fence <= self.fence {
                     // A replayed or confused grant: an old fence is never trusted.
                     return self.fail(now);
@@ -553,7 +559,7 @@ impl Lease {
                 self.valid_until = valid_until;
                 self.failures = 0;
                 self.wake_at((p.sent_at + self.config.renew_every).max(now));
-                self.push(Event::Acquired { fence, valid_until });
+                self.push(Event::Acquired { fence, valid_until, after_expiry });
             }
             Reply::Busy { retry_after } => {
                 if cancel {
@@ -627,7 +633,11 @@ impl Lease {
             Reply::Rejected(r) => {
                 self.end(Phase::Lost, Event::Lost { fence: self.fence, reason: LostReason::Rejected(r) })
             }
-            Reply::Granted { .. } | Reply::Unavailable | Reply::Released => self.fail(now),
+            // A new grant in answer to a renewal is not this grant: not believed.
+            Reply::Granted { .. }
+            | Reply::GrantedAfterExpiry { .. }
+            | Reply::Unavailable
+            | Reply::Released => self.fail(now),
         }
     }
 
@@ -795,7 +805,10 @@ mod tests {
     #[test]
     fn validity_is_anchored_at_send_not_reply() {
         let mut l = held(3_000);
-        assert_eq!(l.poll_event(), Some(Event::Acquired { fence: Fence(1), valid_until: ms(9_900) }));
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Acquired { fence: Fence(1), valid_until: ms(9_900), after_expiry: false })
+        );
         assert_eq!(l.remaining(ms(3_000)), Some(Duration::from_millis(6_900)));
         assert_eq!(l.remaining(ms(9_899)), Some(Duration::from_millis(1)));
         assert_eq!(l.remaining(ms(9_900)), None);
@@ -1014,14 +1027,13 @@ mod tests {
         l.acquire_until(ms(0), ms(9_990)).unwrap();
         let r = l.poll_transmit().unwrap();
         reply(&mut l, ms(50), &r, Reply::Observed { version: 7, ttl: TTL });
-        let mut now = ms(50);
         let (mut last, mut ended) = (None, None);
         for _ in 0..1_000 {
             if let Some(e) = l.poll_event() {
                 ended = Some(e);
                 break;
             }
-            now = l.poll_timeout().unwrap();
+            let now = l.poll_timeout().unwrap();
             l.handle_timeout(now);
             if let Some(r) = l.poll_transmit() {
                 assert_eq!(r.op, Op::Acquire { ttl: TTL }, "at {now}: only polls before the takeover is due");
@@ -1064,7 +1076,11 @@ mod tests {
         }
         assert_eq!(
             l.poll_event(),
-            Some(Event::Acquired { fence: Fence(3), valid_until: now + Duration::from_millis(9_900) })
+            Some(Event::Acquired {
+                fence: Fence(3),
+                valid_until: now + Duration::from_millis(9_900),
+                after_expiry: false
+            })
         );
     }
 
@@ -1106,6 +1122,24 @@ mod tests {
         let r = l.poll_transmit().unwrap();
         reply(&mut l, t, &r, granted(4));
         assert!(matches!(l.poll_event(), Some(Event::Acquired { fence: Fence(4), .. })));
+    }
+
+    #[test]
+    fn a_grant_after_expiry_is_told_so() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(5), &r, Reply::GrantedAfterExpiry { fence: Fence(2), ttl: TTL });
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Acquired { fence: Fence(2), valid_until: ms(9_900), after_expiry: true })
+        );
+        // A renewal answered as if it were a new grant is not believed.
+        l.handle_timeout(RENEW);
+        let r = l.poll_transmit().unwrap();
+        reply(&mut l, ms(3_340), &r, Reply::GrantedAfterExpiry { fence: Fence(2), ttl: TTL });
+        assert_eq!(l.poll_event(), None);
+        assert_eq!(l.health(ms(3_340)), Health::Unknown);
     }
 
     #[test]

@@ -165,6 +165,29 @@ pub enum Reply {
     Rejected(Reject),
     /// A transient failure (throttled, overloaded, store unreachable): retry later.
     Unavailable,
+    /// Like [`Reply::Granted`], and the previous holder's lease ended by *expiry*, not by
+    /// release: it may have stopped half-way through its work, so the new holder should run
+    /// recovery before trusting the resource's state. [`Reply::Granted`] means the key was
+    /// free, released, or already the asker's, or that the authority cannot tell.
+    ///
+    /// A variant of its own, appended, rather than a field of `Granted`: postcard encodings of
+    /// every existing reply stay byte-for-byte the same.
+    GrantedAfterExpiry {
+        /// The fence of the new grant.
+        fence: Fence,
+        /// The ttl granted; may be shorter than requested.
+        ttl: Duration,
+    },
+}
+
+impl Reply {
+    /// The fence and ttl of a grant ([`Reply::Granted`] or [`Reply::GrantedAfterExpiry`]).
+    pub const fn grant(&self) -> Option<(Fence, Duration)> {
+        match *self {
+            Reply::Granted { fence, ttl } | Reply::GrantedAfterExpiry { fence, ttl } => Some((fence, ttl)),
+            _ => None,
+        }
+    }
 }
 
 /// Why an authority refuses a request outright.

@@ -4,5 +4,6 @@
 //! seeded, faulty network, with clocks whose rates drift within ε, and checks the safety
 //! invariants on true (simulated) time after every step. A seed replays exactly.
 
+pub mod explore;
 pub mod load;
 pub mod sim;

@@ -1,21 +1,84 @@
-//! Deterministic simulation: a [`World`] of clients, one authority and a seeded network.
+//! Deterministic simulation: a [`World`] of clients, one authority, resources and a seeded
+//! network.
 //!
 //! True time is a `u64` of microseconds that only the simulator sees. Every party reads its
-//! own clock, `offset + t·rate`, with a rate drawn per party so that any two rates differ by at
-//! most the factor `1+ε` the core is configured for. [`World::step`] jumps true time to the
-//! earliest pending deadline (a message delivery, a lease timer, an application action, a
-//! fault) and handles it; the checker then asserts, on true time:
+//! own clock, piecewise `base + (t − t₀)·rate`, with rates drawn per party (at the extremes
+//! ±δ three times in four) so that any two rates differ by at most the factor `1+ε` the core
+//! is configured for; a rate may wander within that bound during a run. [`World::step`] jumps
+//! true time to the earliest pending deadline (a message delivery, a lease timer, an
+//! application action, a write, a fault) and handles it. Holders send writes carrying their
+//! fence to the resources over the same network as everything else (delay, Gilbert-Elliott
+//! burst loss, duplication, reordering, partitions in one direction or both), so writes can
+//! arrive long after their sender stopped believing. Each resource admits writes through
+//! [`HighWater::admit`]. The checker asserts, on true time:
 //! - at most one client believes it holds the key (`remaining(its local now)` is `Some`);
-//! - the authority's grants carry strictly increasing fences;
-//! - no client is told `Acquired` with a fence at or below one already told to anyone.
+//! - refinement: every believer is the authority's current holder under the same fence, and
+//!   (server-timed) the authority's expiry is at or after the end of the belief;
+//! - the authority's grants carry strictly increasing fences, and no client is told
+//!   `Acquired` with a fence at or below one already told to anyone;
+//! - no resource accepts a write whose fence is below the highest it has accepted, nor writes
+//!   of two holders under one fence, nor a write sent while its sender did not believe.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+use leasehold_core::authority::cas::CasRecord;
 use leasehold_core::authority::{self, Limits, Outcome, Record};
+use leasehold_core::resource::{AdmitError, HighWater};
 use leasehold_core::{
-    Config, Drift, Duration, Event, Fault, Fence, Instant, Lease, Op, OwnerId, Reply, Request, Response,
+    Config, Drift, Duration, Event, Fault, Fence, Instant, Lease, OwnerId, Reply, Request, Response,
 };
+
+/// A deliberate bug outside the core, to prove the checker notices it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Bug {
+    /// Everything as shipped.
+    #[default]
+    None,
+    /// Resources accept every write, whatever its fence.
+    ResourceIgnoresFence,
+    /// Resources compare fences only, so a tie from another holder is admitted. Runs with an
+    /// authority whose store resets its fence counter on release (the only way two holders
+    /// can ever present one fence).
+    ResourceAdmitsEqualFence,
+    /// The same fence-reusing authority, with resources as shipped: they must refuse the
+    /// second holder of a fence.
+    AuthorityReusesFences,
+    /// Holders keep writing for a while after their lease is lost (a paused process that
+    /// wakes up and finishes its batch without looking at `remaining()`).
+    WritesAfterLoss,
+}
+
+impl Bug {
+    /// The name used in `LEASEHOLD_SIM_BUG`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Bug::None => "none",
+            Bug::ResourceIgnoresFence => "resource-ignores-fence",
+            Bug::ResourceAdmitsEqualFence => "resource-admits-equal-fence",
+            Bug::AuthorityReusesFences => "authority-reuses-fences",
+            Bug::WritesAfterLoss => "writes-after-loss",
+        }
+    }
+
+    /// The bug named `name` (see [`Bug::name`]).
+    pub fn from_name(name: &str) -> Option<Bug> {
+        [
+            Bug::None,
+            Bug::ResourceIgnoresFence,
+            Bug::ResourceAdmitsEqualFence,
+            Bug::AuthorityReusesFences,
+            Bug::WritesAfterLoss,
+        ]
+        .into_iter()
+        .find(|b| b.name() == name)
+    }
+
+    /// Whether the authority's store resets its fence counter on release.
+    const fn reuses_fences(self) -> bool {
+        matches!(self, Bug::ResourceAdmitsEqualFence | Bug::AuthorityReusesFences)
+    }
+}
 
 /// How the authority times leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +105,7 @@ pub struct Params {
     pub min_delay: u64,
     /// Largest one-way network delay (µs).
     pub max_delay: u64,
-    /// Per-message loss probability.
+    /// Per-message loss probability while a link is good (see `burst_*` for bad spells).
     pub loss: f64,
     /// Per-message duplication probability.
     pub duplication: f64,
@@ -50,6 +113,18 @@ pub struct Params {
     pub faults: bool,
     /// Simulated true time to run (µs).
     pub run_for: u64,
+    /// Number of resources the lease protects.
+    pub resources: usize,
+    /// Gilbert-Elliott burst loss: per-message chance that a good link turns bad...
+    pub burst_start: f64,
+    /// ...and that a bad link recovers...
+    pub burst_end: f64,
+    /// ...and the loss probability while it is bad.
+    pub burst_loss: f64,
+    /// The authority's lock-delay (server-timed only; zero: off).
+    pub lock_delay: Duration,
+    /// The deliberate bug outside the core.
+    pub bug: Bug,
 }
 
 impl Params {
@@ -65,6 +140,11 @@ impl Params {
         config.jitter_seed = rng.u64(..);
         config.fault = fault;
         let max_delay = rng.u64(1..=ttl.as_micros() / 10);
+        let lock_delay = if rng.u8(..4) == 0 {
+            Duration::from_micros(rng.u64(0..ttl.as_micros() / 2))
+        } else {
+            Duration::ZERO
+        };
         Params {
             seed,
             clients: rng.usize(3..=5),
@@ -76,44 +156,91 @@ impl Params {
             duplication: rng.f64() * 0.1,
             faults: rng.u8(..) < 200,
             run_for: ttl.as_micros() * 30,
+            resources: rng.usize(1..=2),
+            burst_start: rng.f64() * 0.05,
+            burst_end: 0.1 + rng.f64() * 0.4,
+            burst_loss: 0.5 + rng.f64() * 0.5,
+            lock_delay,
+            bug: Bug::None,
         }
+    }
+
+    /// As [`Params::from_seed`] with the real core and `bug` planted.
+    pub fn planted(seed: u64, bug: Bug) -> Params {
+        Params { bug, ..Params::from_seed(seed, Fault::None) }
     }
 }
 
-/// A party's local clock: `offset + t·(1 + dev_ppm/10⁶)`, rounded down.
+/// A party's local clock, `base_local + (t − base_true)·(1 + dev_ppm/10⁶)` rounded down; a
+/// rate change starts a new segment where the old one ended, so the clock stays continuous
+/// and monotonic.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
-    offset: u64,
+    base_true: u64,
+    base_local: u64,
     dev_ppm: i64,
 }
 
 const PPM: i128 = 1_000_000;
 
+/// δ: any two rates in `[1−δ, 1+δ]` differ by at most `(1+δ)/(1−δ) = 1+ε` when `δ = ε/(2+ε)`.
+fn delta_ppm(drift: Drift) -> i64 {
+    let eps = i128::from(drift.as_ppm());
+    (eps * PPM / (2 * PPM + eps)) as i64
+}
+
+/// A rate deviation within ±δ: at an extreme three times in four, since the extremes are where
+/// a timing bug shows.
+fn draw_rate(rng: &mut fastrand::Rng, drift: Drift) -> i64 {
+    let delta = delta_ppm(drift);
+    match rng.u8(..4) {
+        0 => delta,
+        1 => -delta,
+        2 => *rng.choice(&[delta, -delta]).unwrap_or(&0),
+        _ => rng.i64(-delta..=delta),
+    }
+}
+
 impl Clock {
     fn random(rng: &mut fastrand::Rng, drift: Drift) -> Clock {
-        // Any two rates in [1−δ, 1+δ] differ by at most (1+δ)/(1−δ) = 1+ε when δ = ε/(2+ε).
-        let eps = i128::from(drift.as_ppm());
-        let delta = (eps * PPM / (2 * PPM + eps)) as i64;
-        Clock { offset: rng.u64(0..1 << 40), dev_ppm: rng.i64(-delta..=delta) }
+        Clock { base_true: 0, base_local: rng.u64(0..1 << 40), dev_ppm: draw_rate(rng, drift) }
     }
 
     fn local(&self, t: u64) -> Instant {
-        let scaled = i128::from(t) * (PPM + i128::from(self.dev_ppm)) / PPM;
-        Instant::from_micros(self.offset + scaled as u64)
+        let dt = i128::from(t.saturating_sub(self.base_true));
+        let scaled = dt * (PPM + i128::from(self.dev_ppm)) / PPM;
+        Instant::from_micros(self.base_local + scaled as u64)
     }
 
-    /// The earliest true time at which this clock reads `at` or later.
+    /// The earliest true time at which this clock reads `at` or later, if its rate stays.
     fn true_time_of(&self, at: Instant) -> u64 {
-        let l = i128::from(at.as_micros().saturating_sub(self.offset));
+        if at.as_micros() <= self.base_local {
+            return self.base_true;
+        }
+        let l = i128::from(at.as_micros() - self.base_local);
         let rate = PPM + i128::from(self.dev_ppm);
-        let mut t = ((l * PPM + rate - 1) / rate).min(i128::from(u64::MAX / 2)) as u64;
-        while t > 0 && self.local(t - 1) >= at {
+        let dt = ((l * PPM + rate - 1) / rate).min(i128::from(u64::MAX / 4)) as u64;
+        let mut t = self.base_true + dt;
+        while t > self.base_true && self.local(t - 1) >= at {
             t -= 1;
         }
         while self.local(t) < at {
             t += 1;
         }
         t
+    }
+
+    /// From true time `t` on, runs at `dev_ppm`.
+    fn set_rate(&mut self, t: u64, dev_ppm: i64) {
+        self.base_local = self.local(t).as_micros();
+        self.base_true = t;
+        self.dev_ppm = dev_ppm;
+    }
+
+    /// A restarted process's monotonic clock: a new origin from true time `t` on.
+    fn restart(&mut self, t: u64, origin: u64) {
+        self.base_true = t;
+        self.base_local = origin;
     }
 }
 
@@ -130,9 +257,12 @@ enum What {
     ClientEvent(usize, Event),
     Crash(usize),
     Restart(usize, OwnerId),
-    Partition(usize, u64),
+    Partition(usize, u64, Direction),
     AuthorityDown(u64),
     AuthorityUp,
+    WriteSent(usize, usize, Fence, bool),
+    WriteAdmitted(usize, usize, Fence, Result<(), AdmitError>),
+    Rate(Option<usize>, i64),
 }
 
 /// One line of a run's trace.
@@ -158,9 +288,20 @@ impl fmt::Display for TraceEntry {
             What::ClientEvent(c, e) => write!(f, "c{c} EVENT {e:?}"),
             What::Crash(c) => write!(f, "c{c} CRASHES"),
             What::Restart(c, o) => write!(f, "c{c} restarts as {o}"),
-            What::Partition(c, until) => {
-                write!(f, "c{c} partitioned until {:.3}ms", until as f64 / 1000.0)
+            What::Partition(c, until, dir) => {
+                write!(f, "c{c} partitioned ({dir:?}) until {:.3}ms", until as f64 / 1000.0)
             }
+            What::WriteSent(c, r, fence, believed) => {
+                write!(f, "c{c} writes to r{r} under fence {fence} (believes: {believed})")
+            }
+            What::WriteAdmitted(c, r, fence, Ok(())) => {
+                write!(f, "r{r} ACCEPTS c{c}'s write under fence {fence}")
+            }
+            What::WriteAdmitted(c, r, fence, Err(e)) => {
+                write!(f, "r{r} refuses c{c}'s write under {fence}: {e}")
+            }
+            What::Rate(None, ppm) => write!(f, "authority clock rate now {ppm:+} ppm"),
+            What::Rate(Some(c), ppm) => write!(f, "c{c} clock rate now {ppm:+} ppm"),
             What::AuthorityDown(until) => {
                 write!(f, "authority DOWN until {:.3}ms", until as f64 / 1000.0)
             }
@@ -196,9 +337,13 @@ impl fmt::Display for Violation {
             Fault::IgnoreDrift => "LEASEHOLD_SIM_FAULT=ignore-drift ",
             _ => "",
         };
+        let bug = match self.params.bug {
+            Bug::None => String::new(),
+            b => format!("LEASEHOLD_SIM_BUG={} ", b.name()),
+        };
         write!(
             f,
-            "replay: {fault}LEASEHOLD_SIM_SEED={} cargo test -p leasehold-tests --test simulation replay -- --nocapture",
+            "replay: {fault}{bug}LEASEHOLD_SIM_SEED={} cargo test -p leasehold-tests --test simulation replay -- --nocapture",
             self.params.seed
         )
     }
@@ -221,6 +366,54 @@ pub struct Stats {
     pub released: u64,
     /// Messages dropped by loss, partitions, crashes or authority downtime.
     pub dropped: u64,
+    /// Grants that followed an expiry (`GrantedAfterExpiry`), as told to clients.
+    pub acquired_after_expiry: u64,
+    /// Writes sent to resources.
+    pub writes: u64,
+    /// Writes resources accepted.
+    pub accepted: u64,
+    /// Writes refused as stale (a later grant had written).
+    pub refused_stale: u64,
+    /// Writes refused because another holder had written under the same fence.
+    pub refused_reused: u64,
+    /// Acquires refused by the lock-delay.
+    pub lock_delayed: u64,
+}
+
+impl Stats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Stats) {
+        self.steps += other.steps;
+        self.grants += other.grants;
+        self.acquired += other.acquired;
+        self.renewed += other.renewed;
+        self.lost += other.lost;
+        self.released += other.released;
+        self.dropped += other.dropped;
+        self.acquired_after_expiry += other.acquired_after_expiry;
+        self.writes += other.writes;
+        self.accepted += other.accepted;
+        self.refused_stale += other.refused_stale;
+        self.refused_reused += other.refused_reused;
+        self.lock_delayed += other.lock_delayed;
+    }
+}
+
+/// Which way a partition cuts a client off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Nothing in or out.
+    Both,
+    /// Its messages are lost; it still hears the others.
+    Outbound,
+    /// It cannot hear; its messages still arrive.
+    Inbound,
+}
+
+/// One direction of a client's link, for Gilbert-Elliott burst loss.
+#[derive(Debug, Clone, Copy, Default)]
+struct Link {
+    bad: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,50 +431,39 @@ struct Client {
     app_at: Option<u64>,
     restart_at: Option<u64>,
     partitioned_until: u64,
+    partition: Direction,
+    /// `[outbound, inbound]`.
+    links: [Link; 2],
+    /// The next write to a resource while holding.
+    write_at: Option<u64>,
+    /// [`Bug::WritesAfterLoss`]: the lost fence it keeps writing under, and until when.
+    stale: Option<(Fence, u64)>,
 }
 
-/// A compare-and-set record as a DynamoDB item holds it.
-#[derive(Debug, Clone, Copy, Default)]
-struct CasRecord {
-    owner: Option<OwnerId>,
-    fence: Fence,
-    version: u64,
-    ttl: Duration,
-}
-
-impl CasRecord {
-    /// The conditional writes the DynamoDB backend issues, as the store evaluates them.
-    fn apply(&mut self, req: &Request) -> (Reply, bool) {
-        let mine = self.owner == Some(req.owner);
-        let observed = Reply::Observed { version: self.version, ttl: self.ttl };
-        match req.op {
-            Op::Acquire { ttl } | Op::Takeover { ttl, .. } => {
-                let allowed = match req.op {
-                    Op::Takeover { version, .. } => self.owner.is_none() || mine || version == self.version,
-                    _ => self.owner.is_none() || mine,
-                };
-                if !allowed {
-                    return (observed, false);
-                }
-                self.fence = Fence(self.fence.0 + 1);
-                self.version += 1;
-                self.owner = Some(req.owner);
-                self.ttl = ttl;
-                (Reply::Granted { fence: self.fence, ttl }, true)
-            }
-            Op::Renew { fence, ttl } if mine && fence == self.fence => {
-                self.version += 1;
-                self.ttl = ttl;
-                (Reply::Granted { fence, ttl }, false)
-            }
-            Op::Release { fence } if mine && fence == self.fence => {
-                self.version += 1;
-                self.owner = None;
-                (Reply::Released, false)
-            }
-            Op::Renew { .. } | Op::Release { .. } => (Reply::NotHolder, false),
-        }
+impl Client {
+    fn cut(&self, now: u64, dir: Direction) -> bool {
+        self.partitioned_until > now && (self.partition == Direction::Both || self.partition == dir)
     }
+}
+
+/// A resource the lease protects. It stores only its high-water mark; the checker keeps its
+/// own record of what was accepted.
+#[derive(Debug, Clone, Copy, Default)]
+struct Resource {
+    mark: HighWater,
+    /// The checker's view: the highest fence accepted, and whose write first set it.
+    highest: Option<(Fence, OwnerId)>,
+}
+
+/// A write as it travels: what the resource sees, and what only the checker knows.
+#[derive(Debug, Clone, Copy)]
+struct Write {
+    client: usize,
+    resource: usize,
+    owner: OwnerId,
+    fence: Fence,
+    /// Whether the sender believed it held the lease when it sent the write.
+    believed: bool,
 }
 
 enum Store {
@@ -297,8 +479,20 @@ struct Authority {
 
 #[derive(Debug, Clone, Copy)]
 enum Msg {
-    ToAuthority { client: usize, request: Request },
-    ToClient { client: usize, response: Response },
+    Request { client: usize, request: Request },
+    Response { client: usize, response: Response },
+    Write(Write),
+}
+
+impl Msg {
+    /// The client at the other end, and which way the message goes from its side.
+    fn link(&self) -> (usize, Direction) {
+        match *self {
+            Msg::Request { client, .. } => (client, Direction::Outbound),
+            Msg::Write(w) => (w.client, Direction::Outbound),
+            Msg::Response { client, .. } => (client, Direction::Inbound),
+        }
+    }
 }
 
 /// The simulated world.
@@ -308,6 +502,7 @@ pub struct World {
     now: u64,
     clients: Vec<Client>,
     authority: Authority,
+    resources: Vec<Resource>,
     network: BTreeMap<(u64, u64), Msg>,
     next_msg: u64,
     next_fault: u64,
@@ -332,6 +527,10 @@ impl World {
                 app_at: Some(rng.u64(0..params.config.ttl.as_micros())),
                 restart_at: None,
                 partitioned_until: 0,
+                partition: Direction::Both,
+                links: [Link::default(); 2],
+                write_at: None,
+                stale: None,
             })
             .collect();
         let authority = Authority {
@@ -349,10 +548,11 @@ impl World {
             now: 0,
             clients,
             authority,
+            resources: vec![Resource::default(); params.resources],
             network: BTreeMap::new(),
             next_msg: 0,
             next_fault,
-            limits: Limits::default(),
+            limits: Limits { lock_delay: params.lock_delay, ..Limits::default() },
             last_grant: Fence::NONE,
             last_acquired: Fence::NONE,
             trace: Vec::with_capacity(4096),
@@ -393,6 +593,7 @@ impl World {
             Timer(usize),
             App(usize),
             Restart(usize),
+            Write(usize),
             AuthorityUp,
             Fault,
         }
@@ -414,6 +615,9 @@ impl World {
             }
             if let Some(t) = c.restart_at {
                 consider(t, Next::Restart(i));
+            }
+            if let Some(t) = c.write_at {
+                consider(t, Next::Write(i));
             }
         }
         if let Some(t) = self.authority.down_until {
@@ -444,6 +648,11 @@ impl World {
                 self.drain(i)?;
             }
             Next::App(i) => self.app(i)?,
+            Next::Write(i) => {
+                // Sending a write changes no belief, grant or clock: nothing to check.
+                self.write(i);
+                return Ok(true);
+            }
             Next::Restart(i) => {
                 let c = &mut self.clients[i];
                 c.incarnation += 1;
@@ -452,12 +661,15 @@ impl World {
                 c.lease = Some(Lease::new(o, self.params.config).expect("sim config is valid"));
                 c.app = App::Idle;
                 c.app_at = Some(self.now + self.rng.u64(0..self.params.config.ttl.as_micros()));
+                c.write_at = None;
+                c.stale = None;
                 self.log(What::Restart(i, o));
             }
             Next::AuthorityUp => {
                 self.authority.down_until = None;
                 // A restarted process's monotonic clock has a new origin.
-                self.authority.clock.offset = self.rng.u64(0..1 << 40);
+                let origin = self.rng.u64(0..1 << 40);
+                self.authority.clock.restart(self.now, origin);
                 let now = self.authority.clock.local(self.now);
                 if let Store::ServerTimed(ref mut r) = self.authority.store {
                     *r = r.recover(now);
@@ -506,7 +718,16 @@ impl World {
                 self.log(What::AppAcquire(i, how));
             }
             App::Holding => {
+                // A holder's last write goes out just before its release, so that it races
+                // the next holder's first one.
+                if let (Some(_), Some(fence)) = (lease.remaining(local), lease.fence()) {
+                    let owner = lease.owner();
+                    self.send_write(i, owner, fence, true);
+                }
+                let c = &mut self.clients[i];
+                let Some(lease) = c.lease.as_mut() else { return Ok(()) };
                 c.app = App::Idle;
+                c.write_at = None;
                 let r = lease.release(local);
                 self.log(What::AppRelease(i));
                 if r.is_err() {
@@ -522,16 +743,17 @@ impl World {
     fn drain(&mut self, i: usize) -> Result<(), Box<Violation>> {
         while let Some(request) = self.clients[i].lease.as_mut().and_then(Lease::poll_transmit) {
             self.log(What::Send(i, request));
-            self.send(i, Msg::ToAuthority { client: i, request });
+            self.send(i, Msg::Request { client: i, request });
         }
         while let Some(e) = self.clients[i].lease.as_mut().and_then(Lease::poll_event) {
             self.log(What::ClientEvent(i, e));
             let ttl = self.params.config.ttl.as_micros();
             let c = &mut self.clients[i];
             match e {
-                Event::Acquired { fence, .. } => {
+                Event::Acquired { fence, after_expiry, .. } => {
                     self.stats.acquired += 1;
-                    if fence <= self.last_acquired {
+                    self.stats.acquired_after_expiry += u64::from(after_expiry);
+                    if fence <= self.last_acquired && !self.params.bug.reuses_fences() {
                         return Err(self.violation(format!(
                             "c{i} told Acquired with fence {fence} after fence {} was told",
                             self.last_acquired
@@ -540,11 +762,21 @@ impl World {
                     self.last_acquired = fence;
                     c.app = App::Holding;
                     c.app_at = Some(self.now + self.rng.u64(0..3 * ttl));
+                    // The first write at once: it is the one most likely to overtake a predecessor's late one.
+                    c.write_at = Some(self.now);
+                    c.stale = None;
                 }
                 Event::Renewed { .. } => self.stats.renewed += 1,
                 Event::Lost { .. } | Event::NotAcquired { .. } | Event::Released { .. } => {
                     match e {
-                        Event::Lost { .. } => self.stats.lost += 1,
+                        Event::Lost { fence, .. } => {
+                            self.stats.lost += 1;
+                            if self.params.bug == Bug::WritesAfterLoss {
+                                c.stale = Some((fence, self.now + self.rng.u64(0..ttl)));
+                            } else {
+                                c.write_at = None;
+                            }
+                        }
                         Event::Released { .. } => self.stats.released += 1,
                         _ => {}
                     }
@@ -557,13 +789,23 @@ impl World {
     }
 
     fn send(&mut self, client: usize, msg: Msg) {
-        if self.clients[client].partitioned_until > self.now {
+        let (_, dir) = msg.link();
+        if self.clients[client].cut(self.now, dir) {
             self.stats.dropped += 1;
             return self.log(What::Dropped("partition"));
         }
-        if self.rng.f64() < self.params.loss {
+        // Gilbert-Elliott: each direction of a client's link flips between good and bad.
+        let p = &self.params;
+        let link = &mut self.clients[client].links[usize::from(dir == Direction::Inbound)];
+        let flip = if link.bad { p.burst_end } else { p.burst_start };
+        if self.rng.f64() < flip {
+            link.bad = !link.bad;
+        }
+        let bad = link.bad;
+        let loss = if bad { p.burst_loss } else { p.loss };
+        if self.rng.f64() < loss {
             self.stats.dropped += 1;
-            return self.log(What::Dropped("loss"));
+            return self.log(What::Dropped(if bad { "burst loss" } else { "loss" }));
         }
         let copies = if self.rng.f64() < self.params.duplication { 2 } else { 1 };
         for _ in 0..copies {
@@ -573,28 +815,123 @@ impl World {
         }
     }
 
+    /// A holder's periodic write: under its fence while it believes; under its lost fence
+    /// too with [`Bug::WritesAfterLoss`].
+    fn write(&mut self, i: usize) {
+        let local = self.local(i);
+        let ttl = self.params.config.ttl.as_micros();
+        let c = &mut self.clients[i];
+        c.write_at = None;
+        let Some(lease) = c.lease.as_ref() else { return };
+        let owner = lease.owner();
+        let believed = lease.remaining(local).is_some();
+        let fence = match (believed, lease.fence(), c.stale) {
+            (true, Some(f), _) => Some(f),
+            (false, _, Some((f, until))) if self.now < until => Some(f),
+            _ => None,
+        };
+        if fence.is_some() || lease.fence().is_some() {
+            c.write_at = Some(self.now + self.rng.u64(0..ttl / 2));
+        }
+        if let Some(fence) = fence {
+            self.send_write(i, owner, fence, believed);
+        }
+    }
+
+    fn send_write(&mut self, client: usize, owner: OwnerId, fence: Fence, believed: bool) {
+        let resource = self.rng.usize(0..self.resources.len());
+        self.stats.writes += 1;
+        self.log(What::WriteSent(client, resource, fence, believed));
+        self.send(client, Msg::Write(Write { client, resource, owner, fence, believed }));
+    }
+
+    /// The resource admits (or refuses) a write; the checker judges what it accepted.
+    fn admit(&mut self, w: Write) -> Result<(), Box<Violation>> {
+        let r = &mut self.resources[w.resource];
+        let verdict = match self.params.bug {
+            Bug::ResourceIgnoresFence => Ok(HighWater { fence: w.fence.max(r.mark.fence), holder: w.owner }),
+            Bug::ResourceAdmitsEqualFence if w.fence >= r.mark.fence && w.fence != Fence::NONE => {
+                Ok(HighWater { fence: w.fence, holder: w.owner })
+            }
+            _ => r.mark.admit(w.fence, w.owner),
+        };
+        let accepted = verdict.is_ok();
+        match verdict {
+            Ok(mark) => {
+                r.mark = mark;
+                self.stats.accepted += 1;
+            }
+            Err(AdmitError::Stale { .. }) => self.stats.refused_stale += 1,
+            Err(AdmitError::Reused { .. }) => self.stats.refused_reused += 1,
+            Err(_) => {}
+        }
+        self.log(What::WriteAdmitted(w.client, w.resource, w.fence, verdict.map(|_| ())));
+        if !accepted {
+            return Ok(());
+        }
+        let r = &mut self.resources[w.resource];
+        let (c, res) = (w.client, w.resource);
+        match r.highest {
+            Some((f, _)) if w.fence < f => {
+                return Err(self.violation(format!(
+                    "r{res} accepted c{c}'s write under fence {} below its highest accepted fence {f}",
+                    w.fence
+                )))
+            }
+            Some((f, o)) if w.fence == f && o != w.owner => {
+                return Err(self.violation(format!(
+                    "r{res} accepted writes of two holders under the same fence {f}: {o} and c{c} as {}",
+                    w.owner
+                )))
+            }
+            Some((f, _)) if w.fence == f => {}
+            _ => r.highest = Some((w.fence, w.owner)),
+        }
+        if !w.believed {
+            return Err(self.violation(format!(
+                "r{res} accepted c{c}'s write under fence {}, sent while not believing it held the lease",
+                w.fence
+            )));
+        }
+        Ok(())
+    }
+
     fn deliver(&mut self, msg: Msg) -> Result<(), Box<Violation>> {
         match msg {
-            Msg::ToAuthority { client, request } => {
+            Msg::Request { client, request } => {
                 if self.authority.down_until.is_some() {
                     self.stats.dropped += 1;
                     self.log(What::Dropped("authority down"));
                     return Ok(());
                 }
                 let now = self.authority.clock.local(self.now);
-                let (reply, granted) = match self.authority.store {
+                let reuse = self.params.bug.reuses_fences();
+                let (reply, outcome) = match self.authority.store {
                     Store::ServerTimed(ref mut rec) => {
                         let d = authority::decide(rec, now, &request, &self.limits);
                         *rec = d.record;
-                        (d.reply, d.outcome == Outcome::Granted)
+                        if reuse && d.outcome == Outcome::Released {
+                            rec.last_fence = Fence(rec.last_fence.0 - 1);
+                        }
+                        (d.reply, d.outcome)
                     }
-                    Store::CompareAndSet(ref mut rec) => rec.apply(&request),
+                    Store::CompareAndSet(ref mut rec) => {
+                        let d = rec.apply(&request);
+                        *rec = d.record;
+                        if reuse && d.outcome == Outcome::Released {
+                            rec.fence = Fence(rec.fence.0 - 1);
+                        }
+                        (d.reply, d.outcome)
+                    }
                 };
                 self.log(What::AuthorityHandles(client, request, reply));
-                if granted {
+                if outcome == Outcome::Refused && matches!(reply, Reply::Busy { .. }) && self.lock_delayed() {
+                    self.stats.lock_delayed += 1;
+                }
+                if outcome == Outcome::Granted {
                     self.stats.grants += 1;
-                    if let Reply::Granted { fence, .. } = reply {
-                        if fence <= self.last_grant {
+                    if let Some((fence, _)) = reply.grant() {
+                        if fence <= self.last_grant && !reuse {
                             return Err(self.violation(format!(
                                 "authority granted fence {fence} after fence {}",
                                 self.last_grant
@@ -606,11 +943,12 @@ impl World {
                 // The reply goes to whichever incarnation is live when it arrives (as on a
                 // serial link): a restarted client must ignore replies meant for its old self.
                 let response = Response { id: request.id, owner: request.owner, reply };
-                self.send(client, Msg::ToClient { client, response });
+                self.send(client, Msg::Response { client, response });
             }
-            Msg::ToClient { client, response } => {
+            Msg::Write(w) => self.admit(w)?,
+            Msg::Response { client, response } => {
                 let c = &self.clients[client];
-                if c.partitioned_until > self.now || c.lease.is_none() {
+                if c.cut(self.now, Direction::Inbound) || c.lease.is_none() {
                     self.stats.dropped += 1;
                     self.log(What::Dropped("client unreachable"));
                     return Ok(());
@@ -626,27 +964,51 @@ impl World {
         Ok(())
     }
 
+    /// Whether the server-timed record is free but inside its lock-delay.
+    fn lock_delayed(&self) -> bool {
+        let Store::ServerTimed(ref rec) = self.authority.store else { return false };
+        rec.holder.is_none() && rec.expired_at.is_some() && !self.params.lock_delay.is_zero()
+    }
+
     fn fault(&mut self) {
         let ttl = self.params.config.ttl.as_micros();
         self.next_fault = self.now + self.rng.u64(0..4 * ttl);
         let i = self.rng.usize(0..self.clients.len());
-        match self.rng.u8(0..3) {
+        match self.rng.u8(0..5) {
             0 if self.clients[i].lease.is_some() => {
                 let c = &mut self.clients[i];
                 c.lease = None;
                 c.app_at = None;
+                c.write_at = None;
+                c.stale = None;
                 c.restart_at = Some(self.now + self.rng.u64(0..2 * ttl));
                 self.log(What::Crash(i));
             }
             1 => {
                 let until = self.now + self.rng.u64(0..2 * ttl);
+                let dir = *self
+                    .rng
+                    .choice(&[Direction::Both, Direction::Outbound, Direction::Inbound])
+                    .unwrap_or(&Direction::Both);
                 self.clients[i].partitioned_until = until;
-                self.log(What::Partition(i, until));
+                self.clients[i].partition = dir;
+                self.log(What::Partition(i, until, dir));
             }
             2 if self.authority.down_until.is_none() => {
                 let until = self.now + self.rng.u64(0..ttl);
                 self.authority.down_until = Some(until);
                 self.log(What::AuthorityDown(until));
+            }
+            // A clock's rate wanders, within the bound.
+            3 => {
+                let dev = draw_rate(&mut self.rng, self.params.config.drift);
+                self.clients[i].clock.set_rate(self.now, dev);
+                self.log(What::Rate(Some(i), dev));
+            }
+            4 => {
+                let dev = draw_rate(&mut self.rng, self.params.config.drift);
+                self.authority.clock.set_rate(self.now, dev);
+                self.log(What::Rate(None, dev));
             }
             _ => {}
         }
@@ -664,6 +1026,40 @@ impl World {
                     )));
                 }
                 holder = Some((i, fence, rem));
+                self.refines(i, l, fence, rem)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refinement: a believer is the authority's current holder under its fence, and the
+    /// authority's grant lasts at least as long as the belief, in true time (both projected
+    /// at today's rates; a later rate change is a step, and is checked again then).
+    fn refines(&self, i: usize, l: &Lease, fence: Fence, rem: Duration) -> Result<(), Box<Violation>> {
+        let me = l.owner();
+        let fail = |what: String| Err(self.violation(format!("c{i} believes fence {fence} but {what}")));
+        match self.authority.store {
+            Store::ServerTimed(ref rec) => {
+                let Some(h) = rec.holder else { return fail("the authority has no holder".into()) };
+                if h.owner != me || h.fence < fence {
+                    return fail(format!("the authority's holder is {} under fence {}", h.owner, h.fence));
+                }
+                // A higher fence for the same owner: a duplicated, stale acquire of this very
+                // lease was granted anew ("already mine → new fence"). Nobody is told that
+                // fence, and this lease's next renewal is refused.
+                let c = &self.clients[i];
+                let belief_end = c.clock.true_time_of(c.clock.local(self.now) + rem);
+                let grant_end = self.authority.clock.true_time_of(h.expires_at);
+                if grant_end < belief_end {
+                    return fail(format!(
+                        "the authority's grant ends at t={grant_end}us, before the belief's end at t={belief_end}us"
+                    ));
+                }
+            }
+            Store::CompareAndSet(ref rec) => {
+                if rec.owner != Some(me) || rec.fence < fence {
+                    return fail(format!("the record is held by {:?} under fence {}", rec.owner, rec.fence));
+                }
             }
         }
         Ok(())
@@ -677,4 +1073,9 @@ fn owner(client: usize, incarnation: u32) -> OwnerId {
 /// Runs one seed with the real machine (or with `fault` injected).
 pub fn run_seed(seed: u64, fault: Fault) -> Result<Stats, Box<Violation>> {
     World::new(Params::from_seed(seed, fault)).run()
+}
+
+/// Runs one seed with the real machine and `bug` planted outside it.
+pub fn run_planted(seed: u64, bug: Bug) -> Result<Stats, Box<Violation>> {
+    World::new(Params::planted(seed, bug)).run()
 }

@@ -1,9 +1,14 @@
 //! One conformance suite, every backend: the same generic checks against the built-in server
 //! and a real etcd, each started on loopback by the test.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use leasehold_core::{parse_key, Duration as LDuration, Fence, Op, OwnerId, Reply, Request, RequestId};
+use leasehold_core::authority::cas::CasRecord;
+use leasehold_core::authority::{decide, Limits, Record};
+use leasehold_core::{
+    parse_key, Duration as LDuration, Fence, Instant as LInstant, Op, OwnerId, Reply, Request, RequestId,
+};
 use leasehold_http::{Backend, BuiltinBackend, Client, Options, TransportError};
 use leasehold_server::{Server, ServerConfig};
 use leasehold_stores::{Credentials, DynamoDbBackend, EtcdBackend};
@@ -62,6 +67,150 @@ async fn protocol<B: Backend>(b: &B, name: &str) {
     }
 }
 
+/// The core's rules for one key, as the spec a backend must agree with.
+#[derive(Debug)]
+enum Spec {
+    ServerTimed(Record),
+    CompareAndSet(CasRecord),
+}
+
+impl Spec {
+    /// `now` only has to be monotonic: nothing expires within a sequence (ttl 30 s).
+    fn apply(&mut self, now: LInstant, request: &Request) -> Reply {
+        match self {
+            Spec::ServerTimed(rec) => {
+                let d = decide(rec, now, request, &Limits::default());
+                *rec = d.record;
+                d.reply
+            }
+            Spec::CompareAndSet(rec) => {
+                let d = rec.apply(request);
+                *rec = d.record;
+                d.reply
+            }
+        }
+    }
+}
+
+/// Spec fences to the backend's. etcd's fences are cluster revisions, not a per-key count, so
+/// fences are compared by the order in which they appear, not by value.
+#[derive(Default)]
+struct Fences(BTreeMap<Fence, Fence>);
+
+impl Fences {
+    /// Checks that `spec` and `backend` are the same grant (or, if new to both, rise alike).
+    fn same(&mut self, spec: Fence, backend: Fence, what: &str) {
+        match self.0.get(&spec) {
+            Some(&b) => assert_eq!(b, backend, "{what}: spec fence {spec} was {b} at the backend"),
+            None => {
+                let highest = self.0.values().next_back().copied().unwrap_or(Fence::NONE);
+                assert!(backend > highest, "{what}: new fence {backend} not above {highest}");
+                assert!(!self.0.values().any(|&b| b == backend), "{what}: fence {backend} reused");
+                self.0.insert(spec, backend);
+            }
+        }
+    }
+}
+
+/// Random operation sequences from three owners, each on a fresh key, sent to `b` and to the
+/// core's spec of its discipline; every reply must agree (Busy's wait aside, which depends on
+/// the clock). The seeds are fixed, so a failure replays.
+async fn matches_the_spec<B: Backend>(b: &B, name: &str, cas: bool) {
+    const TTL30: LDuration = LDuration::from_secs(30);
+    // Neither a spec fence nor a backend one: a holder's confused or forged fence.
+    const BOGUS: Fence = Fence(u64::MAX / 2);
+    let mut seen: BTreeMap<&str, u32> = BTreeMap::new();
+    for seed in 0..4u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let key = parse_key(&format!("spec-{name}-{seed}")).unwrap();
+        let mut spec = if cas {
+            Spec::CompareAndSet(CasRecord::default())
+        } else {
+            Spec::ServerTimed(Record::default())
+        };
+        let mut fences = Fences::default();
+        let mut versions = vec![0u64];
+        // The newest grant, so that renewals and releases are mostly the holder's own.
+        let mut holder: Option<(OwnerId, Fence)> = None;
+        for step in 0..30u64 {
+            let mut owner = OwnerId(rng.u64(1..=3));
+            let known: Vec<Fence> = fences.0.keys().copied().collect();
+            let mut fence =
+                if known.is_empty() || rng.u8(..5) == 0 { BOGUS } else { known[rng.usize(..known.len())] };
+            let roll = rng.u8(..20);
+            if let (Some(mine), 9..) = (holder, roll) {
+                if rng.u8(..3) > 0 {
+                    (owner, fence) = mine;
+                }
+            }
+            let op = match roll {
+                0..=6 => Op::Acquire { ttl: TTL30 },
+                // Mostly the version seen last, as a waiting contender would.
+                7..=8 => {
+                    let seen_last = versions.len() - 1;
+                    let i = if rng.bool() { seen_last } else { rng.usize(..versions.len()) };
+                    Op::Takeover { version: versions[i], ttl: TTL30 }
+                }
+                9..=13 => Op::Renew { fence, ttl: TTL30 },
+                _ => Op::Release { fence },
+            };
+            let to_backend = |f: Fence| fences.0.get(&f).copied().unwrap_or(f);
+            let backend_op = match op {
+                Op::Renew { fence, ttl } => Op::Renew { fence: to_backend(fence), ttl },
+                Op::Release { fence } => Op::Release { fence: to_backend(fence) },
+                other => other,
+            };
+            let request = Request { id: RequestId(step as u32), owner, op };
+            let want = spec.apply(LInstant::from_secs(1_000) + LDuration::from_micros(step), &request);
+            let got = b.call(&key, Request { op: backend_op, ..request }).await;
+            let what = format!("{name} seed {seed} step {step}: {owner:?} {op:?}");
+            let got = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+            match (want, got) {
+                (Reply::Granted { fence: f, ttl: t }, Reply::Granted { fence: g, ttl: u })
+                | (
+                    Reply::GrantedAfterExpiry { fence: f, ttl: t },
+                    Reply::GrantedAfterExpiry { fence: g, ttl: u },
+                ) => {
+                    assert_eq!(t, u, "{what}: ttl");
+                    fences.same(f, g, &what);
+                }
+                (Reply::Busy { .. }, Reply::Busy { .. }) => {}
+                (want, got) => assert_eq!(want, got, "{what}"),
+            }
+            match want {
+                Reply::Observed { version, .. } => versions.push(version),
+                Reply::Granted { fence, .. } | Reply::GrantedAfterExpiry { fence, .. }
+                    if !matches!(op, Op::Renew { .. }) =>
+                {
+                    holder = Some((owner, fence));
+                }
+                Reply::Released => holder = None,
+                _ => {}
+            }
+            *seen.entry(kind(&want)).or_default() += 1;
+        }
+    }
+    // The sequences must have reached every answer the discipline gives.
+    let mut expected = vec!["granted", "busy-or-observed", "not_holder", "released"];
+    if cas {
+        expected.push("granted_after_expiry");
+    }
+    for k in expected {
+        assert!(seen.contains_key(k), "{name}: no {k} reply in the sequences: {seen:?}");
+    }
+}
+
+fn kind(r: &Reply) -> &'static str {
+    match r {
+        Reply::Granted { .. } => "granted",
+        Reply::GrantedAfterExpiry { .. } => "granted_after_expiry",
+        Reply::Busy { .. } | Reply::Observed { .. } => "busy-or-observed",
+        Reply::NotHolder => "not_holder",
+        Reply::Released => "released",
+        _ => "other",
+    }
+}
+
 /// Fails the first `n` renewals in transport, then passes everything through.
 struct Flaky<B> {
     inner: B,
@@ -116,6 +265,7 @@ fn builtin_server_conforms() {
     let s = Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).unwrap();
     let b = || BuiltinBackend::new(&s.url(), None, Duration::from_secs(2)).unwrap();
     smol::block_on(protocol(&b(), "builtin"));
+    smol::block_on(matches_the_spec(&b(), "builtin", false));
     smol::block_on(renewal_after_a_transient_failure(b(), "builtin"));
     let waited = smol::block_on(takeover(b(), "builtin"));
     // Slack: one busy poll (backoff_max = ttl/8 = 250 ms) and the fsynced grant on a loaded
@@ -144,6 +294,7 @@ fn etcd_conforms() {
     let url = server.url().to_string();
     let b = || EtcdBackend::new(&url, "leasehold/", Duration::from_secs(2)).unwrap();
     smol::block_on(protocol(&b(), "etcd"));
+    smol::block_on(matches_the_spec(&b(), "etcd", false));
     smol::block_on(renewal_after_a_transient_failure(b(), "etcd"));
     let waited = smol::block_on(takeover(b(), "etcd"));
     // etcd deletes a dead lease's key in a sweep every 500 ms after its expiry, then one busy
@@ -162,6 +313,7 @@ fn dynamodb_conforms() {
     let url = server.url().to_string();
     smol::block_on(dynamo(&url, "leases").create_table()).unwrap();
     smol::block_on(protocol(&dynamo(&url, "leases"), "dynamodb"));
+    smol::block_on(matches_the_spec(&dynamo(&url, "leases"), "dynamodb", true));
     smol::block_on(renewal_after_a_transient_failure(dynamo(&url, "leases"), "dynamodb"));
     // No server clock: the waiting client observes the record, waits ttl·(1+ε) + margin on its
     // own clock from receipt, then takes over the version it saw.

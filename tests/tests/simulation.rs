@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant as WallClock;
 
 use leasehold_core::Fault;
-use leasehold_tests::sim::{run_seed, Params, Stats, Violation, World};
+use leasehold_tests::sim::{run_planted, run_seed, Bug, Params, Stats, Violation, World};
 
-/// About 7 s on two cores; the issue asks for at least 10 000.
+/// About 36 s for this whole file on a busy 2-core VM (dev profile, opt-level 2); the issue
+/// asks for at least 10 000.
 const CI_SEEDS: u64 = 100_000;
 
 fn seeds() -> u64 {
@@ -18,6 +19,18 @@ fn seeds() -> u64 {
 
 /// Runs `seeds` seeds on all cores; returns the first violation (lowest seed) and totals.
 fn run_many(seeds: std::ops::Range<u64>, fault: Fault) -> (Option<Box<Violation>>, Stats) {
+    run_many_with(seeds, |seed| run_seed(seed, fault))
+}
+
+/// As [`run_many`], with `bug` planted outside the core.
+fn run_bug(seeds: std::ops::Range<u64>, bug: Bug) -> (Option<Box<Violation>>, Stats) {
+    run_many_with(seeds, |seed| run_planted(seed, bug))
+}
+
+fn run_many_with(
+    seeds: std::ops::Range<u64>,
+    run: impl Fn(u64) -> Result<Stats, Box<Violation>> + Sync,
+) -> (Option<Box<Violation>>, Stats) {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let next = AtomicU64::new(seeds.start);
     let results: Vec<(Option<Box<Violation>>, Stats)> = std::thread::scope(|s| {
@@ -31,8 +44,8 @@ fn run_many(seeds: std::ops::Range<u64>, fault: Fault) -> (Option<Box<Violation>
                         if seed >= seeds.end || first.as_ref().is_some_and(|v| v.params.seed < seed) {
                             break;
                         }
-                        match run_seed(seed, fault) {
-                            Ok(st) => add(&mut total, &st),
+                        match run(seed) {
+                            Ok(st) => total.add(&st),
                             Err(v) => {
                                 if first.as_ref().is_none_or(|f| v.params.seed < f.params.seed) {
                                     first = Some(v);
@@ -51,7 +64,7 @@ fn run_many(seeds: std::ops::Range<u64>, fault: Fault) -> (Option<Box<Violation>
     let mut total = Stats::default();
     let mut first: Option<Box<Violation>> = None;
     for (v, st) in results {
-        add(&mut total, &st);
+        total.add(&st);
         if let Some(v) = v {
             if first.as_ref().is_none_or(|f| v.params.seed < f.params.seed) {
                 first = Some(v);
@@ -59,16 +72,6 @@ fn run_many(seeds: std::ops::Range<u64>, fault: Fault) -> (Option<Box<Violation>
         }
     }
     (first, total)
-}
-
-fn add(total: &mut Stats, s: &Stats) {
-    total.steps += s.steps;
-    total.grants += s.grants;
-    total.acquired += s.acquired;
-    total.renewed += s.renewed;
-    total.lost += s.lost;
-    total.released += s.released;
-    total.dropped += s.dropped;
 }
 
 #[test]
@@ -89,6 +92,47 @@ fn safety_holds_across_seeds() {
     assert!(total.acquired > n, "too few acquisitions: {total:?}");
     assert!(total.renewed > n, "too few renewals: {total:?}");
     assert!(total.lost > 0 && total.released > 0 && total.dropped > 0, "{total:?}");
+    // Writes reached the resources, and late ones from ended grants were refused there.
+    assert!(total.accepted > n && total.refused_stale > 0, "{total:?}");
+    assert!(total.acquired_after_expiry > 0 && total.lock_delayed > 0, "{total:?}");
+    // Fences are unique per grant, so no resource ever sees two holders under one fence.
+    assert_eq!(total.refused_reused, 0, "{total:?}");
+}
+
+/// The planted bugs outside the core, each caught within this many seeds.
+const BUG_SEEDS: u64 = 10_000;
+
+fn caught(bug: Bug, expect: &str) {
+    let (violation, _) = run_bug(0..BUG_SEEDS, bug);
+    let v = violation.unwrap_or_else(|| panic!("the checker missed {}", bug.name()));
+    println!("{} caught at seed {}: {}", bug.name(), v.params.seed, v.message);
+    assert!(v.message.contains(expect), "{}", v.message);
+}
+
+#[test]
+fn a_resource_that_does_not_check_fences_is_caught() {
+    caught(Bug::ResourceIgnoresFence, "below its highest accepted fence");
+}
+
+#[test]
+fn a_resource_that_admits_an_equal_fence_from_another_holder_is_caught() {
+    caught(Bug::ResourceAdmitsEqualFence, "two holders under the same fence");
+}
+
+#[test]
+fn a_holder_that_writes_after_its_lease_is_lost_is_caught() {
+    caught(Bug::WritesAfterLoss, "sent while not believing");
+}
+
+#[test]
+fn the_fence_check_refuses_a_reused_fence() {
+    // The same fence-reusing authority that exposes the tie bug above, with resources as
+    // shipped: the second holder of a fence is refused, and nothing else breaks.
+    let (violation, total) = run_bug(0..BUG_SEEDS / 10, Bug::AuthorityReusesFences);
+    if let Some(v) = violation {
+        panic!("{v}");
+    }
+    assert!(total.refused_reused > 0, "no fence was ever reused: {total:?}");
 }
 
 #[test]
@@ -97,7 +141,12 @@ fn anchoring_at_receive_is_caught() {
     let (violation, _) = run_many(0..10_000, Fault::AnchorAtReceive);
     let v = violation.expect("the checker missed validity anchored at the reply");
     println!("caught at seed {}: {}", v.params.seed, v.message);
-    assert!(v.message.contains("two holders"), "{}", v.message);
+    // The refinement check (the authority's grant ends before the belief) usually fires first.
+    assert!(
+        v.message.contains("two holders") || v.message.contains("before the belief's end"),
+        "{}",
+        v.message
+    );
 }
 
 #[test]
@@ -105,7 +154,12 @@ fn ignoring_drift_is_caught() {
     let (violation, _) = run_many(0..10_000, Fault::IgnoreDrift);
     let v = violation.expect("the checker missed validity that ignores clock drift");
     println!("caught at seed {}: {}", v.params.seed, v.message);
-    assert!(v.message.contains("two holders"), "{}", v.message);
+    // The refinement check (the authority's grant ends before the belief) usually fires first.
+    assert!(
+        v.message.contains("two holders") || v.message.contains("before the belief's end"),
+        "{}",
+        v.message
+    );
 }
 
 #[test]
@@ -140,7 +194,8 @@ fn replay() {
         Ok("ignore-drift") => Fault::IgnoreDrift,
         _ => Fault::None,
     };
-    let params = Params::from_seed(seed, fault);
+    let bug = std::env::var("LEASEHOLD_SIM_BUG").ok().and_then(|b| Bug::from_name(&b)).unwrap_or_default();
+    let params = Params { bug, ..Params::from_seed(seed, fault) };
     println!("{params:?}");
     let mut w = World::new(params);
     while w.now() < w.params().run_for {

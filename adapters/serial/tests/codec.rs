@@ -57,6 +57,14 @@ fn golden_bytes() {
         encode(&response_frame(1, Reply::Rejected(Reject::UnsupportedVersion))),
         [0, 9, 1, 1, 42, 1, 1, 7, 5, 4, 0]
     );
+    // Appended in the fencing work (variant 7): every encoding above is unchanged by it.
+    assert_eq!(
+        encode(&response_frame(
+            1,
+            Reply::GrantedAfterExpiry { fence: Fence(3), ttl: Duration::from_secs(5) }
+        )),
+        [0, 13, 1, 1, 42, 1, 1, 7, 7, 3, 0xc0, 0x96, 0xb1, 2, 0]
+    );
     // Multi-byte varints in the header: seq 300, device 70000.
     let mut f = response_frame(1, Reply::NotHolder);
     f.header.seq = 300;
@@ -97,6 +105,7 @@ fn every_variant_round_trips() {
         Reply::Rejected(Reject::FenceExhausted),
         Reply::Rejected(Reject::Misconfigured),
         Reply::Unavailable,
+        Reply::GrantedAfterExpiry { fence: Fence(2), ttl: t },
     ];
     // A new core variant must be added here (and appended, never inserted, in the core).
     for r in &replies {
@@ -106,7 +115,8 @@ fn every_variant_round_trips() {
             | Reply::Observed { .. }
             | Reply::NotHolder
             | Reply::Released
-            | Reply::Unavailable => {}
+            | Reply::Unavailable
+            | Reply::GrantedAfterExpiry { .. } => {}
             Reply::Rejected(
                 Reject::InvalidTtl
                 | Reject::InvalidKey

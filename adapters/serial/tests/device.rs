@@ -165,7 +165,7 @@ fn acquire_renew_release_cycle_through_the_host_codec() {
     assert_eq!(asked[0].op, Op::Acquire { ttl: TTL });
 
     let events = rig.events();
-    let [Event::Acquired { fence, valid_until }] = events[..] else { panic!("{events:?}") };
+    let [Event::Acquired { fence, valid_until, .. }] = events[..] else { panic!("{events:?}") };
     assert_eq!(fence, Fence(1));
     assert!(valid_until > rig.now() && valid_until <= rig.now() + TTL);
     assert_eq!(rig.holder(), Some((OWNER, fence)));

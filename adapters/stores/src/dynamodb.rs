@@ -213,7 +213,8 @@ impl DynamoDbBackend {
         }
     }
 
-    /// A conditional UpdateItem; `Ok` carries the new item.
+    /// A conditional UpdateItem; `Ok` carries the item as it was before the write (`null` if
+    /// there was none).
     async fn update(&self, body: &Value) -> Result<Result<Value, Failure>, TransportError> {
         Ok(match self.api("UpdateItem", body).await? {
             (200, v) => Ok(v["Attributes"].clone()),
@@ -229,7 +230,7 @@ impl DynamoDbBackend {
         takeover: Option<u64>,
     ) -> Result<Reply, TransportError> {
         match self.update(&acquire_body(&self.table, key, owner, ttl, takeover)).await? {
-            Ok(item) => granted(&item, ttl),
+            Ok(old) => granted(&old, owner, ttl),
             Err(Failure::Reply(r)) => Ok(r),
             Err(Failure::Condition(old)) => {
                 // DynamoDB returns the item that failed the check; some compatible servers
@@ -341,7 +342,8 @@ fn key_status(item: &Value) -> Option<KeyStatus> {
     Some(KeyStatus { key, holder, last_fence })
 }
 
-/// A conditional UpdateItem returning the new item, and the old one if the condition fails.
+/// A conditional UpdateItem returning the item as it was, whether the condition held or not:
+/// the old owner is what tells a takeover of an expired holder from a grant of a free key.
 fn update_body(table: &str, key: &Key, expr: &str, cond: &str, values: Value) -> Value {
     json!({
         "TableName": table,
@@ -351,7 +353,7 @@ fn update_body(table: &str, key: &Key, expr: &str, cond: &str, values: Value) ->
         // DynamoDB refuses names the expressions do not use.
         "ExpressionAttributeNames": names(&[expr, cond]),
         "ExpressionAttributeValues": values,
-        "ReturnValues": "ALL_NEW",
+        "ReturnValues": "ALL_OLD",
         "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
     })
 }
@@ -408,12 +410,24 @@ fn names(exprs: &[&str]) -> Value {
     Value::Object(used)
 }
 
-/// The reply to a successful acquire or takeover, from the new item.
-fn granted(item: &Value, ttl: LDuration) -> Result<Reply, TransportError> {
-    match num(&item["fence"]) {
-        Some(f) => Ok(Reply::Granted { fence: Fence(f), ttl }),
-        None => Err(TransportError::Protocol(format!("UpdateItem returned no fence: {item}"))),
-    }
+/// The reply to a successful acquire or takeover by `me`, from the item as it was before the
+/// write (`null` if there was none). The write set the fence one higher, atomically. An old
+/// owner other than `me` can only have passed the condition through `#v = :seen`: a takeover
+/// of a holder that was waited out, i.e. whose lease expired (the same rule as
+/// `leasehold_core::authority::cas::CasRecord::apply`).
+fn granted(old: &Value, me: OwnerId, ttl: LDuration) -> Result<Reply, TransportError> {
+    let before = match &old["fence"] {
+        Value::Null => Some(0),
+        f => num(f),
+    };
+    let Some(fence) = before.and_then(|f| Fence(f).next()) else {
+        return Err(TransportError::Protocol(format!("UpdateItem returned an unusable fence: {old}")));
+    };
+    let previous = old["owner"]["S"].as_str();
+    Ok(match previous {
+        Some(o) if o != me.0.to_string() => Reply::GrantedAfterExpiry { fence, ttl },
+        _ => Reply::Granted { fence, ttl },
+    })
 }
 
 /// The reply to an acquire that found the key held, from the item as it is.
@@ -510,7 +524,7 @@ mod tests {
         assert_eq!(b["ExpressionAttributeValues"][":me"], json!({"S": "7"}));
         assert_eq!(b["ExpressionAttributeValues"][":ttl"], json!({"N": "15000000"}));
         assert_eq!(b["ExpressionAttributeValues"].get(":seen"), None);
-        assert_eq!(b["ReturnValues"], "ALL_NEW");
+        assert_eq!(b["ReturnValues"], "ALL_OLD");
         assert_eq!(b["ReturnValuesOnConditionCheckFailure"], "ALL_OLD");
         let t = acquire_body("leases", &k, OwnerId(7), LDuration::from_secs(15), Some(9));
         assert_eq!(t["ConditionExpression"], "attribute_not_exists(#o) OR #o = :me OR #v = :seen");
@@ -534,8 +548,15 @@ mod tests {
     #[test]
     fn reads_items() {
         let ttl = LDuration::from_secs(2);
-        assert_eq!(granted(&v(NEW_ITEM)["Attributes"], ttl), Ok(Reply::Granted { fence: Fence(1), ttl }));
-        assert!(matches!(granted(&json!({}), ttl), Err(TransportError::Protocol(_))));
+        // A grant is read from the item as it was: none, ours (re-acquired), another's (taken over).
+        assert_eq!(granted(&Value::Null, OwnerId(1), ttl), Ok(Reply::Granted { fence: Fence(1), ttl }));
+        let old = &v(NEW_ITEM)["Attributes"];
+        assert_eq!(granted(old, OwnerId(1), ttl), Ok(Reply::Granted { fence: Fence(2), ttl }));
+        assert_eq!(granted(old, OwnerId(2), ttl), Ok(Reply::GrantedAfterExpiry { fence: Fence(2), ttl }));
+        let released = json!({"key": {"S": "k"}, "fence": {"N": "3"}, "version": {"N": "4"}});
+        assert_eq!(granted(&released, OwnerId(2), ttl), Ok(Reply::Granted { fence: Fence(4), ttl }));
+        let garbled = json!({"fence": {"S": "x"}});
+        assert!(matches!(granted(&garbled, OwnerId(1), ttl), Err(TransportError::Protocol(_))));
         assert_eq!(observed(&v(NEW_ITEM)["Attributes"]), Reply::Observed { version: 1, ttl });
         // Released (owner removed) or never written: try again.
         assert_eq!(

@@ -82,8 +82,10 @@ fn item_layout_observe_and_take_over_by_version() {
             call(&b, 2, Op::Takeover { version: 1, ttl: TTL }).await,
             Ok(Reply::Observed { version: 2, ttl: TTL })
         );
-        // The holder goes silent; the version it left is taken over, with a new fence.
-        let Ok(Reply::Granted { fence: f2, .. }) = call(&b, 2, Op::Takeover { version: 2, ttl: TTL }).await
+        // The holder goes silent; the version it left is taken over, with a new fence, and the
+        // new holder is told its predecessor expired rather than released.
+        let Ok(Reply::GrantedAfterExpiry { fence: f2, .. }) =
+            call(&b, 2, Op::Takeover { version: 2, ttl: TTL }).await
         else {
             panic!()
         };
