@@ -5,4 +5,5 @@
 //! invariants on true (simulated) time after every step. A seed replays exactly.
 
 pub mod load;
+pub mod session_sim;
 pub mod sim;
