@@ -689,7 +689,8 @@ impl<const K: usize> Session<K> {
     fn on_open_reply(&mut self, now: Instant, sent_at: Instant, reply: &SessionReply) {
         match *reply {
             SessionReply::Opened { session, secret, ttl } => {
-                let valid_until = self.anchor(sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
+                let valid_until =
+                    self.config.anchor(sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
                 if valid_until <= now {
                     // Too late to rely on; that session expires unused. Ask for another.
                     let seq = take_seq(&mut self.next_seq);
@@ -710,7 +711,7 @@ impl<const K: usize> Session<K> {
     }
 
     fn on_alive_reply(&mut self, now: Instant, sent_at: Instant, reply: &SessionReply) {
-        let anchor = self.anchor(sent_at, now);
+        let anchor = self.config.anchor(sent_at, now);
         let Phase::Open { ref mut valid_until, ref mut keepalive, .. } = self.phase else { return };
         match reply {
             SessionReply::Alive { ttl, granted, more } => {
@@ -816,17 +817,6 @@ impl<const K: usize> Session<K> {
         if event.is_some() {
             slot.event = event;
         }
-    }
-
-    /// Where validity is counted from: the request's send time (in tests, optionally the
-    /// reply's receipt, the classic bug the simulator must catch).
-    #[allow(unused_variables)]
-    fn anchor(&self, sent_at: Instant, received_at: Instant) -> Instant {
-        #[cfg(feature = "fault-injection")]
-        if self.config.fault == crate::config::Fault::AnchorAtReceive {
-            return received_at;
-        }
-        sent_at
     }
 
     fn forget_done(&mut self) {
