@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::time::Duration;
+use crate::time::{Duration, Instant};
 
 /// One million, the denominator of [`Drift`].
 const PPM: u64 = 1_000_000;
@@ -189,6 +189,17 @@ impl Config {
             return ttl;
         }
         self.drift.shrink(ttl).saturating_sub(self.margin)
+    }
+
+    /// Where a grant's validity is counted from: the send time of the request that obtained
+    /// it (in tests, optionally the reply's receipt: the classic bug the simulator must catch).
+    #[allow(unused_variables)]
+    pub(crate) fn anchor(&self, sent_at: Instant, received_at: Instant) -> Instant {
+        #[cfg(feature = "fault-injection")]
+        if matches!(self.fault, Fault::AnchorAtReceive) {
+            return received_at;
+        }
+        sent_at
     }
 
     /// How long after *receiving* an observation "held at version v with ttl d" a contender

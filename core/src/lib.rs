@@ -9,6 +9,7 @@ pub mod authority;
 mod config;
 mod lease;
 pub mod resource;
+pub mod session;
 mod time;
 pub mod wire;
 

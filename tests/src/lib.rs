@@ -6,4 +6,5 @@
 
 pub mod explore;
 pub mod load;
+pub mod session_sim;
 pub mod sim;

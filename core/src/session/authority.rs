@@ -1,0 +1,878 @@
+//! The authority's side of sessions: the whole rulebook, in one bounded in-memory table.
+//!
+//! [`SessionAuthority`] is what the built-in server and the simulator both drive, so the rules
+//! exist once. Like [`Lease`](crate::Lease) it never reads a clock or a random number
+//! generator: every `now` is the caller's reading of the authority's monotonic clock, and the
+//! secret of a new session comes from the caller's CSPRNG.
+//!
+//! - A key is granted to a session and lives exactly as long as it: one keepalive renews
+//!   every key, and a session that expires frees all of its keys at the same instant.
+//! - A request must carry the session's secret (else `Rejected(Unauthorized)`, nothing
+//!   changes) and a seq not seen before within a sliding window of [`REPLAY_WINDOW`] seqs
+//!   (else `Replayed`, nothing changes), as IPsec's anti-replay window does.
+//! - Waiters queue FIFO per key. On release, close or expiry the head of the queue is granted
+//!   at once with a new fence; the grant is reported in the waiter's next `Alive` until the
+//!   session confirms it with a fresh `Acquire` of the key.
+//!
+//! Semaphores (issue 10 §4) would turn [`KeyStatus::holder`] into up to N holders per key;
+//! the queue, fences and hand-off below already work per slot freed.
+
+use core::fmt;
+
+use heapless::index_map::FnvIndexMap;
+use heapless::{Deque, Vec};
+
+use super::wire::{Grant, Label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest};
+use crate::time::{Duration, Instant};
+use crate::wire::{parse_key, Fence, Key, Reject};
+
+/// How many seqs below the highest one seen a request may carry and still be accepted (if
+/// its own seq was not seen): room for an honest holder's requests to be reordered.
+pub const REPLAY_WINDOW: u64 = 64;
+
+/// Deliberately broken rules, so tests can prove the simulator's checker catches them.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum SessionFault {
+    /// Correct behaviour.
+    #[default]
+    None,
+    /// Hand a key with waiters to the head of its queue once its holder's session is within
+    /// a quarter of its ttl of expiring, before it has expired.
+    HandOffEarly,
+    /// Leave an expired session's waits in the queues.
+    KeepExpiredWaiters,
+    /// Accept any seq, seen or not.
+    AcceptReplays,
+}
+
+/// The ttls an authority accepts, and (in tests) a deliberate bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SessionLimits {
+    /// Shortest session ttl granted.
+    pub min_ttl: Duration,
+    /// Longest session ttl granted.
+    pub max_ttl: Duration,
+    /// Test-only deliberate bug; see [`SessionFault`].
+    #[cfg(feature = "fault-injection")]
+    pub fault: SessionFault,
+}
+
+impl Default for SessionLimits {
+    /// 10 ms to one day, as for single leases.
+    fn default() -> Self {
+        SessionLimits {
+            min_ttl: Duration::from_millis(10),
+            max_ttl: crate::config::MAX_TTL,
+            #[cfg(feature = "fault-injection")]
+            fault: SessionFault::None,
+        }
+    }
+}
+
+/// Where a seq stands against the seqs a session has used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    /// Higher than every seq seen: the holder's newest request.
+    Newest,
+    /// Not seen, but below the highest: reordered on the way, or a late retry's original.
+    Reordered,
+    /// Seen already, or too old to tell.
+    Replayed,
+}
+
+/// The seqs a session has used: the highest, and a bitmap of the [`REPLAY_WINDOW`] below it
+/// (bit `i` set: seq `highest − i` was seen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct ReplayWindow {
+    highest: u64,
+    seen: u64,
+}
+
+impl ReplayWindow {
+    fn check(&self, seq: Seq) -> Freshness {
+        let s = seq.0;
+        if s > self.highest {
+            Freshness::Newest
+        } else if self.highest - s >= REPLAY_WINDOW || self.seen & (1 << (self.highest - s)) != 0 {
+            Freshness::Replayed
+        } else {
+            Freshness::Reordered
+        }
+    }
+
+    /// Records `seq` as used; it must have passed [`check`](Self::check).
+    fn mark(&mut self, seq: Seq) {
+        let s = seq.0;
+        if s > self.highest {
+            let shift = s - self.highest;
+            self.seen = if shift >= REPLAY_WINDOW { 0 } else { self.seen << shift };
+            self.highest = s;
+            self.seen |= 1;
+        } else {
+            self.seen |= 1 << (self.highest - s);
+        }
+    }
+}
+
+/// One session as the authority keeps it. Persist it whole (secret and window included) if
+/// sessions must survive a restart: a window forgotten would accept old frames again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SessionRecord {
+    id: SessionId,
+    secret: Secret,
+    label: Label,
+    ttl: Duration,
+    expires_at: Instant,
+    window: ReplayWindow,
+}
+
+/// Whether the holding session has heard of its grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Notice {
+    /// Answered to the session's newest request, or confirmed by a later one.
+    Confirmed,
+    /// Pushed (granted from the queue), or answered to a reordered request whose reply the
+    /// holder ignores: reported in every `Alive` until confirmed.
+    Reported,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holding {
+    session: SessionId,
+    fence: Fence,
+    asked: Seq,
+    notice: Notice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Waiter {
+    session: SessionId,
+    asked: Seq,
+}
+
+/// One key: its holder, its fence counter and its queue. Keys are never evicted, because an
+/// evicted key would forget its fence counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyRecord<const W: usize> {
+    holder: Option<Holding>,
+    last_fence: Fence,
+    waiters: Deque<Waiter, W>,
+}
+
+impl<const W: usize> KeyRecord<W> {
+    const fn new() -> Self {
+        KeyRecord { holder: None, last_fence: Fence::NONE, waiters: Deque::new() }
+    }
+
+    fn position(&self, session: SessionId) -> Option<usize> {
+        self.waiters.iter().position(|w| w.session == session)
+    }
+
+    fn leave_queue(&mut self, session: SessionId) -> bool {
+        let before = self.waiters.len();
+        self.waiters.retain(|w| w.session != session);
+        self.waiters.len() != before
+    }
+
+    /// Grants a free key to the head of its queue, if any.
+    fn hand_off(&mut self) {
+        if self.holder.is_some() {
+            return;
+        }
+        let Some(w) = self.waiters.front().copied() else { return };
+        // An exhausted counter leaves the waiters queued: no fence may repeat.
+        let Some(fence) = self.last_fence.next() else { return };
+        self.waiters.pop_front();
+        self.last_fence = fence;
+        self.holder = Some(Holding { session: w.session, fence, asked: w.asked, notice: Notice::Reported });
+    }
+}
+
+/// A session as status endpoints may show it: nothing here authorises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SessionStatus {
+    /// The session.
+    pub id: SessionId,
+    /// Its holder's public name.
+    pub label: Label,
+    /// Its ttl.
+    pub ttl: Duration,
+    /// When it expires unless kept alive, on the authority's clock.
+    pub expires_at: Instant,
+}
+
+/// A key's holder as status endpoints may show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct KeyHolder {
+    /// The holding session.
+    pub session: SessionId,
+    /// The grant's fence.
+    pub fence: Fence,
+}
+
+/// A key as status endpoints may show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct KeyStatus {
+    /// The current grant, if any. It lasts as long as the holder's session.
+    pub holder: Option<KeyHolder>,
+    /// The highest fence ever issued for the key. Persist it: fences must never repeat.
+    pub last_fence: Fence,
+    /// How many sessions wait for the key.
+    pub waiting: usize,
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The ttl is outside the authority's [`SessionLimits`].
+    InvalidTtl,
+    /// The authority cannot track more sessions.
+    Capacity,
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpenError::InvalidTtl => "session ttl out of the authority's accepted range",
+            OpenError::Capacity => "authority cannot track more sessions",
+        })
+    }
+}
+
+impl core::error::Error for OpenError {}
+
+impl From<OpenError> for Reject {
+    fn from(e: OpenError) -> Reject {
+        match e {
+            OpenError::InvalidTtl => Reject::InvalidTtl,
+            OpenError::Capacity => Reject::Capacity,
+        }
+    }
+}
+
+/// A bounded in-memory session authority: up to `S` sessions, `K` keys (a power of two) and
+/// `W` waiters per key.
+///
+/// Drive it like this: answer [`SessionOp::Open`] with [`open`](Self::open) (it needs a fresh
+/// secret) and every other request with [`handle`](Self::handle); call
+/// [`handle_timeout`](Self::handle_timeout) at [`poll_timeout`](Self::poll_timeout), so that an
+/// expired session's keys go to their waiters at once rather than at the next request.
+#[derive(Debug, Clone)]
+pub struct SessionAuthority<const S: usize, const K: usize, const W: usize> {
+    sessions: Vec<SessionRecord, S>,
+    keys: FnvIndexMap<Key, KeyRecord<W>, K>,
+    /// The id the next session gets. Persist it: ids must never repeat.
+    next_id: u64,
+    limits: SessionLimits,
+}
+
+impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
+    /// An empty authority whose first session is `s1`.
+    pub fn new(limits: SessionLimits) -> Self {
+        Self::resume(limits, SessionId(1))
+    }
+
+    /// An empty authority that continues a persisted session counter: `next` is the value
+    /// [`next_session`](Self::next_session) had.
+    pub fn resume(limits: SessionLimits, next: SessionId) -> Self {
+        SessionAuthority { sessions: Vec::new(), keys: FnvIndexMap::new(), next_id: next.0.max(1), limits }
+    }
+
+    // ----- inputs -----
+
+    /// Opens a session of `ttl` for `label`, with `secret` drawn by the caller from a CSPRNG.
+    /// The reply is [`SessionReply::Opened`] or [`SessionReply::Rejected`].
+    pub fn open(&mut self, now: Instant, ttl: Duration, label: &Label, secret: Secret) -> SessionReply {
+        match self.try_open(now, ttl, label, secret) {
+            Ok(session) => SessionReply::Opened { session, secret, ttl },
+            Err(e) => SessionReply::Rejected(e.into()),
+        }
+    }
+
+    /// Answers any request but [`SessionOp::Open`] (which needs [`open`](Self::open), and is
+    /// answered `Rejected(Malformed)` here).
+    pub fn handle(&mut self, now: Instant, request: &SessionRequest) -> SessionReply {
+        self.expire(now);
+        if let SessionOp::Open { .. } = request.op {
+            return SessionReply::Rejected(Reject::Malformed);
+        }
+        let sid = request.session;
+        let Some(s) = self.sessions.iter_mut().find(|s| s.id == sid) else {
+            return SessionReply::Expired;
+        };
+        if !s.secret.ct_eq(&request.secret) {
+            return SessionReply::Rejected(Reject::Unauthorized);
+        }
+        let freshness = match s.window.check(request.seq) {
+            #[cfg(feature = "fault-injection")]
+            _ if self.limits.fault == SessionFault::AcceptReplays => Freshness::Newest,
+            Freshness::Replayed => return SessionReply::Replayed,
+            f => f,
+        };
+        s.window.mark(request.seq);
+        let newest = freshness == Freshness::Newest;
+        match &request.op {
+            SessionOp::Open { .. } => SessionReply::Rejected(Reject::Malformed),
+            SessionOp::KeepAlive => {
+                s.expires_at = now + s.ttl;
+                let ttl = s.ttl;
+                let mut reported = self.keys.iter().filter_map(|(key, r)| match r.holder {
+                    Some(h) if h.session == sid && h.notice == Notice::Reported => {
+                        Some(Grant { key: key.clone(), fence: h.fence, asked: h.asked })
+                    }
+                    _ => None,
+                });
+                let granted = reported.next();
+                let more = reported.next().is_some();
+                SessionReply::Alive { ttl, granted, more }
+            }
+            SessionOp::Acquire { key, wait } => self.acquire(now, sid, request.seq, newest, key, *wait),
+            SessionOp::Release { key, fence } => self.release(sid, key, *fence),
+            SessionOp::Close => {
+                self.sessions.retain(|s| s.id != sid);
+                self.free_orphans();
+                SessionReply::Closed
+            }
+        }
+    }
+
+    /// The time from [`poll_timeout`](Self::poll_timeout) came: expire what is due and hand
+    /// its keys on. Early or spurious calls are harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire(now);
+    }
+
+    /// Re-arms every session as of `now`, as after a restart whose clock has a new origin: a
+    /// session acknowledged just before the crash must not lose its keys early.
+    pub fn recover(&mut self, now: Instant) {
+        for s in self.sessions.iter_mut() {
+            s.expires_at = now + s.ttl;
+        }
+    }
+
+    // ----- outputs -----
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called: the next session
+    /// expiry.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let next = self.sessions.iter().map(|s| s.expires_at).min();
+        #[cfg(feature = "fault-injection")]
+        if self.limits.fault == SessionFault::HandOffEarly {
+            let early = self.early_hand_offs().min();
+            return next.into_iter().chain(early).min();
+        }
+        next
+    }
+
+    // ----- getters -----
+
+    /// The id the next session will get: persist it with the keys' fences.
+    pub fn next_session(&self) -> SessionId {
+        SessionId(self.next_id)
+    }
+
+    /// A live session's public status.
+    pub fn session(&self, id: SessionId) -> Option<SessionStatus> {
+        self.sessions.iter().find(|s| s.id == id).map(Self::status_of)
+    }
+
+    /// Every live session's public status.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionStatus> + '_ {
+        self.sessions.iter().map(Self::status_of)
+    }
+
+    /// A key's status, if the authority has seen it.
+    pub fn key(&self, key: &Key) -> Option<KeyStatus> {
+        self.keys.get(key).map(Self::key_status_of)
+    }
+
+    /// Every key's status.
+    pub fn keys(&self) -> impl Iterator<Item = (&Key, KeyStatus)> + '_ {
+        self.keys.iter().map(|(k, r)| (k, Self::key_status_of(r)))
+    }
+
+    /// The sessions waiting for `key`, head first.
+    pub fn waiters(&self, key: &Key) -> impl Iterator<Item = SessionId> + '_ {
+        self.keys.get(key).into_iter().flat_map(|r| r.waiters.iter().map(|w| w.session))
+    }
+
+    /// The label of `key`'s holder: what a status endpoint shows as "held by".
+    pub fn holder_label(&self, key: &Key) -> Option<&Label> {
+        let h = self.keys.get(key)?.holder?;
+        self.sessions.iter().find(|s| s.id == h.session).map(|s| &s.label)
+    }
+
+    /// Whether `session` has a grant it has not been told of: a transport that holds
+    /// keepalives open (long polling) answers this session's at once.
+    pub fn has_news(&self, session: SessionId) -> bool {
+        self.keys
+            .values()
+            .any(|r| matches!(r.holder, Some(h) if h.session == session && h.notice == Notice::Reported))
+    }
+
+    // ----- internals -----
+
+    fn try_open(
+        &mut self,
+        now: Instant,
+        ttl: Duration,
+        label: &Label,
+        secret: Secret,
+    ) -> Result<SessionId, OpenError> {
+        self.expire(now);
+        if ttl < self.limits.min_ttl || ttl > self.limits.max_ttl {
+            return Err(OpenError::InvalidTtl);
+        }
+        let id = SessionId(self.next_id);
+        let record = SessionRecord {
+            id,
+            secret,
+            label: label.clone(),
+            ttl,
+            expires_at: now + ttl,
+            window: ReplayWindow::default(),
+        };
+        self.sessions.push(record).map_err(|_| OpenError::Capacity)?;
+        self.next_id += 1;
+        Ok(id)
+    }
+
+    fn acquire(
+        &mut self,
+        now: Instant,
+        sid: SessionId,
+        seq: Seq,
+        newest: bool,
+        key: &Key,
+        wait: bool,
+    ) -> SessionReply {
+        if parse_key(key).is_err() {
+            return SessionReply::Rejected(Reject::InvalidKey);
+        }
+        if !self.keys.contains_key(key) && self.keys.insert(key.clone(), KeyRecord::new()).is_err() {
+            return SessionReply::Rejected(Reject::Capacity);
+        }
+        let Some(r) = self.keys.get_mut(key) else { return SessionReply::Rejected(Reject::Capacity) };
+        // The holder's newest request is answered to a reply it awaits; a reordered one is
+        // not, so a grant it makes must be reported too.
+        let notice = if newest { Notice::Confirmed } else { Notice::Reported };
+        let key = key.clone();
+        match r.holder {
+            None => {
+                let Some(fence) = r.last_fence.next() else {
+                    return SessionReply::Rejected(Reject::FenceExhausted);
+                };
+                r.last_fence = fence;
+                r.holder = Some(Holding { session: sid, fence, asked: seq, notice });
+                SessionReply::Granted { key, fence }
+            }
+            Some(ref mut h) if h.session == sid => {
+                if newest {
+                    h.notice = Notice::Confirmed;
+                }
+                SessionReply::Granted { key, fence: h.fence }
+            }
+            Some(h) => match r.position(sid) {
+                Some(i) => SessionReply::Queued { key, position: queue_position(i) },
+                None if wait => match r.waiters.push_back(Waiter { session: sid, asked: seq }) {
+                    Ok(()) => SessionReply::Queued { key, position: queue_position(r.waiters.len() - 1) },
+                    Err(_) => SessionReply::Rejected(Reject::Capacity),
+                },
+                None => {
+                    let expires_at =
+                        self.sessions.iter().find(|s| s.id == h.session).map_or(now, |s| s.expires_at);
+                    SessionReply::Busy { key, expires_in: expires_at - now }
+                }
+            },
+        }
+    }
+
+    fn release(&mut self, sid: SessionId, key: &Key, fence: Fence) -> SessionReply {
+        let key = key.clone();
+        let Some(r) = self.keys.get_mut(&key) else {
+            return match fence {
+                Fence::NONE => SessionReply::Released { key },
+                _ => SessionReply::NotHolder { key },
+            };
+        };
+        match r.holder {
+            // "Stop waiting" never releases a grant: a late copy of it, still unseen in the
+            // window, must not free a key granted since. The holder learns the fence instead.
+            Some(h) if h.session == sid && fence == Fence::NONE => {
+                SessionReply::Granted { key, fence: h.fence }
+            }
+            Some(h) if h.session == sid && h.fence == fence => {
+                r.holder = None;
+                r.hand_off();
+                SessionReply::Released { key }
+            }
+            _ if fence == Fence::NONE => {
+                r.leave_queue(sid);
+                SessionReply::Released { key }
+            }
+            _ => SessionReply::NotHolder { key },
+        }
+    }
+
+    /// Ends every session whose time is up, then hands their keys on. All expired sessions
+    /// leave the queues before any key moves, so no key goes to a session that expired at
+    /// the same instant.
+    fn expire(&mut self, now: Instant) {
+        #[cfg(feature = "fault-injection")]
+        if self.limits.fault == SessionFault::HandOffEarly {
+            self.hand_off_early(now);
+        }
+        if self.sessions.iter().all(|s| s.expires_at > now) {
+            return;
+        }
+        #[cfg(feature = "fault-injection")]
+        if self.limits.fault == SessionFault::KeepExpiredWaiters {
+            self.sessions.retain(|s| s.expires_at > now);
+            return self.free_orphans();
+        }
+        self.sessions.retain(|s| s.expires_at > now);
+        self.free_orphans();
+    }
+
+    /// Frees the keys of sessions that no longer exist, drops their waits, and hands the
+    /// freed keys to the heads of their queues.
+    fn free_orphans(&mut self) {
+        let sessions = &self.sessions;
+        let alive = |id: SessionId| sessions.iter().any(|s| s.id == id);
+        #[cfg(feature = "fault-injection")]
+        let keep_waiters = self.limits.fault == SessionFault::KeepExpiredWaiters;
+        #[cfg(not(feature = "fault-injection"))]
+        let keep_waiters = false;
+        for r in self.keys.values_mut() {
+            if !keep_waiters {
+                r.waiters.retain(|w| alive(w.session));
+            }
+            if r.holder.is_some_and(|h| !alive(h.session)) {
+                r.holder = None;
+            }
+            r.hand_off();
+        }
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn early_hand_offs(&self) -> impl Iterator<Item = Instant> + '_ {
+        self.keys.values().filter(|r| !r.waiters.is_empty()).filter_map(|r| {
+            let h = r.holder?;
+            let s = self.sessions.iter().find(|s| s.id == h.session)?;
+            Some(s.expires_at.saturating_sub(s.ttl.mul_div_floor(1, 4)))
+        })
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn hand_off_early(&mut self, now: Instant) {
+        let sessions = &self.sessions;
+        for r in self.keys.values_mut() {
+            let Some(h) = r.holder else { continue };
+            let Some(s) = sessions.iter().find(|s| s.id == h.session) else { continue };
+            if !r.waiters.is_empty() && now >= s.expires_at.saturating_sub(s.ttl.mul_div_floor(1, 4)) {
+                r.holder = None;
+                r.hand_off();
+            }
+        }
+    }
+
+    fn status_of(s: &SessionRecord) -> SessionStatus {
+        SessionStatus { id: s.id, label: s.label.clone(), ttl: s.ttl, expires_at: s.expires_at }
+    }
+
+    fn key_status_of(r: &KeyRecord<W>) -> KeyStatus {
+        KeyStatus {
+            holder: r.holder.map(|h| KeyHolder { session: h.session, fence: h.fence }),
+            last_fence: r.last_fence,
+            waiting: r.waiters.len(),
+        }
+    }
+}
+
+/// 1 for the head of the queue.
+fn queue_position(index: usize) -> u16 {
+    u16::try_from(index + 1).unwrap_or(u16::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::wire::parse_label;
+
+    const TTL: Duration = Duration::from_secs(10);
+    type Table = SessionAuthority<4, 4, 2>;
+
+    fn at(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+    fn key(s: &str) -> Key {
+        parse_key(s).unwrap()
+    }
+    fn secret(b: u8) -> Secret {
+        Secret::from_bytes([b; 16])
+    }
+
+    /// A holder's view for the tests: its session, secret and next seq.
+    struct Client {
+        id: SessionId,
+        secret: Secret,
+        seq: u64,
+    }
+
+    impl Client {
+        fn open(t: &mut Table, now: Instant, b: u8) -> Client {
+            let SessionReply::Opened { session, .. } =
+                t.open(now, TTL, &parse_label("host").unwrap(), secret(b))
+            else {
+                panic!("not opened")
+            };
+            Client { id: session, secret: secret(b), seq: 1 }
+        }
+        fn req(&mut self, op: SessionOp) -> SessionRequest {
+            self.seq += 1;
+            SessionRequest { session: self.id, secret: self.secret, seq: Seq(self.seq), op }
+        }
+        fn send(&mut self, t: &mut Table, now: Instant, op: SessionOp) -> SessionReply {
+            let r = self.req(op);
+            t.handle(now, &r)
+        }
+    }
+
+    fn acquire(k: &str, wait: bool) -> SessionOp {
+        SessionOp::Acquire { key: key(k), wait }
+    }
+    fn release(k: &str, fence: u64) -> SessionOp {
+        SessionOp::Release { key: key(k), fence: Fence(fence) }
+    }
+    fn granted(k: &str, fence: u64) -> SessionReply {
+        SessionReply::Granted { key: key(k), fence: Fence(fence) }
+    }
+
+    #[test]
+    fn one_keepalive_renews_every_key_and_expiry_frees_them_together() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        assert_eq!(a.send(&mut t, at(1), acquire("x", false)), granted("x", 1));
+        assert_eq!(a.send(&mut t, at(2), acquire("y", false)), granted("y", 1));
+        assert_eq!(t.poll_timeout(), Some(at(10_000)));
+        assert_eq!(
+            a.send(&mut t, at(6_000), SessionOp::KeepAlive),
+            SessionReply::Alive { ttl: TTL, granted: None, more: false }
+        );
+        assert_eq!(t.poll_timeout(), Some(at(16_000)));
+        t.handle_timeout(at(15_999));
+        assert!(t.key(&key("x")).unwrap().holder.is_some(), "renewed with the session");
+        t.handle_timeout(at(16_000));
+        assert_eq!(t.key(&key("x")).unwrap().holder, None);
+        assert_eq!(t.key(&key("y")).unwrap().holder, None);
+        assert_eq!(t.poll_timeout(), None);
+        assert_eq!(a.send(&mut t, at(16_001), SessionOp::KeepAlive), SessionReply::Expired);
+        // The fence counter survives the holder.
+        let mut b = Client::open(&mut t, at(16_002), 2);
+        assert_eq!(b.send(&mut t, at(16_003), acquire("x", false)), granted("x", 2));
+    }
+
+    #[test]
+    fn waiters_are_granted_fifo_and_told_in_their_next_keepalive() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        let mut c = Client::open(&mut t, at(0), 3);
+        a.send(&mut t, at(1), acquire("x", true));
+        assert_eq!(
+            b.send(&mut t, at(2), acquire("x", true)),
+            SessionReply::Queued { key: key("x"), position: 1 }
+        );
+        let c_asked = Seq(c.seq + 1);
+        assert_eq!(
+            c.send(&mut t, at(3), acquire("x", true)),
+            SessionReply::Queued { key: key("x"), position: 2 }
+        );
+        // Asking again keeps the place.
+        assert_eq!(
+            b.send(&mut t, at(4), acquire("x", true)),
+            SessionReply::Queued { key: key("x"), position: 1 }
+        );
+        assert_eq!(
+            c.send(&mut t, at(4), acquire("x", false)),
+            SessionReply::Queued { key: key("x"), position: 2 }
+        );
+        // b gives up its place; on release the key goes straight to c.
+        assert_eq!(b.send(&mut t, at(5), release("x", 0)), SessionReply::Released { key: key("x") });
+        assert_eq!(a.send(&mut t, at(6), release("x", 1)), SessionReply::Released { key: key("x") });
+        assert_eq!(t.key(&key("x")).unwrap().holder, Some(KeyHolder { session: c.id, fence: Fence(2) }));
+        assert!(t.has_news(c.id));
+        let pushed = Grant { key: key("x"), fence: Fence(2), asked: c_asked };
+        let alive = SessionReply::Alive { ttl: TTL, granted: Some(pushed), more: false };
+        assert_eq!(c.send(&mut t, at(7), SessionOp::KeepAlive), alive);
+        // Reported until confirmed by a fresh acquire, which returns the same fence.
+        assert_eq!(c.send(&mut t, at(8), SessionOp::KeepAlive), alive);
+        assert_eq!(c.send(&mut t, at(9), acquire("x", true)), granted("x", 2));
+        assert!(!t.has_news(c.id));
+        assert_eq!(
+            c.send(&mut t, at(10), SessionOp::KeepAlive),
+            SessionReply::Alive { ttl: TTL, granted: None, more: false }
+        );
+    }
+
+    #[test]
+    fn busy_says_how_long_and_queues_are_bounded() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        let mut c = Client::open(&mut t, at(0), 3);
+        let mut d = Client::open(&mut t, at(0), 4);
+        a.send(&mut t, at(0), acquire("x", false));
+        assert_eq!(
+            b.send(&mut t, at(4_000), acquire("x", false)),
+            SessionReply::Busy { key: key("x"), expires_in: Duration::from_secs(6) }
+        );
+        assert!(matches!(b.send(&mut t, at(4_000), acquire("x", true)), SessionReply::Queued { .. }));
+        assert!(matches!(c.send(&mut t, at(4_000), acquire("x", true)), SessionReply::Queued { .. }));
+        assert_eq!(d.send(&mut t, at(4_000), acquire("x", true)), SessionReply::Rejected(Reject::Capacity));
+        assert_eq!(t.open(at(0), TTL, &Label::new(), secret(5)), SessionReply::Rejected(Reject::Capacity));
+    }
+
+    #[test]
+    fn an_expired_session_leaves_every_queue_before_any_key_moves() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        let mut c = Client::open(&mut t, at(5_000), 3);
+        a.send(&mut t, at(0), acquire("x", false));
+        b.send(&mut t, at(0), acquire("x", true));
+        c.send(&mut t, at(5_000), acquire("x", true));
+        // a and b expire at the same instant: the key skips b and goes to c.
+        t.handle_timeout(at(10_000));
+        assert_eq!(t.key(&key("x")).unwrap().holder, Some(KeyHolder { session: c.id, fence: Fence(2) }));
+        assert_eq!(t.waiters(&key("x")).count(), 0);
+        assert_eq!(t.sessions().map(|s| s.id).collect::<Vec<_, 4>>().as_slice(), &[c.id]);
+    }
+
+    #[test]
+    fn close_frees_every_key_and_hands_them_on() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        a.send(&mut t, at(0), acquire("x", false));
+        a.send(&mut t, at(0), acquire("y", false));
+        b.send(&mut t, at(0), acquire("y", true));
+        assert_eq!(a.send(&mut t, at(1), SessionOp::Close), SessionReply::Closed);
+        assert_eq!(t.key(&key("x")).unwrap().holder, None);
+        assert_eq!(t.key(&key("y")).unwrap().holder, Some(KeyHolder { session: b.id, fence: Fence(2) }));
+        assert_eq!(a.send(&mut t, at(2), SessionOp::KeepAlive), SessionReply::Expired);
+    }
+
+    #[test]
+    fn replays_and_forgeries_change_nothing() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let keepalive = a.req(SessionOp::KeepAlive);
+        assert!(matches!(t.handle(at(1_000), &keepalive), SessionReply::Alive { .. }));
+        let rel = a.req(release("x", 1));
+        let acq = a.req(acquire("x", false));
+        // Reordered on the way: the newer acquire first, then the release (within the window).
+        assert_eq!(t.handle(at(1_001), &acq), granted("x", 1));
+        assert_eq!(t.handle(at(1_002), &rel), SessionReply::Released { key: key("x") });
+        let before = t.clone();
+        let snapshot = |t: &Table| (t.sessions().collect::<Vec<_, 4>>(), t.key(&key("x")), t.next_session());
+        // The same frames again, later: ignored.
+        assert_eq!(t.handle(at(5_000), &keepalive), SessionReply::Replayed);
+        assert_eq!(t.handle(at(5_000), &acq), SessionReply::Replayed);
+        assert_eq!(t.handle(at(5_000), &rel), SessionReply::Replayed);
+        // Forged: right session, wrong secret.
+        let mut forged = a.req(acquire("x", false));
+        forged.secret = secret(9);
+        assert_eq!(t.handle(at(5_000), &forged), SessionReply::Rejected(Reject::Unauthorized));
+        assert_eq!(snapshot(&t), snapshot(&before));
+        assert_eq!(t.session(a.id).unwrap().expires_at, at(11_000));
+        // The forged frame did not burn its seq: the holder's own request with it succeeds.
+        forged.secret = a.secret;
+        assert_eq!(t.handle(at(5_001), &forged), granted("x", 2));
+    }
+
+    #[test]
+    fn the_replay_window_slides() {
+        let mut w = ReplayWindow::default();
+        for s in [5, 3, 4, 70] {
+            assert_ne!(w.check(Seq(s)), Freshness::Replayed, "{s}");
+            w.mark(Seq(s));
+        }
+        assert_eq!(w.check(Seq(70)), Freshness::Replayed);
+        assert_eq!(w.check(Seq(6)), Freshness::Replayed, "64 below the highest: too old to tell");
+        assert_eq!(w.check(Seq(7)), Freshness::Reordered);
+        assert_eq!(w.check(Seq(71)), Freshness::Newest);
+        w.mark(Seq(1_000));
+        assert_eq!(w.check(Seq(999)), Freshness::Reordered);
+        assert_eq!(w.check(Seq(70)), Freshness::Replayed);
+    }
+
+    #[test]
+    fn a_reordered_acquire_is_reported_and_a_stop_waiting_never_releases() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let late = a.req(acquire("x", true));
+        let cancel = a.req(release("x", 0));
+        assert_eq!(t.handle(at(1), &cancel), SessionReply::Released { key: key("x") });
+        // The older acquire arrives after its own cancellation: granted, but the holder
+        // ignores this reply, so the grant is reported...
+        assert_eq!(t.handle(at(2), &late), granted("x", 1));
+        let alive = a.send(&mut t, at(3), SessionOp::KeepAlive);
+        let pushed = Grant { key: key("x"), fence: Fence(1), asked: late.seq };
+        assert_eq!(alive, SessionReply::Alive { ttl: TTL, granted: Some(pushed), more: false });
+        // ...a stop-waiting answers with the fence instead of releasing...
+        assert_eq!(a.send(&mut t, at(4), release("x", 0)), granted("x", 1));
+        // ...and the fenced release frees it.
+        assert_eq!(a.send(&mut t, at(5), release("x", 1)), SessionReply::Released { key: key("x") });
+        assert_eq!(t.key(&key("x")).unwrap().holder, None);
+    }
+
+    #[test]
+    fn a_restart_rearms_sessions_and_continues_the_counter() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(50_000), 1);
+        a.send(&mut t, at(50_000), acquire("x", false));
+        t.recover(at(3));
+        assert_eq!(t.session(a.id).unwrap().expires_at, at(10_003));
+        let resumed = Table::resume(SessionLimits::default(), t.next_session());
+        assert_eq!(resumed.next_session(), SessionId(2));
+        assert_eq!(t.holder_label(&key("x")).map(|l| l.as_str()), Some("host"));
+    }
+
+    #[test]
+    fn open_checks_the_ttl_and_handle_refuses_open() {
+        let mut t = Table::new(SessionLimits::default());
+        assert_eq!(
+            t.open(at(0), Duration::ZERO, &Label::new(), secret(1)),
+            SessionReply::Rejected(Reject::InvalidTtl)
+        );
+        let open = SessionRequest {
+            session: SessionId::NONE,
+            secret: Secret::NONE,
+            seq: Seq(1),
+            op: SessionOp::Open { ttl: TTL, label: Label::new() },
+        };
+        assert_eq!(t.handle(at(0), &open), SessionReply::Rejected(Reject::Malformed));
+        assert_eq!(t.sessions().count(), 0);
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut bad = Key::new();
+        bad.push_str("a b").unwrap();
+        let reply = a.send(&mut t, at(0), SessionOp::Acquire { key: bad, wait: false });
+        assert_eq!(reply, SessionReply::Rejected(Reject::InvalidKey));
+        assert_eq!(t.keys().count(), 0);
+    }
+}

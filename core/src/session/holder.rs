@@ -1,0 +1,1088 @@
+//! The holder's side of a session: one [`Session`] for many keys.
+
+use core::fmt;
+
+use heapless::Vec;
+
+use super::wire::{
+    Grant, Label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+};
+use crate::config::{Config, ConfigError};
+use crate::lease::{LostReason, NotAcquired};
+use crate::time::{Duration, Instant};
+use crate::wire::{Fence, Key, Reject};
+
+/// A sans-IO session from the holder's side: open it, acquire and release keys, keep it
+/// alive, close it.
+///
+/// Driven like [`Lease`](crate::Lease): call a verb or feed an input (`handle_*`), then
+/// drain [`poll_transmit`](Session::poll_transmit) (send each request at once),
+/// [`poll_event`](Session::poll_event), and arm a timer for
+/// [`poll_timeout`](Session::poll_timeout). The machine never reads a clock.
+///
+/// # Safety contract
+///
+/// The session, and every key it holds, is believed until `s + ttl·(1−ε) − margin` for the
+/// latest local time `s` at which a keepalive (or the open) was *made* whose reply renewed
+/// it. The authority keeps each key exactly as long as the session, on its own clock, from
+/// a moment after `s`. When that time comes every key is lost at the same instant: one
+/// [`SessionEvent::Lost`] per key, then [`SessionEvent::SessionLost`]. A key granted by a
+/// reply or pushed in a keepalive's reply is believed only until the session's current end;
+/// a report of a grant older than the key's current acquisition is not believed at all.
+/// Replies to seqs the machine is not waiting for are ignored.
+#[derive(Debug, Clone)]
+pub struct Session<const K: usize> {
+    config: Config,
+    label: Label,
+    phase: Phase,
+    slots: Vec<Slot, K>,
+    /// The seq of the next request.
+    next_seq: u64,
+    /// A session-level event awaiting [`poll_event`](Session::poll_event), after the keys'.
+    event: Option<SessionEvent>,
+}
+
+/// One request's life: due to be made, made but not handed out, handed out and awaiting
+/// its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flight {
+    /// To be made at `at` (a renewal's time, or a retry after a transport error).
+    Due { at: Instant },
+    /// Made at `at`, waiting in [`Session::poll_transmit`].
+    Unsent { seq: Seq, at: Instant },
+    /// Handed out at `at` (what validity is anchored at); retried after the request timeout.
+    Sent { seq: Seq, at: Instant },
+}
+
+impl Flight {
+    /// The seq being answered and its send time, if the request is out.
+    fn sent(&self) -> Option<(Seq, Instant)> {
+        match *self {
+            Flight::Sent { seq, at } => Some((seq, at)),
+            _ => None,
+        }
+    }
+
+    fn deadline(&self, timeout: Duration) -> Option<Instant> {
+        match *self {
+            Flight::Due { at } => Some(at),
+            Flight::Unsent { .. } => None,
+            Flight::Sent { at, .. } => Some(at + timeout),
+        }
+    }
+
+    /// Makes the request if it is due or its reply is overdue.
+    fn tick(&mut self, now: Instant, timeout: Duration, next_seq: &mut u64) {
+        if self.deadline(timeout).is_some_and(|d| now >= d) {
+            *self = Flight::Unsent { seq: take_seq(next_seq), at: now };
+        }
+    }
+
+    /// Hands out an unsent request's seq.
+    fn transmit(&mut self) -> Option<Seq> {
+        let Flight::Unsent { seq, at } = *self else { return None };
+        *self = Flight::Sent { seq, at };
+        Some(seq)
+    }
+}
+
+fn take_seq(next: &mut u64) -> Seq {
+    let seq = Seq(*next);
+    *next += 1;
+    seq
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Opening {
+        flight: Flight,
+    },
+    Open {
+        id: SessionId,
+        secret: Secret,
+        valid_until: Instant,
+        keepalive: Flight,
+    },
+    /// Closing: every key was given up at once; `give_up_at` is when the authority will
+    /// have expired the session anyway.
+    Closing {
+        id: SessionId,
+        secret: Secret,
+        give_up_at: Instant,
+        flight: Flight,
+    },
+    Ended,
+}
+
+/// How the keys end when the session does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The holder closes the session: held keys are given up, not lost.
+    Close,
+    /// The session is gone.
+    Lost(LostReason),
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    key: Key,
+    /// The seq of the first request of this acquisition: reports of grants asked for
+    /// before it are of an older acquisition.
+    start: Seq,
+    phase: KeyPhase,
+    /// An event awaiting [`Session::poll_event`].
+    event: Option<SessionEvent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyPhase {
+    Asking {
+        wait: bool,
+        flight: Flight,
+    },
+    Queued,
+    /// `confirm`: a pushed grant's confirming acquire, until the authority has it.
+    Held {
+        fence: Fence,
+        confirm: Option<Flight>,
+    },
+    /// Giving back `fence`, or with [`Fence::NONE`] leaving the queue.
+    Releasing {
+        fence: Fence,
+        flight: Flight,
+    },
+    /// Giving back a grant the application never asked for (or no longer wants).
+    GivingBack {
+        fence: Fence,
+        flight: Flight,
+    },
+    Done,
+}
+
+impl KeyPhase {
+    fn flight(&self) -> Option<&Flight> {
+        match self {
+            KeyPhase::Asking { flight, .. }
+            | KeyPhase::Releasing { flight, .. }
+            | KeyPhase::GivingBack { flight, .. } => Some(flight),
+            KeyPhase::Held { confirm, .. } => confirm.as_ref(),
+            KeyPhase::Queued | KeyPhase::Done => None,
+        }
+    }
+
+    fn flight_mut(&mut self) -> Option<&mut Flight> {
+        match self {
+            KeyPhase::Asking { flight, .. }
+            | KeyPhase::Releasing { flight, .. }
+            | KeyPhase::GivingBack { flight, .. } => Some(flight),
+            KeyPhase::Held { confirm, .. } => confirm.as_mut(),
+            KeyPhase::Queued | KeyPhase::Done => None,
+        }
+    }
+}
+
+/// What the session machine is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SessionState {
+    /// Never opened.
+    Idle,
+    /// Waiting for the authority to open it.
+    Opening,
+    /// Open (possibly past its validity until the next call notices).
+    Open,
+    /// Closing.
+    Closing,
+    /// Lost, closed, or refused.
+    Ended,
+}
+
+/// What the application must know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SessionEvent {
+    /// The session is open until `valid_until` (local clock) unless kept alive.
+    Opened {
+        /// Its id.
+        session: SessionId,
+        /// End of the local validity.
+        valid_until: Instant,
+    },
+    /// The authority refused to open the session.
+    NotOpened {
+        /// Why.
+        reason: Reject,
+    },
+    /// `key` is ours under `fence`, for as long as the session: until `valid_until` unless
+    /// kept alive.
+    Acquired {
+        /// The key.
+        key: Key,
+        /// Present it to every resource the key protects.
+        fence: Fence,
+        /// The session's current end of validity.
+        valid_until: Instant,
+    },
+    /// `key` is held by another session; we wait at `position` (1: next).
+    Queued {
+        /// The key.
+        key: Key,
+        /// Place in the queue.
+        position: u16,
+    },
+    /// An acquisition ended without a grant.
+    NotAcquired {
+        /// The key.
+        key: Key,
+        /// Why.
+        reason: NotAcquired,
+    },
+    /// A release finished.
+    Released {
+        /// The key.
+        key: Key,
+        /// The fence given back.
+        fence: Fence,
+        /// The authority answered. `false`: the key frees when the authority handles the
+        /// close or expires the session.
+        acknowledged: bool,
+    },
+    /// `key` is gone; stop acting on `fence` now.
+    Lost {
+        /// The key.
+        key: Key,
+        /// The fence that must no longer be used.
+        fence: Fence,
+        /// Why.
+        reason: LostReason,
+    },
+    /// The session is gone, and every key with it (each reported by its own event first).
+    SessionLost {
+        /// Why.
+        reason: LostReason,
+    },
+    /// A close finished: acknowledged, or given up once the session expired anyway.
+    Closed {
+        /// The authority answered.
+        acknowledged: bool,
+    },
+}
+
+/// Misuse of [`Session::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The session is opening, open or closing.
+    AlreadyOpen,
+}
+
+/// Misuse of [`Session::acquire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum AcquireError {
+    /// The session is not open.
+    NotOpen,
+    /// The key is already held.
+    AlreadyHeld,
+    /// The key is being acquired (or waited for) already.
+    InProgress,
+    /// The key is being released; wait for its event.
+    Releasing,
+    /// The session already tracks as many keys as it can.
+    Full,
+}
+
+/// Misuse of [`Session::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum ReleaseError {
+    /// The key is neither held nor being acquired.
+    NotHeld,
+}
+
+/// Misuse of [`Session::close`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum CloseError {
+    /// The session is not open.
+    NotOpen,
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("session is already opening, open or closing")
+    }
+}
+impl core::error::Error for OpenError {}
+
+impl fmt::Display for AcquireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AcquireError::NotOpen => "session is not open",
+            AcquireError::AlreadyHeld => "key is already held",
+            AcquireError::InProgress => "key is already being acquired",
+            AcquireError::Releasing => "key is being released",
+            AcquireError::Full => "session tracks as many keys as it can",
+        })
+    }
+}
+impl core::error::Error for AcquireError {}
+
+impl fmt::Display for ReleaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("key is neither held nor being acquired")
+    }
+}
+impl core::error::Error for ReleaseError {}
+
+impl fmt::Display for CloseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("session is not open")
+    }
+}
+impl core::error::Error for CloseError {}
+
+impl<const K: usize> Session<K> {
+    /// A session, not yet opened, for the holder called `label`, timed by `config` (its
+    /// `ttl` is the session's; `renew_every` the keepalive interval).
+    pub fn new(label: Label, config: Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Session { config, label, phase: Phase::Idle, slots: Vec::new(), next_seq: 1, event: None })
+    }
+
+    // ----- getters -----
+
+    /// What the machine is doing.
+    pub const fn state(&self) -> SessionState {
+        match self.phase {
+            Phase::Idle => SessionState::Idle,
+            Phase::Opening { .. } => SessionState::Opening,
+            Phase::Open { .. } => SessionState::Open,
+            Phase::Closing { .. } => SessionState::Closing,
+            Phase::Ended => SessionState::Ended,
+        }
+    }
+
+    /// The session's id, once open.
+    pub const fn id(&self) -> Option<SessionId> {
+        match self.phase {
+            Phase::Open { id, .. } | Phase::Closing { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// How long the session (and so every key it holds) may still be relied on at `now`.
+    pub fn session_remaining(&self, now: Instant) -> Option<Duration> {
+        match self.phase {
+            Phase::Open { valid_until, .. } if now < valid_until => Some(valid_until - now),
+            _ => None,
+        }
+    }
+
+    /// How long `key` may still be relied on at `now`; `None` once it may not.
+    pub fn remaining(&self, now: Instant, key: &Key) -> Option<Duration> {
+        self.fence(key)?;
+        self.session_remaining(now)
+    }
+
+    /// The fence under which `key` is held now, if it is.
+    pub fn fence(&self, key: &Key) -> Option<Fence> {
+        match self.slots.iter().find(|s| s.key == *key)?.phase {
+            KeyPhase::Held { fence, .. } => Some(fence),
+            _ => None,
+        }
+    }
+
+    /// The keys held now, with their fences.
+    pub fn held(&self) -> impl Iterator<Item = (&Key, Fence)> + '_ {
+        self.slots.iter().filter_map(|s| match s.phase {
+            KeyPhase::Held { fence, .. } => Some((&s.key, fence)),
+            _ => None,
+        })
+    }
+
+    // ----- verbs -----
+
+    /// Ask the authority for a session.
+    pub fn open(&mut self, now: Instant) -> Result<(), OpenError> {
+        match self.phase {
+            Phase::Idle | Phase::Ended => {
+                self.slots.clear();
+                self.phase =
+                    Phase::Opening { flight: Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now } };
+                Ok(())
+            }
+            _ => Err(OpenError::AlreadyOpen),
+        }
+    }
+
+    /// Acquire `key`; if it is held, queue for it (`wait`: told by [`SessionEvent::Queued`],
+    /// then [`SessionEvent::Acquired`] when it is handed to us) or end with
+    /// [`SessionEvent::NotAcquired`].
+    pub fn acquire(&mut self, now: Instant, key: Key, wait: bool) -> Result<(), AcquireError> {
+        if self.expire(now) || !matches!(self.phase, Phase::Open { .. }) {
+            return Err(AcquireError::NotOpen);
+        }
+        self.forget_done();
+        match self.slots.iter().find(|s| s.key == key).map(|s| s.phase) {
+            Some(KeyPhase::Held { .. }) => return Err(AcquireError::AlreadyHeld),
+            Some(KeyPhase::Asking { .. } | KeyPhase::Queued) => return Err(AcquireError::InProgress),
+            Some(KeyPhase::Releasing { .. } | KeyPhase::GivingBack { .. }) => {
+                return Err(AcquireError::Releasing)
+            }
+            Some(KeyPhase::Done) | None => {}
+        }
+        let start = take_seq(&mut self.next_seq);
+        let phase = KeyPhase::Asking { wait, flight: Flight::Unsent { seq: start, at: now } };
+        self.slots.push(Slot { key, start, phase, event: None }).map_err(|_| AcquireError::Full)
+    }
+
+    /// Stop believing in `key` at once and give it back; or stop acquiring or waiting for it.
+    /// Ends with [`SessionEvent::Released`] (or [`SessionEvent::NotAcquired`]).
+    pub fn release(&mut self, now: Instant, key: &Key) -> Result<(), ReleaseError> {
+        self.expire(now);
+        let next_seq = &mut self.next_seq;
+        let slot = self.slots.iter_mut().find(|s| s.key == *key).ok_or(ReleaseError::NotHeld)?;
+        let fence = match slot.phase {
+            KeyPhase::Held { fence, .. } => fence,
+            KeyPhase::Asking { .. } | KeyPhase::Queued => Fence::NONE,
+            KeyPhase::Releasing { .. } | KeyPhase::GivingBack { .. } => return Ok(()),
+            KeyPhase::Done => return Err(ReleaseError::NotHeld),
+        };
+        slot.phase =
+            KeyPhase::Releasing { fence, flight: Flight::Unsent { seq: take_seq(next_seq), at: now } };
+        Ok(())
+    }
+
+    /// End the session: every key is given up at once (one event each), then the authority is
+    /// told. Ends with [`SessionEvent::Closed`].
+    pub fn close(&mut self, now: Instant) -> Result<(), CloseError> {
+        if self.expire(now) {
+            return Err(CloseError::NotOpen);
+        }
+        let Phase::Open { id, secret, valid_until, .. } = self.phase else {
+            return Err(CloseError::NotOpen);
+        };
+        self.end_keys(Ending::Close);
+        let flight = Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now };
+        self.phase = Phase::Closing { id, secret, give_up_at: valid_until, flight };
+        Ok(())
+    }
+
+    // ----- inputs -----
+
+    /// Feed a reply from the authority. Replies to requests the machine is not waiting for
+    /// are ignored.
+    pub fn handle_response(&mut self, now: Instant, response: &SessionResponse) {
+        if self.expire(now) {
+            return;
+        }
+        let seq = response.seq;
+        let reply = &response.reply;
+        match self.phase {
+            Phase::Opening { flight } => {
+                if let Some((s, at)) = flight.sent() {
+                    if s == seq {
+                        self.on_open_reply(now, at, reply);
+                    }
+                }
+            }
+            Phase::Open { id, keepalive, .. } if id == response.session => {
+                if let Some((_, at)) = keepalive.sent().filter(|(s, _)| *s == seq) {
+                    return self.on_alive_reply(now, at, reply);
+                }
+                let found = self.slots.iter().position(|slot| {
+                    slot.phase.flight().and_then(Flight::sent).is_some_and(|(s, _)| s == seq)
+                });
+                if let Some(i) = found {
+                    self.on_key_reply(now, i, reply);
+                }
+            }
+            Phase::Closing { id, flight, .. }
+                if id == response.session
+                    && flight.sent().is_some_and(|(s, _)| s == seq)
+                    && *reply != SessionReply::Replayed =>
+            {
+                self.phase = Phase::Ended;
+                self.event = Some(SessionEvent::Closed { acknowledged: true });
+            }
+            _ => {}
+        }
+    }
+
+    /// The request `seq` could not be delivered or answered; it is retried after
+    /// `backoff_min`.
+    pub fn handle_transport_error(&mut self, now: Instant, seq: Seq) {
+        if self.expire(now) {
+            return;
+        }
+        let retry = Flight::Due { at: now + self.config.backoff_min };
+        let fail = |f: &mut Flight| {
+            if f.sent().is_some_and(|(s, _)| s == seq) {
+                *f = retry;
+            }
+        };
+        match &mut self.phase {
+            Phase::Opening { flight } | Phase::Closing { flight, .. } => fail(flight),
+            Phase::Open { keepalive, .. } => fail(keepalive),
+            Phase::Idle | Phase::Ended => {}
+        }
+        for slot in self.slots.iter_mut() {
+            if let Some(f) = slot.phase.flight_mut() {
+                fail(f);
+            }
+        }
+    }
+
+    /// The time from [`poll_timeout`](Session::poll_timeout) came (early or spurious calls are
+    /// harmless): keepalives, retries and the end of validity.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.expire(now) {
+            return;
+        }
+        let timeout = self.config.request_timeout;
+        let next_seq = &mut self.next_seq;
+        match &mut self.phase {
+            Phase::Opening { flight } | Phase::Closing { flight, .. } => flight.tick(now, timeout, next_seq),
+            Phase::Open { keepalive, .. } => keepalive.tick(now, timeout, next_seq),
+            Phase::Idle | Phase::Ended => {}
+        }
+        for slot in self.slots.iter_mut() {
+            if let Some(f) = slot.phase.flight_mut() {
+                f.tick(now, timeout, next_seq);
+            }
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next request to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<SessionRequest> {
+        let (session, secret) = match &mut self.phase {
+            Phase::Opening { flight } => {
+                let seq = flight.transmit()?;
+                let op = SessionOp::Open { ttl: self.config.ttl, label: self.label.clone() };
+                return Some(SessionRequest { session: SessionId::NONE, secret: Secret::NONE, seq, op });
+            }
+            Phase::Open { id, secret, keepalive, .. } => {
+                if let Some(seq) = keepalive.transmit() {
+                    return Some(SessionRequest {
+                        session: *id,
+                        secret: *secret,
+                        seq,
+                        op: SessionOp::KeepAlive,
+                    });
+                }
+                (*id, *secret)
+            }
+            Phase::Closing { id, secret, flight, .. } => {
+                let seq = flight.transmit()?;
+                return Some(SessionRequest { session: *id, secret: *secret, seq, op: SessionOp::Close });
+            }
+            Phase::Idle | Phase::Ended => return None,
+        };
+        self.slots.iter_mut().find_map(|slot| {
+            let seq = slot.phase.flight_mut()?.transmit()?;
+            let key = slot.key.clone();
+            let op = match slot.phase {
+                KeyPhase::Asking { wait, .. } => SessionOp::Acquire { key, wait },
+                KeyPhase::Held { .. } => SessionOp::Acquire { key, wait: true },
+                KeyPhase::Releasing { fence, .. } | KeyPhase::GivingBack { fence, .. } => {
+                    SessionOp::Release { key, fence }
+                }
+                KeyPhase::Queued | KeyPhase::Done => return None,
+            };
+            Some(SessionRequest { session, secret, seq, op })
+        })
+    }
+
+    /// The next event for the application, if any: the keys' first, in the order they were
+    /// asked for, then the session's.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        let event = self.slots.iter_mut().find_map(|s| s.event.take()).or_else(|| self.event.take());
+        self.forget_done();
+        event
+    }
+
+    /// When [`handle_timeout`](Session::handle_timeout) must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let timeout = self.config.request_timeout;
+        let session = match self.phase {
+            Phase::Opening { flight } => flight.deadline(timeout),
+            Phase::Open { valid_until, keepalive, .. } => {
+                Some(keepalive.deadline(timeout).map_or(valid_until, |d| d.min(valid_until)))
+            }
+            Phase::Closing { give_up_at, flight, .. } => {
+                Some(flight.deadline(timeout).map_or(give_up_at, |d| d.min(give_up_at)))
+            }
+            Phase::Idle | Phase::Ended => None,
+        };
+        let keys = self.slots.iter().filter_map(|s| s.phase.flight().and_then(|f| f.deadline(timeout)));
+        session.into_iter().chain(keys).min()
+    }
+
+    // ----- internals -----
+
+    /// Ends a session whose time is up. Returns whether it did.
+    fn expire(&mut self, now: Instant) -> bool {
+        match self.phase {
+            Phase::Open { valid_until, .. } if now >= valid_until => {
+                self.lose(LostReason::Expired);
+                true
+            }
+            Phase::Closing { give_up_at, .. } if now >= give_up_at => {
+                self.phase = Phase::Ended;
+                self.event = Some(SessionEvent::Closed { acknowledged: false });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The session is gone: every key with it, at this instant.
+    fn lose(&mut self, reason: LostReason) {
+        self.end_keys(Ending::Lost(reason));
+        self.phase = Phase::Ended;
+        self.event = Some(SessionEvent::SessionLost { reason });
+    }
+
+    /// Ends every key with its event, all at this instant.
+    fn end_keys(&mut self, how: Ending) {
+        for slot in self.slots.iter_mut() {
+            let key = slot.key.clone();
+            let event = match (slot.phase, how) {
+                (KeyPhase::Held { fence, .. }, Ending::Close) => {
+                    Some(SessionEvent::Released { key, fence, acknowledged: false })
+                }
+                (KeyPhase::Held { fence, .. }, Ending::Lost(reason)) => {
+                    Some(SessionEvent::Lost { key, fence, reason })
+                }
+                (
+                    KeyPhase::Releasing { fence: Fence::NONE, .. }
+                    | KeyPhase::Asking { .. }
+                    | KeyPhase::Queued,
+                    _,
+                ) => {
+                    let reason = match how {
+                        Ending::Close => NotAcquired::Cancelled,
+                        Ending::Lost(_) => NotAcquired::Unavailable,
+                    };
+                    Some(SessionEvent::NotAcquired { key, reason })
+                }
+                (KeyPhase::Releasing { fence, .. }, _) => {
+                    Some(SessionEvent::Released { key, fence, acknowledged: false })
+                }
+                (KeyPhase::GivingBack { .. } | KeyPhase::Done, _) => None,
+            };
+            slot.phase = KeyPhase::Done;
+            if event.is_some() {
+                slot.event = event;
+            }
+        }
+    }
+
+    fn on_open_reply(&mut self, now: Instant, sent_at: Instant, reply: &SessionReply) {
+        match *reply {
+            SessionReply::Opened { session, secret, ttl } => {
+                let valid_until =
+                    self.config.anchor(sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
+                if valid_until <= now {
+                    // Too late to rely on; that session expires unused. Ask for another.
+                    let seq = take_seq(&mut self.next_seq);
+                    self.phase = Phase::Opening { flight: Flight::Unsent { seq, at: now } };
+                    return;
+                }
+                let keepalive = Flight::Due { at: (sent_at + self.config.renew_every).max(now) };
+                self.phase = Phase::Open { id: session, secret, valid_until, keepalive };
+                self.event = Some(SessionEvent::Opened { session, valid_until });
+            }
+            SessionReply::Rejected(reason) => {
+                self.phase = Phase::Ended;
+                self.event = Some(SessionEvent::NotOpened { reason });
+            }
+            // Anything else is not an answer to an open; the timeout retries.
+            _ => {}
+        }
+    }
+
+    fn on_alive_reply(&mut self, now: Instant, sent_at: Instant, reply: &SessionReply) {
+        let anchor = self.config.anchor(sent_at, now);
+        let Phase::Open { ref mut valid_until, ref mut keepalive, .. } = self.phase else { return };
+        match reply {
+            SessionReply::Alive { ttl, granted, more } => {
+                let until = anchor + self.config.validity((*ttl).min(self.config.ttl));
+                *valid_until = (*valid_until).max(until);
+                // More grants wait for us: ask again at once rather than at the next renewal.
+                let at = if *more { now } else { (sent_at + self.config.renew_every).max(now) };
+                *keepalive = Flight::Due { at };
+                if let Some(g) = granted {
+                    self.on_report(now, g);
+                }
+            }
+            SessionReply::Expired => self.lose(LostReason::Revoked),
+            SessionReply::Rejected(r) => self.lose(LostReason::Rejected(*r)),
+            // Replayed (a duplicate of ours got there first) or confused: the timeout retries.
+            _ => {}
+        }
+    }
+
+    /// A keepalive's reply reports a grant the authority has not seen us confirm.
+    fn on_report(&mut self, now: Instant, g: &Grant) {
+        let Phase::Open { valid_until, .. } = self.phase else { return };
+        let next_seq = &mut self.next_seq;
+        let mut fresh = || Flight::Unsent { seq: take_seq(next_seq), at: now };
+        match self.slots.iter_mut().find(|s| s.key == g.key) {
+            Some(slot) if g.asked >= slot.start => match slot.phase {
+                KeyPhase::Asking { .. } | KeyPhase::Queued => {
+                    slot.phase = KeyPhase::Held { fence: g.fence, confirm: Some(fresh()) };
+                    let (key, fence) = (g.key.clone(), g.fence);
+                    slot.event = Some(SessionEvent::Acquired { key, fence, valid_until });
+                }
+                // Our confirmation has not reached the authority yet (or was lost).
+                KeyPhase::Held { fence, confirm: None } if fence == g.fence => {
+                    slot.phase = KeyPhase::Held { fence, confirm: Some(fresh()) };
+                }
+                // We stopped waiting while it was granted: give it back by its fence.
+                KeyPhase::Releasing { fence: Fence::NONE, .. } => {
+                    slot.phase = KeyPhase::Releasing { fence: g.fence, flight: fresh() };
+                }
+                _ => {}
+            },
+            // A grant from an acquisition we no longer pursue: the key is ours at the
+            // authority though, so give it back rather than block it until we expire.
+            None => {
+                let phase = KeyPhase::GivingBack { fence: g.fence, flight: fresh() };
+                let _ = self.slots.push(Slot { key: g.key.clone(), start: Seq(0), phase, event: None });
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn on_key_reply(&mut self, now: Instant, i: usize, reply: &SessionReply) {
+        let Phase::Open { valid_until, .. } = self.phase else { return };
+        if let SessionReply::Expired = reply {
+            return self.lose(LostReason::Revoked);
+        }
+        let next_seq = &mut self.next_seq;
+        let slot = &mut self.slots[i];
+        let key = slot.key.clone();
+        let (phase, event) = match (slot.phase, reply) {
+            (KeyPhase::Asking { .. }, SessionReply::Granted { fence, .. }) => (
+                KeyPhase::Held { fence: *fence, confirm: None },
+                Some(SessionEvent::Acquired { key, fence: *fence, valid_until }),
+            ),
+            (KeyPhase::Asking { .. }, SessionReply::Queued { position, .. }) => {
+                (KeyPhase::Queued, Some(SessionEvent::Queued { key, position: *position }))
+            }
+            (KeyPhase::Asking { .. }, SessionReply::Busy { .. }) => {
+                (KeyPhase::Done, Some(SessionEvent::NotAcquired { key, reason: NotAcquired::Busy }))
+            }
+            (KeyPhase::Asking { .. }, SessionReply::Rejected(r)) => {
+                (KeyPhase::Done, Some(SessionEvent::NotAcquired { key, reason: NotAcquired::Rejected(*r) }))
+            }
+            (KeyPhase::Held { fence, .. }, SessionReply::Granted { fence: f, .. }) if *f == fence => {
+                (KeyPhase::Held { fence, confirm: None }, None)
+            }
+            // The authority does not see our grant as we do: believe it no longer.
+            (KeyPhase::Held { fence, .. }, SessionReply::Granted { .. } | SessionReply::Queued { .. }) => {
+                (KeyPhase::Done, Some(SessionEvent::Lost { key, fence, reason: LostReason::Revoked }))
+            }
+            (KeyPhase::Releasing { fence: Fence::NONE, .. }, SessionReply::Granted { fence, .. }) => {
+                let flight = Flight::Unsent { seq: take_seq(next_seq), at: now };
+                (KeyPhase::Releasing { fence: *fence, flight }, None)
+            }
+            (
+                KeyPhase::Releasing { fence, .. },
+                SessionReply::Released { .. } | SessionReply::NotHolder { .. } | SessionReply::Rejected(_),
+            ) => {
+                let event = match fence {
+                    Fence::NONE => SessionEvent::NotAcquired { key, reason: NotAcquired::Cancelled },
+                    _ => SessionEvent::Released { key, fence, acknowledged: true },
+                };
+                (KeyPhase::Done, Some(event))
+            }
+            (
+                KeyPhase::GivingBack { .. },
+                SessionReply::Released { .. } | SessionReply::NotHolder { .. } | SessionReply::Rejected(_),
+            ) => (KeyPhase::Done, None),
+            // Replayed or confused: the timeout retries.
+            (phase, _) => (phase, None),
+        };
+        slot.phase = phase;
+        if event.is_some() {
+            slot.event = event;
+        }
+    }
+
+    fn forget_done(&mut self) {
+        self.slots.retain(|s| s.phase != KeyPhase::Done || s.event.is_some());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::authority::{SessionAuthority, SessionLimits};
+    use crate::session::wire::parse_label;
+    use crate::wire::parse_key;
+
+    const TTL: Duration = Duration::from_secs(9);
+    /// The authority's clock reads this much more than the holders'.
+    const SKEW: Duration = Duration::from_secs(1_000);
+
+    type Authority = SessionAuthority<4, 4, 4>;
+    type Holder = Session<4>;
+
+    fn config() -> Config {
+        let mut c = Config::new(TTL);
+        c.drift = crate::Drift::from_ppm(10_000);
+        c.margin = Duration::ZERO;
+        c
+    }
+    fn ms(n: u64) -> Instant {
+        Instant::from_millis(n)
+    }
+    fn key(s: &str) -> Key {
+        parse_key(s).unwrap()
+    }
+    fn holder(label: &str) -> Holder {
+        Session::new(parse_label(label).unwrap(), config()).unwrap()
+    }
+
+    /// Carries every request `h` has to the authority and the replies straight back, at `now`
+    /// (no delay). Returns the requests carried.
+    fn exchange(h: &mut Holder, a: &mut Authority, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(r) = h.poll_transmit() {
+            n += 1;
+            let reply = match r.op {
+                SessionOp::Open { ttl, ref label } => {
+                    let secret = Secret::from_bytes([n as u8 + 7; 16]);
+                    a.open(now + SKEW, ttl, label, secret)
+                }
+                _ => a.handle(now + SKEW, &r),
+            };
+            h.handle_response(now, &r.answer(reply));
+        }
+        n
+    }
+    fn events(h: &mut Holder) -> std::vec::Vec<SessionEvent> {
+        core::iter::from_fn(|| h.poll_event()).collect()
+    }
+    fn opened(a: &mut Authority, label: &str) -> Holder {
+        let mut h = holder(label);
+        h.open(ms(0)).unwrap();
+        exchange(&mut h, a, ms(0));
+        assert!(
+            matches!(h.poll_event(), Some(SessionEvent::Opened { valid_until, .. }) if valid_until == ms(8_910))
+        );
+        h
+    }
+
+    extern crate std;
+
+    #[test]
+    fn one_keepalive_keeps_every_key_and_they_are_lost_together() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut h = opened(&mut a, "h");
+        h.acquire(ms(10), key("x"), false).unwrap();
+        h.acquire(ms(10), key("y"), false).unwrap();
+        assert_eq!(exchange(&mut h, &mut a, ms(10)), 2);
+        let held = events(&mut h);
+        assert!(
+            matches!(held[..], [SessionEvent::Acquired { .. }, SessionEvent::Acquired { .. }]),
+            "{held:?}"
+        );
+        // Renews every ttl/3 with one request for both keys, anchored at its send.
+        assert_eq!(h.poll_timeout(), Some(ms(3_000)));
+        h.handle_timeout(ms(3_000));
+        assert_eq!(exchange(&mut h, &mut a, ms(3_000)), 1);
+        assert_eq!(h.remaining(ms(3_000), &key("x")), Some(Duration::from_millis(8_910)));
+        assert_eq!(h.remaining(ms(3_000), &key("y")), Some(Duration::from_millis(8_910)));
+        // Then the authority becomes unreachable: retries, and at the end both go at once.
+        let mut now;
+        let lost = loop {
+            now = h.poll_timeout().unwrap();
+            h.handle_timeout(now);
+            while let Some(r) = h.poll_transmit() {
+                h.handle_transport_error(now, r.seq);
+            }
+            let e = events(&mut h);
+            if !e.is_empty() {
+                break e;
+            }
+        };
+        assert_eq!(now, ms(3_000 + 8_910), "lost exactly when the last keepalive's validity ends");
+        let reason = LostReason::Expired;
+        assert_eq!(
+            lost,
+            [
+                SessionEvent::Lost { key: key("x"), fence: Fence(1), reason },
+                SessionEvent::Lost { key: key("y"), fence: Fence(1), reason },
+                SessionEvent::SessionLost { reason },
+            ]
+        );
+        assert_eq!(h.remaining(now, &key("x")), None);
+        assert_eq!(h.state(), SessionState::Ended);
+        // The authority frees both a little later, on its own clock.
+        a.handle_timeout(ms(3_000 + 9_000) + SKEW);
+        assert_eq!(a.key(&key("x")).unwrap().holder, None);
+    }
+
+    #[test]
+    fn a_waiter_is_pushed_its_grant_and_confirms_it() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut first = opened(&mut a, "first");
+        let mut second = opened(&mut a, "second");
+        first.acquire(ms(1), key("x"), true).unwrap();
+        exchange(&mut first, &mut a, ms(1));
+        second.acquire(ms(2), key("x"), true).unwrap();
+        exchange(&mut second, &mut a, ms(2));
+        assert_eq!(events(&mut second)[..], [SessionEvent::Queued { key: key("x"), position: 1 }]);
+        assert_eq!(second.poll_timeout(), Some(ms(3_000)), "a waiter does not poll; it keeps alive");
+        first.release(ms(100), &key("x")).unwrap();
+        assert_eq!(first.remaining(ms(100), &key("x")), None, "belief ends at the release call");
+        exchange(&mut first, &mut a, ms(100));
+        let released = SessionEvent::Released { key: key("x"), fence: Fence(1), acknowledged: true };
+        assert_eq!(events(&mut first)[..], [released]);
+        // The next keepalive brings the grant; the confirming acquire follows in the same
+        // exchange, and the authority stops reporting it.
+        second.handle_timeout(ms(3_000));
+        assert_eq!(exchange(&mut second, &mut a, ms(3_000)), 2);
+        let got = SessionEvent::Acquired { key: key("x"), fence: Fence(2), valid_until: ms(3_000 + 8_910) };
+        assert_eq!(events(&mut second)[..], [got]);
+        assert!(!a.has_news(second.id().unwrap()));
+        assert_eq!(second.fence(&key("x")), Some(Fence(2)));
+    }
+
+    #[test]
+    fn unknown_seqs_and_stale_reports_are_not_believed() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut h = opened(&mut a, "h");
+        let id = h.id().unwrap();
+        h.acquire(ms(1), key("x"), true).unwrap();
+        let r = h.poll_transmit().unwrap();
+        // A reply to a seq never sent, and one for another session, change nothing.
+        let forged = SessionReply::Granted { key: key("x"), fence: Fence(9) };
+        h.handle_response(
+            ms(2),
+            &SessionResponse { session: id, seq: Seq(r.seq.0 + 5), reply: forged.clone() },
+        );
+        h.handle_response(
+            ms(2),
+            &SessionResponse { session: SessionId(id.0 + 1), seq: r.seq, reply: forged },
+        );
+        assert_eq!(h.poll_event(), None);
+        assert_eq!(h.fence(&key("x")), None);
+        // The real answer: queued.
+        let queued = SessionReply::Queued { key: key("x"), position: 1 };
+        h.handle_response(ms(3), &r.answer(queued));
+        assert!(matches!(h.poll_event(), Some(SessionEvent::Queued { .. })));
+        // A keepalive's reply reporting a grant asked for before this acquisition began (a
+        // reordered reply from an earlier holding of x) is not believed...
+        h.handle_timeout(ms(3_000));
+        let ka = h.poll_transmit().unwrap();
+        let stale = Grant { key: key("x"), fence: Fence(1), asked: Seq(r.seq.0 - 1) };
+        h.handle_response(
+            ms(3_001),
+            &ka.answer(SessionReply::Alive { ttl: TTL, granted: Some(stale), more: false }),
+        );
+        assert_eq!(h.poll_event(), None);
+        assert_eq!(h.fence(&key("x")), None);
+        // ...but the grant this acquisition asked for is.
+        h.handle_timeout(ms(6_001));
+        let ka = h.poll_transmit().unwrap();
+        let fresh = Grant { key: key("x"), fence: Fence(2), asked: r.seq };
+        h.handle_response(
+            ms(6_002),
+            &ka.answer(SessionReply::Alive { ttl: TTL, granted: Some(fresh), more: true }),
+        );
+        assert!(matches!(h.poll_event(), Some(SessionEvent::Acquired { fence: Fence(2), .. })));
+        // `more`: keep alive again at once.
+        assert_eq!(h.poll_timeout(), Some(ms(6_002)));
+    }
+
+    #[test]
+    fn stopping_a_wait_that_was_granted_meanwhile_gives_the_key_back() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut first = opened(&mut a, "first");
+        let mut second = opened(&mut a, "second");
+        first.acquire(ms(1), key("x"), false).unwrap();
+        exchange(&mut first, &mut a, ms(1));
+        second.acquire(ms(2), key("x"), true).unwrap();
+        exchange(&mut second, &mut a, ms(2));
+        events(&mut second);
+        // The key passes to `second` before its cancellation arrives.
+        first.release(ms(3), &key("x")).unwrap();
+        exchange(&mut first, &mut a, ms(3));
+        second.release(ms(4), &key("x")).unwrap();
+        // The stop-waiting is answered with the fence (2); the fenced release follows.
+        assert_eq!(exchange(&mut second, &mut a, ms(4)), 2);
+        assert_eq!(
+            events(&mut second)[..],
+            [SessionEvent::Released { key: key("x"), fence: Fence(2), acknowledged: true }]
+        );
+        assert_eq!(a.key(&key("x")).unwrap().holder, None);
+    }
+
+    #[test]
+    fn close_gives_up_every_key_at_once() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut h = opened(&mut a, "h");
+        h.acquire(ms(1), key("x"), false).unwrap();
+        exchange(&mut h, &mut a, ms(1));
+        events(&mut h);
+        h.close(ms(5)).unwrap();
+        assert_eq!(h.remaining(ms(5), &key("x")), None);
+        exchange(&mut h, &mut a, ms(5));
+        assert_eq!(
+            events(&mut h)[..],
+            [
+                SessionEvent::Released { key: key("x"), fence: Fence(1), acknowledged: false },
+                SessionEvent::Closed { acknowledged: true },
+            ]
+        );
+        assert_eq!(a.sessions().count(), 0);
+        assert_eq!(a.key(&key("x")).unwrap().holder, None);
+        assert_eq!(h.poll_timeout(), None);
+    }
+
+    #[test]
+    fn misuse_is_an_error_not_a_panic() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut idle = holder("h");
+        assert_eq!(idle.acquire(ms(0), key("x"), false), Err(AcquireError::NotOpen));
+        assert_eq!(idle.close(ms(0)), Err(CloseError::NotOpen));
+        let mut h = opened(&mut a, "h");
+        assert_eq!(h.open(ms(1)), Err(OpenError::AlreadyOpen));
+        h.acquire(ms(1), key("x"), false).unwrap();
+        assert_eq!(h.acquire(ms(1), key("x"), false), Err(AcquireError::InProgress));
+        exchange(&mut h, &mut a, ms(1));
+        assert_eq!(h.acquire(ms(1), key("x"), false), Err(AcquireError::AlreadyHeld));
+        for k in ["a", "b", "c"] {
+            h.acquire(ms(2), key(k), false).unwrap();
+        }
+        assert_eq!(h.acquire(ms(2), key("d"), false), Err(AcquireError::Full));
+        assert_eq!(h.release(ms(2), &key("d")), Err(ReleaseError::NotHeld));
+        h.release(ms(2), &key("x")).unwrap();
+        assert_eq!(h.acquire(ms(2), key("x"), false), Err(AcquireError::Releasing));
+    }
+
+    #[test]
+    fn a_refused_open_ends_the_session() {
+        let mut a = SessionAuthority::<4, 4, 4>::new(SessionLimits {
+            max_ttl: Duration::from_secs(1),
+            ..Default::default()
+        });
+        let mut h = holder("h");
+        h.open(ms(0)).unwrap();
+        exchange(&mut h, &mut a, ms(0));
+        assert_eq!(h.poll_event(), Some(SessionEvent::NotOpened { reason: Reject::InvalidTtl }));
+        assert_eq!(h.state(), SessionState::Ended);
+    }
+}

@@ -1,0 +1,701 @@
+//! Deterministic simulation of sessions: many [`Session`] holders, one [`SessionAuthority`],
+//! a seeded faulty network and drifting clocks.
+//!
+//! Built like [`crate::sim`] (true time in µs that only the simulator sees; [`World::step`]
+//! jumps to the earliest deadline; a failing seed prints its trace and replays exactly), with
+//! its own clocks because that module keeps its clock private: here rates are drawn at the
+//! extremes of ±ε a third of the time each, where a timing bug shows first. After every step
+//! the checker asserts, on true time:
+//! - at most one holder believes each key;
+//! - each key's grants carry strictly increasing fences, and no holder is told a fence at or
+//!   below one told before;
+//! - a key moves only when its holder released it, closed, or expired, never before;
+//! - a queued key goes to the first waiter still alive, and never to an expired session;
+//! - replayed and forged requests (injected copies of requests the authority has handled,
+//!   as they are or with a wrong secret) leave the authority's state as it was.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use leasehold_core::session::authority::{KeyStatus, SessionFault, SessionStatus};
+use leasehold_core::session::wire::{
+    parse_label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+};
+use leasehold_core::session::{Session, SessionAuthority, SessionEvent, SessionLimits, SessionState};
+use leasehold_core::{parse_key, Config, Drift, Duration, Fault, Fence, Instant, Key};
+
+/// Sessions the authority can track: clients plus the orphans of duplicated opens.
+type Authority = SessionAuthority<32, 4, 8>;
+type Holder = Session<4>;
+
+/// Everything that varies between runs, drawn from the seed.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// The seed everything is drawn from.
+    pub seed: u64,
+    /// Number of holders.
+    pub clients: usize,
+    /// Number of keys they contend for.
+    pub keys: usize,
+    /// Session timing shared by all holders.
+    pub config: Config,
+    /// Smallest one-way network delay (µs).
+    pub min_delay: u64,
+    /// Largest one-way network delay (µs).
+    pub max_delay: u64,
+    /// Per-message loss probability.
+    pub loss: f64,
+    /// Per-message duplication probability.
+    pub duplication: f64,
+    /// The authority's deliberate bug, if any.
+    pub fault: SessionFault,
+    /// Simulated true time to run (µs).
+    pub run_for: u64,
+}
+
+impl Params {
+    /// Draws a run's parameters from `seed`, with `fault` planted in the authority.
+    pub fn from_seed(seed: u64, fault: SessionFault) -> Params {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let ttl = Duration::from_millis(rng.u64(200..=2_000));
+        let mut config = Config::new(ttl);
+        config.drift = Drift::from_ppm(*rng.choice(&[1_000, 10_000, 50_000]).unwrap_or(&10_000));
+        // The safety argument must hold with no margin at all.
+        config.margin = Duration::ZERO;
+        let max_delay = rng.u64(1..=ttl.as_micros() / 10);
+        Params {
+            seed,
+            clients: rng.usize(2..=5),
+            keys: rng.usize(1..=3),
+            config,
+            min_delay: rng.u64(0..=max_delay / 4),
+            max_delay,
+            loss: rng.f64() * 0.2,
+            duplication: rng.f64() * 0.1,
+            fault,
+            run_for: ttl.as_micros() * 30,
+        }
+    }
+}
+
+/// A party's clock, `offset + t·(1 + dev/10⁶)`.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    offset: u64,
+    dev_ppm: i64,
+}
+
+const PPM: i128 = 1_000_000;
+
+impl Clock {
+    fn random(rng: &mut fastrand::Rng, drift: Drift) -> Clock {
+        // Rates within [1−δ, 1+δ] differ pairwise by at most 1+ε for δ = ε/(2+ε).
+        let eps = i128::from(drift.as_ppm());
+        let delta = (eps * PPM / (2 * PPM + eps)) as i64;
+        let dev_ppm = match rng.u8(0..3) {
+            0 => -delta,
+            1 => delta,
+            _ => rng.i64(-delta..=delta),
+        };
+        Clock { offset: rng.u64(0..1 << 40), dev_ppm }
+    }
+
+    fn local(&self, t: u64) -> Instant {
+        let scaled = i128::from(t) * (PPM + i128::from(self.dev_ppm)) / PPM;
+        Instant::from_micros(self.offset + scaled as u64)
+    }
+
+    /// The earliest true time at which this clock reads `at` or later.
+    fn true_time_of(&self, at: Instant) -> u64 {
+        let rate = PPM + i128::from(self.dev_ppm);
+        let since = i128::from(at.as_micros().saturating_sub(self.offset));
+        let mut t = (since * PPM / rate).min(i128::from(u64::MAX / 4)) as u64;
+        // The division may land a microsecond or two either side of the answer.
+        t = t.saturating_sub(2);
+        while self.local(t) < at {
+            t += 1;
+        }
+        t
+    }
+}
+
+/// What happened, formatted only when a run fails.
+#[derive(Debug, Clone)]
+enum What {
+    Send(usize, SessionRequest),
+    Dropped(&'static str),
+    Handles(usize, SessionRequest, SessionReply),
+    Receives(usize, SessionResponse),
+    Event(usize, SessionEvent),
+    AuthorityTimer,
+    Crash(usize),
+    Restart(usize),
+    Partition(usize, u64),
+    Injected(&'static str, SessionRequest, SessionReply),
+}
+
+/// One line of a run's trace.
+#[derive(Debug, Clone)]
+pub struct TraceEntry {
+    t: u64,
+    what: What,
+}
+
+impl fmt::Display for TraceEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t={:>10.3}ms ", self.t as f64 / 1000.0)?;
+        match &self.what {
+            What::Send(c, r) => write!(f, "c{c} sends {} seq={} {:?}", r.session, r.seq.0, r.op),
+            What::Dropped(why) => write!(f, "   network drops a message ({why})"),
+            What::Handles(c, r, reply) => {
+                write!(f, "authority: c{c} {} seq={} {:?} -> {reply:?}", r.session, r.seq.0, r.op)
+            }
+            What::Receives(c, r) => write!(f, "c{c} receives {} seq={} {:?}", r.session, r.seq.0, r.reply),
+            What::Event(c, e) => write!(f, "c{c} EVENT {e:?}"),
+            What::AuthorityTimer => write!(f, "authority timer"),
+            What::Crash(c) => write!(f, "c{c} CRASHES"),
+            What::Restart(c) => write!(f, "c{c} restarts"),
+            What::Partition(c, until) => write!(f, "c{c} partitioned until {:.3}ms", *until as f64 / 1000.0),
+            What::Injected(how, r, reply) => {
+                write!(f, "INJECTED {how}: {} seq={} {:?} -> {reply:?}", r.session, r.seq.0, r.op)
+            }
+        }
+    }
+}
+
+/// A safety violation, with everything needed to replay it.
+#[derive(Debug)]
+pub struct Violation {
+    /// The run's parameters (the seed replays it).
+    pub params: Params,
+    /// True time of the violation (µs).
+    pub at: u64,
+    /// What was violated.
+    pub message: String,
+    /// The run's trace up to the violation.
+    pub trace: Vec<TraceEntry>,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "SESSION SAFETY VIOLATION with seed {} at t={}us: {}",
+            self.params.seed, self.at, self.message
+        )?;
+        writeln!(f, "params: {:?}", self.params)?;
+        let skip = self.trace.len().saturating_sub(300);
+        writeln!(f, "trace (last {} of {} entries):", self.trace.len() - skip, self.trace.len())?;
+        for e in &self.trace[skip..] {
+            writeln!(f, "  {e}")?;
+        }
+        let fault = match (self.params.fault, self.params.config.fault) {
+            (SessionFault::HandOffEarly, _) => "LEASEHOLD_SIM_FAULT=hand-off-early ",
+            (SessionFault::KeepExpiredWaiters, _) => "LEASEHOLD_SIM_FAULT=keep-expired-waiters ",
+            (SessionFault::AcceptReplays, _) => "LEASEHOLD_SIM_FAULT=accept-replays ",
+            (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
+            _ => "",
+        };
+        write!(
+            f,
+            "replay: {fault}LEASEHOLD_SIM_SEED={} cargo test -p leasehold-tests --test sessions replay -- --nocapture",
+            self.params.seed
+        )
+    }
+}
+
+/// What a run did, so tests can check it exercised what the checker checks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Steps taken.
+    pub steps: u64,
+    /// Grants the authority made.
+    pub grants: u64,
+    /// Of those, hand-offs to the head of a queue.
+    pub hand_offs: u64,
+    /// `Acquired` events told to holders.
+    pub acquired: u64,
+    /// `Queued` events.
+    pub queued: u64,
+    /// Keys `Lost` by holders.
+    pub lost: u64,
+    /// Keys `Released` by holders.
+    pub released: u64,
+    /// Replayed and forged requests injected.
+    pub injected: u64,
+    /// Messages dropped.
+    pub dropped: u64,
+}
+
+impl Stats {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, o: &Stats) {
+        self.steps += o.steps;
+        self.grants += o.grants;
+        self.hand_offs += o.hand_offs;
+        self.acquired += o.acquired;
+        self.queued += o.queued;
+        self.lost += o.lost;
+        self.released += o.released;
+        self.injected += o.injected;
+        self.dropped += o.dropped;
+    }
+}
+
+struct Client {
+    clock: Clock,
+    session: Option<Holder>,
+    app_at: Option<u64>,
+    restart_at: Option<u64>,
+    partitioned_until: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Msg {
+    ToAuthority { client: usize, request: SessionRequest },
+    ToClient { client: usize, response: SessionResponse },
+}
+
+/// What the checker compares around each authority step: everything but the replay windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct View {
+    sessions: Vec<SessionStatus>,
+    keys: Vec<(Key, KeyStatus, Vec<SessionId>)>,
+    next: SessionId,
+}
+
+impl View {
+    fn of(a: &Authority) -> View {
+        View {
+            sessions: a.sessions().collect(),
+            keys: a.keys().map(|(k, s)| (k.clone(), s, a.waiters(k).collect())).collect(),
+            next: a.next_session(),
+        }
+    }
+
+    fn key(&self, k: &Key) -> Option<&(Key, KeyStatus, Vec<SessionId>)> {
+        self.keys.iter().find(|(key, _, _)| key == k)
+    }
+
+    fn alive(&self, s: SessionId) -> bool {
+        self.sessions.iter().any(|x| x.id == s)
+    }
+}
+
+/// The simulated world.
+pub struct World {
+    params: Params,
+    rng: fastrand::Rng,
+    now: u64,
+    keys: Vec<Key>,
+    clients: Vec<Client>,
+    clock: Clock,
+    authority: Authority,
+    network: BTreeMap<(u64, u64), Msg>,
+    next_msg: u64,
+    next_fault: u64,
+    /// Requests the authority has handled, for replay.
+    handled: Vec<SessionRequest>,
+    /// Per key: the highest fence granted, and the highest told to any holder.
+    granted: BTreeMap<Key, Fence>,
+    told: BTreeMap<Key, Fence>,
+    trace: Vec<TraceEntry>,
+    stats: Stats,
+}
+
+impl World {
+    /// A world for `params`, at true time zero, no session open yet.
+    pub fn new(params: Params) -> World {
+        let mut rng = fastrand::Rng::with_seed(params.seed ^ 0x5E55_1085);
+        let drift = params.config.drift;
+        let clients = (0..params.clients)
+            .map(|i| Client {
+                clock: Clock::random(&mut rng, drift),
+                session: Some(holder(i, params.config)),
+                app_at: Some(rng.u64(0..params.config.ttl.as_micros())),
+                restart_at: None,
+                partitioned_until: 0,
+            })
+            .collect();
+        let clock = Clock::random(&mut rng, drift);
+        let limits = SessionLimits { fault: params.fault, ..SessionLimits::default() };
+        World {
+            keys: (0..params.keys).map(|k| parse_key(&format!("k{k}")).expect("valid key")).collect(),
+            next_fault: rng.u64(0..params.run_for / 8),
+            params,
+            rng,
+            now: 0,
+            clients,
+            clock,
+            authority: Authority::new(limits),
+            network: BTreeMap::new(),
+            next_msg: 0,
+            handled: Vec::new(),
+            granted: BTreeMap::new(),
+            told: BTreeMap::new(),
+            trace: Vec::with_capacity(4096),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Runs until `params.run_for`, checking after every step.
+    pub fn run(mut self) -> Result<Stats, Box<Violation>> {
+        while self.now < self.params.run_for {
+            if !self.step()? {
+                break;
+            }
+        }
+        Ok(self.stats)
+    }
+
+    /// True time now (µs).
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// The run's parameters.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The trace so far, one line per entry.
+    pub fn trace(&self) -> impl Iterator<Item = String> + '_ {
+        self.trace.iter().map(|e| e.to_string())
+    }
+
+    /// Jumps to the earliest deadline and handles it. Returns `false` when nothing is pending.
+    pub fn step(&mut self) -> Result<bool, Box<Violation>> {
+        #[derive(Clone, Copy)]
+        enum Next {
+            Deliver,
+            Timer(usize),
+            App(usize),
+            Restart(usize),
+            AuthorityTimer,
+            Fault,
+        }
+        let mut best: Option<(u64, Next)> = None;
+        let mut consider = |t: u64, n: Next| {
+            if best.is_none_or(|(b, _)| t < b) {
+                best = Some((t, n));
+            }
+        };
+        if let Some((&(t, _), _)) = self.network.first_key_value() {
+            consider(t, Next::Deliver);
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if let Some(at) = c.session.as_ref().and_then(Holder::poll_timeout) {
+                consider(c.clock.true_time_of(at).max(self.now), Next::Timer(i));
+            }
+            if let Some(t) = c.app_at {
+                consider(t, Next::App(i));
+            }
+            if let Some(t) = c.restart_at {
+                consider(t, Next::Restart(i));
+            }
+        }
+        if let Some(at) = self.authority.poll_timeout() {
+            consider(self.clock.true_time_of(at).max(self.now), Next::AuthorityTimer);
+        }
+        consider(self.next_fault, Next::Fault);
+        let Some((t, next)) = best else { return Ok(false) };
+        self.now = t;
+        self.stats.steps += 1;
+        match next {
+            Next::Deliver => {
+                if let Some((_, msg)) = self.network.pop_first() {
+                    self.deliver(msg)?;
+                }
+            }
+            Next::Timer(i) => {
+                let local = self.local(i);
+                if let Some(s) = self.clients[i].session.as_mut() {
+                    s.handle_timeout(local);
+                }
+                self.drain(i)?;
+            }
+            Next::App(i) => self.app(i)?,
+            Next::Restart(i) => {
+                let c = &mut self.clients[i];
+                c.restart_at = None;
+                c.session = Some(holder(i, self.params.config));
+                c.app_at = Some(self.now);
+                self.log(What::Restart(i));
+            }
+            Next::AuthorityTimer => {
+                self.log(What::AuthorityTimer);
+                let before = View::of(&self.authority);
+                let now = self.clock.local(self.now);
+                self.authority.handle_timeout(now);
+                self.check_authority(&before, None)?;
+            }
+            Next::Fault => self.fault()?,
+        }
+        self.check_beliefs()?;
+        Ok(true)
+    }
+
+    fn local(&self, i: usize) -> Instant {
+        self.clients[i].clock.local(self.now)
+    }
+
+    fn log(&mut self, what: What) {
+        self.trace.push(TraceEntry { t: self.now, what });
+    }
+
+    fn violation(&self, message: String) -> Box<Violation> {
+        Box::new(Violation { params: self.params, at: self.now, message, trace: self.trace.clone() })
+    }
+
+    /// The application: open when there is no session; otherwise release a held key, ask
+    /// for another (mostly waiting in line), or now and then close.
+    fn app(&mut self, i: usize) -> Result<(), Box<Violation>> {
+        let local = self.local(i);
+        let ttl = self.params.config.ttl.as_micros();
+        let roll = self.rng.u8(..);
+        let key = self.keys[self.rng.usize(0..self.keys.len())].clone();
+        self.clients[i].app_at = Some(self.now + self.rng.u64(0..ttl));
+        let Some(s) = self.clients[i].session.as_mut() else { return Ok(()) };
+        match s.state() {
+            SessionState::Idle | SessionState::Ended => {
+                let _ = s.open(local);
+            }
+            SessionState::Open if roll < 8 => {
+                let _ = s.close(local);
+            }
+            SessionState::Open if s.fence(&key).is_some() => {
+                let _ = s.release(local, &key);
+            }
+            SessionState::Open => {
+                let _ = s.acquire(local, key, !roll.is_multiple_of(5));
+            }
+            SessionState::Opening | SessionState::Closing => {}
+        }
+        self.drain(i)
+    }
+
+    fn drain(&mut self, i: usize) -> Result<(), Box<Violation>> {
+        while let Some(request) = self.clients[i].session.as_mut().and_then(Holder::poll_transmit) {
+            self.log(What::Send(i, request.clone()));
+            self.send(i, Msg::ToAuthority { client: i, request });
+        }
+        while let Some(e) = self.clients[i].session.as_mut().and_then(Holder::poll_event) {
+            match &e {
+                SessionEvent::Acquired { key, fence, .. } => {
+                    self.stats.acquired += 1;
+                    let told = self.told.entry(key.clone()).or_default();
+                    if *fence <= *told {
+                        let msg =
+                            format!("c{i} told Acquired {key} fence {fence} after fence {told} was told");
+                        self.log(What::Event(i, e));
+                        return Err(self.violation(msg));
+                    }
+                    *told = *fence;
+                }
+                SessionEvent::Queued { .. } => self.stats.queued += 1,
+                SessionEvent::Lost { .. } => self.stats.lost += 1,
+                SessionEvent::Released { .. } => self.stats.released += 1,
+                _ => {}
+            }
+            self.log(What::Event(i, e));
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, client: usize, msg: Msg) {
+        if self.clients[client].partitioned_until > self.now {
+            self.stats.dropped += 1;
+            return self.log(What::Dropped("partition"));
+        }
+        if self.rng.f64() < self.params.loss {
+            self.stats.dropped += 1;
+            return self.log(What::Dropped("loss"));
+        }
+        let copies = if self.rng.f64() < self.params.duplication { 2 } else { 1 };
+        for _ in 0..copies {
+            let at = self.now + self.rng.u64(self.params.min_delay..=self.params.max_delay);
+            self.network.insert((at, self.next_msg), msg.clone());
+            self.next_msg += 1;
+        }
+    }
+
+    fn deliver(&mut self, msg: Msg) -> Result<(), Box<Violation>> {
+        match msg {
+            Msg::ToAuthority { client, request } => {
+                let now = self.clock.local(self.now);
+                let before = View::of(&self.authority);
+                let reply = match request.op {
+                    SessionOp::Open { ttl, ref label } => {
+                        let secret = Secret::from_bytes(self.rng.u128(..).to_le_bytes());
+                        self.authority.open(now, ttl, label, secret)
+                    }
+                    _ => self.authority.handle(now, &request),
+                };
+                self.log(What::Handles(client, request.clone(), reply.clone()));
+                self.check_authority(&before, Some(&request))?;
+                let response = request.answer(reply);
+                if !matches!(request.op, SessionOp::Open { .. }) {
+                    if self.handled.len() >= 256 {
+                        self.handled.swap_remove(self.rng.usize(0..256));
+                    }
+                    self.handled.push(request);
+                }
+                self.send(client, Msg::ToClient { client, response });
+            }
+            Msg::ToClient { client, response } => {
+                let c = &self.clients[client];
+                if c.partitioned_until > self.now || c.session.is_none() {
+                    self.stats.dropped += 1;
+                    self.log(What::Dropped("client unreachable"));
+                    return Ok(());
+                }
+                let local = self.local(client);
+                if let Some(s) = self.clients[client].session.as_mut() {
+                    s.handle_response(local, &response);
+                }
+                self.log(What::Receives(client, response));
+                self.drain(client)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fault(&mut self) -> Result<(), Box<Violation>> {
+        let ttl = self.params.config.ttl.as_micros();
+        self.next_fault = self.now + self.rng.u64(0..ttl);
+        let i = self.rng.usize(0..self.clients.len());
+        match self.rng.u8(0..6) {
+            0 if self.clients[i].session.is_some() => {
+                let c = &mut self.clients[i];
+                c.session = None;
+                c.app_at = None;
+                c.restart_at = Some(self.now + self.rng.u64(0..2 * ttl));
+                self.log(What::Crash(i));
+            }
+            1 => {
+                let until = self.now + self.rng.u64(0..2 * ttl);
+                self.clients[i].partitioned_until = until;
+                self.log(What::Partition(i, until));
+            }
+            n @ 2..=5 if !self.handled.is_empty() => {
+                let mut request = self.handled[self.rng.usize(0..self.handled.len())].clone();
+                let how = if n == 5 {
+                    let mut bytes = request.secret.to_bytes();
+                    bytes[self.rng.usize(0..16)] ^= 1 << self.rng.u8(0..8);
+                    request.secret = Secret::from_bytes(bytes);
+                    "forged"
+                } else {
+                    "replay"
+                };
+                self.inject(how, request)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Hands the authority a request it has seen (or a forgery of one) and checks that its
+    /// state did not change. Expiry due by now happens first: that change is not the replay's.
+    fn inject(&mut self, how: &'static str, request: SessionRequest) -> Result<(), Box<Violation>> {
+        self.stats.injected += 1;
+        let now = self.clock.local(self.now);
+        let before = View::of(&self.authority);
+        self.authority.handle_timeout(now);
+        self.check_authority(&before, None)?;
+        let before = View::of(&self.authority);
+        let reply = self.authority.handle(now, &request);
+        self.log(What::Injected(how, request, reply));
+        let after = View::of(&self.authority);
+        if after != before {
+            return Err(self.violation(format!(
+                "a {how} request changed the authority's state:\n  before {before:?}\n  after  {after:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks every grant the last authority step made. `request` is the request it handled
+    /// (`None`: its timer).
+    fn check_authority(
+        &mut self,
+        before: &View,
+        request: Option<&SessionRequest>,
+    ) -> Result<(), Box<Violation>> {
+        let after = View::of(&self.authority);
+        for (key, status, _) in &after.keys {
+            let old = before.key(key);
+            let old_holder = old.and_then(|(_, s, _)| s.holder);
+            let Some(new) = status.holder else { continue };
+            if old_holder == Some(new) {
+                continue;
+            }
+            self.stats.grants += 1;
+            let last = self.granted.insert(key.clone(), new.fence).unwrap_or_default();
+            if new.fence <= last {
+                return Err(
+                    self.violation(format!("{key} granted with fence {} after fence {last}", new.fence))
+                );
+            }
+            if !after.alive(new.session) {
+                return Err(
+                    self.violation(format!("{key} granted to {} after its session expired", new.session))
+                );
+            }
+            if let Some(h) = old_holder {
+                let gave_up = request.is_some_and(|r| {
+                    r.session == h.session
+                        && match &r.op {
+                            SessionOp::Release { key: k, fence } => k == key && *fence == h.fence,
+                            SessionOp::Close => true,
+                            _ => false,
+                        }
+                });
+                if after.alive(h.session) && !gave_up {
+                    return Err(self.violation(format!(
+                        "{key} passed from {} to {} while {} was alive and had not released",
+                        h.session, new.session, h.session
+                    )));
+                }
+            }
+            let queued = old.map(|(_, _, w)| w.as_slice()).unwrap_or_default();
+            if !queued.is_empty() {
+                self.stats.hand_offs += 1;
+                let head = queued.iter().copied().find(|s| after.alive(*s));
+                if head != Some(new.session) {
+                    return Err(self.violation(format!(
+                        "{key} granted to {} out of turn: the queue was {queued:?}",
+                        new.session
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_beliefs(&self) -> Result<(), Box<Violation>> {
+        for key in &self.keys {
+            let mut believer: Option<(usize, Fence, Duration)> = None;
+            for (i, c) in self.clients.iter().enumerate() {
+                let Some(s) = c.session.as_ref() else { continue };
+                let Some(rem) = s.remaining(c.clock.local(self.now), key) else { continue };
+                let fence = s.fence(key).unwrap_or_default();
+                if let Some((j, f, r)) = believer {
+                    return Err(self.violation(format!(
+                        "two holders of {key} at once: c{j} (fence {f}, {r} left) and c{i} (fence {fence}, {rem} left)"
+                    )));
+                }
+                believer = Some((i, fence, rem));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn holder(i: usize, config: Config) -> Holder {
+    Session::new(parse_label(&format!("c{i}")).expect("valid label"), config).expect("sim config is valid")
+}
+
+/// Runs one seed with `fault` planted in the authority ([`SessionFault::None`]: the real rules).
+pub fn run_seed(seed: u64, fault: SessionFault) -> Result<Stats, Box<Violation>> {
+    World::new(Params::from_seed(seed, fault)).run()
+}

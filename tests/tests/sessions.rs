@@ -1,0 +1,170 @@
+//! Deterministic simulation of sessions: holders, one session authority, a faulty network,
+//! drifting clocks, injected replays and forgeries (see `leasehold_tests::session_sim`).
+//!
+//! `LEASEHOLD_SIM_SEEDS=N` runs N seeds instead of the CI budget;
+//! `LEASEHOLD_SIM_SEED=S` (with `LEASEHOLD_SIM_FAULT=…`) replays one seed with its trace.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant as WallClock;
+
+use leasehold_core::session::authority::SessionFault;
+use leasehold_core::Fault;
+use leasehold_tests::session_sim::{run_seed, Params, Stats, Violation, World};
+
+/// Seeds per `cargo test` run: about 11 s on two cores.
+const CI_SEEDS: u64 = 10_000;
+
+fn seeds() -> u64 {
+    std::env::var("LEASEHOLD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(CI_SEEDS)
+}
+
+/// Runs `seeds` on all cores; returns the lowest failing seed's violation and the totals.
+fn run_many(
+    seeds: std::ops::Range<u64>,
+    run: impl Fn(u64) -> Result<Stats, Box<Violation>> + Sync,
+) -> (Option<Box<Violation>>, Stats) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let next = AtomicU64::new(seeds.start);
+    let results: Vec<(Option<Box<Violation>>, Stats)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let (mut first, mut total): (Option<Box<Violation>>, Stats) = (None, Stats::default());
+                    loop {
+                        let seed = next.fetch_add(1, Ordering::Relaxed);
+                        if seed >= seeds.end {
+                            break;
+                        }
+                        match run(seed) {
+                            Ok(st) => total.add(&st),
+                            Err(v) => {
+                                first.get_or_insert(v);
+                                // Seeds are taken in order, so no later one can be lower.
+                                next.store(seeds.end, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    (first, total)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("simulation thread panicked")).collect()
+    });
+    let mut total = Stats::default();
+    let mut first: Option<Box<Violation>> = None;
+    for (v, st) in results {
+        total.add(&st);
+        if let Some(v) = v {
+            if first.as_ref().is_none_or(|f| v.params.seed < f.params.seed) {
+                first = Some(v);
+            }
+        }
+    }
+    (first, total)
+}
+
+#[test]
+fn session_safety_holds_across_seeds() {
+    let n = seeds();
+    let started = WallClock::now();
+    let (violation, total) = run_many(0..n, |seed| run_seed(seed, SessionFault::None));
+    let secs = started.elapsed().as_secs_f64();
+    if let Some(v) = violation {
+        panic!("{v}");
+    }
+    println!("{n} seeds in {secs:.2}s ({:.0} seeds/s): {total:?}", n as f64 / secs);
+    // The runs must have exercised what the checker checks.
+    assert!(total.acquired > n && total.hand_offs > n / 4 && total.queued > n, "{total:?}");
+    assert!(total.lost > 0 && total.released > n && total.injected > n && total.dropped > 0, "{total:?}");
+}
+
+/// Runs seeds from 0 with `fault` planted in the authority until the checker objects; within
+/// the CI budget.
+fn caught(fault: SessionFault) -> Box<Violation> {
+    let (violation, _) = run_many(0..CI_SEEDS, |seed| run_seed(seed, fault));
+    let v = violation.unwrap_or_else(|| panic!("the checker missed {fault:?} in {CI_SEEDS} seeds"));
+    println!("{fault:?} caught at seed {}: {}", v.params.seed, v.message);
+    v
+}
+
+#[test]
+fn handing_off_before_the_holder_expires_is_caught() {
+    let v = caught(SessionFault::HandOffEarly);
+    assert!(v.message.contains("while") && v.message.contains("had not released"), "{}", v.message);
+}
+
+#[test]
+fn keeping_an_expired_waiter_queued_is_caught() {
+    let v = caught(SessionFault::KeepExpiredWaiters);
+    assert!(v.message.contains("after its session expired"), "{}", v.message);
+}
+
+#[test]
+fn accepting_an_old_request_id_is_caught() {
+    let v = caught(SessionFault::AcceptReplays);
+    assert!(v.message.contains("replay request changed the authority's state"), "{}", v.message);
+}
+
+/// The holder's side: believing from the keepalive's reply instead of its send.
+#[test]
+fn anchoring_session_validity_at_the_reply_is_caught() {
+    let run = |seed| {
+        let mut params = Params::from_seed(seed, SessionFault::None);
+        params.config.fault = Fault::AnchorAtReceive;
+        World::new(params).run()
+    };
+    let (violation, _) = run_many(0..CI_SEEDS, run);
+    let v = violation.expect("the checker missed session validity anchored at the reply");
+    println!("AnchorAtReceive caught at seed {}: {}", v.params.seed, v.message);
+    assert!(v.message.contains("two holders"), "{}", v.message);
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [1, 42, 4242] {
+        let a = trace_of(seed);
+        assert!(a.len() > 100, "seed {seed} did little: {} entries", a.len());
+        assert_eq!(a, trace_of(seed), "seed {seed} did not replay");
+    }
+    assert_ne!(trace_of(1), trace_of(2));
+}
+
+fn trace_of(seed: u64) -> Vec<String> {
+    let mut w = World::new(Params::from_seed(seed, SessionFault::None));
+    for _ in 0..2_000 {
+        if !w.step().expect("no violation") {
+            break;
+        }
+    }
+    w.trace().collect()
+}
+
+/// `LEASEHOLD_SIM_SEED=S cargo test -p leasehold-tests --test sessions replay -- --nocapture`
+#[test]
+fn replay() {
+    let Some(seed) = std::env::var("LEASEHOLD_SIM_SEED").ok().and_then(|s| s.parse().ok()) else {
+        return;
+    };
+    let fault = match std::env::var("LEASEHOLD_SIM_FAULT").as_deref() {
+        Ok("hand-off-early") => SessionFault::HandOffEarly,
+        Ok("keep-expired-waiters") => SessionFault::KeepExpiredWaiters,
+        Ok("accept-replays") => SessionFault::AcceptReplays,
+        _ => SessionFault::None,
+    };
+    let mut params = Params::from_seed(seed, fault);
+    if std::env::var("LEASEHOLD_SIM_FAULT").as_deref() == Ok("anchor-at-receive") {
+        params.config.fault = Fault::AnchorAtReceive;
+    }
+    println!("{params:?}");
+    let mut w = World::new(params);
+    while w.now() < w.params().run_for {
+        match w.step() {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(v) => panic!("{v}"),
+        }
+    }
+    for line in w.trace() {
+        println!("{line}");
+    }
+}
