@@ -33,62 +33,100 @@ impl Drop for Proc {
     }
 }
 
-/// One firmware build of examples/firmware-pump, for one QEMU machine.
+/// One firmware build, for one QEMU machine.
 struct Firmware {
+    /// The crate under examples/ (and its binary).
+    krate: &'static str,
     /// QEMU's `-M`.
     machine: &'static str,
     target: &'static str,
     /// Cargo arguments choosing the board.
     features: &'static [&'static str],
+    /// Panic entry points allowed to remain (see [`Elf::panic_paths`]).
+    allowed_panics: &'static [&'static str],
 }
 
-const LM3S: Firmware = Firmware { machine: "lm3s6965evb", target: "thumbv7m-none-eabi", features: &[] };
+impl Firmware {
+    fn name(&self) -> String {
+        format!("{} on {}", self.krate, self.machine)
+    }
+}
+
+const LM3S: Firmware = Firmware {
+    krate: "firmware-pump",
+    machine: "lm3s6965evb",
+    target: "thumbv7m-none-eabi",
+    features: &[],
+    allowed_panics: &[],
+};
 const MICROBIT: Firmware = Firmware {
+    krate: "firmware-pump",
     machine: "microbit",
     target: "thumbv6m-none-eabi",
     features: &["--no-default-features", "--features", "microbit"],
+    allowed_panics: &[],
 };
-const FIRMWARES: [&Firmware; 2] = [&LM3S, &MICROBIT];
-
-fn firmware_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/firmware-pump")
-}
+/// Every `async fn` state machine panics if polled after it completed, and the compiler
+/// cannot prove an executor never does: that entry point stays, and nothing else may.
+const EMBASSY: Firmware = Firmware {
+    krate: "firmware-embassy",
+    machine: "lm3s6965evb",
+    target: "thumbv7m-none-eabi",
+    features: &[],
+    allowed_panics: &["panic_const_async_fn_resumed"],
+};
+const FIRMWARES: [&Firmware; 3] = [&LM3S, &MICROBIT, &EMBASSY];
 
 /// Builds the release firmware (once per test binary) and returns its ELF.
 fn build(fw: &Firmware) -> PathBuf {
-    static BUILT: OnceLock<Mutex<BTreeSet<&'static str>>> = OnceLock::new();
+    static BUILT: OnceLock<Mutex<BTreeSet<String>>> = OnceLock::new();
     let mut built = BUILT.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
-    let elf = firmware_dir().join("target").join(fw.target).join("release/firmware-pump");
-    if built.contains(fw.machine) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples").join(fw.krate);
+    let elf = dir.join("target").join(fw.target).join("release").join(fw.krate);
+    if built.contains(&fw.name()) {
         return elf;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args(["build", "--release", "--quiet", "--target", fw.target])
         .args(fw.features)
-        .current_dir(firmware_dir())
+        .current_dir(&dir)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
         .output()
         .expect("cargo runs");
     assert!(
         out.status.success(),
-        "building the {} firmware failed (is the target installed? `rustup target add {}`):\n{}",
-        fw.machine,
+        "building {} failed (is the target installed? `rustup target add {}`):\n{}",
+        fw.name(),
         fw.target,
         String::from_utf8_lossy(&out.stderr)
     );
-    built.insert(fw.machine);
+    built.insert(fw.name());
     elf
 }
 
-// ----- A 32-bit little-endian ELF, just enough for section sizes and symbol names -----
+// ----- A 32-bit little-endian ELF: section sizes, symbols, and Thumb calls -----
+
+struct Section {
+    name: String,
+    addr: u32,
+    offset: usize,
+    size: usize,
+}
+
+struct Symbol {
+    /// Mangled.
+    name: String,
+    /// Without the Thumb bit.
+    addr: u32,
+    size: u32,
+}
 
 struct Elf {
-    /// (name, size, address) of every section.
-    sections: Vec<(String, u64, u64)>,
-    /// Every symbol's (mangled) name.
-    symbols: Vec<String>,
+    bytes: Vec<u8>,
+    sections: Vec<Section>,
+    symbols: Vec<Symbol>,
 }
 
 fn elf(path: &Path) -> Elf {
@@ -109,21 +147,44 @@ fn elf(path: &Path) -> Elf {
         })
         .collect();
     let names_at = headers[shstrndx][3];
-    let sections = headers.iter().map(|h| (cstr(names_at + h[0]), h[4] as u64, h[2] as u64)).collect();
+    let sections = headers
+        .iter()
+        .map(|h| Section { name: cstr(names_at + h[0]), addr: h[2] as u32, offset: h[3], size: h[4] })
+        .collect();
     const SHT_SYMTAB: usize = 2;
     let mut symbols = Vec::new();
     for h in headers.iter().filter(|h| h[1] == SHT_SYMTAB) {
         let strings_at = headers[h[5]][3];
         for sym in (h[3]..h[3] + h[4]).step_by(16) {
-            symbols.push(cstr(strings_at + u32_at(sym)));
+            symbols.push(Symbol {
+                name: cstr(strings_at + u32_at(sym)),
+                addr: u32_at(sym + 4) as u32 & !1,
+                size: u32_at(sym + 8) as u32,
+            });
         }
     }
-    Elf { sections, symbols }
+    Elf { bytes: b, sections, symbols }
 }
+
+/// Symbols of core's panic machinery (`core::panicking::*`, the slice index and length
+/// failures, `unwrap`/`expect` failures) and the panic handler. Every panic goes through one
+/// of them, and all are `#[inline(never)]`.
+const PANIC_MARKS: [&str; 8] = [
+    "panic",
+    "rust_begin_unwind",
+    "index_fail",
+    "len_fail",
+    "mismatch_fail",
+    "overflow_fail",
+    "unwrap_failed",
+    "expect_failed",
+];
+/// Where every panic ends: `panic_fmt` and the handler.
+const PANIC_SINKS: [&str; 2] = ["9panic_fmt", "rust_begin_unwind"];
 
 impl Elf {
     fn size(&self, names: &[&str]) -> u64 {
-        self.sections.iter().filter(|s| names.contains(&s.0.as_str())).map(|s| s.1).sum()
+        self.sections.iter().filter(|s| names.contains(&s.name.as_str())).map(|s| s.size as u64).sum()
     }
     /// What is programmed into flash: the vector table, code, constants and .data's image.
     fn flash(&self) -> u64 {
@@ -133,21 +194,61 @@ impl Elf {
     fn static_ram(&self) -> u64 {
         self.size(&[".data", ".bss", ".uninit"])
     }
-    /// Symbols of core's panic machinery (`core::panicking::*`, the slice index and length
-    /// failures, `unwrap`/`expect` failures) and the panic handler. Every panic goes through
-    /// one of them, and all are `#[inline(never)]`: if none is linked, nothing can panic.
-    fn panic_symbols(&self) -> Vec<&str> {
-        const MARKS: [&str; 8] = [
-            "panic",
-            "rust_begin_unwind",
-            "index_fail",
-            "len_fail",
-            "mismatch_fail",
-            "overflow_fail",
-            "unwrap_failed",
-            "expect_failed",
-        ];
-        self.symbols.iter().map(String::as_str).filter(|s| MARKS.iter().any(|m| s.contains(m))).collect()
+
+    /// Every Thumb-2 `bl` and `b.w` in .text, as (address, target). Each halfword is tried as
+    /// the start of one, so data and misaligned decodes can add spurious pairs, never lose a
+    /// real call: the check below can only err on the side of reporting.
+    fn calls(&self) -> Vec<(u32, u32)> {
+        let Some(text) = self.sections.iter().find(|s| s.name == ".text") else { return Vec::new() };
+        let code = &self.bytes[text.offset..text.offset + text.size];
+        let hw = |i: usize| u32::from(u16::from_le_bytes([code[i], code[i + 1]]));
+        let mut calls = Vec::new();
+        for i in (0..code.len().saturating_sub(3)).step_by(2) {
+            let (h1, h2) = (hw(i), hw(i + 2));
+            // 11110 S imm10 : 1 1 J1 1 J2 imm11 (bl) or 1 0 J1 1 J2 imm11 (b.w, T4).
+            if h1 >> 11 != 0b11110 || (h2 >> 14) & 1 != 1 || (h2 >> 12) & 1 != 1 {
+                continue;
+            }
+            let s = (h1 >> 10) & 1;
+            let (j1, j2) = ((h2 >> 13) & 1, (h2 >> 11) & 1);
+            let (i1, i2) = (!(j1 ^ s) & 1, !(j2 ^ s) & 1);
+            let imm = (s << 24) | (i1 << 23) | (i2 << 22) | ((h1 & 0x3FF) << 12) | ((h2 & 0x7FF) << 1);
+            let offset = ((imm << 7) as i32) >> 7; // sign-extend 25 bits
+            let at = text.addr + i as u32;
+            calls.push((at, at.wrapping_add(4).wrapping_add(offset as u32)));
+        }
+        calls
+    }
+
+    fn symbol_at(&self, addr: u32) -> Option<&Symbol> {
+        self.symbols.iter().filter(|s| s.size > 0).find(|s| s.addr <= addr && addr < s.addr + s.size)
+    }
+
+    /// What can still panic: panic entry points present other than `allowed` ones, and any
+    /// call into `panic_fmt` or the handler from outside the panic machinery (a `panic!` in
+    /// our code or a dependency's). With nothing allowed, any panic symbol at all.
+    fn panic_paths(&self, allowed: &[&str]) -> Vec<String> {
+        let is_panic = |name: &str| PANIC_MARKS.iter().any(|m| name.contains(m));
+        let mut paths: Vec<String> = self
+            .symbols
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|&n| is_panic(n))
+            .filter(|&n| allowed.is_empty() || !PANIC_SINKS.iter().chain(allowed).any(|a| n.contains(a)))
+            .map(|n| format!("linked: {n}"))
+            .collect();
+        let sinks: Vec<&Symbol> =
+            self.symbols.iter().filter(|s| PANIC_SINKS.iter().any(|m| s.name.contains(m))).collect();
+        for (at, to) in self.calls() {
+            let Some(sink) = sinks.iter().find(|s| s.addr == to) else { continue };
+            let caller = self.symbol_at(at).map_or("?", |s| s.name.as_str());
+            if !is_panic(caller) {
+                paths.push(format!("call at {at:#x} in {caller} to {}", sink.name));
+            }
+        }
+        paths.sort();
+        paths.dedup();
+        paths
     }
 }
 
@@ -159,26 +260,30 @@ fn release_firmwares_have_no_panic_path() {
         // The check must be able to see: a stripped ELF would pass vacuously.
         for known in ["Reset", "main", "DefaultHandler"] {
             assert!(
-                elf.symbols.iter().any(|s| s == known),
+                elf.symbols.iter().any(|s| s.name == known),
                 "{}: no symbol {known} in {} (stripped?)",
-                fw.machine,
+                fw.name(),
                 path.display()
             );
         }
-        let panics = elf.panic_symbols();
+        // And the call scan must see calls: Reset calls main.
+        let main = elf.symbols.iter().find(|s| s.name == "main").unwrap().addr;
+        assert!(elf.calls().iter().any(|c| c.1 == main), "{}: no call to main found", fw.name());
+        let panics = elf.panic_paths(fw.allowed_panics);
         assert!(
             panics.is_empty(),
-            "the {} release firmware has a panic path: {panics:?}\nfind the callers with \
+            "the {} release firmware has a panic path: {panics:#?}\nfind the callers with \
              `llvm-objdump -d -C {}` (look for `bl` to these) and `llvm-addr2line -f -i -C -e ELF ADDR`",
-            fw.machine,
+            fw.name(),
             path.display()
         );
         println!(
-            "{} firmware ({}): flash {} B (.vector_table+.text+.rodata+.data), static RAM {} B (.data+.bss+.uninit), no panic path",
-            fw.machine,
+            "{} ({}): flash {} B (.vector_table+.text+.rodata+.data), static RAM {} B (.data+.bss+.uninit), no panic path{}",
+            fw.name(),
             fw.target,
             elf.flash(),
-            elf.static_ram()
+            elf.static_ram(),
+            if fw.allowed_panics.is_empty() { String::new() } else { format!(" but {:?}", fw.allowed_panics) }
         );
         if fw.machine == MICROBIT.machine {
             assert!(elf.flash() <= M0_FLASH_BUDGET, "micro:bit flash {} B over budget", elf.flash());
@@ -247,19 +352,21 @@ fn render(lines: &[Line]) -> String {
 }
 
 /// Waits until `who` is early in a hold (one of its first six actions: at least two more are
-/// due, so a kill lands mid-hold, and a busy host that misses one still catches a later one),
-/// then kills it. Returns when.
+/// due, so a kill lands mid-hold, and a busy host that misses one still catches a later one)
+/// and has renewed at least once (for its round-trip figure), then kills it. Returns when.
 fn kill_mid_hold(proc: &mut Proc, who: &str, log: &Mutex<Vec<Line>>, start: Instant) -> Duration {
     let deadline = start.elapsed() + Duration::from_secs(20);
     loop {
         let holding = {
             let l = log.lock().unwrap();
+            let renewed = l.iter().any(|x| x.who == who && x.text.starts_with("RENEWED"));
             let last = l.iter().rev().find(|x| x.who == who && x.text.starts_with(['A', 'L', 'R']));
-            last.is_some_and(|x| {
-                let mut w = x.text.split_whitespace();
-                w.next() == Some("ACT")
-                    && w.nth(1).and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n <= 6)
-            })
+            renewed
+                && last.is_some_and(|x| {
+                    let mut w = x.text.split_whitespace();
+                    w.next() == Some("ACT")
+                        && w.nth(1).and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n <= 6)
+                })
         };
         if holding {
             let _ = proc.0.kill();
@@ -299,7 +406,7 @@ fn boards_and_a_host_share_one_lease_safely() {
     let log: Arc<Mutex<Vec<Line>>> = Arc::default();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).unwrap();
-    // board1 is the lm3s6965evb, board2 the micro:bit.
+    // board1: firmware-pump on the lm3s6965evb, board2: on the micro:bit, board3: firmware-embassy.
     let mut running: Vec<(String, &Firmware, Proc)> = Vec::new();
     let mut gateway = Command::new(BIN);
     gateway.args(["gateway", "--server", &server.url()]);
@@ -344,7 +451,7 @@ fn boards_and_a_host_share_one_lease_safely() {
     };
 
     // Let everyone take turns, then kill each board in turn while it holds the lease, the
-    // micro:bit first: every firmware's hand-over is measured.
+    // last started first: every firmware's hand-over is measured.
     std::thread::sleep(Duration::from_secs(4));
     let mut kills: Vec<(String, &Firmware, Duration)> = Vec::new();
     for (who, fw, mut proc) in running.drain(..).rev() {
@@ -383,11 +490,15 @@ fn boards_and_a_host_share_one_lease_safely() {
         }
     }
     let parties: BTreeSet<&str> = spans.iter().map(|s| s.1).collect();
-    assert!(parties.len() == 3, "all three parties should have held the lease: {parties:?}\n{}", dump());
+    assert!(
+        parties.len() == boards.len() + 1,
+        "every board and the host should have held the lease: {parties:?}\n{}",
+        dump()
+    );
 
     let bound = TTL.mul_f64(1.0 + EPSILON);
     for (who, fw, killed_at) in &kills {
-        println!("--- {who}: {}", fw.machine);
+        println!("--- {who}: {}", fw.name());
         // Failover after the emulator was killed: the next party's grant.
         let next = lines
             .iter()
@@ -431,7 +542,7 @@ fn boards_and_a_host_share_one_lease_safely() {
             .filter_map(|l| l.text.strip_prefix("STACK ").and_then(|v| v.parse::<u64>().ok()))
             .max()
             .unwrap_or_else(|| panic!("{who} reported no stack high-water mark:\n{}", dump()));
-        let e = elf(&boards.iter().find(|b| b.0.machine == fw.machine).unwrap().1);
+        let e = elf(&boards.iter().find(|b| b.0.name() == fw.name()).unwrap().1);
         println!(
             "flash {} B, static RAM {} B, stack high-water mark {stack} B (flash + stack {} B)",
             e.flash(),

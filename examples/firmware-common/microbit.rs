@@ -1,6 +1,6 @@
 //! QEMU's microbit (BBC micro:bit, nRF51822, Cortex-M0, thumbv6m): UART0 by its raw
 //! registers, the clock is TIMER0 as a free-running 1 MHz counter, and SysTick wakes the main
-//! loop.
+//! loop at 1 kHz and calls the crate's `on_tick()`. Needs `crate::support`.
 //!
 //! The clock is read from the counter, never counted from interrupts: QEMU's SysTick model
 //! loses ticks (992 Hz for 1 kHz, 854 Hz under load), which is harmless for wake-ups and the
@@ -16,7 +16,7 @@ use cortex_m_rt::exception;
 use leasehold_core::Instant;
 use leasehold_serial::Clock;
 
-use crate::{reg_read, reg_write};
+use crate::support::{reg_read, reg_write};
 
 /// The name the firmware boots with.
 pub const NAME: &str = "microbit";
@@ -40,7 +40,8 @@ const CORE_HZ: u32 = 16_000_000;
 
 #[exception]
 fn SysTick() {
-    // Only wakes the main loop from `wfi`.
+    // Wakes the main loop from `wfi`.
+    crate::on_tick();
 }
 
 // ----- UART0 at 0x4000_2000 -----

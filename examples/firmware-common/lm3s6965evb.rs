@@ -1,5 +1,6 @@
 //! QEMU's lm3s6965evb (Cortex-M3, thumbv7m): UART0 is a PL011, the clock is SysTick's cycle
-//! counter, and General-Purpose Timer 0A wakes the main loop.
+//! counter, and General-Purpose Timer 0A wakes the main loop at 1 kHz and calls the crate's
+//! `on_tick()` (the embassy firmware runs its timers from there). Needs `crate::support`.
 //!
 //! Its clock is SysTick's cycle counter, whose interrupt only counts 1.34 s wraps: the lease's
 //! safety needs a clock that never runs slow, and QEMU drops interrupts, not counter cycles.
@@ -23,14 +24,19 @@ pub fn init(cp: &mut cortex_m::Peripherals) -> (Uart, SysTickClock) {
     (Uart::new(), clock)
 }
 
-use crate::{reg_read, reg_write};
+use crate::support::{reg_read, reg_write};
 
 // ----- UART0: a PL011 at 0x4000_C000 -----
 
 const UART0: usize = 0x4000_C000;
 const DR: usize = 0x00;
 const FR: usize = 0x18;
+const LCRH: usize = 0x2C;
 const CR: usize = 0x30;
+/// 8 data bits, FIFOs on. Without the FIFO QEMU's PL011 holds one byte, and the emulator hands
+/// over the next only after the firmware took it, once per wake-up: a 16-byte reply took
+/// 16 ms. With it, a whole frame waits in the 16-byte FIFO.
+const LCRH_8BIT_FIFO: u32 = 0x70;
 const FR_RXFE: u32 = 1 << 4;
 const FR_TXFF: u32 = 1 << 5;
 
@@ -38,6 +44,7 @@ pub struct Uart;
 
 impl Uart {
     fn new() -> Uart {
+        reg_write(UART0 + LCRH, LCRH_8BIT_FIFO);
         // Enable UART, TX and RX.
         reg_write(UART0 + CR, 0x301);
         Uart
@@ -186,6 +193,7 @@ fn start_wakeup_timer(nvic: &mut NVIC) {
 
 extern "C" fn timer0a() {
     reg_write(TIMER0 + GPTMICR, TATO);
+    crate::on_tick();
 }
 
 // No device crate: this is the device-specific part of the vector table, up to the one
