@@ -9,8 +9,8 @@ use leasehold_core::{Duration, Fence, Instant, Lease};
 ///
 /// [`AsyncDeviceLink::next_event`](crate::AsyncDeviceLink::next_event) borrows the link
 /// mutably for as long as it waits, so no other task can ask the link itself how long the
-/// lease remains valid. Give the link a `LeaseWatch` ([`AsyncDeviceLink::publish_to`]
-/// (crate::AsyncDeviceLink::publish_to), usually a `static`), and any task, or an interrupt
+/// lease remains valid. Give the link a `LeaseWatch`, usually a `static`
+/// ([`publish_to`](crate::AsyncDeviceLink::publish_to)), and any task, or an interrupt
 /// handler, reads it instead: [`held`](LeaseWatch::held) at `now` on the same clock.
 ///
 /// The link publishes after every change of the machine's belief and before it awaits
