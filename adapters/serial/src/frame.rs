@@ -17,7 +17,7 @@ use leasehold_core::{Key, Op, Reject, Reply, Request, Response};
 pub const VERSION: u8 = 1;
 
 /// The largest frame on the wire, both zero delimiters and COBS overhead included, so at most
-/// `MAX_FRAME - 2` bytes between delimiters. The decoder's buffer is this size; longer runs are
+/// `MAX_FRAME - 2` bytes between delimiters, the size of the decoder's buffer; longer runs are
 /// counted as [`DecodeError::Oversize`](crate::DecodeError::Oversize). The largest frame this
 /// version can produce (a takeover with a 64-byte key and maximal integers) is 114 bytes; an
 /// acquire for a 4-byte key is about 20 (`cargo run --example frame_sizes`).
