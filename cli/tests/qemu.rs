@@ -483,19 +483,29 @@ fn boards_and_a_host_share_one_lease_safely() {
                 .then(|| (l.t, l.who.as_str(), w.next().and_then(|f| f.parse().ok()).unwrap_or(0)))
         })
         .collect();
-    let mut spans: Vec<(u64, &str)> = Vec::new();
-    for (_, who, fence) in &acts {
-        match spans.last() {
+    // (fence, party, first action, last action)
+    let mut spans: Vec<(u64, &str, Duration, Duration)> = Vec::new();
+    for (t, who, fence) in &acts {
+        match spans.last_mut() {
             Some(s) if s.0 == *fence => {
                 assert_eq!(s.1, *who, "fence {fence} used by two parties:\n{}", dump());
+                s.3 = *t;
             }
             _ => {
                 if let Some(prev) = spans.last() {
                     assert!(*fence > prev.0, "fence {fence} acted after fence {}:\n{}", prev.0, dump());
                 }
-                spans.push((*fence, who));
+                spans.push((*fence, who, *t, *t));
             }
         }
+    }
+    // How close the hand-overs came, as seen by the host: the margin the order above had.
+    if let Some(gap) = spans.windows(2).map(|w| w[1].2.saturating_sub(w[0].3)).min() {
+        println!(
+            "{} holdings; closest hand-over: {:.1} ms from one fence's last action to the next one's first",
+            spans.len(),
+            gap.as_secs_f64() * 1e3
+        );
     }
     let parties: BTreeSet<&str> = spans.iter().map(|s| s.1).collect();
     assert!(

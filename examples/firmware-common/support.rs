@@ -9,7 +9,8 @@ use leasehold_core::{parse_key, Config, Duration, Event, Instant, Key, Lease, Ow
 // ----- The pump: the same policy on every firmware, so the end-to-end test reads all alike -----
 
 pub const TTL: Duration = Duration::from_millis(1_000);
-/// One pump action every 100 ms while holding, eight per holding, then a pause.
+/// One pump action every 100 ms while holding, eight per holding, a release one period after
+/// the last (so the action has finished), then a pause.
 pub const ACT_EVERY: Duration = Duration::from_millis(100);
 pub const ACTS_PER_HOLD: u32 = 8;
 pub const PAUSE: Duration = Duration::from_millis(300);

@@ -6,7 +6,7 @@
 //!   losing that race costs nothing.
 //! - The pump task acts every 100 ms while the lease is valid, reading the validity and the
 //!   fence from a [`LeaseWatch`] the link publishes to, since the link itself is borrowed by
-//!   its waiting task. After eight actions it asks the link task to release.
+//!   its waiting task. A period after its eighth action it asks the link task to release.
 //!
 //! Time: `embassy-time`'s driver reads SysTick's cycle counter (the same clock as
 //! firmware-pump, `firmware-common/lm3s6965evb.rs`) at 1 MHz, and wakes expired timers from
@@ -219,12 +219,13 @@ async fn pump_task() -> ! {
             if fence.0 != acting.0 {
                 acting = (fence.0, 0);
             }
-            if left >= ACT_GUARD && acting.1 < ACTS_PER_HOLD {
+            if acting.1 == ACTS_PER_HOLD {
+                // Released one period after the last action, when it has finished.
+                acting.1 += 1;
+                RELEASE.signal(());
+            } else if left >= ACT_GUARD && acting.1 < ACTS_PER_HOLD {
                 acting.1 += 1;
                 Line::new("ACT ").num(fence.0).push(" ").num(u64::from(acting.1)).say();
-                if acting.1 == ACTS_PER_HOLD {
-                    RELEASE.signal(());
-                }
             }
         }
         next_report = report(now, next_report);

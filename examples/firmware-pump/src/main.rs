@@ -69,14 +69,14 @@ fn main() -> ! {
         if let Some(fence) = holding {
             if now >= next_act {
                 next_act = now + ACT_EVERY;
-                // The fence goes with every action; acting needs validity to spare.
-                if link.remaining().is_some_and(|r| r >= ACT_GUARD) {
-                    acts += 1;
-                    Line::new("ACT ").num(fence).push(" ").num(u64::from(acts)).say();
-                }
                 if acts >= ACTS_PER_HOLD {
+                    // Released one period after the last action, when it has finished.
                     holding = None;
                     let _ = link.release();
+                } else if link.remaining().is_some_and(|r| r >= ACT_GUARD) {
+                    // The fence goes with every action; acting needs validity to spare.
+                    acts += 1;
+                    Line::new("ACT ").num(fence).push(" ").num(u64::from(acts)).say();
                 }
             }
         }
