@@ -155,7 +155,7 @@ impl FrameDecoder {
 
 /// Decodes a COBS run (no zero bytes, delimiters stripped) in place; `None` if a block's code
 /// points past the run's end. Decoded bytes never overtake the ones still to be read.
-fn cobs_decode_in_place(buf: &mut [u8]) -> Option<&[u8]> {
+pub(crate) fn cobs_decode_in_place(buf: &mut [u8]) -> Option<&[u8]> {
     let n = buf.len();
     let (mut read, mut write) = (0, 0);
     while read < n {

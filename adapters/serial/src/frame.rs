@@ -247,3 +247,27 @@ pub(crate) fn key_from(bytes: &[u8]) -> Option<Key> {
     key.push_str(s).ok()?;
     Some(key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cobs_in_place_fills_the_buffer_exactly_and_refuses_one_more_byte() {
+        let mut buf = [0u8; MAX_FRAME];
+        // The most postcard bytes a frame buffer holds: both delimiters and one code besides.
+        let most = MAX_FRAME - 3;
+        for (i, b) in buf.iter_mut().enumerate().skip(2).take(most) {
+            *b = if i % 50 == 0 { 0 } else { i as u8 | 1 };
+        }
+        let raw = buf[2..2 + most].to_vec();
+        let mut framed = cobs_in_place(&mut buf, most).unwrap().to_vec();
+        assert_eq!(framed.len(), MAX_FRAME);
+        assert_eq!((framed[0], framed[MAX_FRAME - 1]), (0, 0));
+        assert!(framed[1..MAX_FRAME - 1].iter().all(|&b| b != 0), "{framed:?}");
+        let decoded = crate::decode::cobs_decode_in_place(&mut framed[1..MAX_FRAME - 1]).unwrap();
+        assert_eq!(decoded, raw);
+        assert_eq!(cobs_in_place(&mut buf, most + 1), Err(EncodeError));
+        assert_eq!(cobs_in_place(&mut buf, usize::MAX), Err(EncodeError));
+    }
+}
