@@ -2,10 +2,9 @@
 
 use core::fmt;
 
-use postcard::accumulator::{CobsAccumulator, FeedResult};
-use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
+use leasehold_core::{Duration, Fence, Op, OwnerId, Reply, Request, RequestId, Response};
 
-use crate::frame::{Body, Frame, Header, MAX_FRAME, VERSION};
+use crate::frame::{key_from, reject_from_index, Body, Frame, Header, MAX_FRAME, VERSION};
 
 /// Why bytes between two delimiters were not a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,22 +63,20 @@ impl DecodeStats {
     }
 }
 
-/// The accumulator holds one run between delimiters plus its closing zero; the encoder never
-/// produces more (see [`Frame::encode`]).
-const RUN_BUF: usize = MAX_FRAME - 1;
+/// The longest run between delimiters; the encoder never produces more (see [`Frame::encode`]).
+const RUN_MAX: usize = MAX_FRAME - 2;
 
 /// Accumulates bytes up to each zero delimiter and decodes what is between.
 ///
-/// Bytes go through postcard's [`CobsAccumulator`]. Garbage, truncated frames and oversize runs
-/// cost only the bytes up to the next delimiter: the decoder resynchronises there, counts the
-/// error by kind ([`stats`](FrameDecoder::stats)) and never panics. Memory: one
-/// `MAX_FRAME`-byte buffer.
+/// Garbage, truncated frames and oversize runs cost only the bytes up to the next delimiter:
+/// the decoder resynchronises there, counts the error by kind ([`stats`](FrameDecoder::stats))
+/// and never panics (it has no panic path at all: every index is checked with `get`). Memory:
+/// one `MAX_FRAME - 2`-byte buffer, decoded in place.
 pub struct FrameDecoder {
-    acc: CobsAccumulator<RUN_BUF>,
-    /// Bytes of the current run (since the last delimiter) held by `acc`.
+    buf: [u8; RUN_MAX],
+    /// Bytes of the current run (since the last delimiter) held in `buf`.
     run: usize,
-    /// The current run overflowed; skip to the next delimiter. (The accumulator alone would
-    /// restart mid-run and report the tail as a second, garbage frame.)
+    /// The current run overflowed; skip to the next delimiter.
     skipping: bool,
     stats: DecodeStats,
 }
@@ -104,7 +101,7 @@ impl FrameDecoder {
     /// An empty decoder.
     pub const fn new() -> Self {
         FrameDecoder {
-            acc: CobsAccumulator::new(),
+            buf: [0; RUN_MAX],
             run: 0,
             skipping: false,
             stats: DecodeStats { frames: 0, oversize: 0, cobs: 0, malformed: 0, wrong_version: 0 },
@@ -125,27 +122,28 @@ impl FrameDecoder {
             self.skipping = false;
             return Some(self.count(Err(DecodeError::Oversize)));
         }
-        if byte == 0 && self.run == 0 {
+        if byte != 0 {
+            match self.buf.get_mut(self.run) {
+                Some(slot) => {
+                    *slot = byte;
+                    self.run += 1;
+                }
+                None => {
+                    self.run = 0;
+                    self.skipping = true;
+                }
+            }
+            return None;
+        }
+        if self.run == 0 {
             // Back-to-back delimiters: an idle line, or the leading zero of a frame.
             return None;
         }
-        let result = match self.acc.feed::<Incoming>(&[byte]) {
-            FeedResult::Consumed => {
-                self.run += 1;
-                return None;
-            }
-            FeedResult::OverFull(_) if byte != 0 => {
-                self.run = 0;
-                self.skipping = true;
-                return None;
-            }
-            FeedResult::OverFull(_) => Err(DecodeError::Oversize),
-            FeedResult::DeserError(_) => Err(DecodeError::Cobs),
-            FeedResult::Success { data: Incoming::Frame(f), .. } => Ok(f),
-            FeedResult::Success { data: Incoming::WrongVersion(h), .. } => Err(DecodeError::WrongVersion(h)),
-            FeedResult::Success { data: Incoming::Malformed, .. } => Err(DecodeError::Malformed),
+        let run = core::mem::take(&mut self.run);
+        let result = match self.buf.get_mut(..run).and_then(cobs_decode_in_place) {
+            None => Err(DecodeError::Cobs),
+            Some(payload) => parse(payload),
         };
-        self.run = 0;
         Some(self.count(result))
     }
 
@@ -172,45 +170,140 @@ impl FrameDecoder {
     }
 }
 
-/// What a COBS-valid run turned out to be.
-///
-/// Decoding never fails at the postcard level: the visitor turns element errors into
-/// `Malformed`, so the accumulator's own `DeserError` means bad COBS and nothing else, and a
-/// frame of another version is recognised from its header before its body is touched.
-enum Incoming {
-    Frame(Frame),
-    WrongVersion(Header),
-    Malformed,
+/// Decodes a COBS run (no zero bytes, delimiters stripped) in place; `None` if a block's code
+/// points past the run's end. Decoded bytes never overtake the ones still to be read.
+pub(crate) fn cobs_decode_in_place(buf: &mut [u8]) -> Option<&[u8]> {
+    let n = buf.len();
+    let (mut read, mut write) = (0, 0);
+    while read < n {
+        let code = usize::from(*buf.get(read)?);
+        let end = read + code;
+        if end > n {
+            return None;
+        }
+        for i in read + 1..end {
+            *buf.get_mut(write)? = *buf.get(i)?;
+            write += 1;
+        }
+        read = end;
+        // Each block but the last ends with a zero, unless its code says it was full (0xFF).
+        if code != 0xFF && read < n {
+            *buf.get_mut(write)? = 0;
+            write += 1;
+        }
+    }
+    buf.get(..write)
 }
 
-impl<'de> Deserialize<'de> for Incoming {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // postcard encodes a tuple as its elements in order, exactly as the `Frame` struct;
-        // the third element only probes for trailing bytes.
-        d.deserialize_tuple(3, IncomingVisitor)
+/// A decoded payload: a frame of this version, one of another version, or not a frame.
+fn parse(payload: &[u8]) -> Result<Frame, DecodeError> {
+    let mut r = Reader(payload);
+    let header = r.header().ok_or(DecodeError::Malformed)?;
+    if header.version != VERSION {
+        return Err(DecodeError::WrongVersion(header));
+    }
+    let body = r.body().ok_or(DecodeError::Malformed)?;
+    // Exactly one frame: trailing bytes make it malformed.
+    match r.0 {
+        [] => Ok(Frame { header, body }),
+        _ => Err(DecodeError::Malformed),
     }
 }
 
-struct IncomingVisitor;
+/// Reads what [`Frame::encode`] writes, with postcard's rules: a varint is at most
+/// ceil(bits / 7) bytes and its last byte must not overflow the type (non-minimal
+/// encodings are accepted, as postcard accepts them).
+struct Reader<'b>(&'b [u8]);
 
-impl<'de> Visitor<'de> for IncomingVisitor {
-    type Value = Incoming;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a leasehold serial frame")
+impl Reader<'_> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Incoming, A::Error> {
-        let Ok(Some(header)) = seq.next_element::<Header>() else { return Ok(Incoming::Malformed) };
-        if header.version != VERSION {
-            return Ok(Incoming::WrongVersion(header));
+    /// A varint of a `bits`-bit unsigned integer.
+    fn varint(&mut self, bits: u32) -> Option<u64> {
+        let max_len = bits.div_ceil(7);
+        let mut v = 0u64;
+        for i in 0..max_len {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7F) << (7 * i);
+            if b & 0x80 == 0 {
+                let last_bits = bits - 7 * (max_len - 1);
+                return (i + 1 < max_len || u32::from(b) >> last_bits == 0).then_some(v);
+            }
         }
-        let Ok(Some(body)) = seq.next_element::<Body>() else { return Ok(Incoming::Malformed) };
-        match seq.next_element::<u8>() {
-            // Nothing left: exactly one frame.
-            Err(_) => Ok(Incoming::Frame(Frame { header, body })),
-            Ok(_) => Ok(Incoming::Malformed),
-        }
+        None
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.varint(16).map(|v| v as u16)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.varint(32).map(|v| v as u32)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.varint(64)
+    }
+
+    fn duration(&mut self) -> Option<Duration> {
+        self.u64().map(Duration::from_micros)
+    }
+
+    fn fence(&mut self) -> Option<Fence> {
+        self.u64().map(Fence)
+    }
+
+    fn header(&mut self) -> Option<Header> {
+        Some(Header { version: self.byte()?, seq: self.u16()?, device: self.u32()? })
+    }
+
+    fn body(&mut self) -> Option<Body> {
+        Some(match self.u32()? {
+            0 => {
+                // A string's length is a usize; 64 bits is what postcard accepts on a host.
+                let len = usize::try_from(self.u64()?).ok()?;
+                let bytes = self.0.get(..len)?;
+                self.0 = self.0.get(len..)?;
+                Body::Request { key: key_from(bytes)?, request: self.request()? }
+            }
+            1 => Body::Response(self.response()?),
+            2 => Body::VersionMismatch { supported: self.byte()? },
+            _ => return None,
+        })
+    }
+
+    fn request(&mut self) -> Option<Request> {
+        let id = RequestId(self.u32()?);
+        let owner = OwnerId(self.u64()?);
+        let op = match self.u32()? {
+            0 => Op::Acquire { ttl: self.duration()? },
+            1 => Op::Takeover { version: self.u64()?, ttl: self.duration()? },
+            2 => Op::Renew { fence: self.fence()?, ttl: self.duration()? },
+            3 => Op::Release { fence: self.fence()? },
+            _ => return None,
+        };
+        Some(Request { id, owner, op })
+    }
+
+    fn response(&mut self) -> Option<Response> {
+        let id = RequestId(self.u32()?);
+        let owner = OwnerId(self.u64()?);
+        let reply = match self.u32()? {
+            0 => Reply::Granted { fence: self.fence()?, ttl: self.duration()? },
+            1 => Reply::Busy { retry_after: self.duration()? },
+            2 => Reply::Observed { version: self.u64()?, ttl: self.duration()? },
+            3 => Reply::NotHolder,
+            4 => Reply::Released,
+            5 => Reply::Rejected(reject_from_index(self.u32()?)?),
+            6 => Reply::Unavailable,
+            7 => Reply::GrantedAfterExpiry { fence: self.fence()?, ttl: self.duration()? },
+            _ => return None,
+        };
+        Some(Response { id, owner, reply })
     }
 }
 

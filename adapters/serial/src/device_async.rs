@@ -3,18 +3,20 @@
 use embassy_futures::select::{select, Either};
 use embedded_hal_async::delay::DelayNs;
 use embedded_io_async::{Read, Write};
-use leasehold_core::{AcquireError, Duration, Event, Key, Lease, ReleaseError};
+use leasehold_core::{AcquireError, Duration, Event, Instant, Key, Lease, ReleaseError, RequestId};
 
 use crate::decode::DecodeStats;
 use crate::device::{Clock, Core, LinkStats};
 use crate::frame::MAX_FRAME;
+use crate::watch::LeaseWatch;
 
 /// A device's lease over an async UART (`embedded_io_async::{Read, Write}`, e.g. embassy's
-/// `BufferedUart`). [`next_event`](AsyncDeviceLink::next_event) runs the link until the
-/// machine has something to tell the application.
+/// `BufferedUart`: embassy-nrf 0.11, embassy-stm32 0.6 and embassy-rp 0.10 implement
+/// embedded-io-async 0.7, this crate's version). [`next_event`](AsyncDeviceLink::next_event)
+/// runs the link until the machine has something to tell the application.
 ///
-/// A pending read is dropped when the machine's deadline comes first, so the UART's `read`
-/// must be cancel-safe (lose no bytes when dropped), as embedded-io-async encourages.
+/// Other tasks read the lease's validity through a [`LeaseWatch`] the link publishes to
+/// ([`publish_to`](AsyncDeviceLink::publish_to)), since `next_event` holds `&mut self`.
 #[derive(Debug)]
 pub struct AsyncDeviceLink<U, C, D> {
     uart: U,
@@ -22,13 +24,32 @@ pub struct AsyncDeviceLink<U, C, D> {
     delay: D,
     core: Core,
     tx: [u8; MAX_FRAME],
+    /// The frame in `tx` still being written: its request, its length, bytes written so far.
+    /// Kept across calls so that a cancelled `next_event` resumes it instead of losing it.
+    sending: Option<(RequestId, usize, usize)>,
+    watch: Option<&'static LeaseWatch>,
 }
 
 impl<U: Read + Write, C: Clock, D: DelayNs> AsyncDeviceLink<U, C, D> {
     /// A link for `lease` on `key`, identifying itself as `device`; `delay` sleeps until the
     /// machine's next deadline.
     pub fn new(uart: U, clock: C, delay: D, lease: Lease, key: Key, device: u32) -> Self {
-        AsyncDeviceLink { uart, clock, delay, core: Core::new(lease, key, device), tx: [0; MAX_FRAME] }
+        AsyncDeviceLink {
+            uart,
+            clock,
+            delay,
+            core: Core::new(lease, key, device),
+            tx: [0; MAX_FRAME],
+            sending: None,
+            watch: None,
+        }
+    }
+
+    /// From now on, keeps `watch` up to date with the lease's fence and validity, for other
+    /// tasks to read while this one waits in [`next_event`](AsyncDeviceLink::next_event).
+    pub fn publish_to(&mut self, watch: &'static LeaseWatch) {
+        self.watch = Some(watch);
+        self.publish();
     }
 
     /// The lease machine, for its getters.
@@ -43,12 +64,16 @@ impl<U: Read + Write, C: Clock, D: DelayNs> AsyncDeviceLink<U, C, D> {
 
     /// Starts acquiring; see [`Lease::acquire`].
     pub fn acquire(&mut self) -> Result<(), AcquireError> {
-        self.core.lease.acquire(self.clock.now())
+        let r = self.core.lease.acquire(self.clock.now());
+        self.publish();
+        r
     }
 
-    /// Gives the lease back; see [`Lease::release`].
+    /// Gives the lease back; see [`Lease::release`]. The [`LeaseWatch`] stops showing it at once.
     pub fn release(&mut self) -> Result<(), ReleaseError> {
-        self.core.lease.release(self.clock.now())
+        let r = self.core.lease.release(self.clock.now());
+        self.publish();
+        r
     }
 
     /// What the decoder has seen.
@@ -61,18 +86,29 @@ impl<U: Read + Write, C: Clock, D: DelayNs> AsyncDeviceLink<U, C, D> {
         self.core.stats()
     }
 
+    fn publish(&self) {
+        if let Some(w) = self.watch {
+            w.publish(&self.core.lease, self.clock.now());
+        }
+    }
+
     /// Drives the link until the next event.
+    ///
+    /// **Cancel-safe** if the UART's `read` and `write` are (drop them and no byte is lost or
+    /// half-written; embedded-io-async asks implementations to be, and embassy's buffered
+    /// UARTs are): dropping this future, say in a `select` against another task's signal,
+    /// loses no event, no received byte and no request. Events leave the machine only when
+    /// returned; bytes are fed to it as soon as a read completes; a frame being sent stays in
+    /// the link and the next call finishes it. With a `write` that is not cancel-safe, a
+    /// dropped call can cut a frame short: the gateway skips the fragment and the machine
+    /// retries the request after its request timeout, so it costs time, never safety.
     pub async fn next_event(&mut self) -> Result<Event, U::Error> {
         let mut chunk = [0u8; 32];
         loop {
             let now = self.clock.now();
             self.core.due(now);
-            while let Some((id, bytes)) = self.core.next_frame(now, &mut self.tx) {
-                if let Err(e) = self.uart.write_all(bytes).await {
-                    self.core.write_failed(now, id);
-                    return Err(e);
-                }
-            }
+            self.publish();
+            self.send(now).await?;
             if let Some(e) = self.core.lease.poll_event() {
                 return Ok(e);
             }
@@ -82,10 +118,43 @@ impl<U: Read + Write, C: Clock, D: DelayNs> AsyncDeviceLink<U, C, D> {
             match select(self.uart.read(&mut chunk), self.delay.delay_us(wait_us)).await {
                 Either::First(Ok(n)) => {
                     let now = self.clock.now();
-                    self.core.feed(now, &chunk[..n]);
+                    self.core.feed(now, chunk.get(..n).unwrap_or(&chunk));
+                    self.publish();
                 }
                 Either::First(Err(e)) => return Err(e),
                 Either::Second(()) => {}
+            }
+        }
+    }
+
+    /// Writes the frame in progress, then every frame the machine wants sent.
+    async fn send(&mut self, now: Instant) -> Result<(), U::Error> {
+        loop {
+            let (id, len, done) = match self.sending {
+                Some(s) => s,
+                None => match self.core.next_frame(now, &mut self.tx) {
+                    Some((id, bytes)) => (id, bytes.len(), 0),
+                    None => return Ok(()),
+                },
+            };
+            self.sending = Some((id, len, done));
+            let rest = self.tx.get(done..len).unwrap_or(&[]);
+            if rest.is_empty() {
+                self.sending = None;
+                continue;
+            }
+            match self.uart.write(rest).await {
+                // A write of nothing to a non-empty buffer would repeat forever: the frame is lost.
+                Ok(0) => {
+                    self.sending = None;
+                    self.core.write_failed(now, id);
+                }
+                Ok(n) => self.sending = Some((id, len, done.saturating_add(n))),
+                Err(e) => {
+                    self.sending = None;
+                    self.core.write_failed(now, id);
+                    return Err(e);
+                }
             }
         }
     }

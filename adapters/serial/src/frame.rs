@@ -3,23 +3,30 @@
 //! postcard is not self-describing: fields are never reordered and enum variants only ever
 //! appended. The header's layout (version first) is fixed forever, so any two versions can at
 //! least tell each other apart. Golden-byte tests pin the encoding.
+//!
+//! The bytes are postcard's, but written here by hand: postcard's serializer and the `cobs`
+//! crate index slices with checks a device cannot afford (each one links a panic path and
+//! `core::fmt`), and serde's generic machinery was half of a device's serial layer. Every
+//! write below goes through `get_mut`, so a buffer too small is an `Err`, never a panic. With
+//! the `serde` feature the types also derive serde's traits, and the tests check that
+//! `postcard` produces and accepts exactly these bytes.
 
-use leasehold_core::{Key, Request, Response};
-use serde::{Deserialize, Serialize};
+use leasehold_core::{Key, Op, Reject, Reply, Request, Response};
 
 /// The protocol version this crate speaks.
 pub const VERSION: u8 = 1;
 
 /// The largest frame on the wire, both zero delimiters and COBS overhead included, so at most
-/// `MAX_FRAME - 2` bytes between delimiters. The decoder's buffer is this size; longer runs are
+/// `MAX_FRAME - 2` bytes between delimiters, the size of the decoder's buffer; longer runs are
 /// counted as [`DecodeError::Oversize`](crate::DecodeError::Oversize). The largest frame this
 /// version can produce (a takeover with a 64-byte key and maximal integers) is 114 bytes; an
 /// acquire for a 4-byte key is about 20 (`cargo run --example frame_sizes`).
 pub const MAX_FRAME: usize = 128;
 
 /// Who sent a frame, and which one it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Header {
     /// Protocol version of the sender ([`VERSION`]).
     pub version: u8,
@@ -30,8 +37,9 @@ pub struct Header {
 }
 
 /// What a frame carries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Body {
     /// Device to host: a core request for `key`.
     Request {
@@ -50,8 +58,9 @@ pub enum Body {
 }
 
 /// One frame. Serialized as its header then its body, with nothing between.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Frame {
     /// Version, sequence number, device.
     pub header: Header,
@@ -84,8 +93,182 @@ impl Frame {
     /// Every frame of this version fits (keys are at most 64 bytes; the largest frame is 114
     /// bytes); the error only guards the buffer.
     pub fn encode<'b>(&self, buf: &'b mut [u8; MAX_FRAME]) -> Result<&'b [u8], EncodeError> {
-        buf[0] = 0;
-        let n = postcard::to_slice_cobs(self, &mut buf[1..]).map_err(|_| EncodeError)?.len();
-        Ok(&buf[..n + 1])
+        // postcard's bytes go to buf[2..]; buf[0] is the leading delimiter and buf[1] the first
+        // COBS code. COBS then works in place: each data byte stays where it is and each zero
+        // becomes the code of the block after it.
+        let [_, _, raw @ ..] = buf;
+        let mut w = Writer { buf: raw, len: 0 };
+        self.write(&mut w)?;
+        let n = w.len;
+        cobs_in_place(buf, n)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        let Header { version, seq, device } = self.header;
+        w.byte(version)?;
+        w.varint(seq.into())?;
+        w.varint(device.into())?;
+        match &self.body {
+            Body::Request { key, request } => {
+                w.varint(0)?;
+                w.varint(key.len() as u64)?;
+                for &b in key.as_bytes() {
+                    w.byte(b)?;
+                }
+                w.request(request)
+            }
+            Body::Response(response) => {
+                w.varint(1)?;
+                w.response(response)
+            }
+            Body::VersionMismatch { supported } => {
+                w.varint(2)?;
+                w.byte(*supported)
+            }
+        }
+    }
+}
+
+/// Zero-delimited COBS of `buf[2..2 + n]`, in place: `buf[..n + 3]`.
+fn cobs_in_place(buf: &mut [u8; MAX_FRAME], n: usize) -> Result<&[u8], EncodeError> {
+    // The trailing delimiter's slot; it must exist. Then no block is longer than
+    // MAX_FRAME - 2 < 254 bytes, so COBS never needs its 0xFF "no zero follows" code.
+    let end = n.checked_add(2).ok_or(EncodeError)?;
+    *buf.get_mut(end).ok_or(EncodeError)? = 0;
+    buf[0] = 0;
+    let mut code_at = 1;
+    for i in 2..end {
+        if buf.get(i) == Some(&0) {
+            set_code(buf, code_at, i)?;
+            code_at = i;
+        }
+    }
+    set_code(buf, code_at, end)?;
+    buf.get(..=end).ok_or(EncodeError)
+}
+
+/// The COBS code at `at` for a block that ends at `next` (the next code or the delimiter).
+fn set_code(buf: &mut [u8], at: usize, next: usize) -> Result<(), EncodeError> {
+    let code = u8::try_from(next.wrapping_sub(at)).map_err(|_| EncodeError)?;
+    *buf.get_mut(at).ok_or(EncodeError)? = code;
+    Ok(())
+}
+
+/// postcard's encoding, by hand: integers above u8 as LEB128 varints, enums as a varint
+/// variant index then their fields, structs as their fields in order, strings as a varint
+/// length then their bytes.
+struct Writer<'b> {
+    buf: &'b mut [u8],
+    len: usize,
+}
+
+impl Writer<'_> {
+    fn byte(&mut self, b: u8) -> Result<(), EncodeError> {
+        *self.buf.get_mut(self.len).ok_or(EncodeError)? = b;
+        self.len += 1;
+        Ok(())
+    }
+
+    fn varint(&mut self, mut v: u64) -> Result<(), EncodeError> {
+        while v >= 0x80 {
+            self.byte(v as u8 | 0x80)?;
+            v >>= 7;
+        }
+        self.byte(v as u8)
+    }
+
+    /// An enum variant: its index, then its integer fields.
+    fn variant(&mut self, index: u32, fields: &[u64]) -> Result<(), EncodeError> {
+        self.varint(index.into())?;
+        for &f in fields {
+            self.varint(f)?;
+        }
+        Ok(())
+    }
+
+    fn request(&mut self, r: &Request) -> Result<(), EncodeError> {
+        self.varint(r.id.0.into())?;
+        self.varint(r.owner.0)?;
+        match r.op {
+            Op::Acquire { ttl } => self.variant(0, &[ttl.as_micros()]),
+            Op::Takeover { version, ttl } => self.variant(1, &[version, ttl.as_micros()]),
+            Op::Renew { fence, ttl } => self.variant(2, &[fence.0, ttl.as_micros()]),
+            Op::Release { fence } => self.variant(3, &[fence.0]),
+        }
+    }
+
+    fn response(&mut self, r: &Response) -> Result<(), EncodeError> {
+        self.varint(r.id.0.into())?;
+        self.varint(r.owner.0)?;
+        match r.reply {
+            Reply::Granted { fence, ttl } => self.variant(0, &[fence.0, ttl.as_micros()]),
+            Reply::Busy { retry_after } => self.variant(1, &[retry_after.as_micros()]),
+            Reply::Observed { version, ttl } => self.variant(2, &[version, ttl.as_micros()]),
+            Reply::NotHolder => self.variant(3, &[]),
+            Reply::Released => self.variant(4, &[]),
+            Reply::Rejected(reject) => self.variant(5, &[reject_index(reject).into()]),
+            Reply::Unavailable => self.variant(6, &[]),
+            Reply::GrantedAfterExpiry { fence, ttl } => self.variant(7, &[fence.0, ttl.as_micros()]),
+        }
+    }
+}
+
+/// A [`Reject`]'s postcard variant index; [`reject_from_index`] is its inverse.
+pub(crate) fn reject_index(r: Reject) -> u32 {
+    match r {
+        Reject::InvalidTtl => 0,
+        Reject::InvalidKey => 1,
+        Reject::Unauthorized => 2,
+        Reject::Malformed => 3,
+        Reject::UnsupportedVersion => 4,
+        Reject::Capacity => 5,
+        Reject::FenceExhausted => 6,
+        Reject::Misconfigured => 7,
+    }
+}
+
+pub(crate) fn reject_from_index(i: u32) -> Option<Reject> {
+    Some(match i {
+        0 => Reject::InvalidTtl,
+        1 => Reject::InvalidKey,
+        2 => Reject::Unauthorized,
+        3 => Reject::Malformed,
+        4 => Reject::UnsupportedVersion,
+        5 => Reject::Capacity,
+        6 => Reject::FenceExhausted,
+        7 => Reject::Misconfigured,
+        _ => return None,
+    })
+}
+
+/// For [`Body::Request`]'s key on the decoding side.
+pub(crate) fn key_from(bytes: &[u8]) -> Option<Key> {
+    let s = core::str::from_utf8(bytes).ok()?;
+    let mut key = Key::new();
+    key.push_str(s).ok()?;
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cobs_in_place_fills_the_buffer_exactly_and_refuses_one_more_byte() {
+        let mut buf = [0u8; MAX_FRAME];
+        // The most postcard bytes a frame buffer holds: both delimiters and one code besides.
+        let most = MAX_FRAME - 3;
+        for (i, b) in buf.iter_mut().enumerate().skip(2).take(most) {
+            *b = if i % 50 == 0 { 0 } else { i as u8 | 1 };
+        }
+        let raw = buf[2..2 + most].to_vec();
+        let mut framed = cobs_in_place(&mut buf, most).unwrap().to_vec();
+        assert_eq!(framed.len(), MAX_FRAME);
+        assert_eq!((framed[0], framed[MAX_FRAME - 1]), (0, 0));
+        assert!(framed[1..MAX_FRAME - 1].iter().all(|&b| b != 0), "{framed:?}");
+        let decoded = crate::decode::cobs_decode_in_place(&mut framed[1..MAX_FRAME - 1]).unwrap();
+        assert_eq!(decoded, raw);
+        assert_eq!(cobs_in_place(&mut buf, most + 1), Err(EncodeError));
+        assert_eq!(cobs_in_place(&mut buf, usize::MAX), Err(EncodeError));
     }
 }

@@ -8,7 +8,7 @@ use embedded_io_adapters::futures_03::FromFutures;
 use leasehold_core::authority::{LeaseTable, Limits};
 use leasehold_core::{parse_key, Config, Duration as LDuration, Event, Instant as LInstant, Lease, OwnerId};
 use leasehold_serial::host::{response_to, AsyncHostLink};
-use leasehold_serial::{AsyncDeviceLink, Body, Clock};
+use leasehold_serial::{AsyncDeviceLink, Body, Clock, LeaseWatch};
 
 #[derive(Clone, Copy)]
 struct HostClock(Instant);
@@ -43,23 +43,29 @@ async fn gateway(stream: async_net::TcpStream, table: Arc<Mutex<LeaseTable<8>>>,
     answered
 }
 
+type Link = AsyncDeviceLink<FromFutures<async_net::TcpStream>, HostClock, TimerDelay>;
+
+/// A device link on a socket to a gateway task answering from `table`; the task returns how
+/// many requests it answered.
+async fn rig(table: &Arc<Mutex<LeaseTable<8>>>, epoch: Instant, config: Config) -> (Link, smol::Task<usize>) {
+    let listener = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = table.clone();
+    let host = smol::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        gateway(s, t, epoch).await
+    });
+    let uart = FromFutures::new(async_net::TcpStream::connect(addr).await.unwrap());
+    let lease = Lease::new(OwnerId(9), config).unwrap();
+    (AsyncDeviceLink::new(uart, HostClock(epoch), TimerDelay, lease, parse_key("pump").unwrap(), 4), host)
+}
+
 #[test]
 fn async_device_link_acquires_renews_and_releases() {
     smol::block_on(async {
         let epoch = Instant::now();
         let table = Arc::new(Mutex::new(LeaseTable::<8>::new(Limits::default())));
-        let listener = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let t = table.clone();
-        let host = smol::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            gateway(s, t, epoch).await
-        });
-        let uart = FromFutures::new(async_net::TcpStream::connect(addr).await.unwrap());
-        let config = Config::new(LDuration::from_millis(300));
-        let lease = Lease::new(OwnerId(9), config).unwrap();
-        let mut link =
-            AsyncDeviceLink::new(uart, HostClock(epoch), TimerDelay, lease, parse_key("pump").unwrap(), 4);
+        let (mut link, host) = rig(&table, epoch, Config::new(LDuration::from_millis(300))).await;
 
         link.acquire().unwrap();
         let Event::Acquired { fence, .. } = link.next_event().await.unwrap() else { panic!("not acquired") };
@@ -159,4 +165,58 @@ fn a_link_that_is_always_ready_still_yields_to_the_executor() {
     // A bad frame every two bytes: every call completes at once, and the caller loops forever.
     let calls = calls_before_a_yield(&[0x01, 0x00]);
     assert!(calls.is_some_and(|n| (1..=32).contains(&n)), "{calls:?}");
+}
+
+/// `next_event` dropped every 7 ms, mid-wait, for three ttls: no event, byte or request is
+/// lost (the lease is renewed throughout), and another task reads the validity through the
+/// watch meanwhile, never more than the machine's own.
+#[test]
+fn next_event_is_cancel_safe_and_the_watch_shows_validity_meanwhile() {
+    smol::block_on(async {
+        let epoch = Instant::now();
+        let clock = HostClock(epoch);
+        let table = Arc::new(Mutex::new(LeaseTable::<8>::new(Limits::default())));
+        let config = Config::new(LDuration::from_millis(300));
+        let (mut link, _host) = rig(&table, epoch, config).await;
+        let watch: &'static LeaseWatch = Box::leak(Box::new(LeaseWatch::new()));
+        link.publish_to(watch);
+        assert_eq!(watch.held(clock.now()), None);
+
+        link.acquire().unwrap();
+        let Event::Acquired { fence, .. } = link.next_event().await.unwrap() else { panic!("not acquired") };
+        let (seen, left) = watch.held(clock.now()).expect("the watch shows the grant");
+        assert_eq!(seen, fence);
+        assert!(left <= config.validity(config.ttl), "{left:?}");
+
+        let held_since = Instant::now();
+        let (mut cancelled, mut renewals) = (0, 0);
+        while held_since.elapsed() < Duration::from_millis(900) {
+            let tick = async {
+                async_io::Timer::after(Duration::from_millis(7)).await;
+                None
+            };
+            match futures_lite::future::or(async { Some(link.next_event().await) }, tick).await {
+                Some(Ok(Event::Renewed { fence: f, .. })) => {
+                    assert_eq!(f, fence);
+                    renewals += 1;
+                }
+                Some(other) => panic!("unexpected {other:?}"),
+                None => cancelled += 1,
+            }
+            // The reading task: the watch never promises more than the machine.
+            let now = clock.now();
+            let (f, w) = watch.held(now).expect("held throughout");
+            assert_eq!(f, fence);
+            assert!(
+                w <= link.lease().remaining(now).unwrap_or(LDuration::ZERO),
+                "watch ahead of the machine"
+            );
+        }
+        assert!(cancelled >= 10, "{cancelled} cancellations");
+        assert!(renewals >= 3, "{renewals} renewals with next_event cancelled {cancelled} times");
+
+        link.release().unwrap();
+        assert_eq!(watch.held(clock.now()), None, "gone from the watch at release");
+        assert_eq!(link.next_event().await.unwrap(), Event::Released { fence, acknowledged: true });
+    });
 }

@@ -1,350 +1,82 @@
-//! A pump controller on QEMU's lm3s6965evb (Cortex-M3). It acts ("pump on") only while it
-//! holds the lease "pump", which it takes through leasehold-serial over UART0 and a host
-//! gateway. Semihosting carries its log to the emulator's stdout and its device id in.
+//! A pump controller on an emulated board. It acts ("pump on") only while it holds the lease
+//! "pump", which it takes through leasehold-serial over UART0 and a host gateway.
+//! Semihosting carries its log to the emulator's stdout and its device id in.
 //!
-//! Its clock is SysTick's cycle counter, whose interrupt only counts 1.34 s wraps: the lease's
-//! safety needs a clock that never runs slow, and QEMU drops interrupts, not counter cycles.
-//! Timer 0A's 1 kHz interrupt only wakes the main loop, where losing one is harmless.
+//! Two boards, chosen by feature (each has its own module in ../firmware-common: UART, clock,
+//! wake-ups):
+//! - `lm3s6965evb` (default): QEMU's lm3s6965evb, Cortex-M3, `thumbv7m-none-eabi`;
+//! - `microbit`: QEMU's microbit (nRF51822), Cortex-M0, `thumbv6m-none-eabi`:
+//!   `cargo build --release --no-default-features --features microbit --target thumbv6m-none-eabi`.
+//!
+//! The release build has no panic path: nothing in it can reach the panic handler, and the
+//! end-to-end test (`cli/tests/qemu.rs`) reads the ELF's symbols to prove it.
 //!
 //! Run: `qemu-system-arm -M lm3s6965evb -nographic -monitor none
 //!   -semihosting-config enable=on,target=native -serial tcp:127.0.0.1:PORT,server=on,wait=on,nodelay=on
 //!   -kernel target/thumbv7m-none-eabi/release/firmware-pump -append "DEVICE NONCE"`
-//! then `leasehold gateway --link tcp:127.0.0.1:PORT --server URL`.
+//! (or `-M microbit` and the thumbv6m build), then
+//! `leasehold gateway --link tcp:127.0.0.1:PORT --server URL`.
 
 #![no_std]
 #![no_main]
 
-use core::sync::atomic::{AtomicU32, Ordering};
+#[cfg(all(feature = "lm3s6965evb", feature = "microbit"))]
+compile_error!("choose one board: `--no-default-features --features microbit` for the micro:bit");
 
-use cortex_m::peripheral::syst::SystClkSource;
-use cortex_m::peripheral::{NVIC, SCB, SYST};
-use cortex_m_rt::{entry, exception};
-use cortex_m_semihosting::{debug, hio, nr};
-use leasehold_core::{parse_key, Config, Duration, Event, Instant, Lease, OwnerId};
-use leasehold_serial::{Clock, DeviceLink};
+#[cfg_attr(feature = "microbit", path = "../../firmware-common/microbit.rs")]
+#[cfg_attr(not(feature = "microbit"), path = "../../firmware-common/lm3s6965evb.rs")]
+mod board;
+#[path = "../../firmware-common/support.rs"]
+mod support;
 
-const TTL: Duration = Duration::from_millis(1_000);
-/// One pump action every 100 ms while holding, eight per holding, then a pause.
-const ACT_EVERY: Duration = Duration::from_millis(100);
-const ACTS_PER_HOLD: u32 = 8;
-const PAUSE: Duration = Duration::from_millis(300);
-/// Act only with at least this much validity left.
-const ACT_GUARD: Duration = Duration::from_millis(50);
-
-// ----- Memory-mapped peripheral registers (UART0, Timer 0, system control) -----
-
-fn reg_read(addr: usize) -> u32 {
-    unsafe { core::ptr::read_volatile(addr as *const u32) }
-}
-
-fn reg_write(addr: usize, value: u32) {
-    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
-}
-
-// ----- UART0: a PL011 at 0x4000_C000 -----
-
-const UART0: usize = 0x4000_C000;
-const DR: usize = 0x00;
-const FR: usize = 0x18;
-const CR: usize = 0x30;
-const FR_RXFE: u32 = 1 << 4;
-const FR_TXFF: u32 = 1 << 5;
-
-struct Uart;
-
-impl Uart {
-    fn new() -> Uart {
-        // Enable UART, TX and RX.
-        reg_write(UART0 + CR, 0x301);
-        Uart
-    }
-    fn flags(&self) -> u32 {
-        reg_read(UART0 + FR)
-    }
-}
-
-impl embedded_io::ErrorType for Uart {
-    type Error = core::convert::Infallible;
-}
-
-impl embedded_io::ReadReady for Uart {
-    fn read_ready(&mut self) -> Result<bool, Self::Error> {
-        Ok(self.flags() & FR_RXFE == 0)
-    }
-}
-
-impl embedded_io::Read for Uart {
-    /// Blocks until at least one byte is there, then returns what the FIFO holds.
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        while self.flags() & FR_RXFE != 0 {}
-        let mut n = 0;
-        while n < buf.len() && self.flags() & FR_RXFE == 0 {
-            buf[n] = reg_read(UART0 + DR) as u8;
-            n += 1;
-        }
-        Ok(n)
-    }
-}
-
-impl embedded_io::Write for Uart {
-    fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
-        for &b in buf {
-            while self.flags() & FR_TXFF != 0 {}
-            reg_write(UART0 + DR, u32::from(b));
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> Result<(), Self::Error> {
-        Ok(())
-    }
-}
-
-// ----- Clock: SysTick's cycle counter; its interrupt only counts wraps -----
-
-/// The lm3s6965 core clock after reset as QEMU models it (PLL 200 MHz / 16). Measured: with
-/// 12 MHz assumed, the device counted 1.000 s per 0.961 s of host time. The QEMU end-to-end
-/// test checks the rate stays within ε of the host's, since the lease's safety depends on it.
-const CORE_HZ: u32 = 12_500_000;
-/// SysTick's largest reload: it wraps every 2^24 cycles, 1.34 s at CORE_HZ.
-const SYST_RELOAD: u32 = 0x00FF_FFFF;
-static WRAPS: AtomicU32 = AtomicU32::new(0);
-
-#[exception]
-fn SysTick() {
-    WRAPS.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Time is read from the down-counter, which QEMU computes from its virtual clock, so it never
-/// falls behind. Counting interrupts does: QEMU merges those that come due while the vCPU is
-/// busy or stalled (semihosting writes, UART traffic), and counting a 1 kHz tick ran at 0.989
-/// of host time, the unsafe direction for a lease holder. Interrupts now only carry the count
-/// past 2^24 cycles; merging two of them would take a 1.34 s stall.
-struct SysTickClock;
-
-impl SysTickClock {
-    /// Starts SysTick; the clock is valid once it returns.
-    fn start(syst: &mut SYST) -> SysTickClock {
-        syst.set_clock_source(SystClkSource::Core);
-        syst.set_reload(SYST_RELOAD);
-        syst.clear_current();
-        syst.enable_interrupt();
-        syst.enable_counter();
-        // The counter reads 0 until it first loads SYST_RELOAD, and that load is no wrap. Real
-        // hardware takes one cycle; QEMU waits for its main loop, which can take milliseconds
-        // under load, and a 0 read meanwhile would put time 1.34 s ahead, then back.
-        while SYST::get_current() == 0 {}
-        SysTickClock
-    }
-}
-
-impl Clock for SysTickClock {
-    fn now(&self) -> Instant {
-        // Masked, so the handler cannot count a wrap between the reads.
-        let cycles = cortex_m::interrupt::free(|_| {
-            let mut wraps = u64::from(WRAPS.load(Ordering::Relaxed));
-            let mut val = SYST::get_current();
-            // A wrap the handler has not counted yet (masked by us, or just happened): re-read,
-            // since `val` may be from before it, and count it, unless the counter still reads
-            // 0: hardware pends as it reaches 0, one cycle before reloading (QEMU on reload).
-            if SCB::is_pendst_pending() {
-                val = SYST::get_current();
-                if val != 0 {
-                    wraps += 1;
-                }
-            }
-            wraps * u64::from(SYST_RELOAD + 1) + u64::from(SYST_RELOAD - val)
-        });
-        // From total cycles, so rounding never accumulates; split so it cannot overflow.
-        let hz = u64::from(CORE_HZ);
-        Instant::from_micros(cycles / hz * 1_000_000 + cycles % hz * 1_000_000 / hz)
-    }
-}
-
-// ----- Wake-ups: General-Purpose Timer 0A, periodic at 1 kHz -----
-//
-// The main loop sleeps in `wfi` and polls the UART and its deadlines when woken. A lost or
-// merged wake-up only delays that poll; time comes from SysTick above. QEMU runs the GPTM
-// from the same system clock, and its interrupt is a level, held until cleared.
-
-const SYSCTL_RCGC1: usize = 0x400F_E104;
-const RCGC1_TIMER0: u32 = 1 << 16;
-const TIMER0: usize = 0x4003_0000;
-const GPTMCFG: usize = 0x000;
-const GPTMTAMR: usize = 0x004;
-const GPTMCTL: usize = 0x00C;
-const GPTMIMR: usize = 0x018;
-const GPTMICR: usize = 0x024;
-const GPTMTAILR: usize = 0x028;
-const TAMR_PERIODIC: u32 = 0x2;
-const CTL_TAEN: u32 = 1 << 0;
-const TATO: u32 = 1 << 0;
-/// "Timer 0A" in the LM3S6965's interrupt table.
-const TIMER0A_IRQ: usize = 19;
-
-fn start_wakeup_timer(nvic: &mut NVIC) {
-    reg_write(SYSCTL_RCGC1, reg_read(SYSCTL_RCGC1) | RCGC1_TIMER0);
-    reg_write(TIMER0 + GPTMCTL, 0);
-    reg_write(TIMER0 + GPTMCFG, 0); // one 32-bit timer
-    reg_write(TIMER0 + GPTMTAMR, TAMR_PERIODIC);
-    reg_write(TIMER0 + GPTMTAILR, CORE_HZ / 1_000 - 1);
-    reg_write(TIMER0 + GPTMIMR, TATO);
-    reg_write(TIMER0 + GPTMCTL, CTL_TAEN);
-    unsafe { nvic.iser[TIMER0A_IRQ / 32].write(1 << (TIMER0A_IRQ % 32)) };
-}
-
-extern "C" fn timer0a() {
-    reg_write(TIMER0 + GPTMICR, TATO);
-}
-
-// No device crate: this is the device-specific part of the vector table, up to the one
-// interrupt we use (cortex-m-rt's `device` feature; build.rs provides an empty device.x).
-extern "C" {
-    fn DefaultHandler();
-}
-
-#[link_section = ".vector_table.interrupts"]
-#[no_mangle]
-static __INTERRUPTS: [unsafe extern "C" fn(); TIMER0A_IRQ + 1] = {
-    let mut v: [unsafe extern "C" fn(); TIMER0A_IRQ + 1] = [DefaultHandler; TIMER0A_IRQ + 1];
-    v[TIMER0A_IRQ] = timer0a;
-    v
-};
-
-// ----- Output over semihosting, without core::fmt -----
-
-struct Line {
-    buf: [u8; 64],
-    len: usize,
-}
-
-impl Line {
-    fn new(s: &str) -> Line {
-        let mut l = Line { buf: [0; 64], len: 0 };
-        l.push(s);
-        l
-    }
-    fn push(&mut self, s: &str) -> &mut Line {
-        for &b in s.as_bytes() {
-            if self.len < self.buf.len() {
-                self.buf[self.len] = b;
-                self.len += 1;
-            }
-        }
-        self
-    }
-    fn num(&mut self, mut n: u64) -> &mut Line {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        for &d in &digits[i..] {
-            if self.len < self.buf.len() {
-                self.buf[self.len] = d;
-                self.len += 1;
-            }
-        }
-        self
-    }
-    fn say(&mut self) {
-        self.push("\n");
-        if let Ok(mut out) = hio::hstdout() {
-            let _ = out.write_all(&self.buf[..self.len]);
-        }
-    }
-}
-
-/// "DEVICE NONCE" from the emulator's `-append`; QEMU puts the kernel path first.
-fn device_and_nonce() -> (u32, u32) {
-    let mut buf = [0u8; 128];
-    let mut block = [buf.as_mut_ptr() as usize, buf.len()];
-    let r = unsafe { cortex_m_semihosting::syscall1(nr::GET_CMDLINE, block.as_mut_ptr() as usize) };
-    if r != 0 {
-        return (1, 0);
-    }
-    let len = unsafe { core::ptr::read_volatile(&block[1]) }.min(buf.len());
-    let mut nums = buf[..len].split(|&b| b == b' ').filter_map(|w| {
-        if w.is_empty() || !w.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        Some(w.iter().fold(0u32, |a, &d| a.wrapping_mul(10).wrapping_add(u32::from(d - b'0'))))
-    });
-    (nums.next().unwrap_or(1), nums.next().unwrap_or(0))
-}
+use cortex_m_rt::entry;
+use leasehold_core::{Event, Instant};
+use leasehold_serial::DeviceLink;
+use support::{fail, log_event, paint_stack, pump_lease, report, Line, ACTS_PER_HOLD, ACT_EVERY, ACT_GUARD};
 
 #[entry]
 fn main() -> ! {
+    paint_stack();
     let mut cp = cortex_m::Peripherals::take().unwrap_or_else(|| fail());
-    let clock = SysTickClock::start(&mut cp.SYST);
-    start_wakeup_timer(&mut cp.NVIC);
-
-    let (device, nonce) = device_and_nonce();
-    let owner = OwnerId((u64::from(device) << 32) | u64::from(nonce));
-    let mut config = Config::new(TTL);
-    config.jitter_seed = u64::from(nonce) ^ u64::from(device);
-    let Ok(lease) = Lease::new(owner, config) else { fail() };
-    let Ok(key) = parse_key("pump") else { fail() };
-    let mut link = DeviceLink::new(Uart::new(), clock, lease, key, device);
-    Line::new("BOOT device ").num(u64::from(device)).say();
+    let (uart, clock) = board::init(&mut cp);
+    let (device, lease, key, validity) = pump_lease(board::NAME, "");
+    let mut link = DeviceLink::new(uart, clock, lease, key, device);
 
     let _ = link.acquire();
-    // When we last asked: ask-to-grant time is the round trip when the key is free.
     let mut asked_at = link.now();
     let mut holding: Option<u64> = None;
     let mut acts = 0;
     let mut next_act = Instant::ZERO;
     let mut reacquire_at: Option<Instant> = None;
-    let mut next_clock_report = Instant::ZERO;
+    let mut next_report = Instant::ZERO;
     loop {
         let Ok(event) = link.poll();
         let now = link.now();
-        match event {
-            Some(Event::Acquired { fence, .. }) => {
-                Line::new("ACQUIRED ")
-                    .num(fence.0)
-                    .push(" after_us ")
-                    .num((now - asked_at).as_micros())
-                    .say();
-                holding = Some(fence.0);
-                acts = 0;
-                next_act = now;
+        if let Some(event) = event {
+            if let Some(t) = log_event(&event, now, asked_at, validity) {
+                reacquire_at = Some(t);
             }
-            Some(Event::Lost { fence, .. }) => {
-                Line::new("LOST ").num(fence.0).say();
-                holding = None;
-                reacquire_at = Some(now + PAUSE);
+            match event {
+                Event::Acquired { fence, .. } => {
+                    holding = Some(fence.0);
+                    acts = 0;
+                    next_act = now;
+                }
+                Event::Lost { .. } => holding = None,
+                _ => {}
             }
-            Some(Event::Released { fence, .. }) => {
-                Line::new("RELEASED ").num(fence.0).say();
-                reacquire_at = Some(now + PAUSE);
-            }
-            Some(Event::NotAcquired { .. }) => reacquire_at = Some(now + PAUSE),
-            Some(Event::Renewed { valid_until, .. }) => {
-                // valid_until = renewal send time + validity, so this is the exact round trip.
-                let sent = valid_until - config.validity(TTL);
-                Line::new("RENEWED rtt_us ").num((now - sent).as_micros()).say();
-            }
-            None => {}
         }
         if let Some(fence) = holding {
             if now >= next_act {
                 next_act = now + ACT_EVERY;
-                // The fence goes with every action; acting needs validity to spare.
-                if link.remaining().is_some_and(|r| r >= ACT_GUARD) {
-                    acts += 1;
-                    Line::new("ACT ").num(fence).push(" ").num(u64::from(acts)).say();
-                }
                 if acts >= ACTS_PER_HOLD {
+                    // Released one period after the last action, when it has finished.
                     holding = None;
                     let _ = link.release();
+                } else if link.remaining().is_some_and(|r| r >= ACT_GUARD) {
+                    // The fence goes with every action; acting needs validity to spare.
+                    acts += 1;
+                    Line::new("ACT ").num(fence).push(" ").num(u64::from(acts)).say();
                 }
             }
         }
@@ -353,23 +85,12 @@ fn main() -> ! {
             asked_at = now;
             let _ = link.acquire();
         }
-        if now >= next_clock_report {
-            Line::new("CLOCK ").num(now.as_micros()).say();
-            next_clock_report = now + Duration::from_secs(1);
-        }
-        // Timer 0A wakes us every millisecond; UART bytes wait in the FIFO meanwhile.
+        next_report = report(now, next_report);
+        // The board's 1 kHz tick wakes us; UART bytes wait in its FIFO meanwhile.
         cortex_m::asm::wfi();
     }
 }
 
-fn fail() -> ! {
-    debug::exit(debug::EXIT_FAILURE);
-    loop {
-        cortex_m::asm::wfi();
-    }
-}
-
-#[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
-    fail()
-}
+/// Called by the board's 1 kHz wake-up interrupt; the main loop needs nothing more than the
+/// wake-up itself.
+fn on_tick() {}
