@@ -11,7 +11,8 @@ use crate::wire::{Fence, Op, OwnerId, Reject, Reply, Request, RequestId, Respons
 /// Drive it like this: call a verb ([`acquire`](Lease::acquire), [`release`](Lease::release)) or
 /// feed an input ([`handle_response`](Lease::handle_response),
 /// [`handle_timeout`](Lease::handle_timeout),
-/// [`handle_transport_error`](Lease::handle_transport_error)); then drain
+/// [`handle_transport_error`](Lease::handle_transport_error),
+/// [`handle_permanent_error`](Lease::handle_permanent_error)); then drain
 /// [`poll_transmit`](Lease::poll_transmit) (send each request),
 /// [`poll_event`](Lease::poll_event) (tell the application), and finally arm a timer for
 /// [`poll_timeout`](Lease::poll_timeout). The machine never reads a clock: every `now` is the
@@ -198,6 +199,9 @@ pub enum NotAcquired {
     Cancelled,
     /// The authority refused the request outright.
     Rejected(Reject),
+    /// The authority cannot be talked to as configured (a refused certificate, missing
+    /// credentials): see [`Lease::handle_permanent_error`].
+    Unreachable,
 }
 
 /// Why a held lease was lost.
@@ -212,6 +216,9 @@ pub enum LostReason {
     Revoked,
     /// The authority refused the renewal outright.
     Rejected(Reject),
+    /// The authority can no longer be talked to as configured (credentials revoked, a
+    /// certificate refused): see [`Lease::handle_permanent_error`].
+    Unreachable,
 }
 
 /// Misuse of [`Lease::acquire`] and friends.
@@ -255,6 +262,7 @@ impl fmt::Display for NotAcquired {
             NotAcquired::Unavailable => f.write_str("the authority was unreachable until the deadline"),
             NotAcquired::Cancelled => f.write_str("cancelled"),
             NotAcquired::Rejected(r) => write!(f, "refused by the authority: {r}"),
+            NotAcquired::Unreachable => f.write_str("the authority cannot be reached as configured"),
         }
     }
 }
@@ -265,6 +273,7 @@ impl fmt::Display for LostReason {
             LostReason::Expired => f.write_str("validity ran out before a renewal succeeded"),
             LostReason::Revoked => f.write_str("the authority says the lease is no longer ours"),
             LostReason::Rejected(r) => write!(f, "the authority refused the renewal: {r}"),
+            LostReason::Unreachable => f.write_str("the authority can no longer be reached as configured"),
         }
     }
 }
@@ -443,6 +452,30 @@ impl Lease {
         }
         if self.pending().is_some_and(|p| p.id == id) && !self.unsent {
             self.fail(now);
+        }
+    }
+
+    /// The request `id` failed in a way retrying cannot mend: the adapter cannot reach the
+    /// authority as configured (a refused certificate, missing credentials, a bad URL). An
+    /// acquisition ends at once ([`NotAcquired::Unreachable`]), a holding is lost at once
+    /// ([`LostReason::Unreachable`]: ending early is the safe direction, and riding out the
+    /// validity would only delay the news), and a release ends unacknowledged.
+    pub fn handle_permanent_error(&mut self, now: Instant, id: RequestId) {
+        if self.expire(now) {
+            return;
+        }
+        if !self.pending().is_some_and(|p| p.id == id) || self.unsent {
+            return;
+        }
+        match self.phase {
+            Phase::Acquiring { .. } => self.not_acquired(NotAcquired::Unreachable),
+            Phase::Held => {
+                self.end(Phase::Lost, Event::Lost { fence: self.fence, reason: LostReason::Unreachable })
+            }
+            Phase::Releasing => {
+                self.end(Phase::Released, Event::Released { fence: self.fence, acknowledged: false })
+            }
+            Phase::Idle | Phase::Lost | Phase::Released => {}
         }
     }
 
@@ -1189,6 +1222,34 @@ mod tests {
         };
         assert_eq!(event, Event::Released { fence: Fence(1), acknowledged: false });
         assert_eq!(now, ms(9_900), "gives up exactly when the belief would have ended");
+    }
+
+    #[test]
+    fn a_permanent_error_ends_each_phase_at_once() {
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        l.handle_permanent_error(ms(1), r.id);
+        assert_eq!(l.poll_event(), Some(Event::NotAcquired { reason: NotAcquired::Unreachable }));
+        assert_eq!(l.poll_timeout(), None, "no retry");
+
+        let mut l = held(1);
+        l.poll_event();
+        l.handle_timeout(RENEW);
+        let r = l.poll_transmit().unwrap();
+        // An error for another request changes nothing.
+        l.handle_permanent_error(RENEW, RequestId(r.id.0.wrapping_add(7)));
+        assert_eq!(l.state(), State::Held);
+        l.handle_permanent_error(RENEW, r.id);
+        assert_eq!(l.poll_event(), Some(Event::Lost { fence: Fence(1), reason: LostReason::Unreachable }));
+        assert_eq!(l.remaining(RENEW), None, "lost at once, not at the end of the validity");
+
+        let mut l = held(1);
+        l.poll_event();
+        l.release(ms(5)).unwrap();
+        let r = l.poll_transmit().unwrap();
+        l.handle_permanent_error(ms(6), r.id);
+        assert_eq!(l.poll_event(), Some(Event::Released { fence: Fence(1), acknowledged: false }));
     }
 
     #[test]

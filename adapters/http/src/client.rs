@@ -354,9 +354,10 @@ impl<B: Backend> Client<B> {
                     NotAcquired::Unavailable => {
                         AcquireError::Unavailable(lease.shared.last_error().clone().map(Unreachable))
                     }
-                    NotAcquired::Rejected(r) => match lease.shared.permanent().take() {
+                    NotAcquired::Rejected(r) => AcquireError::Rejected(r),
+                    NotAcquired::Unreachable => match lease.shared.permanent().take() {
                         Some(e) => AcquireError::Misconfigured(e),
-                        None => AcquireError::Rejected(r),
+                        None => AcquireError::Unavailable(None),
                     },
                 });
             }
@@ -523,13 +524,10 @@ async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, 
                 }
                 match result {
                     Ok(reply) => m.handle_response(now(), Response { id, owner, reply }),
-                    // The machine knows "transient failure" and "refused"; a configuration
-                    // that cannot work is the second, told as the authority would tell it.
                     Err(e) if e.is_permanent() => {
                         tracing::warn!(key = %key, "giving up: {}", crate::Report(&e));
                         *shared.permanent() = Some(e);
-                        let reply = Reply::Rejected(Reject::Misconfigured);
-                        m.handle_response(now(), Response { id, owner, reply })
+                        m.handle_permanent_error(now(), id)
                     }
                     Err(e) => {
                         tracing::debug!(key = %key, "request failed: {}", crate::Report(&e));

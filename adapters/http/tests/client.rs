@@ -229,7 +229,7 @@ fn a_permanent_error_ends_a_held_lease_at_once() {
         let l = c.acquire("revoked").await.unwrap();
         let reason = within(10_000, "lost after the first renewal", l.lost()).await;
         // Not `Expired`: the lease ended at the failed renewal, not at its deadline.
-        assert_eq!(reason, LostReason::Rejected(Reject::Misconfigured));
+        assert_eq!(reason, LostReason::Unreachable);
         assert_eq!(l.remaining(), None);
     });
 }
