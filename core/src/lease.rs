@@ -464,7 +464,7 @@ impl Lease {
         if self.expire(now) {
             return;
         }
-        if !self.pending().is_some_and(|p| p.id == id) || self.unsent {
+        if self.pending().is_none_or(|p| p.id != id) || self.unsent {
             return;
         }
         match self.phase {
