@@ -282,3 +282,42 @@ fn a_second_server_on_the_same_store_or_port_is_refused() {
     let (st, v) = http(first.addr, "GET", "/v1/leases/k", None, "");
     assert_eq!((st, v["holder"]["fence"].as_u64()), (200, Some(1)), "{v}");
 }
+
+#[test]
+fn configurations_that_cannot_work_exit_2_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flags, says) in [
+        (&["--min-ttl", "10s", "--max-ttl", "1s"][..], "longer than the maximum ttl"),
+        (&["--min-ttl", "0s"][..], "minimum ttl must be greater than zero"),
+        (&["--max-ttl", "1000000years"][..], "longer than 86400s"),
+        (&["--max-ttl", "2days"][..], "longer than 86400s"),
+        (&["--token", ""][..], "token must be non-empty"),
+        (&["--max-connections", "0"][..], "connection cap"),
+    ] {
+        let data = dir.path().join("store");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .args(flags)
+            .env_remove("LEASEHOLD_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run serve");
+        // A server that starts anyway never exits on its own: give it 20 s, then fail.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{flags:?}: serve started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("reap");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {out:?}");
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{flags:?} announced a listener: {out:?}");
+        assert!(!data.exists(), "{flags:?} created the store");
+    }
+}

@@ -18,6 +18,20 @@ pub use store::StoreError;
 #[cfg(feature = "tls")]
 pub use tls::ServerTls;
 
+/// The longest ttl a server may be configured to grant (one day, the lease machine's own
+/// bound). Past it a crashed holder, or a restart (which re-arms every grant for its full
+/// ttl), locks a key for longer than anyone would want.
+pub const TTL_CEILING: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+/// The longest ttl granted unless configured otherwise: five minutes. A restart re-arms every
+/// stored grant for its full ttl, including grants that had already expired before the crash
+/// (the server cannot know how long it was down), so this is also how long a restart can keep
+/// an abandoned key locked.
+pub const DEFAULT_MAX_TTL: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// hyper refuses read buffers smaller than this (it panics), so neither may the header cap be.
+pub const MIN_HEADER_BYTES: usize = 8 * 1024;
+
 /// How to run a server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -27,12 +41,25 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// When set, every request but `/healthz` needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
-    /// The ttls granted.
+    /// The ttls granted: 10 ms to [`DEFAULT_MAX_TTL`] by default, at most [`TTL_CEILING`].
     pub limits: Limits,
     /// How long a client may take to send a request's head, and then its body; a connection
     /// that stalls longer is closed (head) or answered `malformed_json` (body). 30 s by default.
     /// It bounds the TLS handshake too.
     pub request_timeout: std::time::Duration,
+    /// Most bytes a request head (request line and headers) may take; a connection that sends
+    /// more before finishing its head is answered 431 and closed. 16 KiB by default, at least
+    /// [`MIN_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// Most connections served at once (1024 by default, and never more than the file
+    /// descriptor limit allows). A connection past the cap sheds the one that has been idle the
+    /// longest, or, if every connection is mid-request, the oldest.
+    pub max_connections: usize,
+    /// Records of keys that stayed free (released or expired, never re-acquired) this long are
+    /// deleted, and the store compacted; the store-wide fence floor keeps a reclaimed key's
+    /// next fence above every fence it had. `None` keeps every record forever. One hour by
+    /// default.
+    pub reclaim_after: Option<std::time::Duration>,
     /// Serve https instead of http.
     #[cfg(feature = "tls")]
     pub tls: Option<ServerTls>,
@@ -45,12 +72,91 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             listen,
             token: None,
-            limits: Limits::default(),
+            limits: Limits { max_ttl: DEFAULT_MAX_TTL.into(), ..Limits::default() },
             request_timeout: std::time::Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+            max_connections: 1024,
+            reclaim_after: Some(std::time::Duration::from_secs(60 * 60)),
             #[cfg(feature = "tls")]
             tls: None,
         }
     }
+
+    /// Refuses settings with which the server could not do its job: ttl limits that admit no
+    /// ttl, ttl 0, ttls past [`TTL_CEILING`] (a ttl near `u64::MAX` µs never expires, as the
+    /// clock arithmetic saturates), a token no client can send, zero caps or timeouts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let micros = |d: leasehold_core::Duration| std::time::Duration::from_micros(d.as_micros());
+        let (min, max) = (micros(self.limits.min_ttl), micros(self.limits.max_ttl));
+        if min.is_zero() {
+            return Err(ConfigError::ZeroMinTtl);
+        }
+        if max > TTL_CEILING {
+            return Err(ConfigError::MaxTtlTooLong { max, ceiling: TTL_CEILING });
+        }
+        if min > max {
+            return Err(ConfigError::MinAboveMax { min, max });
+        }
+        if let Some(token) = &self.token {
+            // Bearer tokens are visible ASCII; anything else can never arrive in a header.
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::BadToken);
+            }
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::Zero("request timeout"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Zero("connection cap"));
+        }
+        if self.reclaim_after.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::Zero("reclaim interval"));
+        }
+        if self.max_header_bytes < MIN_HEADER_BYTES {
+            return Err(ConfigError::HeaderCapTooSmall { bytes: self.max_header_bytes });
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`ServerConfig`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A minimum ttl of zero would grant leases that expire as they are granted.
+    #[error("the minimum ttl must be greater than zero")]
+    ZeroMinTtl,
+    /// No ttl would be accepted.
+    #[error(
+        "the minimum ttl ({min:?}) is longer than the maximum ttl ({max:?}): every request would be refused"
+    )]
+    MinAboveMax {
+        /// The minimum.
+        min: std::time::Duration,
+        /// The maximum.
+        max: std::time::Duration,
+    },
+    /// The maximum ttl is past [`TTL_CEILING`].
+    #[error("the maximum ttl ({max:?}) is longer than {ceiling:?}, the longest a server grants")]
+    MaxTtlTooLong {
+        /// The maximum asked for.
+        max: std::time::Duration,
+        /// [`TTL_CEILING`].
+        ceiling: std::time::Duration,
+    },
+    /// The token is empty or has characters a header cannot carry: every request would be
+    /// refused.
+    #[error("the token must be non-empty visible ASCII (no spaces or control characters)")]
+    BadToken,
+    /// A cap or timeout is zero.
+    #[error("the {0} must be greater than zero")]
+    Zero(&'static str),
+    /// The header cap is below what hyper can work with.
+    #[error("the header cap ({bytes} bytes) must be at least {MIN_HEADER_BYTES} bytes")]
+    HeaderCapTooSmall {
+        /// The cap asked for.
+        bytes: usize,
+    },
 }
 
 /// Why a server could not start.
@@ -67,6 +173,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The configuration cannot work.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
     /// The TLS certificate, key or client CA cannot be used.
     #[error("TLS: {0}")]
     Tls(String),
@@ -103,6 +212,7 @@ pub struct Server {
 impl Server {
     /// Opens the store (re-arming every stored grant from now) and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        config.validate()?;
         let clock = Clock(std::time::Instant::now());
         let (store, writer) = store::Store::open(&config.data_dir, clock, config.limits)?;
         let listener = async_net::TcpListener::bind(config.listen)
@@ -257,5 +367,68 @@ where
         .await
     {
         tracing::debug!("connection from {peer}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_core::Duration;
+
+    fn config() -> ServerConfig {
+        ServerConfig::new("/nonexistent", "127.0.0.1:0".parse().unwrap())
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_bound_the_ttl_to_minutes() {
+        let c = config();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.limits.max_ttl, DEFAULT_MAX_TTL.into());
+    }
+
+    #[test]
+    fn configurations_that_cannot_work_are_refused() {
+        let with = |f: &dyn Fn(&mut ServerConfig)| {
+            let mut c = config();
+            f(&mut c);
+            c.validate()
+        };
+        let s = std::time::Duration::from_secs;
+        assert_eq!(
+            with(&|c| c.limits = Limits { min_ttl: Duration::from_secs(10), max_ttl: Duration::from_secs(1) }),
+            Err(ConfigError::MinAboveMax { min: s(10), max: s(1) })
+        );
+        assert_eq!(with(&|c| c.limits.min_ttl = Duration::ZERO), Err(ConfigError::ZeroMinTtl));
+        assert_eq!(
+            with(&|c| c.limits.max_ttl = Duration::MAX),
+            Err(ConfigError::MaxTtlTooLong {
+                max: std::time::Duration::from_micros(u64::MAX),
+                ceiling: TTL_CEILING
+            })
+        );
+        assert_eq!(with(&|c| c.limits.max_ttl = TTL_CEILING.into()), Ok(()), "the ceiling itself is allowed");
+        assert_eq!(with(&|c| c.token = Some(String::new())), Err(ConfigError::BadToken));
+        assert_eq!(with(&|c| c.token = Some("two words".into())), Err(ConfigError::BadToken));
+        assert_eq!(with(&|c| c.token = Some("s3cret".into())), Ok(()));
+        assert_eq!(with(&|c| c.max_connections = 0), Err(ConfigError::Zero("connection cap")));
+        assert_eq!(
+            with(&|c| c.request_timeout = std::time::Duration::ZERO),
+            Err(ConfigError::Zero("request timeout"))
+        );
+        assert_eq!(
+            with(&|c| c.reclaim_after = Some(std::time::Duration::ZERO)),
+            Err(ConfigError::Zero("reclaim interval"))
+        );
+        assert_eq!(with(&|c| c.max_header_bytes = 100), Err(ConfigError::HeaderCapTooSmall { bytes: 100 }));
+    }
+
+    #[test]
+    fn bind_refuses_an_invalid_config_before_touching_the_store() {
+        let dir = std::env::temp_dir().join(format!("leasehold-invalid-{}", std::process::id()));
+        let mut c = ServerConfig::new(&dir, "127.0.0.1:0".parse().unwrap());
+        c.token = Some(String::new());
+        let e = smol::block_on(Server::bind(c)).err().expect("refused");
+        assert!(matches!(e, ServerError::Config(ConfigError::BadToken)), "{e}");
+        assert!(!dir.exists(), "the store was created for a config that cannot work");
     }
 }
