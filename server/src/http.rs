@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Response, StatusCode};
 use leasehold_core::authority::Record;
 use leasehold_core::{parse_key, Reject, Reply, Request};
@@ -17,21 +18,35 @@ pub const MAX_BODY: usize = 16 * 1024;
 
 pub(crate) type Body = Full<Bytes>;
 
-pub(crate) async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(shared: Arc<Shared>, mut req: hyper::Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let is_post = req.method() == Method::POST;
-    let resp = match route(&shared, req).await {
+    // Set by `read_request` once the whole body has been read. A reply sent before then
+    // (invalid_key, 405, 401, body_too_large, a body that timed out) leaves unread bytes that
+    // hyper cannot skip, so it must close the connection; say so, or the client's next request
+    // on it meets a broken pipe.
+    let body_read = BodyRead::default();
+    let has_body = !req.body().is_end_stream();
+    req.extensions_mut().insert(body_read.clone());
+    let mut resp = match route(&shared, req).await {
         Ok(r) => r,
         Err(e) => {
             shared.metrics.error(e.code);
             json(e.status, &ErrorBody { error: e.code, message: &e.message })
         }
     };
+    if has_body && !body_read.0.load(std::sync::atomic::Ordering::Relaxed) {
+        resp.headers_mut().insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    }
     if is_post {
         shared.metrics.latency(started.elapsed());
     }
     resp
 }
+
+/// Whether a request's body was read to its end (see [`handle`]).
+#[derive(Clone, Default)]
+struct BodyRead(Arc<std::sync::atomic::AtomicBool>);
 
 struct ApiError {
     status: StatusCode,
@@ -173,6 +188,7 @@ async fn read_request(
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
+    let body_read = req.extensions().get::<BodyRead>().cloned();
     let collect = async {
         Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
@@ -189,6 +205,9 @@ async fn read_request(
         Err(err(StatusCode::BAD_REQUEST, "malformed_json", format!("body not received within {timeout:?}")))
     };
     let body = futures_lite::future::or(collect, deadline).await?;
+    if let Some(BodyRead(flag)) = body_read {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     serde_json::from_slice::<Request>(&body.to_bytes())
         .map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("not a lease request: {e}")))
 }

@@ -197,6 +197,7 @@ pub(crate) struct Shared {
     clock: Clock,
     token: Option<String>,
     request_timeout: std::time::Duration,
+    max_header_bytes: usize,
     metrics: metrics::Metrics,
 }
 
@@ -223,6 +224,7 @@ impl Server {
             clock,
             token: config.token,
             request_timeout: config.request_timeout,
+            max_header_bytes: config.max_header_bytes,
             metrics: Default::default(),
         });
         Ok(Server {
@@ -353,15 +355,19 @@ where
     S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + Send + 'static,
 {
     let head_timeout = shared.request_timeout;
+    let max_header_bytes = shared.max_header_bytes;
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req).await) }
     });
     // A client that opens a connection and dribbles (or never sends) its request head cannot
-    // pin it.
+    // pin it, and one that sends an endless head cannot make it hold more than the cap: hyper
+    // answers 431 and closes once its read buffer (which holds the head) is full. The body is
+    // streamed through that buffer too, so the cap bounds it per read, not per request.
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .timer(smol_hyper::rt::SmolTimer::new())
         .header_read_timeout(head_timeout)
+        .max_buf_size(max_header_bytes)
         .keep_alive(true)
         .serve_connection(FuturesIo::new(stream), service)
         .await

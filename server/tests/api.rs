@@ -56,7 +56,14 @@ fn acquire(owner: u64, ttl: u64) -> Value {
 }
 
 fn server(dir: &std::path::Path) -> RunningServer {
-    Server::spawn(ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap())).expect("server starts")
+    server_with(dir, |_| {})
+}
+
+/// A server on `dir` with the default config as changed by `tune`.
+fn server_with(dir: &std::path::Path, tune: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    let mut c = ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap());
+    tune(&mut c);
+    Server::spawn(c).expect("server starts")
 }
 
 const TTL: u64 = 10_000_000;
@@ -152,9 +159,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
 #[test]
 fn bearer_token_is_required_when_set() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
-    c.token = Some("s3cret".into());
-    let s = Server::spawn(c).unwrap();
+    let s = server_with(dir.path(), |c| c.token = Some("s3cret".into()));
     let a = s.addr();
     let body = acquire(1, TTL).to_string();
     let none = request(a, "POST", "/v1/leases/k", None, body.as_bytes());
@@ -229,9 +234,7 @@ fn concurrent_clients_get_strictly_increasing_fences() {
 fn stalled_clients_are_cut_off_and_others_keep_being_served() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
-    let mut c = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
-    c.request_timeout = Duration::from_millis(300);
-    let s = Server::spawn(c).unwrap();
+    let s = server_with(dir.path(), |c| c.request_timeout = Duration::from_millis(300));
     let a = s.addr();
 
     // Half a head, then silence: the connection is closed.
@@ -253,4 +256,110 @@ fn stalled_clients_are_cut_off_and_others_keep_being_served() {
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("malformed_json") && out.contains("not received"), "{out}");
     assert_eq!(get(a, "/v1/leases/k").json()["holder"]["fence"], json!(1), "nothing else changed");
+}
+
+/// Reads one HTTP/1.1 response (head and a `Content-Length` body); `None` when the connection
+/// ended first. Header names are lowercased.
+fn read_response(s: &mut TcpStream) -> Option<(u16, String, String)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let status = head.get(9..12)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((status, head, String::from_utf8_lossy(&body).to_string()))
+}
+
+#[test]
+fn a_reply_sent_before_the_body_is_read_says_connection_close_or_keeps_serving() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let a = s.addr();
+    let body = acquire(1, TTL).to_string();
+    let keep_alive = |method: &str, path: &str, body: &str| {
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    };
+    let cases = [
+        ("invalid_key with a body", keep_alive("POST", "/v1/leases/bad%20key", &body), 400, false),
+        ("405 with a body", keep_alive("POST", "/metrics", &body), 405, false),
+        ("404 with a body", keep_alive("POST", "/nowhere", &body), 404, false),
+        // Read to its end: the connection stays usable without being closed.
+        ("malformed_json", keep_alive("POST", "/v1/leases/k", "{nope}"), 400, true),
+        ("granted", keep_alive("POST", "/v1/leases/k", &body), 200, true),
+    ];
+    for (what, first, status, stays_open) in cases {
+        let mut c = TcpStream::connect(a).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(first.as_bytes()).unwrap();
+        let (st, head, reply) = read_response(&mut c).unwrap_or_else(|| panic!("{what}: no reply"));
+        assert_eq!(st, status, "{what}: {reply}");
+        let says_close = head.contains("connection: close");
+        assert_eq!(says_close, !stays_open, "{what}: {head}");
+        if says_close {
+            // The server meant it: the connection ends after the reply.
+            assert_eq!(c.read(&mut [0u8; 16]).unwrap_or(0), 0, "{what}: open after Connection: close");
+            continue;
+        }
+        // Not announced as closing, so the next request on it must be answered.
+        let second = keep_alive("GET", "/healthz", "");
+        let sent = c.write_all(second.as_bytes());
+        let answer = sent.ok().and_then(|()| read_response(&mut c));
+        assert_eq!(answer.map(|r| r.0), Some(200), "{what}: second request on the connection failed");
+    }
+}
+
+#[test]
+fn endless_request_heads_are_cut_off_at_the_header_cap() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough that only the byte cap, not the head timeout, can end these connections.
+    let s = server_with(dir.path(), |c| c.request_timeout = Duration::from_secs(120));
+    let a = s.addr();
+    let started = Instant::now();
+    let outcomes: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..40)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut c = TcpStream::connect(a).map_err(|e| e.to_string())?;
+                    c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let _ = c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: ");
+                    // 300 KB of one header that never ends. Being cut off mid-way is the point.
+                    for _ in 0..300 {
+                        if c.write_all(&[b'a'; 1000]).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    let mut out = Vec::new();
+                    match c.read_to_end(&mut out) {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                        Err(e) => Err(format!("still open after 300 KB of head: {e}")),
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let open: Vec<_> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(open.is_empty(), "{} of 40 connections kept: {:?}", open.len(), open.first());
+    println!("40 endless heads cut off after {:?}", started.elapsed());
+    assert_eq!(post(a, "k", acquire(1, TTL)).status, 200, "served after the flood");
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    assert_eq!(raw(a, &big, b"").status, 431, "a finished head over the cap is refused with 431");
 }
