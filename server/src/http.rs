@@ -137,7 +137,7 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
     };
     match path.as_str() {
         "/metrics" if req.method() == Method::GET => {
-            let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render(shared.store.commits()))));
+            let mut r = Response::new(Full::new(Bytes::from(shared.render_metrics())));
             r.headers_mut()
                 .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
             return Ok(r);

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod conns;
 mod http;
 mod metrics;
 mod store;
@@ -198,7 +199,25 @@ pub(crate) struct Shared {
     token: Option<String>,
     request_timeout: std::time::Duration,
     max_header_bytes: usize,
+    conns: Arc<conns::Conns>,
+    /// The soft `RLIMIT_NOFILE` after raising it; for `/metrics`.
+    fd_limit: Option<u64>,
     metrics: metrics::Metrics,
+}
+
+impl Shared {
+    fn render_metrics(&self) -> String {
+        let gauges = [
+            ("leasehold_connections_open", "Connections being served.", self.conns.open() as u64),
+            ("leasehold_connections_max", "The connection cap in force.", self.conns.cap() as u64),
+            (
+                "leasehold_open_files_limit",
+                "The soft RLIMIT_NOFILE after raising it to the hard limit (0: unlimited or unknown).",
+                self.fd_limit.unwrap_or(0),
+            ),
+        ];
+        self.metrics.render(self.store.commits(), &gauges)
+    }
 }
 
 /// A bound, recovered server, ready to [`run`](Server::run).
@@ -214,6 +233,7 @@ impl Server {
     /// Opens the store (re-arming every stored grant from now) and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
+        let fd_limit = conns::raise_fd_limit();
         let clock = Clock(std::time::Instant::now());
         let (store, writer) = store::Store::open(&config.data_dir, clock, config.limits)?;
         let listener = async_net::TcpListener::bind(config.listen)
@@ -225,6 +245,8 @@ impl Server {
             token: config.token,
             request_timeout: config.request_timeout,
             max_header_bytes: config.max_header_bytes,
+            conns: Arc::new(conns::Conns::new(conns::effective_cap(config.max_connections, fd_limit))),
+            fd_limit,
             metrics: Default::default(),
         });
         Ok(Server {
@@ -265,41 +287,52 @@ impl Server {
         let ex = smol::LocalExecutor::new();
         ex.spawn(writer).detach();
         ex.run(async {
+            let mut backoff = conns::AcceptBackoff::default();
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(s) => s,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        async_io::Timer::after(std::time::Duration::from_millis(50)).await;
+                        shared.metrics.accept_error();
+                        // Out of descriptors: closing the longest-idle connection frees one for
+                        // a client that has work to do.
+                        if conns::out_of_descriptors(&e) && shared.conns.shed_idle() {
+                            shared.metrics.shed();
+                        }
+                        async_io::Timer::after(backoff.failed(&e)).await;
                         continue;
                     }
                 };
+                backoff.succeeded();
                 let _ = stream.set_nodelay(true);
+                let (admitted, shed) = shared.conns.admit();
+                if shed {
+                    shared.metrics.shed();
+                }
                 let shared = shared.clone();
                 #[cfg(feature = "tls")]
-                if let Some(tls) = &tls {
-                    let acceptor = tls.acceptor.clone();
-                    ex.spawn(async move {
-                        // A client that never finishes its handshake cannot pin a connection.
-                        let timeout = shared.request_timeout;
-                        let handshake =
-                            futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
-                                async_io::Timer::after(timeout).await;
-                                None
-                            });
-                        let why = match handshake.await {
-                            Some(Ok(stream)) => return serve_connection(stream, shared, peer).await,
-                            Some(Err(e)) => e.to_string(),
-                            None => "timed out".to_string(),
-                        };
-                        shared.metrics.tls_failure();
-                        tracing::debug!("TLS handshake with {peer} failed: {why}");
-                    })
-                    .detach();
-                    continue;
-                }
-                ex.spawn(serve_connection(stream, shared, peer)).detach();
+                let tls = tls.as_ref().map(|t| t.acceptor.clone());
+                ex.spawn(async move {
+                    let admitted = Arc::new(admitted);
+                    let closed = admitted.shed.clone();
+                    // Shed: the connection (and its stream) is dropped wherever it was.
+                    let shed = async {
+                        let _ = closed.recv().await;
+                        tracing::debug!("connection from {peer} shed at the connection cap");
+                    };
+                    #[cfg(feature = "tls")]
+                    if let Some(acceptor) = tls {
+                        return futures_lite::future::or(
+                            tls_connection(acceptor, stream, shared, peer, admitted),
+                            shed,
+                        )
+                        .await;
+                    }
+                    futures_lite::future::or(serve_connection(stream, shared, peer, admitted), shed).await
+                })
+                .detach();
+                // A full backlog must not keep the accept loop from letting admitted connections
+                // read their requests (accept is ready without waiting while it is non-empty).
+                futures_lite::future::yield_now().await;
             }
         })
         .await
@@ -349,8 +382,32 @@ impl Drop for RunningServer {
     }
 }
 
+/// Finishes a TLS handshake (within `request_timeout`), then serves the connection.
+#[cfg(feature = "tls")]
+async fn tls_connection(
+    acceptor: futures_rustls::TlsAcceptor,
+    stream: async_net::TcpStream,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    admitted: Arc<conns::Admitted>,
+) {
+    // A client that never finishes its handshake cannot pin a connection.
+    let timeout = shared.request_timeout;
+    let handshake = futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+        async_io::Timer::after(timeout).await;
+        None
+    });
+    let why = match handshake.await {
+        Some(Ok(stream)) => return serve_connection(stream, shared, peer, admitted).await,
+        Some(Err(e)) => e.to_string(),
+        None => "timed out".to_string(),
+    };
+    shared.metrics.tls_failure();
+    tracing::debug!("TLS handshake with {peer} failed: {why}");
+}
+
 /// Serves HTTP/1.1 on one connection, plain or TLS, until the client closes it.
-async fn serve_connection<S>(stream: S, shared: Arc<Shared>, peer: SocketAddr)
+async fn serve_connection<S>(stream: S, shared: Arc<Shared>, peer: SocketAddr, admitted: Arc<conns::Admitted>)
 where
     S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + Send + 'static,
 {
@@ -358,7 +415,13 @@ where
     let max_header_bytes = shared.max_header_bytes;
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req).await) }
+        // Mid-request until answered: the connection is not idle, so it is shed last.
+        let in_flight = admitted.request();
+        async move {
+            let resp = http::handle(shared, req).await;
+            drop(in_flight);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     // A client that opens a connection and dribbles (or never sends) its request head cannot
     // pin it, and one that sends an endless head cannot make it hold more than the cap: hyper
