@@ -123,7 +123,19 @@ fn authorized(shared: &Shared, req: &hyper::Request<Incoming>) -> bool {
 async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
-        return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+        // Readiness: ok only while the store takes writes, so a balancer or supervisor sees a
+        // full disk instead of a server that refuses every grant.
+        return Ok(match shared.store.health() {
+            crate::store::Health::Up => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            crate::store::Health::Down { since, cause } => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "status": "store_unavailable",
+                    "store": cause,
+                    "down_for_ms": since.elapsed().as_millis() as u64,
+                }),
+            ),
+        });
     }
     if !authorized(shared, &req) {
         return Err(err(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"));
@@ -225,6 +237,8 @@ fn rejected(r: Reject) -> ApiError {
 }
 
 fn unavailable(e: &crate::store::StoreError) -> ApiError {
-    tracing::error!("{e}");
+    // The store logs the failure once, when it happens; a full disk must not also cost a line
+    // per refused request.
+    tracing::debug!("{e}");
     err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
 }

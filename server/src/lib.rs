@@ -207,7 +207,20 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn render_metrics(&self) -> String {
+        let st = self.store.stats();
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+        let up = matches!(self.store.health(), store::Health::Up);
         let gauges = [
+            (
+                "leasehold_store_up",
+                "1 while the store takes writes, 0 while it is being re-opened.",
+                up as u64,
+            ),
+            (
+                "leasehold_store_fence_floor",
+                "Fences of keys without a record (never used, or reclaimed) continue above this.",
+                load(&st.fence_floor),
+            ),
             ("leasehold_connections_open", "Connections being served.", self.conns.open() as u64),
             ("leasehold_connections_max", "The connection cap in force.", self.conns.cap() as u64),
             (
@@ -216,7 +229,18 @@ impl Shared {
                 self.fd_limit.unwrap_or(0),
             ),
         ];
-        self.metrics.render(self.store.commits(), &gauges)
+        let counters = [
+            ("leasehold_commits_total", "Fsynced write transactions (one per group of changes).", load(&st.commits)),
+            (
+                "leasehold_store_failures_total",
+                "Transactions that failed in the store (I/O errors: a full disk, mostly); each closes it until re-opened.",
+                load(&st.failures),
+            ),
+            ("leasehold_store_reopens_total", "Times the store was re-opened after a failure.", load(&st.reopens)),
+            ("leasehold_keys_reclaimed_total", "Records of idle keys deleted.", load(&st.reclaimed)),
+            ("leasehold_store_compactions_total", "Compactions of the store file after reclaiming.", load(&st.compactions)),
+        ];
+        self.metrics.render(&counters, &gauges)
     }
 }
 
@@ -235,7 +259,8 @@ impl Server {
         config.validate()?;
         let fd_limit = conns::raise_fd_limit();
         let clock = Clock(std::time::Instant::now());
-        let (store, writer) = store::Store::open(&config.data_dir, clock, config.limits)?;
+        let (store, writer) =
+            store::Store::open(&config.data_dir, clock, config.limits, config.reclaim_after)?;
         let listener = async_net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: config.listen, source })?;

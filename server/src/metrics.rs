@@ -84,9 +84,9 @@ impl Metrics {
         self.latency_sum_us.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
-    /// The text exposition; `commits` comes from the store's writer, `gauges` (name, help,
-    /// value) from whoever knows the current value.
-    pub(crate) fn render(&self, commits: u64, gauges: &[(&str, &str, u64)]) -> String {
+    /// The text exposition, with `counters` and `gauges` (name, help, value) kept elsewhere
+    /// (by the store, the connection table).
+    pub(crate) fn render(&self, counters: &[(&str, &str, u64)], gauges: &[(&str, &str, u64)]) -> String {
         let mut s = String::new();
         let mut counter = |name: &str, help: &str, v: &AtomicU64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
@@ -111,12 +111,11 @@ impl Metrics {
             "Connections closed to make room at the connection cap or when descriptors ran out.",
             &self.shed,
         );
-        for (name, help, v) in gauges {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        for (kind, list) in [("counter", counters), ("gauge", gauges)] {
+            for (name, help, v) in list {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
         }
-        let name = "leasehold_commits_total";
-        let _ = writeln!(s, "# HELP {name} Fsynced write transactions (one per group of changes).");
-        let _ = writeln!(s, "# TYPE {name} counter\n{name} {commits}");
         let _ = writeln!(s, "# HELP leasehold_errors_total Requests rejected, by error code.");
         let _ = writeln!(s, "# TYPE leasehold_errors_total counter");
         for (code, v) in ERROR_CODES.iter().zip(&self.errors) {
