@@ -23,9 +23,20 @@ pub(crate) struct Args {
     /// Shortest ttl granted.
     #[arg(long, default_value = "10ms", value_parser = crate::duration)]
     min_ttl: Duration,
-    /// Longest ttl granted.
-    #[arg(long, default_value = "1day", value_parser = crate::duration)]
+    /// Longest ttl granted (at most one day). A restart re-arms every stored grant for its
+    /// full ttl, so this also bounds how long a restart can keep an abandoned key locked.
+    #[arg(long, default_value = "5m", value_parser = crate::duration)]
     max_ttl: Duration,
+    /// Most connections served at once; past it the longest-idle connection is closed.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Most bytes of a request head; a longer head is answered 431 and its connection closed.
+    #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES")]
+    max_header_bytes: usize,
+    /// Delete the records of keys free this long (fences stay safe: a reclaimed key's next
+    /// fence is above every fence it had), and compact the store.
+    #[arg(long, default_value = "1h", value_parser = crate::duration)]
+    reclaim_after: Duration,
     /// Serve https with the certificate chain in this PEM file (leaf first).
     #[arg(long, value_name = "PEM", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -43,6 +54,15 @@ pub(crate) fn main(args: Args) -> ExitCode {
     config.token = args.token;
     config.limits =
         Limits { min_ttl: args.min_ttl.into(), max_ttl: args.max_ttl.into(), ..Limits::default() };
+    config.max_connections = args.max_connections;
+    config.max_header_bytes = args.max_header_bytes;
+    config.reclaim_after = Some(args.reclaim_after);
+    // Refused before anything is opened or bound: a server that cannot grant is worse than
+    // none, because it looks alive.
+    if let Err(e) = config.validate() {
+        eprintln!("leasehold serve: {e}");
+        return ExitCode::from(2);
+    }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         match ServerTls::from_pem_files(cert, key, args.client_ca.as_deref()) {
             Ok(tls) => config.tls = Some(tls),

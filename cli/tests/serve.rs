@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -21,7 +21,13 @@ struct Serve {
 
 impl Serve {
     fn start(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
-        let mut child = Command::new(BIN)
+        Serve::start_with(Command::new(BIN), data, extra, env)
+    }
+
+    /// Starts `leasehold serve` through `cmd`: the binary itself, or a shell that `exec`s its
+    /// arguments after changing the process's limits.
+    fn start_with(mut cmd: Command, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Serve {
+        let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(extra)
@@ -69,6 +75,18 @@ fn try_http(
     token: Option<&str>,
     body: &str,
 ) -> Option<(u16, Value)> {
+    let (status, body) = try_http_text(addr, method, path, token, body)?;
+    Some((status, serde_json::from_str(&body).ok()?))
+}
+
+/// [`try_http`] with the body as text.
+fn try_http_text(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
@@ -80,8 +98,7 @@ fn try_http(
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let status = out.get(9..12)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n")?.1;
-    Some((status, serde_json::from_str(body).ok()?))
+    Some((status, out.split_once("\r\n\r\n")?.1.to_string()))
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
@@ -358,4 +375,135 @@ fn a_second_server_on_the_same_store_or_port_is_refused() {
     // The first server is untouched.
     let (st, v) = http(first.addr, "GET", "/v1/leases/k", None, "");
     assert_eq!((st, v["holder"]["fence"].as_u64()), (200, Some(1)), "{v}");
+}
+
+#[test]
+fn configurations_that_cannot_work_exit_2_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flags, says) in [
+        (&["--min-ttl", "10s", "--max-ttl", "1s"][..], "longer than the maximum ttl"),
+        (&["--min-ttl", "0s"][..], "minimum ttl must be greater than zero"),
+        (&["--max-ttl", "1000000years"][..], "longer than 86400s"),
+        (&["--max-ttl", "2days"][..], "longer than 86400s"),
+        (&["--token", ""][..], "token must be non-empty"),
+        (&["--max-connections", "0"][..], "connection cap"),
+    ] {
+        let data = dir.path().join("store");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .args(flags)
+            .env_remove("LEASEHOLD_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run serve");
+        // A server that starts anyway never exits on its own: give it 20 s, then fail.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{flags:?}: serve started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("reap");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {out:?}");
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{flags:?} announced a listener: {out:?}");
+        assert!(!data.exists(), "{flags:?} created the store");
+    }
+}
+
+#[test]
+fn an_idle_connection_flood_past_the_fd_limit_does_not_lock_out_a_working_client() {
+    use std::time::Instant;
+    const FLOOD: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    // Soft limit 64 (the server must raise it), hard limit 400: the flood is past both, so only
+    // the connection cap keeps descriptors free.
+    let mut sh = Command::new("sh");
+    sh.args(["-c", r#"ulimit -S -n 64 && ulimit -H -n 400 && exec "$0" "$@""#, BIN]);
+    let server = Serve::start_with(sh, dir.path(), &["--max-connections", "100"], &[]);
+    let addr = server.addr;
+    let stop = AtomicBool::new(false);
+    let flood_open = AtomicUsize::new(0);
+
+    let (latencies, failures, reconnects) = std::thread::scope(|scope| {
+        // Idle connections that send nothing, reconnected as soon as the server drops them.
+        let flood = scope.spawn(|| {
+            let mut conns: Vec<Option<TcpStream>> = (0..FLOOD).map(|_| None).collect();
+            let mut reconnects = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for slot in conns.iter_mut() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let alive = slot.as_mut().is_some_and(|c| {
+                        matches!(c.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    });
+                    if !alive {
+                        *slot = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok();
+                        if let Some(c) = slot {
+                            let _ = c.set_nonblocking(true);
+                        }
+                        reconnects += 1;
+                    }
+                }
+                flood_open.store(conns.iter().flatten().count(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            reconnects
+        });
+        // Wait for the flood to build up (a server that stops accepting never lets it finish).
+        let building = Instant::now();
+        while flood_open.load(Ordering::Relaxed) < FLOOD / 2 && building.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // One client doing real work: acquire, then release, each on a fresh connection.
+        let (mut latencies, mut failures) = (Vec::new(), Vec::new());
+        for round in 0..40 {
+            if failures.len() >= 3 {
+                break; // Locked out: no need to wait out every timeout.
+            }
+            let started = Instant::now();
+            let acquired = try_http(addr, "POST", "/v1/leases/legit", None, &acquire_body(1));
+            let Some(fence) = acquired.as_ref().and_then(|(_, r)| fence_of(r)) else {
+                failures.push(format!("round {round}: acquire: {acquired:?}"));
+                continue;
+            };
+            let released = try_http(addr, "POST", "/v1/leases/legit", None, &release_body(1, fence));
+            if released.as_ref().map(|(_, r)| &r["reply"]) != Some(&json!("released")) {
+                failures.push(format!("round {round}: release: {released:?}"));
+                continue;
+            }
+            latencies.push(started.elapsed());
+        }
+        stop.store(true, Ordering::Relaxed);
+        (latencies, failures, flood.join().expect("flood thread"))
+    });
+    assert!(failures.is_empty(), "{} rounds failed during the flood: {failures:?}", failures.len());
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    let p = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "acquire+release under a {FLOOD}-connection idle flood ({reconnects} flood connects): \
+         p50 {:?}, p99 {:?}, max {:?}",
+        p(0.5),
+        p(0.99),
+        sorted[sorted.len() - 1]
+    );
+    let (_, metrics) = try_http_text(addr, "GET", "/metrics", None, "").expect("metrics");
+    assert!(
+        metrics.contains("leasehold_open_files_limit 400"),
+        "soft limit not raised to the hard one: {metrics}"
+    );
+    assert!(metrics.contains("leasehold_connections_max 100"), "{metrics}");
+    let shed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("leasehold_connections_shed_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(shed > 0, "the flood was never shed: {metrics}");
 }

@@ -122,7 +122,7 @@ impl Decision {
 pub fn decide(record: &Record, now: Instant, request: &Request, limits: &Limits) -> Decision {
     let mut rec = *record;
     let expired = match rec.holder {
-        Some(h) if now >= h.expires_at => {
+        Some(h) if rec.live_holder(now).is_none() => {
             rec.holder = None;
             rec.expired_at = Some(h.expires_at);
             true
@@ -198,6 +198,25 @@ pub const fn grants_to(holder: Option<OwnerId>, asker: OwnerId) -> bool {
 }
 
 impl Record {
+    /// The record of a key the store has no record of: free, with fences continuing above
+    /// `floor`. An authority that deletes idle records must pass a floor at least as high as
+    /// every fence it ever issued for a deleted key (a store-wide maximum will do), so that a
+    /// key's fences still strictly increase after its record was deleted.
+    pub fn fresh(floor: Fence) -> Record {
+        Record { holder: None, last_fence: floor, expired_at: None }
+    }
+
+    /// The grant in force at `now`: `None` if free or expired.
+    pub fn live_holder(&self, now: Instant) -> Option<Holder> {
+        self.holder.filter(|h| now < h.expires_at)
+    }
+
+    /// Whether the record may be deleted at `now` without losing anything but its fence
+    /// counter, which the caller must fold into the floor it passes to [`Record::fresh`].
+    pub fn reclaimable(&self, now: Instant) -> bool {
+        self.live_holder(now).is_none()
+    }
+
     /// The record as an authority must see it after a restart at `now`: every grant counts as
     /// made just now. The old expiry was on a clock that did not survive the restart, and a
     /// grant acknowledged just before the crash must not be handed to anyone else early. For
@@ -390,6 +409,19 @@ mod tests {
         let rec = Record { holder: None, last_fence: Fence(u64::MAX), expired_at: None };
         let d = decide(&rec, at(0), &req(A, Op::Acquire { ttl: TTL }), &Limits::default());
         assert_eq!(d.reply, Reply::Rejected(Reject::FenceExhausted));
+    }
+
+    #[test]
+    fn a_record_deleted_under_a_floor_continues_above_every_old_fence() {
+        let l = Limits::default();
+        let d = decide(&Record::default(), at(0), &req(A, Op::Acquire { ttl: TTL }), &l);
+        assert!(!d.record.reclaimable(at(5)), "held: never reclaimable");
+        assert!(d.record.reclaimable(at(10)), "expired: reclaimable");
+        let released = decide(&d.record, at(1), &req(A, Op::Release { fence: Fence(1) }), &l).record;
+        assert!(released.reclaimable(at(1)));
+        // The key's record is deleted; the floor keeps its counter.
+        let next = decide(&Record::fresh(released.last_fence), at(2), &req(B, Op::Acquire { ttl: TTL }), &l);
+        assert_eq!(next.reply, Reply::Granted { fence: Fence(2), ttl: TTL });
     }
 
     #[test]

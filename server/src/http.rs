@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Response, StatusCode};
 use leasehold_core::authority::Record;
 use leasehold_core::{parse_key, Reject, Reply, Request};
@@ -17,21 +18,35 @@ pub const MAX_BODY: usize = 16 * 1024;
 
 pub(crate) type Body = Full<Bytes>;
 
-pub(crate) async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(shared: Arc<Shared>, mut req: hyper::Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let is_post = req.method() == Method::POST;
-    let resp = match route(&shared, req).await {
+    // Set by `read_request` once the whole body has been read. A reply sent before then
+    // (invalid_key, 405, 401, body_too_large, a body that timed out) leaves unread bytes that
+    // hyper cannot skip, so it must close the connection; say so, or the client's next request
+    // on it meets a broken pipe.
+    let body_read = BodyRead::default();
+    let has_body = !req.body().is_end_stream();
+    req.extensions_mut().insert(body_read.clone());
+    let mut resp = match route(&shared, req).await {
         Ok(r) => r,
         Err(e) => {
             shared.metrics.error(e.code);
             json(e.status, &ErrorBody { error: e.code, message: &e.message })
         }
     };
+    if has_body && !body_read.0.load(std::sync::atomic::Ordering::Relaxed) {
+        resp.headers_mut().insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    }
     if is_post {
         shared.metrics.latency(started.elapsed());
     }
     resp
 }
+
+/// Whether a request's body was read to its end (see [`handle`]).
+#[derive(Clone, Default)]
+struct BodyRead(Arc<std::sync::atomic::AtomicBool>);
 
 struct ApiError {
     status: StatusCode,
@@ -108,7 +123,19 @@ fn authorized(shared: &Shared, req: &hyper::Request<Incoming>) -> bool {
 async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
-        return Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+        // Readiness: ok only while the store takes writes, so a balancer or supervisor sees a
+        // full disk instead of a server that refuses every grant.
+        return Ok(match shared.store.health() {
+            crate::store::Health::Up => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            crate::store::Health::Down { since, cause } => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "status": "store_unavailable",
+                    "store": cause,
+                    "down_for_ms": since.elapsed().as_millis() as u64,
+                }),
+            ),
+        });
     }
     if !authorized(shared, &req) {
         return Err(err(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"));
@@ -122,7 +149,7 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
     };
     match path.as_str() {
         "/metrics" if req.method() == Method::GET => {
-            let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render(shared.store.commits()))));
+            let mut r = Response::new(Full::new(Bytes::from(shared.render_metrics())));
             r.headers_mut()
                 .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
             return Ok(r);
@@ -231,6 +258,7 @@ async fn read_request(
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
+    let body_read = req.extensions().get::<BodyRead>().cloned();
     let collect = async {
         Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
@@ -247,6 +275,9 @@ async fn read_request(
         Err(err(StatusCode::BAD_REQUEST, "malformed_json", format!("body not received within {timeout:?}")))
     };
     let body = futures_lite::future::or(collect, deadline).await?;
+    if let Some(BodyRead(flag)) = body_read {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     serde_json::from_slice::<Request>(&body.to_bytes())
         .map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("not a lease request: {e}")))
 }
@@ -264,6 +295,8 @@ fn rejected(r: Reject) -> ApiError {
 }
 
 fn unavailable(e: &crate::store::StoreError) -> ApiError {
-    tracing::error!("{e}");
+    // The store logs the failure once, when it happens; a full disk must not also cost a line
+    // per refused request.
+    tracing::debug!("{e}");
     err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
 }

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod conns;
 mod http;
 mod metrics;
 mod store;
@@ -18,6 +19,20 @@ pub use store::StoreError;
 #[cfg(feature = "tls")]
 pub use tls::ServerTls;
 
+/// The longest ttl a server may be configured to grant (one day, the lease machine's own
+/// bound). Past it a crashed holder, or a restart (which re-arms every grant for its full
+/// ttl), locks a key for longer than anyone would want.
+pub const TTL_CEILING: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+/// The longest ttl granted unless configured otherwise: five minutes. A restart re-arms every
+/// stored grant for its full ttl, including grants that had already expired before the crash
+/// (the server cannot know how long it was down), so this is also how long a restart can keep
+/// an abandoned key locked.
+pub const DEFAULT_MAX_TTL: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// hyper refuses read buffers smaller than this (it panics), so neither may the header cap be.
+pub const MIN_HEADER_BYTES: usize = 8 * 1024;
+
 /// How to run a server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -27,12 +42,25 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// When set, every request but `/healthz` needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
-    /// The ttls granted.
+    /// The ttls granted: 10 ms to [`DEFAULT_MAX_TTL`] by default, at most [`TTL_CEILING`].
     pub limits: Limits,
     /// How long a client may take to send a request's head, and then its body; a connection
     /// that stalls longer is closed (head) or answered `malformed_json` (body). 30 s by default.
     /// It bounds the TLS handshake too.
     pub request_timeout: std::time::Duration,
+    /// Most bytes a request head (request line and headers) may take; a connection that sends
+    /// more before finishing its head is answered 431 and closed. 16 KiB by default, at least
+    /// [`MIN_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// Most connections served at once (1024 by default, and never more than the file
+    /// descriptor limit allows). A connection past the cap sheds the one that has been idle the
+    /// longest, or, if every connection is mid-request, the oldest.
+    pub max_connections: usize,
+    /// Records of keys that stayed free (released or expired, never re-acquired) this long are
+    /// deleted, and the store compacted; the store-wide fence floor keeps a reclaimed key's
+    /// next fence above every fence it had. `None` keeps every record forever. One hour by
+    /// default.
+    pub reclaim_after: Option<std::time::Duration>,
     /// Serve https instead of http.
     #[cfg(feature = "tls")]
     pub tls: Option<ServerTls>,
@@ -45,12 +73,105 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             listen,
             token: None,
-            limits: Limits::default(),
+            limits: Limits { max_ttl: DEFAULT_MAX_TTL.into(), ..Limits::default() },
             request_timeout: std::time::Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+            max_connections: 1024,
+            reclaim_after: Some(std::time::Duration::from_secs(60 * 60)),
             #[cfg(feature = "tls")]
             tls: None,
         }
     }
+
+    /// Refuses settings with which the server could not do its job: ttl limits that admit no
+    /// ttl, ttl 0, ttls past [`TTL_CEILING`] (a ttl near `u64::MAX` µs never expires, as the
+    /// clock arithmetic saturates), a token no client can send, zero caps or timeouts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let micros = |d: leasehold_core::Duration| std::time::Duration::from_micros(d.as_micros());
+        let (min, max) = (micros(self.limits.min_ttl), micros(self.limits.max_ttl));
+        if min.is_zero() {
+            return Err(ConfigError::ZeroMinTtl);
+        }
+        if max > TTL_CEILING {
+            return Err(ConfigError::MaxTtlTooLong { max, ceiling: TTL_CEILING });
+        }
+        if min > max {
+            return Err(ConfigError::MinAboveMax { min, max });
+        }
+        if let Some(token) = &self.token {
+            // Bearer tokens are visible ASCII; anything else can never arrive in a header.
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::BadToken);
+            }
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::Zero("request timeout"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Zero("connection cap"));
+        }
+        if self.reclaim_after.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::Zero("reclaim interval"));
+        }
+        // A reclaimed record forgets when its holder expired, and with it a lock-delay still
+        // running.
+        let lock_delay: std::time::Duration = self.limits.lock_delay.into();
+        if let Some(reclaim_after) = self.reclaim_after.filter(|d| *d < lock_delay) {
+            return Err(ConfigError::ReclaimBeforeLockDelay { reclaim_after, lock_delay });
+        }
+        if self.max_header_bytes < MIN_HEADER_BYTES {
+            return Err(ConfigError::HeaderCapTooSmall { bytes: self.max_header_bytes });
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`ServerConfig`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A minimum ttl of zero would grant leases that expire as they are granted.
+    #[error("the minimum ttl must be greater than zero")]
+    ZeroMinTtl,
+    /// No ttl would be accepted.
+    #[error(
+        "the minimum ttl ({min:?}) is longer than the maximum ttl ({max:?}): every request would be refused"
+    )]
+    MinAboveMax {
+        /// The minimum.
+        min: std::time::Duration,
+        /// The maximum.
+        max: std::time::Duration,
+    },
+    /// The maximum ttl is past [`TTL_CEILING`].
+    #[error("the maximum ttl ({max:?}) is longer than {ceiling:?}, the longest a server grants")]
+    MaxTtlTooLong {
+        /// The maximum asked for.
+        max: std::time::Duration,
+        /// [`TTL_CEILING`].
+        ceiling: std::time::Duration,
+    },
+    /// The token is empty or has characters a header cannot carry: every request would be
+    /// refused.
+    #[error("the token must be non-empty visible ASCII (no spaces or control characters)")]
+    BadToken,
+    /// A cap or timeout is zero.
+    #[error("the {0} must be greater than zero")]
+    Zero(&'static str),
+    /// Idle records would be reclaimed while a lock-delay still keeps their key.
+    #[error("the reclaim interval ({reclaim_after:?}) must be at least the lock-delay ({lock_delay:?})")]
+    ReclaimBeforeLockDelay {
+        /// How long a key stays free before its record is reclaimed.
+        reclaim_after: std::time::Duration,
+        /// The lock-delay after an expiry.
+        lock_delay: std::time::Duration,
+    },
+    /// The header cap is below what hyper can work with.
+    #[error("the header cap ({bytes} bytes) must be at least {MIN_HEADER_BYTES} bytes")]
+    HeaderCapTooSmall {
+        /// The cap asked for.
+        bytes: usize,
+    },
 }
 
 /// Why a server could not start.
@@ -67,6 +188,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The configuration cannot work.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
     /// The TLS certificate, key or client CA cannot be used.
     #[error("TLS: {0}")]
     Tls(String),
@@ -88,7 +212,50 @@ pub(crate) struct Shared {
     clock: Clock,
     token: Option<String>,
     request_timeout: std::time::Duration,
+    max_header_bytes: usize,
+    conns: Arc<conns::Conns>,
+    /// The soft `RLIMIT_NOFILE` after raising it; for `/metrics`.
+    fd_limit: Option<u64>,
     metrics: metrics::Metrics,
+}
+
+impl Shared {
+    fn render_metrics(&self) -> String {
+        let st = self.store.stats();
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+        let up = matches!(self.store.health(), store::Health::Up);
+        let gauges = [
+            (
+                "leasehold_store_up",
+                "1 while the store takes writes, 0 while it is being re-opened.",
+                up as u64,
+            ),
+            (
+                "leasehold_store_fence_floor",
+                "Fences of keys without a record (never used, or reclaimed) continue above this.",
+                load(&st.fence_floor),
+            ),
+            ("leasehold_connections_open", "Connections being served.", self.conns.open() as u64),
+            ("leasehold_connections_max", "The connection cap in force.", self.conns.cap() as u64),
+            (
+                "leasehold_open_files_limit",
+                "The soft RLIMIT_NOFILE after raising it to the hard limit (0: unlimited or unknown).",
+                self.fd_limit.unwrap_or(0),
+            ),
+        ];
+        let counters = [
+            ("leasehold_commits_total", "Fsynced write transactions (one per group of changes).", load(&st.commits)),
+            (
+                "leasehold_store_failures_total",
+                "Transactions that failed in the store (I/O errors: a full disk, mostly); each closes it until re-opened.",
+                load(&st.failures),
+            ),
+            ("leasehold_store_reopens_total", "Times the store was re-opened after a failure.", load(&st.reopens)),
+            ("leasehold_keys_reclaimed_total", "Records of idle keys deleted.", load(&st.reclaimed)),
+            ("leasehold_store_compactions_total", "Compactions of the store file after reclaiming.", load(&st.compactions)),
+        ];
+        self.metrics.render(&counters, &gauges)
+    }
 }
 
 /// A bound, recovered server, ready to [`run`](Server::run).
@@ -103,8 +270,11 @@ pub struct Server {
 impl Server {
     /// Opens the store (re-arming every stored grant from now) and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        config.validate()?;
+        let fd_limit = conns::raise_fd_limit();
         let clock = Clock(std::time::Instant::now());
-        let (store, writer) = store::Store::open(&config.data_dir, clock, config.limits)?;
+        let (store, writer) =
+            store::Store::open(&config.data_dir, clock, config.limits, config.reclaim_after)?;
         let listener = async_net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
@@ -113,6 +283,9 @@ impl Server {
             clock,
             token: config.token,
             request_timeout: config.request_timeout,
+            max_header_bytes: config.max_header_bytes,
+            conns: Arc::new(conns::Conns::new(conns::effective_cap(config.max_connections, fd_limit))),
+            fd_limit,
             metrics: Default::default(),
         });
         Ok(Server {
@@ -153,41 +326,52 @@ impl Server {
         let ex = smol::LocalExecutor::new();
         ex.spawn(writer).detach();
         ex.run(async {
+            let mut backoff = conns::AcceptBackoff::default();
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(s) => s,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        async_io::Timer::after(std::time::Duration::from_millis(50)).await;
+                        shared.metrics.accept_error();
+                        // Out of descriptors: closing the longest-idle connection frees one for
+                        // a client that has work to do.
+                        if conns::out_of_descriptors(&e) && shared.conns.shed_idle() {
+                            shared.metrics.shed();
+                        }
+                        async_io::Timer::after(backoff.failed(&e)).await;
                         continue;
                     }
                 };
+                backoff.succeeded();
                 let _ = stream.set_nodelay(true);
+                let (admitted, shed) = shared.conns.admit();
+                if shed {
+                    shared.metrics.shed();
+                }
                 let shared = shared.clone();
                 #[cfg(feature = "tls")]
-                if let Some(tls) = &tls {
-                    let acceptor = tls.acceptor.clone();
-                    ex.spawn(async move {
-                        // A client that never finishes its handshake cannot pin a connection.
-                        let timeout = shared.request_timeout;
-                        let handshake =
-                            futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
-                                async_io::Timer::after(timeout).await;
-                                None
-                            });
-                        let why = match handshake.await {
-                            Some(Ok(stream)) => return serve_connection(stream, shared, peer).await,
-                            Some(Err(e)) => e.to_string(),
-                            None => "timed out".to_string(),
-                        };
-                        shared.metrics.tls_failure();
-                        tracing::debug!("TLS handshake with {peer} failed: {why}");
-                    })
-                    .detach();
-                    continue;
-                }
-                ex.spawn(serve_connection(stream, shared, peer)).detach();
+                let tls = tls.as_ref().map(|t| t.acceptor.clone());
+                ex.spawn(async move {
+                    let admitted = Arc::new(admitted);
+                    let closed = admitted.shed.clone();
+                    // Shed: the connection (and its stream) is dropped wherever it was.
+                    let shed = async {
+                        let _ = closed.recv().await;
+                        tracing::debug!("connection from {peer} shed at the connection cap");
+                    };
+                    #[cfg(feature = "tls")]
+                    if let Some(acceptor) = tls {
+                        return futures_lite::future::or(
+                            tls_connection(acceptor, stream, shared, peer, admitted),
+                            shed,
+                        )
+                        .await;
+                    }
+                    futures_lite::future::or(serve_connection(stream, shared, peer, admitted), shed).await
+                })
+                .detach();
+                // A full backlog must not keep the accept loop from letting admitted connections
+                // read their requests (accept is ready without waiting while it is non-empty).
+                futures_lite::future::yield_now().await;
             }
         })
         .await
@@ -237,25 +421,134 @@ impl Drop for RunningServer {
     }
 }
 
+/// Finishes a TLS handshake (within `request_timeout`), then serves the connection.
+#[cfg(feature = "tls")]
+async fn tls_connection(
+    acceptor: futures_rustls::TlsAcceptor,
+    stream: async_net::TcpStream,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    admitted: Arc<conns::Admitted>,
+) {
+    // A client that never finishes its handshake cannot pin a connection.
+    let timeout = shared.request_timeout;
+    let handshake = futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+        async_io::Timer::after(timeout).await;
+        None
+    });
+    let why = match handshake.await {
+        Some(Ok(stream)) => return serve_connection(stream, shared, peer, admitted).await,
+        Some(Err(e)) => e.to_string(),
+        None => "timed out".to_string(),
+    };
+    shared.metrics.tls_failure();
+    tracing::debug!("TLS handshake with {peer} failed: {why}");
+}
+
 /// Serves HTTP/1.1 on one connection, plain or TLS, until the client closes it.
-async fn serve_connection<S>(stream: S, shared: Arc<Shared>, peer: SocketAddr)
+async fn serve_connection<S>(stream: S, shared: Arc<Shared>, peer: SocketAddr, admitted: Arc<conns::Admitted>)
 where
     S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + Send + 'static,
 {
     let head_timeout = shared.request_timeout;
+    let max_header_bytes = shared.max_header_bytes;
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req).await) }
+        // Mid-request until answered: the connection is not idle, so it is shed last.
+        let in_flight = admitted.request();
+        async move {
+            let resp = http::handle(shared, req).await;
+            drop(in_flight);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     // A client that opens a connection and dribbles (or never sends) its request head cannot
-    // pin it.
+    // pin it, and one that sends an endless head cannot make it hold more than the cap: hyper
+    // answers 431 and closes once its read buffer (which holds the head) is full. The body is
+    // streamed through that buffer too, so the cap bounds it per read, not per request.
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .timer(smol_hyper::rt::SmolTimer::new())
         .header_read_timeout(head_timeout)
+        .max_buf_size(max_header_bytes)
         .keep_alive(true)
         .serve_connection(FuturesIo::new(stream), service)
         .await
     {
         tracing::debug!("connection from {peer}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_core::Duration;
+
+    fn config() -> ServerConfig {
+        ServerConfig::new("/nonexistent", "127.0.0.1:0".parse().unwrap())
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_bound_the_ttl_to_minutes() {
+        let c = config();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.limits.max_ttl, DEFAULT_MAX_TTL.into());
+    }
+
+    #[test]
+    fn configurations_that_cannot_work_are_refused() {
+        let with = |f: &dyn Fn(&mut ServerConfig)| {
+            let mut c = config();
+            f(&mut c);
+            c.validate()
+        };
+        let s = std::time::Duration::from_secs;
+        assert_eq!(
+            with(&|c| c.limits = Limits {
+                min_ttl: Duration::from_secs(10),
+                max_ttl: Duration::from_secs(1),
+                ..Limits::default()
+            }),
+            Err(ConfigError::MinAboveMax { min: s(10), max: s(1) })
+        );
+        assert_eq!(with(&|c| c.limits.min_ttl = Duration::ZERO), Err(ConfigError::ZeroMinTtl));
+        assert_eq!(
+            with(&|c| c.limits.max_ttl = Duration::MAX),
+            Err(ConfigError::MaxTtlTooLong {
+                max: std::time::Duration::from_micros(u64::MAX),
+                ceiling: TTL_CEILING
+            })
+        );
+        assert_eq!(with(&|c| c.limits.max_ttl = TTL_CEILING.into()), Ok(()), "the ceiling itself is allowed");
+        assert_eq!(with(&|c| c.token = Some(String::new())), Err(ConfigError::BadToken));
+        assert_eq!(with(&|c| c.token = Some("two words".into())), Err(ConfigError::BadToken));
+        assert_eq!(with(&|c| c.token = Some("s3cret".into())), Ok(()));
+        assert_eq!(with(&|c| c.max_connections = 0), Err(ConfigError::Zero("connection cap")));
+        assert_eq!(
+            with(&|c| c.request_timeout = std::time::Duration::ZERO),
+            Err(ConfigError::Zero("request timeout"))
+        );
+        assert_eq!(
+            with(&|c| c.reclaim_after = Some(std::time::Duration::ZERO)),
+            Err(ConfigError::Zero("reclaim interval"))
+        );
+        assert_eq!(with(&|c| c.max_header_bytes = 100), Err(ConfigError::HeaderCapTooSmall { bytes: 100 }));
+        let hours = |h: u64| std::time::Duration::from_secs(h * 3600);
+        assert_eq!(
+            with(&|c| {
+                c.limits.lock_delay = hours(2).into();
+                c.reclaim_after = Some(hours(1));
+            }),
+            Err(ConfigError::ReclaimBeforeLockDelay { reclaim_after: hours(1), lock_delay: hours(2) })
+        );
+    }
+
+    #[test]
+    fn bind_refuses_an_invalid_config_before_touching_the_store() {
+        let dir = std::env::temp_dir().join(format!("leasehold-invalid-{}", std::process::id()));
+        let mut c = ServerConfig::new(&dir, "127.0.0.1:0".parse().unwrap());
+        c.token = Some(String::new());
+        let e = smol::block_on(Server::bind(c)).err().expect("refused");
+        assert!(matches!(e, ServerError::Config(ConfigError::BadToken)), "{e}");
+        assert!(!dir.exists(), "the store was created for a config that cannot work");
     }
 }

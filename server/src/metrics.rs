@@ -30,6 +30,8 @@ pub(crate) struct Metrics {
     expiries: AtomicU64,
     refusals: AtomicU64,
     tls_failures: AtomicU64,
+    accept_errors: AtomicU64,
+    shed: AtomicU64,
     errors: [AtomicU64; ERROR_CODES.len()],
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -57,6 +59,14 @@ impl Metrics {
         self.tls_failures.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn accept_error(&self) {
+        self.accept_errors.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn shed(&self) {
+        self.shed.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn error(&self, code: &str) {
         if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
             self.errors[i].fetch_add(1, Relaxed);
@@ -74,8 +84,9 @@ impl Metrics {
         self.latency_sum_us.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
-    /// The text exposition; `commits` comes from the store's writer.
-    pub(crate) fn render(&self, commits: u64) -> String {
+    /// The text exposition, with `counters` and `gauges` (name, help, value) kept elsewhere
+    /// (by the store, the connection table).
+    pub(crate) fn render(&self, counters: &[(&str, &str, u64)], gauges: &[(&str, &str, u64)]) -> String {
         let mut s = String::new();
         let mut counter = |name: &str, help: &str, v: &AtomicU64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
@@ -90,9 +101,21 @@ impl Metrics {
             "TLS handshakes that failed or timed out (untrusted client, plain http, port scans).",
             &self.tls_failures,
         );
-        let name = "leasehold_commits_total";
-        let _ = writeln!(s, "# HELP {name} Fsynced write transactions (one per group of changes).");
-        let _ = writeln!(s, "# TYPE {name} counter\n{name} {commits}");
+        counter(
+            "leasehold_accept_errors_total",
+            "Failed accepts (out of file descriptors, mostly); each is followed by a pause.",
+            &self.accept_errors,
+        );
+        counter(
+            "leasehold_connections_shed_total",
+            "Connections closed to make room at the connection cap or when descriptors ran out.",
+            &self.shed,
+        );
+        for (kind, list) in [("counter", counters), ("gauge", gauges)] {
+            for (name, help, v) in list {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+        }
         let _ = writeln!(s, "# HELP leasehold_errors_total Requests rejected, by error code.");
         let _ = writeln!(s, "# TYPE leasehold_errors_total counter");
         for (code, v) in ERROR_CODES.iter().zip(&self.errors) {

@@ -56,7 +56,14 @@ fn acquire(owner: u64, ttl: u64) -> Value {
 }
 
 fn server(dir: &std::path::Path) -> RunningServer {
-    Server::spawn(ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap())).expect("server starts")
+    server_with(dir, |_| {})
+}
+
+/// A server on `dir` with the default config as changed by `tune`.
+fn server_with(dir: &std::path::Path, tune: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    let mut c = ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap());
+    tune(&mut c);
+    Server::spawn(c).expect("server starts")
 }
 
 const TTL: u64 = 10_000_000;
@@ -182,9 +189,7 @@ fn the_list_is_filtered_by_holding_and_prefix_on_the_server() {
 #[test]
 fn bearer_token_is_required_when_set() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
-    c.token = Some("s3cret".into());
-    let s = Server::spawn(c).unwrap();
+    let s = server_with(dir.path(), |c| c.token = Some("s3cret".into()));
     let a = s.addr();
     let body = acquire(1, TTL).to_string();
     let none = request(a, "POST", "/v1/leases/k", None, body.as_bytes());
@@ -259,9 +264,7 @@ fn concurrent_clients_get_strictly_increasing_fences() {
 fn stalled_clients_are_cut_off_and_others_keep_being_served() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
-    let mut c = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
-    c.request_timeout = Duration::from_millis(300);
-    let s = Server::spawn(c).unwrap();
+    let s = server_with(dir.path(), |c| c.request_timeout = Duration::from_millis(300));
     let a = s.addr();
 
     // Half a head, then silence: the connection is closed.
@@ -283,4 +286,368 @@ fn stalled_clients_are_cut_off_and_others_keep_being_served() {
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("malformed_json") && out.contains("not received"), "{out}");
     assert_eq!(get(a, "/v1/leases/k").json()["holder"]["fence"], json!(1), "nothing else changed");
+}
+
+/// Reads one HTTP/1.1 response (head and a `Content-Length` body); `None` when the connection
+/// ended first. Header names are lowercased.
+fn read_response(s: &mut TcpStream) -> Option<(u16, String, String)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let status = head.get(9..12)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((status, head, String::from_utf8_lossy(&body).to_string()))
+}
+
+#[test]
+fn a_reply_sent_before_the_body_is_read_says_connection_close_or_keeps_serving() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let a = s.addr();
+    let body = acquire(1, TTL).to_string();
+    let keep_alive = |method: &str, path: &str, body: &str| {
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    };
+    let cases = [
+        ("invalid_key with a body", keep_alive("POST", "/v1/leases/bad%20key", &body), 400, false),
+        ("405 with a body", keep_alive("POST", "/metrics", &body), 405, false),
+        ("404 with a body", keep_alive("POST", "/nowhere", &body), 404, false),
+        // Read to its end: the connection stays usable without being closed.
+        ("malformed_json", keep_alive("POST", "/v1/leases/k", "{nope}"), 400, true),
+        ("granted", keep_alive("POST", "/v1/leases/k", &body), 200, true),
+    ];
+    for (what, first, status, stays_open) in cases {
+        let mut c = TcpStream::connect(a).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(first.as_bytes()).unwrap();
+        let (st, head, reply) = read_response(&mut c).unwrap_or_else(|| panic!("{what}: no reply"));
+        assert_eq!(st, status, "{what}: {reply}");
+        let says_close = head.contains("connection: close");
+        assert_eq!(says_close, !stays_open, "{what}: {head}");
+        if says_close {
+            // The server meant it: the connection ends after the reply.
+            assert_eq!(c.read(&mut [0u8; 16]).unwrap_or(0), 0, "{what}: open after Connection: close");
+            continue;
+        }
+        // Not announced as closing, so the next request on it must be answered.
+        let second = keep_alive("GET", "/healthz", "");
+        let sent = c.write_all(second.as_bytes());
+        let answer = sent.ok().and_then(|()| read_response(&mut c));
+        assert_eq!(answer.map(|r| r.0), Some(200), "{what}: second request on the connection failed");
+    }
+}
+
+#[test]
+fn endless_request_heads_are_cut_off_at_the_header_cap() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough that only the byte cap, not the head timeout, can end these connections.
+    let s = server_with(dir.path(), |c| c.request_timeout = Duration::from_secs(120));
+    let a = s.addr();
+    let started = Instant::now();
+    let outcomes: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..40)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut c = TcpStream::connect(a).map_err(|e| e.to_string())?;
+                    c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let _ = c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: ");
+                    // 300 KB of one header that never ends. Being cut off mid-way is the point.
+                    for _ in 0..300 {
+                        if c.write_all(&[b'a'; 1000]).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    let mut out = Vec::new();
+                    match c.read_to_end(&mut out) {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                        Err(e) => Err(format!("still open after 300 KB of head: {e}")),
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let open: Vec<_> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(open.is_empty(), "{} of 40 connections kept: {:?}", open.len(), open.first());
+    println!("40 endless heads cut off after {:?}", started.elapsed());
+    assert_eq!(post(a, "k", acquire(1, TTL)).status, 200, "served after the flood");
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    assert_eq!(raw(a, &big, b"").status, 431, "a finished head over the cap is refused with 431");
+}
+
+/// Sets the flag when dropped, also while unwinding.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A tmpfs of `size` mounted on a temp dir of its own, unmounted on drop. Needs root (CI runs
+/// as root); without it the test fails saying so rather than passing untested.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a {size} tmpfs on {} (this test needs root): {}",
+            dir.path().display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Polls `f` every 20 ms until it yields `Some`, for at most `secs` seconds.
+fn within<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: not within {secs} s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let text = get(addr, "/metrics").body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[test]
+fn a_full_disk_answers_unavailable_then_recovers_without_restart_keeping_every_grant() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    const LONG: u64 = 120_000_000;
+    let fs = Tmpfs::mount("2m");
+    let data = fs.path().join("store");
+    let s = server_with(&data, |c| c.reclaim_after = None);
+    let a = s.addr();
+    let (stop, refused) = (AtomicBool::new(false), AtomicU64::new(0));
+
+    // Four clients take fresh keys (each grows the store) and keep them; one cycles a shared key.
+    // Each remembers only what was acknowledged, and any answer that is neither 200 nor a typed
+    // 503.
+    let filler = fs.path().join("filler");
+    let (held, shared, wrong, recovery) = std::thread::scope(|scope| {
+        // A failed assertion below must still stop the clients, or the scope never ends.
+        let _stop = StopOnDrop(&stop);
+        let loaders: Vec<_> = (1..=4u64)
+            .map(|owner| {
+                let (stop, refused) = (&stop, &refused);
+                scope.spawn(move || {
+                    let (mut held, mut shared, mut wrong) = (Vec::new(), Vec::new(), Vec::new());
+                    for i in 0.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let key = format!("c{owner}-{i}");
+                        let (r, shared_key) = if i % 4 == 0 {
+                            (post(a, "shared", acquire(owner, LONG)), true)
+                        } else {
+                            (post(a, &key, acquire(owner, LONG)), false)
+                        };
+                        match (r.status, r.json()["reply"]["granted"]["fence"].as_u64()) {
+                            (200, Some(f)) if shared_key => {
+                                shared.push(f);
+                                let rel = json!({"id": 2, "owner": owner, "op": {"release": {"fence": f}}});
+                                let _ = post(a, "shared", rel);
+                            }
+                            (200, Some(f)) => held.push((key, f)),
+                            (200, None) if shared_key => {} // busy
+                            (503, _) if r.error_code() == "unavailable" => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            _ => wrong.push(format!("{} {}", r.status, r.body)),
+                        }
+                    }
+                    (held, shared, wrong)
+                })
+            })
+            .collect();
+        within(20, "grants before the disk fills", || {
+            (metric(a, "leasehold_commits_total") > 20).then_some(())
+        });
+        // Fill the file system while the clients keep going.
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while std::io::Write::write_all(&mut f, &[0u8; 16 * 1024]).is_ok() {}
+        drop(f);
+        within(30, "a refusal while the disk is full", || {
+            (refused.load(Ordering::Relaxed) > 0).then_some(())
+        });
+        // The store is re-opened now and then to see whether space returned, and a probe may
+        // fit where batches do not: /healthz need not say 503 every time, but must say it.
+        let health = within(10, "/healthz saying the disk is full", || {
+            let h = get(a, "/healthz");
+            (h.status == 503).then_some(h)
+        });
+        assert!(health.body.contains("No space left"), "{}", health.body);
+        assert!(metric(a, "leasehold_store_failures_total") >= 1);
+        std::thread::sleep(Duration::from_millis(300));
+
+        std::fs::remove_file(&filler).unwrap();
+        let freed = Instant::now();
+        within(30, "serving again after space returned", || {
+            (post(a, "after", acquire(99, LONG)).status == 200).then_some(())
+        });
+        let recovery = freed.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let mut out = (Vec::new(), Vec::new(), Vec::new());
+        for l in loaders {
+            let (h, sh, w) = l.join().unwrap();
+            out.0.extend(h);
+            out.1.extend(sh);
+            out.2.extend(w);
+        }
+        (out.0, out.1, out.2, recovery)
+    });
+    println!(
+        "disk full: {} grants acknowledged, {} requests refused with 503 unavailable; \
+         serving again {recovery:?} after space was freed",
+        held.len(),
+        refused.load(Ordering::Relaxed)
+    );
+    assert!(wrong.is_empty(), "answers that are neither a grant nor a typed 503: {wrong:?}");
+    assert_eq!(get(a, "/healthz").status, 200, "healthy again");
+    assert!(metric(a, "leasehold_store_reopens_total") >= 1);
+
+    // Every acknowledged grant is still held under its fence, before and after a restart, and
+    // the shared key's fences were never issued twice and keep increasing.
+    let check = |a: SocketAddr| {
+        for (key, fence) in &held {
+            let v = get(a, &format!("/v1/leases/{key}")).json();
+            assert_eq!(v["holder"]["fence"], json!(fence), "acknowledged grant of {key} lost: {v}");
+        }
+    };
+    check(a);
+    let mut unique = shared.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), shared.len(), "a shared fence was granted twice: {shared:?}");
+    drop(s);
+    let s = server_with(&data, |c| c.reclaim_after = None);
+    check(s.addr());
+    let v = get(s.addr(), "/v1/leases/shared").json();
+    if let (Some(o), Some(f)) = (v["holder"]["owner"].as_u64(), v["holder"]["fence"].as_u64()) {
+        let rel = json!({"id": 2, "owner": o, "op": {"release": {"fence": f}}});
+        assert_eq!(post(s.addr(), "shared", rel).json()["reply"], json!("released"));
+    }
+    let next = post(s.addr(), "shared", acquire(1000, LONG)).json()["reply"]["granted"]["fence"].as_u64();
+    assert!(next > unique.last().copied(), "fence {next:?} after {:?}", unique.last());
+    drop(s);
+}
+
+#[test]
+fn idle_keys_are_reclaimed_and_their_fences_continue_above_the_floor_across_restarts() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let reclaiming = |c: &mut ServerConfig| c.reclaim_after = Some(Duration::from_millis(200));
+    let s = server_with(dir.path(), reclaiming);
+    let a = s.addr();
+    let cycle = |a: SocketAddr, key: &str, times: u64| -> u64 {
+        let mut fence = 0;
+        for owner in 1..=times {
+            fence = post(a, key, acquire(owner, TTL)).json()["reply"]["granted"]["fence"]
+                .as_u64()
+                .expect("granted");
+            let rel = json!({"id": 2, "owner": owner, "op": {"release": {"fence": fence}}});
+            assert_eq!(post(a, key, rel).json()["reply"], json!("released"));
+        }
+        fence
+    };
+    let (fence_a, fence_b) = (cycle(a, "a", 3), cycle(a, "b", 5));
+    assert_eq!(post(a, "held", acquire(1, 120_000_000)).status, 200);
+    assert_eq!(post(a, "expiring", acquire(1, 20_000)).status, 200, "20 ms, then free");
+    // Enough idle records that deleting them must show in the file.
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            scope.spawn(move || {
+                for i in 0..100 {
+                    cycle(a, &format!("bulk-{t}-{i}"), 1);
+                }
+            });
+        }
+    });
+    let file = dir.path().join("leases.redb");
+    let before = std::fs::metadata(&file).unwrap().len();
+
+    within(30, "idle keys reclaimed", || (get(a, "/v1/leases/bulk-3-99").status == 404).then_some(()));
+    for key in ["a", "b", "expiring", "bulk-0-0"] {
+        assert_eq!(get(a, &format!("/v1/leases/{key}")).error_code(), "unknown_key", "{key} not reclaimed");
+    }
+    assert_eq!(
+        get(a, "/v1/leases/held").json()["holder"]["fence"],
+        json!(1),
+        "a held key is never reclaimed"
+    );
+    assert!(metric(a, "leasehold_keys_reclaimed_total") >= 403);
+    assert!(metric(a, "leasehold_store_compactions_total") >= 1);
+    let floor = metric(a, "leasehold_store_fence_floor");
+    assert!(floor >= fence_b, "floor {floor} below a reclaimed key's fence {fence_b}");
+    let after = std::fs::metadata(&file).unwrap().len();
+    println!("store file {before} B with 403 idle keys, {after} B after reclaiming and compacting");
+    assert!(after < before, "compaction did not shrink the file: {before} -> {after}");
+
+    // A reclaimed key's next fence is above every fence it had, and so after a restart.
+    let granted =
+        |a: SocketAddr, key: &str| post(a, key, acquire(9, TTL)).json()["reply"]["granted"]["fence"].as_u64();
+    let new_a = granted(a, "a").expect("a granted");
+    assert!(new_a > floor && new_a > fence_a, "a's fence {new_a} after {fence_a} (floor {floor})");
+    drop(s);
+    let s = server_with(dir.path(), reclaiming);
+    let new_b = granted(s.addr(), "b").expect("b granted");
+    assert!(
+        new_b > floor && new_b > fence_b,
+        "the floor did not survive the restart: b's fence {new_b} after {fence_b}"
+    );
+    assert_eq!(
+        get(s.addr(), "/v1/leases/a").json()["holder"]["fence"],
+        json!(new_a),
+        "a's new grant survived"
+    );
 }
