@@ -350,13 +350,15 @@ async fn session_route(
             ))
         }
         (Some(_), op) => {
-            if let (SessionOp::KeepAlive, Some(wait)) = (op, hold) {
-                // Held at most half the request timeout, so the answer leaves well before
-                // anyone's timeout cuts it.
-                let wait = wait.min(shared.request_timeout / 2).min(MAX_HOLD);
-                shared.sessions.hold_keepalive(request.session, wait).await;
+            match (op, hold) {
+                (SessionOp::KeepAlive, Some(wait)) => {
+                    // Held at most half the request timeout, so the answer leaves well before
+                    // anyone's timeout cuts it.
+                    let wait = wait.min(shared.request_timeout / 2).min(MAX_HOLD);
+                    shared.sessions.held_keepalive(request.clone(), wait).await
+                }
+                _ => shared.sessions.request(request.clone()).await,
             }
-            shared.sessions.request(request.clone()).await
         }
     }
     .map_err(|e| unavailable_sessions(&e))?;

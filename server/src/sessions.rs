@@ -133,6 +133,8 @@ pub(crate) struct SessionStats {
 
 struct Job {
     input: Input,
+    /// A keepalive to hold until its session has news (or is gone), at most until then.
+    hold: Option<(SessionId, std::time::Instant)>,
     done: async_channel::Sender<Result<SessionReply, Arc<SessionStoreError>>>,
 }
 
@@ -150,8 +152,6 @@ pub(crate) struct Sessions {
     clock: LogClock,
     state: Arc<Mutex<State>>,
     jobs: async_channel::Sender<Job>,
-    /// Notified after every commit, so held keepalives look for news.
-    news: Arc<event_listener::Event>,
     pub(crate) stats: Arc<SessionStats>,
 }
 
@@ -262,19 +262,10 @@ impl Sessions {
         apply(&mut authority, &recover);
         let state = Arc::new(Mutex::new(State { db, authority, next_index: next_index + 1, diverged: None }));
         let (tx, rx) = async_channel::bounded::<Job>(4 * MAX_BATCH);
-        let news = Arc::new(event_listener::Event::new());
         let stats = Arc::new(SessionStats::default());
-        let writer = Writer {
-            path,
-            limits,
-            clock,
-            state: state.clone(),
-            jobs: rx,
-            news: news.clone(),
-            stats: stats.clone(),
-        }
-        .run();
-        Ok((Sessions { clock, state, jobs: tx, news, stats }, writer))
+        let writer =
+            Writer { path, limits, clock, state: state.clone(), jobs: rx, stats: stats.clone() }.run();
+        Ok((Sessions { clock, state, jobs: tx, stats }, writer))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -293,7 +284,7 @@ impl Sessions {
                 "no random bytes for a secret: {e}"
             ))))
         })?;
-        self.submit(Input::Open { ttl, label, secret: Secret::from_bytes(bytes) }).await
+        self.submit(Input::Open { ttl, label, secret: Secret::from_bytes(bytes) }, None).await
     }
 
     /// Answers a request within a session, once its input is on disk.
@@ -301,56 +292,45 @@ impl Sessions {
         &self,
         request: SessionRequest,
     ) -> Result<SessionReply, Arc<SessionStoreError>> {
-        self.submit(Input::Request(request)).await
+        self.submit(Input::Request(request), None).await
     }
 
-    async fn submit(&self, input: Input) -> Result<SessionReply, Arc<SessionStoreError>> {
-        let (done, result) = async_channel::bounded(1);
-        self.jobs.send(Job { input, done }).await.map_err(|_| Arc::new(SessionStoreError::Stopped))?;
-        result.recv().await.map_err(|_| Arc::new(SessionStoreError::Stopped))?
-    }
-
-    /// Holds a keepalive of `session` for at most `wait`, less if the session's own ttl or
-    /// remaining time asks for less, until the authority has a grant to push to it (or the
-    /// session is gone). Handling it only then puts the grant in its reply: hand-off without
-    /// polling. The session is renewed when the keepalive is handled, later than the holder
-    /// sent it, so the holder's send-anchored validity stays inside the authority's.
-    pub(crate) async fn hold_keepalive(&self, session: SessionId, wait: StdDuration) {
-        let deadline = {
+    /// Answers a keepalive, held for at most `wait` (less if the session's own ttl or
+    /// remaining time asks for less) until the authority has a grant to push to its session,
+    /// or the session is gone. Handling it only then puts the grant in its reply: hand-off
+    /// without polling. The writer handles a held keepalive in the same commit as the input
+    /// that made the grant, so a hand-off costs one fsync. The session is renewed when the
+    /// keepalive is handled, later than the holder sent it, so the holder's send-anchored
+    /// validity stays inside the authority's.
+    pub(crate) async fn held_keepalive(
+        &self,
+        request: SessionRequest,
+        wait: StdDuration,
+    ) -> Result<SessionReply, Arc<SessionStoreError>> {
+        let until = {
             let state = self.lock();
-            let Some(s) = state.authority.session(session) else { return };
-            let now = self.clock.now();
-            // Never long enough for the session to run out while its keepalive waits here.
-            let bound = Duration::from(wait)
-                .min(s.ttl.mul_div_floor(1, 3))
-                .min((s.expires_at - now).mul_div_floor(1, 2));
-            std::time::Instant::now() + StdDuration::from(bound)
+            state.authority.session(request.session).map(|s| {
+                let now = self.clock.now();
+                // Never long enough for the session to run out while its keepalive waits.
+                let bound = Duration::from(wait)
+                    .min(s.ttl.mul_div_floor(1, 3))
+                    .min((s.expires_at - now).mul_div_floor(1, 2));
+                std::time::Instant::now() + StdDuration::from(bound)
+            })
         };
-        loop {
-            let listener = self.news.listen();
-            if self.has_news_or_gone(session) {
-                return;
-            }
-            let timed_out = futures_lite::future::or(
-                async {
-                    listener.await;
-                    false
-                },
-                async {
-                    async_io::Timer::at(deadline).await;
-                    true
-                },
-            )
-            .await;
-            if timed_out {
-                return;
-            }
-        }
+        let hold = until.map(|until| (request.session, until));
+        self.submit(Input::Request(request), hold).await
     }
 
-    fn has_news_or_gone(&self, session: SessionId) -> bool {
-        let state = self.lock();
-        state.authority.has_news(session) || state.authority.session(session).is_none()
+    async fn submit(
+        &self,
+        input: Input,
+        hold: Option<(SessionId, std::time::Instant)>,
+    ) -> Result<SessionReply, Arc<SessionStoreError>> {
+        let (done, result) = async_channel::bounded(1);
+        let job = Job { input, hold, done };
+        self.jobs.send(job).await.map_err(|_| Arc::new(SessionStoreError::Stopped))?;
+        result.recv().await.map_err(|_| Arc::new(SessionStoreError::Stopped))?
     }
 
     /// The keys sessions have used, in byte order, as status pages may show them.
@@ -401,19 +381,22 @@ struct Writer {
     clock: LogClock,
     state: Arc<Mutex<State>>,
     jobs: async_channel::Receiver<Job>,
-    news: Arc<event_listener::Event>,
     stats: Arc<SessionStats>,
 }
 
 impl Writer {
     async fn run(self) {
+        // Held keepalives, not yet handled.
+        let mut parked: Vec<Job> = Vec::new();
         loop {
             let expiry = {
                 let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 state.authority.poll_timeout().map(|t| self.clock.at(t))
             };
+            let hold_ends = parked.iter().filter_map(|j| j.hold.map(|(_, until)| until)).min();
+            let wake_at = expiry.into_iter().chain(hold_ends).min();
             let job = async { self.jobs.recv().await.ok().map(Some) };
-            let first = match expiry {
+            let first = match wake_at {
                 Some(at) => {
                     futures_lite::future::or(job, async {
                         async_io::Timer::at(at).await;
@@ -434,59 +417,87 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(batch).await;
+            parked = self.commit(batch, parked).await;
         }
     }
 
-    /// Applies the batch (after any expiry that is due), logs it, fsyncs, answers.
-    async fn commit(&self, batch: Vec<Job>) {
+    /// Applies the batch (after any expiry that is due) and the held keepalives that now have
+    /// news, logs them, fsyncs, answers. Returns the keepalives still held.
+    async fn commit(&self, batch: Vec<Job>, parked: Vec<Job>) -> Vec<Job> {
         let (state, clock, limits, path) = (self.state.clone(), self.clock, self.limits, self.path.clone());
         let stats = self.stats.clone();
-        let (batch, result) = smol::unblock(move || {
+        let (answered, parked, result) = smol::unblock(move || {
             let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
-            let r = commit_batch(&mut guard, &batch, clock, limits, &path, &stats);
-            (batch, r)
+            commit_batch(&mut guard, batch, parked, clock, limits, &path, &stats)
         })
         .await;
         match result {
-            Ok(replies) => {
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                for (job, reply) in batch.iter().zip(replies) {
+            Ok(committed) => {
+                if committed {
+                    self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                for (job, reply) in answered {
                     let _ = job.done.try_send(Ok(reply));
                 }
-                self.news.notify(usize::MAX);
             }
             Err(e) => {
-                tracing::error!("session commit failed; {} requests answered unavailable: {e}", batch.len());
+                tracing::error!(
+                    "session commit failed; {} requests answered unavailable: {e}",
+                    answered.len()
+                );
                 let e = Arc::new(e);
-                for job in &batch {
+                for (job, _) in answered {
                     let _ = job.done.try_send(Err(e.clone()));
                 }
             }
         }
+        parked
     }
 }
 
+/// Whether a held keepalive is to be handled now: its session has news or is gone, or its
+/// hold is over.
+fn due(authority: &Authority, hold: (SessionId, std::time::Instant), at: std::time::Instant) -> bool {
+    let (session, until) = hold;
+    until <= at || authority.session(session).is_none() || authority.has_news(session)
+}
+
+/// The jobs answered (with their replies), the keepalives still held, and whether anything
+/// was committed.
+type Committed = (Vec<(Job, SessionReply)>, Vec<Job>, Result<bool, SessionStoreError>);
+
 fn commit_batch(
     state: &mut State,
-    batch: &[Job],
+    batch: Vec<Job>,
+    mut parked: Vec<Job>,
     clock: LogClock,
     limits: SessionLimits,
     path: &Path,
     stats: &SessionStats,
-) -> Result<Vec<SessionReply>, SessionStoreError> {
+) -> Committed {
+    let mut answered: Vec<(Job, SessionReply)> = Vec::with_capacity(batch.len());
     if let Some(cause) = state.diverged.clone() {
         // The failed batch was applied in memory only: rebuild from what is on disk. redb
         // refuses every transaction after an I/O error until re-opened, so re-open it first.
         tracing::warn!("rebuilding the session table from its log after: {cause}");
         let fail = |e: SessionStoreError| SessionStoreError::Down(format!("{cause}; then {e}"));
-        let db = Database::create(path).map_err(|e| fail(SessionStoreError::db(e)))?;
-        let (authority, next_index, _) = replay(&db, limits).map_err(fail)?;
-        (state.db, state.authority, state.next_index, state.diverged) = (db, authority, next_index, None);
+        let rebuilt = Database::create(path)
+            .map_err(|e| fail(SessionStoreError::db(e)))
+            .and_then(|db| replay(&db, limits).map_err(fail).map(|r| (db, r)));
+        match rebuilt {
+            Ok((db, (authority, next_index, _))) => {
+                (state.db, state.authority, state.next_index, state.diverged) =
+                    (db, authority, next_index, None);
+            }
+            Err(e) => {
+                answered.extend(batch.into_iter().map(|j| (j, SessionReply::Expired)));
+                return (answered, parked, Err(e));
+            }
+        }
     }
     let now = clock.now();
+    let wall = std::time::Instant::now();
     let mut entries = Vec::with_capacity(batch.len() + 1);
-    let mut replies = Vec::with_capacity(batch.len());
     // The expiry first, as its own input, so that its hand-offs replay identically.
     if state.authority.poll_timeout().is_some_and(|t| t <= now) {
         let entry = Entry { now, input: Input::Timeout };
@@ -494,38 +505,51 @@ fn commit_batch(
         entries.push(encode(&entry));
         stats.timeouts.fetch_add(1, Ordering::Relaxed);
     }
-    for job in batch {
+    let mut handle = |state: &mut State, job: Job, entries: &mut Vec<Vec<u8>>| {
         let entry = Entry { now, input: job.input.clone() };
         let reply = apply(&mut state.authority, &entry).unwrap_or(SessionReply::Expired);
-        if let (Input::Request(r), Some(_)) = (&job.input, pushed(&reply)) {
-            if matches!(r.op, SessionOp::KeepAlive) {
-                stats.pushed.fetch_add(1, Ordering::Relaxed);
-            }
+        if let SessionReply::Alive { granted: Some(_), .. } = reply {
+            stats.pushed.fetch_add(1, Ordering::Relaxed);
         }
         count(stats, &job.input);
         entries.push(encode(&entry));
-        replies.push(reply);
+        answered.push((job, reply));
+    };
+    for job in batch {
+        match job.hold {
+            Some(hold) if !due(&state.authority, hold, wall) => parked.push(job),
+            _ => handle(state, job, &mut entries),
+        }
+    }
+    // Held keepalives whose session the batch gave news (or ended): answered in this same
+    // commit. Handling one may expire sessions and so hand keys to others: until none is due.
+    loop {
+        // A holder that hung up no longer waits for the answer.
+        parked.retain(|j| !j.done.is_closed());
+        let (now_due, still): (Vec<Job>, Vec<Job>) =
+            parked.into_iter().partition(|j| j.hold.is_some_and(|h| due(&state.authority, h, wall)));
+        parked = still;
+        if now_due.is_empty() {
+            break;
+        }
+        for job in now_due {
+            handle(state, job, &mut entries);
+        }
     }
     if entries.is_empty() {
-        return Ok(replies);
+        return (answered, parked, Ok(false));
     }
-    match append(&state.db, state.next_index, &entries) {
+    let result = match append(&state.db, state.next_index, &entries) {
         Ok(()) => {
             state.next_index += entries.len() as u64;
-            Ok(replies)
+            Ok(true)
         }
         Err(e) => {
             state.diverged = Some(e.to_string());
             Err(e)
         }
-    }
-}
-
-fn pushed(reply: &SessionReply) -> Option<()> {
-    match reply {
-        SessionReply::Alive { granted: Some(_), .. } => Some(()),
-        _ => None,
-    }
+    };
+    (answered, parked, result)
 }
 
 fn count(stats: &SessionStats, input: &Input) {
