@@ -631,6 +631,15 @@ fn run_on_sessions_keeps_its_exit_codes_and_signal_handling() {
     assert_eq!(run.0.wait().unwrap().code(), Some(3));
     assert_eq!(v2_lease(&url, "v2codes")["holder"], serde_json::Value::Null, "released, not left to expire");
 
+    // No server: exit 75 at the timeout. A server that refuses our token: exit 2 at once.
+    let dead = format!("http://127.0.0.1:{}", leasehold_test_servers::free_port());
+    assert_eq!(code(&mut run_v2(&dead, "k", &["--timeout", "500ms"], &["true"])), Some(75));
+    let (_guarded, guarded_url) = serve_with(&dir.path().join("guarded"), &["--token", "s3cret"]);
+    let refused = output_within_20s(&mut run_v2(&guarded_url, "k", &[], &["true"]));
+    assert_eq!(refused.status.code(), Some(2), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthorized"));
+    assert_eq!(code(&mut run_v2(&guarded_url, "k", &["--token", "s3cret"], &["true"])), Some(0));
+
     // The server vanishes: the session is lost, the command stopped, exit 76.
     let mut run = Proc(
         run_cmd(&url, "v2lost", "1s", &["--protocol", "v2", "--grace", "200ms"], &["sleep", "60"])

@@ -26,7 +26,7 @@ use leasehold_core::session::authority::SessionStatus;
 use leasehold_core::session::wire::{Label, Secret, SessionId, SessionOp, SessionReply, SessionRequest};
 use leasehold_core::session::{SessionAuthority, SessionLimits};
 use leasehold_core::{Duration, Instant};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 /// Most sessions live at once; an open past it is answered `Rejected(Capacity)`.
@@ -45,6 +45,11 @@ pub(crate) type Authority = SessionAuthority<MAX_SESSIONS, MAX_SESSION_KEYS, MAX
 
 /// The log: entry number → JSON of an [`Entry`].
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("session_log");
+/// The authority as of some log entry, JSON; the entries it covers are deleted with its write.
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("session_snapshot");
+/// A snapshot is written (and the log cut) at every start and whenever this many entries
+/// follow the last one, so a start replays at most this many entries.
+const SNAPSHOT_EVERY: u64 = 100_000;
 
 /// At most this many inputs share one commit; bounds a batch's latency.
 const MAX_BATCH: usize = 512;
@@ -83,6 +88,9 @@ pub enum SessionStoreError {
         /// The decoding error.
         source: serde_json::Error,
     },
+    /// The snapshot could not be encoded or decoded.
+    #[error("session store: the snapshot is corrupt: {0}")]
+    Snapshot(serde_json::Error),
     /// The authority's table could not be built.
     #[error("session store: cannot build the session table: {0}")]
     Build(std::io::Error),
@@ -143,6 +151,8 @@ struct State {
     authority: Box<Authority>,
     /// The number the next log entry gets.
     next_index: u64,
+    /// The first entry the newest snapshot does not cover.
+    snapshot_at: u64,
     /// Set when a commit failed after its inputs were applied in memory: the authority is
     /// ahead of the log and must be rebuilt from it before it answers again.
     diverged: Option<String>,
@@ -173,19 +183,53 @@ struct HolderView {
     remaining: u64,
 }
 
-/// A fresh, empty table. The core's tables are inline arrays (tens of MiB here), and
-/// `Box::new(Authority::new(..))` builds the value on the stack before moving it (always in a
-/// debug build), which overflows a thread's stack; the workspace forbids the unsafe code that
-/// would build it in place. So it is built on a thread whose stack fits a few copies of it.
-fn fresh_authority(limits: SessionLimits) -> Result<Box<Authority>, SessionStoreError> {
+/// Runs `f` on a thread whose stack fits a few copies of the table. The core's tables are
+/// inline arrays (tens of MiB here); building one (`Box::new(Authority::new(..))`) or decoding
+/// one from a snapshot makes the value on the stack before moving it into the box (always in
+/// a debug build), which overflows a thread's stack, and the workspace forbids the unsafe code
+/// that would build it in place.
+/// How many copies of the table the stack must fit. An unoptimised build moves the value
+/// through many frames: 8 copies suffice to build an empty table, decoding one from a snapshot
+/// (serde's derive, through `Option`s and `Result`s) took more than 32 and at most 128
+/// (measured in `cargo test`). Optimised builds move it far less. The stack is reserved
+/// address space, touched only as deep as used, and the thread ends at once.
+#[cfg(debug_assertions)]
+const STACK_COPIES: usize = 128;
+#[cfg(not(debug_assertions))]
+const STACK_COPIES: usize = 16;
+
+fn on_big_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, SessionStoreError> {
     let size = std::mem::size_of::<Authority>();
     std::thread::Builder::new()
         .name("session-table".into())
-        .stack_size(8 * size + (1 << 20))
-        .spawn(move || Box::new(Authority::new(limits)))
+        .stack_size(STACK_COPIES * size + (1 << 20))
+        .spawn(f)
         .map_err(SessionStoreError::Build)?
         .join()
         .map_err(|_| SessionStoreError::Build(std::io::Error::other("building the session table panicked")))
+}
+
+/// A fresh, empty table on the heap.
+fn fresh_authority(limits: SessionLimits) -> Result<Box<Authority>, SessionStoreError> {
+    on_big_stack(move || Box::new(Authority::new(limits)))
+}
+
+/// The snapshot's one record.
+const SNAPSHOT_KEY: &str = "state";
+
+/// The table as of the log entries below `covers`, and the last time logged before them.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    covers: u64,
+    last: Instant,
+    authority: &'a Authority,
+}
+
+#[derive(Deserialize)]
+struct Snapshot {
+    covers: u64,
+    last: Instant,
+    authority: Box<Authority>,
 }
 
 fn apply(authority: &mut Authority, entry: &Entry) -> Option<SessionReply> {
@@ -209,18 +253,31 @@ fn encode(entry: &Entry) -> Vec<u8> {
     serde_json::to_vec(entry).unwrap_or_default()
 }
 
-/// Replays the whole log through a fresh authority. Returns it, the next entry number, and
-/// the last logged time.
+/// Restores the newest snapshot (or a fresh table) and replays the log entries after it.
+/// Returns the table, the next entry number, and the last logged time.
 fn replay(db: &Database, limits: SessionLimits) -> Result<(Box<Authority>, u64, Instant), SessionStoreError> {
-    let mut authority = fresh_authority(limits)?;
-    let (mut next_index, mut last) = (0, Instant::from_micros(0));
     let txn = db.begin_read().map_err(SessionStoreError::db)?;
-    let table = match txn.open_table(LOG) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((authority, 0, last)),
+    let snapshot = match txn.open_table(SNAPSHOT) {
+        Ok(t) => t.get(SNAPSHOT_KEY).map_err(SessionStoreError::db)?.map(|v| v.value().to_vec()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
         Err(e) => return Err(SessionStoreError::db(e)),
     };
-    for item in table.iter().map_err(SessionStoreError::db)? {
+    let (mut authority, mut next_index, mut last) = match snapshot {
+        Some(bytes) => {
+            let snap = on_big_stack(move || serde_json::from_slice::<Snapshot>(&bytes))?
+                .map_err(SessionStoreError::Snapshot)?;
+            let mut authority = snap.authority;
+            authority.set_limits(limits);
+            (authority, snap.covers, snap.last)
+        }
+        None => (fresh_authority(limits)?, 0, Instant::from_micros(0)),
+    };
+    let table = match txn.open_table(LOG) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((authority, next_index, last)),
+        Err(e) => return Err(SessionStoreError::db(e)),
+    };
+    for item in table.range(next_index..).map_err(SessionStoreError::db)? {
         let (k, v) = item.map_err(SessionStoreError::db)?;
         let index = k.value();
         let entry: Entry = serde_json::from_slice(v.value())
@@ -230,6 +287,26 @@ fn replay(db: &Database, limits: SessionLimits) -> Result<(Box<Authority>, u64, 
         last = last.max(entry.now);
     }
     Ok((authority, next_index, last))
+}
+
+/// Writes the table as of entry `covers` (exclusive) and deletes the entries it covers, in
+/// one fsynced transaction: a crash leaves the old snapshot and log, or the new ones.
+fn snapshot(
+    db: &Database,
+    authority: &Authority,
+    covers: u64,
+    last: Instant,
+) -> Result<(), SessionStoreError> {
+    let bytes =
+        serde_json::to_vec(&SnapshotRef { covers, last, authority }).map_err(SessionStoreError::Snapshot)?;
+    let txn = db.begin_write().map_err(SessionStoreError::db)?;
+    {
+        let mut snap = txn.open_table(SNAPSHOT).map_err(SessionStoreError::db)?;
+        snap.insert(SNAPSHOT_KEY, bytes.as_slice()).map_err(SessionStoreError::db)?;
+        let mut log = txn.open_table(LOG).map_err(SessionStoreError::db)?;
+        log.retain_in(..covers, |_, _| false).map_err(SessionStoreError::db)?;
+    }
+    txn.commit().map_err(SessionStoreError::db)
 }
 
 fn append(db: &Database, first: u64, entries: &[Vec<u8>]) -> Result<(), SessionStoreError> {
@@ -260,7 +337,16 @@ impl Sessions {
         let recover = Entry { now: clock.now(), input: Input::Recover };
         append(&db, next_index, &[encode(&recover)])?;
         apply(&mut authority, &recover);
-        let state = Arc::new(Mutex::new(State { db, authority, next_index: next_index + 1, diverged: None }));
+        let next_index = next_index + 1;
+        // Every start replays at most one run's inputs (and SNAPSHOT_EVERY more).
+        snapshot(&db, &authority, next_index, recover.now)?;
+        let state = Arc::new(Mutex::new(State {
+            db,
+            authority,
+            next_index,
+            snapshot_at: next_index,
+            diverged: None,
+        }));
         let (tx, rx) = async_channel::bounded::<Job>(4 * MAX_BATCH);
         let stats = Arc::new(SessionStats::default());
         let writer =
@@ -542,6 +628,14 @@ fn commit_batch(
     let result = match append(&state.db, state.next_index, &entries) {
         Ok(()) => {
             state.next_index += entries.len() as u64;
+            if state.next_index - state.snapshot_at >= SNAPSHOT_EVERY {
+                match snapshot(&state.db, &state.authority, state.next_index, now) {
+                    Ok(()) => state.snapshot_at = state.next_index,
+                    // The log is whole: only the cut is missed. redb refuses the next
+                    // transaction after an I/O error, and that append takes the failure path.
+                    Err(e) => tracing::warn!("session snapshot failed: {e}"),
+                }
+            }
             Ok(true)
         }
         Err(e) => {
@@ -572,6 +666,7 @@ mod tests {
     use super::*;
     use leasehold_core::session::wire::{parse_label, Seq};
     use leasehold_core::{parse_key, Fence};
+    use redb::ReadableTableMetadata;
 
     #[test]
     fn the_table_is_built_off_the_stack_and_the_log_replays_it_exactly() {
@@ -613,11 +708,20 @@ mod tests {
                 session
             }))
         };
-        let (s, _writer) = Sessions::open(dir.path(), limits).unwrap();
+        let (s, writer) = Sessions::open(dir.path(), limits).unwrap();
         let st = s.key(&key).unwrap();
         assert_eq!(st.last_fence, Fence(2));
         assert_eq!(st.holder.map(|h| h.session), Some(id));
         let state = s.lock();
         assert!(state.authority.session(id).is_some(), "the session survives the restart");
+        // The start wrote a snapshot of everything and cut the log: the next start decodes it
+        // and replays nothing.
+        let log_len = |db: &Database| db.begin_read().unwrap().open_table(LOG).unwrap().len().unwrap();
+        assert_eq!(log_len(&state.db), 0);
+        drop(state);
+        drop((s, writer));
+        let (s, _writer) = Sessions::open(dir.path(), limits).unwrap();
+        assert_eq!(s.key(&key).unwrap().last_fence, Fence(2), "restored from the snapshot");
+        assert!(s.lock().authority.session(id).is_some());
     }
 }

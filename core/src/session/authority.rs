@@ -87,6 +87,7 @@ enum Freshness {
 /// The seqs a session has used: the highest, and a bitmap of the [`REPLAY_WINDOW`] below it
 /// (bit `i` set: seq `highest − i` was seen).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 struct ReplayWindow {
     highest: u64,
     seen: u64,
@@ -121,6 +122,7 @@ impl ReplayWindow {
 /// One session as the authority keeps it. Persist it whole (secret and window included) if
 /// sessions must survive a restart: a window forgotten would accept old frames again.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 struct SessionRecord {
     id: SessionId,
     secret: Secret,
@@ -132,6 +134,7 @@ struct SessionRecord {
 
 /// Whether the holding session has heard of its grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 enum Notice {
     /// Answered to the session's newest request, or confirmed by a later one.
     Confirmed,
@@ -141,6 +144,7 @@ enum Notice {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 struct Holding {
     session: SessionId,
     fence: Fence,
@@ -149,6 +153,7 @@ struct Holding {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 struct Waiter {
     session: SessionId,
     asked: Seq,
@@ -157,6 +162,7 @@ struct Waiter {
 /// One key: its holder, its fence counter and its queue. Keys are never evicted, because an
 /// evicted key would forget its fence counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 struct KeyRecord<const W: usize> {
     holder: Option<Holding>,
     last_fence: Fence,
@@ -267,11 +273,14 @@ impl From<OpenError> for Reject {
 /// [`handle_timeout`](Self::handle_timeout) at [`poll_timeout`](Self::poll_timeout), so that an
 /// expired session's keys go to their waiters at once rather than at the next request.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SessionAuthority<const S: usize, const K: usize, const W: usize> {
     sessions: Vec<SessionRecord, S>,
     keys: FnvIndexMap<Key, KeyRecord<W>, K>,
     /// The id the next session gets. Persist it: ids must never repeat.
     next_id: u64,
+    /// Not part of a snapshot: configuration, set again with [`set_limits`](Self::set_limits).
+    #[cfg_attr(feature = "serde", serde(skip))]
     limits: SessionLimits,
 }
 
@@ -285,6 +294,12 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
     /// [`next_session`](Self::next_session) had.
     pub fn resume(limits: SessionLimits, next: SessionId) -> Self {
         SessionAuthority { sessions: Vec::new(), keys: FnvIndexMap::new(), next_id: next.0.max(1), limits }
+    }
+
+    /// Sets the ttls accepted from now on: for a table restored from a snapshot (with `serde`,
+    /// the table serialises whole, secrets and replay windows included, limits excluded).
+    pub fn set_limits(&mut self, limits: SessionLimits) {
+        self.limits = limits;
     }
 
     // ----- inputs -----
