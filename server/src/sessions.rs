@@ -541,11 +541,27 @@ impl Writer {
     }
 }
 
-/// Whether a held keepalive is to be handled now: its session has news or is gone, or its
-/// hold is over.
-fn due(authority: &Authority, hold: (SessionId, std::time::Instant), at: std::time::Instant) -> bool {
-    let (session, until) = hold;
-    until <= at || authority.session(session).is_none() || authority.has_news(session)
+/// What a pass over the authority says about held keepalives: the sessions with news and
+/// the sessions alive, each found in one pass however many keepalives are held.
+struct Standing {
+    news: std::collections::HashSet<SessionId>,
+    live: std::collections::HashSet<SessionId>,
+}
+
+impl Standing {
+    fn of(authority: &Authority) -> Standing {
+        Standing {
+            news: authority.sessions_with_news().collect(),
+            live: authority.sessions().map(|s| s.id).collect(),
+        }
+    }
+
+    /// Whether a held keepalive is to be handled now: its session has news or is gone, or
+    /// its hold is over.
+    fn due(&self, hold: (SessionId, std::time::Instant), at: std::time::Instant) -> bool {
+        let (session, until) = hold;
+        until <= at || self.news.contains(&session) || !self.live.contains(&session)
+    }
 }
 
 /// The jobs answered (with their replies), the keepalives still held, and whether anything
@@ -601,19 +617,26 @@ fn commit_batch(
         entries.push(encode(&entry));
         answered.push((job, reply));
     };
+    // Held keepalives of this batch wait with the others; the rest are handled in order.
     for job in batch {
         match job.hold {
-            Some(hold) if !due(&state.authority, hold, wall) => parked.push(job),
-            _ => handle(state, job, &mut entries),
+            Some(_) => parked.push(job),
+            None => handle(state, job, &mut entries),
         }
     }
-    // Held keepalives whose session the batch gave news (or ended): answered in this same
-    // commit. Handling one may expire sessions and so hand keys to others: until none is due.
+    // Held keepalives whose session has news (or ended), or whose hold is over: answered in
+    // this same commit, so a hand-off costs one fsync. Handling one may expire sessions and so
+    // hand keys to others: until none is due. One pass over the keys finds every session with
+    // news, however many keepalives are held.
     loop {
         // A holder that hung up no longer waits for the answer.
         parked.retain(|j| !j.done.is_closed());
+        if parked.is_empty() {
+            break;
+        }
+        let standing = Standing::of(&state.authority);
         let (now_due, still): (Vec<Job>, Vec<Job>) =
-            parked.into_iter().partition(|j| j.hold.is_some_and(|h| due(&state.authority, h, wall)));
+            parked.into_iter().partition(|j| j.hold.is_some_and(|h| standing.due(h, wall)));
         parked = still;
         if now_due.is_empty() {
             break;

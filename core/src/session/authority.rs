@@ -434,6 +434,16 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
             .any(|r| matches!(r.holder, Some(h) if h.session == session && h.notice == Notice::Reported))
     }
 
+    /// Every session that [`has_news`](Self::has_news), in one pass over the keys (a session
+    /// may appear once per key it has news of): for a transport holding many keepalives, so
+    /// that finding which to answer costs one pass, not one per held keepalive.
+    pub fn sessions_with_news(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.keys.values().filter_map(|r| match r.holder {
+            Some(h) if h.notice == Notice::Reported => Some(h.session),
+            _ => None,
+        })
+    }
+
     // ----- internals -----
 
     fn try_open(
@@ -726,6 +736,7 @@ mod tests {
         assert_eq!(a.send(&mut t, at(6), release("x", 1)), SessionReply::Released { key: key("x") });
         assert_eq!(t.key(&key("x")).unwrap().holder, Some(KeyHolder { session: c.id, fence: Fence(2) }));
         assert!(t.has_news(c.id));
+        assert_eq!(t.sessions_with_news().collect::<Vec<_, 4>>().as_slice(), &[c.id]);
         let pushed = Grant { key: key("x"), fence: Fence(2), asked: c_asked };
         let alive = SessionReply::Alive { ttl: TTL, granted: Some(pushed), more: false };
         assert_eq!(c.send(&mut t, at(7), SessionOp::KeepAlive), alive);
