@@ -19,7 +19,8 @@ use std::time::Duration;
 use async_signal::{Signal as Caught, Signals};
 use futures_lite::{future, StreamExt};
 use leasehold_http::{
-    AcquireError, Backend, BuiltinBackend, Client, Options, Report, TransportError, Waiting,
+    AcquireError, Backend, BuiltinBackend, Client, Lease, Options, Report, SessionClient, TransportError,
+    Waiting,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -43,6 +44,11 @@ pub(crate) struct Args {
     /// Which kind of store `--server` is.
     #[arg(long, value_enum, default_value = "builtin")]
     backend: BackendKind,
+    /// The built-in server's protocol: `v2` holds the key in a session, waits FIFO and is
+    /// pushed the key when its turn comes; `v1` (the default) polls. The two are separate
+    /// namespaces at the server, so every contender for a key must use the same one.
+    #[arg(long, value_enum, env = "LEASEHOLD_PROTOCOL", default_value = "v1")]
+    protocol: Protocol,
     /// etcd: the prefix under which lease keys are stored.
     #[arg(long, visible_alias = "etcd-prefix", default_value = "leasehold/")]
     prefix: String,
@@ -85,6 +91,74 @@ pub(crate) enum BackendKind {
     Dynamodb,
 }
 
+/// The built-in server's protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Protocol {
+    /// One lease per key, renewed on its own; waiting polls with backoff.
+    V1,
+    /// Sessions: FIFO waiting with pushed grants.
+    V2,
+}
+
+/// What `run` needs from a client, whichever protocol it speaks.
+trait Leases {
+    async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError>;
+    async fn acquire_reporting(
+        &self,
+        key: &str,
+        timeout: Option<Duration>,
+        report: impl FnMut(&Waiting) + Send,
+    ) -> Result<Lease, AcquireError>;
+    /// Lets background releases reach the authority before the process exits.
+    async fn finish(&self);
+}
+
+impl<B: Backend> Leases for Client<B> {
+    async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        Client::try_acquire(self, key).await
+    }
+    async fn acquire_reporting(
+        &self,
+        key: &str,
+        timeout: Option<Duration>,
+        report: impl FnMut(&Waiting) + Send,
+    ) -> Result<Lease, AcquireError> {
+        Client::acquire_reporting(self, key, timeout, report).await
+    }
+    async fn finish(&self) {
+        self.wait_idle().await
+    }
+}
+
+impl Leases for SessionClient {
+    async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        SessionClient::try_acquire(self, key).await
+    }
+    async fn acquire_reporting(
+        &self,
+        key: &str,
+        timeout: Option<Duration>,
+        report: impl FnMut(&Waiting) + Send,
+    ) -> Result<Lease, AcquireError> {
+        SessionClient::acquire_reporting(self, key, timeout, report).await
+    }
+    async fn finish(&self) {
+        self.wait_idle().await;
+        // Closed rather than left to expire, so the server forgets it at once.
+        self.close().await
+    }
+}
+
+/// The session's public label: this host and process, as status pages show the holder.
+fn session_label() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| (' '..='~').contains(c)).collect();
+    let pid = format!(":{}", std::process::id());
+    let room = leasehold_core::session::wire::MAX_LABEL_LEN - pid.len();
+    let host = if host.is_empty() { "leasehold-run".to_string() } else { host };
+    format!("{}{pid}", &host[..host.len().min(room)])
+}
+
 pub(crate) fn main(args: Args) -> ExitCode {
     let mut options = Options::new(args.ttl);
     options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
@@ -96,8 +170,25 @@ pub(crate) fn main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.protocol == Protocol::V2 && !matches!(args.backend, BackendKind::Builtin) {
+        eprintln!("leasehold run: --protocol v2 is for the built-in server only (etcd and DynamoDB get sessions later)");
+        return ExitCode::from(2);
+    }
     smol::block_on(async {
         match args.backend {
+            BackendKind::Builtin if args.protocol == Protocol::V2 => {
+                let mut options = Options::session(args.ttl);
+                options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
+                let client =
+                    SessionClient::with_tls(&args.server, args.token.clone(), &session_label(), options, tls);
+                match client {
+                    Ok(c) => run_with(args, c).await,
+                    Err(e) => {
+                        eprintln!("leasehold run: {}", Report(&e));
+                        ExitCode::from(2)
+                    }
+                }
+            }
             BackendKind::Builtin => {
                 let b =
                     BuiltinBackend::new(&args.server, args.token.clone(), timeout).map(|b| b.with_tls(tls));
@@ -125,14 +216,16 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
             return ExitCode::from(2);
         }
     };
-    let client = match Client::new(backend, options) {
-        Ok(c) => c,
+    match Client::new(backend, options) {
+        Ok(c) => run_with(args, c).await,
         Err(e) => {
             eprintln!("leasehold run: bad lease timing: {e}");
-            return ExitCode::from(2);
+            ExitCode::from(2)
         }
-    };
+    }
+}
 
+async fn run_with(args: Args, client: impl Leases) -> ExitCode {
     // Installed before the first request, so no signal finds a grant without its release.
     let mut signals = match Signals::new([Caught::Term, Caught::Int, Caught::Hup]) {
         Ok(s) => s,
@@ -179,7 +272,7 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
             // Dropping the acquisition cancelled it; a grant already on its way is released by
             // the client's driver. A second signal does not wait for that.
             tracing::info!(key = %args.key, "signal {sig} while waiting; cancelling");
-            future::or(client.wait_idle(), async {
+            future::or(client.finish(), async {
                 next_signal(&mut signals).await;
             })
             .await;
@@ -214,6 +307,7 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
         Err(e) => {
             eprintln!("leasehold run: cannot start {:?}: {e}", args.command[0]);
             release(lease).await;
+            client.finish().await;
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 });
         }
     };
@@ -244,6 +338,7 @@ async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, Transp
     match outcome {
         Outcome::Exited(status) => {
             release(lease).await;
+            client.finish().await;
             exit_code(status)
         }
         Outcome::Lost(reason) => {

@@ -557,3 +557,87 @@ fn logs_on_a_pipe_have_no_colour_and_owner_ids_are_decimal_everywhere() {
     assert!(log.contains("acquired"), "{log:?}");
     assert!(!log.contains('\x1b'), "ANSI escape codes on a pipe: {log:?}");
 }
+
+/// `run --protocol v2` with `extra` flags.
+fn run_v2(url: &str, key: &str, extra: &[&str], cmd: &[&str]) -> Command {
+    let mut flags = vec!["--protocol", "v2"];
+    flags.extend_from_slice(extra);
+    run_cmd(url, key, "5s", &flags, cmd)
+}
+
+/// The `GET /v2/leases` entry of `key` (`null` if sessions never used it).
+fn v2_lease(url: &str, key: &str) -> serde_json::Value {
+    let all = get_json(url, "/v2/leases");
+    all["leases"].as_array().unwrap().iter().find(|l| l["key"] == key).cloned().unwrap_or_default()
+}
+
+#[test]
+fn run_on_sessions_hands_the_key_to_waiters_in_the_order_they_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let log = dir.path().join("order.log");
+    let go = dir.path().join("go");
+    let hold = format!(
+        "echo holder $LEASEHOLD_FENCE >> {0}; while [ ! -e {1} ]; do sleep 0.05; done",
+        log.display(),
+        go.display()
+    );
+    let mut holder = Proc(run_v2(&url, "turns", &[], &["sh", "-c", &hold]).spawn().unwrap());
+    eventually("the holder runs", || v2_lease(&url, "turns")["holder"].is_object());
+    let mut waiters = Vec::new();
+    for i in 1..=3 {
+        let write = format!("echo w{i} $LEASEHOLD_FENCE >> {}", log.display());
+        waiters.push(Proc(run_v2(&url, "turns", &[], &["sh", "-c", &write]).spawn().unwrap()));
+        // The next one starts only once this one is queued at the server.
+        eventually("queued", || v2_lease(&url, "turns")["waiting"] == i);
+    }
+    std::fs::write(&go, "").unwrap();
+    assert!(holder.0.wait().unwrap().success());
+    for w in &mut waiters {
+        assert!(w.0.wait().unwrap().success());
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<(&str, u64)> =
+        text.lines().map(|l| l.split_once(' ').map(|(who, f)| (who, f.parse().unwrap())).unwrap()).collect();
+    assert_eq!(lines, vec![("holder", 1), ("w1", 2), ("w2", 3), ("w3", 4)], "FIFO, each with the next fence");
+    assert_eq!(metric(&url, "leasehold_sessions_live"), 0, "every run closed its session on the way out");
+}
+
+#[test]
+fn run_on_sessions_keeps_its_exit_codes_and_signal_handling() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, url) = serve(&dir.path().join("store"));
+    let code = |c: &mut Command| c.status().unwrap().code();
+    assert_eq!(code(&mut run_v2(&url, "v2codes", &[], &["sh", "-c", "exit 7"])), Some(7));
+    assert_eq!(code(&mut run_v2(&url, "v2codes", &[], &["no-such-command-here"])), Some(127));
+    assert_eq!(code(&mut run_v2(&url, "bad key", &[], &["true"])), Some(2));
+    assert_eq!(code(&mut run_v2(&url, "k", &["--backend", "etcd"], &["true"])), Some(2));
+    let owner = dir.path().join("owner");
+    let write = format!("echo $LEASEHOLD_OWNER > {}", owner.display());
+    assert_eq!(code(&mut run_v2(&url, "v2codes", &[], &["sh", "-c", &write])), Some(0));
+    let owner: u64 = std::fs::read_to_string(&owner).unwrap().trim().parse().expect("the session id");
+    assert!(owner > 0);
+
+    // SIGTERM is passed on; the key is free the moment run exits.
+    let started = dir.path().join("started");
+    let script = format!("trap 'exit 3' TERM; touch {}; while :; do sleep 0.05; done", started.display());
+    let mut run = Proc(run_v2(&url, "v2codes", &[], &["sh", "-c", &script]).spawn().unwrap());
+    eventually("the command starts", || started.exists());
+    let label = v2_lease(&url, "v2codes")["holder"]["label"].as_str().unwrap_or_default().to_string();
+    assert!(label.ends_with(&format!(":{}", run.0.id())), "the label names the process: {label}");
+    assert_eq!(code(&mut run_v2(&url, "v2codes", &["--no-wait"], &["true"])), Some(75));
+    assert_eq!(code(&mut run_v2(&url, "v2codes", &["--timeout", "300ms"], &["true"])), Some(75));
+    nix::sys::signal::kill(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(run.0.wait().unwrap().code(), Some(3));
+    assert_eq!(v2_lease(&url, "v2codes")["holder"], serde_json::Value::Null, "released, not left to expire");
+
+    // The server vanishes: the session is lost, the command stopped, exit 76.
+    let mut run = Proc(
+        run_cmd(&url, "v2lost", "1s", &["--protocol", "v2", "--grace", "200ms"], &["sleep", "60"])
+            .spawn()
+            .unwrap(),
+    );
+    eventually("held", || v2_lease(&url, "v2lost")["holder"].is_object());
+    drop(server);
+    assert_eq!(run.0.wait().unwrap().code(), Some(76));
+}

@@ -8,6 +8,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Response, StatusCode};
 use leasehold_core::authority::Record;
+use leasehold_core::session::wire::{SessionOp, SessionReply, SessionRequest};
 use leasehold_core::{parse_key, Reject, Reply, Request};
 use serde::Serialize;
 
@@ -52,6 +53,12 @@ struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+}
+
+impl ApiError {
+    fn status_code(&self) -> (StatusCode, &'static str) {
+        (self.status, self.code)
+    }
 }
 
 fn err(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -169,7 +176,19 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
             return Ok(json(StatusCode::OK, &LeaseList { leases }));
         }
         "/v1/leases" => return Err(method_not_allowed()),
+        "/v2/leases" if req.method() == Method::GET => {
+            let query = list_query(req.uri().query().unwrap_or(""))?;
+            let leases = shared.sessions.keys(query.held_only, &query.prefix);
+            return Ok(json(StatusCode::OK, &serde_json::json!({ "leases": leases })));
+        }
+        "/v2/leases" => return Err(method_not_allowed()),
         _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/v2/sessions") {
+        if req.method() != Method::POST {
+            return Err(method_not_allowed());
+        }
+        return session_route(shared, req, rest).await;
     }
     let Some(raw_key) = path.strip_prefix("/v1/leases/") else {
         return Err(err(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}")));
@@ -250,6 +269,13 @@ async fn read_request(
     req: hyper::Request<Incoming>,
     timeout: std::time::Duration,
 ) -> Result<Request, ApiError> {
+    let body = read_body(req, timeout).await?;
+    serde_json::from_slice::<Request>(&body)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("not a lease request: {e}")))
+}
+
+/// The whole body, within `timeout` and [`MAX_BODY`].
+async fn read_body(req: hyper::Request<Incoming>, timeout: std::time::Duration) -> Result<Bytes, ApiError> {
     let too_large = || {
         err(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {MAX_BODY} bytes"))
     };
@@ -278,8 +304,115 @@ async fn read_request(
     if let Some(BodyRead(flag)) = body_read {
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    serde_json::from_slice::<Request>(&body.to_bytes())
-        .map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("not a lease request: {e}")))
+    Ok(body.to_bytes())
+}
+
+/// The longest a keepalive is held open, whatever `wait_ms` asks: past this, proxies and
+/// idle timeouts start cutting connections.
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `POST /v2/sessions` (open) and `POST /v2/sessions/{id}` (everything else). `rest` is the
+/// path after `/v2/sessions`.
+async fn session_route(
+    shared: &Shared,
+    req: hyper::Request<Incoming>,
+    rest: &str,
+) -> Result<Response<Body>, ApiError> {
+    let path_session = match rest {
+        "" => None,
+        id => Some(
+            id.strip_prefix('/').and_then(|id| id.parse::<u64>().ok()).filter(|id| *id != 0).ok_or_else(
+                || err(StatusCode::NOT_FOUND, "not_found", format!("no such session path: {rest:?}")),
+            )?,
+        ),
+    };
+    let hold = hold_query(req.uri().query().unwrap_or(""))?;
+    let body = read_body(req, shared.request_timeout).await?;
+    let request: SessionRequest = serde_json::from_slice(&body)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("not a session request: {e}")))?;
+    let reply = match (path_session, &request.op) {
+        (None, SessionOp::Open { ttl, label }) => shared.sessions.open_session(*ttl, label.clone()).await,
+        (None, _) => {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                "POST /v2/sessions takes an open; other requests go to /v2/sessions/{id}",
+            ))
+        }
+        (Some(_), SessionOp::Open { .. }) => {
+            return Err(err(StatusCode::BAD_REQUEST, "malformed_json", "an open goes to POST /v2/sessions"))
+        }
+        (Some(id), _) if id != request.session.0 => {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                "session_mismatch",
+                format!("the path names session {id}, the body {}", request.session.0),
+            ))
+        }
+        (Some(_), op) => {
+            if let (SessionOp::KeepAlive, Some(wait)) = (op, hold) {
+                // Held at most half the request timeout, so the answer leaves well before
+                // anyone's timeout cuts it.
+                let wait = wait.min(shared.request_timeout / 2).min(MAX_HOLD);
+                shared.sessions.hold_keepalive(request.session, wait).await;
+            }
+            shared.sessions.request(request.clone()).await
+        }
+    }
+    .map_err(|e| unavailable_sessions(&e))?;
+    let status = match reply {
+        SessionReply::Rejected(r) => {
+            let (status, code) = session_rejected(r);
+            shared.metrics.error(code);
+            status
+        }
+        _ => StatusCode::OK,
+    };
+    Ok(json(status, &request.answer(reply)))
+}
+
+/// `wait_ms=N`: hold a keepalive up to N ms until there is news for the session.
+fn hold_query(query: &str) -> Result<Option<std::time::Duration>, ApiError> {
+    let mut wait = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "wait_ms" => {
+                let ms = value.parse::<u64>().map_err(|_| {
+                    err(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        format!("wait_ms={value:?}: expected milliseconds"),
+                    )
+                })?;
+                wait = Some(std::time::Duration::from_millis(ms));
+            }
+            _ => {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("unknown parameter {name:?} (known: wait_ms)"),
+                ))
+            }
+        }
+    }
+    Ok(wait)
+}
+
+/// The status of a refused session request. The body is still the core's response, so a
+/// client reads the reason from one schema; the status tells generic tools it failed.
+fn session_rejected(r: Reject) -> (StatusCode, &'static str) {
+    match r {
+        // Not 503: retrying the same request cannot help until something is freed.
+        Reject::Capacity => (StatusCode::INSUFFICIENT_STORAGE, "capacity"),
+        Reject::Misconfigured => (StatusCode::INTERNAL_SERVER_ERROR, "unavailable"),
+        r => rejected(r).status_code(),
+    }
+}
+
+fn unavailable_sessions(e: &crate::sessions::SessionStoreError) -> ApiError {
+    tracing::debug!("{e}");
+    err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
 }
 
 fn rejected(r: Reject) -> ApiError {

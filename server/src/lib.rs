@@ -3,6 +3,7 @@
 mod conns;
 mod http;
 mod metrics;
+mod sessions;
 mod store;
 #[cfg(feature = "tls")]
 mod tls;
@@ -15,6 +16,7 @@ use leasehold_core::authority::Limits;
 use smol_hyper::rt::FuturesIo;
 
 pub use http::MAX_BODY;
+pub use sessions::{SessionStoreError, MAX_SESSIONS, MAX_SESSION_KEYS, MAX_WAITERS_PER_KEY};
 pub use store::StoreError;
 #[cfg(feature = "tls")]
 pub use tls::ServerTls;
@@ -188,6 +190,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The session log could not be opened or replayed.
+    #[error(transparent)]
+    Sessions(#[from] SessionStoreError),
     /// The configuration cannot work.
     #[error("configuration: {0}")]
     Config(#[from] ConfigError),
@@ -209,6 +214,7 @@ impl Clock {
 
 pub(crate) struct Shared {
     store: store::Store,
+    sessions: sessions::Sessions,
     clock: Clock,
     token: Option<String>,
     request_timeout: std::time::Duration,
@@ -222,6 +228,8 @@ pub(crate) struct Shared {
 impl Shared {
     fn render_metrics(&self) -> String {
         let st = self.store.stats();
+        let ss = &self.sessions.stats;
+        let (live_sessions, session_keys) = self.sessions.counts();
         let load = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
         let up = matches!(self.store.health(), store::Health::Up);
         let gauges = [
@@ -236,6 +244,12 @@ impl Shared {
                 load(&st.fence_floor),
             ),
             ("leasehold_connections_open", "Connections being served.", self.conns.open() as u64),
+            ("leasehold_sessions_live", "Sessions open now.", live_sessions),
+            (
+                "leasehold_session_keys",
+                "Keys sessions have used (never forgotten: they keep their fence counters).",
+                session_keys,
+            ),
             ("leasehold_connections_max", "The connection cap in force.", self.conns.cap() as u64),
             (
                 "leasehold_open_files_limit",
@@ -253,6 +267,14 @@ impl Shared {
             ("leasehold_store_reopens_total", "Times the store was re-opened after a failure.", load(&st.reopens)),
             ("leasehold_keys_reclaimed_total", "Records of idle keys deleted.", load(&st.reclaimed)),
             ("leasehold_store_compactions_total", "Compactions of the store file after reclaiming.", load(&st.compactions)),
+            ("leasehold_session_opens_total", "Session opens handled.", load(&ss.opens)),
+            ("leasehold_session_keepalives_total", "Session keepalives handled (one renews every key).", load(&ss.keepalives)),
+            ("leasehold_session_acquires_total", "Session acquires handled.", load(&ss.acquires)),
+            ("leasehold_session_releases_total", "Session releases handled.", load(&ss.releases)),
+            ("leasehold_session_closes_total", "Session closes handled.", load(&ss.closes)),
+            ("leasehold_session_expiries_total", "Session expiry passes logged (each ends every session due).", load(&ss.timeouts)),
+            ("leasehold_session_pushed_total", "Keepalives answered with a grant made while the session waited.", load(&ss.pushed)),
+            ("leasehold_session_commits_total", "Fsynced appends to the session log (one per group of inputs).", load(&ss.commits)),
         ];
         self.metrics.render(&counters, &gauges)
     }
@@ -265,6 +287,7 @@ pub struct Server {
     tls: Option<ServerTls>,
     shared: Arc<Shared>,
     writer: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    session_writer: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 impl Server {
@@ -275,11 +298,16 @@ impl Server {
         let clock = Clock(std::time::Instant::now());
         let (store, writer) =
             store::Store::open(&config.data_dir, clock, config.limits, config.reclaim_after)?;
+        // Field by field: the core has a test-only field behind a feature.
+        let mut session_limits = leasehold_core::session::SessionLimits::default();
+        (session_limits.min_ttl, session_limits.max_ttl) = (config.limits.min_ttl, config.limits.max_ttl);
+        let (sessions, session_writer) = sessions::Sessions::open(&config.data_dir, session_limits)?;
         let listener = async_net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
             store,
+            sessions,
             clock,
             token: config.token,
             request_timeout: config.request_timeout,
@@ -294,6 +322,7 @@ impl Server {
             tls: config.tls,
             shared,
             writer: Box::pin(writer),
+            session_writer: Box::pin(session_writer),
         })
     }
 
@@ -320,11 +349,12 @@ impl Server {
     /// store I/O on a blocking thread pool.
     pub async fn run(self) {
         #[cfg(feature = "tls")]
-        let Server { listener, tls, shared, writer } = self;
+        let Server { listener, tls, shared, writer, session_writer } = self;
         #[cfg(not(feature = "tls"))]
-        let Server { listener, shared, writer } = self;
+        let Server { listener, shared, writer, session_writer } = self;
         let ex = smol::LocalExecutor::new();
         ex.spawn(writer).detach();
+        ex.spawn(session_writer).detach();
         ex.run(async {
             let mut backoff = conns::AcceptBackoff::default();
             loop {

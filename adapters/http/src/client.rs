@@ -29,7 +29,7 @@ pub fn now() -> leasehold_core::Instant {
     leasehold_core::Instant::from_micros(epoch().elapsed().as_micros() as u64)
 }
 
-fn to_std(t: leasehold_core::Instant) -> std::time::Instant {
+pub(crate) fn to_std(t: leasehold_core::Instant) -> std::time::Instant {
     epoch() + Duration::from_micros(t.as_micros())
 }
 
@@ -182,15 +182,15 @@ impl<B: Backend> Drop for Active<B> {
 /// Renewal runs here rather than on the caller's executor for two reasons: the crate needs no
 /// runtime (no spawn trait to implement, works under smol, tokio or plain `block_on`), and a
 /// caller that blocks its own executor threads cannot starve renewals and lose the lease.
-struct DriverThread {
-    executor: Arc<async_executor::Executor<'static>>,
+pub(crate) struct DriverThread {
+    pub(crate) executor: Arc<async_executor::Executor<'static>>,
     /// Dropping it (with the last `Inner`, i.e. after the last lease's task ended) ends the
     /// thread.
     _stop: async_channel::Sender<()>,
 }
 
 impl DriverThread {
-    fn start() -> std::io::Result<DriverThread> {
+    pub(crate) fn start() -> std::io::Result<DriverThread> {
         let executor = Arc::new(async_executor::Executor::new());
         let (stop, stopped) = async_channel::bounded::<()>(1);
         let ex = executor.clone();
@@ -341,12 +341,12 @@ impl<B: Backend> Client<B> {
                 drop(active);
             })
             .detach();
-        let lease = Lease { key, owner, shared, released: false };
+        let lease = SingleLease { key, owner, shared, released: false };
         let mut reported = 0;
         loop {
             let listener = lease.shared.changed.listen();
             if lease.shared.lock().state() == State::Held {
-                return Ok(lease);
+                return Ok(Lease(Held::Single(lease)));
             }
             if let Some(Event::NotAcquired { reason }) = *lease.shared.ended() {
                 return Err(match reason {
@@ -545,19 +545,35 @@ async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, 
 ///
 /// Check [`remaining`](Lease::remaining) (or [`is_healthy`](Lease::is_healthy)) before acting,
 /// present [`fence`](Lease::fence) to every resource the lease protects, and select on
-/// [`lost`](Lease::lost) to stop work promptly.
-pub struct Lease {
+/// [`lost`](Lease::lost) to stop work promptly. The same handle comes from a [`Client`] (one
+/// lease machine per key) and from a [`SessionClient`](crate::SessionClient) (every key of the
+/// client in one session).
+pub struct Lease(Held);
+
+enum Held {
+    Single(SingleLease),
+    Session(crate::session::SessionLease),
+}
+
+/// A lease of its own (protocol v1): one core `Lease` machine renewing one key.
+struct SingleLease {
     key: Key,
     owner: OwnerId,
     shared: Arc<Shared>,
     released: bool,
 }
 
+impl From<crate::session::SessionLease> for Lease {
+    fn from(l: crate::session::SessionLease) -> Lease {
+        Lease(Held::Session(l))
+    }
+}
+
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
-            .field("key", &self.key)
-            .field("owner", &self.owner)
+            .field("key", &self.key())
+            .field("owner", &self.owner())
             .field("fence", &self.fence())
             .finish()
     }
@@ -566,42 +582,65 @@ impl std::fmt::Debug for Lease {
 impl Lease {
     /// The key.
     pub fn key(&self) -> &str {
-        &self.key
+        match &self.0 {
+            Held::Single(l) => &l.key,
+            Held::Session(l) => l.key(),
+        }
     }
 
-    /// Who holds it: a fresh random 64-bit id per acquisition (from `fastrand`, whose
-    /// per-thread generators are seeded from std's OS-randomised hasher keys, so processes
-    /// started at the same instant still differ). A new id per incarnation means a restarted
-    /// process never mistakes its predecessor's grant for its own.
+    /// Who holds it. For a lease of its own: a fresh random 64-bit id per acquisition (from
+    /// `fastrand`, whose per-thread generators are seeded from std's OS-randomised hasher keys,
+    /// so processes started at the same instant still differ); a new id per incarnation means a
+    /// restarted process never mistakes its predecessor's grant for its own. For a session's
+    /// lease: the session's id (public; the session's secret is what authorises).
     pub fn owner(&self) -> OwnerId {
-        self.owner
+        match &self.0 {
+            Held::Single(l) => l.owner,
+            Held::Session(l) => l.owner(),
+        }
     }
 
     /// The fence, while held.
     pub fn fence(&self) -> Option<Fence> {
-        self.shared.lock().fence()
+        match &self.0 {
+            Held::Single(l) => l.shared.lock().fence(),
+            Held::Session(l) => l.fence(),
+        }
     }
 
     /// How long the lease may still be relied on; `None` once it may not.
     pub fn remaining(&self) -> Option<Duration> {
-        self.shared.lock().remaining(now()).map(Into::into)
+        match &self.0 {
+            Held::Single(l) => l.shared.lock().remaining(now()).map(Into::into),
+            Held::Session(l) => l.remaining(),
+        }
     }
 
     /// How much the lease can be trusted now.
     pub fn health(&self) -> Health {
-        self.shared.lock().health(now())
+        match &self.0 {
+            Held::Single(l) => l.shared.lock().health(now()),
+            Held::Session(l) => l.health(),
+        }
     }
 
     /// Held, valid, and renewing without trouble.
     pub fn is_healthy(&self) -> bool {
-        self.shared.lock().is_healthy(now())
+        match &self.0 {
+            Held::Single(l) => l.shared.lock().is_healthy(now()),
+            Held::Session(l) => l.health() == Health::Held,
+        }
     }
 
     /// Resolves when the lease is lost (never, after a clean release).
     pub async fn lost(&self) -> LostReason {
+        let l = match &self.0 {
+            Held::Single(l) => l,
+            Held::Session(l) => return l.lost().await,
+        };
         loop {
-            let listener = self.shared.changed.listen();
-            if let Some(Event::Lost { reason, .. }) = *self.shared.ended() {
+            let listener = l.shared.changed.listen();
+            if let Some(Event::Lost { reason, .. }) = *l.shared.ended() {
                 return reason;
             }
             listener.await;
@@ -617,22 +656,22 @@ impl Lease {
     /// expiry instead. Dropping the future early leaves the release running in the background
     /// ([`Client::wait_idle`] waits for it).
     pub async fn release(mut self) -> Result<(), ReleaseError> {
-        self.begin_release();
+        let l = match &mut self.0 {
+            Held::Single(l) => l,
+            Held::Session(l) => return l.release().await,
+        };
+        l.begin_release();
         loop {
-            let listener = self.shared.changed.listen();
-            let ended = *self.shared.ended();
+            let listener = l.shared.changed.listen();
+            let ended = *l.shared.ended();
             match ended {
                 Some(Event::Released { acknowledged: true, .. }) => return Ok(()),
                 Some(Event::Released { fence, acknowledged: false }) => {
-                    let last_error = self.shared.last_error().clone();
-                    return Err(ReleaseError::NotAcknowledged {
-                        key: self.key.to_string(),
-                        fence,
-                        last_error,
-                    });
+                    let last_error = l.shared.last_error().clone();
+                    return Err(ReleaseError::NotAcknowledged { key: l.key.to_string(), fence, last_error });
                 }
                 Some(Event::Lost { reason, .. }) => {
-                    return Err(ReleaseError::Lost { key: self.key.to_string(), reason })
+                    return Err(ReleaseError::Lost { key: l.key.to_string(), reason })
                 }
                 // A lease handle exists only once held, so an acquisition never ends here.
                 Some(_) => return Ok(()),
@@ -640,7 +679,9 @@ impl Lease {
             }
         }
     }
+}
 
+impl SingleLease {
     fn begin_release(&mut self) {
         if self.released {
             return;
@@ -654,7 +695,7 @@ impl Lease {
     }
 }
 
-impl Drop for Lease {
+impl Drop for SingleLease {
     /// Releases in the background.
     fn drop(&mut self) {
         self.begin_release();

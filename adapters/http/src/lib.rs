@@ -5,6 +5,7 @@ mod builtin;
 mod client;
 mod error;
 mod http;
+mod session;
 #[cfg(feature = "tls")]
 mod tls;
 
@@ -13,6 +14,7 @@ pub use builtin::BuiltinBackend;
 pub use client::{now, AcquireError, Client, Lease, Options, ReleaseError, Unreachable, Waiting};
 pub use error::{Cause, Report, TransportError};
 pub use http::{HttpClient, HttpResponse, Resolver, DEFAULT_MAX_CONNECTIONS};
+pub use session::{SessionClient, SessionSetupError, MAX_SESSION_KEYS};
 // What the API's signatures and errors name, so matching an error or tuning a config needs
 // no direct dependency on leasehold-core.
 pub use leasehold_core::{

@@ -12,6 +12,9 @@ use leasehold_http::{
 };
 use leasehold_server::{RunningServer, Server, ServerConfig};
 
+mod support;
+use support::{sleep, within};
+
 fn server(dir: &std::path::Path) -> RunningServer {
     Server::spawn(ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap())).expect("server starts")
 }
@@ -19,19 +22,6 @@ fn server(dir: &std::path::Path) -> RunningServer {
 fn client(url: &str, ttl_ms: u64) -> Client<BuiltinBackend> {
     let backend = BuiltinBackend::new(url, None, Duration::from_millis(500)).unwrap();
     Client::new(backend, Options::new(Duration::from_millis(ttl_ms))).unwrap()
-}
-
-async fn sleep(ms: u64) {
-    async_io::Timer::after(Duration::from_millis(ms)).await;
-}
-
-/// Fails the test instead of hanging it.
-async fn within<T>(ms: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    future::or(f, async {
-        sleep(ms).await;
-        panic!("{what} did not finish within {ms} ms")
-    })
-    .await
 }
 
 #[test]

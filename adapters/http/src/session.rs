@@ -1,0 +1,807 @@
+//! Protocol v2 against the built-in server: one session (one keepalive, one secret) for every
+//! key a client holds, FIFO waiting with pushed grants. The core's `Session` machine decides
+//! everything; this file carries its requests over HTTP and its events to the handles.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_lock::{Mutex as AsyncMutex, MutexGuardArc};
+use event_listener::Event as Signal;
+use futures_lite::future;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use leasehold_core::session::wire::{
+    parse_label, LabelError, Seq, SessionId, SessionOp, SessionRequest, SessionResponse,
+};
+use leasehold_core::session::{Session, SessionEvent, SessionState};
+use leasehold_core::{Config, ConfigError, Fence, Health, Key, LostReason, NotAcquired, OwnerId, Reject};
+
+use crate::client::{now, to_std, AcquireError, DriverThread, Options, ReleaseError, Unreachable, Waiting};
+use crate::error::TransportError;
+use crate::http::HttpClient;
+use crate::Lease;
+
+/// Most keys one [`SessionClient`] holds or waits for at once.
+pub const MAX_SESSION_KEYS: usize = 16 * 1024;
+
+type Machine = Session<MAX_SESSION_KEYS>;
+
+/// Why a [`SessionClient`] cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionSetupError {
+    /// The timing cannot keep the safety promise (see [`Config::validate`]).
+    #[error("session timing: {0}")]
+    Config(ConfigError),
+    /// The label is not acceptable.
+    #[error("session label: {0}")]
+    Label(LabelError),
+    /// The URL cannot be used.
+    #[error("server: {0}")]
+    Transport(#[source] TransportError),
+    /// The session table could not be built.
+    #[error("cannot build the session table: {0}")]
+    Spawn(String),
+}
+
+impl Options {
+    /// Defaults for a session of `ttl`, tuned for held keepalives: request timeout ttl/3, and a
+    /// keepalive every ttl/4, which is also how long the server may hold one open waiting for
+    /// a grant to push. So one keepalive is out at almost every moment: four a ttl, whatever
+    /// the number of keys.
+    pub fn session(ttl: Duration) -> Options {
+        let mut o = Options::new(ttl);
+        o.config.request_timeout = o.config.ttl.mul_div_floor(1, 3);
+        o.config.renew_every = o.config.ttl.mul_div_floor(1, 4);
+        o
+    }
+}
+
+/// Takes leases from the built-in server over protocol v2: every key in one session.
+///
+/// One keepalive renews every key; a waiter queues FIFO at the server and is pushed its grant
+/// in the reply to a keepalive the server holds open (no polling); losing the session loses
+/// every key at the same instant. The handles are the same [`Lease`] as [`Client`](crate::Client)'s.
+/// The session opens at the first acquisition (and again after it was lost), and closes when
+/// the client, its clones and its leases are all dropped, or at [`close`](SessionClient::close).
+pub struct SessionClient {
+    user: User,
+}
+
+impl Clone for SessionClient {
+    fn clone(&self) -> Self {
+        SessionClient { user: User::new(&self.user.0) }
+    }
+}
+
+/// Counts a client handle or a lease as a user of the session; the driver closes the
+/// session once there are none.
+struct User(Arc<Inner>);
+
+impl User {
+    fn new(inner: &Arc<Inner>) -> User {
+        inner.users.fetch_add(1, Ordering::SeqCst);
+        User(inner.clone())
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::SeqCst);
+        self.0.poke.notify(usize::MAX);
+    }
+}
+
+struct Inner {
+    /// Opens, acquires, releases, closes.
+    http: HttpClient,
+    /// Keepalives only, so one held open at the server never waits behind a burst of acquires
+    /// for a connection (and the other way round).
+    keepalive_http: HttpClient,
+    token: Option<String>,
+    /// How long the server may hold a keepalive: under the request timeout, so the answer comes
+    /// before the machine gives up on it.
+    hold: Duration,
+    machine: Mutex<Box<Machine>>,
+    /// The handles' view of each key the machine tracks.
+    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    view: Mutex<SessionView>,
+    /// One async mutex per key: a key is asked for by one handle of this client at a time.
+    local: Mutex<HashMap<Key, Arc<AsyncMutex<()>>>>,
+    /// Driver to handles: a session-level event (opened, refused, closed, lost), a permanent
+    /// error, or a key's slot ended.
+    changed: Signal,
+    /// Handles to driver: a verb was called, or a user left.
+    poke: Signal,
+    driver: Mutex<Option<DriverThread>>,
+    users: AtomicUsize,
+    last_error: Mutex<Option<TransportError>>,
+    permanent: Mutex<Option<TransportError>>,
+}
+
+/// The session-level events, as the handles need them.
+#[derive(Default)]
+struct SessionView {
+    /// Counts the opens asked for; `outcome` is that of the newest.
+    opens: u64,
+    outcome: Option<Result<SessionId, Reject>>,
+    closed: u64,
+}
+
+/// One acquisition's state, shared by the driver and the handle.
+struct Slot {
+    event: Mutex<Option<SessionEvent>>,
+    /// Driver to this slot's handle: its event changed. One signal per key, so an event for
+    /// one key wakes one waiter, not every acquisition in flight.
+    changed: Signal,
+    /// This client's turn at the key, given up when the acquisition or holding ends.
+    guard: Mutex<Option<MutexGuardArc<()>>>,
+}
+
+impl Slot {
+    fn event(&self) -> MutexGuard<'_, Option<SessionEvent>> {
+        self.event.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn terminal(e: &SessionEvent) -> bool {
+    matches!(e, SessionEvent::NotAcquired { .. } | SessionEvent::Released { .. } | SessionEvent::Lost { .. })
+}
+
+/// A fresh machine on the heap. Its key table is an inline array (megabytes); a debug build
+/// makes copies of it on the stack on the way into the box, which overflows small stacks (a
+/// tokio worker's is 2 MiB), and the workspace forbids the unsafe code that would build it in
+/// place. So it is built on a thread whose stack fits those copies.
+fn fresh_machine(
+    label: leasehold_core::session::wire::Label,
+    config: Config,
+) -> Result<Box<Machine>, SessionSetupError> {
+    let size = std::mem::size_of::<Machine>();
+    std::thread::Builder::new()
+        .name("session-table".into())
+        .stack_size(8 * size + (1 << 20))
+        .spawn(move || Machine::new(label, config).map(Box::new))
+        .map_err(|e| SessionSetupError::Spawn(e.to_string()))?
+        .join()
+        .map_err(|_| SessionSetupError::Spawn("building the session table panicked".into()))?
+        .map_err(SessionSetupError::Config)
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl SessionClient {
+    /// A client of the built-in server at `url` (with its `--token`, if any), whose session is
+    /// labelled `label` (shown by status pages: a host or process name, at most 32 printable
+    /// ASCII bytes). `options`' ttl is the session's; [`Options::session`] has timings that
+    /// keep one keepalive held at the server at almost every moment, so grants are pushed at
+    /// once.
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        label: &str,
+        options: Options,
+    ) -> Result<SessionClient, SessionSetupError> {
+        Self::build(url, token, label, options, None)
+    }
+
+    fn build(
+        url: &str,
+        token: Option<String>,
+        label: &str,
+        options: Options,
+        #[cfg(feature = "tls")] tls: Option<crate::TlsConfig>,
+        #[cfg(not(feature = "tls"))] _tls: Option<std::convert::Infallible>,
+    ) -> Result<SessionClient, SessionSetupError> {
+        let config = options.config;
+        config.validate().map_err(SessionSetupError::Config)?;
+        let label = parse_label(label).map_err(SessionSetupError::Label)?;
+        let timeout: Duration = config.request_timeout.into();
+        let http_client = || {
+            let http = HttpClient::new(url, timeout).map_err(SessionSetupError::Transport)?;
+            #[cfg(feature = "tls")]
+            let http = match &tls {
+                Some(tls) => http.with_tls(tls.clone()),
+                None => http,
+            };
+            Ok::<_, SessionSetupError>(http)
+        };
+        let http = http_client()?;
+        // Two: a keepalive the machine gave up on may still be out when it sends the next.
+        let keepalive_http = http_client()?.with_max_connections(2);
+        let hold = Duration::from(config.renew_every).min(timeout.mul_f64(0.75));
+        let inner = Arc::new(Inner {
+            http,
+            keepalive_http,
+            token,
+            hold,
+            machine: Mutex::new(fresh_machine(label, config)?),
+            slots: Mutex::new(HashMap::new()),
+            view: Mutex::new(SessionView::default()),
+            local: Mutex::new(HashMap::new()),
+            changed: Signal::new(),
+            poke: Signal::new(),
+            driver: Mutex::new(None),
+            users: AtomicUsize::new(0),
+            last_error: Mutex::new(None),
+            permanent: Mutex::new(None),
+        });
+        Ok(SessionClient { user: User::new(&inner) })
+    }
+
+    /// [`new`](Self::new) for an `https://` server whose certificate `tls` vouches for (a
+    /// private CA, a client certificate; see [`TlsConfig`](crate::TlsConfig)).
+    #[cfg(feature = "tls")]
+    pub fn with_tls(
+        url: &str,
+        token: Option<String>,
+        label: &str,
+        options: Options,
+        tls: crate::TlsConfig,
+    ) -> Result<SessionClient, SessionSetupError> {
+        Self::build(url, token, label, options, Some(tls))
+    }
+
+    /// The session's id while it is open.
+    pub fn session_id(&self) -> Option<u64> {
+        lock(&self.user.0.machine).id().map(|s| s.0)
+    }
+
+    /// Waits until `key` is granted: queued FIFO at the server behind earlier waiters, and
+    /// pushed the grant when its turn comes.
+    pub async fn acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        self.acquire_reporting(key, None, |_| {}).await
+    }
+
+    /// One attempt: `Err(Busy)` at once if anyone holds `key`.
+    pub async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        let key = parse(key)?;
+        let guard = self.local(&key).try_lock_arc().ok_or(AcquireError::Busy)?;
+        self.start(key, guard, false, None, &mut |_| {}).await
+    }
+
+    /// Waits at most `timeout` for `key`; at the deadline the wait is given up (`Err(Busy)`).
+    pub async fn acquire_timeout(&self, key: &str, timeout: Duration) -> Result<Lease, AcquireError> {
+        self.acquire_reporting(key, Some(timeout), |_| {}).await
+    }
+
+    /// [`acquire`](Self::acquire) or [`acquire_timeout`](Self::acquire_timeout), telling
+    /// `report` what the acquisition waits for when that changes.
+    pub async fn acquire_reporting(
+        &self,
+        key: &str,
+        timeout: Option<Duration>,
+        mut report: impl FnMut(&Waiting) + Send,
+    ) -> Result<Lease, AcquireError> {
+        let key = parse(key)?;
+        let deadline = timeout.map(|t| now() + t.into());
+        let local = self.local(&key);
+        let guard = match deadline {
+            None => local.lock_arc().await,
+            Some(d) => future::or(async { Some(local.lock_arc().await) }, async {
+                async_io::Timer::at(to_std(d)).await;
+                None
+            })
+            .await
+            .ok_or(AcquireError::Busy)?,
+        };
+        self.start(key, guard, true, deadline, &mut report).await
+    }
+
+    /// Ends the session: every key it holds is free at once at the server, and every lease of
+    /// this client is released. Returns once the server acknowledged (or the session expired).
+    pub async fn close(&self) {
+        let inner = &self.user.0;
+        let closed = lock(&inner.view).closed;
+        if lock(&inner.machine).close(now()).is_err() {
+            return;
+        }
+        inner.poke.notify(usize::MAX);
+        loop {
+            let listener = inner.changed.listen();
+            if lock(&inner.view).closed != closed || lock(&inner.machine).state() != SessionState::Closing {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Waits until every lease of this client has ended (released, lost, or not acquired), so
+    /// that releases of dropped leases reach the server before the process exits.
+    pub async fn wait_idle(&self) {
+        let inner = &self.user.0;
+        loop {
+            let listener = inner.changed.listen();
+            if lock(&inner.slots).is_empty() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    fn local(&self, key: &Key) -> Arc<AsyncMutex<()>> {
+        let mut map = lock(&self.user.0.local);
+        map.retain(|k, m| k == key || Arc::strong_count(m) > 1);
+        map.entry(key.clone()).or_default().clone()
+    }
+
+    fn ensure_driver(&self) -> Result<(), AcquireError> {
+        let inner = &self.user.0;
+        let mut driver = lock(&inner.driver);
+        if driver.is_some() {
+            return Ok(());
+        }
+        let d = DriverThread::start().map_err(|e| AcquireError::Spawn(e.to_string()))?;
+        let executor = d.executor.clone();
+        executor.spawn(drive(inner.clone(), executor.clone())).detach();
+        *driver = Some(d);
+        Ok(())
+    }
+
+    /// Waits for an open session, opening one if there is none.
+    async fn opened(&self, deadline: Option<leasehold_core::Instant>) -> Result<(), AcquireError> {
+        let inner = &self.user.0;
+        let mut asked = None;
+        loop {
+            let listener = inner.changed.listen();
+            if let Some(e) = lock(&inner.permanent).clone() {
+                return Err(AcquireError::Misconfigured(e));
+            }
+            {
+                let mut m = lock(&inner.machine);
+                let mut view = lock(&inner.view);
+                match m.state() {
+                    SessionState::Open => return Ok(()),
+                    SessionState::Idle | SessionState::Ended => {
+                        if let (Some(n), Some(Err(reason))) = (asked, view.outcome) {
+                            if n == view.opens {
+                                return Err(AcquireError::Rejected(reason));
+                            }
+                        }
+                        if m.open(now()).is_ok() {
+                            view.opens += 1;
+                            view.outcome = None;
+                            asked = Some(view.opens);
+                            inner.poke.notify(usize::MAX);
+                        }
+                    }
+                    SessionState::Opening | SessionState::Closing => {}
+                }
+            }
+            if !heard_before(listener, deadline).await {
+                let last = lock(&inner.last_error).clone();
+                return Err(AcquireError::Unavailable(last.map(Unreachable)));
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        key: Key,
+        guard: MutexGuardArc<()>,
+        wait: bool,
+        deadline: Option<leasehold_core::Instant>,
+        report: &mut (dyn FnMut(&Waiting) + Send),
+    ) -> Result<Lease, AcquireError> {
+        self.ensure_driver()?;
+        let inner = &self.user.0;
+        let slot = Arc::new(Slot {
+            event: Mutex::new(None),
+            changed: Signal::new(),
+            guard: Mutex::new(Some(guard)),
+        });
+        loop {
+            self.opened(deadline).await?;
+            let mut m = lock(&inner.machine);
+            lock(&inner.slots).insert(key.clone(), slot.clone());
+            match m.acquire(now(), key.clone(), wait) {
+                Ok(()) => break,
+                // Lost between the look and the verb: open again.
+                Err(leasehold_core::session::holder::AcquireError::NotOpen) => continue,
+                Err(leasehold_core::session::holder::AcquireError::Full) => {
+                    lock(&inner.slots).remove(&key);
+                    return Err(AcquireError::Rejected(Reject::Capacity));
+                }
+                Err(e) => {
+                    lock(&inner.slots).remove(&key);
+                    return Err(AcquireError::Spawn(format!("session machine refused the acquire: {e}")));
+                }
+            }
+        }
+        inner.poke.notify(usize::MAX);
+        let mut gave_up = false;
+        loop {
+            let listener = slot.changed.listen();
+            let event = slot.event().clone();
+            match event {
+                Some(SessionEvent::Acquired { fence, .. }) => {
+                    let session = lock(&inner.machine).id().unwrap_or(SessionId::NONE);
+                    return Ok(Lease::from(SessionLease {
+                        key,
+                        fence,
+                        session,
+                        slot,
+                        released: false,
+                        user: User::new(inner),
+                    }));
+                }
+                Some(SessionEvent::Queued { .. }) => report(&Waiting::Held { expires_in: None }),
+                Some(SessionEvent::NotAcquired { reason, .. }) => {
+                    return Err(match reason {
+                        NotAcquired::Busy | NotAcquired::Cancelled => AcquireError::Busy,
+                        NotAcquired::Rejected(r) => AcquireError::Rejected(r),
+                        NotAcquired::Unavailable | NotAcquired::Unreachable => {
+                            match lock(&inner.permanent).clone() {
+                                Some(e) => AcquireError::Misconfigured(e),
+                                None => AcquireError::Unavailable(
+                                    lock(&inner.last_error).clone().map(Unreachable),
+                                ),
+                            }
+                        }
+                    })
+                }
+                _ => {}
+            }
+            if !heard_before(listener, deadline.filter(|_| !gave_up)).await {
+                // Leave the queue; a grant that crossed this is given back by the machine.
+                // The answer is the slot's end, whichever it is.
+                gave_up = true;
+                let _ = lock(&inner.machine).release(now(), &key);
+                inner.poke.notify(usize::MAX);
+            }
+        }
+    }
+}
+
+/// Waits for `listener`, or until `deadline` if there is one: whether it was heard first.
+async fn heard_before(
+    listener: event_listener::EventListener,
+    deadline: Option<leasehold_core::Instant>,
+) -> bool {
+    match deadline {
+        None => {
+            listener.await;
+            true
+        }
+        Some(d) => {
+            future::or(
+                async {
+                    listener.await;
+                    true
+                },
+                async {
+                    async_io::Timer::at(to_std(d)).await;
+                    false
+                },
+            )
+            .await
+        }
+    }
+}
+
+fn parse(key: &str) -> Result<Key, AcquireError> {
+    leasehold_core::parse_key(key).map_err(AcquireError::InvalidKey)
+}
+
+impl Inner {
+    /// Carries one request of the machine to the server and brings back the response.
+    async fn call(&self, req: &SessionRequest) -> Result<SessionResponse, TransportError> {
+        let (http, path) = match req.op {
+            SessionOp::Open { .. } => (&self.http, "/v2/sessions".to_string()),
+            SessionOp::KeepAlive => (
+                &self.keepalive_http,
+                format!("/v2/sessions/{}?wait_ms={}", req.session.0, self.hold.as_millis()),
+            ),
+            _ => (&self.http, format!("/v2/sessions/{}", req.session.0)),
+        };
+        let body = serde_json::to_vec(req).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let mut b =
+            http.request(hyper::Method::POST, &path).header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &self.token {
+            b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let request =
+            b.body(Full::new(Bytes::from(body))).map_err(|e| TransportError::Config(e.to_string()))?;
+        let resp = http.send(request).await?;
+        session_response(req, resp.status, &resp.body)
+    }
+}
+
+/// The server's answer: the core's response whatever the status (refusals come as 4xx with
+/// the same body), or a transport-level error body.
+fn session_response(
+    req: &SessionRequest,
+    status: u16,
+    body: &[u8],
+) -> Result<SessionResponse, TransportError> {
+    if let Ok(r) = serde_json::from_slice::<SessionResponse>(body) {
+        if r.seq != req.seq || (r.session != req.session) {
+            return Err(TransportError::Protocol("session response for another request".into()));
+        }
+        return Ok(r);
+    }
+    let err: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let what = match &err {
+        Some(e) => format!("HTTP {status} {}: {}", e.error, e.message),
+        None => format!("HTTP {status} with a body that is neither a session response nor an error"),
+    };
+    match status {
+        // The store failed or is being re-opened: retrying helps.
+        500..=599 => Err(TransportError::Protocol(what)),
+        // A wrong token, a server without protocol v2, a request it cannot parse: only a
+        // change of configuration (or of version) helps.
+        _ => Err(TransportError::Config(format!("the server refused a session request: {what}"))),
+    }
+}
+
+/// Moves requests, responses and time between the machine and the server, and events to the
+/// handles. Requests run concurrently (each on the driver's executor); the machine decides
+/// what each response means.
+async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static>>) {
+    let (done, responses) = async_channel::unbounded::<(Seq, Result<SessionResponse, TransportError>)>();
+    let mut in_flight = 0usize;
+    let mut last_state = SessionState::Idle;
+    loop {
+        // Listening before looking, so a verb called after the look still wakes us.
+        let poked = inner.poke.listen();
+        let (timeout, state) = {
+            let mut m = lock(&inner.machine);
+            let state_before = last_state;
+            if inner.users.load(Ordering::SeqCst) == 0 && m.state() == SessionState::Open {
+                let _ = m.close(now());
+            }
+            while let Some(req) = m.poll_transmit() {
+                in_flight += 1;
+                let (inner, done) = (inner.clone(), done.clone());
+                executor
+                    .spawn(async move {
+                        let r = inner.call(&req).await;
+                        let _ = done.send((req.seq, r)).await;
+                    })
+                    .detach();
+            }
+            let mut news = false;
+            while let Some(e) = m.poll_event() {
+                tracing::debug!("session event: {e:?}");
+                news |= inner.route(e);
+            }
+            if news || m.state() != state_before {
+                inner.changed.notify(usize::MAX);
+            }
+            (m.poll_timeout(), m.state())
+        };
+        last_state = state;
+        let gone = inner.users.load(Ordering::SeqCst) == 0;
+        if gone && in_flight == 0 && !matches!(state, SessionState::Open | SessionState::Closing) {
+            // Nobody left to serve; dropping the last `Inner` ends the driver thread.
+            return;
+        }
+        enum Wake {
+            Response(Seq, Result<SessionResponse, TransportError>),
+            Timer,
+            Poke,
+        }
+        let response = async {
+            match responses.recv().await {
+                Ok((seq, r)) => Wake::Response(seq, r),
+                Err(_) => future::pending().await,
+            }
+        };
+        let timer = async {
+            match timeout {
+                Some(t) => async_io::Timer::at(to_std(t)).await,
+                None => future::pending().await,
+            };
+            Wake::Timer
+        };
+        let poke = async {
+            poked.await;
+            Wake::Poke
+        };
+        let wake = future::or(future::or(response, timer), poke).await;
+        let mut m = lock(&inner.machine);
+        match wake {
+            Wake::Response(seq, result) => {
+                in_flight -= 1;
+                match result {
+                    Ok(resp) => {
+                        *lock(&inner.last_error) = None;
+                        m.handle_response(now(), &resp);
+                    }
+                    Err(e) => {
+                        tracing::debug!("session request failed: {}", crate::Report(&e));
+                        if e.is_permanent() && m.state() == SessionState::Opening {
+                            *lock(&inner.permanent) = Some(e.clone());
+                            inner.changed.notify(usize::MAX);
+                        }
+                        *lock(&inner.last_error) = Some(e);
+                        m.handle_transport_error(now(), seq);
+                    }
+                }
+            }
+            Wake::Timer => m.handle_timeout(now()),
+            Wake::Poke => {}
+        }
+    }
+}
+
+impl Inner {
+    /// Hands an event to whom it concerns. Returns whether the session-level waiters (or
+    /// [`SessionClient::wait_idle`]) must look.
+    fn route(&self, e: SessionEvent) -> bool {
+        let key = match &e {
+            SessionEvent::Opened { session, .. } => {
+                lock(&self.view).outcome = Some(Ok(*session));
+                *lock(&self.permanent) = None;
+                return true;
+            }
+            SessionEvent::NotOpened { reason } => {
+                lock(&self.view).outcome = Some(Err(*reason));
+                return true;
+            }
+            SessionEvent::Closed { .. } => {
+                lock(&self.view).closed += 1;
+                return true;
+            }
+            SessionEvent::SessionLost { reason } => {
+                tracing::warn!("session lost ({reason}); every key with it");
+                return true;
+            }
+            SessionEvent::Acquired { key, .. }
+            | SessionEvent::Queued { key, .. }
+            | SessionEvent::NotAcquired { key, .. }
+            | SessionEvent::Released { key, .. }
+            | SessionEvent::Lost { key, .. } => key.clone(),
+        };
+        let mut slots = lock(&self.slots);
+        let Some(slot) = slots.get(&key).cloned() else { return false };
+        let end = terminal(&e);
+        *slot.event() = Some(e);
+        if end {
+            slots.remove(&key);
+            drop(lock(&slot.guard).take());
+        }
+        slot.changed.notify(usize::MAX);
+        end
+    }
+}
+
+/// A key held through a [`SessionClient`]: what a [`Lease`] wraps.
+pub(crate) struct SessionLease {
+    key: Key,
+    fence: Fence,
+    session: SessionId,
+    slot: Arc<Slot>,
+    released: bool,
+    user: User,
+}
+
+impl SessionLease {
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub(crate) fn owner(&self) -> OwnerId {
+        OwnerId(self.session.0)
+    }
+
+    fn held(&self) -> bool {
+        matches!(*self.slot.event(), Some(SessionEvent::Acquired { .. }))
+    }
+
+    pub(crate) fn fence(&self) -> Option<Fence> {
+        if !self.held() {
+            return None;
+        }
+        lock(&self.user.0.machine).fence(&self.key).filter(|f| *f == self.fence)
+    }
+
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        self.fence()?;
+        lock(&self.user.0.machine).remaining(now(), &self.key).map(Into::into)
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        match *self.slot.event() {
+            Some(SessionEvent::Lost { .. }) => return Health::Lost,
+            Some(SessionEvent::Released { .. }) => return Health::Released,
+            _ => {}
+        }
+        if self.remaining().is_none() {
+            // Past the validity; the machine reports the loss at its next turn.
+            return Health::Lost;
+        }
+        match *lock(&self.user.0.last_error) {
+            Some(_) => Health::Unknown,
+            None => Health::Held,
+        }
+    }
+
+    pub(crate) async fn lost(&self) -> LostReason {
+        loop {
+            let listener = self.slot.changed.listen();
+            if let Some(SessionEvent::Lost { reason, .. }) = *self.slot.event() {
+                return reason;
+            }
+            listener.await;
+        }
+    }
+
+    pub(crate) async fn release(&mut self) -> Result<(), ReleaseError> {
+        self.begin_release();
+        loop {
+            let listener = self.slot.changed.listen();
+            let event = self.slot.event().clone();
+            match event {
+                Some(SessionEvent::Released { acknowledged: true, .. }) => return Ok(()),
+                Some(SessionEvent::Released { fence, acknowledged: false, .. }) => {
+                    return Err(ReleaseError::NotAcknowledged {
+                        key: self.key.to_string(),
+                        fence,
+                        last_error: lock(&self.user.0.last_error).clone(),
+                    })
+                }
+                Some(SessionEvent::Lost { reason, .. }) => {
+                    return Err(ReleaseError::Lost { key: self.key.to_string(), reason })
+                }
+                _ => listener.await,
+            }
+        }
+    }
+
+    fn begin_release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        if lock(&self.user.0.machine).release(now(), &self.key).is_ok() {
+            self.user.0.poke.notify(usize::MAX);
+        }
+    }
+}
+
+impl Drop for SessionLease {
+    /// Releases in the background.
+    fn drop(&mut self) {
+        self.begin_release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_core::session::wire::{Secret, SessionReply};
+
+    fn req() -> SessionRequest {
+        SessionRequest { session: SessionId(3), secret: Secret::NONE, seq: Seq(5), op: SessionOp::KeepAlive }
+    }
+
+    #[test]
+    fn server_answers_map_to_responses_or_classified_errors() {
+        let ok = br#"{"session":3,"seq":5,"reply":"expired"}"#;
+        assert_eq!(session_response(&req(), 200, ok).unwrap().reply, SessionReply::Expired);
+        let refused = br#"{"session":3,"seq":5,"reply":{"rejected":"unauthorized"}}"#;
+        assert_eq!(
+            session_response(&req(), 401, refused).unwrap().reply,
+            SessionReply::Rejected(Reject::Unauthorized)
+        );
+        let other = br#"{"session":3,"seq":6,"reply":"expired"}"#;
+        assert!(matches!(session_response(&req(), 200, other), Err(TransportError::Protocol(_))));
+        let token = br#"{"error":"unauthorized","message":"missing or wrong bearer token"}"#;
+        let e = session_response(&req(), 401, token).unwrap_err();
+        assert!(e.is_permanent(), "{e}");
+        let down = br#"{"error":"unavailable","message":"store"}"#;
+        assert!(!session_response(&req(), 503, down).unwrap_err().is_permanent());
+        assert!(session_response(&req(), 404, b"<html>").unwrap_err().is_permanent());
+    }
+}

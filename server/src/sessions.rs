@@ -1,0 +1,599 @@
+//! Protocol v2: sessions, made durable as a write-ahead log of the authority's inputs.
+//!
+//! The rules are the core's [`SessionAuthority`], held in memory. The core is deterministic
+//! (same inputs, same outputs, no clock, no randomness), so its state is exactly the result of
+//! its inputs: every input (the time, the request, and for an open the secret drawn here) is
+//! appended to a log in redb before anyone hears of its effect. The one writer task takes every
+//! queued input, applies each to the authority in order, appends them all in one write
+//! transaction and commits it with fsync (group commit), and only then answers. At start the
+//! log is replayed through a fresh authority, then a `Recover` input re-arms every session from
+//! the restart (its old expiry was counted before the crash, as for v1 grants).
+//!
+//! Session expiries are inputs too (`Timeout`), logged like requests: when a session's time is
+//! up its keys move to their waiters, and that hand-off must be on disk before the new holder
+//! is told, and must replay identically.
+//!
+//! **Time across restarts.** The log's clock continues where the previous run's last entry
+//! left it (the process clock is added to that base), so the authority never sees time run
+//! backwards while replaying.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
+
+use leasehold_core::session::authority::SessionStatus;
+use leasehold_core::session::wire::{Label, Secret, SessionId, SessionOp, SessionReply, SessionRequest};
+use leasehold_core::session::{SessionAuthority, SessionLimits};
+use leasehold_core::{Duration, Instant};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// Most sessions live at once; an open past it is answered `Rejected(Capacity)`.
+pub const MAX_SESSIONS: usize = 16 * 1024;
+/// Most distinct keys sessions may ever use (a power of two, as the core's map needs). Keys
+/// are never forgotten, because a forgotten key would forget its fence counter; an acquire of
+/// one more is answered `Rejected(Capacity)`.
+pub const MAX_SESSION_KEYS: usize = 64 * 1024;
+/// Most sessions queued for one key; one more is answered `Rejected(Capacity)`. Each key
+/// reserves room for this many (the core is allocation-free), so it multiplies with
+/// [`MAX_SESSION_KEYS`] into the table's size.
+pub const MAX_WAITERS_PER_KEY: usize = 32;
+
+/// The server's session authority.
+pub(crate) type Authority = SessionAuthority<MAX_SESSIONS, MAX_SESSION_KEYS, MAX_WAITERS_PER_KEY>;
+
+/// The log: entry number → JSON of an [`Entry`].
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("session_log");
+
+/// At most this many inputs share one commit; bounds a batch's latency.
+const MAX_BATCH: usize = 512;
+
+/// One input to the authority, as logged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Input {
+    /// [`SessionAuthority::open`], with the secret drawn for it.
+    Open { ttl: Duration, label: Label, secret: Secret },
+    /// [`SessionAuthority::handle`].
+    Request(SessionRequest),
+    /// [`SessionAuthority::handle_timeout`].
+    Timeout,
+    /// [`SessionAuthority::recover`]: the server (re)started.
+    Recover,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    now: Instant,
+    input: Input,
+}
+
+/// Why the session store could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionStoreError {
+    /// The database failed (I/O, corruption, lock held by another process).
+    #[error("session store: {0}")]
+    Db(#[from] redb::Error),
+    /// A logged input could not be decoded.
+    #[error("session store: log entry {index} is corrupt: {source}")]
+    Corrupt {
+        /// The entry's number.
+        index: u64,
+        /// The decoding error.
+        source: serde_json::Error,
+    },
+    /// The authority's table could not be built.
+    #[error("session store: cannot build the session table: {0}")]
+    Build(std::io::Error),
+    /// An earlier failure left the in-memory state ahead of the log; it is being rebuilt.
+    #[error("session store: unavailable after {0}; rebuilding from the log, retry")]
+    Down(String),
+    /// The writer task is gone (the server is shutting down).
+    #[error("session store: writer stopped")]
+    Stopped,
+}
+
+impl SessionStoreError {
+    fn db(e: impl Into<redb::Error>) -> SessionStoreError {
+        SessionStoreError::Db(e.into())
+    }
+}
+
+/// The log's clock: the previous run's last logged time, plus this process's monotonic time.
+#[derive(Debug, Clone, Copy)]
+struct LogClock {
+    origin: std::time::Instant,
+    base: Instant,
+}
+
+impl LogClock {
+    fn now(&self) -> Instant {
+        self.base + Duration::from_micros(self.origin.elapsed().as_micros() as u64)
+    }
+
+    /// When the process clock reads `t`.
+    fn at(&self, t: Instant) -> std::time::Instant {
+        self.origin + StdDuration::from_micros((t - self.base).as_micros())
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub(crate) struct SessionStats {
+    pub(crate) opens: AtomicU64,
+    pub(crate) keepalives: AtomicU64,
+    pub(crate) acquires: AtomicU64,
+    pub(crate) releases: AtomicU64,
+    pub(crate) closes: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) commits: AtomicU64,
+    pub(crate) pushed: AtomicU64,
+}
+
+struct Job {
+    input: Input,
+    done: async_channel::Sender<Result<SessionReply, Arc<SessionStoreError>>>,
+}
+
+struct State {
+    db: Database,
+    authority: Box<Authority>,
+    /// The number the next log entry gets.
+    next_index: u64,
+    /// Set when a commit failed after its inputs were applied in memory: the authority is
+    /// ahead of the log and must be rebuilt from it before it answers again.
+    diverged: Option<String>,
+}
+
+pub(crate) struct Sessions {
+    clock: LogClock,
+    state: Arc<Mutex<State>>,
+    jobs: async_channel::Sender<Job>,
+    /// Notified after every commit, so held keepalives look for news.
+    news: Arc<event_listener::Event>,
+    pub(crate) stats: Arc<SessionStats>,
+}
+
+/// A key as `GET /v2/leases` shows it: nothing here authorises.
+#[derive(Debug, Serialize)]
+pub(crate) struct KeyView {
+    key: String,
+    holder: Option<HolderView>,
+    last_fence: u64,
+    waiting: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct HolderView {
+    session: u64,
+    label: String,
+    fence: u64,
+    ttl: u64,
+    remaining: u64,
+}
+
+/// A fresh, empty table. The core's tables are inline arrays (tens of MiB here), and
+/// `Box::new(Authority::new(..))` builds the value on the stack before moving it (always in a
+/// debug build), which overflows a thread's stack; the workspace forbids the unsafe code that
+/// would build it in place. So it is built on a thread whose stack fits a few copies of it.
+fn fresh_authority(limits: SessionLimits) -> Result<Box<Authority>, SessionStoreError> {
+    let size = std::mem::size_of::<Authority>();
+    std::thread::Builder::new()
+        .name("session-table".into())
+        .stack_size(8 * size + (1 << 20))
+        .spawn(move || Box::new(Authority::new(limits)))
+        .map_err(SessionStoreError::Build)?
+        .join()
+        .map_err(|_| SessionStoreError::Build(std::io::Error::other("building the session table panicked")))
+}
+
+fn apply(authority: &mut Authority, entry: &Entry) -> Option<SessionReply> {
+    let now = entry.now;
+    match &entry.input {
+        Input::Open { ttl, label, secret } => Some(authority.open(now, *ttl, label, *secret)),
+        Input::Request(r) => Some(authority.handle(now, r)),
+        Input::Timeout => {
+            authority.handle_timeout(now);
+            None
+        }
+        Input::Recover => {
+            authority.recover(now);
+            None
+        }
+    }
+}
+
+fn encode(entry: &Entry) -> Vec<u8> {
+    // Integers, byte arrays and bounded strings: serialising cannot fail.
+    serde_json::to_vec(entry).unwrap_or_default()
+}
+
+/// Replays the whole log through a fresh authority. Returns it, the next entry number, and
+/// the last logged time.
+fn replay(db: &Database, limits: SessionLimits) -> Result<(Box<Authority>, u64, Instant), SessionStoreError> {
+    let mut authority = fresh_authority(limits)?;
+    let (mut next_index, mut last) = (0, Instant::from_micros(0));
+    let txn = db.begin_read().map_err(SessionStoreError::db)?;
+    let table = match txn.open_table(LOG) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((authority, 0, last)),
+        Err(e) => return Err(SessionStoreError::db(e)),
+    };
+    for item in table.iter().map_err(SessionStoreError::db)? {
+        let (k, v) = item.map_err(SessionStoreError::db)?;
+        let index = k.value();
+        let entry: Entry = serde_json::from_slice(v.value())
+            .map_err(|source| SessionStoreError::Corrupt { index, source })?;
+        apply(&mut authority, &entry);
+        next_index = index + 1;
+        last = last.max(entry.now);
+    }
+    Ok((authority, next_index, last))
+}
+
+fn append(db: &Database, first: u64, entries: &[Vec<u8>]) -> Result<(), SessionStoreError> {
+    let txn = db.begin_write().map_err(SessionStoreError::db)?;
+    {
+        let mut table = txn.open_table(LOG).map_err(SessionStoreError::db)?;
+        for (i, e) in entries.iter().enumerate() {
+            table.insert(first + i as u64, e.as_slice()).map_err(SessionStoreError::db)?;
+        }
+    }
+    // Durability::Immediate (redb's default): fsync before anyone is answered.
+    txn.commit().map_err(SessionStoreError::db)
+}
+
+impl Sessions {
+    /// Opens (or creates) the session log in `dir`, replays it, re-arms every session from
+    /// now, and returns the sessions with the writer loop, which the caller must run.
+    pub(crate) fn open(
+        dir: &Path,
+        limits: SessionLimits,
+    ) -> Result<(Sessions, impl std::future::Future<Output = ()>), SessionStoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| SessionStoreError::Db(e.into()))?;
+        let path = dir.join("sessions.redb");
+        let db = Database::create(&path).map_err(SessionStoreError::db)?;
+        let (mut authority, next_index, last) = replay(&db, limits)?;
+        // One microsecond on, so the restart is strictly after everything logged.
+        let clock = LogClock { origin: std::time::Instant::now(), base: last + Duration::from_micros(1) };
+        let recover = Entry { now: clock.now(), input: Input::Recover };
+        append(&db, next_index, &[encode(&recover)])?;
+        apply(&mut authority, &recover);
+        let state = Arc::new(Mutex::new(State { db, authority, next_index: next_index + 1, diverged: None }));
+        let (tx, rx) = async_channel::bounded::<Job>(4 * MAX_BATCH);
+        let news = Arc::new(event_listener::Event::new());
+        let stats = Arc::new(SessionStats::default());
+        let writer = Writer {
+            path,
+            limits,
+            clock,
+            state: state.clone(),
+            jobs: rx,
+            news: news.clone(),
+            stats: stats.clone(),
+        }
+        .run();
+        Ok((Sessions { clock, state, jobs: tx, news, stats }, writer))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a session with a secret from the OS's CSPRNG.
+    pub(crate) async fn open_session(
+        &self,
+        ttl: Duration,
+        label: Label,
+    ) -> Result<SessionReply, Arc<SessionStoreError>> {
+        let mut bytes = [0u8; 16];
+        getrandom::getrandom(&mut bytes).map_err(|e| {
+            Arc::new(SessionStoreError::Build(std::io::Error::other(format!(
+                "no random bytes for a secret: {e}"
+            ))))
+        })?;
+        self.submit(Input::Open { ttl, label, secret: Secret::from_bytes(bytes) }).await
+    }
+
+    /// Answers a request within a session, once its input is on disk.
+    pub(crate) async fn request(
+        &self,
+        request: SessionRequest,
+    ) -> Result<SessionReply, Arc<SessionStoreError>> {
+        self.submit(Input::Request(request)).await
+    }
+
+    async fn submit(&self, input: Input) -> Result<SessionReply, Arc<SessionStoreError>> {
+        let (done, result) = async_channel::bounded(1);
+        self.jobs.send(Job { input, done }).await.map_err(|_| Arc::new(SessionStoreError::Stopped))?;
+        result.recv().await.map_err(|_| Arc::new(SessionStoreError::Stopped))?
+    }
+
+    /// Holds a keepalive of `session` for at most `wait`, less if the session's own ttl or
+    /// remaining time asks for less, until the authority has a grant to push to it (or the
+    /// session is gone). Handling it only then puts the grant in its reply: hand-off without
+    /// polling. The session is renewed when the keepalive is handled, later than the holder
+    /// sent it, so the holder's send-anchored validity stays inside the authority's.
+    pub(crate) async fn hold_keepalive(&self, session: SessionId, wait: StdDuration) {
+        let deadline = {
+            let state = self.lock();
+            let Some(s) = state.authority.session(session) else { return };
+            let now = self.clock.now();
+            // Never long enough for the session to run out while its keepalive waits here.
+            let bound = Duration::from(wait)
+                .min(s.ttl.mul_div_floor(1, 3))
+                .min((s.expires_at - now).mul_div_floor(1, 2));
+            std::time::Instant::now() + StdDuration::from(bound)
+        };
+        loop {
+            let listener = self.news.listen();
+            if self.has_news_or_gone(session) {
+                return;
+            }
+            let timed_out = futures_lite::future::or(
+                async {
+                    listener.await;
+                    false
+                },
+                async {
+                    async_io::Timer::at(deadline).await;
+                    true
+                },
+            )
+            .await;
+            if timed_out {
+                return;
+            }
+        }
+    }
+
+    fn has_news_or_gone(&self, session: SessionId) -> bool {
+        let state = self.lock();
+        state.authority.has_news(session) || state.authority.session(session).is_none()
+    }
+
+    /// The keys sessions have used, in byte order, as status pages may show them.
+    pub(crate) fn keys(&self, held_only: bool, prefix: &str) -> Vec<KeyView> {
+        let state = self.lock();
+        let a = &state.authority;
+        let now = self.clock.now();
+        let mut out: Vec<KeyView> = a
+            .keys()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .filter(|(_, st)| !held_only || st.holder.is_some())
+            .map(|(k, st)| KeyView {
+                key: k.to_string(),
+                holder: st.holder.and_then(|h| {
+                    let s: SessionStatus = a.session(h.session)?;
+                    Some(HolderView {
+                        session: h.session.0,
+                        label: s.label.to_string(),
+                        fence: h.fence.0,
+                        ttl: s.ttl.as_micros(),
+                        remaining: (s.expires_at - now).as_micros(),
+                    })
+                }),
+                last_fence: st.last_fence.0,
+                waiting: st.waiting,
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// Live sessions and keys known, for `/metrics`.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        let state = self.lock();
+        (state.authority.sessions().count() as u64, state.authority.keys().count() as u64)
+    }
+
+    #[cfg(test)]
+    fn key(&self, key: &leasehold_core::Key) -> Option<leasehold_core::session::authority::KeyStatus> {
+        self.lock().authority.key(key)
+    }
+}
+
+/// The one task that writes.
+struct Writer {
+    path: PathBuf,
+    limits: SessionLimits,
+    clock: LogClock,
+    state: Arc<Mutex<State>>,
+    jobs: async_channel::Receiver<Job>,
+    news: Arc<event_listener::Event>,
+    stats: Arc<SessionStats>,
+}
+
+impl Writer {
+    async fn run(self) {
+        loop {
+            let expiry = {
+                let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                state.authority.poll_timeout().map(|t| self.clock.at(t))
+            };
+            let job = async { self.jobs.recv().await.ok().map(Some) };
+            let first = match expiry {
+                Some(at) => {
+                    futures_lite::future::or(job, async {
+                        async_io::Timer::at(at).await;
+                        Some(None)
+                    })
+                    .await
+                }
+                None => job.await,
+            };
+            let mut batch = match first {
+                None => return,
+                Some(Some(job)) => vec![job],
+                Some(None) => Vec::new(),
+            };
+            while batch.len() < MAX_BATCH {
+                match self.jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch).await;
+        }
+    }
+
+    /// Applies the batch (after any expiry that is due), logs it, fsyncs, answers.
+    async fn commit(&self, batch: Vec<Job>) {
+        let (state, clock, limits, path) = (self.state.clone(), self.clock, self.limits, self.path.clone());
+        let stats = self.stats.clone();
+        let (batch, result) = smol::unblock(move || {
+            let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+            let r = commit_batch(&mut guard, &batch, clock, limits, &path, &stats);
+            (batch, r)
+        })
+        .await;
+        match result {
+            Ok(replies) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                for (job, reply) in batch.iter().zip(replies) {
+                    let _ = job.done.try_send(Ok(reply));
+                }
+                self.news.notify(usize::MAX);
+            }
+            Err(e) => {
+                tracing::error!("session commit failed; {} requests answered unavailable: {e}", batch.len());
+                let e = Arc::new(e);
+                for job in &batch {
+                    let _ = job.done.try_send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn commit_batch(
+    state: &mut State,
+    batch: &[Job],
+    clock: LogClock,
+    limits: SessionLimits,
+    path: &Path,
+    stats: &SessionStats,
+) -> Result<Vec<SessionReply>, SessionStoreError> {
+    if let Some(cause) = state.diverged.clone() {
+        // The failed batch was applied in memory only: rebuild from what is on disk. redb
+        // refuses every transaction after an I/O error until re-opened, so re-open it first.
+        tracing::warn!("rebuilding the session table from its log after: {cause}");
+        let fail = |e: SessionStoreError| SessionStoreError::Down(format!("{cause}; then {e}"));
+        let db = Database::create(path).map_err(|e| fail(SessionStoreError::db(e)))?;
+        let (authority, next_index, _) = replay(&db, limits).map_err(fail)?;
+        (state.db, state.authority, state.next_index, state.diverged) = (db, authority, next_index, None);
+    }
+    let now = clock.now();
+    let mut entries = Vec::with_capacity(batch.len() + 1);
+    let mut replies = Vec::with_capacity(batch.len());
+    // The expiry first, as its own input, so that its hand-offs replay identically.
+    if state.authority.poll_timeout().is_some_and(|t| t <= now) {
+        let entry = Entry { now, input: Input::Timeout };
+        apply(&mut state.authority, &entry);
+        entries.push(encode(&entry));
+        stats.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+    for job in batch {
+        let entry = Entry { now, input: job.input.clone() };
+        let reply = apply(&mut state.authority, &entry).unwrap_or(SessionReply::Expired);
+        if let (Input::Request(r), Some(_)) = (&job.input, pushed(&reply)) {
+            if matches!(r.op, SessionOp::KeepAlive) {
+                stats.pushed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        count(stats, &job.input);
+        entries.push(encode(&entry));
+        replies.push(reply);
+    }
+    if entries.is_empty() {
+        return Ok(replies);
+    }
+    match append(&state.db, state.next_index, &entries) {
+        Ok(()) => {
+            state.next_index += entries.len() as u64;
+            Ok(replies)
+        }
+        Err(e) => {
+            state.diverged = Some(e.to_string());
+            Err(e)
+        }
+    }
+}
+
+fn pushed(reply: &SessionReply) -> Option<()> {
+    match reply {
+        SessionReply::Alive { granted: Some(_), .. } => Some(()),
+        _ => None,
+    }
+}
+
+fn count(stats: &SessionStats, input: &Input) {
+    let c = match input {
+        Input::Open { .. } => &stats.opens,
+        Input::Request(r) => match r.op {
+            SessionOp::KeepAlive => &stats.keepalives,
+            SessionOp::Acquire { .. } => &stats.acquires,
+            SessionOp::Release { .. } => &stats.releases,
+            SessionOp::Close => &stats.closes,
+            SessionOp::Open { .. } => return,
+        },
+        Input::Timeout | Input::Recover => return,
+    };
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_core::session::wire::{parse_label, Seq};
+    use leasehold_core::{parse_key, Fence};
+
+    #[test]
+    fn the_table_is_built_off_the_stack_and_the_log_replays_it_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = SessionLimits::default();
+        let key = parse_key("k").unwrap();
+        let id = {
+            let (s, writer) = Sessions::open(dir.path(), limits).unwrap();
+            let ex = smol::LocalExecutor::new();
+            ex.spawn(writer).detach();
+            smol::block_on(ex.run(async {
+                let ttl = Duration::from_secs(30);
+                let SessionReply::Opened { session, secret, .. } =
+                    s.open_session(ttl, parse_label("a").unwrap()).await.unwrap()
+                else {
+                    panic!("not opened")
+                };
+                let acquire = |seq| SessionRequest {
+                    session,
+                    secret,
+                    seq: Seq(seq),
+                    op: SessionOp::Acquire { key: key.clone(), wait: false },
+                };
+                assert_eq!(
+                    s.request(acquire(2)).await.unwrap(),
+                    SessionReply::Granted { key: key.clone(), fence: Fence(1) }
+                );
+                let release = SessionRequest {
+                    session,
+                    secret,
+                    seq: Seq(3),
+                    op: SessionOp::Release { key: key.clone(), fence: Fence(1) },
+                };
+                assert_eq!(s.request(release).await.unwrap(), SessionReply::Released { key: key.clone() });
+                assert_eq!(
+                    s.request(acquire(4)).await.unwrap(),
+                    SessionReply::Granted { key: key.clone(), fence: Fence(2) }
+                );
+                session
+            }))
+        };
+        let (s, _writer) = Sessions::open(dir.path(), limits).unwrap();
+        let st = s.key(&key).unwrap();
+        assert_eq!(st.last_fence, Fence(2));
+        assert_eq!(st.holder.map(|h| h.session), Some(id));
+        let state = s.lock();
+        assert!(state.authority.session(id).is_some(), "the session survives the restart");
+    }
+}
