@@ -2,7 +2,7 @@
 //! key a client holds, FIFO waiting with pushed grants. The core's `Session` machine decides
 //! everything; this file carries its requests over HTTP and its events to the handles.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -25,6 +25,13 @@ use crate::Lease;
 
 /// Most keys one [`SessionClient`] holds or waits for at once.
 pub const MAX_SESSION_KEYS: usize = 16 * 1024;
+
+/// Most requests of a session out at once, keepalives aside; the rest wait in the order the
+/// machine made them. The server ignores a seq more than the core's replay window (64) below
+/// the highest it has seen, and requests on parallel connections arrive in any order: with
+/// at most half the window out, none is ever too old to tell. It is also the pool's size, so
+/// no request waits for a connection out of order.
+const MAX_IN_FLIGHT: usize = 32;
 
 type Machine = Session<MAX_SESSION_KEYS>;
 
@@ -104,6 +111,8 @@ struct Inner {
     /// How long the server may hold a keepalive: under the request timeout, so the answer comes
     /// before the machine gives up on it.
     hold: Duration,
+    /// The machine's request timeout.
+    request_timeout: leasehold_core::Duration,
     machine: Mutex<Box<Machine>>,
     /// The handles' view of each key the machine tracks.
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
@@ -216,7 +225,7 @@ impl SessionClient {
             };
             Ok::<_, SessionSetupError>(http)
         };
-        let http = http_client()?;
+        let http = http_client()?.with_max_connections(MAX_IN_FLIGHT);
         // Two: a keepalive the machine gave up on may still be out when it sends the next.
         let keepalive_http = http_client()?.with_max_connections(2);
         let hold = Duration::from(config.renew_every).min(timeout.mul_f64(0.75));
@@ -225,6 +234,7 @@ impl SessionClient {
             keepalive_http,
             token,
             hold,
+            request_timeout: config.request_timeout,
             machine: Mutex::new(fresh_machine(label, config)?),
             slots: Mutex::new(HashMap::new()),
             view: Mutex::new(SessionView::default()),
@@ -548,8 +558,11 @@ fn session_response(
 /// handles. Requests run concurrently (each on the driver's executor); the machine decides
 /// what each response means.
 async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static>>) {
-    let (done, responses) = async_channel::unbounded::<(Seq, Result<SessionResponse, TransportError>)>();
-    let mut in_flight = 0usize;
+    let (done, responses) =
+        async_channel::unbounded::<(Seq, bool, Result<SessionResponse, TransportError>)>();
+    // Requests made but not yet sent, in the order made; keepalives skip it.
+    let mut backlog: VecDeque<(SessionRequest, leasehold_core::Instant)> = VecDeque::new();
+    let (mut in_flight, mut keepalives_in_flight) = (0usize, 0usize);
     let mut last_state = SessionState::Idle;
     loop {
         // Listening before looking, so a verb called after the look still wakes us.
@@ -560,19 +573,41 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
             if inner.users.load(Ordering::SeqCst) == 0 && m.state() == SessionState::Open {
                 let _ = m.close(now());
             }
-            while let Some(req) = m.poll_transmit() {
-                in_flight += 1;
+            let send = |req: SessionRequest| {
                 let (inner, done) = (inner.clone(), done.clone());
                 executor
                     .spawn(async move {
                         let r = inner.call(&req).await;
-                        let _ = done.send((req.seq, r)).await;
+                        let _ = done.send((req.seq, req.op == SessionOp::KeepAlive, r)).await;
                     })
                     .detach();
+            };
+            while let Some(req) = m.poll_transmit() {
+                if req.op == SessionOp::KeepAlive {
+                    keepalives_in_flight += 1;
+                    send(req);
+                } else {
+                    backlog.push_back((req, now()));
+                }
+            }
+            let stale_before = now().saturating_sub(inner.request_timeout);
+            while in_flight < MAX_IN_FLIGHT {
+                let Some((req, made)) = backlog.pop_front() else { break };
+                // The machine has given up on it and made it again under a new seq.
+                if made <= stale_before {
+                    continue;
+                }
+                in_flight += 1;
+                send(req);
             }
             let mut news = false;
             while let Some(e) = m.poll_event() {
                 tracing::debug!("session event: {e:?}");
+                if let SessionEvent::Queued { .. } = e {
+                    // The grant will come in a keepalive's reply: have one held at the
+                    // server from now on, not from the next renewal.
+                    m.keep_alive_now(now());
+                }
                 news |= inner.route(e);
             }
             if news || m.state() != state_before {
@@ -582,18 +617,19 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
         };
         last_state = state;
         let gone = inner.users.load(Ordering::SeqCst) == 0;
-        if gone && in_flight == 0 && !matches!(state, SessionState::Open | SessionState::Closing) {
+        let idle = in_flight == 0 && keepalives_in_flight == 0;
+        if gone && idle && !matches!(state, SessionState::Open | SessionState::Closing) {
             // Nobody left to serve; dropping the last `Inner` ends the driver thread.
             return;
         }
         enum Wake {
-            Response(Seq, Result<SessionResponse, TransportError>),
+            Response(Seq, bool, Result<SessionResponse, TransportError>),
             Timer,
             Poke,
         }
         let response = async {
             match responses.recv().await {
-                Ok((seq, r)) => Wake::Response(seq, r),
+                Ok((seq, op_was_keepalive, r)) => Wake::Response(seq, op_was_keepalive, r),
                 Err(_) => future::pending().await,
             }
         };
@@ -611,8 +647,12 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
         let wake = future::or(future::or(response, timer), poke).await;
         let mut m = lock(&inner.machine);
         match wake {
-            Wake::Response(seq, result) => {
-                in_flight -= 1;
+            Wake::Response(seq, was_keepalive, result) => {
+                if was_keepalive {
+                    keepalives_in_flight -= 1;
+                } else {
+                    in_flight -= 1;
+                }
                 match result {
                     Ok(resp) => {
                         *lock(&inner.last_error) = None;

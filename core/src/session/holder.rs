@@ -474,6 +474,19 @@ impl<const K: usize> Session<K> {
         Ok(())
     }
 
+    /// Keep the session alive now rather than at the next renewal: for a transport whose
+    /// authority holds a keepalive open until it has a grant to push (HTTP long polling), so
+    /// that a key just queued for has a keepalive out to bring its grant at once. A keepalive
+    /// already out is left alone. Renewing early is always safe.
+    pub fn keep_alive_now(&mut self, now: Instant) {
+        if self.expire(now) {
+            return;
+        }
+        if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
+            *at = (*at).min(now);
+        }
+    }
+
     // ----- inputs -----
 
     /// Feed a reply from the authority. Replies to requests the machine is not waiting for
@@ -932,6 +945,24 @@ mod tests {
         // The authority frees both a little later, on its own clock.
         a.handle_timeout(ms(3_000 + 9_000) + SKEW);
         assert_eq!(a.key(&key("x")).unwrap().holder, None);
+    }
+
+    #[test]
+    fn keep_alive_now_sends_the_keepalive_at_once_unless_one_is_out() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut h = opened(&mut a, "h");
+        assert_eq!(h.poll_timeout(), Some(ms(3_000)));
+        h.keep_alive_now(ms(5));
+        assert_eq!(h.poll_timeout(), Some(ms(5)));
+        h.handle_timeout(ms(5));
+        let ka = h.poll_transmit().expect("a keepalive");
+        assert_eq!(ka.op, SessionOp::KeepAlive);
+        // Out already: nothing more, and its request timeout still stands.
+        h.keep_alive_now(ms(6));
+        assert_eq!(h.poll_transmit(), None);
+        assert_eq!(h.poll_timeout(), Some(ms(5) + config().request_timeout));
+        h.handle_response(ms(7), &ka.answer(a.handle(ms(7) + SKEW, &ka)));
+        assert_eq!(h.poll_timeout(), Some(ms(5) + config().renew_every), "the next renewal from its send");
     }
 
     #[test]

@@ -1,0 +1,179 @@
+//! Hand-off and fairness (issue 10, "Figures"): looping contenders on one key per group, all
+//! groups in the same run on this machine.
+//!
+//! - `run --protocol v2`: three looping `leasehold run` on the built-in server's sessions;
+//! - `run v1`: the same on protocol v1 (polling);
+//! - `run --backend etcd`: `leasehold run` on etcd;
+//! - `etcdctl lock`: three looping `etcdctl lock` on etcd 3.4 (Debian's).
+//!
+//! Each contender's command logs `start`/`end` with a nanosecond timestamp around a short
+//! sleep. Per group it prints the gap between one command's end and the next one's start
+//! (median and p90) and the largest share of sections one contender got.
+//!
+//! ```sh
+//! cargo build --release -p leasehold && cargo run --release -p leasehold --example handoff [-- SECONDS]
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A child process group, killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// The `leasehold` binary next to this example's directory (`target/release/leasehold`).
+fn leasehold_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("leasehold")).expect("a target directory");
+    assert!(bin.exists(), "{} is missing: cargo build --release -p leasehold first", bin.display());
+    bin
+}
+
+/// `leasehold serve` on a kernel-picked port; returns it with its URL.
+fn serve(bin: &Path, data: &Path) -> (Proc, String) {
+    let mut child = Command::new(bin)
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start leasehold serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+    (Proc(child), url)
+}
+
+struct Group {
+    name: &'static str,
+    /// The command that takes the lock and runs `sh -c SECTION`.
+    lock: String,
+}
+
+/// One contender: loops `lock` until `until_ns`, logging each section as `start|end WHO NS`.
+fn contender(group: &Group, who: usize, log: &Path, until_ns: u128) -> Proc {
+    let section = format!(
+        "echo start {who} $(date +%s%N) >> {log}; sleep 0.05; echo end {who} $(date +%s%N) >> {log}",
+        log = log.display()
+    );
+    let script = format!(
+        "while [ $(date +%s%N) -lt {until_ns} ]; do {lock} sh -c '{section}' > /dev/null 2>&1; done",
+        lock = group.lock
+    );
+    Proc(Command::new("sh").args(["-c", &script]).process_group(0).spawn().expect("sh"))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Gaps (ms) between each end and the next start, the section count per contender, and
+/// whether two sections ever overlapped.
+fn analyse(log: &Path) -> (Vec<f64>, Vec<usize>, usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut events: Vec<(u128, bool, usize)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut p = l.split_whitespace();
+            let kind = p.next()? == "start";
+            let who = p.next()?.parse().ok()?;
+            Some((p.next()?.parse().ok()?, kind, who))
+        })
+        .collect();
+    events.sort();
+    let (mut gaps, mut counts, mut overlaps) = (Vec::new(), vec![0; 3], 0);
+    let (mut last_end, mut open) = (None::<u128>, 0i32);
+    for (t, start, who) in events {
+        if start {
+            open += 1;
+            if open > 1 {
+                overlaps += 1;
+            }
+            counts[who] += 1;
+            if let Some(e) = last_end.take() {
+                gaps.push((t - e) as f64 / 1e6);
+            }
+        } else {
+            open -= 1;
+            last_end = Some(t);
+        }
+    }
+    gaps.sort_by(f64::total_cmp);
+    (gaps, counts, overlaps)
+}
+
+fn main() {
+    let seconds: u64 = std::env::args().nth(1).map(|s| s.parse().expect("SECONDS")).unwrap_or(30);
+    let bin = leasehold_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&bin, &dir.path().join("store"));
+    let etcd = leasehold_test_servers::etcd();
+    let etcd_url = etcd.url().to_string();
+    let run = |extra: &str, key: &str| format!("{} run --key {key} --ttl 5s {extra} --", bin.display());
+    let groups = [
+        Group {
+            name: "leasehold run --protocol v2",
+            lock: run(&format!("--server {url} --protocol v2"), "v2"),
+        },
+        Group {
+            name: "leasehold run (v1, polling)",
+            lock: run(&format!("--server {url} --protocol v1"), "v1"),
+        },
+        Group {
+            name: "leasehold run --backend etcd",
+            lock: run(&format!("--server {etcd_url} --backend etcd"), "etcd"),
+        },
+        Group {
+            name: "etcdctl lock",
+            lock: format!("ETCDCTL_API=3 etcdctl --endpoints {etcd_url} lock etcdctl-key --"),
+        },
+    ];
+    let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let until = now_ns() + Duration::from_secs(seconds).as_nanos();
+    let logs: Vec<PathBuf> = (0..groups.len()).map(|i| dir.path().join(format!("group{i}.log"))).collect();
+    let mut procs = Vec::new();
+    for (g, log) in groups.iter().zip(&logs) {
+        for who in 0..3 {
+            procs.push(contender(g, who, log, until));
+        }
+    }
+    for p in &mut procs {
+        let _ = p.0.wait();
+    }
+    println!("{seconds} s, 3 looping contenders per group, all groups at once, 50 ms sections:");
+    println!(
+        "{:<30} {:>8} {:>12} {:>10} {:>10} {:>9}",
+        "group", "sections", "per contender", "gap p50", "gap p90", "max share"
+    );
+    for (g, log) in groups.iter().zip(&logs) {
+        let (gaps, counts, overlaps) = analyse(log);
+        let total: usize = counts.iter().sum();
+        let max_share = counts.iter().copied().max().unwrap_or(0) as f64 / total.max(1) as f64;
+        println!(
+            "{:<30} {:>8} {:>12} {:>8.1}ms {:>8.1}ms {:>9.2}{}",
+            g.name,
+            total,
+            format!("{counts:?}"),
+            percentile(&gaps, 0.5),
+            percentile(&gaps, 0.9),
+            max_share,
+            if overlaps > 0 { format!("  OVERLAPS: {overlaps}") } else { String::new() }
+        );
+    }
+}
