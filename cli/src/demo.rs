@@ -9,6 +9,8 @@ use std::process::{Child, ExitCode, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use leasehold_core::resource::HighWater;
+use leasehold_core::{Fence, OwnerId};
 use leasehold_http::{BuiltinBackend, Client, Options};
 use leasehold_server::{Server, ServerConfig};
 use nix::sys::signal::{kill, Signal};
@@ -183,22 +185,35 @@ struct Analysis {
 
 /// Applies the fence check to `log` (in arrival order) and compares it with the `grants`
 /// (each reported when granted): nothing here trusts what the resource or the workers did.
+/// The check is core's `HighWater::admit`, the one a device's actuator and the SQL adapter
+/// apply, with each worker's name standing for its owner id.
 fn analyse(log: &[Attempt], grants: &[Grant]) -> Analysis {
     let mut a = Analysis::default();
-    let mut highest_written = 0;
+    let mut mark = HighWater::NONE;
+    // Worker names in order of first appearance; a worker's owner id is its place here.
+    let mut workers: Vec<&str> = Vec::new();
     for w in log {
         let highest_granted = grants.iter().filter(|g| g.t <= w.t).map(|g| g.fence).max().unwrap_or(0);
-        if w.fence < highest_written.max(highest_granted) {
+        if w.fence < mark.fence.0.max(highest_granted) {
             a.interleaved.insert(w.fence);
         }
-        if w.fence < highest_written {
-            a.refused.push(w.clone());
-            continue;
+        let holder = match workers.iter().position(|n| *n == w.worker) {
+            Some(i) => i,
+            None => {
+                workers.push(&w.worker);
+                workers.len() - 1
+            }
+        };
+        match mark.admit(Fence(w.fence), OwnerId(holder as u64 + 1)) {
+            Ok(admitted) => mark = admitted,
+            Err(_) => {
+                a.refused.push(w.clone());
+                continue;
+            }
         }
         if w.fence < highest_granted {
             a.stale_accepted.push(w.clone());
         }
-        highest_written = w.fence;
         a.accepted.push(w.clone());
     }
     a
@@ -559,6 +574,15 @@ mod tests {
         assert_eq!(a.stale_accepted, log(&[(105, 1, "a")]));
         assert_eq!(a.interleaved, BTreeSet::from([1]));
         assert!(a.refused.is_empty());
+    }
+
+    #[test]
+    fn an_equal_fence_from_another_worker_is_refused_as_core_rules() {
+        // Only a broken authority hands one fence to two holders; the first keeps writing.
+        let l = log(&[(10, 1, "a"), (20, 1, "b"), (30, 1, "a")]);
+        let a = analyse(&l, &grants(&[(0, 1)]));
+        assert_eq!(a.refused, log(&[(20, 1, "b")]));
+        assert_eq!(a.accepted, log(&[(10, 1, "a"), (30, 1, "a")]));
     }
 
     #[test]

@@ -316,7 +316,9 @@ fn board(fw: &Firmware, elf: &Path, device: u32, log: Arc<Mutex<Vec<Line>>>, sta
         .args(["-semihosting-config", "enable=on,target=native"])
         .args(["-serial", "tcp:127.0.0.1:0,server=on,wait=on,nodelay=on", "-kernel"])
         .arg(elf)
-        .args(["-append", &format!("{device} {}", std::process::id())])
+        // The third number asks the pump firmware to replay one stale actuator command (the
+        // embassy firmware ignores it).
+        .args(["-append", &format!("{device} {} 1", std::process::id())])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -507,6 +509,29 @@ fn boards_and_a_host_share_one_lease_safely() {
             gap.as_secs_f64() * 1e3
         );
     }
+    // The actuator's own fence check: each pump board replays one command under its previous
+    // grant's fence just after acting under a newer one (if it was granted twice before it was
+    // killed). It must be refused, and nothing under the stale fence acted after it.
+    let mut refusals = 0;
+    for l in lines.iter().filter(|l| l.text.starts_with("REFUSED")) {
+        let nums: Vec<u64> = l.text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        let [stale, high] = nums[..] else { panic!("unreadable refusal {:?}:\n{}", l.text, dump()) };
+        assert!(stale < high, "refused fence {stale} is not below {high}:\n{}", dump());
+        let acted_late = lines.iter().any(|a| {
+            a.who == l.who && a.t >= l.t && a.text.split_whitespace().take(2).eq(["ACT", &stale.to_string()])
+        });
+        assert!(!acted_late, "{} acted under fence {stale} after refusing it:\n{}", l.who, dump());
+        refusals += 1;
+    }
+    for who in ["board1", "board2"] {
+        let fences: Vec<u64> = acts.iter().filter(|a| a.1 == who).map(|a| a.2).collect();
+        assert!(
+            fences.is_sorted(),
+            "{who}'s actuator acted under a lower fence after a higher one: {fences:?}"
+        );
+    }
+    assert!(refusals >= 1, "no pump board refused its replayed stale command:\n{}", dump());
+    println!("{refusals} stale actuator command(s) refused by the pump's fence check");
     let parties: BTreeSet<&str> = spans.iter().map(|s| s.1).collect();
     assert!(
         parties.len() == boards.len() + 1,

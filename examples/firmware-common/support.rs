@@ -20,7 +20,7 @@ pub const ACT_GUARD: Duration = Duration::from_millis(50);
 /// The device's lease on "pump": its id and a nonce from the command line make the owner.
 /// Returns the device id, the lease, the key and the lease's validity per grant. Logs BOOT.
 pub fn pump_lease(board: &str, runtime: &str) -> (u32, Lease, Key, Duration) {
-    let (device, nonce) = device_and_nonce();
+    let [device, nonce, _] = boot_args();
     let owner = OwnerId((u64::from(device) << 32) | u64::from(nonce));
     let mut config = Config::new(TTL);
     config.jitter_seed = u64::from(nonce) ^ u64::from(device);
@@ -164,13 +164,15 @@ impl Line {
     }
 }
 
-/// "DEVICE NONCE" from the emulator's `-append`; QEMU puts the kernel path first.
-fn device_and_nonce() -> (u32, u32) {
+/// "DEVICE NONCE [REPLAY]" from the emulator's `-append` (QEMU puts the kernel path first):
+/// device 1 and nonce 0 if missing, REPLAY 0 if missing. A REPLAY of 1 asks the pump firmware
+/// to replay one stale actuator command (see its main.rs).
+pub fn boot_args() -> [u32; 3] {
     let mut buf = [0u8; 128];
     let mut block = [buf.as_mut_ptr() as usize, buf.len()];
     let r = unsafe { cortex_m_semihosting::syscall1(nr::GET_CMDLINE, block.as_mut_ptr() as usize) };
     if r != 0 {
-        return (1, 0);
+        return [1, 0, 0];
     }
     let len = unsafe { core::ptr::read_volatile(&block[1]) };
     let mut nums = buf.get(..len).unwrap_or(&[]).split(|&b| b == b' ').filter_map(|w| {
@@ -179,7 +181,7 @@ fn device_and_nonce() -> (u32, u32) {
         }
         Some(w.iter().fold(0u32, |a, &d| a.wrapping_mul(10).wrapping_add(u32::from(d - b'0'))))
     });
-    (nums.next().unwrap_or(1), nums.next().unwrap_or(0))
+    [nums.next().unwrap_or(1), nums.next().unwrap_or(0), nums.next().unwrap_or(0)]
 }
 
 /// Ends the emulator with a failure exit status.

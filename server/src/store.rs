@@ -178,11 +178,24 @@ impl Inner {
         let Some(db) = guard.as_mut() else {
             return;
         };
-        match db.compact() {
+        // A read transaction that began before the write lock was taken may still be
+        // finishing; it ends within moments, and skipping would leave the freed space until
+        // the next sweep that reclaims something, which may never come.
+        let mut result = db.compact();
+        for _ in 0..50 {
+            if !matches!(result, Err(redb::CompactionError::TransactionInProgress)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            result = db.compact();
+        }
+        match result {
             Ok(_) => {
                 self.stats.compactions.fetch_add(1, Ordering::Relaxed);
             }
-            Err(redb::CompactionError::TransactionInProgress) => {}
+            Err(redb::CompactionError::TransactionInProgress) => {
+                tracing::warn!("compaction skipped: transactions still in progress; the next sweep retries");
+            }
             Err(e) => {
                 drop(guard);
                 let e = StoreError::db(e);

@@ -1,12 +1,15 @@
-//! Real stores started on loopback for tests: etcd and dynalite (DynamoDB-compatible).
+//! Real stores started on loopback for tests: etcd, dynalite (DynamoDB-compatible) and
+//! PostgreSQL.
 //! Each is stopped when dropped. A missing binary fails loudly with the install command.
 //! With the `tls` feature, the `tls` module puts any of them (or a leasehold server) behind https.
 
 mod closing;
+mod postgres;
 #[cfg(feature = "tls")]
 pub mod tls;
 
 pub use closing::ClosingProxy;
+pub use postgres::{postgres, postgres_with, Durability, Postgres};
 
 use std::net::TcpListener;
 use std::path::Path;

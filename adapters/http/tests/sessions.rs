@@ -171,7 +171,13 @@ fn a_thousand_leases_in_one_client_share_one_keepalive() {
         sleep(TTL_MS).await;
         let (k1, a1, p1) = count();
         let pushed = p1 - p0;
-        assert_eq!(a1 - a0, pushed, "every acquire now confirms a reported grant; none renews");
+        // A grant is reported in every keepalive until its confirmation arrives, so on a
+        // loaded machine one grant can be reported twice: confirmations are at most reports.
+        assert!(
+            a1 - a0 <= pushed,
+            "{} acquires for {pushed} reports: every acquire now confirms a reported grant; none renews",
+            a1 - a0
+        );
         // Each keepalive without news is held at the server for renew_every (ttl/4): at most
         // four of those in a ttl, plus one at each end and a retry, plus one per report.
         assert!(

@@ -30,9 +30,37 @@ mod board;
 mod support;
 
 use cortex_m_rt::entry;
-use leasehold_core::{Event, Instant};
+use leasehold_core::resource::{AdmitError, HighWater};
+use leasehold_core::{Event, Fence, Instant, OwnerId};
 use leasehold_serial::DeviceLink;
-use support::{fail, log_event, paint_stack, pump_lease, report, Line, ACTS_PER_HOLD, ACT_EVERY, ACT_GUARD};
+use support::{
+    boot_args, fail, log_event, paint_stack, pump_lease, report, Line, ACTS_PER_HOLD, ACT_EVERY, ACT_GUARD,
+};
+
+/// The pump's actuator: the resource the fence protects. The controller's lease says when it
+/// may command; the actuator keeps, in RAM, the highest fence it has obeyed and refuses a
+/// command under a lower one (a command that sat in a queue, or was replayed), by core's rule
+/// (`HighWater::admit`), the one the SQL adapter and the demo apply too.
+struct Actuator {
+    mark: HighWater,
+}
+
+impl Actuator {
+    /// Runs the `n`-th action of `holder`'s grant `fence` ("ACT F N"), or refuses it
+    /// ("REFUSED fence F below M", or "REFUSED fence F" when no grant could have sent it).
+    fn command(&mut self, fence: Fence, holder: OwnerId, n: u32) {
+        match self.mark.admit(fence, holder) {
+            Ok(mark) => {
+                self.mark = mark;
+                Line::new("ACT ").num(fence.0).push(" ").num(u64::from(n)).say();
+            }
+            Err(AdmitError::Stale { high_water, .. }) => {
+                Line::new("REFUSED fence ").num(fence.0).push(" below ").num(high_water.0).say();
+            }
+            Err(_) => Line::new("REFUSED fence ").num(fence.0).say(),
+        }
+    }
+}
 
 #[entry]
 fn main() -> ! {
@@ -40,7 +68,13 @@ fn main() -> ! {
     let mut cp = cortex_m::Peripherals::take().unwrap_or_else(|| fail());
     let (uart, clock) = board::init(&mut cp);
     let (device, lease, key, validity) = pump_lease(board::NAME, "");
+    let holder = lease.owner();
     let mut link = DeviceLink::new(uart, clock, lease, key, device);
+    let mut actuator = Actuator { mark: HighWater::NONE };
+    // With REPLAY set, the first action of a later grant is followed by one command under the
+    // previous grant's fence, as a command delayed in a queue would arrive: it must be refused.
+    let mut replay = boot_args()[2] == 1;
+    let (mut previous_fence, mut last_grant): (Option<u64>, Option<u64>) = (None, None);
 
     let _ = link.acquire();
     let mut asked_at = link.now();
@@ -58,6 +92,8 @@ fn main() -> ! {
             }
             match event {
                 Event::Acquired { fence, .. } => {
+                    previous_fence = last_grant;
+                    last_grant = Some(fence.0);
                     holding = Some(fence.0);
                     acts = 0;
                     next_act = now;
@@ -76,7 +112,11 @@ fn main() -> ! {
                 } else if link.remaining().is_some_and(|r| r >= ACT_GUARD) {
                     // The fence goes with every action; acting needs validity to spare.
                     acts += 1;
-                    Line::new("ACT ").num(fence).push(" ").num(u64::from(acts)).say();
+                    actuator.command(Fence(fence), holder, acts);
+                    if let Some(old) = previous_fence.filter(|_| replay && acts == 1) {
+                        replay = false;
+                        actuator.command(Fence(old), holder, acts);
+                    }
                 }
             }
         }
