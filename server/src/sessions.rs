@@ -334,12 +334,18 @@ impl Sessions {
         let (mut authority, next_index, last) = replay(&db, limits)?;
         // One microsecond on, so the restart is strictly after everything logged.
         let clock = LogClock { origin: std::time::Instant::now(), base: last + Duration::from_micros(1) };
-        let recover = Entry { now: clock.now(), input: Input::Recover };
-        append(&db, next_index, &[encode(&recover)])?;
-        apply(&mut authority, &recover);
-        let next_index = next_index + 1;
-        // Every start replays at most one run's inputs (and SNAPSHOT_EVERY more).
-        snapshot(&db, &authority, next_index, recover.now)?;
+        // A store sessions never used has nothing to re-arm or cover: a server that serves only
+        // v1 starts without writing here (and never decodes a snapshot).
+        let next_index = if next_index == 0 {
+            0
+        } else {
+            let recover = Entry { now: clock.now(), input: Input::Recover };
+            append(&db, next_index, &[encode(&recover)])?;
+            apply(&mut authority, &recover);
+            // Every start replays at most the entries since the last snapshot.
+            snapshot(&db, &authority, next_index + 1, recover.now)?;
+            next_index + 1
+        };
         let state = Arc::new(Mutex::new(State {
             db,
             authority,
