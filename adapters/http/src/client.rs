@@ -1,13 +1,12 @@
 //! The high-level handle: `client.acquire("key").await` and a lease that renews itself.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use async_lock::{Mutex as AsyncMutex, MutexGuardArc};
+use async_lock::MutexGuardArc;
 use event_listener::Event as Signal;
 use futures_lite::future;
 use leasehold_core::{
@@ -17,6 +16,7 @@ use leasehold_core::{
 
 use crate::backend::Backend;
 use crate::error::TransportError;
+use crate::turns::{parse, LocalTurns};
 
 /// Local monotonic time as the core wants it: microseconds since this process first asked.
 fn epoch() -> std::time::Instant {
@@ -151,7 +151,7 @@ struct Inner<B> {
     config: Config,
     /// One async mutex per key: leases of the same key taken through one client queue up
     /// here instead of hammering the authority.
-    local: Mutex<HashMap<Key, Arc<AsyncMutex<()>>>>,
+    local: LocalTurns,
     /// Started with the first acquisition; stops once the client and all its leases are gone.
     driver: Mutex<Option<DriverThread>>,
     /// Leases whose driver task has not ended yet, and a signal for each that ends.
@@ -219,7 +219,7 @@ impl<B: Backend> Client<B> {
             inner: Arc::new(Inner {
                 backend,
                 config: options.config,
-                local: Mutex::new(HashMap::new()),
+                local: LocalTurns::default(),
                 driver: Mutex::new(None),
                 active: AtomicUsize::new(0),
                 idle: Signal::new(),
@@ -235,14 +235,14 @@ impl<B: Backend> Client<B> {
     /// Waits until the lease on `key` is granted (or the authority refuses outright).
     pub async fn acquire(&self, key: &str) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
-        let guard = self.local(&key).lock_arc().await;
+        let guard = self.inner.local.take(&key, None).await?;
         self.start(key, guard, Mode::Wait, &mut |_| {}).await
     }
 
     /// One attempt: `Err(Busy)` at once if anyone (in this process or elsewhere) holds `key`.
     pub async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
-        let guard = self.local(&key).try_lock_arc().ok_or(AcquireError::Busy)?;
+        let guard = self.inner.local.try_take(&key)?;
         self.start(key, guard, Mode::Try, &mut |_| {}).await
     }
 
@@ -263,19 +263,10 @@ impl<B: Backend> Client<B> {
         mut report: impl FnMut(&Waiting) + Send,
     ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
-        let local = self.local(&key);
-        let Some(timeout) = timeout else {
-            let guard = local.lock_arc().await;
-            return self.start(key, guard, Mode::Wait, &mut report).await;
-        };
-        let deadline = now() + timeout.into();
-        let guard = future::or(async { Some(local.lock_arc().await) }, async {
-            async_io::Timer::at(to_std(deadline)).await;
-            None
-        })
-        .await
-        .ok_or(AcquireError::Busy)?;
-        self.start(key, guard, Mode::Until(deadline), &mut report).await
+        let deadline = timeout.map(|t| now() + t.into());
+        let guard = self.inner.local.take(&key, deadline).await?;
+        let mode = deadline.map_or(Mode::Wait, Mode::Until);
+        self.start(key, guard, mode, &mut report).await
     }
 
     /// Waits until every lease taken through this client (and its clones) has ended:
@@ -291,14 +282,6 @@ impl<B: Backend> Client<B> {
             }
             listener.await;
         }
-    }
-
-    fn local(&self, key: &Key) -> Arc<AsyncMutex<()>> {
-        let mut map = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget keys nobody holds or waits for (guards and waiters own a clone), so a client
-        // that touches many keys over its life does not keep a lock for each.
-        map.retain(|k, m| k == key || Arc::strong_count(m) > 1);
-        map.entry(key.clone()).or_default().clone()
     }
 
     fn executor(&self) -> Result<Arc<async_executor::Executor<'static>>, AcquireError> {
@@ -372,10 +355,6 @@ impl<B: Backend> Client<B> {
             listener.await;
         }
     }
-}
-
-fn parse(key: &str) -> Result<Key, AcquireError> {
-    leasehold_core::parse_key(key).map_err(AcquireError::InvalidKey)
 }
 
 struct Shared {
@@ -699,27 +678,5 @@ impl Drop for SingleLease {
     /// Releases in the background.
     fn drop(&mut self) {
         self.begin_release();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::BuiltinBackend;
-
-    #[test]
-    fn local_guards_of_unused_keys_are_forgotten() {
-        let backend = BuiltinBackend::new("http://127.0.0.1:9", None, Duration::from_secs(1)).unwrap();
-        let c = Client::new(backend, Options::new(Duration::from_secs(10))).unwrap();
-        let key = |i: u32| leasehold_core::parse_key(&format!("k{i}")).unwrap();
-        let held = c.local(&key(0)).try_lock_arc().unwrap();
-        for i in 1..100 {
-            drop(c.local(&key(i)).try_lock_arc().unwrap());
-        }
-        let again = c.local(&key(0));
-        assert!(again.try_lock().is_none(), "a held key keeps its guard");
-        assert_eq!(c.inner.local.lock().unwrap().len(), 1, "only the held key's guard is left");
-        drop(held);
-        assert!(again.try_lock().is_some());
     }
 }

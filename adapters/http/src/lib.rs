@@ -8,6 +8,7 @@ mod http;
 mod session;
 #[cfg(feature = "tls")]
 mod tls;
+mod turns;
 
 pub use backend::Backend;
 pub use builtin::BuiltinBackend;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use async_lock::{Mutex as AsyncMutex, MutexGuardArc};
+use async_lock::MutexGuardArc;
 use event_listener::Event as Signal;
 use futures_lite::future;
 use http_body_util::Full;
@@ -21,6 +21,7 @@ use leasehold_core::{Config, ConfigError, Fence, Health, Key, LostReason, NotAcq
 use crate::client::{now, to_std, AcquireError, DriverThread, Options, ReleaseError, Unreachable, Waiting};
 use crate::error::TransportError;
 use crate::http::HttpClient;
+use crate::turns::{parse, LocalTurns};
 use crate::Lease;
 
 /// Most keys one [`SessionClient`] holds or waits for at once.
@@ -118,7 +119,7 @@ struct Inner {
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
     view: Mutex<SessionView>,
     /// One async mutex per key: a key is asked for by one handle of this client at a time.
-    local: Mutex<HashMap<Key, Arc<AsyncMutex<()>>>>,
+    local: LocalTurns,
     /// Driver to handles: a session-level event (opened, refused, closed, lost), a permanent
     /// error, or a key's slot ended.
     changed: Signal,
@@ -238,7 +239,7 @@ impl SessionClient {
             machine: Mutex::new(fresh_machine(label, config)?),
             slots: Mutex::new(HashMap::new()),
             view: Mutex::new(SessionView::default()),
-            local: Mutex::new(HashMap::new()),
+            local: LocalTurns::default(),
             changed: Signal::new(),
             poke: Signal::new(),
             driver: Mutex::new(None),
@@ -276,7 +277,7 @@ impl SessionClient {
     /// One attempt: `Err(Busy)` at once if anyone holds `key`.
     pub async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
-        let guard = self.local(&key).try_lock_arc().ok_or(AcquireError::Busy)?;
+        let guard = self.user.0.local.try_take(&key)?;
         self.start(key, guard, false, None, &mut |_| {}).await
     }
 
@@ -295,16 +296,7 @@ impl SessionClient {
     ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let deadline = timeout.map(|t| now() + t.into());
-        let local = self.local(&key);
-        let guard = match deadline {
-            None => local.lock_arc().await,
-            Some(d) => future::or(async { Some(local.lock_arc().await) }, async {
-                async_io::Timer::at(to_std(d)).await;
-                None
-            })
-            .await
-            .ok_or(AcquireError::Busy)?,
-        };
+        let guard = self.user.0.local.take(&key, deadline).await?;
         self.start(key, guard, true, deadline, &mut report).await
     }
 
@@ -337,12 +329,6 @@ impl SessionClient {
             }
             listener.await;
         }
-    }
-
-    fn local(&self, key: &Key) -> Arc<AsyncMutex<()>> {
-        let mut map = lock(&self.user.0.local);
-        map.retain(|k, m| k == key || Arc::strong_count(m) > 1);
-        map.entry(key.clone()).or_default().clone()
     }
 
     fn ensure_driver(&self) -> Result<(), AcquireError> {
@@ -497,10 +483,6 @@ async fn heard_before(
             .await
         }
     }
-}
-
-fn parse(key: &str) -> Result<Key, AcquireError> {
-    leasehold_core::parse_key(key).map_err(AcquireError::InvalidKey)
 }
 
 impl Inner {
