@@ -641,12 +641,17 @@ fn run_on_sessions_keeps_its_exit_codes_and_signal_handling() {
     assert_eq!(code(&mut run_v2(&guarded_url, "k", &["--token", "s3cret"], &["true"])), Some(0));
 
     // The server vanishes: the session is lost, the command stopped, exit 76.
+    // Held as far as run knows: the command has started (the server showing a holder is not
+    // enough, since its grant may still be on the way to the client).
+    let holding = dir.path().join("holding");
+    let script = format!("touch {}; sleep 60", holding.display());
     let mut run = Proc(
-        run_cmd(&url, "v2lost", "1s", &["--protocol", "v2", "--grace", "200ms"], &["sleep", "60"])
+        run_cmd(&url, "v2lost", "1s", &["--protocol", "v2", "--grace", "200ms"], &["sh", "-c", &script])
             .spawn()
             .unwrap(),
     );
-    eventually("held", || v2_lease(&url, "v2lost")["holder"].is_object());
+    eventually("the command starts", || holding.exists());
+    assert!(v2_lease(&url, "v2lost")["holder"].is_object(), "held at the server too");
     drop(server);
     assert_eq!(run.0.wait().unwrap().code(), Some(76));
 }
