@@ -32,9 +32,7 @@ impl ClosingProxy {
                     Ok((client, _)) => {
                         let served = served2.clone();
                         std::thread::spawn(move || {
-                            if forward_one(client, upstream).is_ok() {
-                                served.fetch_add(1, Ordering::SeqCst);
-                            }
+                            let _ = forward_one(client, upstream, &served);
                         });
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -52,7 +50,8 @@ impl ClosingProxy {
         format!("http://{}", self.addr)
     }
 
-    /// Requests answered so far, each on a connection that was then closed.
+    /// Responses forwarded so far, each on a connection of its own. A response is counted
+    /// before its first byte reaches the client, so a client holding its reply sees it counted.
     pub fn served(&self) -> usize {
         self.served.load(Ordering::SeqCst)
     }
@@ -68,7 +67,7 @@ impl Drop for ClosingProxy {
 }
 
 /// One request in, one response out, then the connection is closed.
-fn forward_one(mut client: TcpStream, upstream: SocketAddr) -> io::Result<()> {
+fn forward_one(mut client: TcpStream, upstream: SocketAddr, served: &AtomicUsize) -> io::Result<()> {
     client.set_nonblocking(false)?;
     client.set_read_timeout(Some(Duration::from_secs(10)))?;
     let (head, mut body) = read_head(&mut client)?;
@@ -89,6 +88,9 @@ fn forward_one(mut client: TcpStream, upstream: SocketAddr) -> io::Result<()> {
     let mut response = Vec::new();
     server.read_to_end(&mut response)?;
     let split = find_head_end(&response).ok_or(io::ErrorKind::InvalidData)?;
+    // Counted before the client can read it: counted after, a client could hold its reply and
+    // read the count before this thread got to it (CI saw 14 of 15).
+    served.fetch_add(1, Ordering::SeqCst);
     client.write_all(&with_connection_close(&response[..split]))?;
     client.write_all(&response[split..])?;
     client.flush()?;
