@@ -6,9 +6,9 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use leasehold_core::{Key, Reject, Reply, Request};
 
-use crate::backend::Backend;
-use crate::error::TransportError;
 use crate::http::{HttpClient, HttpResponse};
+use leasehold_client::Backend;
+use leasehold_client::TransportError;
 
 /// The built-in lease server (`leasehold serve`).
 pub struct BuiltinBackend {
