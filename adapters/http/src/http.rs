@@ -340,7 +340,9 @@ impl HttpClient {
                 _permit: permit,
             }),
             Some(Err(e)) => Err(self.exchange_error(e, None)),
-            None => Err(TransportError::io(addr, io::Error::other("the connection closed before a response"))),
+            None => {
+                Err(TransportError::io(addr, io::Error::other("the connection closed before a response")))
+            }
         }
     }
 
