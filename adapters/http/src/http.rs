@@ -141,9 +141,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
 /// of the `blocking` pool, never on the thread that drives renewals.
 pub type Resolver = Arc<dyn Fn(&str) -> io::Result<Vec<SocketAddr>> + Send + Sync>;
 
+/// hyper's half of a connection that does the reading and writing; polled while a request is out.
+type ConnDriver = Pin<Box<Connection<Io, Full<Bytes>>>>;
+
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
-    conn: Pin<Box<Connection<Io, Full<Bytes>>>>,
+    conn: ConnDriver,
 }
 
 /// A small keep-alive HTTP/1.1 client that needs no async runtime: sockets and timers come
@@ -186,7 +189,7 @@ pub struct HttpStream {
     pub status: u16,
     body: hyper::body::Incoming,
     /// `None` once the connection has ended: what it delivered is still in `body`.
-    conn: Option<Pin<Box<Connection<Io, Full<Bytes>>>>>,
+    conn: Option<ConnDriver>,
     addr: String,
     _permit: async_lock::SemaphoreGuardArc,
 }

@@ -67,7 +67,7 @@ const MAX_TXN_OPS: usize = 128;
 /// let etcd = EtcdSessions::new("http://127.0.0.1:2379", "leasehold/", timeout)?;
 /// let client = SessionClient::new(etcd, "worker-1", options)?;
 /// let lease = client.acquire("nightly-report").await?; // queued FIFO, pushed when first
-/// println!("fence {}", lease.fence());
+/// println!("fence {:?}", lease.fence());
 /// lease.release().await?;
 /// # Ok(()) }
 /// ```
