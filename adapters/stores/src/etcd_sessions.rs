@@ -53,6 +53,18 @@ pub const MAX_WATCHES: usize = 16;
 /// Most queues one check reads in one txn: etcd's default `--max-txn-ops` is 128.
 const MAX_TXN_OPS: usize = 128;
 
+/// A bug planted on purpose, so the tests can show they catch it (feature `fault-injection`;
+/// never in a real build).
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EtcdFault {
+    /// The waiter right behind the holder is granted the key too: exclusion is broken.
+    SecondInLineGranted,
+    /// Held keepalives watch nothing: a waiter hears of its turn only at its next keepalive.
+    NoWatch,
+}
+
 /// Sessions on an etcd cluster's v3 JSON gateway (etcd 3.4+), as a [`SessionBackend`] for
 /// [`SessionClient`](leasehold_http::SessionClient).
 ///
@@ -85,6 +97,8 @@ pub struct EtcdSessions {
     /// `<prefix>v2/`.
     prefix: String,
     sessions: Mutex<HashMap<SessionId, Arc<Local>>>,
+    #[cfg(feature = "fault-injection")]
+    fault: Option<EtcdFault>,
 }
 
 /// What this process knows of one of its sessions.
@@ -153,7 +167,33 @@ impl EtcdSessions {
             watch_http: HttpClient::new(url, timeout)?.with_max_connections(2 * MAX_WATCHES),
             prefix: format!("{prefix}v2/"),
             sessions: Mutex::new(HashMap::new()),
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         })
+    }
+
+    /// Plants `fault` (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_fault(self, fault: EtcdFault) -> EtcdSessions {
+        EtcdSessions { fault: Some(fault), ..self }
+    }
+
+    /// Whether the waiter at `index` in a key's queue holds it: only the first.
+    fn holds(&self, index: usize) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(EtcdFault::SecondInLineGranted) {
+            return index <= 1;
+        }
+        index == 0
+    }
+
+    /// Whether held keepalives watch predecessors.
+    fn watches(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(EtcdFault::NoWatch) {
+            return false;
+        }
+        true
     }
 
     /// Uses `tls` for an `https://` URL: the CA that signed etcd's certificates and the client
@@ -250,7 +290,7 @@ impl EtcdSessions {
                 TransportError::Protocol(format!("etcd txn put {me} but its range lacks it: {v}")).into()
             );
         };
-        if index == 0 {
+        if self.holds(index) {
             lock(&local.keys).remove(key);
             // Why fences strictly increase per key in grant order: a grant goes to the oldest
             // waiter key there is, and a waiter key created later has a higher create revision
@@ -343,7 +383,7 @@ impl EtcdSessions {
             }
             let wake = future::or(
                 async {
-                    match watch {
+                    match watch.filter(|_| self.watches()) {
                         Some((revision, keys)) => self.first_deletion(revision, keys).await,
                         None => future::pending().await,
                     }
@@ -400,7 +440,7 @@ impl EtcdSessions {
                     continue;
                 }
                 match place(kvs, &me) {
-                    Some((0, _)) => {
+                    Some((n, _)) if self.holds(n) => {
                         let grant = Grant { key: key.clone(), fence: Fence(revision as u64), asked };
                         keys.insert(key, Want::Pushed(grant));
                     }

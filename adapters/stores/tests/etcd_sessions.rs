@@ -11,15 +11,23 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
 use leasehold_http::{AcquireError, Backend, Health, HttpClient, LostReason, Options, SessionClient};
-use leasehold_stores::{EtcdBackend, EtcdSessions};
+use leasehold_stores::{EtcdBackend, EtcdFault, EtcdSessions};
 use leasehold_test_servers::etcd;
 use serde_json::{json, Value};
 
 const PREFIX: &str = "leasehold/";
 
 fn client(url: &str, label: &str, ttl_ms: u64) -> SessionClient {
+    client_with(url, label, ttl_ms, None)
+}
+
+/// A client whose backend has `fault` planted, if any.
+fn client_with(url: &str, label: &str, ttl_ms: u64, fault: Option<EtcdFault>) -> SessionClient {
     let options = Options::session(Duration::from_millis(ttl_ms));
-    let backend = EtcdSessions::new(url, PREFIX, options.config.request_timeout.into()).unwrap();
+    let mut backend = EtcdSessions::new(url, PREFIX, options.config.request_timeout.into()).unwrap();
+    if let Some(f) = fault {
+        backend = backend.with_fault(f);
+    }
     SessionClient::new(backend, label, options).unwrap()
 }
 
@@ -168,19 +176,21 @@ fn three_waiters_are_handed_the_key_in_the_order_they_queued() {
     });
 }
 
-#[test]
-fn a_hand_off_is_pushed_at_once_not_found_at_the_next_keepalive() {
-    // Keepalives every ttl/4 = 5 s: a waiter that only looked at its keepalives would take
-    // 0..5 s per hand-off; a pushed one takes a few etcd round trips. Three hand-offs each
-    // within 1 s: a poller would pass all three by luck with probability (1/5)³ < 1%.
-    const BOUND: Duration = Duration::from_millis(1_000);
-    let e = etcd();
-    let a = client(e.url(), "a", 20_000);
-    let b = client(e.url(), "b", 20_000);
+/// Keepalives every ttl/4 = 5 s: a waiter that only looked at its keepalives would take
+/// 0..5 s per hand-off; a pushed one takes a few etcd round trips.
+const HANDOFF_TTL_MS: u64 = 20_000;
+const HANDOFF_BOUND: Duration = Duration::from_millis(1_000);
+
+/// Hands one key back and forth between two sessions `rounds` times; how long each hand-off
+/// took from the release's acknowledgement to the waiter's grant.
+fn hand_offs(url: &str, fault: Option<EtcdFault>, rounds: usize) -> Vec<Duration> {
+    let a = client_with(url, "a", HANDOFF_TTL_MS, fault);
+    let b = client_with(url, "b", HANDOFF_TTL_MS, fault);
     smol::block_on(async {
         let mut held = a.acquire("handoff").await.unwrap();
         let mut fence = held.fence().unwrap();
-        for round in 0..3 {
+        let mut took = Vec::new();
+        for round in 0..rounds {
             let next = if round % 2 == 0 { &b } else { &a };
             let (queued_tx, queued_rx) = async_channel::bounded::<()>(1);
             let waiting = next.acquire_reporting("handoff", None, move |_| {
@@ -193,15 +203,66 @@ fn a_hand_off_is_pushed_at_once_not_found_at_the_next_keepalive() {
                 held.release().await.unwrap();
                 Instant::now()
             };
-            let (granted, released) = within(10_000, "hand-off", future::zip(waiting, release)).await;
-            let took = released.elapsed();
-            assert!(took < BOUND, "round {round}: hand-off took {took:?}, bound {BOUND:?}");
+            let (granted, released) = within(20_000, "hand-off", future::zip(waiting, release)).await;
+            took.push(released.elapsed());
             held = granted.unwrap();
             assert!(held.fence().unwrap() > fence);
             fence = held.fence().unwrap();
         }
         held.release().await.unwrap();
-    });
+        a.close().await;
+        b.close().await;
+        took
+    })
+}
+
+#[test]
+fn a_hand_off_is_pushed_at_once_not_found_at_the_next_keepalive() {
+    // Three hand-offs each within 1 s: a poller would pass all three by luck with probability
+    // (1/5)³ < 1%.
+    let e = etcd();
+    let took = hand_offs(e.url(), None, 3);
+    println!("pushed hand-offs: {took:?}");
+    assert!(took.iter().all(|t| *t < HANDOFF_BOUND), "hand-offs {took:?}, bound {HANDOFF_BOUND:?}");
+}
+
+#[test]
+fn planted_no_watch_is_caught_by_the_hand_off_bound() {
+    // Without watches a hand-off waits for the waiter's held keepalive to run out (0..5 s):
+    // five all under 1 s would be a (1/5)⁵ = 0.03% fluke.
+    let e = etcd();
+    let took = hand_offs(e.url(), Some(EtcdFault::NoWatch), 5);
+    println!("hand-offs without watches: {took:?}");
+    assert!(took.iter().any(|t| *t >= HANDOFF_BOUND), "NoWatch went unnoticed: {took:?}");
+}
+
+/// Whether a second session is refused a key the first holds.
+fn second_session_is_refused(url: &str, fault: Option<EtcdFault>) -> Result<(), String> {
+    let a = client_with(url, "a", 6_000, fault);
+    let b = client_with(url, "b", 6_000, fault);
+    smol::block_on(async {
+        let held = a.acquire("exclusive").await.unwrap();
+        let second = b.try_acquire("exclusive").await;
+        let verdict = match &second {
+            Err(AcquireError::Busy) => Ok(()),
+            other => Err(format!(
+                "a second session was answered {:?} while the first held",
+                other.as_ref().map(|l| l.fence())
+            )),
+        };
+        held.release().await.unwrap();
+        if let Ok(l) = second {
+            l.release().await.unwrap();
+        }
+        verdict
+    })
+}
+
+#[test]
+fn planted_second_in_line_grant_is_caught_by_the_exclusion_check() {
+    let e = etcd();
+    assert_eq!(second_session_is_refused(e.url(), None), Ok(()));
+    assert!(second_session_is_refused(e.url(), Some(EtcdFault::SecondInLineGranted)).is_err());
 }
 
 #[test]
