@@ -92,7 +92,7 @@ pub(crate) enum BackendKind {
     Dynamodb,
 }
 
-/// The built-in server's protocol.
+/// The protocol of `run` (built-in server and etcd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Protocol {
     /// One lease per key, renewed on its own; waiting polls with backoff.
