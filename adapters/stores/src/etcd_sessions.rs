@@ -350,13 +350,11 @@ impl EtcdSessions {
 
     async fn close(&self, local: &Local, session: SessionId) -> Result<SessionReply, Fail> {
         // Revoking the lease deletes every waiter key of the session in one revision.
-        let r = self.post(&self.http, "/v3/lease/revoke", json!({"ID": local.lease.to_string()})).await;
+        // Forgotten only once etcd has answered: a close that failed is retried, and finds the
+        // session still known.
+        self.post(&self.http, "/v3/lease/revoke", json!({"ID": local.lease.to_string()})).await?;
         self.forget(session);
-        match r {
-            Ok(_) => Ok(SessionReply::Closed),
-            Err(Fail::Expired) => Ok(SessionReply::Expired),
-            Err(e) => Err(e),
-        }
+        Ok(SessionReply::Closed)
     }
 
     async fn keep_alive(&self, local: &Local, hold: Duration) -> Result<SessionReply, Fail> {
