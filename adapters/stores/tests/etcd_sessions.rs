@@ -369,3 +369,59 @@ fn v1_and_v2_keys_live_apart_and_do_not_exclude_each_other() {
         l.release().await.unwrap();
     });
 }
+
+/// The backend's answers to the core's requests, sent by hand as the holder machine would.
+#[test]
+fn the_backend_answers_each_request_as_the_protocol_says() {
+    use leasehold_core::session::wire::{
+        parse_label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest,
+    };
+    use leasehold_core::Fence;
+    use leasehold_http::SessionBackend;
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let b = EtcdSessions::new(e.url(), PREFIX, Duration::from_secs(2)).unwrap();
+    let hold = Duration::ZERO;
+    smol::block_on(async {
+        let open =
+            SessionOp::Open { ttl: LDuration::from_millis(4_500), label: parse_label("by-hand").unwrap() };
+        let req = SessionRequest { session: SessionId::NONE, secret: Secret::NONE, seq: Seq(1), op: open };
+        let SessionReply::Opened { session, secret, ttl } = b.call(req, hold).await.unwrap().reply else {
+            panic!("not opened")
+        };
+        assert_eq!(ttl, LDuration::from_secs(5), "etcd's whole seconds, rounded up");
+        let mut seq = 1;
+        let mut send = |op: SessionOp, secret: Secret| {
+            seq += 1;
+            let r = SessionRequest { session, secret, seq: Seq(seq), op };
+            let b = &b;
+            async move { b.call(r, hold).await.unwrap().reply }
+        };
+        let x = parse_key("x").unwrap();
+        let acquire = SessionOp::Acquire { key: x.clone(), wait: false };
+        let SessionReply::Granted { fence, .. } = send(acquire.clone(), secret).await else {
+            panic!("granted")
+        };
+        assert_eq!(
+            send(acquire.clone(), secret).await,
+            SessionReply::Granted { key: x.clone(), fence },
+            "same fence"
+        );
+        assert_eq!(
+            send(acquire.clone(), Secret::from_bytes([9; 16])).await,
+            SessionReply::Rejected(leasehold_core::Reject::Unauthorized),
+            "a wrong secret changes nothing"
+        );
+        let alive = send(SessionOp::KeepAlive, secret).await;
+        assert_eq!(alive, SessionReply::Alive { ttl: LDuration::from_secs(5), granted: None, more: false });
+        let stale = SessionOp::Release { key: x.clone(), fence: Fence(fence.0 + 1) };
+        assert_eq!(send(stale, secret).await, SessionReply::NotHolder { key: x.clone() });
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await.len(), 1, "a wrong fence releases nothing");
+        let release = SessionOp::Release { key: x.clone(), fence };
+        assert_eq!(send(release, secret).await, SessionReply::Released { key: x.clone() });
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await, vec![]);
+        assert_eq!(send(SessionOp::Close, secret).await, SessionReply::Closed);
+        assert_eq!(raw.leases().await, 0, "close revoked the lease");
+        assert_eq!(send(SessionOp::KeepAlive, secret).await, SessionReply::Expired);
+    });
+}
