@@ -413,25 +413,32 @@ impl EtcdSessions {
                 Want::Queued { asked, revision } => Some((k.clone(), *asked, *revision)),
                 Want::Pushed(_) => None,
             })
-            .take(MAX_TXN_OPS)
             .collect();
         if waiting.is_empty() {
             return Ok(None);
         }
-        let reads: Vec<Value> =
-            waiting.iter().map(|(k, ..)| json!({"request_range": self.queue(k)})).collect();
-        let v = self.post(&self.keepalive_http, "/v3/kv/txn", json!({"success": reads})).await?;
-        let Some(revision) = int(&v["header"]["revision"]) else {
-            return Err(TransportError::Protocol(format!("etcd txn answer without a revision: {v}")).into());
-        };
+        // A txn per MAX_TXN_OPS queues; watching from the oldest revision read misses nothing.
+        let mut read_at = i64::MAX;
+        let mut queues: Vec<Vec<Value>> = Vec::with_capacity(waiting.len());
+        for chunk in waiting.chunks(MAX_TXN_OPS) {
+            let reads: Vec<Value> =
+                chunk.iter().map(|(k, ..)| json!({"request_range": self.queue(k)})).collect();
+            let v = self.post(&self.keepalive_http, "/v3/kv/txn", json!({"success": reads})).await?;
+            let Some(r) = int(&v["header"]["revision"]) else {
+                return Err(
+                    TransportError::Protocol(format!("etcd txn answer without a revision: {v}")).into()
+                );
+            };
+            read_at = read_at.min(r);
+            for i in 0..chunk.len() {
+                let kvs = v["responses"][i]["response_range"]["kvs"].as_array().cloned().unwrap_or_default();
+                queues.push(kvs);
+            }
+        }
         let (mut predecessors, mut vanished) = (Vec::new(), Vec::new());
         {
             let mut keys = lock(&local.keys);
-            for (i, (key, asked, revision)) in waiting.into_iter().enumerate() {
-                let kvs = v["responses"][i]["response_range"]["kvs"]
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
+            for ((key, asked, revision), kvs) in waiting.into_iter().zip(&queues) {
                 let me = B64.encode(self.waiter(&key, local.lease));
                 // Only a key still waiting: an acquire or release may have moved it since.
                 if !matches!(keys.get(&key), Some(Want::Queued { revision: r, .. }) if *r == revision) {
@@ -443,7 +450,8 @@ impl EtcdSessions {
                         keys.insert(key, Want::Pushed(grant));
                     }
                     Some((n, _)) => {
-                        if let Some(k) = kvs[n - 1]["key"].as_str() {
+                        let before = n.checked_sub(1).and_then(|p| kvs.get(p));
+                        if let Some(k) = before.and_then(|kv| kv["key"].as_str()) {
                             predecessors.push(k.to_string());
                         }
                     }
@@ -464,7 +472,7 @@ impl EtcdSessions {
             }
         }
         predecessors.truncate(MAX_WATCHES);
-        Ok((!predecessors.is_empty()).then_some((revision, predecessors)))
+        Ok((!predecessors.is_empty()).then_some((read_at, predecessors)))
     }
 
     /// Waits until one of `keys` (base64) is deleted after `revision`. A watch that cannot be
