@@ -204,3 +204,40 @@ async fn futures_join_all<T: Send + 'static>(
     }
     out
 }
+
+#[test]
+fn one_session_waiting_for_two_keys_is_pushed_each_when_its_holder_lets_go() {
+    // Keepalives every ttl/4 = 5 s; each hand-off within 1 s was pushed, not found at the next
+    // keepalive after the first push answered the held one.
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let (a, b, c) =
+        (client(&s.url(), "a", 20_000), client(&s.url(), "b", 20_000), client(&s.url(), "c", 20_000));
+    smol::block_on(async {
+        let (m1, m2) = (a.acquire("m1").await.unwrap(), b.acquire("m2").await.unwrap());
+        let wait = |key: &'static str| {
+            let (tx, rx) = async_channel::bounded::<()>(1);
+            let c = c.clone();
+            let task = smol::spawn(async move {
+                c.acquire_reporting(key, None, move |_| {
+                    let _ = tx.try_send(());
+                })
+                .await
+            });
+            (task, rx)
+        };
+        let (w1, q1) = wait("m1");
+        let (w2, q2) = wait("m2");
+        within(10_000, "c queued for m1", q1.recv()).await.unwrap();
+        within(10_000, "c queued for m2", q2.recv()).await.unwrap();
+        for (held, waiter) in [(m2, w2), (m1, w1)] {
+            sleep(300).await;
+            held.release().await.unwrap();
+            let released = std::time::Instant::now();
+            let lease = within(10_000, "pushed", waiter).await.unwrap();
+            let took = released.elapsed();
+            assert!(took < Duration::from_secs(1), "{}: hand-off took {took:?}", lease.key());
+            lease.release().await.unwrap();
+        }
+    });
+}

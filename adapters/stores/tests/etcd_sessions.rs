@@ -425,3 +425,38 @@ fn the_backend_answers_each_request_as_the_protocol_says() {
         assert_eq!(send(SessionOp::KeepAlive, secret).await, SessionReply::Expired);
     });
 }
+
+#[test]
+fn one_session_waiting_for_two_keys_is_pushed_each_when_its_holder_lets_go() {
+    let e = etcd();
+    let (a, b) = (client(e.url(), "a", HANDOFF_TTL_MS), client(e.url(), "b", HANDOFF_TTL_MS));
+    let c = client(e.url(), "c", HANDOFF_TTL_MS);
+    smol::block_on(async {
+        let (m1, m2) = (a.acquire("m1").await.unwrap(), b.acquire("m2").await.unwrap());
+        let wait = |key: &'static str| {
+            let (tx, rx) = async_channel::bounded::<()>(1);
+            let c = c.clone();
+            let task = smol::spawn(async move {
+                c.acquire_reporting(key, None, move |_| {
+                    let _ = tx.try_send(());
+                })
+                .await
+            });
+            (task, rx)
+        };
+        let (w1, q1) = wait("m1");
+        let (w2, q2) = wait("m2");
+        within(10_000, "c queued for m1", q1.recv()).await.unwrap();
+        within(10_000, "c queued for m2", q2.recv()).await.unwrap();
+        // One held keepalive watches both predecessors: whichever goes first is pushed at once.
+        for (held, waiter) in [(m2, w2), (m1, w1)] {
+            sleep(300).await;
+            held.release().await.unwrap();
+            let released = Instant::now();
+            let lease = within(10_000, "pushed", waiter).await.unwrap();
+            let took = released.elapsed();
+            assert!(took < HANDOFF_BOUND, "{}: hand-off took {took:?}", lease.key());
+            lease.release().await.unwrap();
+        }
+    });
+}
