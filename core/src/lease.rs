@@ -82,6 +82,14 @@ impl Flight {
         }
     }
 
+    /// A request was made (handed out or not) and its reply is overdue.
+    fn overdue(self, now: Instant, request_timeout: Duration) -> bool {
+        match self {
+            Flight::Due { .. } => false,
+            Flight::Unsent { at, .. } | Flight::Sent { at, .. } => now >= at + request_timeout,
+        }
+    }
+
     /// The id and making time of the request awaiting its reply, if one is out.
     fn sent(self) -> Option<(RequestId, Instant)> {
         match self {
@@ -103,30 +111,35 @@ struct Observation {
     ready: bool,
 }
 
+/// Each phase that talks to the authority owns its one [`Flight`] and the deadline that ends
+/// it. An explicit tag, with the flight declared first after anything smaller than it, puts the
+/// flight at the same offset in every phase: the hot path (a timer, a renewal, its reply)
+/// then finds it without decoding which phase holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Phase {
     Idle,
     Acquiring {
-        /// Stop trying once an attempt could not end before this ([`NEVER`]: keep trying).
-        give_up_at: Instant,
         /// `release` was called while an attempt was in flight.
         cancel: bool,
+        flight: Flight,
+        /// Stop trying once an attempt could not end before this ([`NEVER`]: keep trying).
+        give_up_at: Instant,
         /// An observed record to take over once it has stood still long enough
         /// (compare-and-set stores).
         takeover: Option<Observation>,
-        flight: Flight,
     },
     Held {
-        /// End of the local validity.
-        valid_until: Instant,
         /// The renewal: due at its time, or out.
         flight: Flight,
+        /// End of the local validity.
+        valid_until: Instant,
     },
     Releasing {
+        flight: Flight,
         /// When the grant would have expired anyway: the release then ends unacknowledged,
         /// since nothing is left to give back.
         give_up_at: Instant,
-        flight: Flight,
     },
     Lost,
     Released,
@@ -449,7 +462,7 @@ impl Lease {
         match self.phase {
             Phase::Held { valid_until, .. } => {
                 self.failures = 0;
-                let flight = self.make_request(now);
+                let flight = make_request(&mut self.next_id, now);
                 self.phase = Phase::Releasing { give_up_at: valid_until, flight };
                 Ok(())
             }
@@ -532,18 +545,13 @@ impl Lease {
             return;
         }
         let timeout = self.config.request_timeout;
-        if let Some(Flight::Unsent { at, .. } | Flight::Sent { at, .. }) = self.phase.flight() {
-            if now >= at + timeout {
-                self.fail(now);
-            }
+        if self.phase.flight().is_some_and(|f| f.overdue(now, timeout)) {
+            self.fail(now);
         }
         // Checked after a failure too: a retry due at once is made in the same call.
-        if let Some(Flight::Due { at }) = self.phase.flight() {
-            if now >= at {
-                let request = self.make_request(now);
-                if let Some(flight) = self.phase.flight_mut() {
-                    *flight = request;
-                }
+        if let Some(flight) = self.phase.flight_mut() {
+            if matches!(*flight, Flight::Due { at } if now >= at) {
+                *flight = make_request(&mut self.next_id, now);
             }
         }
     }
@@ -567,13 +575,14 @@ impl Lease {
 
     /// When [`handle_timeout`](Lease::handle_timeout) must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let request = self.phase.flight()?.deadline(self.config.request_timeout);
-        Some(match self.phase {
-            Phase::Held { valid_until: end, .. } | Phase::Releasing { give_up_at: end, .. } => {
-                request.min(end)
+        let timeout = self.config.request_timeout;
+        match self.phase {
+            Phase::Held { valid_until: end, flight } | Phase::Releasing { give_up_at: end, flight } => {
+                Some(flight.deadline(timeout).min(end))
             }
-            Phase::Acquiring { .. } | Phase::Idle | Phase::Lost | Phase::Released => request,
-        })
+            Phase::Acquiring { flight, .. } => Some(flight.deadline(timeout)),
+            Phase::Idle | Phase::Lost | Phase::Released => None,
+        }
     }
 
     // ----- internals -----
@@ -583,7 +592,7 @@ impl Lease {
         match self.phase {
             Phase::Idle | Phase::Lost | Phase::Released => {
                 self.failures = 0;
-                let flight = self.make_request(now);
+                let flight = make_request(&mut self.next_id, now);
                 self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover: None, flight };
                 Ok(())
             }
@@ -624,7 +633,7 @@ impl Lease {
                 let valid_until = self.anchor(sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
                 if cancel {
                     self.failures = 0;
-                    let flight = self.make_request(now);
+                    let flight = make_request(&mut self.next_id, now);
                     let give_up_at = valid_until.max(now + self.config.request_timeout);
                     self.phase = Phase::Releasing { give_up_at, flight };
                     return;
@@ -761,13 +770,6 @@ impl Lease {
         }
     }
 
-    /// A new request, made at `now`, for the caller to put in its phase.
-    fn make_request(&mut self, now: Instant) -> Flight {
-        let id = RequestId(self.next_id);
-        self.next_id = self.next_id.wrapping_add(1);
-        Flight::Unsent { id, at: now }
-    }
-
     fn not_acquired(&mut self, reason: NotAcquired) {
         self.end(Phase::Idle, Event::NotAcquired { reason });
     }
@@ -814,6 +816,13 @@ impl Lease {
         z ^= z >> 31;
         Duration::from_micros(z % max.as_micros().saturating_add(1).max(1))
     }
+}
+
+/// A new request, made at `now`, for the caller to put in its phase.
+fn make_request(next_id: &mut u32, now: Instant) -> Flight {
+    let id = RequestId(*next_id);
+    *next_id = next_id.wrapping_add(1);
+    Flight::Unsent { id, at: now }
 }
 
 /// When an acquisition that gives up at `give_up_at` makes its next attempt, planned for `at`:
@@ -1315,6 +1324,41 @@ mod tests {
             Some(Event::NotAcquired { reason: NotAcquired::Rejected(Reject::InvalidTtl) })
         );
         assert_eq!(l.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_request_never_handed_out_is_not_answerable_but_still_times_out() {
+        let timeout = config().request_timeout;
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        // Made at 0 but not yet taken by poll_transmit: its id is 0 (the first request).
+        let unsent = RequestId(0);
+        assert_eq!(l.poll_timeout(), Some(ms(0) + timeout), "an unsent request times out too");
+        l.handle_response(ms(1), Response { id: unsent, owner: OwnerId(1), reply: granted(1) });
+        l.handle_transport_error(ms(1), unsent);
+        l.handle_permanent_error(ms(1), unsent);
+        assert_eq!(l.poll_event(), None, "nobody can have answered a request never handed out");
+        assert_eq!(l.state(), State::Acquiring);
+        // Its timeout fails it and backs off; the retry is a new request with a new id.
+        l.handle_timeout(ms(0) + timeout);
+        let retry_at = l.poll_timeout().unwrap();
+        assert!(retry_at > ms(0) + timeout, "backs off: {retry_at}");
+        assert_eq!(l.poll_transmit(), None, "nothing to send while backing off");
+        l.handle_timeout(retry_at);
+        let r = l.poll_transmit().unwrap();
+        assert_eq!((r.id, r.op), (RequestId(1), Op::Acquire { ttl: TTL }));
+        assert_eq!(l.poll_transmit(), None, "handed out once");
+        assert_eq!(l.poll_timeout(), Some(retry_at + timeout));
+        // Validity is anchored at when the retry was made.
+        reply(&mut l, retry_at + Duration::from_millis(40), &r, granted(1));
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Acquired {
+                fence: Fence(1),
+                valid_until: retry_at + Duration::from_millis(9_900),
+                after_expiry: false
+            })
+        );
     }
 
     #[test]
