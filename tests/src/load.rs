@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
-use leasehold_http::{Backend, Options, SessionClient, SessionSetupError};
+use leasehold_http::{Backend, BuiltinSessions, Options, SessionClient, SessionSetupError, TransportError};
 
 /// What a run measured.
 #[derive(Debug, Clone)]
@@ -80,6 +80,17 @@ pub async fn acquire_release<B: Backend>(
     report(all, errors, started.elapsed())
 }
 
+/// Why [`session_acquire_release`] could not start its clients.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionLoadError {
+    /// The server's URL cannot be used.
+    #[error("session backend: {0}")]
+    Backend(#[source] TransportError),
+    /// A session client could not be made.
+    #[error("session client: {0}")]
+    Client(#[source] SessionSetupError),
+}
+
 /// Runs `clients` concurrent loops of acquire+release on keys `load-<prefix>-<i>` for
 /// `duration` against the built-in server at `url` over protocol v2, each loop in its own
 /// [`SessionClient`] (its own session) with session ttl `ttl`.
@@ -97,11 +108,14 @@ pub async fn session_acquire_release(
     clients: usize,
     duration: Duration,
     ttl: Duration,
-) -> Result<LoadReport, SessionSetupError> {
+) -> Result<LoadReport, SessionLoadError> {
+    let options = Options::session(ttl);
     let mut workers = Vec::with_capacity(clients);
     for i in 0..clients {
         let key = format!("load-{prefix}-{i}");
-        let client = SessionClient::new(url, None, &key, Options::session(ttl))?;
+        let backend = BuiltinSessions::new(url, None, options.config.request_timeout.into())
+            .map_err(SessionLoadError::Backend)?;
+        let client = SessionClient::new(backend, &key, options).map_err(SessionLoadError::Client)?;
         workers.push((client, key));
     }
     let warmed: Vec<_> = workers
