@@ -13,10 +13,12 @@ mod device_async;
 mod frame;
 #[cfg(feature = "std")]
 pub mod host;
+mod session;
 mod watch;
 
 pub use decode::{DecodeError, DecodeStats, FrameDecoder};
 pub use device::{Clock, DeviceLink, LinkStats};
 pub use device_async::AsyncDeviceLink;
 pub use frame::{Body, EncodeError, Frame, Header, MAX_FRAME, VERSION};
+pub use session::{SessionLink, SessionLinkStats};
 pub use watch::LeaseWatch;
