@@ -121,8 +121,9 @@ fn sessions() {
         let b = Frame::new(u16::MAX, u32::MAX, response(SessionId(u64::MAX), Seq(u64::MAX), big));
         println!("{name:<28} {:>9}  {:>21}", size(&a), size(&b));
     }
-    let refused = Frame::new(12, 7, Body::WrongLink { session: SessionId(3), seq: Seq(40) });
-    println!("{:<28} {:>9}", "wrong-link refusal", size(&refused));
+    let why = leasehold_serial::SessionRefusal::WrongLink;
+    let refused = Frame::new(12, 7, Body::SessionRefused { session: SessionId(3), seq: Seq(40), why });
+    println!("{:<28} {:>9}", "session refused (any reason)", size(&refused));
     println!("MAX_FRAME = {MAX_FRAME}");
 }
 

@@ -7,7 +7,9 @@ use leasehold_core::session::wire::{
 };
 use leasehold_core::{Duration, Fence, Key, Op, OwnerId, Reply, Request, RequestId, Response};
 
-use crate::frame::{key_from, reject_from_index, string_from, Body, Frame, Header, MAX_FRAME, VERSION};
+use crate::frame::{
+    key_from, reject_from_index, string_from, Body, Frame, Header, SessionRefusal, MAX_FRAME, VERSION,
+};
 
 /// Why bytes between two delimiters were not a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +273,16 @@ impl Reader<'_> {
             2 => Body::VersionMismatch { supported: self.byte()? },
             3 => Body::SessionRequest(self.session_request()?),
             4 => Body::SessionResponse(self.session_response()?),
-            5 => Body::WrongLink { session: SessionId(self.u64()?), seq: Seq(self.u64()?) },
+            5 => Body::SessionRefused {
+                session: SessionId(self.u64()?),
+                seq: Seq(self.u64()?),
+                why: match self.u32()? {
+                    0 => SessionRefusal::WrongLink,
+                    1 => SessionRefusal::Unreachable,
+                    2 => SessionRefusal::Forged,
+                    _ => return None,
+                },
+            },
             _ => return None,
         })
     }

@@ -64,15 +64,32 @@ pub enum Body {
     SessionRequest(SessionRequest),
     /// Host to device: the authority's response within a session.
     SessionResponse(SessionResponse),
-    /// Host to device: the gateway did not forward this session request because the session
-    /// was not opened on this link (another link opened it, or the link reconnected since).
-    /// Nothing was changed at the authority.
-    WrongLink {
-        /// The session named by the refused request.
+    /// Host to device: the gateway did not bring this session request an answer from the
+    /// authority, and says why instead of leaving the device to time out.
+    SessionRefused {
+        /// The session named by the request.
         session: SessionId,
-        /// The refused request's seq.
+        /// The request's seq.
         seq: Seq,
+        /// Why.
+        why: SessionRefusal,
     },
+}
+
+/// Why a gateway answered a session request with [`Body::SessionRefused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum SessionRefusal {
+    /// Not forwarded: this link did not open the session (another link did, or this link
+    /// reconnected since). Nothing changed at the authority.
+    WrongLink,
+    /// Forwarded, but no answer came back: it may or may not have reached the authority.
+    Unreachable,
+    /// The authority refused the request's secret. Its reply is withheld, so a forged frame
+    /// cannot answer the real holder's request of the same seq; nothing changed at the
+    /// authority.
+    Forged,
 }
 
 /// One frame. Serialized as its header then its body, with nothing between.
@@ -151,10 +168,15 @@ impl Frame {
                 w.varint(4)?;
                 w.session_response(r)
             }
-            Body::WrongLink { session, seq } => {
+            Body::SessionRefused { session, seq, why } => {
                 w.varint(5)?;
                 w.varint(session.0)?;
-                w.varint(seq.0)
+                w.varint(seq.0)?;
+                w.varint(match why {
+                    SessionRefusal::WrongLink => 0,
+                    SessionRefusal::Unreachable => 1,
+                    SessionRefusal::Forged => 2,
+                })
             }
         }
     }

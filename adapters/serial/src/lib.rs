@@ -19,6 +19,6 @@ mod watch;
 pub use decode::{DecodeError, DecodeStats, FrameDecoder};
 pub use device::{Clock, DeviceLink, LinkStats};
 pub use device_async::AsyncDeviceLink;
-pub use frame::{Body, EncodeError, Frame, Header, MAX_FRAME, VERSION};
+pub use frame::{Body, EncodeError, Frame, Header, SessionRefusal, MAX_FRAME, VERSION};
 pub use session::{SessionLink, SessionLinkStats};
 pub use watch::LeaseWatch;

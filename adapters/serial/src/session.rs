@@ -97,7 +97,7 @@ use embedded_io::{Read, ReadReady, Write};
 
 use crate::decode::{DecodeError, DecodeStats, FrameDecoder};
 use crate::device::Clock;
-use crate::frame::{Body, Frame, MAX_FRAME};
+use crate::frame::{Body, Frame, SessionRefusal, MAX_FRAME};
 
 /// How many of the link's last frames it remembers, to tell the machine which request a
 /// version-mismatch notice (which echoes the frame, not the request) was about. A device
@@ -119,6 +119,10 @@ pub struct SessionLinkStats {
     /// Requests the gateway refused because this link did not open the session (after a
     /// reconnect, or a gateway restart): the machine retries until the session expires.
     pub wrong_link: u32,
+    /// Requests the gateway forwarded and got no answer for (retried by the machine).
+    pub unreachable: u32,
+    /// Refusals of frames sent with a wrong secret (someone else's, on this line): ignored.
+    pub forged: u32,
     /// Requests whose frame could not be written (reported to the machine as transport errors).
     pub write_errors: u32,
 }
@@ -322,12 +326,20 @@ impl<U: Read + ReadReady + Write, C: Clock, const K: usize> SessionLink<U, C, K>
                     self.session.handle_transport_error(now, seq);
                 }
             }
-            Ok(Frame { body: Body::WrongLink { session, seq }, .. })
-                if Some(session) == self.session.id() =>
-            {
-                warn!("gateway refused session request {}: not opened on this link", seq.0);
-                self.stats.wrong_link = self.stats.wrong_link.wrapping_add(1);
-                self.session.handle_transport_error(now, seq);
+            Ok(Frame { body: Body::SessionRefused { seq, why, .. }, .. }) => {
+                warn!("gateway refused session request {}: {}", seq.0, why);
+                let counter = match why {
+                    SessionRefusal::WrongLink => &mut self.stats.wrong_link,
+                    SessionRefusal::Unreachable => &mut self.stats.unreachable,
+                    SessionRefusal::Forged => &mut self.stats.forged,
+                };
+                *counter = counter.wrapping_add(1);
+                // A forged request is someone else's, never ours: the real request of that
+                // seq (if any) gets its own answer. The others will not be answered: the
+                // machine retries after its backoff (and ignores a seq it is not waiting for).
+                if why != SessionRefusal::Forged {
+                    self.session.handle_transport_error(now, seq);
+                }
             }
             Ok(_) => self.stats.foreign = self.stats.foreign.wrapping_add(1),
             Err(DecodeError::WrongVersion(h)) => {

@@ -4,7 +4,7 @@ use leasehold_core::session::wire::{
     parse_label, Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
 };
 use leasehold_core::{parse_key, Duration, Fence, Op, OwnerId, Reject, Reply, Request, RequestId, Response};
-use leasehold_serial::{Body, DecodeError, Frame, FrameDecoder, Header, MAX_FRAME};
+use leasehold_serial::{Body, DecodeError, Frame, FrameDecoder, Header, SessionRefusal, MAX_FRAME};
 use proptest::prelude::*;
 
 fn acquire_frame() -> Frame {
@@ -131,8 +131,10 @@ fn golden_bytes_of_session_frames() {
         encode(&session_reply_frame(SessionReply::Rejected(Reject::Unauthorized))),
         [0, 9, 1, 9, 42, 4, 3, 5, 10, 2, 0]
     );
-    let wrong_link = Frame::new(9, 42, Body::WrongLink { session: SessionId(3), seq: Seq(5) });
-    assert_eq!(encode(&wrong_link), [0, 7, 1, 9, 42, 5, 3, 5, 0]);
+    let refused = |why| Frame::new(9, 42, Body::SessionRefused { session: SessionId(3), seq: Seq(5), why });
+    assert_eq!(encode(&refused(SessionRefusal::WrongLink)), [0, 7, 1, 9, 42, 5, 3, 5, 1, 0]);
+    assert_eq!(encode(&refused(SessionRefusal::Unreachable)), [0, 8, 1, 9, 42, 5, 3, 5, 1, 0]);
+    assert_eq!(encode(&refused(SessionRefusal::Forged)), [0, 8, 1, 9, 42, 5, 3, 5, 2, 0]);
 }
 
 /// The largest session frames fit `MAX_FRAME`: a 64-byte key and every integer at its maximum.
@@ -490,7 +492,16 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         any::<u8>().prop_map(|supported| Body::VersionMismatch { supported }),
         any_session_request().prop_map(Body::SessionRequest),
         any_session_response().prop_map(Body::SessionResponse),
-        (any_u64(), any_u64()).prop_map(|(s, q)| Body::WrongLink { session: SessionId(s), seq: Seq(q) }),
+        (
+            any_u64(),
+            any_u64(),
+            prop::sample::select(vec![
+                SessionRefusal::WrongLink,
+                SessionRefusal::Unreachable,
+                SessionRefusal::Forged
+            ])
+        )
+            .prop_map(|(s, q, why)| Body::SessionRefused { session: SessionId(s), seq: Seq(q), why }),
     ];
     (any::<u16>(), any::<u32>(), body).prop_map(|(seq, device, body)| Frame::new(seq, device, body))
 }
