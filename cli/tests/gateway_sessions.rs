@@ -222,6 +222,9 @@ fn server(dir: &std::path::Path) -> RunningServer {
     Server::spawn(ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap())).unwrap()
 }
 
+/// Hand-offs measured; even, so each device ends as it started.
+const HANDOFFS: usize = 10;
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -269,7 +272,7 @@ fn a_waiting_device_is_pushed_the_key_on_release_in_fifo_order() {
     let mut latencies = Vec::new();
     let mut last_fence = a.link.session().fence(&pump).unwrap();
     let (mut holder, mut waiter) = (&mut a, &mut b);
-    for round in 0..6 {
+    for round in 0..HANDOFFS {
         let released = Instant::now();
         holder.link.release(&pump).unwrap();
         let mut fence = None;
@@ -292,10 +295,13 @@ fn a_waiting_device_is_pushed_the_key_on_release_in_fifo_order() {
     }
     let worst = *latencies.iter().max().unwrap();
     let p50 = median(&mut latencies);
-    println!("release to the waiter's pushed grant over 6 hand-offs: median {p50:?}, max {worst:?}");
-    // Pushed, not polled: the waiter hears within the gateway's hold (ttl/4 = 1 s), which is
-    // what its next keepalive would otherwise have cost.
-    assert!(worst < Duration::from_secs(1), "{latencies:?}");
+    println!("release to the waiter's pushed grant over {HANDOFFS} hand-offs: median {p50:?}, max {worst:?}");
+    // Pushed, not polled: a waiter that learnt of its grant at its next keepalive would wait
+    // anything up to the keepalive interval (1 s), half of it on average; pushed, it is a
+    // round trip and an fsync. The median has room for a loaded machine; one slow hand-off
+    // cannot fail it.
+    assert!(p50 < Duration::from_millis(250), "{latencies:?}");
+    assert!(worst < Duration::from_secs(2), "{latencies:?}");
     assert_eq!(
         counter(metrics, "leasehold_gateway_session_refusals_total", &l1, ",reason=\"wrong_link\""),
         0
@@ -380,8 +386,13 @@ fn replayed_frames_on_the_same_link_change_nothing_and_a_dead_device_still_expir
     });
     let granted = Instant::now();
     let failover = granted - died;
-    let bound = Duration::from(ttl).mul_f64(1.01);
-    println!("{i} keepalives replayed; b granted {failover:?} after a died (ttl·(1+ε) = {bound:?})");
+    // a's last keepalive may have been held at the server (up to ttl/4) and renewed the session
+    // only when answered: the design frees the key within (ttl + ttl/4)·(1+ε) of a's death.
+    let bound = Duration::from(ttl).mul_f64(1.25 * 1.01);
+    println!(
+        "{i} keepalives replayed; b granted {failover:?} after a died ({:.2} ttl; bound (ttl + ttl/4)·(1+ε) = {bound:?})",
+        failover.as_secs_f64() / Duration::from(ttl).as_secs_f64()
+    );
     assert!(granted >= a_believed_until, "b was granted while a still believed");
     assert!(failover <= bound + Duration::from_millis(500), "{failover:?}");
     assert!(i >= 5);
@@ -449,24 +460,32 @@ fn a_sessions_frames_on_another_link_are_refused_and_a_forged_release_too() {
     );
     assert_eq!(counter(metrics, "leasehold_gateway_requests_forwarded_total", &l2, ""), 0);
 
-    // On a's own wire, a release with a wrong secret: forwarded, refused by the server, and its
-    // reply withheld from a (it names a seq a may be waiting for).
+    // On a's own wire, releases with a wrong secret: forwarded, refused by the server, and
+    // their replies withheld from a. One names the seq of a's keepalive that is out (held at
+    // the server) right now: passed on, its refusal would be taken as that keepalive's answer.
+    let captured = a.captured();
+    let out = captured.iter().rev().find(|(r, _)| r.op == SessionOp::KeepAlive).unwrap().0.seq.0;
     let next = captured.iter().map(|(r, _)| r.seq.0).max().unwrap() + 1;
-    for seq in [next, next + 1, 5_000] {
+    let forwarded = counter(metrics, "leasehold_gateway_requests_forwarded_total", &l1, "");
+    for seq in [out, next, 5_000] {
         a.inject(&encoded(&release(Seq(seq), Secret::from_bytes([7; 16]))));
     }
-    drive(&mut [&mut a], "three forged releases refused", |d| d[0].link.stats().forged == 3);
-    assert_eq!(counter(metrics, "leasehold_gateway_session_refusals_total", &l1, ",reason=\"forged\""), 3);
-    run_for(&mut [&mut a], Duration::from_millis(1000)); // a's next keepalive comes back
+    drive(&mut [&mut a], "three forged releases forwarded", |_| {
+        counter(metrics, "leasehold_gateway_requests_forwarded_total", &l1, "") >= forwarded + 3
+    });
+    run_for(&mut [&mut a], Duration::from_millis(1000)); // the answers, and a's next keepalive
 
     // Nothing changed: a holds and believes, the server agrees.
+    assert!(
+        !a.events.iter().any(|e| matches!(e, SessionEvent::Lost { .. } | SessionEvent::SessionLost { .. })),
+        "{:?}",
+        a.events
+    );
     assert_eq!(a.link.session().fence(&pump), Some(fence));
     assert!(a.link.remaining(&pump).is_some());
-    assert!(!a
-        .events
-        .iter()
-        .any(|e| matches!(e, SessionEvent::Lost { .. } | SessionEvent::SessionLost { .. })));
     assert_eq!(at_server(&server.url(), "pump"), (Some(sa.0), Some(fence.0), 0));
+    assert_eq!(a.link.stats().forged, 3);
+    assert_eq!(counter(metrics, "leasehold_gateway_session_refusals_total", &l1, ",reason=\"forged\""), 3);
     // a itself still can: its own release frees the key at once.
     a.link.release(&pump).unwrap();
     drive(&mut [&mut a], "a's release", |d| {
