@@ -536,3 +536,70 @@ fn a_reconnected_link_is_a_new_link() {
     assert_eq!(counter(metrics, "leasehold_gateway_link_sessions", &l1, ""), 0);
     assert_eq!(counter(metrics, "leasehold_gateway_link_connects_total", &l1, ""), 2);
 }
+
+struct TimerDelay;
+impl embedded_hal_async::delay::DelayNs for TimerDelay {
+    async fn delay_ns(&mut self, ns: u32) {
+        async_io::Timer::after(Duration::from_nanos(u64::from(ns))).await;
+    }
+}
+
+#[test]
+fn an_async_device_waits_in_next_event_and_is_pushed_its_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(&dir.path().join("store"));
+    let (l1, l2) = (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap());
+    let (_gw, _) = gateway(&server.url(), &[&l1, &l2], &dir.path().join("gateway.log"));
+    let epoch = Instant::now();
+    let ttl = LDuration::from_secs(4);
+    let pump = parse_key("pump").unwrap();
+    let mut a = device(&l1, 1, ttl, epoch);
+    opened(&mut a);
+    a.link.acquire(pump.clone(), false).unwrap();
+    drive(&mut [&mut a], "a's grant", |d| d[0].link.remaining(&pump).is_some());
+    let fence = a.link.session().fence(&pump).unwrap();
+
+    // b: the async link in a thread of its own, waiting in next_event for its events.
+    let (stream, _) = l2.accept().unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (events_tx, events) = std::sync::mpsc::channel();
+    let key = pump.clone();
+    let b = std::thread::spawn(move || {
+        smol::block_on(async {
+            let uart =
+                embedded_io_adapters::futures_03::FromFutures::new(async_io::Async::new(stream).unwrap());
+            let session = Session::<4>::new(parse_label("dev-2").unwrap(), config(ttl)).unwrap();
+            let mut link =
+                leasehold_serial::AsyncSessionLink::new(uart, Clock(epoch), TimerDelay, session, 2);
+            link.open().unwrap();
+            loop {
+                let e = link.next_event().await.unwrap();
+                if matches!(e, SessionEvent::Opened { .. }) {
+                    link.acquire(key.clone(), true).unwrap();
+                }
+                let done = acquired(&e, &key).is_some();
+                events_tx.send((e, Instant::now())).unwrap();
+                if done {
+                    return link.remaining(&key).is_some();
+                }
+            }
+        })
+    });
+    let mut seen = Vec::new();
+    drive(&mut [&mut a], "b queued", |_| {
+        seen.extend(events.try_iter());
+        seen.iter().any(|(e, _)| matches!(e, SessionEvent::Queued { .. }))
+    });
+    run_for(&mut [&mut a], Duration::from_millis(1500)); // b's keepalives held meanwhile
+    let released = Instant::now();
+    a.link.release(&pump).unwrap();
+    drive(&mut [&mut a], "b's grant", |_| {
+        seen.extend(events.try_iter());
+        seen.iter().any(|(e, _)| acquired(e, &pump).is_some())
+    });
+    let (e, at) = seen.iter().find(|(e, _)| acquired(e, &pump).is_some()).unwrap();
+    println!("async device: release to pushed grant {:?}", at.duration_since(released));
+    assert!(acquired(e, &pump).unwrap() > fence);
+    assert!(b.join().unwrap(), "b does not believe its grant");
+    assert!(at.duration_since(released) < Duration::from_secs(1));
+}

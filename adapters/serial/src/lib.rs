@@ -20,5 +20,5 @@ pub use decode::{DecodeError, DecodeStats, FrameDecoder};
 pub use device::{Clock, DeviceLink, LinkStats};
 pub use device_async::AsyncDeviceLink;
 pub use frame::{Body, EncodeError, Frame, Header, SessionRefusal, MAX_FRAME, VERSION};
-pub use session::{SessionLink, SessionLinkStats};
+pub use session::{AsyncSessionLink, SessionLink, SessionLinkStats};
 pub use watch::LeaseWatch;

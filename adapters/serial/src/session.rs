@@ -88,12 +88,13 @@
 //! assert!(link.remaining(&parse_key("pump").unwrap()).is_some());
 //! ```
 
+use embassy_futures::select::{select, Either};
+use embedded_hal_async::delay::DelayNs;
+use embedded_io::{Read, ReadReady, Write};
 use leasehold_core::session::holder::{AcquireError, CloseError, OpenError, ReleaseError};
-use leasehold_core::session::wire::{Seq, SessionReply, SessionResponse};
+use leasehold_core::session::wire::{Seq, SessionReply};
 use leasehold_core::session::{Session, SessionEvent, SessionState};
 use leasehold_core::{Duration, Instant, Key};
-
-use embedded_io::{Read, ReadReady, Write};
 
 use crate::decode::{DecodeError, DecodeStats, FrameDecoder};
 use crate::device::Clock;
@@ -111,8 +112,8 @@ const SENT_RING: usize = 8;
 pub struct SessionLinkStats {
     /// The decoder's counts (frames, and errors by kind).
     pub decoder: DecodeStats,
-    /// Well-formed frames not for this device or this session (another device's responses on
-    /// a shared line, requests echoed back, replies for a session that ended).
+    /// Well-formed frames not for this device (another device's responses on a shared line,
+    /// requests echoed back).
     pub foreign: u32,
     /// Explicit "I speak another protocol version" replies from the gateway.
     pub version_mismatches: u32,
@@ -127,20 +128,9 @@ pub struct SessionLinkStats {
     pub write_errors: u32,
 }
 
-/// A device's protocol-v2 session over a blocking UART (`embedded_io::{Read, ReadReady,
-/// Write}`), for up to `K` keys at once.
-///
-/// Call [`poll`](SessionLink::poll) often (from the main loop, or when the UART interrupt or
-/// the timer at [`poll_timeout`](SessionLink::poll_timeout) fires). The link moves bytes,
-/// time and wake-ups; every lease decision is the core [`Session`]'s. While any key is queued
-/// for, the link keeps a keepalive out at all times, so the gateway can answer it with the
-/// grant the moment the key is released (configure the machine as
-/// `leasehold_client::Options::session` does: keepalive every ttl/4, request timeout ttl/3,
-/// which is longer than the gateway holds a keepalive).
+/// What the blocking and async session links share: the machine, the codec, the bookkeeping.
 #[derive(Debug)]
-pub struct SessionLink<U, C, const K: usize> {
-    uart: U,
-    clock: C,
+struct SessionCore<const K: usize> {
     session: Session<K>,
     device: u32,
     /// The link's frame counter (the header's seq; the session's own seq is in the body).
@@ -152,15 +142,11 @@ pub struct SessionLink<U, C, const K: usize> {
     waiting: heapless::Vec<Key, K>,
     decoder: FrameDecoder,
     stats: SessionLinkStats,
-    tx: [u8; MAX_FRAME],
 }
 
-impl<U: Read + ReadReady + Write, C: Clock, const K: usize> SessionLink<U, C, K> {
-    /// A link driving `session` (not yet opened), identifying itself as `device`.
-    pub fn new(uart: U, clock: C, session: Session<K>, device: u32) -> Self {
-        SessionLink {
-            uart,
-            clock,
+impl<const K: usize> SessionCore<K> {
+    fn new(session: Session<K>, device: u32) -> Self {
+        SessionCore {
             session,
             device,
             frame_seq: 0,
@@ -169,124 +155,51 @@ impl<U: Read + ReadReady + Write, C: Clock, const K: usize> SessionLink<U, C, K>
             waiting: heapless::Vec::new(),
             decoder: FrameDecoder::new(),
             stats: SessionLinkStats::default(),
-            tx: [0; MAX_FRAME],
         }
     }
 
-    /// The session machine, for its getters.
-    pub fn session(&self) -> &Session<K> {
-        &self.session
-    }
-
-    /// The clock's reading now.
-    pub fn now(&self) -> Instant {
-        self.clock.now()
-    }
-
-    /// What the session is doing.
-    pub fn state(&self) -> SessionState {
-        self.session.state()
-    }
-
-    /// How long `key` may still be relied on; `None` once it may not.
-    pub fn remaining(&self, key: &Key) -> Option<Duration> {
-        self.session.remaining(self.clock.now(), key)
-    }
-
-    /// Opens the session; see [`Session::open`].
-    pub fn open(&mut self) -> Result<(), OpenError> {
-        self.session.open(self.clock.now())
-    }
-
-    /// Acquires `key`, queueing for it if `wait`; see [`Session::acquire`].
-    pub fn acquire(&mut self, key: Key, wait: bool) -> Result<(), AcquireError> {
-        self.session.acquire(self.clock.now(), key, wait)
-    }
-
-    /// Gives `key` back (or stops waiting for it); see [`Session::release`].
-    pub fn release(&mut self, key: &Key) -> Result<(), ReleaseError> {
-        self.session.release(self.clock.now(), key)
-    }
-
-    /// Ends the session, giving up every key; see [`Session::close`].
-    pub fn close(&mut self) -> Result<(), CloseError> {
-        self.waiting.clear();
-        self.session.close(self.clock.now())
-    }
-
-    /// When `poll` must next run even if no byte arrives.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.session.poll_timeout()
-    }
-
-    /// The decoder's counts and the link's own.
-    pub fn stats(&self) -> SessionLinkStats {
+    fn stats(&self) -> SessionLinkStats {
         SessionLinkStats { decoder: self.decoder.stats(), ..self.stats }
     }
 
-    /// Reads what the UART has, fires due timers, sends what the machine wants sent, and
-    /// returns the next event. Never blocks on reading.
-    ///
-    /// Events come one per call: call again while it returns `Ok(Some(_))`. A UART error is
-    /// returned after this call's timers and transmissions have run, so a noisy line cannot
-    /// stall the machine; a failed write is also reported to the machine as a lost request.
-    pub fn poll(&mut self) -> Result<Option<SessionEvent>, U::Error> {
-        let now = self.clock.now();
-        let read_error = self.read_available(now).err();
+    fn close(&mut self, now: Instant) -> Result<(), CloseError> {
+        self.waiting.clear();
+        self.session.close(now)
+    }
+
+    /// Fires due timers, and keeps a keepalive out while a key is waited for.
+    fn due(&mut self, now: Instant) {
         if self.session.poll_timeout().is_some_and(|t| t <= now) {
             self.session.handle_timeout(now);
         }
         if !self.waiting.is_empty() {
             self.session.keep_alive_now(now);
         }
-        self.transmit(now)?;
-        if let Some(e) = read_error {
-            return Err(e);
-        }
-        let event = self.session.poll_event();
-        match &event {
-            Some(SessionEvent::Queued { key, .. }) => {
-                if !self.waiting.contains(key) {
-                    // Cannot be full: the machine tracks at most K keys too.
-                    let _ = self.waiting.push(key.clone());
-                }
-                // Send the keepalive that will bring the grant now, not at the next call.
-                self.session.keep_alive_now(now);
-                self.transmit(now)?;
-            }
-            Some(
-                SessionEvent::Acquired { key, .. }
-                | SessionEvent::NotAcquired { key, .. }
-                | SessionEvent::Lost { key, .. },
-            ) => self.waiting.retain(|k| k != key),
-            Some(SessionEvent::SessionLost { .. } | SessionEvent::Closed { .. }) => self.waiting.clear(),
-            _ => {}
-        }
-        Ok(event)
     }
 
-    fn transmit(&mut self, now: Instant) -> Result<(), U::Error> {
-        while let Some(request) = self.session.poll_transmit() {
+    /// The next request as a frame in `buf`, if the machine has one: its seq and bytes.
+    fn next_frame<'b>(&mut self, now: Instant, buf: &'b mut [u8; MAX_FRAME]) -> Option<(Seq, &'b [u8])> {
+        loop {
+            let request = self.session.poll_transmit()?;
             self.frame_seq = self.frame_seq.wrapping_add(1);
             let seq = request.seq;
             let frame = Frame::new(self.frame_seq, self.device, Body::SessionRequest(request));
             // Every session frame fits (see MAX_FRAME); if one did not, the request is
             // reported lost, as if the line had dropped it.
-            let Ok(bytes) = frame.encode(&mut self.tx) else {
-                self.write_failed(now, seq);
-                continue;
+            let n = match frame.encode(buf) {
+                Ok(bytes) => bytes.len(),
+                Err(_) => {
+                    self.write_failed(now, seq);
+                    continue;
+                }
             };
             debug!("sending session seq {} as frame {}", seq.0, self.frame_seq);
-            if let Err(e) = self.uart.write_all(bytes).and_then(|_| self.uart.flush()) {
-                self.write_failed(now, seq);
-                return Err(e);
-            }
             if let Some(slot) = self.sent.get_mut(self.sent_next) {
                 *slot = (self.frame_seq, seq);
             }
             self.sent_next = (self.sent_next + 1) % SENT_RING;
+            return Some((seq, buf.get(..n).unwrap_or(&[])));
         }
-        Ok(())
     }
 
     fn write_failed(&mut self, now: Instant, seq: Seq) {
@@ -295,27 +208,26 @@ impl<U: Read + ReadReady + Write, C: Clock, const K: usize> SessionLink<U, C, K>
         self.session.handle_transport_error(now, seq);
     }
 
-    fn read_available(&mut self, now: Instant) -> Result<(), U::Error> {
-        let mut chunk = [0u8; 32];
-        while self.uart.read_ready()? {
-            let n = self.uart.read(&mut chunk)?;
-            if n == 0 {
-                break;
-            }
-            for &b in chunk.get(..n).unwrap_or(&[]) {
-                if let Some(frame) = self.decoder.push(b) {
-                    self.on_frame(now, frame);
-                }
+    fn feed(&mut self, now: Instant, bytes: &[u8]) {
+        for &b in bytes {
+            if let Some(frame) = self.decoder.push(b) {
+                self.on_frame(now, frame);
             }
         }
-        Ok(())
     }
 
     fn on_frame(&mut self, now: Instant, frame: Result<Frame, DecodeError>) {
         let ours = |f: &Frame| f.header.device == self.device;
         match frame {
             Ok(f) if !ours(&f) => self.stats.foreign = self.stats.foreign.wrapping_add(1),
-            Ok(Frame { body: Body::SessionResponse(r), .. }) => self.on_response(now, &r),
+            Ok(Frame { body: Body::SessionResponse(r), .. }) => {
+                self.session.handle_response(now, &r);
+                // A held keepalive came back without the grant (the gateway's hold ended):
+                // send the next one at once, so one is always out while we wait.
+                if matches!(r.reply, SessionReply::Alive { .. }) && !self.waiting.is_empty() {
+                    self.session.keep_alive_now(now);
+                }
+            }
             Ok(Frame { header, body: Body::VersionMismatch { supported } }) => {
                 warn!("gateway speaks protocol version {}", supported);
                 let _ = supported;
@@ -350,12 +262,265 @@ impl<U: Read + ReadReady + Write, C: Clock, const K: usize> SessionLink<U, C, K>
         }
     }
 
-    fn on_response(&mut self, now: Instant, r: &SessionResponse) {
-        self.session.handle_response(now, r);
-        // A held keepalive came back without the grant (the gateway's hold ended): send the
-        // next one at once, so one is always out while we wait.
-        if matches!(r.reply, SessionReply::Alive { .. }) && !self.waiting.is_empty() {
-            self.session.keep_alive_now(now);
+    /// The next event, with the link's bookkeeping of waited-for keys.
+    fn poll_event(&mut self, now: Instant) -> Option<SessionEvent> {
+        let event = self.session.poll_event();
+        match &event {
+            Some(SessionEvent::Queued { key, .. }) => {
+                if !self.waiting.contains(key) {
+                    // Cannot be full: the machine tracks at most K keys too.
+                    let _ = self.waiting.push(key.clone());
+                }
+                // The keepalive that will bring the grant goes out with the next frames.
+                self.session.keep_alive_now(now);
+            }
+            Some(
+                SessionEvent::Acquired { key, .. }
+                | SessionEvent::NotAcquired { key, .. }
+                | SessionEvent::Lost { key, .. },
+            ) => self.waiting.retain(|k| k != key),
+            Some(SessionEvent::SessionLost { .. } | SessionEvent::Closed { .. }) => self.waiting.clear(),
+            _ => {}
+        }
+        event
+    }
+}
+
+/// A device's protocol-v2 session over a blocking UART (`embedded_io::{Read, ReadReady,
+/// Write}`), for up to `K` keys at once.
+///
+/// Call [`poll`](SessionLink::poll) often (from the main loop, or when the UART interrupt or
+/// the timer at [`poll_timeout`](SessionLink::poll_timeout) fires). The link moves bytes,
+/// time and wake-ups; every lease decision is the core [`Session`]'s. While any key is queued
+/// for, the link keeps a keepalive out at all times, so the gateway can answer it with the
+/// grant the moment the key is released (configure the machine as
+/// `leasehold_client::Options::session` does: keepalive every ttl/4, request timeout ttl/3,
+/// which is longer than the gateway holds a keepalive).
+#[derive(Debug)]
+pub struct SessionLink<U, C, const K: usize> {
+    uart: U,
+    clock: C,
+    core: SessionCore<K>,
+    tx: [u8; MAX_FRAME],
+}
+
+impl<U: Read + ReadReady + Write, C: Clock, const K: usize> SessionLink<U, C, K> {
+    /// A link driving `session` (not yet opened), identifying itself as `device`.
+    pub fn new(uart: U, clock: C, session: Session<K>, device: u32) -> Self {
+        SessionLink { uart, clock, core: SessionCore::new(session, device), tx: [0; MAX_FRAME] }
+    }
+
+    /// The session machine, for its getters.
+    pub fn session(&self) -> &Session<K> {
+        &self.core.session
+    }
+
+    /// The clock's reading now.
+    pub fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    /// What the session is doing.
+    pub fn state(&self) -> SessionState {
+        self.core.session.state()
+    }
+
+    /// How long `key` may still be relied on; `None` once it may not.
+    pub fn remaining(&self, key: &Key) -> Option<Duration> {
+        self.core.session.remaining(self.clock.now(), key)
+    }
+
+    /// Opens the session; see [`Session::open`].
+    pub fn open(&mut self) -> Result<(), OpenError> {
+        self.core.session.open(self.clock.now())
+    }
+
+    /// Acquires `key`, queueing for it if `wait`; see [`Session::acquire`].
+    pub fn acquire(&mut self, key: Key, wait: bool) -> Result<(), AcquireError> {
+        self.core.session.acquire(self.clock.now(), key, wait)
+    }
+
+    /// Gives `key` back (or stops waiting for it); see [`Session::release`].
+    pub fn release(&mut self, key: &Key) -> Result<(), ReleaseError> {
+        self.core.session.release(self.clock.now(), key)
+    }
+
+    /// Ends the session, giving up every key; see [`Session::close`].
+    pub fn close(&mut self) -> Result<(), CloseError> {
+        self.core.close(self.clock.now())
+    }
+
+    /// When `poll` must next run even if no byte arrives.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.core.session.poll_timeout()
+    }
+
+    /// The decoder's counts and the link's own.
+    pub fn stats(&self) -> SessionLinkStats {
+        self.core.stats()
+    }
+
+    /// Reads what the UART has, fires due timers, sends what the machine wants sent, and
+    /// returns the next event. Never blocks on reading.
+    ///
+    /// Events come one per call: call again while it returns `Ok(Some(_))`. A UART error is
+    /// returned after this call's timers and transmissions have run, so a noisy line cannot
+    /// stall the machine; a failed write is also reported to the machine as a lost request.
+    pub fn poll(&mut self) -> Result<Option<SessionEvent>, U::Error> {
+        let now = self.clock.now();
+        let read_error = self.read_available(now).err();
+        self.core.due(now);
+        self.transmit(now)?;
+        if let Some(e) = read_error {
+            return Err(e);
+        }
+        let event = self.core.poll_event(now);
+        // A Queued event asked for a keepalive: send it now, not at the next call.
+        self.transmit(now)?;
+        Ok(event)
+    }
+
+    fn transmit(&mut self, now: Instant) -> Result<(), U::Error> {
+        while let Some((seq, bytes)) = self.core.next_frame(now, &mut self.tx) {
+            if let Err(e) = self.uart.write_all(bytes).and_then(|_| self.uart.flush()) {
+                self.core.write_failed(now, seq);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_available(&mut self, now: Instant) -> Result<(), U::Error> {
+        let mut chunk = [0u8; 32];
+        while self.uart.read_ready()? {
+            let n = self.uart.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            self.core.feed(now, chunk.get(..n).unwrap_or(&[]));
+        }
+        Ok(())
+    }
+}
+
+/// A device's protocol-v2 session over an async UART (`embedded_io_async::{Read, Write}`,
+/// e.g. embassy's `BufferedUart`), for up to `K` keys at once; `delay` sleeps until the
+/// machine's next deadline. The same link as [`SessionLink`], driven by
+/// [`next_event`](AsyncSessionLink::next_event).
+#[derive(Debug)]
+pub struct AsyncSessionLink<U, C, D, const K: usize> {
+    uart: U,
+    clock: C,
+    delay: D,
+    core: SessionCore<K>,
+    tx: [u8; MAX_FRAME],
+    /// The frame in `tx` still being written: its seq, its length, bytes written so far.
+    /// Kept across calls so that a cancelled `next_event` resumes it instead of losing it.
+    sending: Option<(Seq, usize, usize)>,
+}
+
+impl<U: embedded_io_async::Read + embedded_io_async::Write, C: Clock, D: DelayNs, const K: usize>
+    AsyncSessionLink<U, C, D, K>
+{
+    /// A link driving `session` (not yet opened), identifying itself as `device`.
+    pub fn new(uart: U, clock: C, delay: D, session: Session<K>, device: u32) -> Self {
+        AsyncSessionLink {
+            uart,
+            clock,
+            delay,
+            core: SessionCore::new(session, device),
+            tx: [0; MAX_FRAME],
+            sending: None,
+        }
+    }
+
+    /// The session machine, for its getters.
+    pub fn session(&self) -> &Session<K> {
+        &self.core.session
+    }
+
+    /// How long `key` may still be relied on; `None` once it may not.
+    pub fn remaining(&self, key: &Key) -> Option<Duration> {
+        self.core.session.remaining(self.clock.now(), key)
+    }
+
+    /// Opens the session; see [`Session::open`].
+    pub fn open(&mut self) -> Result<(), OpenError> {
+        self.core.session.open(self.clock.now())
+    }
+
+    /// Acquires `key`, queueing for it if `wait`; see [`Session::acquire`].
+    pub fn acquire(&mut self, key: Key, wait: bool) -> Result<(), AcquireError> {
+        self.core.session.acquire(self.clock.now(), key, wait)
+    }
+
+    /// Gives `key` back (or stops waiting for it); see [`Session::release`].
+    pub fn release(&mut self, key: &Key) -> Result<(), ReleaseError> {
+        self.core.session.release(self.clock.now(), key)
+    }
+
+    /// Ends the session, giving up every key; see [`Session::close`].
+    pub fn close(&mut self) -> Result<(), CloseError> {
+        self.core.close(self.clock.now())
+    }
+
+    /// The decoder's counts and the link's own.
+    pub fn stats(&self) -> SessionLinkStats {
+        self.core.stats()
+    }
+
+    /// Drives the link until the next event. Cancel-safe on the same terms as
+    /// [`AsyncDeviceLink::next_event`](crate::AsyncDeviceLink::next_event): events leave the
+    /// machine only when returned, bytes are fed as soon as a read completes, and a frame
+    /// being sent stays in the link for the next call to finish.
+    pub async fn next_event(&mut self) -> Result<SessionEvent, U::Error> {
+        let mut chunk = [0u8; 32];
+        loop {
+            let now = self.clock.now();
+            self.core.due(now);
+            self.send(now).await?;
+            if let Some(e) = self.core.poll_event(now) {
+                return Ok(e);
+            }
+            let wait = self.core.session.poll_timeout().map(|t| t.saturating_duration_since(now));
+            let wait_us = wait.map_or(u32::MAX, |d| d.as_micros().min(u64::from(u32::MAX)) as u32);
+            match select(self.uart.read(&mut chunk), self.delay.delay_us(wait_us)).await {
+                Either::First(Ok(n)) => self.core.feed(self.clock.now(), chunk.get(..n).unwrap_or(&chunk)),
+                Either::First(Err(e)) => return Err(e),
+                Either::Second(()) => {}
+            }
+        }
+    }
+
+    /// Writes the frame in progress, then every frame the machine wants sent.
+    async fn send(&mut self, now: Instant) -> Result<(), U::Error> {
+        loop {
+            let (seq, len, done) = match self.sending {
+                Some(s) => s,
+                None => match self.core.next_frame(now, &mut self.tx) {
+                    Some((seq, bytes)) => (seq, bytes.len(), 0),
+                    None => return Ok(()),
+                },
+            };
+            self.sending = Some((seq, len, done));
+            let rest = self.tx.get(done..len).unwrap_or(&[]);
+            if rest.is_empty() {
+                self.sending = None;
+                continue;
+            }
+            match self.uart.write(rest).await {
+                // A write of nothing to a non-empty buffer would repeat forever: the frame is lost.
+                Ok(0) => {
+                    self.sending = None;
+                    self.core.write_failed(now, seq);
+                }
+                Ok(n) => self.sending = Some((seq, len, done.saturating_add(n))),
+                Err(e) => {
+                    self.sending = None;
+                    self.core.write_failed(now, seq);
+                    return Err(e);
+                }
+            }
         }
     }
 }
