@@ -1002,6 +1002,32 @@ mod tests {
     }
 
     #[test]
+    fn a_session_is_found_only_from_the_connection_that_opened_it() {
+        let target =
+            SessionsTarget::new("http://127.0.0.1:1".into(), None, Duration::from_secs(2), TlsConfig::new())
+                .unwrap();
+        let bindings = SessionBindings::default();
+        let bind = |s, conn| {
+            bindings.bind(
+                SessionId(s),
+                Binding { conn, hold: Duration::ZERO, keepalives: Arc::new(target.client().unwrap()) },
+            )
+        };
+        assert!(bind(1, 10) && bind(2, 10) && bind(3, 11));
+        assert!(!bind(1, 11), "a second binding of a session");
+        assert!(bindings.lookup(SessionId(1), 10).is_some());
+        assert!(bindings.lookup(SessionId(1), 11).is_none());
+        assert!(bindings.lookup(SessionId(4), 10).is_none());
+        assert!(!bindings.unbind(SessionId(3), 10), "unbound from another connection");
+        assert!(bindings.unbind(SessionId(3), 11));
+        assert_eq!(bindings.drop_conn(10), 2);
+        assert!(bindings.lookup(SessionId(2), 10).is_none());
+        // Held for a quarter of the ttl, never past half the request timeout.
+        assert_eq!(target.hold(leasehold_core::Duration::from_secs(4)), Duration::from_secs(1));
+        assert_eq!(target.hold(leasehold_core::Duration::from_secs(60)), Duration::from_secs(1));
+    }
+
+    #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }

@@ -603,3 +603,25 @@ fn an_async_device_waits_in_next_event_and_is_pushed_its_grant() {
     assert!(b.join().unwrap(), "b does not believe its grant");
     assert!(at.duration_since(released) < Duration::from_secs(1));
 }
+
+#[test]
+fn a_request_the_server_never_answers_is_refused_as_unreachable_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bound, then closed.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (_gw, metrics) = gateway(&format!("http://{dead}"), &[&l1], &dir.path().join("gateway.log"));
+    let mut a = device(&l1, 1, LDuration::from_secs(2), Instant::now());
+    a.link.open().unwrap();
+    drive(&mut [&mut a], "three refusals", |d| d[0].link.stats().unreachable >= 3);
+    // Each was a new open (a new seq), not one frame answered three times.
+    let opens: Vec<Seq> = a
+        .captured()
+        .iter()
+        .filter(|(r, _)| matches!(r.op, SessionOp::Open { .. }))
+        .map(|(r, _)| r.seq)
+        .collect();
+    assert!(opens.len() >= 3 && opens.windows(2).all(|w| w[0] < w[1]), "{opens:?}");
+    assert!(counter(metrics, "leasehold_gateway_backend_errors_total", &l1, "") >= 3);
+    assert_eq!(a.link.state(), SessionState::Opening);
+}
