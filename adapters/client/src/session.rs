@@ -17,7 +17,8 @@ use leasehold_core::session::{Session, SessionEvent, SessionState};
 use leasehold_core::{Config, ConfigError, Fence, Health, Key, LostReason, NotAcquired, OwnerId, Reject};
 
 use crate::backend::{ErasedSessionBackend, SessionBackend};
-use crate::client::{now, to_std, AcquireError, DriverThread, Options, ReleaseError, Unreachable, Waiting};
+use crate::client::{AcquireError, DriverThread, Options, ReleaseError, Unreachable, Waiting};
+use crate::clock::{now, to_std, Clock, SystemClock};
 use crate::error::TransportError;
 use crate::turns::{parse, LocalTurns};
 use crate::Lease;
@@ -242,7 +243,7 @@ impl SessionClient {
     ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let deadline = timeout.map(|t| now() + t.into());
-        let guard = self.user.0.local.take(&key, deadline).await?;
+        let guard = self.user.0.local.take(&key, deadline.map(|d| SystemClock.sleep_until(d))).await?;
         self.start(key, guard, true, deadline, &mut report).await
     }
 
