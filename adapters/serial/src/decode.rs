@@ -2,14 +2,15 @@
 
 use core::fmt;
 
+#[cfg(feature = "sessions")]
+use crate::frame::{string_from, SessionRefusal};
+#[cfg(feature = "sessions")]
 use leasehold_core::session::wire::{
     Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
 };
 use leasehold_core::{Duration, Fence, Key, Op, OwnerId, Reply, Request, RequestId, Response};
 
-use crate::frame::{
-    key_from, reject_from_index, string_from, Body, Frame, Header, SessionRefusal, MAX_FRAME, VERSION,
-};
+use crate::frame::{key_from, reject_from_index, Body, Frame, Header, MAX_FRAME, VERSION};
 
 /// Why bytes between two delimiters were not a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,8 +272,11 @@ impl Reader<'_> {
             0 => Body::Request { key: self.key()?, request: self.request()? },
             1 => Body::Response(self.response()?),
             2 => Body::VersionMismatch { supported: self.byte()? },
+            #[cfg(feature = "sessions")]
             3 => Body::SessionRequest(self.session_request()?),
+            #[cfg(feature = "sessions")]
             4 => Body::SessionResponse(self.session_response()?),
+            #[cfg(feature = "sessions")]
             5 => Body::SessionRefused {
                 session: SessionId(self.u64()?),
                 seq: Seq(self.u64()?),
@@ -301,6 +305,7 @@ impl Reader<'_> {
     }
 
     /// postcard's bool: exactly 0 or 1.
+    #[cfg(feature = "sessions")]
     fn bool(&mut self) -> Option<bool> {
         match self.byte()? {
             0 => Some(false),
@@ -309,6 +314,7 @@ impl Reader<'_> {
         }
     }
 
+    #[cfg(feature = "sessions")]
     fn secret(&mut self) -> Option<Secret> {
         let mut bytes = [0u8; 16];
         for b in bytes.iter_mut() {
@@ -317,6 +323,7 @@ impl Reader<'_> {
         Some(Secret::from_bytes(bytes))
     }
 
+    #[cfg(feature = "sessions")]
     fn session_request(&mut self) -> Option<SessionRequest> {
         let session = SessionId(self.u64()?);
         let secret = self.secret()?;
@@ -332,6 +339,7 @@ impl Reader<'_> {
         Some(SessionRequest { session, secret, seq, op })
     }
 
+    #[cfg(feature = "sessions")]
     fn session_response(&mut self) -> Option<SessionResponse> {
         let session = SessionId(self.u64()?);
         let seq = Seq(self.u64()?);

@@ -11,6 +11,7 @@
 //! the `serde` feature the types also derive serde's traits, and the tests check that
 //! `postcard` produces and accepts exactly these bytes.
 
+#[cfg(feature = "sessions")]
 use leasehold_core::session::wire::{
     Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
 };
@@ -61,11 +62,16 @@ pub enum Body {
         supported: u8,
     },
     /// Device to host: a request of a protocol-v2 session (its secret and seq inside).
+    /// Feature `sessions`, like the two below: a device that speaks only v1 links none of
+    /// their code (3.5 KiB of flash on a Cortex-M0).
+    #[cfg(feature = "sessions")]
     SessionRequest(SessionRequest),
     /// Host to device: the authority's response within a session.
+    #[cfg(feature = "sessions")]
     SessionResponse(SessionResponse),
     /// Host to device: the gateway did not bring this session request an answer from the
     /// authority, and says why instead of leaving the device to time out.
+    #[cfg(feature = "sessions")]
     SessionRefused {
         /// The session named by the request.
         session: SessionId,
@@ -160,14 +166,17 @@ impl Frame {
                 w.varint(2)?;
                 w.byte(*supported)
             }
+            #[cfg(feature = "sessions")]
             Body::SessionRequest(r) => {
                 w.varint(3)?;
                 w.session_request(r)
             }
+            #[cfg(feature = "sessions")]
             Body::SessionResponse(r) => {
                 w.varint(4)?;
                 w.session_response(r)
             }
+            #[cfg(feature = "sessions")]
             Body::SessionRefused { session, seq, why } => {
                 w.varint(5)?;
                 w.varint(session.0)?;
@@ -239,6 +248,7 @@ impl Writer<'_> {
         Ok(())
     }
 
+    #[cfg(feature = "sessions")]
     fn str(&mut self, s: &str) -> Result<(), EncodeError> {
         self.varint(s.len() as u64)?;
         for &b in s.as_bytes() {
@@ -247,6 +257,7 @@ impl Writer<'_> {
         Ok(())
     }
 
+    #[cfg(feature = "sessions")]
     fn secret(&mut self, s: &Secret) -> Result<(), EncodeError> {
         // A fixed-size array: postcard writes its bytes with no length.
         for b in s.to_bytes() {
@@ -255,6 +266,7 @@ impl Writer<'_> {
         Ok(())
     }
 
+    #[cfg(feature = "sessions")]
     fn session_request(&mut self, r: &SessionRequest) -> Result<(), EncodeError> {
         self.varint(r.session.0)?;
         self.secret(&r.secret)?;
@@ -279,6 +291,7 @@ impl Writer<'_> {
         }
     }
 
+    #[cfg(feature = "sessions")]
     fn session_response(&mut self, r: &SessionResponse) -> Result<(), EncodeError> {
         self.varint(r.session.0)?;
         self.varint(r.seq.0)?;

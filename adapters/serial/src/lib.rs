@@ -13,6 +13,7 @@ mod device_async;
 mod frame;
 #[cfg(feature = "std")]
 pub mod host;
+#[cfg(feature = "sessions")]
 mod session;
 mod watch;
 
@@ -20,5 +21,6 @@ pub use decode::{DecodeError, DecodeStats, FrameDecoder};
 pub use device::{Clock, DeviceLink, LinkStats};
 pub use device_async::AsyncDeviceLink;
 pub use frame::{Body, EncodeError, Frame, Header, SessionRefusal, MAX_FRAME, VERSION};
+#[cfg(feature = "sessions")]
 pub use session::{AsyncSessionLink, SessionLink, SessionLinkStats};
 pub use watch::LeaseWatch;
