@@ -273,6 +273,8 @@ struct Counters {
     forged_refusals: Counter,
     /// Sessions opened on the link's current connection and not known to have ended.
     sessions: Counter,
+    /// Opens refused because the connection had `MAX_SESSIONS_PER_CONNECTION` sessions.
+    session_limit_refusals: Counter,
 }
 
 /// What the gateway warns about, per link.
@@ -289,6 +291,8 @@ enum Warning {
     WrongLink { device: u32, session: SessionId },
     /// A session request with a wrong secret.
     Forged { device: u32, session: SessionId },
+    /// An open past the connection's session limit.
+    SessionLimit { device: u32, max: usize },
 }
 
 impl Warning {
@@ -302,11 +306,12 @@ impl Warning {
             Warning::KeyLimit { .. } => 4,
             Warning::WrongLink { .. } => 5,
             Warning::Forged { .. } => 6,
+            Warning::SessionLimit { .. } => 7,
         }
     }
 }
 
-const KINDS: usize = 7;
+const KINDS: usize = 8;
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -331,6 +336,10 @@ impl fmt::Display for Warning {
             Warning::Forged { device, session } => write!(
                 f,
                 "device {device}: the server refused the secret of a request for session {session} (forged or replayed with a wrong secret); its reply withheld"
+            ),
+            Warning::SessionLimit { device, max } => write!(
+                f,
+                "device {device}: refused to open a session: this connection already has {max} open"
             ),
         }
     }
@@ -475,6 +484,22 @@ struct Binding {
     conn: ConnId,
     hold: Duration,
     keepalives: Arc<BuiltinSessions>,
+    ttl: Duration,
+    /// After this the server has certainly expired the session (unless a later keepalive
+    /// renewed it, which moves this on): the binding can go.
+    alive_until: std::time::Instant,
+}
+
+/// Sessions one connection may have open at once (a device needs one); an open beyond it is
+/// answered `Rejected(Capacity)` without being forwarded, so a device opening sessions in a
+/// loop cannot grow the gateway's table.
+const MAX_SESSIONS_PER_CONNECTION: usize = 8;
+
+/// When a session renewed for `ttl` by a reply received at `at` has certainly expired at the
+/// server: the server renewed it before it replied, for `ttl` on its clock, which may run
+/// slower than ours by ε; a quarter more and a second cover that with room to spare.
+fn certainly_expired_after(at: std::time::Instant, ttl: Duration) -> std::time::Instant {
+    at + ttl.mul_f64(1.25) + Duration::from_secs(1)
 }
 
 /// Which connection opened each session, over every link: a frame for a session is forwarded
@@ -501,6 +526,23 @@ impl SessionBindings {
         }
         map.insert(session, binding);
         true
+    }
+
+    /// A keepalive of `session` was answered `Alive` at `at`.
+    fn renewed(&self, session: SessionId, conn: ConnId, at: std::time::Instant) {
+        if let Some(b) = self.lock().get_mut(&session).filter(|b| b.conn == conn) {
+            b.alive_until = certainly_expired_after(at, b.ttl);
+        }
+    }
+
+    /// Forgets `conn`'s sessions that have certainly expired by `now`; returns how many it
+    /// forgot and how many `conn` still has.
+    fn prune(&self, conn: ConnId, now: std::time::Instant) -> (u64, usize) {
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|_, b| b.conn != conn || b.alive_until > now);
+        let pruned = (before - map.len()) as u64;
+        (pruned, map.values().filter(|b| b.conn == conn).count())
     }
 
     /// Forgets `session` if `conn` opened it; returns whether it did.
@@ -711,6 +753,15 @@ impl Connection {
         };
         // Anyone may open a session; everything else only on the connection that opened it.
         let (pool, hold) = if matches!(request.op, SessionOp::Open { .. }) {
+            let (pruned, open) = self.route.bindings.prune(self.id, std::time::Instant::now());
+            c.sessions.sub(pruned);
+            if open >= MAX_SESSIONS_PER_CONNECTION {
+                c.session_limit_refusals.inc();
+                self.link
+                    .warn(Warning::SessionLimit { device: header.device, max: MAX_SESSIONS_PER_CONNECTION });
+                let answer = request.answer(SessionReply::Rejected(Reject::Capacity));
+                return Some(Frame::new(header.seq, header.device, Body::SessionResponse(answer)));
+            }
             (self.shared.clone(), Duration::ZERO)
         } else {
             let Some((hold, keepalives)) = self.route.bindings.lookup(request.session, self.id) else {
@@ -779,9 +830,15 @@ impl SessionTask {
                     Err(_) => return frame(Body::SessionResponse(response)),
                 };
                 let hold = self.route.target.hold(ttl);
-                if self.route.bindings.bind(opened, Binding { conn: self.conn, hold, keepalives }) {
+                let ttl = Duration::from(ttl);
+                let alive_until = certainly_expired_after(std::time::Instant::now(), ttl);
+                let binding = Binding { conn: self.conn, hold, keepalives, ttl, alive_until };
+                if self.route.bindings.bind(opened, binding) {
                     c.sessions.inc();
                 }
+            }
+            SessionReply::Alive { .. } => {
+                self.route.bindings.renewed(session, self.conn, std::time::Instant::now())
             }
             SessionReply::Closed | SessionReply::Expired
                 if self.route.bindings.unbind(session, self.conn) =>
@@ -869,8 +926,12 @@ const FAMILIES: [Family; 11] = [
     Family {
         name: "leasehold_gateway_session_refusals_total",
         kind: "counter",
-        help: "Session requests answered with a refusal instead of the server's reply: not opened on this connection (not forwarded), or a wrong secret (the reply withheld).",
-        series: &[("reason=\"wrong_link\"", |c| &c.wrong_link_refusals), ("reason=\"forged\"", |c| &c.forged_refusals)],
+        help: "Session requests answered by the gateway instead of the server: not opened on this connection (not forwarded), a wrong secret (the reply withheld), or an open past the connection's session limit (not forwarded).",
+        series: &[
+            ("reason=\"wrong_link\"", |c| &c.wrong_link_refusals),
+            ("reason=\"forged\"", |c| &c.forged_refusals),
+            ("reason=\"session_limit\"", |c| &c.session_limit_refusals),
+        ],
     },
     Family {
         name: "leasehold_gateway_link_sessions",
@@ -1007,11 +1068,11 @@ mod tests {
             SessionsTarget::new("http://127.0.0.1:1".into(), None, Duration::from_secs(2), TlsConfig::new())
                 .unwrap();
         let bindings = SessionBindings::default();
+        let start = std::time::Instant::now();
         let bind = |s, conn| {
-            bindings.bind(
-                SessionId(s),
-                Binding { conn, hold: Duration::ZERO, keepalives: Arc::new(target.client().unwrap()) },
-            )
+            let (ttl, keepalives) = (Duration::from_secs(2), Arc::new(target.client().unwrap()));
+            let alive_until = certainly_expired_after(start, ttl);
+            bindings.bind(SessionId(s), Binding { conn, hold: Duration::ZERO, keepalives, ttl, alive_until })
         };
         assert!(bind(1, 10) && bind(2, 10) && bind(3, 11));
         assert!(!bind(1, 11), "a second binding of a session");
@@ -1020,8 +1081,14 @@ mod tests {
         assert!(bindings.lookup(SessionId(4), 10).is_none());
         assert!(!bindings.unbind(SessionId(3), 10), "unbound from another connection");
         assert!(bindings.unbind(SessionId(3), 11));
-        assert_eq!(bindings.drop_conn(10), 2);
-        assert!(bindings.lookup(SessionId(2), 10).is_none());
+        // Expired for certain only well past the ttl: 2 s · 1.25 + 1 s; a renewal moves it on.
+        assert_eq!(bindings.prune(10, start + Duration::from_millis(3_400)), (0, 2));
+        bindings.renewed(SessionId(1), 10, start + Duration::from_secs(2));
+        assert_eq!(bindings.prune(10, start + Duration::from_millis(3_600)), (1, 1));
+        assert!(bindings.lookup(SessionId(2), 10).is_none(), "the expired one went");
+        assert!(bindings.lookup(SessionId(1), 10).is_some(), "the renewed one stayed");
+        assert_eq!(bindings.drop_conn(10), 1);
+        assert!(bindings.lookup(SessionId(1), 10).is_none());
         // Held for a quarter of the ttl, never past half the request timeout.
         assert_eq!(target.hold(leasehold_core::Duration::from_secs(4)), Duration::from_secs(1));
         assert_eq!(target.hold(leasehold_core::Duration::from_secs(60)), Duration::from_secs(1));

@@ -625,3 +625,47 @@ fn a_request_the_server_never_answers_is_refused_as_unreachable_and_retried() {
     assert!(counter(metrics, "leasehold_gateway_backend_errors_total", &l1, "") >= 3);
     assert_eq!(a.link.state(), SessionState::Opening);
 }
+
+#[test]
+fn a_connection_opening_sessions_in_a_loop_is_refused_past_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(&dir.path().join("store"));
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (_gw, metrics) = gateway(&server.url(), &[&l1], &dir.path().join("gateway.log"));
+    let (mut s, _) = l1.accept().unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut replies = Vec::new();
+    let mut dec = FrameDecoder::new();
+    let mut chunk = [0u8; 256];
+    for i in 1..=10u64 {
+        let op = SessionOp::Open { ttl: LDuration::from_secs(30), label: parse_label("looping").unwrap() };
+        let open = SessionRequest { session: SessionId::NONE, secret: Secret::NONE, seq: Seq(i), op };
+        s.write_all(&encoded(&Frame::new(i as u16, 5, Body::SessionRequest(open)))).unwrap();
+        // One at a time, so the limit is met in order.
+        while replies.len() < i as usize {
+            let n = s.read(&mut chunk).expect("the gateway answers");
+            assert!(n > 0);
+            replies.extend(chunk[..n].iter().filter_map(|&b| dec.push(b)).filter_map(Result::ok));
+        }
+    }
+    let kinds: Vec<&str> = replies
+        .iter()
+        .map(|f| match &f.body {
+            Body::SessionResponse(r) => match r.reply {
+                leasehold_core::session::wire::SessionReply::Opened { .. } => "opened",
+                leasehold_core::session::wire::SessionReply::Rejected(leasehold_core::Reject::Capacity) => {
+                    "capacity"
+                }
+                _ => "other",
+            },
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, [vec!["opened"; 8], vec!["capacity"; 2]].concat());
+    assert_eq!(
+        counter(metrics, "leasehold_gateway_session_refusals_total", &l1, ",reason=\"session_limit\""),
+        2
+    );
+    assert_eq!(counter(metrics, "leasehold_gateway_requests_forwarded_total", &l1, ""), 8);
+    assert_eq!(counter(metrics, "leasehold_gateway_link_sessions", &l1, ""), 8);
+}
