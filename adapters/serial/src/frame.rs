@@ -83,6 +83,7 @@ pub enum Body {
 }
 
 /// Why a gateway answered a session request with [`Body::SessionRefused`].
+#[cfg(feature = "sessions")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]

@@ -20,7 +20,9 @@ mod watch;
 pub use decode::{DecodeError, DecodeStats, FrameDecoder};
 pub use device::{Clock, DeviceLink, LinkStats};
 pub use device_async::AsyncDeviceLink;
-pub use frame::{Body, EncodeError, Frame, Header, SessionRefusal, MAX_FRAME, VERSION};
+#[cfg(feature = "sessions")]
+pub use frame::SessionRefusal;
+pub use frame::{Body, EncodeError, Frame, Header, MAX_FRAME, VERSION};
 #[cfg(feature = "sessions")]
 pub use session::{AsyncSessionLink, SessionLink, SessionLinkStats};
 pub use watch::LeaseWatch;
