@@ -118,7 +118,11 @@ pub(crate) fn main(args: Args) -> ExitCode {
         let tasks: Vec<_> = links
             .iter()
             .map(|l| {
-                let sessions = SessionRoute { target: target.clone(), bindings: bindings.clone() };
+                let sessions = SessionRoute {
+                    target: target.clone(),
+                    bindings: bindings.clone(),
+                    fault: Fault::from_env(),
+                };
                 smol::spawn(serve_link(l.clone(), backend.clone(), sessions, args.give_up_after, max_keys))
             })
             .collect();
@@ -513,8 +517,15 @@ impl SessionBindings {
     }
 
     /// The session's hold and keepalive pool, if `conn` opened it.
-    fn lookup(&self, session: SessionId, conn: ConnId) -> Option<(Duration, Arc<BuiltinSessions>)> {
-        self.lock().get(&session).filter(|b| b.conn == conn).map(|b| (b.hold, b.keepalives.clone()))
+    fn lookup(
+        &self,
+        session: SessionId,
+        conn: ConnId,
+        fault: Fault,
+    ) -> Option<(Duration, Arc<BuiltinSessions>)> {
+        let map = self.lock();
+        let found = map.get(&session).filter(|b| b.conn == conn || fault == Fault::AnyLink);
+        found.map(|b| (b.hold, b.keepalives.clone()))
     }
 
     fn bind(&self, session: SessionId, binding: Binding) -> bool {
@@ -569,6 +580,40 @@ impl SessionBindings {
 struct SessionRoute {
     target: Arc<SessionsTarget>,
     bindings: Arc<SessionBindings>,
+    fault: Fault,
+}
+
+/// Deliberate bugs, so the tests can prove they catch them: chosen by the environment variable
+/// `LEASEHOLD_GATEWAY_FAULT` in a build with the `fault-injection` feature, and never
+/// otherwise (a release build has no way to turn off a check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+enum Fault {
+    /// Correct behaviour.
+    None,
+    /// `any-link`: forward a session's frames from any connection.
+    AnyLink,
+    /// `pass-forged`: pass the server's refusal of a wrong secret on to the device.
+    PassForged,
+    /// `no-hold`: have the server answer keepalives at once, never holding one for a grant.
+    NoHold,
+}
+
+impl Fault {
+    #[cfg(feature = "fault-injection")]
+    fn from_env() -> Fault {
+        match std::env::var("LEASEHOLD_GATEWAY_FAULT").as_deref() {
+            Ok("any-link") => Fault::AnyLink,
+            Ok("pass-forged") => Fault::PassForged,
+            Ok("no-hold") => Fault::NoHold,
+            _ => Fault::None,
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn from_env() -> Fault {
+        Fault::None
+    }
 }
 
 /// Session requests of one connection being forwarded at once, at most: a device has one
@@ -764,7 +809,9 @@ impl Connection {
             }
             (self.shared.clone(), Duration::ZERO)
         } else {
-            let Some((hold, keepalives)) = self.route.bindings.lookup(request.session, self.id) else {
+            let Some((hold, keepalives)) =
+                self.route.bindings.lookup(request.session, self.id, self.route.fault)
+            else {
                 c.wrong_link_refusals.inc();
                 self.link.warn(Warning::WrongLink { device: header.device, session: request.session });
                 return Some(refuse(SessionRefusal::WrongLink));
@@ -829,7 +876,10 @@ impl SessionTask {
                     // Cannot happen (the URL was checked at start); the shared pool still works.
                     Err(_) => return frame(Body::SessionResponse(response)),
                 };
-                let hold = self.route.target.hold(ttl);
+                let hold = match self.route.fault {
+                    Fault::NoHold => Duration::ZERO,
+                    _ => self.route.target.hold(ttl),
+                };
                 let ttl = Duration::from(ttl);
                 let alive_until = certainly_expired_after(std::time::Instant::now(), ttl);
                 let binding = Binding { conn: self.conn, hold, keepalives, ttl, alive_until };
@@ -848,7 +898,9 @@ impl SessionTask {
             // The holder has its secret, so a wrong one is someone else's frame. Its reply,
             // which carries the seq it named, must not reach the holder as the answer to its
             // own request of that seq.
-            SessionReply::Rejected(Reject::Unauthorized) if session != SessionId::NONE => {
+            SessionReply::Rejected(Reject::Unauthorized)
+                if session != SessionId::NONE && self.route.fault != Fault::PassForged =>
+            {
                 c.forged_refusals.inc();
                 self.link.warn(Warning::Forged { device, session });
                 return frame(Body::SessionRefused { session, seq, why: SessionRefusal::Forged });
@@ -1076,19 +1128,19 @@ mod tests {
         };
         assert!(bind(1, 10) && bind(2, 10) && bind(3, 11));
         assert!(!bind(1, 11), "a second binding of a session");
-        assert!(bindings.lookup(SessionId(1), 10).is_some());
-        assert!(bindings.lookup(SessionId(1), 11).is_none());
-        assert!(bindings.lookup(SessionId(4), 10).is_none());
+        assert!(bindings.lookup(SessionId(1), 10, Fault::None).is_some());
+        assert!(bindings.lookup(SessionId(1), 11, Fault::None).is_none());
+        assert!(bindings.lookup(SessionId(4), 10, Fault::None).is_none());
         assert!(!bindings.unbind(SessionId(3), 10), "unbound from another connection");
         assert!(bindings.unbind(SessionId(3), 11));
         // Expired for certain only well past the ttl: 2 s · 1.25 + 1 s; a renewal moves it on.
         assert_eq!(bindings.prune(10, start + Duration::from_millis(3_400)), (0, 2));
         bindings.renewed(SessionId(1), 10, start + Duration::from_secs(2));
         assert_eq!(bindings.prune(10, start + Duration::from_millis(3_600)), (1, 1));
-        assert!(bindings.lookup(SessionId(2), 10).is_none(), "the expired one went");
-        assert!(bindings.lookup(SessionId(1), 10).is_some(), "the renewed one stayed");
+        assert!(bindings.lookup(SessionId(2), 10, Fault::None).is_none(), "the expired one went");
+        assert!(bindings.lookup(SessionId(1), 10, Fault::None).is_some(), "the renewed one stayed");
         assert_eq!(bindings.drop_conn(10), 1);
-        assert!(bindings.lookup(SessionId(1), 10).is_none());
+        assert!(bindings.lookup(SessionId(1), 10, Fault::None).is_none());
         // Held for a quarter of the ttl, never past half the request timeout.
         assert_eq!(target.hold(leasehold_core::Duration::from_secs(4)), Duration::from_secs(1));
         assert_eq!(target.hold(leasehold_core::Duration::from_secs(60)), Duration::from_secs(1));

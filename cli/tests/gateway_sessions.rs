@@ -177,8 +177,20 @@ fn acquired(d: &SessionEvent, key: &Key) -> Option<Fence> {
 
 /// The gateway with `--metrics 127.0.0.1:0` on `links`; its stderr goes to `log`.
 fn gateway(server: &str, links: &[&TcpListener], log: &std::path::Path) -> (Proc, u16) {
+    gateway_with_fault(server, links, log, "")
+}
+
+/// The same, with a deliberate bug (`LEASEHOLD_GATEWAY_FAULT`; only a build with the
+/// `fault-injection` feature obeys it).
+fn gateway_with_fault(
+    server: &str,
+    links: &[&TcpListener],
+    log: &std::path::Path,
+    fault: &str,
+) -> (Proc, u16) {
     let mut cmd = Command::new(BIN);
-    cmd.args(["gateway", "--server", server, "--metrics", "127.0.0.1:0"]);
+    cmd.args(["gateway", "--server", server, "--metrics", "127.0.0.1:0"])
+        .env("LEASEHOLD_GATEWAY_FAULT", fault);
     for l in links {
         cmd.args(["--link", &format!("tcp:{}", l.local_addr().unwrap())]);
     }
@@ -232,10 +244,15 @@ fn median(v: &mut [Duration]) -> Duration {
 
 #[test]
 fn a_waiting_device_is_pushed_the_key_on_release_in_fifo_order() {
+    hand_off("");
+}
+
+fn hand_off(fault: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = server(&dir.path().join("store"));
     let (l1, l2) = (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap());
-    let (_gw, metrics) = gateway(&server.url(), &[&l1, &l2], &dir.path().join("gateway.log"));
+    let (_gw, metrics) =
+        gateway_with_fault(&server.url(), &[&l1, &l2], &dir.path().join("gateway.log"), fault);
     let epoch = Instant::now();
     // A 4 s ttl: the gateway holds keepalives up to 1 s, the keepalive interval.
     let ttl = LDuration::from_secs(4);
@@ -402,11 +419,15 @@ fn replayed_frames_on_the_same_link_change_nothing_and_a_dead_device_still_expir
 
 #[test]
 fn a_sessions_frames_on_another_link_are_refused_and_a_forged_release_too() {
+    other_link_and_forged("");
+}
+
+fn other_link_and_forged(fault: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = server(&dir.path().join("store"));
     let (l1, l2) = (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap());
     let log = dir.path().join("gateway.log");
-    let (_gw, metrics) = gateway(&server.url(), &[&l1, &l2], &log);
+    let (_gw, metrics) = gateway_with_fault(&server.url(), &[&l1, &l2], &log, fault);
     let epoch = Instant::now();
     let ttl = LDuration::from_secs(3);
     let mut a = device(&l1, 1, ttl, epoch);
@@ -668,4 +689,39 @@ fn a_connection_opening_sessions_in_a_loop_is_refused_past_its_limit() {
     );
     assert_eq!(counter(metrics, "leasehold_gateway_requests_forwarded_total", &l1, ""), 8);
     assert_eq!(counter(metrics, "leasehold_gateway_link_sessions", &l1, ""), 8);
+}
+
+/// Each deliberate gateway bug makes the test that guards against it fail, for the reason it
+/// should: `cargo test -p leasehold --features fault-injection --test gateway_sessions planted`.
+#[cfg(feature = "fault-injection")]
+mod planted {
+    /// The message `f` panicked with; fails if it did not panic.
+    fn failure(f: impl FnOnce()) -> String {
+        let payload =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("the bug went unnoticed");
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn planted_forwarding_from_any_link_is_caught() {
+        let why = failure(|| super::other_link_and_forged("any-link"));
+        assert!(why.contains("a frame of a's session was forwarded"), "{why}");
+    }
+
+    #[test]
+    fn planted_passing_on_a_forged_frames_refusal_is_caught() {
+        let why = failure(|| super::other_link_and_forged("pass-forged"));
+        assert!(why.contains("SessionLost"), "{why}");
+    }
+
+    #[test]
+    fn planted_keepalives_never_held_is_caught() {
+        let why = failure(|| super::hand_off("no-hold"));
+        // The waiter's keepalives come back at once and it sends the next at once: a poll loop.
+        assert!(why.parse::<u64>().is_ok_and(|frames| frames > 10), "{why}");
+    }
 }
