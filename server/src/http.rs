@@ -422,6 +422,7 @@ fn rejected(r: Reject) -> ApiError {
         Reject::InvalidTtl => (StatusCode::BAD_REQUEST, "invalid_ttl"),
         Reject::InvalidKey => (StatusCode::BAD_REQUEST, "invalid_key"),
         Reject::FenceExhausted => (StatusCode::CONFLICT, "fence_exhausted"),
+        Reject::LimitMismatch => (StatusCode::CONFLICT, "limit_mismatch"),
         Reject::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
         Reject::Malformed | Reject::UnsupportedVersion => (StatusCode::BAD_REQUEST, "malformed_json"),
         Reject::Capacity | Reject::Misconfigured => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

@@ -96,6 +96,7 @@ fn builtin_reply(request: &Request, resp: HttpResponse) -> Result<Reply, Transpo
         "invalid_key" => Reject::InvalidKey,
         "unauthorized" => Reject::Unauthorized,
         "fence_exhausted" => Reject::FenceExhausted,
+        "limit_mismatch" => Reject::LimitMismatch,
         "malformed_json" | "body_too_large" => Reject::Malformed,
         _ => Reject::Misconfigured,
     }))

@@ -224,6 +224,7 @@ pub(crate) fn reject_index(r: Reject) -> u32 {
         Reject::Capacity => 5,
         Reject::FenceExhausted => 6,
         Reject::Misconfigured => 7,
+        Reject::LimitMismatch => 8,
     }
 }
 
@@ -237,6 +238,7 @@ pub(crate) fn reject_from_index(i: u32) -> Option<Reject> {
         5 => Reject::Capacity,
         6 => Reject::FenceExhausted,
         7 => Reject::Misconfigured,
+        8 => Reject::LimitMismatch,
         _ => return None,
     })
 }

@@ -104,6 +104,7 @@ fn every_variant_round_trips() {
         Reply::Rejected(Reject::Capacity),
         Reply::Rejected(Reject::FenceExhausted),
         Reply::Rejected(Reject::Misconfigured),
+        Reply::Rejected(Reject::LimitMismatch),
         Reply::Unavailable,
         Reply::GrantedAfterExpiry { fence: Fence(2), ttl: t },
     ];
@@ -125,7 +126,8 @@ fn every_variant_round_trips() {
                 | Reject::UnsupportedVersion
                 | Reject::Capacity
                 | Reject::FenceExhausted
-                | Reject::Misconfigured,
+                | Reject::Misconfigured
+                | Reject::LimitMismatch,
             ) => {}
         }
     }
@@ -284,6 +286,7 @@ fn any_reject() -> impl Strategy<Value = Reject> {
         Reject::Capacity,
         Reject::FenceExhausted,
         Reject::Misconfigured,
+        Reject::LimitMismatch,
     ])
 }
 

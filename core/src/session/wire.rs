@@ -190,6 +190,17 @@ pub enum SessionOp {
     },
     /// End the session: every key it holds is free at once and it leaves every queue.
     Close,
+    /// [`SessionOp::Acquire`] of a semaphore: up to `limit` sessions may hold `key` at once,
+    /// each under its own fence. Every holder and waiter of the key must ask for the same
+    /// limit (else `Rejected(LimitMismatch)`); `Acquire` is this with a limit of 1.
+    AcquireWithLimit {
+        /// The key.
+        key: Key,
+        /// Queue (FIFO) until a slot is granted, instead of answering `Busy`.
+        wait: bool,
+        /// How many sessions may hold the key at once; at least 1.
+        limit: u16,
+    },
 }
 
 /// A grant to a session, as reported in [`SessionReply::Alive`].
