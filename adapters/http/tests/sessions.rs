@@ -202,3 +202,36 @@ async fn futures_join_all<T: Send + 'static>(
     }
     out
 }
+
+#[test]
+fn a_semaphore_of_two_holds_two_at_once_and_pushes_the_freed_slot_to_the_waiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let two = std::num::NonZeroU16::new(2).unwrap();
+    let (a, b, c) =
+        (client(&s.url(), "a", 5_000), client(&s.url(), "b", 5_000), client(&s.url(), "c", 5_000));
+    smol::block_on(async {
+        let la = a.acquire_with_limit("pool", two).await.unwrap();
+        let lb = b.acquire_with_limit("pool", two).await.unwrap();
+        assert!(la.is_healthy() && lb.is_healthy(), "two holders at once");
+        assert!(lb.fence() > la.fence());
+        let (queued_tx, queued_rx) = async_channel::bounded::<()>(1);
+        let waiting = c.acquire_reporting_with_limit("pool", two, None, move |_| {
+            let _ = queued_tx.try_send(());
+        });
+        let release = async {
+            within(10_000, "queued", queued_rx.recv()).await.unwrap();
+            assert!(la.is_healthy() && lb.is_healthy(), "c waits while both slots are held");
+            la.release().await.expect("release acknowledged");
+        };
+        let (lc, ()) = within(10_000, "hand-off", future::zip(waiting, release)).await;
+        let lc = lc.unwrap();
+        assert!(lc.fence() > lb.fence(), "the freed slot is granted under the next fence");
+        assert!(lb.is_healthy() && lc.is_healthy());
+        // A client asking with another limit is refused, not queued.
+        let refused = a.try_acquire("pool").await.unwrap_err();
+        assert_eq!(refused, AcquireError::Rejected(leasehold_http::Reject::LimitMismatch));
+        lb.release().await.unwrap();
+        lc.release().await.unwrap();
+    });
+}
