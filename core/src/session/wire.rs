@@ -273,7 +273,8 @@ pub enum SessionReply {
         /// Place in the queue, 1 being the head.
         position: u16,
     },
-    /// The key is held by another session for at least `expires_in` more (unless released).
+    /// The key is held by another session for at least `expires_in` more (unless released);
+    /// for a semaphore, every slot is, the first to end in at least `expires_in`.
     Busy {
         /// The key.
         key: Key,
