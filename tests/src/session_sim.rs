@@ -13,6 +13,8 @@
 //! - a key moves only when its holder released it, closed, or expired, never before;
 //! - a queued key goes to the first waiter still alive (a semaphore's freed slots to the first
 //!   ones, in order), and never to an expired session;
+//! - a contender asking with another limit (one in 16 acquires asks one more) is refused
+//!   `LimitMismatch` only while the key has holders or waiters under another limit;
 //! - replayed and forged requests (injected copies of requests the authority has handled,
 //!   as they are or with a wrong secret) leave the authority's state as it was.
 
@@ -24,7 +26,7 @@ use leasehold_core::session::wire::{
     parse_label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
 };
 use leasehold_core::session::{Session, SessionAuthority, SessionEvent, SessionLimits, SessionState};
-use leasehold_core::{parse_key, Config, Drift, Duration, Fault, Fence, Instant, Key};
+use leasehold_core::{parse_key, Config, Drift, Duration, Fault, Fence, Instant, Key, Reject};
 
 /// Sessions the authority can track: clients plus the orphans of duplicated opens. Claims:
 /// every client on every key (5 × 3) with room to spare.
@@ -235,6 +237,8 @@ pub struct Stats {
     pub dropped: u64,
     /// Steps after which two or more holders believed the same semaphore key.
     pub shared: u64,
+    /// Acquires refused for asking another limit than the key's holders and waiters.
+    pub mismatched: u64,
 }
 
 impl Stats {
@@ -250,6 +254,7 @@ impl Stats {
         self.injected += o.injected;
         self.dropped += o.dropped;
         self.shared += o.shared;
+        self.mismatched += o.mismatched;
     }
 }
 
@@ -497,6 +502,9 @@ impl World {
                 let _ = s.release(local, &key);
             }
             SessionState::Open => {
+                // Now and then a contender misconfigured with another limit: refused while the
+                // key has claims; if it has none, its limit holds until they are all gone.
+                let limit = if roll % 16 == 1 { limit + 1 } else { limit };
                 let _ = s.acquire_with_limit(local, key, !roll.is_multiple_of(5), limit);
             }
             SessionState::Opening | SessionState::Closing => {}
@@ -516,7 +524,8 @@ impl World {
                     // A lease's fences rise across all holders in the order they are told; a
                     // semaphore's holders may hear of their grants in any order, each its own
                     // rising.
-                    let teller = (self.limit_of(key) > 1).then_some(i);
+                    let shared = self.limit_of(key) > 1 || self.limit_in_force(key).is_some_and(|l| l > 1);
+                    let teller = shared.then_some(i);
                     let told = self.told.entry((key.clone(), teller)).or_default();
                     if *fence <= *told {
                         let msg =
@@ -567,6 +576,7 @@ impl World {
                 };
                 self.log(What::Handles(client, request.clone(), reply.clone()));
                 self.check_authority(&before, Some(&request))?;
+                self.check_limit_refusal(&before, &request, &reply)?;
                 let response = request.answer(reply);
                 if !matches!(request.op, SessionOp::Open { .. }) {
                     if self.handled.len() >= 256 {
@@ -648,6 +658,38 @@ impl World {
         Ok(())
     }
 
+    /// A `LimitMismatch` refusal only of a request whose limit differs from that of the key's
+    /// holders and waiters (it had some before the request; expiry only removes them).
+    fn check_limit_refusal(
+        &mut self,
+        before: &View,
+        request: &SessionRequest,
+        reply: &SessionReply,
+    ) -> Result<(), Box<Violation>> {
+        if *reply != SessionReply::Rejected(Reject::LimitMismatch) {
+            return Ok(());
+        }
+        self.stats.mismatched += 1;
+        let (key, asked) = match &request.op {
+            SessionOp::Acquire { key, .. } => (key, 1),
+            SessionOp::AcquireWithLimit { key, limit, .. } => (key, *limit),
+            _ => return Err(self.violation(format!("LimitMismatch for {:?}", request.op))),
+        };
+        match before.key(key) {
+            Some(v) if (v.status.holders > 0 || v.status.waiting > 0) && v.status.limit != asked => Ok(()),
+            other => Err(self.violation(format!(
+                "{key} refused for limit {asked} (LimitMismatch) though it stood {:?}",
+                other.map(|v| (&v.status, &v.holders, &v.waiters))
+            ))),
+        }
+    }
+
+    /// The limit its holders and waiters asked for, while it has any.
+    fn limit_in_force(&self, key: &Key) -> Option<usize> {
+        let s = self.authority.key(key).filter(|s| s.holders > 0 || s.waiting > 0)?;
+        Some(usize::from(s.limit))
+    }
+
     /// A key's holder limit.
     fn limit_of(&self, key: &Key) -> usize {
         self.keys.iter().position(|k| k == key).map_or(1, |k| usize::from(self.params.limits[k]))
@@ -663,7 +705,16 @@ impl World {
         let after = View::of(&self.authority);
         for kv in &after.keys {
             let key = &kv.key;
-            let limit = self.limit_of(key);
+            // The limit in force is the one its holders and waiters asked for: the key's, or
+            // one more while a misconfigured contender's claims hold it.
+            let limit = usize::from(kv.status.limit);
+            let configured = self.limit_of(key);
+            let claimed = !kv.holders.is_empty() || !kv.waiters.is_empty();
+            if claimed && !(configured..=configured + 1).contains(&limit) {
+                return Err(
+                    self.violation(format!("{key} has limit {limit}, asked {configured} or one more"))
+                );
+            }
             if kv.holders.len() > limit {
                 return Err(self.violation(format!(
                     "{key} has {} holders at the authority, limit {limit}: {:?}",
@@ -726,7 +777,10 @@ impl World {
 
     fn check_beliefs(&mut self) -> Result<(), Box<Violation>> {
         for (k, key) in self.keys.iter().enumerate() {
-            let limit = usize::from(self.params.limits[k]);
+            // No holder believes a grant the authority has ended, so the limit in force there
+            // (or the key's own, when it has no claims) bounds the believers.
+            let configured = usize::from(self.params.limits[k]);
+            let limit = self.limit_in_force(key).map_or(configured, |l| l.max(configured));
             let believers: Vec<(usize, Fence, Duration)> = self
                 .clients
                 .iter()

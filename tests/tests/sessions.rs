@@ -77,6 +77,7 @@ fn session_safety_holds_across_seeds() {
     assert!(total.acquired > n && total.hand_offs > n / 4 && total.queued > n, "{total:?}");
     assert!(total.lost > 0 && total.released > n && total.injected > n && total.dropped > 0, "{total:?}");
     assert!(total.shared > n, "semaphore keys had several believers at once: {total:?}");
+    assert!(total.mismatched > n / 4, "contenders with another limit were refused: {total:?}");
 }
 
 /// Runs seeds from 0 with `fault` planted in the authority until the checker objects; within
