@@ -203,6 +203,7 @@ impl fmt::Display for Violation {
             (SessionFault::KeepExpiredWaiters, _) => "LEASEHOLD_SIM_FAULT=keep-expired-waiters ",
             (SessionFault::AcceptReplays, _) => "LEASEHOLD_SIM_FAULT=accept-replays ",
             (SessionFault::OverAdmit, _) => "LEASEHOLD_SIM_FAULT=over-admit ",
+            (SessionFault::IgnoreLimitMismatch, _) => "LEASEHOLD_SIM_FAULT=ignore-limit-mismatch ",
             (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
             _ => "",
         };
@@ -714,6 +715,14 @@ impl World {
                 return Err(
                     self.violation(format!("{key} has limit {limit}, asked {configured} or one more"))
                 );
+            }
+            // A limit changes only while the key has no claims at all.
+            let was = before.key(key).filter(|v| !v.holders.is_empty() || !v.waiters.is_empty());
+            if let Some(v) = was.filter(|v| claimed && v.status.limit != kv.status.limit) {
+                return Err(self.violation(format!(
+                    "{key} went from limit {} to {limit} while it had holders or waiters",
+                    v.status.limit
+                )));
             }
             if kv.holders.len() > limit {
                 return Err(self.violation(format!(

@@ -108,6 +108,12 @@ fn admitting_one_holder_more_than_a_semaphores_limit_is_caught() {
 }
 
 #[test]
+fn taking_another_limit_while_a_key_has_claims_is_caught() {
+    let v = caught(SessionFault::IgnoreLimitMismatch);
+    assert!(v.message.contains("while it had holders or waiters"), "{}", v.message);
+}
+
+#[test]
 fn accepting_an_old_request_id_is_caught() {
     let v = caught(SessionFault::AcceptReplays);
     assert!(v.message.contains("replay request changed the authority's state"), "{}", v.message);
@@ -158,6 +164,7 @@ fn replay() {
         Ok("keep-expired-waiters") => SessionFault::KeepExpiredWaiters,
         Ok("accept-replays") => SessionFault::AcceptReplays,
         Ok("over-admit") => SessionFault::OverAdmit,
+        Ok("ignore-limit-mismatch") => SessionFault::IgnoreLimitMismatch,
         _ => SessionFault::None,
     };
     let mut params = Params::from_seed(seed, fault);

@@ -53,6 +53,8 @@ pub enum SessionFault {
     AcceptReplays,
     /// Admit one holder more than a semaphore's limit (keys with a limit of 2 or more).
     OverAdmit,
+    /// Take a request's limit as the key's even while the key has claims under another.
+    IgnoreLimitMismatch,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -768,7 +770,11 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
         let Some((_, r)) = self.keys.get_index(ki as usize) else {
             return SessionReply::Rejected(Reject::Capacity);
         };
-        if r.is_claimed() && r.limit != limit {
+        #[cfg(feature = "fault-injection")]
+        let checks_limit = self.limits.fault != SessionFault::IgnoreLimitMismatch;
+        #[cfg(not(feature = "fault-injection"))]
+        let checks_limit = true;
+        if checks_limit && r.is_claimed() && r.limit != limit {
             return SessionReply::Rejected(Reject::LimitMismatch);
         }
         // The holder's newest request is answered to a reply it awaits; a reordered one is
