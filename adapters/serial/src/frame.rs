@@ -289,6 +289,12 @@ impl Writer<'_> {
                 self.varint(fence.0)
             }
             SessionOp::Close => self.variant(4, &[]),
+            SessionOp::AcquireWithLimit { key, wait, limit } => {
+                self.variant(5, &[])?;
+                self.str(key)?;
+                self.byte(u8::from(*wait))?;
+                self.varint((*limit).into())
+            }
         }
     }
 

@@ -431,13 +431,16 @@ fn any_secret() -> impl Strategy<Value = Secret> {
 
 fn any_session_request() -> impl Strategy<Value = SessionRequest> {
     let label = "[ -~]{0,32}".prop_map(|s| parse_label(&s).unwrap());
-    let op = prop_oneof![
-        (any_duration(), label).prop_map(|(ttl, label)| SessionOp::Open { ttl, label }),
-        Just(SessionOp::KeepAlive),
-        (any_key(), any::<bool>()).prop_map(|(key, wait)| SessionOp::Acquire { key, wait }),
-        (any_key(), any_u64()).prop_map(|(key, f)| SessionOp::Release { key, fence: Fence(f) }),
-        Just(SessionOp::Close),
-    ];
+    let op =
+        prop_oneof![
+            (any_duration(), label).prop_map(|(ttl, label)| SessionOp::Open { ttl, label }),
+            Just(SessionOp::KeepAlive),
+            (any_key(), any::<bool>()).prop_map(|(key, wait)| SessionOp::Acquire { key, wait }),
+            (any_key(), any_u64()).prop_map(|(key, f)| SessionOp::Release { key, fence: Fence(f) }),
+            Just(SessionOp::Close),
+            (any_key(), any::<bool>(), any::<u16>())
+                .prop_map(|(key, wait, limit)| SessionOp::AcquireWithLimit { key, wait, limit }),
+        ];
     (any_u64(), any_secret(), any_u64(), op).prop_map(|(s, secret, q, op)| SessionRequest {
         session: SessionId(s),
         secret,
