@@ -13,6 +13,7 @@
 //! exits 128+N once any grant that raced it is released.
 
 use std::io::IsTerminal;
+use std::num::NonZeroU16;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -50,6 +51,11 @@ pub(crate) struct Args {
     /// contender for a key must use the same one.
     #[arg(long, value_enum, env = "LEASEHOLD_PROTOCOL", default_value = "v1")]
     protocol: Protocol,
+    /// Let up to N contenders hold the key at once, each under its own fence (a semaphore,
+    /// like `consul lock -n`); the rest wait FIFO for a slot. Needs `--protocol v2`. Every
+    /// contender of the key must give the same N (exit 2 otherwise).
+    #[arg(long, value_name = "N")]
+    limit: Option<NonZeroU16>,
     /// etcd: the prefix under which lease keys are stored.
     #[arg(long, visible_alias = "etcd-prefix", default_value = "leasehold/")]
     prefix: String,
@@ -131,9 +137,15 @@ impl<B: Backend> Leases for Client<B> {
     }
 }
 
-impl Leases for SessionClient {
+/// A session client asking for one of `limit` slots of the key (1: the key itself).
+struct Slots {
+    client: SessionClient,
+    limit: NonZeroU16,
+}
+
+impl Leases for Slots {
     async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
-        SessionClient::try_acquire(self, key).await
+        self.client.try_acquire_with_limit(key, self.limit).await
     }
     async fn acquire_reporting(
         &self,
@@ -141,12 +153,12 @@ impl Leases for SessionClient {
         timeout: Option<Duration>,
         report: impl FnMut(&Waiting) + Send,
     ) -> Result<Lease, AcquireError> {
-        SessionClient::acquire_reporting(self, key, timeout, report).await
+        self.client.acquire_reporting_with_limit(key, self.limit, timeout, report).await
     }
     async fn finish(&self) {
-        self.wait_idle().await;
+        self.client.wait_idle().await;
         // Closed rather than left to expire, so the server forgets it at once.
-        self.close().await
+        self.client.close().await
     }
 }
 
@@ -175,6 +187,14 @@ pub(crate) fn main(args: Args) -> ExitCode {
         eprintln!(
             "leasehold run: --protocol v2 is for the built-in server and etcd (DynamoDB gets sessions later)"
         );
+        return ExitCode::from(2);
+    }
+    if args.limit.is_some() && args.protocol != Protocol::V2 {
+        eprintln!("leasehold run: --limit needs --protocol v2 (semaphores are held in sessions)");
+        return ExitCode::from(2);
+    }
+    if args.limit.is_some_and(|n| n.get() > 1) && !matches!(args.backend, BackendKind::Builtin) {
+        eprintln!("leasehold run: --limit above 1 is for the built-in server (etcd semaphores come later)");
         return ExitCode::from(2);
     }
     smol::block_on(async {
@@ -215,8 +235,9 @@ async fn run_session(args: Args, backend: Result<impl SessionBackend, TransportE
     let client = backend
         .map_err(|e| Report(&e).to_string())
         .and_then(|b| SessionClient::new(b, &session_label(), options).map_err(|e| Report(&e).to_string()));
+    let limit = args.limit.unwrap_or(NonZeroU16::MIN);
     match client {
-        Ok(c) => run_with(args, c).await,
+        Ok(client) => run_with(args, Slots { client, limit }).await,
         Err(e) => {
             eprintln!("leasehold run: {e}");
             ExitCode::from(2)

@@ -657,6 +657,84 @@ fn run_on_sessions_keeps_its_exit_codes_and_signal_handling() {
 }
 
 #[test]
+fn run_limit_admits_that_many_at_once_and_every_contender_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let log = dir.path().join("slots.log");
+    // Each section logs its start and end; the first two wait (up to 10 s) until two have
+    // started, so the log shows whether two really held the key at once.
+    let section = format!(
+        "echo start $LEASEHOLD_FENCE >> {log}; n=0; \
+         while [ $(grep -c start {log}) -lt 2 ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done; \
+         sleep 0.1; echo end $LEASEHOLD_FENCE >> {log}",
+        log = log.display()
+    );
+    let contender = format!(
+        "for i in 1 2 3; do {BIN} run --protocol v2 --limit 2 --key slots --ttl 5s --server {url} -- sh -c '{section}' \
+         || exit 1; done"
+    );
+    let mut runs: Vec<Proc> = (0..3)
+        .map(|_| Proc(Command::new("sh").args(["-c", &contender]).process_group(0).spawn().unwrap()))
+        .collect();
+    for r in &mut runs {
+        assert!(r.0.wait().unwrap().success(), "every contender's every run succeeded");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (mut running, mut most, mut fences) = (0i32, 0i32, Vec::new());
+    for line in text.lines() {
+        let (what, fence) = line.split_once(' ').unwrap();
+        match what {
+            "start" => {
+                running += 1;
+                fences.push(fence.parse::<u64>().unwrap());
+            }
+            _ => running -= 1,
+        }
+        most = most.max(running);
+        assert!(running <= 2, "more than 2 at once in:\n{text}");
+    }
+    assert_eq!(most, 2, "two held the key at once:\n{text}");
+    assert_eq!(fences.len(), 9, "all 9 sections ran:\n{text}");
+    fences.sort();
+    fences.dedup();
+    assert_eq!(fences.len(), 9, "each grant its own fence:\n{text}");
+    assert_eq!(metric(&url, "leasehold_sessions_live"), 0);
+}
+
+#[test]
+fn run_limit_needs_v2_and_every_contender_to_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let code = |c: &mut Command| c.status().unwrap().code();
+    assert_eq!(
+        code(&mut run_cmd(&url, "k", "5s", &["--limit", "2"], &["true"])),
+        Some(2),
+        "v1 has no semaphores"
+    );
+    assert_eq!(code(&mut run_v2(&url, "k", &["--limit", "0"], &["true"])), Some(2));
+    let go = dir.path().join("go");
+    let hold = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
+    let mut holder = Proc(run_v2(&url, "agree", &["--limit", "2"], &["sh", "-c", &hold]).spawn().unwrap());
+    eventually("the holder runs", || {
+        v2_lease(&url, "agree")["holders"].as_array().is_some_and(|h| h.len() == 1)
+    });
+    assert_eq!(v2_lease(&url, "agree")["limit"], 2);
+    let refused = output_within_20s(&mut run_v2(&url, "agree", &["--limit", "3"], &["true"]));
+    assert_eq!(refused.status.code(), Some(2), "another limit is a configuration error");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("another holder limit"), "{stderr}");
+    assert_eq!(
+        code(&mut run_v2(&url, "agree", &["--no-wait"], &["true"])),
+        Some(2),
+        "a plain lease is limit 1"
+    );
+    // The same limit takes the second slot at once, beside the holder.
+    assert_eq!(code(&mut run_v2(&url, "agree", &["--limit", "2", "--no-wait"], &["true"])), Some(0));
+    std::fs::write(&go, "").unwrap();
+    assert!(holder.0.wait().unwrap().success());
+}
+
+#[test]
 fn status_shows_session_held_keys_by_label() {
     let dir = tempfile::tempdir().unwrap();
     let (_server, url) = serve(&dir.path().join("store"));

@@ -212,6 +212,9 @@ pub enum Reject {
     FenceExhausted,
     /// The authority is misconfigured (for example, a missing table).
     Misconfigured,
+    /// The key is held or awaited under another holder limit (a semaphore's size): every
+    /// holder and waiter of a key must ask for the same.
+    LimitMismatch,
 }
 
 impl fmt::Display for Reject {
@@ -227,6 +230,7 @@ impl fmt::Display for Reject {
             Reject::Capacity => "authority cannot track more keys",
             Reject::FenceExhausted => "fence counter exhausted",
             Reject::Misconfigured => "authority is misconfigured",
+            Reject::LimitMismatch => "key is held or awaited under another holder limit",
         })
     }
 }

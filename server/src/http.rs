@@ -406,6 +406,8 @@ fn reject_status(r: Reject) -> (StatusCode, &'static str) {
         Reject::InvalidTtl => (StatusCode::BAD_REQUEST, "invalid_ttl"),
         Reject::InvalidKey => (StatusCode::BAD_REQUEST, "invalid_key"),
         Reject::FenceExhausted => (StatusCode::CONFLICT, "fence_exhausted"),
+        // Not permanent: the key takes another limit once its holders and waiters are gone.
+        Reject::LimitMismatch => (StatusCode::CONFLICT, "limit_mismatch"),
         Reject::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
         Reject::Malformed => (StatusCode::BAD_REQUEST, "malformed"),
         Reject::UnsupportedVersion => (StatusCode::BAD_REQUEST, "unsupported_version"),

@@ -16,7 +16,7 @@ use leasehold_core::authority::Limits;
 use smol_hyper::rt::FuturesIo;
 
 pub use http::MAX_BODY;
-pub use sessions::{SessionStoreError, MAX_SESSIONS, MAX_SESSION_KEYS, MAX_WAITERS_PER_KEY};
+pub use sessions::{SessionStoreError, MAX_CLAIMS, MAX_SESSIONS, MAX_SESSION_KEYS};
 pub use store::StoreError;
 #[cfg(feature = "tls")]
 pub use tls::ServerTls;

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
-use leasehold_core::session::authority::SessionStatus;
+use leasehold_core::session::authority::{KeyHolder, SessionStatus};
 use leasehold_core::session::wire::{Label, Secret, SessionId, SessionOp, SessionReply, SessionRequest};
 use leasehold_core::session::{SessionAuthority, SessionLimits};
 use leasehold_core::{Duration, Instant};
@@ -35,13 +35,16 @@ pub const MAX_SESSIONS: usize = 16 * 1024;
 /// are never forgotten, because a forgotten key would forget its fence counter; an acquire of
 /// one more is answered `Rejected(Capacity)`.
 pub const MAX_SESSION_KEYS: usize = 64 * 1024;
-/// Most sessions queued for one key; one more is answered `Rejected(Capacity)`. Each key
-/// reserves room for this many (the core is allocation-free), so it multiplies with
-/// [`MAX_SESSION_KEYS`] into the table's size.
-pub const MAX_WAITERS_PER_KEY: usize = 32;
+/// Most claims at once, over all keys: a claim is one session's grant of a key, or its place
+/// in a key's queue. One pool serves every key, so a key may have any number of waiters up to
+/// it; one more claim is answered `Rejected(Capacity)`. Twice [`MAX_SESSION_KEYS`]: room for
+/// every key to be held and for as many claims again queued (or holding semaphore slots) in any
+/// distribution, at about 5 MiB, where the 32 waiters each key reserved inline before (and at
+/// most) took 32 MiB.
+pub const MAX_CLAIMS: usize = 2 * MAX_SESSION_KEYS;
 
 /// The server's session authority.
-pub(crate) type Authority = SessionAuthority<MAX_SESSIONS, MAX_SESSION_KEYS, MAX_WAITERS_PER_KEY>;
+pub(crate) type Authority = SessionAuthority<MAX_SESSIONS, MAX_SESSION_KEYS, MAX_CLAIMS>;
 
 /// The log: entry number → JSON of an [`Entry`].
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("session_log");
@@ -91,6 +94,18 @@ pub enum SessionStoreError {
     /// The snapshot could not be encoded or decoded.
     #[error("session store: the snapshot is corrupt: {0}")]
     Snapshot(serde_json::Error),
+    /// The snapshot is of a layout this server does not read (written by another version).
+    #[error(
+        "session store: the session snapshot has layout {found}, this server reads layout {reads}; \
+         it was written by another leasehold version: start that version, or move sessions.redb \
+         aside to start with no sessions (v2 fences then restart from 1)"
+    )]
+    SnapshotFormat {
+        /// The layout found.
+        found: u32,
+        /// The layout this server reads.
+        reads: u32,
+    },
     /// The authority's table could not be built.
     #[error("session store: cannot build the session table: {0}")]
     Build(std::io::Error),
@@ -169,7 +184,12 @@ pub(crate) struct Sessions {
 #[derive(Debug, Serialize)]
 pub(crate) struct KeyView {
     key: String,
+    /// The oldest grant (the one grant of a key with a limit of 1).
     holder: Option<HolderView>,
+    /// Every grant, oldest first: more than one for a semaphore.
+    holders: Vec<HolderView>,
+    /// How many sessions may hold the key at once.
+    limit: u16,
     last_fence: u64,
     waiting: usize,
 }
@@ -217,9 +237,26 @@ fn fresh_authority(limits: SessionLimits) -> Result<Box<Authority>, SessionStore
 /// The snapshot's one record.
 const SNAPSHOT_KEY: &str = "state";
 
+/// The snapshot's layout: 2 since waiters and holders are kept in one pool of claims. A
+/// snapshot without the field is of layout 1 (waiters inline in each key).
+const SNAPSHOT_FORMAT: u32 = 2;
+
+/// Read before the rest of a snapshot, so a layout this server cannot read is refused by name
+/// rather than as a decoding error.
+#[derive(Deserialize)]
+struct SnapshotHeader {
+    #[serde(default = "layout_one")]
+    format: u32,
+}
+
+fn layout_one() -> u32 {
+    1
+}
+
 /// The table as of the log entries below `covers`, and the last time logged before them.
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
+    format: u32,
     covers: u64,
     last: Instant,
     authority: &'a Authority,
@@ -264,6 +301,14 @@ fn replay(db: &Database, limits: SessionLimits) -> Result<(Box<Authority>, u64, 
     };
     let (mut authority, mut next_index, mut last) = match snapshot {
         Some(bytes) => {
+            let header: SnapshotHeader =
+                serde_json::from_slice(&bytes).map_err(SessionStoreError::Snapshot)?;
+            if header.format != SNAPSHOT_FORMAT {
+                return Err(SessionStoreError::SnapshotFormat {
+                    found: header.format,
+                    reads: SNAPSHOT_FORMAT,
+                });
+            }
             let snap = on_big_stack(move || serde_json::from_slice::<Snapshot>(&bytes))?
                 .map_err(SessionStoreError::Snapshot)?;
             let mut authority = snap.authority;
@@ -297,8 +342,8 @@ fn snapshot(
     covers: u64,
     last: Instant,
 ) -> Result<(), SessionStoreError> {
-    let bytes =
-        serde_json::to_vec(&SnapshotRef { covers, last, authority }).map_err(SessionStoreError::Snapshot)?;
+    let bytes = serde_json::to_vec(&SnapshotRef { format: SNAPSHOT_FORMAT, covers, last, authority })
+        .map_err(SessionStoreError::Snapshot)?;
     let txn = db.begin_write().map_err(SessionStoreError::db)?;
     {
         let mut snap = txn.open_table(SNAPSHOT).map_err(SessionStoreError::db)?;
@@ -434,9 +479,8 @@ impl Sessions {
             .keys()
             .filter(|(k, _)| k.starts_with(prefix))
             .filter(|(_, st)| !held_only || st.holder.is_some())
-            .map(|(k, st)| KeyView {
-                key: k.to_string(),
-                holder: st.holder.and_then(|h| {
+            .map(|(k, st)| {
+                let view = |h: KeyHolder| {
                     let s: SessionStatus = a.session(h.session)?;
                     Some(HolderView {
                         session: h.session.0,
@@ -445,9 +489,15 @@ impl Sessions {
                         ttl: s.ttl.as_micros(),
                         remaining: (s.expires_at - now).as_micros(),
                     })
-                }),
-                last_fence: st.last_fence.0,
-                waiting: st.waiting,
+                };
+                KeyView {
+                    key: k.to_string(),
+                    holder: st.holder.and_then(view),
+                    holders: a.holders(k).filter_map(view).collect(),
+                    limit: st.limit,
+                    last_fence: st.last_fence.0,
+                    waiting: st.waiting,
+                }
             })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -680,7 +730,7 @@ fn count(stats: &SessionStats, input: &Input) {
         Input::Open { .. } => &stats.opens,
         Input::Request(r) => match r.op {
             SessionOp::KeepAlive => &stats.keepalives,
-            SessionOp::Acquire { .. } => &stats.acquires,
+            SessionOp::Acquire { .. } | SessionOp::AcquireWithLimit { .. } => &stats.acquires,
             SessionOp::Release { .. } => &stats.releases,
             SessionOp::Close => &stats.closes,
             SessionOp::Open { .. } => return,
@@ -752,5 +802,30 @@ mod tests {
         let (s, _writer) = Sessions::open(dir.path(), limits).unwrap();
         assert_eq!(s.key(&key).unwrap().last_fence, Fence(2), "restored from the snapshot");
         assert!(s.lock().authority.session(id).is_some());
+    }
+
+    #[test]
+    fn a_snapshot_of_the_older_layout_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join("sessions.redb")).unwrap();
+            // What a server with waiters inline in each key wrote: no `format` field.
+            let old = br#"{"covers":4,"last":17,"authority":{"sessions":[],"keys":{"k":{"holder":null,"last_fence":3,"waiters":[]}},"next_id":2}}"#;
+            let txn = db.begin_write().unwrap();
+            txn.open_table(SNAPSHOT).unwrap().insert(SNAPSHOT_KEY, old.as_slice()).unwrap();
+            txn.open_table(LOG)
+                .unwrap()
+                .insert(4, encode(&Entry { now: Instant::from_micros(18), input: Input::Timeout }).as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let Err(e) = Sessions::open(dir.path(), SessionLimits::default()) else {
+            panic!("an old snapshot was read")
+        };
+        assert!(matches!(e, SessionStoreError::SnapshotFormat { found: 1, reads: 2 }), "{e}");
+        assert!(
+            e.to_string().contains("layout 1") && e.to_string().contains("another leasehold version"),
+            "{e}"
+        );
     }
 }

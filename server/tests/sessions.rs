@@ -363,3 +363,74 @@ fn a_flood_of_opens_is_refused_with_capacity_not_a_panic() {
     assert_eq!(metric(addr, "leasehold_sessions_live"), max as u64);
     assert_eq!(get(addr, "/healthz").status, 200, "still serving");
 }
+
+fn acquire_n(key: &str, wait: bool, limit: u16) -> SessionOp {
+    SessionOp::AcquireWithLimit { key: parse_key(key).unwrap(), wait, limit }
+}
+
+#[test]
+fn a_semaphore_admits_its_limit_pushes_freed_slots_in_order_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b, mut c, mut d);
+    let c_asked;
+    {
+        let s = server(dir.path());
+        a = open(s.addr(), TTL, "a");
+        b = open(s.addr(), TTL, "b");
+        c = open(s.addr(), TTL, "c");
+        d = open(s.addr(), TTL, "d");
+        assert_eq!(a.send(acquire_n("pool", true, 2)), granted("pool", 1));
+        assert_eq!(b.send(acquire_n("pool", true, 2)), granted("pool", 2));
+        c_asked = Seq(c.seq + 1);
+        assert_eq!(c.send(acquire_n("pool", true, 2)), queued("pool", 1));
+        // Another limit, or a plain lease of the key, is refused while it has holders.
+        for op in [acquire_n("pool", true, 3), acquire("pool", true)] {
+            let req = d.request(op);
+            let (status, resp) = d.send_raw(&req, "");
+            assert_eq!((status, resp.reply), (409, SessionReply::Rejected(Reject::LimitMismatch)));
+        }
+        let pool = lease(s.addr(), "pool");
+        assert_eq!((pool["limit"].clone(), pool["waiting"].clone()), (2.into(), 1.into()));
+        let fences: Vec<_> = pool["holders"].as_array().unwrap().iter().map(|h| h["fence"].clone()).collect();
+        assert_eq!(fences, [Value::from(1), Value::from(2)]);
+        assert_eq!(pool["holder"]["label"], "a", "the oldest grant");
+    }
+    // The log replays the semaphore: both holders, the queue, the fence counter.
+    let s = server(dir.path());
+    for h in [&mut a, &mut b, &mut c, &mut d] {
+        h.addr = s.addr();
+    }
+    let pool = lease(s.addr(), "pool");
+    let labels: Vec<_> = pool["holders"].as_array().unwrap().iter().map(|h| h["label"].clone()).collect();
+    assert_eq!(labels, [Value::from("a"), Value::from("b")]);
+    assert_eq!(pool["waiting"], 1);
+    // c's held keepalive returns with the slot b frees, under the next fence.
+    let mut c2 = c.clone();
+    let c_wait = std::thread::spawn(move || c2.keepalive_waiting(10_000));
+    std::thread::sleep(StdDuration::from_millis(200));
+    assert_eq!(b.send(release("pool", 2)), SessionReply::Released { key: parse_key("pool").unwrap() });
+    let (reply, took) = c_wait.join().unwrap();
+    let pushed = Grant { key: parse_key("pool").unwrap(), fence: Fence(3), asked: c_asked };
+    assert_eq!(reply, SessionReply::Alive { ttl: TTL, granted: Some(pushed), more: false });
+    assert!(took < StdDuration::from_secs(10), "pushed, not at the bound: {took:?}");
+    c.seq += 1;
+    assert_eq!(c.send(acquire_n("pool", true, 2)), granted("pool", 3), "confirmed with the limit");
+    assert!(matches!(d.send(acquire_n("pool", false, 2)), SessionReply::Busy { .. }), "both slots held");
+}
+
+#[test]
+fn one_key_queues_more_waiters_than_a_key_record_used_to_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let mut holder = open(s.addr(), TTL, "holder");
+    assert_eq!(holder.send(acquire("k", true)), granted("k", 1));
+    // 32 waiters per key was the inline limit; the shared pool takes 200 and more.
+    let mut waiters: Vec<Holder> = (0..200).map(|i| open(s.addr(), TTL, &format!("w{i}"))).collect();
+    for (i, w) in waiters.iter_mut().enumerate() {
+        assert_eq!(w.send(acquire("k", true)), queued("k", i as u16 + 1));
+    }
+    assert_eq!(lease(s.addr(), "k")["waiting"], 200);
+    assert_eq!(holder.send(release("k", 1)), SessionReply::Released { key: parse_key("k").unwrap() });
+    assert_eq!(lease(s.addr(), "k")["holder"]["label"], "w0", "the head of the queue");
+    assert_eq!(waiters[0].send(acquire("k", true)), granted("k", 2));
+}

@@ -6,26 +6,31 @@
 //! its own clocks because that module keeps its clock private: here rates are drawn at the
 //! extremes of ±ε a third of the time each, where a timing bug shows first. After every step
 //! the checker asserts, on true time:
-//! - at most one holder believes each key;
-//! - each key's grants carry strictly increasing fences, and no holder is told a fence at or
-//!   below one told before;
+//! - at most N holders believe each key, N being its limit (1 for a lease; some keys are
+//!   semaphores of 2 or 3), and the authority never has more than N holders of it;
+//! - each key's grants carry strictly increasing fences across all of its holders, and no
+//!   holder is told a fence at or below one it was told before;
 //! - a key moves only when its holder released it, closed, or expired, never before;
-//! - a queued key goes to the first waiter still alive, and never to an expired session;
+//! - a queued key goes to the first waiter still alive (a semaphore's freed slots to the first
+//!   ones, in order), and never to an expired session;
+//! - a contender asking with another limit (one in 16 acquires asks one more) is refused
+//!   `LimitMismatch` only while the key has holders or waiters under another limit;
 //! - replayed and forged requests (injected copies of requests the authority has handled,
 //!   as they are or with a wrong secret) leave the authority's state as it was.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use leasehold_core::session::authority::{KeyStatus, SessionFault, SessionStatus};
+use leasehold_core::session::authority::{KeyHolder, KeyStatus, SessionFault, SessionStatus};
 use leasehold_core::session::wire::{
     parse_label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
 };
 use leasehold_core::session::{Session, SessionAuthority, SessionEvent, SessionLimits, SessionState};
-use leasehold_core::{parse_key, Config, Drift, Duration, Fault, Fence, Instant, Key};
+use leasehold_core::{parse_key, Config, Drift, Duration, Fault, Fence, Instant, Key, Reject};
 
-/// Sessions the authority can track: clients plus the orphans of duplicated opens.
-type Authority = SessionAuthority<32, 4, 8>;
+/// Sessions the authority can track: clients plus the orphans of duplicated opens. Claims:
+/// every client on every key (5 × 3) with room to spare.
+type Authority = SessionAuthority<32, 4, 32>;
 type Holder = Session<4>;
 
 /// Everything that varies between runs, drawn from the seed.
@@ -37,6 +42,8 @@ pub struct Params {
     pub clients: usize,
     /// Number of keys they contend for.
     pub keys: usize,
+    /// Each key's holder limit (1: a lease; more: a semaphore); the first `keys` are used.
+    pub limits: [u16; 3],
     /// Session timing shared by all holders.
     pub config: Config,
     /// Smallest one-way network delay (µs).
@@ -67,6 +74,8 @@ impl Params {
             seed,
             clients: rng.usize(2..=5),
             keys: rng.usize(1..=3),
+            // Half the keys are semaphores, which need a client more than their limit to queue.
+            limits: [(); 3].map(|_| if rng.bool() { 1 } else { rng.u16(2..=3) }),
             config,
             min_delay: rng.u64(0..=max_delay / 4),
             max_delay,
@@ -193,6 +202,8 @@ impl fmt::Display for Violation {
             (SessionFault::HandOffEarly, _) => "LEASEHOLD_SIM_FAULT=hand-off-early ",
             (SessionFault::KeepExpiredWaiters, _) => "LEASEHOLD_SIM_FAULT=keep-expired-waiters ",
             (SessionFault::AcceptReplays, _) => "LEASEHOLD_SIM_FAULT=accept-replays ",
+            (SessionFault::OverAdmit, _) => "LEASEHOLD_SIM_FAULT=over-admit ",
+            (SessionFault::IgnoreLimitMismatch, _) => "LEASEHOLD_SIM_FAULT=ignore-limit-mismatch ",
             (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
             _ => "",
         };
@@ -225,6 +236,10 @@ pub struct Stats {
     pub injected: u64,
     /// Messages dropped.
     pub dropped: u64,
+    /// Steps after which two or more holders believed the same semaphore key.
+    pub shared: u64,
+    /// Acquires refused for asking another limit than the key's holders and waiters.
+    pub mismatched: u64,
 }
 
 impl Stats {
@@ -239,6 +254,8 @@ impl Stats {
         self.released += o.released;
         self.injected += o.injected;
         self.dropped += o.dropped;
+        self.shared += o.shared;
+        self.mismatched += o.mismatched;
     }
 }
 
@@ -260,21 +277,38 @@ enum Msg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct View {
     sessions: Vec<SessionStatus>,
-    keys: Vec<(Key, KeyStatus, Vec<SessionId>)>,
+    keys: Vec<KeyView>,
     next: SessionId,
+}
+
+/// A key as the checker sees it: its status, holders (oldest grant first) and queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyView {
+    key: Key,
+    status: KeyStatus,
+    holders: Vec<KeyHolder>,
+    waiters: Vec<SessionId>,
 }
 
 impl View {
     fn of(a: &Authority) -> View {
         View {
             sessions: a.sessions().collect(),
-            keys: a.keys().map(|(k, s)| (k.clone(), s, a.waiters(k).collect())).collect(),
+            keys: a
+                .keys()
+                .map(|(k, status)| KeyView {
+                    key: k.clone(),
+                    status,
+                    holders: a.holders(k).collect(),
+                    waiters: a.waiters(k).collect(),
+                })
+                .collect(),
             next: a.next_session(),
         }
     }
 
-    fn key(&self, k: &Key) -> Option<&(Key, KeyStatus, Vec<SessionId>)> {
-        self.keys.iter().find(|(key, _, _)| key == k)
+    fn key(&self, k: &Key) -> Option<&KeyView> {
+        self.keys.iter().find(|v| v.key == *k)
     }
 
     fn alive(&self, s: SessionId) -> bool {
@@ -298,7 +332,8 @@ pub struct World {
     handled: Vec<SessionRequest>,
     /// Per key: the highest fence granted, and the highest told to any holder.
     granted: BTreeMap<Key, Fence>,
-    told: BTreeMap<Key, Fence>,
+    /// Per key (and per client, for a semaphore).
+    told: BTreeMap<(Key, Option<usize>), Fence>,
     trace: Vec<TraceEntry>,
     stats: Stats,
 }
@@ -453,7 +488,8 @@ impl World {
         let local = self.local(i);
         let ttl = self.params.config.ttl.as_micros();
         let roll = self.rng.u8(..);
-        let key = self.keys[self.rng.usize(0..self.keys.len())].clone();
+        let k = self.rng.usize(0..self.keys.len());
+        let (key, limit) = (self.keys[k].clone(), self.params.limits[k]);
         self.clients[i].app_at = Some(self.now + self.rng.u64(0..ttl));
         let Some(s) = self.clients[i].session.as_mut() else { return Ok(()) };
         match s.state() {
@@ -467,7 +503,10 @@ impl World {
                 let _ = s.release(local, &key);
             }
             SessionState::Open => {
-                let _ = s.acquire(local, key, !roll.is_multiple_of(5));
+                // Now and then a contender misconfigured with another limit: refused while the
+                // key has claims; if it has none, its limit holds until they are all gone.
+                let limit = if roll % 16 == 1 { limit + 1 } else { limit };
+                let _ = s.acquire_with_limit(local, key, !roll.is_multiple_of(5), limit);
             }
             SessionState::Opening | SessionState::Closing => {}
         }
@@ -483,7 +522,12 @@ impl World {
             match &e {
                 SessionEvent::Acquired { key, fence, .. } => {
                     self.stats.acquired += 1;
-                    let told = self.told.entry(key.clone()).or_default();
+                    // A lease's fences rise across all holders in the order they are told; a
+                    // semaphore's holders may hear of their grants in any order, each its own
+                    // rising.
+                    let shared = self.limit_of(key) > 1 || self.limit_in_force(key).is_some_and(|l| l > 1);
+                    let teller = shared.then_some(i);
+                    let told = self.told.entry((key.clone(), teller)).or_default();
                     if *fence <= *told {
                         let msg =
                             format!("c{i} told Acquired {key} fence {fence} after fence {told} was told");
@@ -533,6 +577,7 @@ impl World {
                 };
                 self.log(What::Handles(client, request.clone(), reply.clone()));
                 self.check_authority(&before, Some(&request))?;
+                self.check_limit_refusal(&before, &request, &reply)?;
                 let response = request.answer(reply);
                 if !matches!(request.op, SessionOp::Open { .. }) {
                     if self.handled.len() >= 256 {
@@ -614,6 +659,43 @@ impl World {
         Ok(())
     }
 
+    /// A `LimitMismatch` refusal only of a request whose limit differs from that of the key's
+    /// holders and waiters (it had some before the request; expiry only removes them).
+    fn check_limit_refusal(
+        &mut self,
+        before: &View,
+        request: &SessionRequest,
+        reply: &SessionReply,
+    ) -> Result<(), Box<Violation>> {
+        if *reply != SessionReply::Rejected(Reject::LimitMismatch) {
+            return Ok(());
+        }
+        self.stats.mismatched += 1;
+        let (key, asked) = match &request.op {
+            SessionOp::Acquire { key, .. } => (key, 1),
+            SessionOp::AcquireWithLimit { key, limit, .. } => (key, *limit),
+            _ => return Err(self.violation(format!("LimitMismatch for {:?}", request.op))),
+        };
+        match before.key(key) {
+            Some(v) if (v.status.holders > 0 || v.status.waiting > 0) && v.status.limit != asked => Ok(()),
+            other => Err(self.violation(format!(
+                "{key} refused for limit {asked} (LimitMismatch) though it stood {:?}",
+                other.map(|v| (&v.status, &v.holders, &v.waiters))
+            ))),
+        }
+    }
+
+    /// The limit its holders and waiters asked for, while it has any.
+    fn limit_in_force(&self, key: &Key) -> Option<usize> {
+        let s = self.authority.key(key).filter(|s| s.holders > 0 || s.waiting > 0)?;
+        Some(usize::from(s.limit))
+    }
+
+    /// A key's holder limit.
+    fn limit_of(&self, key: &Key) -> usize {
+        self.keys.iter().position(|k| k == key).map_or(1, |k| usize::from(self.params.limits[k]))
+    }
+
     /// Checks every grant the last authority step made. `request` is the request it handled
     /// (`None`: its timer).
     fn check_authority(
@@ -622,26 +704,39 @@ impl World {
         request: Option<&SessionRequest>,
     ) -> Result<(), Box<Violation>> {
         let after = View::of(&self.authority);
-        for (key, status, _) in &after.keys {
+        for kv in &after.keys {
+            let key = &kv.key;
+            // The limit in force is the one its holders and waiters asked for: the key's, or
+            // one more while a misconfigured contender's claims hold it.
+            let limit = usize::from(kv.status.limit);
+            let configured = self.limit_of(key);
+            let claimed = !kv.holders.is_empty() || !kv.waiters.is_empty();
+            if claimed && !(configured..=configured + 1).contains(&limit) {
+                return Err(
+                    self.violation(format!("{key} has limit {limit}, asked {configured} or one more"))
+                );
+            }
+            // A limit changes only while the key has no claims at all.
+            let was = before.key(key).filter(|v| !v.holders.is_empty() || !v.waiters.is_empty());
+            if let Some(v) = was.filter(|v| claimed && v.status.limit != kv.status.limit) {
+                return Err(self.violation(format!(
+                    "{key} went from limit {} to {limit} while it had holders or waiters",
+                    v.status.limit
+                )));
+            }
+            if kv.holders.len() > limit {
+                return Err(self.violation(format!(
+                    "{key} has {} holders at the authority, limit {limit}: {:?}",
+                    kv.holders.len(),
+                    kv.holders
+                )));
+            }
             let old = before.key(key);
-            let old_holder = old.and_then(|(_, s, _)| s.holder);
-            let Some(new) = status.holder else { continue };
-            if old_holder == Some(new) {
-                continue;
-            }
-            self.stats.grants += 1;
-            let last = self.granted.insert(key.clone(), new.fence).unwrap_or_default();
-            if new.fence <= last {
-                return Err(
-                    self.violation(format!("{key} granted with fence {} after fence {last}", new.fence))
-                );
-            }
-            if !after.alive(new.session) {
-                return Err(
-                    self.violation(format!("{key} granted to {} after its session expired", new.session))
-                );
-            }
-            if let Some(h) = old_holder {
+            let old_holders = old.map(|v| v.holders.as_slice()).unwrap_or_default();
+            let mut new: Vec<KeyHolder> =
+                kv.holders.iter().filter(|h| !old_holders.contains(h)).copied().collect();
+            new.sort_by_key(|h| h.fence);
+            for h in old_holders.iter().filter(|h| !kv.holders.contains(h)) {
                 let gave_up = request.is_some_and(|r| {
                     r.session == h.session
                         && match &r.op {
@@ -651,20 +746,37 @@ impl World {
                         }
                 });
                 if after.alive(h.session) && !gave_up {
+                    let to = new.first().map_or("nobody".to_string(), |n| n.session.to_string());
                     return Err(self.violation(format!(
-                        "{key} passed from {} to {} while {} was alive and had not released",
-                        h.session, new.session, h.session
+                        "{key} passed from {} to {to} while {} was alive and had not released",
+                        h.session, h.session
                     )));
                 }
             }
-            let queued = old.map(|(_, _, w)| w.as_slice()).unwrap_or_default();
-            if !queued.is_empty() {
-                self.stats.hand_offs += 1;
-                let head = queued.iter().copied().find(|s| after.alive(*s));
-                if head != Some(new.session) {
+            for g in &new {
+                self.stats.grants += 1;
+                let last = self.granted.insert(key.clone(), g.fence).unwrap_or_default();
+                if g.fence <= last {
+                    return Err(
+                        self.violation(format!("{key} granted with fence {} after fence {last}", g.fence))
+                    );
+                }
+                if !after.alive(g.session) {
+                    return Err(
+                        self.violation(format!("{key} granted to {} after its session expired", g.session))
+                    );
+                }
+            }
+            let queued = old.map(|v| v.waiters.as_slice()).unwrap_or_default();
+            if !new.is_empty() && !queued.is_empty() {
+                self.stats.hand_offs += new.len() as u64;
+                // The slots freed go to the first waiters still alive, in queue order.
+                let heads: Vec<SessionId> =
+                    queued.iter().copied().filter(|s| after.alive(*s)).take(new.len()).collect();
+                let got: Vec<SessionId> = new.iter().map(|h| h.session).collect();
+                if heads != got {
                     return Err(self.violation(format!(
-                        "{key} granted to {} out of turn: the queue was {queued:?}",
-                        new.session
+                        "{key} granted to {got:?} out of turn: the queue was {queued:?}"
                     )));
                 }
             }
@@ -672,19 +784,34 @@ impl World {
         Ok(())
     }
 
-    fn check_beliefs(&self) -> Result<(), Box<Violation>> {
-        for key in &self.keys {
-            let mut believer: Option<(usize, Fence, Duration)> = None;
-            for (i, c) in self.clients.iter().enumerate() {
-                let Some(s) = c.session.as_ref() else { continue };
-                let Some(rem) = s.remaining(c.clock.local(self.now), key) else { continue };
-                let fence = s.fence(key).unwrap_or_default();
-                if let Some((j, f, r)) = believer {
-                    return Err(self.violation(format!(
-                        "two holders of {key} at once: c{j} (fence {f}, {r} left) and c{i} (fence {fence}, {rem} left)"
-                    )));
-                }
-                believer = Some((i, fence, rem));
+    fn check_beliefs(&mut self) -> Result<(), Box<Violation>> {
+        for (k, key) in self.keys.iter().enumerate() {
+            // No holder believes a grant the authority has ended, so the limit in force there
+            // (or the key's own, when it has no claims) bounds the believers.
+            let configured = usize::from(self.params.limits[k]);
+            let limit = self.limit_in_force(key).map_or(configured, |l| l.max(configured));
+            let believers: Vec<(usize, Fence, Duration)> = self
+                .clients
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let s = c.session.as_ref()?;
+                    let rem = s.remaining(c.clock.local(self.now), key)?;
+                    Some((i, s.fence(key).unwrap_or_default(), rem))
+                })
+                .collect();
+            if believers.len() > limit {
+                let who: Vec<String> =
+                    believers.iter().map(|(i, f, r)| format!("c{i} (fence {f}, {r} left)")).collect();
+                let n = match believers.len() {
+                    2 => "two".to_string(),
+                    n => n.to_string(),
+                };
+                return Err(self
+                    .violation(format!("{n} holders of {key} at once (limit {limit}): {}", who.join(", "))));
+            }
+            if believers.len() >= 2 {
+                self.stats.shared += 1;
             }
         }
         Ok(())

@@ -76,6 +76,8 @@ fn session_safety_holds_across_seeds() {
     // The runs must have exercised what the checker checks.
     assert!(total.acquired > n && total.hand_offs > n / 4 && total.queued > n, "{total:?}");
     assert!(total.lost > 0 && total.released > n && total.injected > n && total.dropped > 0, "{total:?}");
+    assert!(total.shared > n, "semaphore keys had several believers at once: {total:?}");
+    assert!(total.mismatched > n / 4, "contenders with another limit were refused: {total:?}");
 }
 
 /// Runs seeds from 0 with `fault` planted in the authority until the checker objects; within
@@ -100,6 +102,18 @@ fn keeping_an_expired_waiter_queued_is_caught() {
 }
 
 #[test]
+fn admitting_one_holder_more_than_a_semaphores_limit_is_caught() {
+    let v = caught(SessionFault::OverAdmit);
+    assert!(v.message.contains("holders at the authority, limit"), "{}", v.message);
+}
+
+#[test]
+fn taking_another_limit_while_a_key_has_claims_is_caught() {
+    let v = caught(SessionFault::IgnoreLimitMismatch);
+    assert!(v.message.contains("while it had holders or waiters"), "{}", v.message);
+}
+
+#[test]
 fn accepting_an_old_request_id_is_caught() {
     let v = caught(SessionFault::AcceptReplays);
     assert!(v.message.contains("replay request changed the authority's state"), "{}", v.message);
@@ -116,7 +130,7 @@ fn anchoring_session_validity_at_the_reply_is_caught() {
     let (violation, _) = run_many(0..CI_SEEDS, run);
     let v = violation.expect("the checker missed session validity anchored at the reply");
     println!("AnchorAtReceive caught at seed {}: {}", v.params.seed, v.message);
-    assert!(v.message.contains("two holders"), "{}", v.message);
+    assert!(v.message.contains("holders of") && v.message.contains("at once"), "{}", v.message);
 }
 
 #[test]
@@ -149,6 +163,8 @@ fn replay() {
         Ok("hand-off-early") => SessionFault::HandOffEarly,
         Ok("keep-expired-waiters") => SessionFault::KeepExpiredWaiters,
         Ok("accept-replays") => SessionFault::AcceptReplays,
+        Ok("over-admit") => SessionFault::OverAdmit,
+        Ok("ignore-limit-mismatch") => SessionFault::IgnoreLimitMismatch,
         _ => SessionFault::None,
     };
     let mut params = Params::from_seed(seed, fault);

@@ -3,6 +3,7 @@
 //! carries its requests through a [`SessionBackend`] and its events to the handles.
 
 use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -223,9 +224,52 @@ impl SessionClient {
 
     /// One attempt: `Err(Busy)` at once if anyone holds `key`.
     pub async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        self.try_acquire_with_limit(key, NonZeroU16::MIN).await
+    }
+
+    /// Waits until one of `limit` slots of the semaphore `key` is granted: up to `limit`
+    /// sessions hold it at once, each under its own fence, and the rest queue FIFO for the
+    /// next slot freed. Every holder and waiter of the key must ask for the same `limit`, else
+    /// `Err(Rejected(LimitMismatch))`. A `limit` of 1 is [`acquire`](Self::acquire).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let config = leasehold_server::ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    /// # let server = leasehold_server::Server::spawn(config).unwrap();
+    /// use std::num::NonZeroU16;
+    /// use std::time::Duration;
+    /// use leasehold_http::{AcquireError, BuiltinSessions, Options, Reject, SessionClient};
+    ///
+    /// let options = Options::session(Duration::from_secs(5));
+    /// let timeout = options.config.request_timeout.into();
+    /// let client = |label| -> Result<SessionClient, Box<dyn std::error::Error>> {
+    ///     Ok(SessionClient::new(BuiltinSessions::new(&server.url(), None, timeout)?, label, options.clone())?)
+    /// };
+    /// let (a, b, c) = (client("a")?, client("b")?, client("c")?);
+    /// let two = NonZeroU16::new(2).unwrap();
+    /// smol::block_on(async {
+    ///     // At most two workers run the import at once, each under its own fence.
+    ///     let first = a.acquire_with_limit("import", two).await?;
+    ///     let second = b.acquire_with_limit("import", two).await?;
+    ///     assert!(second.fence() > first.fence());
+    ///     assert_eq!(c.try_acquire_with_limit("import", two).await.unwrap_err(), AcquireError::Busy);
+    ///     // A plain lease asks for a limit of 1: refused while the key is a semaphore.
+    ///     let refused = c.try_acquire("import").await.unwrap_err();
+    ///     assert_eq!(refused, AcquireError::Rejected(Reject::LimitMismatch));
+    ///     Ok::<(), AcquireError>(())
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub async fn acquire_with_limit(&self, key: &str, limit: NonZeroU16) -> Result<Lease, AcquireError> {
+        self.acquire_reporting_with_limit(key, limit, None, |_| {}).await
+    }
+
+    /// [`try_acquire`](Self::try_acquire) of one of `limit` slots of `key`: `Err(Busy)` at
+    /// once if all are held.
+    pub async fn try_acquire_with_limit(&self, key: &str, limit: NonZeroU16) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let guard = self.user.0.local.try_take(&key)?;
-        self.start(key, guard, false, None, &mut |_| {}).await
+        self.start(key, limit, guard, false, None, &mut |_| {}).await
     }
 
     /// Waits at most `timeout` for `key`; at the deadline the wait is given up (`Err(Busy)`).
@@ -239,12 +283,24 @@ impl SessionClient {
         &self,
         key: &str,
         timeout: Option<Duration>,
+        report: impl FnMut(&Waiting) + Send,
+    ) -> Result<Lease, AcquireError> {
+        self.acquire_reporting_with_limit(key, NonZeroU16::MIN, timeout, report).await
+    }
+
+    /// [`acquire_reporting`](Self::acquire_reporting) of one of `limit` slots of `key` (see
+    /// [`acquire_with_limit`](Self::acquire_with_limit)).
+    pub async fn acquire_reporting_with_limit(
+        &self,
+        key: &str,
+        limit: NonZeroU16,
+        timeout: Option<Duration>,
         mut report: impl FnMut(&Waiting) + Send,
     ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let deadline = timeout.map(|t| now() + t.into());
         let guard = self.user.0.local.take(&key, deadline.map(|d| SystemClock.sleep_until(d))).await?;
-        self.start(key, guard, true, deadline, &mut report).await
+        self.start(key, limit, guard, true, deadline, &mut report).await
     }
 
     /// Ends the session: every key it holds is free at once at the server, and every lease of
@@ -331,6 +387,7 @@ impl SessionClient {
     async fn start(
         &self,
         key: Key,
+        limit: NonZeroU16,
         guard: MutexGuardArc<()>,
         wait: bool,
         deadline: Option<leasehold_core::Instant>,
@@ -347,7 +404,7 @@ impl SessionClient {
             self.opened(deadline).await?;
             let mut m = lock(&inner.machine);
             lock(&inner.slots).insert(key.clone(), slot.clone());
-            match m.acquire(now(), key.clone(), wait) {
+            match m.acquire_with_limit(now(), key.clone(), wait, limit.get()) {
                 Ok(()) => break,
                 // Lost between the look and the verb: open again.
                 Err(leasehold_core::session::holder::AcquireError::NotOpen) => continue,

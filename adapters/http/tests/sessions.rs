@@ -168,18 +168,6 @@ fn a_thousand_leases_in_one_client_share_one_keepalive() {
                 m("leasehold_session_pushed_total"),
             )
         };
-        // Wait for the burst's tail to settle: a grant reported before the window opens is
-        // confirmed inside it, and a timed-out acquire is retried, so the window must start
-        // once the acquire count has stopped moving for a keepalive interval or two.
-        let mut settled = count();
-        for _ in 0..60 {
-            sleep(TTL_MS / 2).await;
-            let now = count();
-            if (now.1, now.2) == (settled.1, settled.2) {
-                break;
-            }
-            settled = now;
-        }
         let (k0, a0, p0) = count();
         // A whole ttl: without sessions that is 1,000 renewals at least.
         sleep(TTL_MS).await;
@@ -251,5 +239,38 @@ fn one_session_waiting_for_two_keys_is_pushed_each_when_its_holder_lets_go() {
             assert!(took < Duration::from_secs(1), "{}: hand-off took {took:?}", lease.key());
             lease.release().await.unwrap();
         }
+    });
+}
+
+#[test]
+fn a_semaphore_of_two_holds_two_at_once_and_pushes_the_freed_slot_to_the_waiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let two = std::num::NonZeroU16::new(2).unwrap();
+    let (a, b, c) =
+        (client(&s.url(), "a", 5_000), client(&s.url(), "b", 5_000), client(&s.url(), "c", 5_000));
+    smol::block_on(async {
+        let la = a.acquire_with_limit("pool", two).await.unwrap();
+        let lb = b.acquire_with_limit("pool", two).await.unwrap();
+        assert!(la.is_healthy() && lb.is_healthy(), "two holders at once");
+        assert!(lb.fence() > la.fence());
+        let (queued_tx, queued_rx) = async_channel::bounded::<()>(1);
+        let waiting = c.acquire_reporting_with_limit("pool", two, None, move |_| {
+            let _ = queued_tx.try_send(());
+        });
+        let release = async {
+            within(10_000, "queued", queued_rx.recv()).await.unwrap();
+            assert!(la.is_healthy() && lb.is_healthy(), "c waits while both slots are held");
+            la.release().await.expect("release acknowledged");
+        };
+        let (lc, ()) = within(10_000, "hand-off", future::zip(waiting, release)).await;
+        let lc = lc.unwrap();
+        assert!(lc.fence() > lb.fence(), "the freed slot is granted under the next fence");
+        assert!(lb.is_healthy() && lc.is_healthy());
+        // A client asking with another limit is refused, not queued.
+        let refused = a.try_acquire("pool").await.unwrap_err();
+        assert_eq!(refused, AcquireError::Rejected(leasehold_http::Reject::LimitMismatch));
+        lb.release().await.unwrap();
+        lc.release().await.unwrap();
     });
 }

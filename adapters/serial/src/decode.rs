@@ -334,6 +334,7 @@ impl Reader<'_> {
             2 => SessionOp::Acquire { key: self.key()?, wait: self.bool()? },
             3 => SessionOp::Release { key: self.key()?, fence: self.fence()? },
             4 => SessionOp::Close,
+            5 => SessionOp::AcquireWithLimit { key: self.key()?, wait: self.bool()?, limit: self.u16()? },
             _ => return None,
         };
         Some(SessionRequest { session, secret, seq, op })

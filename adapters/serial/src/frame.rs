@@ -289,6 +289,12 @@ impl Writer<'_> {
                 self.varint(fence.0)
             }
             SessionOp::Close => self.variant(4, &[]),
+            SessionOp::AcquireWithLimit { key, wait, limit } => {
+                self.variant(5, &[])?;
+                self.str(key)?;
+                self.byte(u8::from(*wait))?;
+                self.varint((*limit).into())
+            }
         }
     }
 
@@ -383,6 +389,7 @@ pub(crate) fn reject_index(r: Reject) -> u32 {
         Reject::Capacity => 5,
         Reject::FenceExhausted => 6,
         Reject::Misconfigured => 7,
+        Reject::LimitMismatch => 8,
     }
 }
 
@@ -396,6 +403,7 @@ pub(crate) fn reject_from_index(i: u32) -> Option<Reject> {
         5 => Reject::Capacity,
         6 => Reject::FenceExhausted,
         7 => Reject::Misconfigured,
+        8 => Reject::LimitMismatch,
         _ => return None,
     })
 }

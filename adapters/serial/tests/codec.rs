@@ -222,6 +222,7 @@ fn every_variant_round_trips() {
         Reply::Rejected(Reject::Capacity),
         Reply::Rejected(Reject::FenceExhausted),
         Reply::Rejected(Reject::Misconfigured),
+        Reply::Rejected(Reject::LimitMismatch),
         Reply::Unavailable,
         Reply::GrantedAfterExpiry { fence: Fence(2), ttl: t },
     ];
@@ -243,7 +244,8 @@ fn every_variant_round_trips() {
                 | Reject::UnsupportedVersion
                 | Reject::Capacity
                 | Reject::FenceExhausted
-                | Reject::Misconfigured,
+                | Reject::Misconfigured
+                | Reject::LimitMismatch,
             ) => {}
         }
     }
@@ -402,6 +404,7 @@ fn any_reject() -> impl Strategy<Value = Reject> {
         Reject::Capacity,
         Reject::FenceExhausted,
         Reject::Misconfigured,
+        Reject::LimitMismatch,
     ])
 }
 
@@ -428,13 +431,16 @@ fn any_secret() -> impl Strategy<Value = Secret> {
 
 fn any_session_request() -> impl Strategy<Value = SessionRequest> {
     let label = "[ -~]{0,32}".prop_map(|s| parse_label(&s).unwrap());
-    let op = prop_oneof![
-        (any_duration(), label).prop_map(|(ttl, label)| SessionOp::Open { ttl, label }),
-        Just(SessionOp::KeepAlive),
-        (any_key(), any::<bool>()).prop_map(|(key, wait)| SessionOp::Acquire { key, wait }),
-        (any_key(), any_u64()).prop_map(|(key, f)| SessionOp::Release { key, fence: Fence(f) }),
-        Just(SessionOp::Close),
-    ];
+    let op =
+        prop_oneof![
+            (any_duration(), label).prop_map(|(ttl, label)| SessionOp::Open { ttl, label }),
+            Just(SessionOp::KeepAlive),
+            (any_key(), any::<bool>()).prop_map(|(key, wait)| SessionOp::Acquire { key, wait }),
+            (any_key(), any_u64()).prop_map(|(key, f)| SessionOp::Release { key, fence: Fence(f) }),
+            Just(SessionOp::Close),
+            (any_key(), any::<bool>(), any::<u16>())
+                .prop_map(|(key, wait, limit)| SessionOp::AcquireWithLimit { key, wait, limit }),
+        ];
     (any_u64(), any_secret(), any_u64(), op).prop_map(|(s, secret, q, op)| SessionRequest {
         session: SessionId(s),
         secret,

@@ -604,6 +604,14 @@ impl SessionBackend for EtcdSessions {
             (SessionOp::Acquire { key, wait }, Some(l)) => self.acquire(&l, req.seq, key, *wait).await,
             (SessionOp::Release { key, fence }, Some(l)) => self.release(&l, key, *fence).await,
             (SessionOp::Close, Some(l)) => self.close(&l, req.session).await,
+            (SessionOp::AcquireWithLimit { key, wait, limit: 1 }, Some(l)) => {
+                self.acquire(&l, req.seq, key, *wait).await
+            }
+            // Semaphores (N slots) are not built on etcd yet: refused as an operation this
+            // authority does not speak, so the holder gives up at once instead of retrying.
+            (SessionOp::AcquireWithLimit { .. }, Some(_)) => {
+                Ok(SessionReply::Rejected(Reject::UnsupportedVersion))
+            }
         };
         match r {
             Ok(reply) => Ok(req.answer(reply)),

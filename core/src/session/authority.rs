@@ -14,13 +14,18 @@
 //!   at once with a new fence; the grant is reported in the waiter's next `Alive` until the
 //!   session confirms it with a fresh `Acquire` of the key.
 //!
-//! Semaphores (issue 10 §4) would turn [`KeyStatus::holder`] into up to N holders per key;
-//! the queue, fences and hand-off below already work per slot freed.
+//! - A key may be a semaphore: acquired with [`SessionOp::AcquireWithLimit`], up to `limit`
+//!   sessions hold it at once, each grant with its own fence, and every slot freed goes to
+//!   the head of the queue. Every holder and waiter of a key asks for the same limit; a
+//!   request with another while the key has any is `Rejected(LimitMismatch)`. A plain
+//!   [`SessionOp::Acquire`] asks for a limit of 1.
+//! - Holders and waiters of every key share one pool of claims, so one key may have
+//!   thousands of waiters while the table's size is bounded by the total.
 
 use core::fmt;
 
 use heapless::index_map::FnvIndexMap;
-use heapless::{Deque, Vec};
+use heapless::Vec;
 
 use super::wire::{Grant, Label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest};
 use crate::time::{Duration, Instant};
@@ -46,6 +51,10 @@ pub enum SessionFault {
     KeepExpiredWaiters,
     /// Accept any seq, seen or not.
     AcceptReplays,
+    /// Admit one holder more than a semaphore's limit (keys with a limit of 2 or more).
+    OverAdmit,
+    /// Take a request's limit as the key's even while the key has claims under another.
+    IgnoreLimitMismatch,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -130,6 +139,8 @@ struct SessionRecord {
     ttl: Duration,
     expires_at: Instant,
     window: ReplayWindow,
+    /// Its grants and waits, on every key.
+    claims: Chain,
 }
 
 /// Whether the holding session has heard of its grant.
@@ -143,59 +154,210 @@ enum Notice {
     Reported,
 }
 
+/// A claim's place in the [`Claims`] pool.
+type ClaimId = u32;
+
+/// What a session has of a key: a place in its queue, or one of its `limit` grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-struct Holding {
+enum Stake {
+    Waiting,
+    Holding { fence: Fence, notice: Notice },
+}
+
+/// A claim's neighbours in one of the two chains it is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+struct Links {
+    prev: Option<ClaimId>,
+    next: Option<ClaimId>,
+}
+
+/// A doubly linked list of claims through the pool: a key's holders (in grant order) or
+/// waiters (FIFO), or a session's claims on every key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+struct Chain {
+    head: Option<ClaimId>,
+    tail: Option<ClaimId>,
+    len: u32,
+}
+
+/// Which of its two chains a claim is linked in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Thread {
+    /// Its key's holders or waiters.
+    Key,
+    /// Its session's claims.
+    Session,
+}
+
+/// One session's grant of, or wait for, one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+struct Claim {
     session: SessionId,
-    fence: Fence,
+    /// The key's index in the authority's map (keys are never removed, so it is stable).
+    key: u32,
+    /// The seq of the acquire that asked for it.
     asked: Seq,
-    notice: Notice,
+    stake: Stake,
+    by_key: Links,
+    by_session: Links,
+}
+
+impl Claim {
+    fn links(&self, t: Thread) -> Links {
+        match t {
+            Thread::Key => self.by_key,
+            Thread::Session => self.by_session,
+        }
+    }
+
+    fn links_mut(&mut self, t: Thread) -> &mut Links {
+        match t {
+            Thread::Key => &mut self.by_key,
+            Thread::Session => &mut self.by_session,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-struct Waiter {
-    session: SessionId,
-    asked: Seq,
+enum Cell {
+    Free { next: Option<ClaimId> },
+    Used(Claim),
 }
 
-/// One key: its holder, its fence counter and its queue. Keys are never evicted, because an
-/// evicted key would forget its fence counter.
+/// Every holder and waiter of every key, in one pool of `W` cells: a key may have as many
+/// waiters as the pool has room for, and no key reserves room it does not use. Chains run
+/// through the cells, so enqueue, dequeue and leaving a queue are O(1), and a session that
+/// ends walks only its own claims.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+struct Claims<const W: usize> {
+    cells: Vec<Cell, W>,
+    /// The first free cell below `cells.len()`; the free cells are chained through `next`.
+    free: Option<ClaimId>,
+}
+
+impl<const W: usize> Claims<W> {
+    const fn new() -> Self {
+        Claims { cells: Vec::new(), free: None }
+    }
+
+    fn get(&self, id: ClaimId) -> Option<&Claim> {
+        match self.cells.get(id as usize)? {
+            Cell::Used(c) => Some(c),
+            Cell::Free { .. } => None,
+        }
+    }
+
+    fn get_mut(&mut self, id: ClaimId) -> Option<&mut Claim> {
+        match self.cells.get_mut(id as usize)? {
+            Cell::Used(c) => Some(c),
+            Cell::Free { .. } => None,
+        }
+    }
+
+    /// Stores `claim`, unlinked; `None` when the pool is full.
+    fn insert(&mut self, claim: Claim) -> Option<ClaimId> {
+        match self.free {
+            Some(id) => {
+                let cell = self.cells.get_mut(id as usize)?;
+                let Cell::Free { next } = *cell else { return None };
+                *cell = Cell::Used(claim);
+                self.free = next;
+                Some(id)
+            }
+            None => {
+                let id = ClaimId::try_from(self.cells.len()).ok()?;
+                self.cells.push(Cell::Used(claim)).ok()?;
+                Some(id)
+            }
+        }
+    }
+
+    /// Frees a claim's cell; it must be unlinked from both chains first.
+    fn remove(&mut self, id: ClaimId) {
+        if let Some(cell @ Cell::Used(_)) = self.cells.get_mut(id as usize) {
+            *cell = Cell::Free { next: self.free };
+            self.free = Some(id);
+        }
+    }
+
+    fn push_back(&mut self, chain: &mut Chain, id: ClaimId, t: Thread) {
+        let tail = chain.tail;
+        let Some(c) = self.get_mut(id) else { return };
+        *c.links_mut(t) = Links { prev: tail, next: None };
+        match tail.and_then(|tl| self.get_mut(tl)) {
+            Some(last) => last.links_mut(t).next = Some(id),
+            None => chain.head = Some(id),
+        }
+        chain.tail = Some(id);
+        chain.len += 1;
+    }
+
+    fn unlink(&mut self, chain: &mut Chain, id: ClaimId, t: Thread) {
+        let Some(l) = self.get(id).map(|c| c.links(t)) else { return };
+        match l.prev.and_then(|p| self.get_mut(p)) {
+            Some(p) => p.links_mut(t).next = l.next,
+            None => chain.head = l.next,
+        }
+        match l.next.and_then(|n| self.get_mut(n)) {
+            Some(n) => n.links_mut(t).prev = l.prev,
+            None => chain.tail = l.prev,
+        }
+        chain.len = chain.len.saturating_sub(1);
+        if let Some(c) = self.get_mut(id) {
+            *c.links_mut(t) = Links::default();
+        }
+    }
+
+    /// The claims of a chain, head first.
+    fn walk(&self, chain: &Chain, t: Thread) -> impl Iterator<Item = (ClaimId, &Claim)> + '_ {
+        let mut cur = chain.head;
+        core::iter::from_fn(move || {
+            let id = cur?;
+            let c = self.get(id)?;
+            cur = c.links(t).next;
+            Some((id, c))
+        })
+    }
+
+    fn used(&self) -> impl Iterator<Item = (ClaimId, &Claim)> + '_ {
+        self.cells.iter().enumerate().filter_map(|(i, c)| match c {
+            Cell::Used(c) => Some((i as ClaimId, c)),
+            Cell::Free { .. } => None,
+        })
+    }
+}
+
+/// One key: its holders (at most `limit`), its fence counter and its queue. Keys are never
+/// evicted, because an evicted key would forget its fence counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-struct KeyRecord<const W: usize> {
-    holder: Option<Holding>,
+struct KeyRecord {
+    /// How many sessions may hold it at once: set by the first claim while it has none,
+    /// and every later claim must ask for the same.
+    limit: u16,
     last_fence: Fence,
-    waiters: Deque<Waiter, W>,
+    holders: Chain,
+    waiters: Chain,
 }
 
-impl<const W: usize> KeyRecord<W> {
+impl KeyRecord {
     const fn new() -> Self {
-        KeyRecord { holder: None, last_fence: Fence::NONE, waiters: Deque::new() }
+        KeyRecord { limit: 1, last_fence: Fence::NONE, holders: Chain::NONE, waiters: Chain::NONE }
     }
 
-    fn position(&self, session: SessionId) -> Option<usize> {
-        self.waiters.iter().position(|w| w.session == session)
+    fn is_claimed(&self) -> bool {
+        self.holders.len > 0 || self.waiters.len > 0
     }
+}
 
-    fn leave_queue(&mut self, session: SessionId) -> bool {
-        let before = self.waiters.len();
-        self.waiters.retain(|w| w.session != session);
-        self.waiters.len() != before
-    }
-
-    /// Grants a free key to the head of its queue, if any.
-    fn hand_off(&mut self) {
-        if self.holder.is_some() {
-            return;
-        }
-        let Some(w) = self.waiters.front().copied() else { return };
-        // An exhausted counter leaves the waiters queued: no fence may repeat.
-        let Some(fence) = self.last_fence.next() else { return };
-        self.waiters.pop_front();
-        self.last_fence = fence;
-        self.holder = Some(Holding { session: w.session, fence, asked: w.asked, notice: Notice::Reported });
-    }
+impl Chain {
+    const NONE: Chain = Chain { head: None, tail: None, len: 0 };
 }
 
 /// A session as status endpoints may show it: nothing here authorises.
@@ -226,8 +388,14 @@ pub struct KeyHolder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct KeyStatus {
-    /// The current grant, if any. It lasts as long as the holder's session.
+    /// The oldest current grant, if any (with a limit of 1, the grant). It lasts as long as
+    /// the holder's session; [`SessionAuthority::holders`] lists them all.
     pub holder: Option<KeyHolder>,
+    /// How many sessions hold the key now, at most `limit`.
+    pub holders: usize,
+    /// How many sessions may hold it at once (1: a lease; more: a semaphore), as its
+    /// holders and waiters asked. Meaningless while it has neither.
+    pub limit: u16,
     /// The highest fence ever issued for the key. Persist it: fences must never repeat.
     pub last_fence: Fence,
     /// How many sessions wait for the key.
@@ -266,17 +434,46 @@ impl From<OpenError> for Reject {
 }
 
 /// A bounded in-memory session authority: up to `S` sessions, `K` keys (a power of two) and
-/// `W` waiters per key.
+/// `W` claims in all (a claim is one session's grant of, or place in the queue for, one key),
+/// shared by every key: one key may have thousands of waiters while memory stays bounded by
+/// the total.
 ///
 /// Drive it like this: answer [`SessionOp::Open`] with [`open`](Self::open) (it needs a fresh
 /// secret) and every other request with [`handle`](Self::handle); call
 /// [`handle_timeout`](Self::handle_timeout) at [`poll_timeout`](Self::poll_timeout), so that an
 /// expired session's keys go to their waiters at once rather than at the next request.
+///
+/// A key acquired with [`SessionOp::AcquireWithLimit`] is a semaphore: up to `limit` sessions
+/// hold it at once, each grant with its own fence, fences strictly increasing per key across
+/// all of its holders; every slot freed goes to the head of the queue.
+///
+/// ```
+/// use leasehold_core::session::wire::{parse_label, Secret, Seq, SessionOp, SessionReply, SessionRequest};
+/// use leasehold_core::session::{SessionAuthority, SessionLimits};
+/// use leasehold_core::{parse_key, Duration, Fence, Instant};
+///
+/// let mut a = SessionAuthority::<4, 4, 8>::new(SessionLimits::default());
+/// let now = Instant::from_millis(0);
+/// let key = parse_key("pool").unwrap();
+/// let mut ask = |a: &mut SessionAuthority<4, 4, 8>, byte: u8| {
+///     let secret = Secret::from_bytes([byte; 16]);
+///     let SessionReply::Opened { session, .. } =
+///         a.open(now, Duration::from_secs(10), &parse_label("worker").unwrap(), secret)
+///     else { unreachable!() };
+///     let op = SessionOp::AcquireWithLimit { key: key.clone(), wait: true, limit: 2 };
+///     a.handle(now, &SessionRequest { session, secret, seq: Seq(2), op })
+/// };
+/// assert_eq!(ask(&mut a, 1), SessionReply::Granted { key: key.clone(), fence: Fence(1) });
+/// assert_eq!(ask(&mut a, 2), SessionReply::Granted { key: key.clone(), fence: Fence(2) });
+/// assert_eq!(ask(&mut a, 3), SessionReply::Queued { key: key.clone(), position: 1 });
+/// assert_eq!(a.key(&key).unwrap().holders, 2);
+/// ```
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SessionAuthority<const S: usize, const K: usize, const W: usize> {
     sessions: Vec<SessionRecord, S>,
-    keys: FnvIndexMap<Key, KeyRecord<W>, K>,
+    keys: FnvIndexMap<Key, KeyRecord, K>,
+    claims: Claims<W>,
     /// The id the next session gets. Persist it: ids must never repeat.
     next_id: u64,
     /// Not part of a snapshot: configuration, set again with [`set_limits`](Self::set_limits).
@@ -293,7 +490,13 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
     /// An empty authority that continues a persisted session counter: `next` is the value
     /// [`next_session`](Self::next_session) had.
     pub fn resume(limits: SessionLimits, next: SessionId) -> Self {
-        SessionAuthority { sessions: Vec::new(), keys: FnvIndexMap::new(), next_id: next.0.max(1), limits }
+        SessionAuthority {
+            sessions: Vec::new(),
+            keys: FnvIndexMap::new(),
+            claims: Claims::new(),
+            next_id: next.0.max(1),
+            limits,
+        }
     }
 
     /// Sets the ttls accepted from now on: for a table restored from a snapshot (with `serde`,
@@ -340,22 +543,28 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
             SessionOp::KeepAlive => {
                 s.expires_at = now + s.ttl;
                 let ttl = s.ttl;
-                let mut reported = self.keys.iter().filter_map(|(key, r)| match r.holder {
-                    Some(h) if h.session == sid && h.notice == Notice::Reported => {
-                        Some(Grant { key: key.clone(), fence: h.fence, asked: h.asked })
-                    }
-                    _ => None,
-                });
+                let chain = s.claims;
+                let keys = &self.keys;
+                let mut reported =
+                    self.claims.walk(&chain, Thread::Session).filter_map(|(_, c)| match c.stake {
+                        Stake::Holding { fence, notice: Notice::Reported } => {
+                            let (key, _) = keys.get_index(c.key as usize)?;
+                            Some(Grant { key: key.clone(), fence, asked: c.asked })
+                        }
+                        _ => None,
+                    });
                 let granted = reported.next();
                 let more = reported.next().is_some();
                 SessionReply::Alive { ttl, granted, more }
             }
-            SessionOp::Acquire { key, wait } => self.acquire(now, sid, request.seq, newest, key, *wait),
+            SessionOp::Acquire { key, wait } => self.acquire(now, sid, request.seq, newest, key, *wait, 1),
             SessionOp::Release { key, fence } => self.release(sid, key, *fence),
             SessionOp::Close => {
-                self.sessions.retain(|s| s.id != sid);
-                self.free_orphans();
+                self.end_sessions(|s| s.id == sid);
                 SessionReply::Closed
+            }
+            SessionOp::AcquireWithLimit { key, wait, limit } => {
+                self.acquire(now, sid, request.seq, newest, key, *wait, *limit)
             }
         }
     }
@@ -407,39 +616,53 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
 
     /// A key's status, if the authority has seen it.
     pub fn key(&self, key: &Key) -> Option<KeyStatus> {
-        self.keys.get(key).map(Self::key_status_of)
+        self.keys.get(key).map(|r| self.key_status_of(r))
     }
 
     /// Every key's status.
     pub fn keys(&self) -> impl Iterator<Item = (&Key, KeyStatus)> + '_ {
-        self.keys.iter().map(|(k, r)| (k, Self::key_status_of(r)))
+        self.keys.iter().map(|(k, r)| (k, self.key_status_of(r)))
+    }
+
+    /// The sessions holding `key`, oldest grant first.
+    pub fn holders(&self, key: &Key) -> impl Iterator<Item = KeyHolder> + '_ {
+        self.keys.get(key).into_iter().flat_map(|r| {
+            self.claims.walk(&r.holders, Thread::Key).filter_map(|(_, c)| match c.stake {
+                Stake::Holding { fence, .. } => Some(KeyHolder { session: c.session, fence }),
+                Stake::Waiting => None,
+            })
+        })
     }
 
     /// The sessions waiting for `key`, head first.
     pub fn waiters(&self, key: &Key) -> impl Iterator<Item = SessionId> + '_ {
-        self.keys.get(key).into_iter().flat_map(|r| r.waiters.iter().map(|w| w.session))
+        self.keys
+            .get(key)
+            .into_iter()
+            .flat_map(|r| self.claims.walk(&r.waiters, Thread::Key).map(|(_, c)| c.session))
     }
 
-    /// The label of `key`'s holder: what a status endpoint shows as "held by".
+    /// The label of `key`'s (oldest) holder: what a status endpoint shows as "held by".
     pub fn holder_label(&self, key: &Key) -> Option<&Label> {
-        let h = self.keys.get(key)?.holder?;
+        let h = self.holders(key).next()?;
         self.sessions.iter().find(|s| s.id == h.session).map(|s| &s.label)
     }
 
     /// Whether `session` has a grant it has not been told of: a transport that holds
     /// keepalives open (long polling) answers this session's at once.
     pub fn has_news(&self, session: SessionId) -> bool {
-        self.keys
-            .values()
-            .any(|r| matches!(r.holder, Some(h) if h.session == session && h.notice == Notice::Reported))
+        let Some(s) = self.sessions.iter().find(|s| s.id == session) else { return false };
+        self.claims
+            .walk(&s.claims, Thread::Session)
+            .any(|(_, c)| matches!(c.stake, Stake::Holding { notice: Notice::Reported, .. }))
     }
 
-    /// Every session that [`has_news`](Self::has_news), in one pass over the keys (a session
+    /// Every session that [`has_news`](Self::has_news), in one pass over the claims (a session
     /// may appear once per key it has news of): for a transport holding many keepalives, so
     /// that finding which to answer costs one pass, not one per held keepalive.
     pub fn sessions_with_news(&self) -> impl Iterator<Item = SessionId> + '_ {
-        self.keys.values().filter_map(|r| match r.holder {
-            Some(h) if h.notice == Notice::Reported => Some(h.session),
+        self.claims.used().filter_map(|(_, c)| match c.stake {
+            Stake::Holding { notice: Notice::Reported, .. } => Some(c.session),
             _ => None,
         })
     }
@@ -465,12 +688,62 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
             ttl,
             expires_at: now + ttl,
             window: ReplayWindow::default(),
+            claims: Chain::NONE,
         };
         self.sessions.push(record).map_err(|_| OpenError::Capacity)?;
         self.next_id += 1;
         Ok(id)
     }
 
+    /// The claim of session `sid` on the key at index `ki`, found by walking the shorter of
+    /// the session's claims and the key's holders and waiters.
+    fn find_claim(&self, sid: SessionId, ki: u32) -> Option<ClaimId> {
+        let s = self.sessions.iter().find(|s| s.id == sid)?;
+        let (_, r) = self.keys.get_index(ki as usize)?;
+        if s.claims.len <= r.holders.len + r.waiters.len {
+            self.claims.walk(&s.claims, Thread::Session).find(|(_, c)| c.key == ki).map(|(id, _)| id)
+        } else {
+            let of_session = |(id, c): (ClaimId, &Claim)| (c.session == sid).then_some(id);
+            let held = self.claims.walk(&r.holders, Thread::Key).find_map(of_session);
+            held.or_else(|| self.claims.walk(&r.waiters, Thread::Key).find_map(of_session))
+        }
+    }
+
+    /// Stores a new claim and links it at the back of its key's `holders` or `waiters` and of
+    /// its session's claims. `false` when the pool is full.
+    fn add_claim(&mut self, claim: Claim) -> bool {
+        let Some(id) = self.claims.insert(claim) else { return false };
+        let Some((_, r)) = self.keys.get_index_mut(claim.key as usize) else { return false };
+        let chain = match claim.stake {
+            Stake::Holding { .. } => &mut r.holders,
+            Stake::Waiting => &mut r.waiters,
+        };
+        self.claims.push_back(chain, id, Thread::Key);
+        if let Some(s) = self.sessions.iter_mut().find(|s| s.id == claim.session) {
+            self.claims.push_back(&mut s.claims, id, Thread::Session);
+        }
+        true
+    }
+
+    /// Unlinks a claim from its key's chain and its session's (if the session is still in
+    /// the table) and frees its cell. Returns it.
+    fn drop_claim(&mut self, id: ClaimId) -> Option<Claim> {
+        let claim = *self.claims.get(id)?;
+        if let Some((_, r)) = self.keys.get_index_mut(claim.key as usize) {
+            let chain = match claim.stake {
+                Stake::Holding { .. } => &mut r.holders,
+                Stake::Waiting => &mut r.waiters,
+            };
+            self.claims.unlink(chain, id, Thread::Key);
+        }
+        if let Some(s) = self.sessions.iter_mut().find(|s| s.id == claim.session) {
+            self.claims.unlink(&mut s.claims, id, Thread::Session);
+        }
+        self.claims.remove(id);
+        Some(claim)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn acquire(
         &mut self,
         now: Instant,
@@ -479,72 +752,138 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
         newest: bool,
         key: &Key,
         wait: bool,
+        limit: u16,
     ) -> SessionReply {
         if parse_key(key).is_err() {
             return SessionReply::Rejected(Reject::InvalidKey);
         }
+        if limit == 0 {
+            return SessionReply::Rejected(Reject::Malformed);
+        }
         if !self.keys.contains_key(key) && self.keys.insert(key.clone(), KeyRecord::new()).is_err() {
             return SessionReply::Rejected(Reject::Capacity);
         }
-        let Some(r) = self.keys.get_mut(key) else { return SessionReply::Rejected(Reject::Capacity) };
+        let Some(ki) = self.keys.get_index_of(key).and_then(|i| u32::try_from(i).ok()) else {
+            return SessionReply::Rejected(Reject::Capacity);
+        };
+        let key = key.clone();
+        let Some((_, r)) = self.keys.get_index(ki as usize) else {
+            return SessionReply::Rejected(Reject::Capacity);
+        };
+        #[cfg(feature = "fault-injection")]
+        let checks_limit = self.limits.fault != SessionFault::IgnoreLimitMismatch;
+        #[cfg(not(feature = "fault-injection"))]
+        let checks_limit = true;
+        if checks_limit && r.is_claimed() && r.limit != limit {
+            return SessionReply::Rejected(Reject::LimitMismatch);
+        }
         // The holder's newest request is answered to a reply it awaits; a reordered one is
         // not, so a grant it makes must be reported too.
         let notice = if newest { Notice::Confirmed } else { Notice::Reported };
-        let key = key.clone();
-        match r.holder {
-            None => {
-                let Some(fence) = r.last_fence.next() else {
-                    return SessionReply::Rejected(Reject::FenceExhausted);
-                };
-                r.last_fence = fence;
-                r.holder = Some(Holding { session: sid, fence, asked: seq, notice });
-                SessionReply::Granted { key, fence }
-            }
-            Some(ref mut h) if h.session == sid => {
-                if newest {
-                    h.notice = Notice::Confirmed;
+        if let Some(id) = self.find_claim(sid, ki) {
+            let position = self.claims.walk(&r.waiters, Thread::Key).position(|(i, _)| i == id);
+            let Some(c) = self.claims.get_mut(id) else { return SessionReply::Rejected(Reject::Capacity) };
+            return match c.stake {
+                Stake::Holding { fence, ref mut notice } => {
+                    if newest {
+                        *notice = Notice::Confirmed;
+                    }
+                    SessionReply::Granted { key, fence }
                 }
-                SessionReply::Granted { key, fence: h.fence }
-            }
-            Some(h) => match r.position(sid) {
-                Some(i) => SessionReply::Queued { key, position: queue_position(i) },
-                None if wait => match r.waiters.push_back(Waiter { session: sid, asked: seq }) {
-                    Ok(()) => SessionReply::Queued { key, position: queue_position(r.waiters.len() - 1) },
-                    Err(_) => SessionReply::Rejected(Reject::Capacity),
-                },
-                None => {
-                    let expires_at =
-                        self.sessions.iter().find(|s| s.id == h.session).map_or(now, |s| s.expires_at);
-                    SessionReply::Busy { key, expires_in: expires_at - now }
+                Stake::Waiting => {
+                    SessionReply::Queued { key, position: queue_position(position.unwrap_or(0)) }
                 }
-            },
+            };
         }
+        // A free slot goes to a newcomer only if nobody is queued before it (a queue can stand
+        // beside a free slot only while the fence counter is exhausted).
+        let (free_slot, queue, last_fence) =
+            (r.holders.len < self.admits(limit), r.waiters.len, r.last_fence);
+        if free_slot && queue == 0 {
+            let Some(fence) = last_fence.next() else {
+                return SessionReply::Rejected(Reject::FenceExhausted);
+            };
+            let stake = Stake::Holding { fence, notice };
+            if !self.add_claim(Claim::new(sid, ki, seq, stake)) {
+                return SessionReply::Rejected(Reject::Capacity);
+            }
+            if let Some((_, r)) = self.keys.get_index_mut(ki as usize) {
+                r.last_fence = fence;
+                r.limit = limit;
+            }
+            return SessionReply::Granted { key, fence };
+        }
+        if wait {
+            if !self.add_claim(Claim::new(sid, ki, seq, Stake::Waiting)) {
+                return SessionReply::Rejected(Reject::Capacity);
+            }
+            if let Some((_, r)) = self.keys.get_index_mut(ki as usize) {
+                r.limit = limit;
+            }
+            return SessionReply::Queued { key, position: queue_position(queue as usize) };
+        }
+        // The first slot to come free is the one whose session ends first.
+        let sessions = &self.sessions;
+        let expires_at = self
+            .claims
+            .walk(&r.holders, Thread::Key)
+            .filter_map(|(_, c)| sessions.iter().find(|s| s.id == c.session).map(|s| s.expires_at))
+            .min()
+            .unwrap_or(now);
+        SessionReply::Busy { key, expires_in: expires_at - now }
     }
 
     fn release(&mut self, sid: SessionId, key: &Key, fence: Fence) -> SessionReply {
         let key = key.clone();
-        let Some(r) = self.keys.get_mut(&key) else {
+        let Some(ki) = self.keys.get_index_of(&key).and_then(|i| u32::try_from(i).ok()) else {
             return match fence {
                 Fence::NONE => SessionReply::Released { key },
                 _ => SessionReply::NotHolder { key },
             };
         };
-        match r.holder {
+        let claim = self.find_claim(sid, ki);
+        match claim.and_then(|id| Some((id, self.claims.get(id)?.stake))) {
             // "Stop waiting" never releases a grant: a late copy of it, still unseen in the
             // window, must not free a key granted since. The holder learns the fence instead.
-            Some(h) if h.session == sid && fence == Fence::NONE => {
-                SessionReply::Granted { key, fence: h.fence }
+            Some((_, Stake::Holding { fence: held, .. })) if fence == Fence::NONE => {
+                SessionReply::Granted { key, fence: held }
             }
-            Some(h) if h.session == sid && h.fence == fence => {
-                r.holder = None;
-                r.hand_off();
+            Some((id, Stake::Holding { fence: held, .. })) if held == fence => {
+                self.drop_claim(id);
+                self.hand_off(ki);
                 SessionReply::Released { key }
             }
-            _ if fence == Fence::NONE => {
-                r.leave_queue(sid);
+            Some((id, Stake::Waiting)) if fence == Fence::NONE => {
+                self.drop_claim(id);
                 SessionReply::Released { key }
             }
+            None if fence == Fence::NONE => SessionReply::Released { key },
             _ => SessionReply::NotHolder { key },
+        }
+    }
+
+    /// How many holders a key of `limit` admits: `limit`, unless a bug is planted.
+    fn admits(&self, limit: u16) -> u32 {
+        #[cfg(feature = "fault-injection")]
+        if self.limits.fault == SessionFault::OverAdmit && limit >= 2 {
+            return u32::from(limit) + 1;
+        }
+        u32::from(limit)
+    }
+
+    /// Grants every free slot of the key at index `ki` to the head of its queue in turn.
+    fn hand_off(&mut self, ki: u32) {
+        let Some(limit) = self.keys.get_index(ki as usize).map(|(_, r)| self.admits(r.limit)) else { return };
+        let Some((_, r)) = self.keys.get_index_mut(ki as usize) else { return };
+        while r.holders.len < limit {
+            let Some(id) = r.waiters.head else { return };
+            // An exhausted counter leaves the waiters queued: no fence may repeat.
+            let Some(fence) = r.last_fence.next() else { return };
+            self.claims.unlink(&mut r.waiters, id, Thread::Key);
+            let Some(c) = self.claims.get_mut(id) else { return };
+            c.stake = Stake::Holding { fence, notice: Notice::Reported };
+            r.last_fence = fence;
+            self.claims.push_back(&mut r.holders, id, Thread::Key);
         }
     }
 
@@ -559,53 +898,62 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
         if self.sessions.iter().all(|s| s.expires_at > now) {
             return;
         }
-        #[cfg(feature = "fault-injection")]
-        if self.limits.fault == SessionFault::KeepExpiredWaiters {
-            self.sessions.retain(|s| s.expires_at > now);
-            return self.free_orphans();
-        }
-        self.sessions.retain(|s| s.expires_at > now);
-        self.free_orphans();
+        self.end_sessions(|s| s.expires_at <= now);
     }
 
-    /// Frees the keys of sessions that no longer exist, drops their waits, and hands the
-    /// freed keys to the heads of their queues.
-    fn free_orphans(&mut self) {
-        let sessions = &self.sessions;
-        let alive = |id: SessionId| sessions.iter().any(|s| s.id == id);
+    /// Ends the sessions `ending` picks: first every one of them leaves every queue, then
+    /// their grants are freed and handed to the heads of the queues. Walks only their claims.
+    fn end_sessions(&mut self, ending: impl Fn(&SessionRecord) -> bool) {
         #[cfg(feature = "fault-injection")]
         let keep_waiters = self.limits.fault == SessionFault::KeepExpiredWaiters;
         #[cfg(not(feature = "fault-injection"))]
         let keep_waiters = false;
-        for r in self.keys.values_mut() {
-            if !keep_waiters {
-                r.waiters.retain(|w| alive(w.session));
+        for waits in [true, false] {
+            if waits && keep_waiters {
+                continue;
             }
-            if r.holder.is_some_and(|h| !alive(h.session)) {
-                r.holder = None;
+            for i in 0..self.sessions.len() {
+                let Some(s) = self.sessions.get(i).filter(|s| ending(s)) else { continue };
+                let mut cur = s.claims.head;
+                while let Some(id) = cur {
+                    let Some(c) = self.claims.get(id).copied() else { break };
+                    cur = c.by_session.next;
+                    let holding = matches!(c.stake, Stake::Holding { .. });
+                    if holding != waits {
+                        self.drop_claim(id);
+                        if holding {
+                            self.hand_off(c.key);
+                        }
+                    }
+                }
             }
-            r.hand_off();
         }
+        self.sessions.retain(|s| !ending(s));
     }
 
     #[cfg(feature = "fault-injection")]
     fn early_hand_offs(&self) -> impl Iterator<Item = Instant> + '_ {
-        self.keys.values().filter(|r| !r.waiters.is_empty()).filter_map(|r| {
-            let h = r.holder?;
-            let s = self.sessions.iter().find(|s| s.id == h.session)?;
+        self.claims.used().filter_map(|(_, c)| {
+            let Stake::Holding { .. } = c.stake else { return None };
+            let (_, r) = self.keys.get_index(c.key as usize)?;
+            if r.waiters.len == 0 {
+                return None;
+            }
+            let s = self.sessions.iter().find(|s| s.id == c.session)?;
             Some(s.expires_at.saturating_sub(s.ttl.mul_div_floor(1, 4)))
         })
     }
 
     #[cfg(feature = "fault-injection")]
     fn hand_off_early(&mut self, now: Instant) {
-        let sessions = &self.sessions;
-        for r in self.keys.values_mut() {
-            let Some(h) = r.holder else { continue };
-            let Some(s) = sessions.iter().find(|s| s.id == h.session) else { continue };
-            if !r.waiters.is_empty() && now >= s.expires_at.saturating_sub(s.ttl.mul_div_floor(1, 4)) {
-                r.holder = None;
-                r.hand_off();
+        for id in 0..self.claims.cells.len() as ClaimId {
+            let Some(c) = self.claims.get(id).copied() else { continue };
+            let Stake::Holding { .. } = c.stake else { continue };
+            let Some((_, r)) = self.keys.get_index(c.key as usize) else { continue };
+            let Some(s) = self.sessions.iter().find(|s| s.id == c.session) else { continue };
+            if r.waiters.len > 0 && now >= s.expires_at.saturating_sub(s.ttl.mul_div_floor(1, 4)) {
+                self.drop_claim(id);
+                self.hand_off(c.key);
             }
         }
     }
@@ -614,11 +962,30 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
         SessionStatus { id: s.id, label: s.label.clone(), ttl: s.ttl, expires_at: s.expires_at }
     }
 
-    fn key_status_of(r: &KeyRecord<W>) -> KeyStatus {
+    fn key_status_of(&self, r: &KeyRecord) -> KeyStatus {
+        let holder = self.claims.walk(&r.holders, Thread::Key).find_map(|(_, c)| match c.stake {
+            Stake::Holding { fence, .. } => Some(KeyHolder { session: c.session, fence }),
+            Stake::Waiting => None,
+        });
         KeyStatus {
-            holder: r.holder.map(|h| KeyHolder { session: h.session, fence: h.fence }),
+            holder,
+            holders: r.holders.len as usize,
+            limit: r.limit,
             last_fence: r.last_fence,
-            waiting: r.waiters.len(),
+            waiting: r.waiters.len as usize,
+        }
+    }
+}
+
+impl Claim {
+    const fn new(session: SessionId, key: u32, asked: Seq, stake: Stake) -> Claim {
+        Claim {
+            session,
+            key,
+            asked,
+            stake,
+            by_key: Links { prev: None, next: None },
+            by_session: Links { prev: None, next: None },
         }
     }
 }
@@ -632,9 +999,10 @@ fn queue_position(index: usize) -> u16 {
 mod tests {
     use super::*;
     use crate::session::wire::parse_label;
+    extern crate std;
 
     const TTL: Duration = Duration::from_secs(10);
-    type Table = SessionAuthority<4, 4, 2>;
+    type Table = SessionAuthority<4, 4, 3>;
 
     fn at(ms: u64) -> Instant {
         Instant::from_millis(ms)
@@ -900,5 +1268,130 @@ mod tests {
         let reply = a.send(&mut t, at(0), SessionOp::Acquire { key: bad, wait: false });
         assert_eq!(reply, SessionReply::Rejected(Reject::InvalidKey));
         assert_eq!(t.keys().count(), 0);
+    }
+
+    fn acquire_n(k: &str, wait: bool, limit: u16) -> SessionOp {
+        SessionOp::AcquireWithLimit { key: key(k), wait, limit }
+    }
+
+    #[test]
+    fn a_semaphore_admits_n_holders_with_their_own_fences_and_queues_the_rest() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        let mut c = Client::open(&mut t, at(0), 3);
+        assert_eq!(a.send(&mut t, at(1), acquire_n("x", true, 2)), granted("x", 1));
+        assert_eq!(b.send(&mut t, at(2), acquire_n("x", true, 2)), granted("x", 2));
+        let c_asked = Seq(c.seq + 1);
+        assert_eq!(
+            c.send(&mut t, at(3), acquire_n("x", true, 2)),
+            SessionReply::Queued { key: key("x"), position: 1 }
+        );
+        let st = t.key(&key("x")).unwrap();
+        assert_eq!((st.holders, st.limit, st.waiting), (2, 2, 1));
+        let holders = |t: &Table| t.holders(&key("x")).map(|h| (h.session, h.fence)).collect::<Vec<_, 4>>();
+        assert_eq!(holders(&t).as_slice(), &[(a.id, Fence(1)), (b.id, Fence(2))]);
+        // Asking again (the holder's confirmation) keeps the grant and its fence.
+        assert_eq!(a.send(&mut t, at(4), acquire_n("x", true, 2)), granted("x", 1));
+        // The slot b frees goes to the head of the queue with the next fence, pushed.
+        assert_eq!(b.send(&mut t, at(5), release("x", 2)), SessionReply::Released { key: key("x") });
+        assert_eq!(holders(&t).as_slice(), &[(a.id, Fence(1)), (c.id, Fence(3))]);
+        let pushed = Grant { key: key("x"), fence: Fence(3), asked: c_asked };
+        assert_eq!(
+            c.send(&mut t, at(6), SessionOp::KeepAlive),
+            SessionReply::Alive { ttl: TTL, granted: Some(pushed), more: false }
+        );
+        // Busy says when the first slot can come free: the earliest holder's expiry.
+        b.send(&mut t, at(7_000), SessionOp::KeepAlive);
+        assert_eq!(
+            b.send(&mut t, at(7_000), acquire_n("x", false, 2)),
+            SessionReply::Busy { key: key("x"), expires_in: Duration::from_secs(3) }
+        );
+    }
+
+    #[test]
+    fn every_holder_and_waiter_of_a_key_must_ask_for_the_same_limit() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        assert_eq!(a.send(&mut t, at(1), acquire_n("x", true, 3)), granted("x", 1));
+        let mismatch = SessionReply::Rejected(Reject::LimitMismatch);
+        assert_eq!(b.send(&mut t, at(2), acquire_n("x", true, 2)), mismatch);
+        assert_eq!(b.send(&mut t, at(2), acquire("x", true)), mismatch, "a plain acquire asks for 1");
+        assert_eq!(a.send(&mut t, at(3), acquire("x", true)), mismatch, "the holder too");
+        assert_eq!(b.send(&mut t, at(4), acquire_n("x", true, 0)), SessionReply::Rejected(Reject::Malformed));
+        assert_eq!(t.key(&key("x")).unwrap().holders, 1, "refusals change nothing");
+        // Once the key has no holder and no waiter, the next claim sets its limit.
+        assert_eq!(a.send(&mut t, at(5), release("x", 1)), SessionReply::Released { key: key("x") });
+        assert_eq!(b.send(&mut t, at(6), acquire("x", false)), granted("x", 2));
+        assert_eq!(t.key(&key("x")).unwrap().limit, 1);
+        assert_eq!(
+            a.send(&mut t, at(7), acquire("x", false)),
+            SessionReply::Busy { key: key("x"), expires_in: Duration::from_millis(9_993) }
+        );
+    }
+
+    #[test]
+    fn an_ending_session_frees_its_slots_to_the_queue_in_order() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(1_000), 2);
+        let mut c = Client::open(&mut t, at(1_000), 3);
+        assert_eq!(a.send(&mut t, at(0), acquire_n("x", true, 2)), granted("x", 1));
+        assert_eq!(a.send(&mut t, at(0), acquire_n("y", true, 2)), granted("y", 1));
+        assert!(matches!(b.send(&mut t, at(1_000), acquire_n("x", true, 2)), SessionReply::Granted { .. }));
+        // The pool (3 claims) is full: a third claim is refused, not a panic.
+        assert_eq!(
+            c.send(&mut t, at(1_000), acquire_n("x", true, 2)),
+            SessionReply::Rejected(Reject::Capacity)
+        );
+        assert_eq!(a.send(&mut t, at(1_001), SessionOp::Close), SessionReply::Closed);
+        assert_eq!(t.key(&key("y")).unwrap().holders, 0);
+        // a's cells are free again, and its slot of x: c takes it at once.
+        assert_eq!(c.send(&mut t, at(1_002), acquire_n("x", true, 2)), granted("x", 3));
+        assert_eq!(t.key(&key("x")).unwrap().last_fence, Fence(3));
+    }
+
+    #[test]
+    fn one_key_can_have_a_thousand_waiters_in_a_pool_bounded_in_total() {
+        type Big = SessionAuthority<1_024, 2, 1_001>;
+        let mut t: std::boxed::Box<Big> = std::boxed::Box::new(Big::new(SessionLimits::default()));
+        let label = parse_label("w").unwrap();
+        let open = |t: &mut Big, i: u32| {
+            let secret = Secret::from_bytes([i as u8; 16]);
+            let SessionReply::Opened { session, .. } = t.open(at(0), TTL, &label, secret) else { panic!() };
+            (session, secret)
+        };
+        let ask = |t: &mut Big, (session, secret): (SessionId, Secret), op| {
+            t.handle(at(1), &SessionRequest { session, secret, seq: Seq(2), op })
+        };
+        let ids: std::vec::Vec<_> = (0..1_002).map(|i| open(&mut t, i)).collect();
+        assert_eq!(ask(&mut t, ids[0], acquire("x", true)), granted("x", 1));
+        for (n, id) in ids[1..1_001].iter().enumerate() {
+            let reply = ask(&mut t, *id, acquire("x", true));
+            assert_eq!(reply, SessionReply::Queued { key: key("x"), position: n as u16 + 1 });
+        }
+        // The pool is full (1 holder + 1,000 waiters): the next claim, on any key, is refused.
+        assert_eq!(ask(&mut t, ids[1_001], acquire("y", true)), SessionReply::Rejected(Reject::Capacity));
+        let waiters: std::vec::Vec<_> = t.waiters(&key("x")).collect();
+        assert_eq!(waiters, ids[1..1_001].iter().map(|(s, _)| *s).collect::<std::vec::Vec<_>>());
+        // A waiter in the middle leaves; the holder releases: the head gets it, FIFO.
+        let leave =
+            SessionRequest { session: ids[500].0, secret: ids[500].1, seq: Seq(3), op: release("x", 0) };
+        assert_eq!(t.handle(at(2), &leave), SessionReply::Released { key: key("x") });
+        let give_back =
+            SessionRequest { session: ids[0].0, secret: ids[0].1, seq: Seq(3), op: release("x", 1) };
+        assert_eq!(t.handle(at(3), &give_back), SessionReply::Released { key: key("x") });
+        assert_eq!(t.key(&key("x")).unwrap().holder, Some(KeyHolder { session: ids[1].0, fence: Fence(2) }));
+        assert_eq!(t.waiters(&key("x")).count(), 998);
+        assert_eq!(t.waiters(&key("x")).nth(498), Some(ids[501].0), "the one who left is skipped");
+        // Freed cells are reused: the refused session now gets y.
+        let again = SessionRequest {
+            session: ids[1_001].0,
+            secret: ids[1_001].1,
+            seq: Seq(3),
+            op: acquire("y", true),
+        };
+        assert_eq!(t.handle(at(4), &again), granted("y", 1));
     }
 }

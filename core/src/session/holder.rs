@@ -130,6 +130,8 @@ struct Slot {
     /// The seq of the first request of this acquisition: reports of grants asked for
     /// before it are of an older acquisition.
     start: Seq,
+    /// How many sessions may hold the key at once, as asked (1: a lease).
+    limit: u16,
     phase: KeyPhase,
     /// An event awaiting [`Session::poll_event`].
     event: Option<SessionEvent>,
@@ -293,6 +295,8 @@ pub enum AcquireError {
     Releasing,
     /// The session already tracks as many keys as it can.
     Full,
+    /// A holder limit of 0: no one could ever hold the key.
+    InvalidLimit,
 }
 
 /// Misuse of [`Session::release`].
@@ -328,6 +332,7 @@ impl fmt::Display for AcquireError {
             AcquireError::InProgress => "key is already being acquired",
             AcquireError::Releasing => "key is being released",
             AcquireError::Full => "session tracks as many keys as it can",
+            AcquireError::InvalidLimit => "a holder limit must be at least 1",
         })
     }
 }
@@ -425,6 +430,24 @@ impl<const K: usize> Session<K> {
     /// then [`SessionEvent::Acquired`] when it is handed to us) or end with
     /// [`SessionEvent::NotAcquired`].
     pub fn acquire(&mut self, now: Instant, key: Key, wait: bool) -> Result<(), AcquireError> {
+        self.acquire_with_limit(now, key, wait, 1)
+    }
+
+    /// [`acquire`](Self::acquire) one of `limit` slots of a semaphore: up to `limit` sessions
+    /// hold `key` at once, each under its own fence. Every holder and waiter of the key must
+    /// ask for the same `limit`, else the acquisition ends with
+    /// [`NotAcquired::Rejected`]`(`[`Reject::LimitMismatch`]`)`. A `limit` of 1 is
+    /// [`acquire`](Self::acquire); 0 is refused as [`AcquireError::InvalidLimit`].
+    pub fn acquire_with_limit(
+        &mut self,
+        now: Instant,
+        key: Key,
+        wait: bool,
+        limit: u16,
+    ) -> Result<(), AcquireError> {
+        if limit == 0 {
+            return Err(AcquireError::InvalidLimit);
+        }
         if self.expire(now) || !matches!(self.phase, Phase::Open { .. }) {
             return Err(AcquireError::NotOpen);
         }
@@ -439,7 +462,7 @@ impl<const K: usize> Session<K> {
         }
         let start = take_seq(&mut self.next_seq);
         let phase = KeyPhase::Asking { wait, flight: Flight::Unsent { seq: start, at: now } };
-        self.slots.push(Slot { key, start, phase, event: None }).map_err(|_| AcquireError::Full)
+        self.slots.push(Slot { key, start, limit, phase, event: None }).map_err(|_| AcquireError::Full)
     }
 
     /// Stop believing in `key` at once and give it back; or stop acquiring or waiting for it.
@@ -602,9 +625,14 @@ impl<const K: usize> Session<K> {
         self.slots.iter_mut().find_map(|slot| {
             let seq = slot.phase.flight_mut()?.transmit()?;
             let key = slot.key.clone();
+            // A lease asks with the original form, which every authority understands.
+            let acquire = |key, wait| match slot.limit {
+                1 => SessionOp::Acquire { key, wait },
+                limit => SessionOp::AcquireWithLimit { key, wait, limit },
+            };
             let op = match slot.phase {
-                KeyPhase::Asking { wait, .. } => SessionOp::Acquire { key, wait },
-                KeyPhase::Held { .. } => SessionOp::Acquire { key, wait: true },
+                KeyPhase::Asking { wait, .. } => acquire(key, wait),
+                KeyPhase::Held { .. } => acquire(key, true),
                 KeyPhase::Releasing { fence, .. } | KeyPhase::GivingBack { fence, .. } => {
                     SessionOp::Release { key, fence }
                 }
@@ -770,7 +798,8 @@ impl<const K: usize> Session<K> {
             // authority though, so give it back rather than block it until we expire.
             None => {
                 let phase = KeyPhase::GivingBack { fence: g.fence, flight: fresh() };
-                let _ = self.slots.push(Slot { key: g.key.clone(), start: Seq(0), phase, event: None });
+                let _ =
+                    self.slots.push(Slot { key: g.key.clone(), start: Seq(0), limit: 1, phase, event: None });
             }
             Some(_) => {}
         }
@@ -1115,5 +1144,46 @@ mod tests {
         exchange(&mut h, &mut a, ms(0));
         assert_eq!(h.poll_event(), Some(SessionEvent::NotOpened { reason: Reject::InvalidTtl }));
         assert_eq!(h.state(), SessionState::Ended);
+    }
+
+    #[test]
+    fn a_semaphore_slot_is_acquired_queued_for_and_confirmed_with_its_limit() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut holders: std::vec::Vec<Holder> = ["a", "b", "c"].iter().map(|l| opened(&mut a, l)).collect();
+        for (i, h) in holders.iter_mut().enumerate() {
+            h.acquire_with_limit(ms(1), key("x"), true, 2).unwrap();
+            exchange(h, &mut a, ms(1));
+            let expected = match i {
+                2 => SessionEvent::Queued { key: key("x"), position: 1 },
+                _ => SessionEvent::Acquired {
+                    key: key("x"),
+                    fence: Fence(i as u64 + 1),
+                    valid_until: ms(8_910),
+                },
+            };
+            assert_eq!(events(h)[..], [expected]);
+        }
+        holders[0].release(ms(100), &key("x")).unwrap();
+        exchange(&mut holders[0], &mut a, ms(100));
+        assert!(matches!(events(&mut holders[0])[..], [SessionEvent::Released { fence: Fence(1), .. }]));
+        // The pushed grant's confirmation asks with the same limit, or it would be refused.
+        holders[2].handle_timeout(ms(3_000));
+        assert_eq!(exchange(&mut holders[2], &mut a, ms(3_000)), 2);
+        let got = SessionEvent::Acquired { key: key("x"), fence: Fence(3), valid_until: ms(3_000 + 8_910) };
+        assert_eq!(events(&mut holders[2])[..], [got]);
+        assert!(!a.has_news(holders[2].id().unwrap()));
+        assert_eq!(holders[2].fence(&key("x")), Some(Fence(3)));
+        // A lease of the same key is refused while the semaphore has holders.
+        holders[0].acquire(ms(3_001), key("x"), true).unwrap();
+        exchange(&mut holders[0], &mut a, ms(3_001));
+        let refused = NotAcquired::Rejected(Reject::LimitMismatch);
+        assert_eq!(
+            events(&mut holders[0])[..],
+            [SessionEvent::NotAcquired { key: key("x"), reason: refused }]
+        );
+        assert_eq!(
+            holders[0].acquire_with_limit(ms(3_002), key("x"), true, 0),
+            Err(AcquireError::InvalidLimit)
+        );
     }
 }

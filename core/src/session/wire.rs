@@ -190,6 +190,17 @@ pub enum SessionOp {
     },
     /// End the session: every key it holds is free at once and it leaves every queue.
     Close,
+    /// [`SessionOp::Acquire`] of a semaphore: up to `limit` sessions may hold `key` at once,
+    /// each under its own fence. Every holder and waiter of the key must ask for the same
+    /// limit (else `Rejected(LimitMismatch)`); `Acquire` is this with a limit of 1.
+    AcquireWithLimit {
+        /// The key.
+        key: Key,
+        /// Queue (FIFO) until a slot is granted, instead of answering `Busy`.
+        wait: bool,
+        /// How many sessions may hold the key at once; at least 1.
+        limit: u16,
+    },
 }
 
 /// A grant to a session, as reported in [`SessionReply::Alive`].
@@ -262,7 +273,8 @@ pub enum SessionReply {
         /// Place in the queue, 1 being the head.
         position: u16,
     },
-    /// The key is held by another session for at least `expires_in` more (unless released).
+    /// The key is held by another session for at least `expires_in` more (unless released);
+    /// for a semaphore, every slot is, the first to end in at least `expires_in`.
     Busy {
         /// The key.
         key: Key,
