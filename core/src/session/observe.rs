@@ -298,7 +298,10 @@ mod tests {
     fn acquire_valued(k: &str, value: &str) -> SessionOp {
         SessionOp::AcquireWithValue { key: key(k), wait: true, value: parse_value(value).unwrap() }
     }
-    fn observed(reply: &SessionReply) -> Option<(u64, Option<(&str, u64, &str)>)> {
+    /// A reported change: its number, and the holder's label, fence and value.
+    type Report<'a> = (u64, Option<(&'a str, u64, &'a str)>);
+
+    fn observed(reply: &SessionReply) -> Option<Report<'_>> {
         match reply {
             SessionReply::AliveObserved { observed, .. } => Some((
                 observed.change,

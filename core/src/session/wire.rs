@@ -256,6 +256,9 @@ pub struct SessionResponse {
 }
 
 /// The answers an authority gives within a session.
+// AliveObserved carries a label, a key and a value inline: without a heap there is nothing to
+// box them in, and a reply lives only between the authority and the transport.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
