@@ -491,6 +491,11 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         })
     }
 
+    /// The value `session` acquired (or queued for) `key` with; empty if none.
+    pub fn value(&self, session: SessionId, key: &Key) -> Value {
+        self.observations.value(session, key)
+    }
+
     /// Every observer with changes of its key it has not acknowledged: its session, the key,
     /// the highest change it acknowledged, and the key's latest change. A transport holding a
     /// keepalive open answers it at once if its session is here, unless the keepalive itself
