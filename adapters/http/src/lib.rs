@@ -15,7 +15,10 @@ pub use builtin::BuiltinBackend;
 pub use client::{now, AcquireError, Client, Lease, Options, ReleaseError, Unreachable, Waiting};
 pub use error::{Cause, Report, TransportError};
 pub use http::{HttpClient, HttpResponse, Resolver, DEFAULT_MAX_CONNECTIONS};
-pub use session::{SessionClient, SessionSetupError, MAX_SESSION_KEYS};
+pub use session::{
+    Observation, Observations, ObserveError, SessionClient, SessionSetupError, MAX_OBSERVED_KEYS,
+    MAX_SESSION_KEYS,
+};
 // What the API's signatures and errors name, so matching an error or tuning a config needs
 // no direct dependency on leasehold-core.
 pub use leasehold_core::{

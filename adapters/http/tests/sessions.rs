@@ -202,3 +202,53 @@ async fn futures_join_all<T: Send + 'static>(
     }
     out
 }
+
+#[test]
+fn an_observer_hears_each_holder_with_its_fence_and_value_then_free() {
+    use futures_lite::StreamExt;
+    use leasehold_http::Observation;
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let watcher = client(&s.url(), "watcher", 3_000);
+    let a = client(&s.url(), "a", 3_000);
+    let b = client(&s.url(), "b", 3_000);
+    smol::block_on(async {
+        let mut leaders = watcher.observe("leader").unwrap();
+        assert_eq!(within(10_000, "first report", leaders.next()).await, Some(Observation::Free));
+        let la = a.acquire_with_value("leader", "10.0.0.1:8080", None, |_| {}).await.unwrap();
+        let Some(Observation::Held { label, fence, value, session }) =
+            within(10_000, "a's holding", leaders.next()).await
+        else {
+            panic!("not held")
+        };
+        assert_eq!((label.as_str(), value.as_str()), ("a", "10.0.0.1:8080"));
+        assert_eq!((fence, session), (la.fence().unwrap(), a.session_id().unwrap()));
+        // b queues behind a; when a releases, the key and the report go straight to b.
+        let (queued_tx, queued_rx) = async_channel::bounded::<()>(1);
+        let b2 = b.clone();
+        let waiting = smol::spawn(async move {
+            b2.acquire_with_value("leader", "10.0.0.2:8080", None, move |_| {
+                let _ = queued_tx.try_send(());
+            })
+            .await
+        });
+        within(10_000, "b queued", queued_rx.recv()).await.unwrap();
+        la.release().await.unwrap();
+        let lb = within(10_000, "b's grant", waiting).await.unwrap();
+        let next = within(10_000, "b's holding", leaders.next()).await;
+        let Some(Observation::Held { label, fence: fb, value, .. }) = next else { panic!("{next:?}") };
+        assert_eq!((label.as_str(), value.as_str()), ("b", "10.0.0.2:8080"));
+        assert!(fb > fence, "fences increase: {fb:?} after {fence:?}");
+        assert_eq!(Some(fb), lb.fence());
+        lb.release().await.unwrap();
+        assert_eq!(within(10_000, "free", leaders.next()).await, Some(Observation::Free));
+        assert!(matches!(
+            a.acquire_with_value("leader", "bad\nvalue", None, |_| {}).await,
+            Err(AcquireError::InvalidValue(_))
+        ));
+        assert!(watcher.observe("no spaces").is_err());
+        drop(leaders);
+    });
+    assert!(metric(s.addr(), "leasehold_session_observed_total") >= 4);
+}

@@ -13,8 +13,8 @@ use crate::lease::{LostReason, NotAcquired};
 use crate::time::{Duration, Instant};
 use crate::wire::{Fence, Key, Reject};
 
-/// A sans-IO session from the holder's side: open it, acquire and release keys, keep it
-/// alive, close it.
+/// A sans-IO session from the holder's side: open it, acquire and release keys, observe up to
+/// `O` keys' holders, keep it alive, close it.
 ///
 /// Driven like [`Lease`](crate::Lease): call a verb or feed an input (`handle_*`), then
 /// drain [`poll_transmit`](Session::poll_transmit) (send each request at once),
@@ -32,13 +32,13 @@ use crate::wire::{Fence, Key, Reject};
 /// a report of a grant older than the key's current acquisition is not believed at all.
 /// Replies to seqs the machine is not waiting for are ignored.
 #[derive(Debug, Clone)]
-pub struct Session<const K: usize> {
+pub struct Session<const K: usize, const O: usize = 16> {
     config: Config,
     label: Label,
     phase: Phase,
     slots: Vec<Slot, K>,
     /// The keys observed.
-    watches: Vec<WatchSlot, K>,
+    watches: Vec<WatchSlot, O>,
     /// The seq of the next request.
     next_seq: u64,
     /// A session-level event awaiting [`poll_event`](Session::poll_event), after the keys'.
@@ -447,7 +447,7 @@ impl fmt::Display for CloseError {
 }
 impl core::error::Error for CloseError {}
 
-impl<const K: usize> Session<K> {
+impl<const K: usize, const O: usize> Session<K, O> {
     /// A session, not yet opened, for the holder called `label`, timed by `config` (its
     /// `ttl` is the session's; `renew_every` the keepalive interval).
     pub fn new(label: Label, config: Config) -> Result<Self, ConfigError> {
