@@ -76,6 +76,7 @@ fn session_safety_holds_across_seeds() {
     // The runs must have exercised what the checker checks.
     assert!(total.acquired > n && total.hand_offs > n / 4 && total.queued > n, "{total:?}");
     assert!(total.lost > 0 && total.released > n && total.injected > n && total.dropped > 0, "{total:?}");
+    assert!(total.observed > n, "observers heard changes: {total:?}");
 }
 
 /// Runs seeds from 0 with `fault` planted in the authority until the checker objects; within
@@ -97,6 +98,12 @@ fn handing_off_before_the_holder_expires_is_caught() {
 fn keeping_an_expired_waiter_queued_is_caught() {
     let v = caught(SessionFault::KeepExpiredWaiters);
     assert!(v.message.contains("after its session expired"), "{}", v.message);
+}
+
+#[test]
+fn hiding_a_key_becoming_free_from_observers_is_caught() {
+    let v = caught(SessionFault::HideFreeChanges);
+    assert!(v.message.contains("true history") || v.message.contains("after the heal"), "{}", v.message);
 }
 
 #[test]
@@ -149,6 +156,7 @@ fn replay() {
         Ok("hand-off-early") => SessionFault::HandOffEarly,
         Ok("keep-expired-waiters") => SessionFault::KeepExpiredWaiters,
         Ok("accept-replays") => SessionFault::AcceptReplays,
+        Ok("hide-free-changes") => SessionFault::HideFreeChanges,
         _ => SessionFault::None,
     };
     let mut params = Params::from_seed(seed, fault);

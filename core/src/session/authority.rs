@@ -496,6 +496,12 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         self.observations.value(session, key)
     }
 
+    /// The number of the latest change of `key`'s holder (see [`Observed::change`](super::wire::Observed::change)),
+    /// if anyone observes it.
+    pub fn latest_change(&self, key: &Key) -> Option<u64> {
+        self.observations.latest(key)
+    }
+
     /// Every observer with changes of its key it has not acknowledged: its session, the key,
     /// the highest change it acknowledged, and the key's latest change. A transport holding a
     /// keepalive open answers it at once if its session is here, unless the keepalive itself

@@ -202,6 +202,11 @@ impl<const O: usize, const V: usize> Observations<O, V> {
         })
     }
 
+    /// The latest change of `key`, if it is observed.
+    pub(super) fn latest(&self, key: &Key) -> Option<u64> {
+        self.watches.iter().find(|w| w.key == *key).map(Watch::latest_change)
+    }
+
     /// Whether any key is observed.
     pub(super) fn any(&self) -> bool {
         !self.observers.is_empty()
