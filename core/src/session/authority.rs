@@ -13,6 +13,10 @@
 //! - Waiters queue FIFO per key. On release, close or expiry the head of the queue is granted
 //!   at once with a new fence; the grant is reported in the waiter's next `Alive` until the
 //!   session confirms it with a fresh `Acquire` of the key.
+//! - A session may observe keys: each change of an observed key's holder is numbered and
+//!   reported in the session's `AliveObserved` replies until a `KeepAliveSeen` acknowledges
+//!   it (the bookkeeping lives apart from the keys' records, in `observe.rs`, fed after every
+//!   input with who holds each observed key).
 //!
 //! Semaphores (issue 10 §4) would turn [`KeyStatus::holder`] into up to N holders per key;
 //! the queue, fences and hand-off below already work per slot freed.
