@@ -248,7 +248,14 @@ fn an_observer_hears_each_holder_with_its_fence_and_value_then_free() {
             Err(AcquireError::InvalidValue(_))
         ));
         assert!(watcher.observe("no spaces").is_err());
+        // Dropping the stream stops the observation at the server.
         drop(leaders);
+        within(10_000, "unobserved", async {
+            while metric(s.addr(), "leasehold_session_observes_total") < 2 {
+                sleep(20).await;
+            }
+        })
+        .await;
     });
     assert!(metric(s.addr(), "leasehold_session_observed_total") >= 4);
 }

@@ -252,10 +252,12 @@ impl Drop for Follower {
     fn drop(&mut self) {
         let Some(watch) = self.watch.take() else { return };
         let inner = &self.client.user.0;
+        // The machine first, then the watches: the order the driver takes them in.
+        let mut m = lock(&inner.machine);
         let mut watches = lock(&inner.watches);
         if watches.get(&self.key).is_some_and(|w| Arc::ptr_eq(w, &watch)) {
             watches.remove(&self.key);
-            if lock(&inner.machine).unobserve(now(), &self.key).is_ok() {
+            if m.unobserve(now(), &self.key).is_ok() {
                 inner.poke.notify(usize::MAX);
             }
         }
