@@ -259,3 +259,40 @@ fn an_observer_hears_each_holder_with_its_fence_and_value_then_free() {
     });
     assert!(metric(s.addr(), "leasehold_session_observed_total") >= 4);
 }
+
+#[test]
+fn an_observer_whose_session_is_lost_observes_again_without_repeating_the_holder() {
+    use futures_lite::StreamExt;
+    use leasehold_http::Observation;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = leasehold_test_servers::free_port();
+    let at_port = |dir: &std::path::Path| {
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        Server::spawn(ServerConfig::new(dir, addr)).expect("server starts on its port")
+    };
+    let s = at_port(dir.path());
+    let url = s.url();
+    let watcher = client(&url, "watcher", 1_000);
+    let a = client(&url, "a", 1_000);
+    smol::block_on(async {
+        let mut changes = watcher.observe("k").unwrap();
+        assert_eq!(within(10_000, "first", changes.next()).await, Some(Observation::Free));
+        let lease = a.acquire_with_value("k", "a:1", None, |_| {}).await.unwrap();
+        let held = within(10_000, "a holds", changes.next()).await;
+        assert!(matches!(&held, Some(Observation::Held { value, .. }) if value == "a:1"), "{held:?}");
+        // The server goes away for longer than the sessions' ttl: both sessions are lost on
+        // the clients' side, and the watcher's stream opens a new one once it is back.
+        let first_session = watcher.session_id();
+        drop(s);
+        within(10_000, "a loses its key", lease.lost()).await;
+        let s = at_port(dir.path());
+        // a's session, recovered by the restart, expires at the server: the key goes free.
+        // The new session's first report (a, if it comes before the expiry) is not repeated.
+        let next = within(20_000, "free after the restart", changes.next()).await;
+        assert_eq!(next, Some(Observation::Free), "the holder told already is not told again");
+        assert_ne!(watcher.session_id(), first_session, "observed again in a new session");
+        drop(changes);
+        drop(s);
+    });
+}
