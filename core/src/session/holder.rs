@@ -1467,4 +1467,45 @@ mod tests {
         assert_eq!(a.observers_behind().count(), 0);
         assert_eq!(watcher.observed().count(), 0);
     }
+
+    #[test]
+    fn an_observer_refused_for_capacity_is_told_why_and_observing_is_bounded() {
+        let mut a = SessionAuthority::<4, 4, 4, 1>::new(SessionLimits::default());
+        let mut first = holder("first");
+        first.open(ms(0)).unwrap();
+        let mut second: Session<4, 1> = Session::new(parse_label("second").unwrap(), config()).unwrap();
+        second.open(ms(0)).unwrap();
+        while let Some(r) = second.poll_transmit() {
+            let SessionOp::Open { ttl, ref label } = r.op else { unreachable!() };
+            let reply = a.open(ms(0) + SKEW, ttl, label, Secret::from_bytes([3; 16]));
+            second.handle_response(ms(0), &r.answer(reply));
+        }
+        while let Some(r) = first.poll_transmit() {
+            let SessionOp::Open { ttl, ref label } = r.op else { unreachable!() };
+            let reply = a.open(ms(0) + SKEW, ttl, label, Secret::from_bytes([4; 16]));
+            first.handle_response(ms(0), &r.answer(reply));
+        }
+        events(&mut first);
+        while second.poll_event().is_some() {}
+        second.observe(ms(1), key("x")).unwrap();
+        assert_eq!(second.observe(ms(1), key("y")), Err(ObserveError::Full), "one observation at most");
+        while let Some(r) = second.poll_transmit() {
+            let reply = a.handle(ms(1) + SKEW, &r);
+            second.handle_response(ms(1), &r.answer(reply));
+        }
+        // The authority follows one observer: the next is refused, and told why.
+        first.observe(ms(2), key("y")).unwrap();
+        while let Some(r) = first.poll_transmit() {
+            let reply = a.handle(ms(2) + SKEW, &r);
+            first.handle_response(ms(2), &r.answer(reply));
+        }
+        assert_eq!(
+            events(&mut first)[..],
+            [SessionEvent::ObserveEnded { key: key("y"), reason: Some(Reject::Capacity) }]
+        );
+        assert_eq!(first.observed().count(), 0);
+        // A session's end ends its observations.
+        second.close(ms(3)).unwrap();
+        assert_eq!(second.poll_event(), Some(SessionEvent::ObserveEnded { key: key("x"), reason: None }));
+    }
 }
