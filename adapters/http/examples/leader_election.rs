@@ -8,8 +8,11 @@
 //! process on a kernel-chosen loopback port.
 //!
 //! ```sh
-//! cargo run -p leasehold-http --example leader_election
+//! cargo run -p leasehold-http --example leader_election [-- TERMS_EACH]
 //! ```
+//!
+//! It also prints how long the follower took to hear of each new leader, counted from the
+//! moment the old one called `release`.
 //!
 //! The same with the command line, on every candidate and wherever the leader is needed:
 //!
@@ -18,22 +21,46 @@
 //! leasehold observe --key leader      # one line per change: its label, fence and value
 //! ```
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use leasehold_http::{Fence, Observation, Options, SessionClient};
+use leasehold_http::{AcquireError, Fence, Observation, Options, SessionClient};
 use leasehold_server::{Server, ServerConfig};
 
 const CANDIDATES: usize = 3;
-const TERMS_EACH: usize = 2;
+
+/// A candidate: stands `terms` times, each time leading for 300 ms once elected. Notes when it
+/// steps down in `stepped_down`.
+async fn candidate(
+    client: SessionClient,
+    i: usize,
+    terms: usize,
+    stepped_down: Arc<Mutex<Option<Instant>>>,
+) -> Result<(), AcquireError> {
+    let address = format!("127.0.0.{i}:8080");
+    for _ in 0..terms {
+        // Waits FIFO behind the other candidates; the grant is pushed.
+        let lease = client.acquire_with_value("leader", &address, None, |_| {}).await?;
+        println!("candidate-{i}: leading as {address} under fence {}", lease.fence().unwrap_or_default());
+        // Serve as leader, presenting the fence to whatever it writes to.
+        async_io::Timer::after(Duration::from_millis(300)).await;
+        *stepped_down.lock().unwrap() = Some(Instant::now());
+        lease.release().await.map_err(|e| AcquireError::Spawn(e.to_string()))?;
+    }
+    client.close().await;
+    Ok(())
+}
 
 fn main() {
+    let terms_each: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let server =
         Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).expect("server");
     let url = server.url();
     let options = || Options::session(Duration::from_secs(5));
     let follower = SessionClient::new(&url, None, "follower", options()).expect("client");
+    let stepped_down: Arc<Mutex<Option<Instant>>> = Arc::default();
     smol::block_on(async {
         let mut leaders = follower.observe("leader").expect("a valid key");
         // The first report is the state now (nobody leads yet): from here on no term is missed.
@@ -42,53 +69,49 @@ fn main() {
             .map(|i| {
                 let client =
                     SessionClient::new(&url, None, &format!("candidate-{i}"), options()).expect("client");
-                smol::spawn(async move {
-                    let address = format!("127.0.0.{i}:8080");
-                    for _ in 0..TERMS_EACH {
-                        // Waits FIFO behind the other candidates; the grant is pushed.
-                        let lease = client.acquire_with_value("leader", &address, None, |_| {}).await?;
-                        println!(
-                            "candidate-{i}: leading as {address} under fence {}",
-                            lease.fence().unwrap_or_default()
-                        );
-                        // Serve as leader, presenting the fence to whatever it writes to.
-                        async_io::Timer::after(Duration::from_millis(300)).await;
-                        lease
-                            .release()
-                            .await
-                            .map_err(|e| leasehold_http::AcquireError::Spawn(e.to_string()))?;
-                    }
-                    client.close().await;
-                    Ok::<(), leasehold_http::AcquireError>(())
-                })
+                smol::spawn(candidate(client, i, terms_each, stepped_down.clone()))
             })
             .collect();
         let follow = async {
-            let (mut terms, mut last) = (0, Fence::NONE);
+            let (mut terms, mut last, mut heard_after) = (0, Fence::NONE, Vec::new());
             while let Some(o) = leaders.next().await {
                 match o {
                     Observation::Held { label, fence, value, .. } => {
                         assert!(fence > last, "fences only grow");
                         last = fence;
                         terms += 1;
+                        let after = stepped_down.lock().unwrap().take().map(|t| t.elapsed());
+                        heard_after.extend(after);
                         println!("follower: the leader is {label} at {value} (fence {fence})");
                     }
                     Observation::Free => {
                         println!("follower: no leader");
-                        if terms == CANDIDATES * TERMS_EACH {
-                            return terms;
+                        if terms == CANDIDATES * terms_each {
+                            break;
                         }
                     }
                 }
             }
-            terms
+            (terms, heard_after)
         };
         let stand = async {
             for c in candidates {
                 c.await.expect("candidate");
             }
         };
-        let (terms, ()) = futures_lite::future::zip(follow, stand).await;
+        let ((terms, mut heard_after), ()) = futures_lite::future::zip(follow, stand).await;
         println!("follower saw {terms} terms, each leader's address as it took over");
+        heard_after.sort();
+        if let (Some(&min), Some(&max)) = (heard_after.first(), heard_after.last()) {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let median = heard_after[heard_after.len() / 2];
+            println!(
+                "a new leader heard after the old one's release call: {} hand-offs, min {:.1} ms, median {:.1} ms, max {:.1} ms",
+                heard_after.len(),
+                ms(min),
+                ms(median),
+                ms(max)
+            );
+        }
     });
 }
