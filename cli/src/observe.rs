@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_signal::{Signal as Caught, Signals};
 use futures_lite::{future, StreamExt};
-use leasehold_http::{Observation, Options, Report, SessionClient};
+use leasehold_http::{BuiltinSessions, Observation, Options, Report, SessionClient};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -72,16 +72,17 @@ pub(crate) fn main(args: Args) -> ExitCode {
     };
     let label = format!("observe:{}", crate::run::session_label());
     let label = &label[..label.len().min(leasehold_core::session::wire::MAX_LABEL_LEN)];
-    let client = match SessionClient::with_tls(
-        &args.server,
-        args.token.clone(),
-        label,
-        Options::session(args.ttl),
-        tls,
-    ) {
+    let options = Options::session(args.ttl);
+    let client =
+        BuiltinSessions::new(&args.server, args.token.clone(), options.config.request_timeout.into())
+            .map_err(|e| Report(&e).to_string())
+            .and_then(|b| {
+                SessionClient::new(b.with_tls(tls), label, options).map_err(|e| Report(&e).to_string())
+            });
+    let client = match client {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("leasehold observe: {}", Report(&e));
+            eprintln!("leasehold observe: {e}");
             return ExitCode::from(2);
         }
     };

@@ -19,8 +19,8 @@ use std::time::Duration;
 use async_signal::{Signal as Caught, Signals};
 use futures_lite::{future, StreamExt};
 use leasehold_http::{
-    AcquireError, Backend, BuiltinBackend, Client, Lease, Options, Report, SessionClient, TransportError,
-    Waiting,
+    AcquireError, Backend, BuiltinBackend, BuiltinSessions, Client, Lease, Options, Report, SessionClient,
+    TransportError, Waiting,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -217,15 +217,19 @@ pub(crate) fn main(args: Args) -> ExitCode {
             BackendKind::Builtin if args.protocol == Protocol::V2 => {
                 let mut options = Options::session(args.ttl);
                 options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
-                let client =
-                    SessionClient::with_tls(&args.server, args.token.clone(), &session_label(), options, tls);
+                let client = BuiltinSessions::new(&args.server, args.token.clone(), timeout)
+                    .map_err(|e| Report(&e).to_string())
+                    .and_then(|b| {
+                        SessionClient::new(b.with_tls(tls), &session_label(), options)
+                            .map_err(|e| Report(&e).to_string())
+                    });
                 match client {
                     Ok(c) => match args.value.clone() {
                         Some(value) => run_with(args, Valued { client: c, value }).await,
                         None => run_with(args, c).await,
                     },
                     Err(e) => {
-                        eprintln!("leasehold run: {}", Report(&e));
+                        eprintln!("leasehold run: {e}");
                         ExitCode::from(2)
                     }
                 }

@@ -13,7 +13,7 @@ use leasehold_http::{HttpClient, TransportError};
 use leasehold_stores::{DynamoDbBackend, EtcdBackend, Filter, Holder, KeyStatus, ListError};
 use serde_json::{json, Value};
 
-use crate::run::BackendKind;
+use crate::run::{BackendKind, Protocol};
 
 /// How long one request to the store may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +46,10 @@ pub(crate) struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The built-in server's protocol whose keys to show (`run --protocol`): v2 keys are held
+    /// by sessions, shown by their public label (never anything that authorises).
+    #[arg(long, value_enum, default_value = "v1")]
+    protocol: Protocol,
     #[command(flatten)]
     tls: crate::TlsArgs,
 }
@@ -92,6 +96,9 @@ impl StatusError {
 }
 
 pub(crate) fn main(args: Args) -> ExitCode {
+    if args.protocol == Protocol::V2 {
+        return sessions::main(&args);
+    }
     match smol::block_on(status(&args)) {
         Ok(rows) => {
             if args.json {
@@ -147,6 +154,159 @@ async fn status(args: &Args) -> Result<Vec<KeyStatus>, StatusError> {
     // Byte order of the key, whatever order the store answered in.
     rows.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
     Ok(rows)
+}
+
+/// `status --protocol v2`: the built-in server's session-held keys (`GET /v2/leases`).
+mod sessions {
+    use super::*;
+
+    /// One holder of a v2 key (a key with a limit above 1 has up to that many).
+    #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+    pub(super) struct SessionHolder {
+        pub(super) session: u64,
+        pub(super) label: String,
+        pub(super) fence: u64,
+        pub(super) ttl: u64,
+        pub(super) remaining: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub(super) value: Option<String>,
+    }
+
+    /// A v2 key as `GET /v2/leases` shows it (times in microseconds).
+    #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+    pub(super) struct SessionKey {
+        pub(super) key: String,
+        /// Every holder; older servers list only `holder`.
+        #[serde(default)]
+        pub(super) holders: Vec<SessionHolder>,
+        #[serde(default, skip_serializing)]
+        holder: Option<SessionHolder>,
+        pub(super) last_fence: u64,
+        #[serde(default)]
+        pub(super) waiting: u64,
+        #[serde(default = "one")]
+        pub(super) limit: u16,
+    }
+
+    fn one() -> u16 {
+        1
+    }
+
+    impl SessionKey {
+        pub(super) fn normalise(mut self) -> SessionKey {
+            if self.holders.is_empty() {
+                self.holders.extend(self.holder.take());
+            }
+            self.holder = None;
+            self
+        }
+    }
+
+    pub(super) fn main(args: &Args) -> ExitCode {
+        match smol::block_on(list(args)) {
+            Ok(rows) => {
+                if args.json {
+                    println!("{}", json!({ "leases": rows }));
+                } else {
+                    print!("{}", table(&rows));
+                    if rows.is_empty() && args.key.is_none() && !args.all {
+                        eprintln!("leasehold status: no key is held (--all lists free keys too)");
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("leasehold status: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        }
+    }
+
+    async fn list(args: &Args) -> Result<Vec<SessionKey>, StatusError> {
+        if !matches!(args.backend, BackendKind::Builtin) {
+            return Err(StatusError::Usage("--protocol v2 is for the built-in server only".into()));
+        }
+        let tls = args.tls.config().map_err(StatusError::Usage)?;
+        let backend = |source| StatusError::Backend { server: args.server.clone(), source };
+        let http = HttpClient::new(&args.server, REQUEST_TIMEOUT).map_err(backend)?.with_tls(tls);
+        let (prefix, held_only) = match &args.key {
+            Some(k) => {
+                parse_key(k).map_err(|e| StatusError::Usage(format!("key {k:?}: {e}")))?;
+                (k.clone(), false)
+            }
+            None => {
+                let prefix = args.prefix.clone().unwrap_or_default();
+                if !prefix.is_empty() {
+                    parse_key(&prefix)
+                        .map_err(|e| StatusError::Usage(format!("--prefix {prefix:?}: {e}")))?;
+                }
+                (prefix, !args.all)
+            }
+        };
+        let failed = |source: ListError| match source {
+            ListError::Transport(_) => StatusError::Unreachable { server: args.server.clone(), source },
+            _ => StatusError::Refused { server: args.server.clone(), source },
+        };
+        let doc = get(&http, &args.token, &format!("/v2/leases?held={held_only}&prefix={prefix}"))
+            .await
+            .map_err(failed)?;
+        let bad =
+            |detail: String| failed(ListError::Malformed { operation: "GET /v2/leases".into(), detail });
+        let rows = doc.get("leases").cloned().ok_or_else(|| bad("a list without leases".into()))?;
+        let mut rows: Vec<SessionKey> = serde_json::from_value::<Vec<SessionKey>>(rows)
+            .map_err(|e| bad(e.to_string()))?
+            .into_iter()
+            .map(SessionKey::normalise)
+            .filter(|r| args.key.as_ref().is_none_or(|k| &r.key == k))
+            .collect();
+        if let (Some(k), true) = (&args.key, rows.is_empty()) {
+            return Err(StatusError::UnknownKey {
+                key: k.clone(),
+                why: "has never been leased over protocol v2",
+            });
+        }
+        rows.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
+        Ok(rows)
+    }
+
+    /// KEY FENCE HOLDER SESSION TTL REMAINING WAITING: a row per holder (a semaphore's key
+    /// has several); a free key shows its last fence, `-` and `free`.
+    pub(super) fn table(rows: &[SessionKey]) -> String {
+        let width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0).max("KEY".len());
+        let label = rows
+            .iter()
+            .flat_map(|r| &r.holders)
+            .map(|h| h.label.len())
+            .max()
+            .unwrap_or(0)
+            .max("HOLDER".len());
+        let secs = |us: u64| format!("{:.1}s", us as f64 / 1e6);
+        let mut out = format!(
+            "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
+            "KEY", "FENCE", "HOLDER", "SESSION", "TTL", "REMAINING", "WAITING"
+        );
+        for r in rows {
+            if r.holders.is_empty() {
+                out.push_str(&format!(
+                    "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
+                    r.key, r.last_fence, "-", "-", "-", "free", r.waiting
+                ));
+            }
+            for h in &r.holders {
+                out.push_str(&format!(
+                    "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
+                    r.key,
+                    h.fence,
+                    h.label,
+                    format!("s{}", h.session),
+                    secs(h.ttl),
+                    secs(h.remaining),
+                    r.waiting
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// The store `status` reads.
@@ -317,6 +477,27 @@ mod tests {
             lines[2].split_whitespace().collect::<Vec<_>>(),
             ["a-much-longer-key", "3", "-", "-", "free"]
         );
+    }
+
+    #[test]
+    fn v2_rows_show_each_holder_by_label_and_accept_older_servers() {
+        let older = json!({"key":"pump","holder":{"session":3,"label":"host-a","fence":9,"ttl":6000000,"remaining":5500000},"last_fence":9,"waiting":2});
+        let newer = json!({"key":"sem","holder":null,"holders":[
+            {"session":4,"label":"b","fence":11,"ttl":6000000,"remaining":1000000,"value":"10.0.0.2:80"},
+            {"session":5,"label":"c","fence":12,"ttl":6000000,"remaining":2000000}],"last_fence":12,"waiting":0,"limit":2});
+        let free = json!({"key":"idle","holder":null,"last_fence":4,"waiting":0});
+        let rows: Vec<sessions::SessionKey> = [older, newer, free]
+            .into_iter()
+            .map(|v| serde_json::from_value::<sessions::SessionKey>(v).unwrap().normalise())
+            .collect();
+        let text = sessions::table(&rows);
+        let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines.len(), 1 + 1 + 2 + 1, "{text}");
+        assert_eq!(lines[0], ["KEY", "FENCE", "HOLDER", "SESSION", "TTL", "REMAINING", "WAITING"]);
+        assert_eq!(lines[1], ["pump", "9", "host-a", "s3", "6.0s", "5.5s", "2"], "{text}");
+        assert_eq!(lines[2], ["sem", "11", "b", "s4", "6.0s", "1.0s", "0"], "{text}");
+        assert_eq!(lines[3], ["sem", "12", "c", "s5", "6.0s", "2.0s", "0"], "{text}");
+        assert_eq!(lines[4], ["idle", "4", "-", "-", "-", "free", "0"], "{text}");
     }
 
     #[test]

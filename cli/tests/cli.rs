@@ -655,3 +655,49 @@ fn run_on_sessions_keeps_its_exit_codes_and_signal_handling() {
     drop(server);
     assert_eq!(run.0.wait().unwrap().code(), Some(76));
 }
+
+#[test]
+fn status_shows_session_held_keys_by_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(&dir.path().join("store"));
+    let marker = dir.path().join("started");
+    let hold = format!("touch {}; sleep 30", marker.display());
+    let run = Proc(run_v2(&url, "shown", &[], &["sh", "-c", &hold]).spawn().unwrap());
+    eventually("the command starts", || marker.exists());
+    let pid = run.0.id();
+    let status = |extra: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(["status", "--protocol", "v2", "--server", &url]).args(extra);
+        c.output().unwrap()
+    };
+
+    // The holder's label (host:pid of the `run` process), its session and fence; no secret.
+    let out = status(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("shown "))
+        .expect("a row for the key")
+        .split_whitespace()
+        .collect();
+    let served = &v2_lease(&url, "shown")["holder"];
+    assert!(row[2].ends_with(&format!(":{pid}")), "label {:?} names the run process {pid}", row[2]);
+    assert_eq!(row[1], served["fence"].to_string(), "{text}");
+    assert_eq!(row[3], format!("s{}", served["session"]), "{text}");
+
+    let one = status(&["shown", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&one.stdout).expect("JSON");
+    assert_eq!(doc["leases"][0]["holders"][0]["fence"], served["fence"], "{doc}");
+    assert!(!String::from_utf8_lossy(&one.stdout).contains("secret"), "{doc}");
+
+    // A key sessions never used, and a v1-only key, are unknown to v2: exit 1.
+    assert_eq!(status(&["never-used"]).status.code(), Some(1));
+    // v1's status does not see it: the namespaces are separate.
+    let v1 = Command::new(BIN).args(["status", "shown", "--server", &url]).output().unwrap();
+    assert_eq!(v1.status.code(), Some(1), "{v1:?}");
+    // --protocol v2 is the built-in server's.
+    let etcd = status(&["--backend", "etcd"]);
+    assert_eq!(etcd.status.code(), Some(2), "{etcd:?}");
+    drop(run);
+}

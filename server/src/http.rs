@@ -55,12 +55,6 @@ struct ApiError {
     message: String,
 }
 
-impl ApiError {
-    fn status_code(&self) -> (StatusCode, &'static str) {
-        (self.status, self.code)
-    }
-}
-
 fn err(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError { status, code, message: message.into() }
 }
@@ -205,10 +199,14 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
             let request = read_request(req, shared.request_timeout).await?;
             let d = shared.store.apply(key, request).await.map_err(|e| unavailable(&e))?;
             shared.metrics.outcome(d.outcome, d.expired);
-            if let Reply::Rejected(r) = d.reply {
-                return Err(rejected(r));
-            }
             let response = leasehold_core::Response { id: request.id, owner: request.owner, reply: d.reply };
+            if let Reply::Rejected(r) = d.reply {
+                // The core's response as it is, so a client reads the reason from the one
+                // schema; `error` and the status are for generic tools.
+                let (status, code) = reject_status(r);
+                shared.metrics.error(code);
+                return Ok(json(status, &Refusal { response, error: code, message: r.to_string() }));
+            }
             Ok(json(StatusCode::OK, &response))
         }
         _ => Err(method_not_allowed()),
@@ -364,7 +362,7 @@ async fn session_route(
     .map_err(|e| unavailable_sessions(&e))?;
     let status = match reply {
         SessionReply::Rejected(r) => {
-            let (status, code) = session_rejected(r);
+            let (status, code) = reject_status(r);
             shared.metrics.error(code);
             status
         }
@@ -401,32 +399,34 @@ fn hold_query(query: &str) -> Result<Option<std::time::Duration>, ApiError> {
     Ok(wait)
 }
 
-/// The status of a refused session request. The body is still the core's response, so a
-/// client reads the reason from one schema; the status tells generic tools it failed.
-fn session_rejected(r: Reject) -> (StatusCode, &'static str) {
+/// The status of a request the authority refused, and the code `/metrics` and generic tools
+/// see. The body is still the core's response, so a client reads the reason from one schema.
+fn reject_status(r: Reject) -> (StatusCode, &'static str) {
     match r {
+        Reject::InvalidTtl => (StatusCode::BAD_REQUEST, "invalid_ttl"),
+        Reject::InvalidKey => (StatusCode::BAD_REQUEST, "invalid_key"),
+        Reject::FenceExhausted => (StatusCode::CONFLICT, "fence_exhausted"),
+        Reject::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+        Reject::Malformed => (StatusCode::BAD_REQUEST, "malformed"),
+        Reject::UnsupportedVersion => (StatusCode::BAD_REQUEST, "unsupported_version"),
         // Not 503: retrying the same request cannot help until something is freed.
         Reject::Capacity => (StatusCode::INSUFFICIENT_STORAGE, "capacity"),
-        Reject::Misconfigured => (StatusCode::INTERNAL_SERVER_ERROR, "unavailable"),
-        r => rejected(r).status_code(),
+        Reject::Misconfigured => (StatusCode::INTERNAL_SERVER_ERROR, "misconfigured"),
     }
+}
+
+/// A refused lease request: the core's response, with an error code for generic tools.
+#[derive(Serialize)]
+struct Refusal {
+    #[serde(flatten)]
+    response: leasehold_core::Response,
+    error: &'static str,
+    message: String,
 }
 
 fn unavailable_sessions(e: &crate::sessions::SessionStoreError) -> ApiError {
     tracing::debug!("{e}");
     err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
-}
-
-fn rejected(r: Reject) -> ApiError {
-    let (status, code) = match r {
-        Reject::InvalidTtl => (StatusCode::BAD_REQUEST, "invalid_ttl"),
-        Reject::InvalidKey => (StatusCode::BAD_REQUEST, "invalid_key"),
-        Reject::FenceExhausted => (StatusCode::CONFLICT, "fence_exhausted"),
-        Reject::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-        Reject::Malformed | Reject::UnsupportedVersion => (StatusCode::BAD_REQUEST, "malformed_json"),
-        Reject::Capacity | Reject::Misconfigured => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-    };
-    err(status, code, r.to_string())
 }
 
 fn unavailable(e: &crate::store::StoreError) -> ApiError {

@@ -9,7 +9,7 @@ use leasehold_core::authority::Outcome;
 const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0];
 
 /// Error codes counted separately.
-pub(crate) const ERROR_CODES: [&str; 13] = [
+pub(crate) const ERROR_CODES: [&str; 16] = [
     "malformed_json",
     "invalid_key",
     "invalid_ttl",
@@ -23,6 +23,9 @@ pub(crate) const ERROR_CODES: [&str; 13] = [
     "invalid_query",
     "session_mismatch",
     "capacity",
+    "malformed",
+    "unsupported_version",
+    "misconfigured",
 ];
 
 #[derive(Default)]

@@ -188,7 +188,8 @@ struct HolderView {
     fence: u64,
     ttl: u64,
     remaining: u64,
-    /// What the holder acquired with (`AcquireWithValue`); empty if nothing.
+    /// What the holder acquired with (`AcquireWithValue`); absent if nothing.
+    #[serde(skip_serializing_if = "String::is_empty")]
     value: String,
 }
 

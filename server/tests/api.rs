@@ -95,6 +95,11 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
         assert_eq!(reply.error_code(), code, "{what}: {}", reply.body);
         assert!(reply.json()["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: no message");
     }
+    // What the authority itself refused comes as its own response, in the core's schema, so a
+    // client needs no table of error codes.
+    let refused = post(a, "held", acquire(2, 0)).json();
+    assert_eq!((&refused["id"], &refused["owner"]), (&json!(1), &json!(2)), "{refused}");
+    assert_eq!(refused["reply"], json!({"rejected": "invalid_ttl"}), "{refused}");
     // Garbage that is not even HTTP.
     let mut s2 = TcpStream::connect(a).unwrap();
     let _ = s2.write_all(b"\x00\xff\xfe garbage\r\n\r\n");
@@ -104,7 +109,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     assert_eq!(before["holder"]["fence"], after["holder"]["fence"]);
     assert_eq!(before["last_fence"], after["last_fence"]);
     assert_eq!(get(a, "/healthz").status, 200, "server still serving");
-    assert!(get(a, "/metrics").body.contains("leasehold_errors_total{code=\"invalid_ttl\"} 3"));
+    assert!(get(a, "/metrics").body.contains("leasehold_errors_total{code=\"invalid_ttl\"} 4"));
 }
 
 #[test]

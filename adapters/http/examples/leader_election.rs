@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use leasehold_http::{AcquireError, Fence, Observation, Options, SessionClient};
+use leasehold_http::{AcquireError, BuiltinSessions, Fence, Observation, Options, SessionClient};
 use leasehold_server::{Server, ServerConfig};
 
 const CANDIDATES: usize = 3;
@@ -58,8 +58,12 @@ fn main() {
     let server =
         Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).expect("server");
     let url = server.url();
-    let options = || Options::session(Duration::from_secs(5));
-    let follower = SessionClient::new(&url, None, "follower", options()).expect("client");
+    let client = |label: &str| {
+        let options = Options::session(Duration::from_secs(5));
+        let backend = BuiltinSessions::new(&url, None, options.config.request_timeout.into()).expect("a URL");
+        SessionClient::new(backend, label, options).expect("client")
+    };
+    let follower = client("follower");
     let stepped_down: Arc<Mutex<Option<Instant>>> = Arc::default();
     smol::block_on(async {
         let mut leaders = follower.observe("leader").expect("a valid key");
@@ -67,9 +71,7 @@ fn main() {
         assert_eq!(leaders.next().await, Some(Observation::Free));
         let candidates: Vec<_> = (1..=CANDIDATES)
             .map(|i| {
-                let client =
-                    SessionClient::new(&url, None, &format!("candidate-{i}"), options()).expect("client");
-                smol::spawn(candidate(client, i, terms_each, stepped_down.clone()))
+                smol::spawn(candidate(client(&format!("candidate-{i}")), i, terms_each, stepped_down.clone()))
             })
             .collect();
         let follow = async {

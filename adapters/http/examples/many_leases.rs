@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use leasehold_http::{Options, SessionClient};
+use leasehold_http::{BuiltinSessions, Options, SessionClient};
 
 /// The session counters at the server's `/metrics`, summed: every request it handled.
 fn server_requests(addr: &str) -> u64 {
@@ -86,8 +86,10 @@ fn main() {
     let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
 
     let ttl = Duration::from_secs(15);
-    let client =
-        SessionClient::new(&format!("http://{addr}"), None, "many-leases", Options::session(ttl)).unwrap();
+    let options = Options::session(ttl);
+    let backend =
+        BuiltinSessions::new(&format!("http://{addr}"), None, options.config.request_timeout.into()).unwrap();
+    let client = SessionClient::new(backend, "many-leases", options).unwrap();
     let started = Instant::now();
     let held = smol::block_on(async {
         let tasks: Vec<_> = (0..leases)

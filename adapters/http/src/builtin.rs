@@ -6,9 +6,9 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use leasehold_core::{Key, Reject, Reply, Request};
 
-use crate::backend::Backend;
-use crate::error::TransportError;
 use crate::http::{HttpClient, HttpResponse};
+use leasehold_client::Backend;
+use leasehold_client::TransportError;
 
 /// The built-in lease server (`leasehold serve`).
 pub struct BuiltinBackend {
@@ -71,14 +71,35 @@ impl Backend for BuiltinBackend {
     }
 }
 
-/// Maps the built-in server's answer to the core's reply, per the server's API contract.
+/// A refusal from the authority: the core's response (the server adds `error` and
+/// `message` for generic tools).
+#[derive(serde::Deserialize)]
+struct Refusal {
+    id: leasehold_core::RequestId,
+    owner: leasehold_core::OwnerId,
+    reply: Reply,
+}
+
+/// Maps the built-in server's answer to the core's reply. The authority's own answers,
+/// refusals included, are the core's response whatever the status; what is left is the HTTP
+/// layer's: a 5xx is the store failing (retry), a refused token or an unparsable request is
+/// said as such, and anything else is a server this client cannot talk to.
 fn builtin_reply(request: &Request, resp: HttpResponse) -> Result<Reply, TransportError> {
+    let ours = |id, owner| {
+        if id == request.id && owner == request.owner {
+            Ok(())
+        } else {
+            Err(TransportError::Protocol("response for another request".into()))
+        }
+    };
     if resp.status == 200 {
         let r: leasehold_core::Response = serde_json::from_slice(&resp.body)
             .map_err(|e| TransportError::Protocol(format!("bad response body: {e}")))?;
-        if r.id != request.id || r.owner != request.owner {
-            return Err(TransportError::Protocol("response for another request".into()));
-        }
+        ours(r.id, r.owner)?;
+        return Ok(r.reply);
+    }
+    if let Ok(r) = serde_json::from_slice::<Refusal>(&resp.body) {
+        ours(r.id, r.owner)?;
         return Ok(r.reply);
     }
     if resp.status >= 500 {
@@ -90,15 +111,16 @@ fn builtin_reply(request: &Request, resp: HttpResponse) -> Result<Reply, Transpo
             resp.status, resp.body
         ))
     })?;
-    tracing::warn!("server rejected request: {} ({})", err.error, err.message);
-    Ok(Reply::Rejected(match err.error.as_str() {
-        "invalid_ttl" => Reject::InvalidTtl,
-        "invalid_key" => Reject::InvalidKey,
-        "unauthorized" => Reject::Unauthorized,
-        "fence_exhausted" => Reject::FenceExhausted,
-        "malformed_json" | "body_too_large" => Reject::Malformed,
-        _ => Reject::Misconfigured,
-    }))
+    tracing::warn!("server refused the request: {} ({})", err.error, err.message);
+    match err.error.as_str() {
+        "unauthorized" => Ok(Reply::Rejected(Reject::Unauthorized)),
+        "invalid_key" => Ok(Reply::Rejected(Reject::InvalidKey)),
+        "malformed_json" | "body_too_large" => Ok(Reply::Rejected(Reject::Malformed)),
+        _ => Err(TransportError::Config(format!(
+            "the server refused the request: HTTP {} {}: {}",
+            resp.status, err.error, err.message
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -125,10 +147,24 @@ mod tests {
         ));
         assert!(matches!(builtin_reply(&req(), resp(200, "garbage")), Err(TransportError::Protocol(_))));
         assert_eq!(builtin_reply(&req(), resp(503, "")), Ok(Reply::Unavailable));
-        assert_eq!(
-            builtin_reply(&req(), resp(400, r#"{"error":"invalid_ttl","message":"x"}"#)),
-            Ok(Reply::Rejected(Reject::InvalidTtl))
-        );
+        // The authority's refusals are its response, whatever the status: a full store is
+        // not a 503 to retry forever.
+        for (status, reply, reject) in [
+            (400, "invalid_ttl", Reject::InvalidTtl),
+            (400, "unsupported_version", Reject::UnsupportedVersion),
+            (507, "capacity", Reject::Capacity),
+            (500, "misconfigured", Reject::Misconfigured),
+        ] {
+            let body = format!(
+                r#"{{"id":3,"owner":7,"reply":{{"rejected":"{reply}"}},"error":"{reply}","message":"x"}}"#
+            );
+            assert_eq!(builtin_reply(&req(), resp(status, &body)), Ok(Reply::Rejected(reject)), "{body}");
+        }
+        let other = r#"{"id":9,"owner":7,"reply":{"rejected":"capacity"},"error":"capacity","message":"x"}"#;
+        assert!(matches!(builtin_reply(&req(), resp(507, other)), Err(TransportError::Protocol(_))));
+        // No such endpoint: a server this client cannot talk to, not a refusal to retry.
+        let e = builtin_reply(&req(), resp(404, r#"{"error":"not_found","message":"x"}"#)).unwrap_err();
+        assert!(e.is_permanent(), "{e}");
         assert_eq!(
             builtin_reply(&req(), resp(401, r#"{"error":"unauthorized","message":"x"}"#)),
             Ok(Reply::Rejected(Reject::Unauthorized))

@@ -15,7 +15,7 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::{Connection, SendRequest};
 use smol_hyper::rt::FuturesIo;
 
-use crate::error::TransportError;
+use leasehold_client::TransportError;
 
 /// A parsed `http[s]://host[:port][/prefix]` URL.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use futures_rustls::rustls::{self, ClientConfig, RootCertStore};
 use futures_rustls::TlsConnector;
 
-use crate::error::{Cause, TransportError};
+use leasehold_client::{Cause, TransportError};
 
 /// Which certificates an `https://` server may present: Mozilla's root certificates (compiled
 /// in from `webpki-roots`, so public endpoints such as AWS validate on any machine, with or

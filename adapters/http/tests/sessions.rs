@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::future;
-use leasehold_http::{AcquireError, Health, LostReason, Options, SessionClient, Waiting};
+use leasehold_http::{AcquireError, BuiltinSessions, Health, LostReason, Options, SessionClient, Waiting};
 use leasehold_server::{RunningServer, Server, ServerConfig};
 
 mod support;
@@ -17,7 +17,9 @@ fn server(dir: &std::path::Path) -> RunningServer {
 }
 
 fn client(url: &str, label: &str, ttl_ms: u64) -> SessionClient {
-    SessionClient::new(url, None, label, Options::session(Duration::from_millis(ttl_ms))).unwrap()
+    let options = Options::session(Duration::from_millis(ttl_ms));
+    let backend = BuiltinSessions::new(url, None, options.config.request_timeout.into()).unwrap();
+    SessionClient::new(backend, label, options).unwrap()
 }
 
 /// A value from the server's `/metrics`.

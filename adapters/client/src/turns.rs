@@ -10,7 +10,8 @@ use async_lock::{Mutex as AsyncMutex, MutexGuardArc};
 use futures_lite::future;
 use leasehold_core::Key;
 
-use crate::client::{to_std, AcquireError};
+use crate::backend::Boxed;
+use crate::client::AcquireError;
 
 /// One async mutex per key someone in this process holds or waits for.
 #[derive(Default)]
@@ -30,19 +31,19 @@ impl LocalTurns {
         self.of(key).try_lock_arc().ok_or(AcquireError::Busy)
     }
 
-    /// The turn at `key` once earlier local acquisitions are done; `Busy` if `deadline` (on
-    /// the core's clock) comes first.
+    /// The turn at `key` once earlier local acquisitions are done; `Busy` if `deadline` (a
+    /// [`Clock`](crate::Clock)'s sleep) comes first.
     pub(crate) async fn take(
         &self,
         key: &Key,
-        deadline: Option<leasehold_core::Instant>,
+        deadline: Option<Boxed<'static, ()>>,
     ) -> Result<MutexGuardArc<()>, AcquireError> {
         let turn = self.of(key);
         let Some(deadline) = deadline else {
             return Ok(turn.lock_arc().await);
         };
         future::or(async { Some(turn.lock_arc().await) }, async {
-            async_io::Timer::at(to_std(deadline)).await;
+            deadline.await;
             None
         })
         .await

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_lock::MutexGuardArc;
@@ -15,23 +15,9 @@ use leasehold_core::{
 };
 
 use crate::backend::Backend;
+use crate::clock::{Clock, SystemClock};
 use crate::error::TransportError;
 use crate::turns::{parse, LocalTurns};
-
-/// Local monotonic time as the core wants it: microseconds since this process first asked.
-fn epoch() -> std::time::Instant {
-    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    *EPOCH.get_or_init(std::time::Instant::now)
-}
-
-/// The core's `now`, read from the process's monotonic clock.
-pub fn now() -> leasehold_core::Instant {
-    leasehold_core::Instant::from_micros(epoch().elapsed().as_micros() as u64)
-}
-
-pub(crate) fn to_std(t: leasehold_core::Instant) -> std::time::Instant {
-    epoch() + Duration::from_micros(t.as_micros())
-}
 
 /// Why an acquisition failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,6 +139,8 @@ impl<B: Backend> Clone for Client<B> {
 struct Inner<B> {
     backend: B,
     config: Config,
+    /// Every `now` the machines get and every wake-up armed for them.
+    clock: Arc<dyn Clock>,
     /// One async mutex per key: leases of the same key taken through one client queue up
     /// here instead of hammering the authority.
     local: LocalTurns,
@@ -218,11 +206,19 @@ impl<B: Backend> Client<B> {
     /// A client taking leases from `backend` with the given options. The configuration is
     /// checked here, so every later acquisition can rely on it.
     pub fn new(backend: B, options: Options) -> Result<Client<B>, ConfigError> {
+        Self::with_clock(backend, options, SystemClock)
+    }
+
+    /// [`new`](Self::new) with the time read from `clock`: for tests, a
+    /// [`ManualClock`](crate::ManualClock) runs renewals, expiry and deadlines without waiting
+    /// for them. The backend's own timeouts (an HTTP request's) stay on the wall clock.
+    pub fn with_clock(backend: B, options: Options, clock: impl Clock) -> Result<Client<B>, ConfigError> {
         options.config.validate()?;
         Ok(Client {
             inner: Arc::new(Inner {
                 backend,
                 config: options.config,
+                clock: Arc::new(clock),
                 local: LocalTurns::default(),
                 driver: Mutex::new(None),
                 active: AtomicUsize::new(0),
@@ -267,8 +263,9 @@ impl<B: Backend> Client<B> {
         mut report: impl FnMut(&Waiting) + Send,
     ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
-        let deadline = timeout.map(|t| now() + t.into());
-        let guard = self.inner.local.take(&key, deadline).await?;
+        let clock = &self.inner.clock;
+        let deadline = timeout.map(|t| clock.now() + t.into());
+        let guard = self.inner.local.take(&key, deadline.map(|d| clock.sleep_until(d))).await?;
         let mode = deadline.map_or(Mode::Wait, Mode::Until);
         self.start(key, guard, mode, &mut report).await
     }
@@ -311,6 +308,7 @@ impl<B: Backend> Client<B> {
             leasehold_core::Lease::new(owner, config).map_err(|e| AcquireError::Spawn(e.to_string()))?;
         let shared = Arc::new(Shared {
             machine: Mutex::new(machine),
+            clock: self.inner.clock.clone(),
             ended: Mutex::new(None),
             changed: Signal::new(),
             poke: Signal::new(),
@@ -363,6 +361,8 @@ impl<B: Backend> Client<B> {
 
 struct Shared {
     machine: Mutex<leasehold_core::Lease>,
+    /// The client's clock, for the handle's readings of validity.
+    clock: Arc<dyn Clock>,
     /// The event that ended the lease's life (lost, released, not acquired).
     ended: Mutex<Option<Event>>,
     /// Driver to handles: the machine's state changed.
@@ -414,6 +414,7 @@ type InFlight = Pin<Box<dyn Future<Output = (RequestId, OwnerId, Result<Reply, T
 /// Moves requests, replies and time between the core machine and the backend. No lease logic
 /// lives here: the machine decides what to send, when to wake and what everything means.
 async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, mode: Mode) {
+    let now = || inner.clock.now();
     {
         let mut m = shared.lock();
         let t = now();
@@ -471,9 +472,7 @@ async fn drive<B: Backend>(inner: Arc<Inner<B>>, key: Key, shared: Arc<Shared>, 
         };
         let timer = async {
             match timeout {
-                Some(t) => {
-                    async_io::Timer::at(to_std(t)).await;
-                }
+                Some(t) => inner.clock.sleep_until(t).await,
                 None => future::pending::<()>().await,
             }
             Wake::Timer
@@ -594,7 +593,7 @@ impl Lease {
     /// How long the lease may still be relied on; `None` once it may not.
     pub fn remaining(&self) -> Option<Duration> {
         match &self.0 {
-            Held::Single(l) => l.shared.lock().remaining(now()).map(Into::into),
+            Held::Single(l) => l.shared.lock().remaining(l.shared.clock.now()).map(Into::into),
             Held::Session(l) => l.remaining(),
         }
     }
@@ -602,7 +601,7 @@ impl Lease {
     /// How much the lease can be trusted now.
     pub fn health(&self) -> Health {
         match &self.0 {
-            Held::Single(l) => l.shared.lock().health(now()),
+            Held::Single(l) => l.shared.lock().health(l.shared.clock.now()),
             Held::Session(l) => l.health(),
         }
     }
@@ -610,7 +609,7 @@ impl Lease {
     /// Held, valid, and renewing without trouble.
     pub fn is_healthy(&self) -> bool {
         match &self.0 {
-            Held::Single(l) => l.shared.lock().is_healthy(now()),
+            Held::Single(l) => l.shared.lock().is_healthy(l.shared.clock.now()),
             Held::Session(l) => l.health() == Health::Held,
         }
     }

@@ -1,6 +1,6 @@
-//! Protocol v2 against the built-in server: one session (one keepalive, one secret) for every
-//! key a client holds, FIFO waiting with pushed grants. The core's `Session` machine decides
-//! everything; this file carries its requests over HTTP and its events to the handles.
+//! Protocol v2: one session (one keepalive, one secret) for every key a client holds, FIFO
+//! waiting with pushed grants. The core's `Session` machine decides everything; this file
+//! carries its requests through a [`SessionBackend`] and its events to the handles.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,17 +10,16 @@ use std::time::Duration;
 use async_lock::MutexGuardArc;
 use event_listener::Event as Signal;
 use futures_lite::future;
-use http_body_util::Full;
-use hyper::body::Bytes;
 use leasehold_core::session::wire::{
     parse_label, LabelError, Seq, SessionId, SessionOp, SessionRequest, SessionResponse, Value,
 };
 use leasehold_core::session::{Session, SessionEvent, SessionState};
 use leasehold_core::{Config, ConfigError, Fence, Health, Key, LostReason, NotAcquired, OwnerId, Reject};
 
-use crate::client::{now, to_std, AcquireError, DriverThread, Options, ReleaseError, Unreachable, Waiting};
+use crate::backend::{ErasedSessionBackend, SessionBackend};
+use crate::client::{AcquireError, DriverThread, Options, ReleaseError, Unreachable, Waiting};
+use crate::clock::{now, to_std, Clock, SystemClock};
 use crate::error::TransportError;
-use crate::http::HttpClient;
 use crate::turns::{parse, LocalTurns};
 use crate::Lease;
 
@@ -31,11 +30,13 @@ pub use observe::{Observation, Observations, ObserveError, MAX_OBSERVED_KEYS};
 pub const MAX_SESSION_KEYS: usize = 16 * 1024;
 
 /// Most requests of a session out at once, keepalives aside; the rest wait in the order the
-/// machine made them. The server ignores a seq more than the core's replay window (64) below
-/// the highest it has seen, and requests on parallel connections arrive in any order: with
-/// at most half the window out, none is ever too old to tell. It is also the pool's size, so
-/// no request waits for a connection out of order.
-const MAX_IN_FLIGHT: usize = 32;
+/// machine made them. The authority ignores a seq more than the core's replay window (64)
+/// below the highest it has seen, and requests on parallel connections arrive in any order:
+/// with at most half the window out, none is ever too old to tell. A backend that pools
+/// connections should allow this many (plus two for keepalives: one the machine gave up on
+/// may still be out when it sends the next), so no request waits for a connection out of
+/// order.
+pub const MAX_IN_FLIGHT: usize = 32;
 
 type Machine = Session<MAX_SESSION_KEYS, MAX_OBSERVED_KEYS>;
 
@@ -49,9 +50,6 @@ pub enum SessionSetupError {
     /// The label is not acceptable.
     #[error("session label: {0}")]
     Label(LabelError),
-    /// The URL cannot be used.
-    #[error("server: {0}")]
-    Transport(#[source] TransportError),
     /// The session table could not be built.
     #[error("cannot build the session table: {0}")]
     Spawn(String),
@@ -70,7 +68,8 @@ impl Options {
     }
 }
 
-/// Takes leases from the built-in server over protocol v2: every key in one session.
+/// Takes leases over protocol v2 through a [`SessionBackend`] (the built-in server's is
+/// `leasehold_http::BuiltinSessions`): every key in one session.
 ///
 /// One keepalive renews every key; a waiter queues FIFO at the server and is pushed its grant
 /// in the reply to a keepalive the server holds open (no polling); losing the session loses
@@ -106,14 +105,9 @@ impl Drop for User {
 }
 
 struct Inner {
-    /// Opens, acquires, releases, closes.
-    http: HttpClient,
-    /// Keepalives only, so one held open at the server never waits behind a burst of acquires
-    /// for a connection (and the other way round).
-    keepalive_http: HttpClient,
-    token: Option<String>,
-    /// How long the server may hold a keepalive: under the request timeout, so the answer comes
-    /// before the machine gives up on it.
+    backend: Box<dyn ErasedSessionBackend>,
+    /// How long the authority may hold a keepalive: under the request timeout, so the answer
+    /// comes before the machine gives up on it.
     hold: Duration,
     /// The machine's request timeout.
     request_timeout: leasehold_core::Duration,
@@ -188,57 +182,23 @@ fn fresh_machine(
         .map_err(SessionSetupError::Config)
 }
 
-#[derive(serde::Deserialize)]
-struct ErrorBody {
-    error: String,
-    #[serde(default)]
-    message: String,
-}
-
 impl SessionClient {
-    /// A client of the built-in server at `url` (with its `--token`, if any), whose session is
-    /// labelled `label` (shown by status pages: a host or process name, at most 32 printable
-    /// ASCII bytes). `options`' ttl is the session's; [`Options::session`] has timings that
-    /// keep one keepalive held at the server at almost every moment, so grants are pushed at
-    /// once.
+    /// A client whose session is labelled `label` (shown by status pages: a host or process
+    /// name, at most 32 printable ASCII bytes), carried by `backend`. `options`' ttl is the
+    /// session's; [`Options::session`] has timings that keep one keepalive held at the
+    /// authority at almost every moment, so grants are pushed at once.
     pub fn new(
-        url: &str,
-        token: Option<String>,
+        backend: impl SessionBackend,
         label: &str,
         options: Options,
-    ) -> Result<SessionClient, SessionSetupError> {
-        Self::build(url, token, label, options, None)
-    }
-
-    fn build(
-        url: &str,
-        token: Option<String>,
-        label: &str,
-        options: Options,
-        #[cfg(feature = "tls")] tls: Option<crate::TlsConfig>,
-        #[cfg(not(feature = "tls"))] _tls: Option<std::convert::Infallible>,
     ) -> Result<SessionClient, SessionSetupError> {
         let config = options.config;
         config.validate().map_err(SessionSetupError::Config)?;
         let label = parse_label(label).map_err(SessionSetupError::Label)?;
         let timeout: Duration = config.request_timeout.into();
-        let http_client = || {
-            let http = HttpClient::new(url, timeout).map_err(SessionSetupError::Transport)?;
-            #[cfg(feature = "tls")]
-            let http = match &tls {
-                Some(tls) => http.with_tls(tls.clone()),
-                None => http,
-            };
-            Ok::<_, SessionSetupError>(http)
-        };
-        let http = http_client()?.with_max_connections(MAX_IN_FLIGHT);
-        // Two: a keepalive the machine gave up on may still be out when it sends the next.
-        let keepalive_http = http_client()?.with_max_connections(2);
         let hold = Duration::from(config.renew_every).min(timeout.mul_f64(0.75));
         let inner = Arc::new(Inner {
-            http,
-            keepalive_http,
-            token,
+            backend: Box::new(backend),
             hold,
             request_timeout: config.request_timeout,
             machine: Mutex::new(fresh_machine(label, config)?),
@@ -254,19 +214,6 @@ impl SessionClient {
             permanent: Mutex::new(None),
         });
         Ok(SessionClient { user: User::new(&inner) })
-    }
-
-    /// [`new`](Self::new) for an `https://` server whose certificate `tls` vouches for (a
-    /// private CA, a client certificate; see [`TlsConfig`](crate::TlsConfig)).
-    #[cfg(feature = "tls")]
-    pub fn with_tls(
-        url: &str,
-        token: Option<String>,
-        label: &str,
-        options: Options,
-        tls: crate::TlsConfig,
-    ) -> Result<SessionClient, SessionSetupError> {
-        Self::build(url, token, label, options, Some(tls))
     }
 
     /// The session's id while it is open.
@@ -302,7 +249,7 @@ impl SessionClient {
     ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let deadline = timeout.map(|t| now() + t.into());
-        let guard = self.user.0.local.take(&key, deadline).await?;
+        let guard = self.user.0.local.take(&key, deadline.map(|d| SystemClock.sleep_until(d))).await?;
         self.start(key, guard, true, deadline, &mut report, Value::new()).await
     }
 
@@ -493,53 +440,14 @@ async fn heard_before(
 }
 
 impl Inner {
-    /// Carries one request of the machine to the server and brings back the response.
+    /// Carries one request of the machine to the authority and brings back the response, or
+    /// an error if the answer is for another request.
     async fn call(&self, req: &SessionRequest) -> Result<SessionResponse, TransportError> {
-        let (http, path) = match req.op {
-            SessionOp::Open { .. } => (&self.http, "/v2/sessions".to_string()),
-            SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. } => (
-                &self.keepalive_http,
-                format!("/v2/sessions/{}?wait_ms={}", req.session.0, self.hold.as_millis()),
-            ),
-            _ => (&self.http, format!("/v2/sessions/{}", req.session.0)),
-        };
-        let body = serde_json::to_vec(req).map_err(|e| TransportError::Protocol(e.to_string()))?;
-        let mut b =
-            http.request(hyper::Method::POST, &path).header(hyper::header::CONTENT_TYPE, "application/json");
-        if let Some(t) = &self.token {
-            b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let request =
-            b.body(Full::new(Bytes::from(body))).map_err(|e| TransportError::Config(e.to_string()))?;
-        let resp = http.send(request).await?;
-        session_response(req, resp.status, &resp.body)
-    }
-}
-
-/// The server's answer: the core's response whatever the status (refusals come as 4xx with
-/// the same body), or a transport-level error body.
-fn session_response(
-    req: &SessionRequest,
-    status: u16,
-    body: &[u8],
-) -> Result<SessionResponse, TransportError> {
-    if let Ok(r) = serde_json::from_slice::<SessionResponse>(body) {
-        if r.seq != req.seq || (r.session != req.session) {
+        let r = self.backend.call(req.clone(), self.hold).await?;
+        if r.seq != req.seq || r.session != req.session {
             return Err(TransportError::Protocol("session response for another request".into()));
         }
-        return Ok(r);
-    }
-    let err: Option<ErrorBody> = serde_json::from_slice(body).ok();
-    let what = match &err {
-        Some(e) => format!("HTTP {status} {}: {}", e.error, e.message),
-        None => format!("HTTP {status} with a body that is neither a session response nor an error"),
-    };
-    match status {
-        // The store failed or is being re-opened: retrying helps.
-        500..=599 => Err(TransportError::Protocol(what)),
-        // A wrong token, a server without protocol v2, a request it cannot parse: only a
-        // change of configuration (or of version) helps.
-        _ => Err(TransportError::Config(format!("the server refused a session request: {what}"))),
+        Ok(r)
     }
 }
 
@@ -813,34 +721,5 @@ impl Drop for SessionLease {
     /// Releases in the background.
     fn drop(&mut self) {
         self.begin_release();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use leasehold_core::session::wire::{Secret, SessionReply};
-
-    fn req() -> SessionRequest {
-        SessionRequest { session: SessionId(3), secret: Secret::NONE, seq: Seq(5), op: SessionOp::KeepAlive }
-    }
-
-    #[test]
-    fn server_answers_map_to_responses_or_classified_errors() {
-        let ok = br#"{"session":3,"seq":5,"reply":"expired"}"#;
-        assert_eq!(session_response(&req(), 200, ok).unwrap().reply, SessionReply::Expired);
-        let refused = br#"{"session":3,"seq":5,"reply":{"rejected":"unauthorized"}}"#;
-        assert_eq!(
-            session_response(&req(), 401, refused).unwrap().reply,
-            SessionReply::Rejected(Reject::Unauthorized)
-        );
-        let other = br#"{"session":3,"seq":6,"reply":"expired"}"#;
-        assert!(matches!(session_response(&req(), 200, other), Err(TransportError::Protocol(_))));
-        let token = br#"{"error":"unauthorized","message":"missing or wrong bearer token"}"#;
-        let e = session_response(&req(), 401, token).unwrap_err();
-        assert!(e.is_permanent(), "{e}");
-        let down = br#"{"error":"unavailable","message":"store"}"#;
-        assert!(!session_response(&req(), 503, down).unwrap_err().is_permanent());
-        assert!(session_response(&req(), 404, b"<html>").unwrap_err().is_permanent());
     }
 }

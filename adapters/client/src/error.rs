@@ -107,7 +107,7 @@ impl TransportError {
 /// error 111)`.
 ///
 /// ```
-/// use leasehold_http::{Report, TransportError};
+/// use leasehold_client::{Report, TransportError};
 /// let e = TransportError::io("127.0.0.1:7878", std::io::Error::other("connection reset"));
 /// assert_eq!(
 ///     Report(&e).to_string(),

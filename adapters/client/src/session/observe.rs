@@ -19,7 +19,8 @@ use leasehold_core::session::SessionEvent;
 use leasehold_core::{Fence, Key, KeyError, Reject};
 
 use super::{lock, SessionClient};
-use crate::client::{now, AcquireError, Waiting};
+use crate::client::{AcquireError, Waiting};
+use crate::clock::{now, Clock, SystemClock};
 use crate::error::TransportError;
 use crate::turns::parse;
 use crate::Lease;
@@ -273,12 +274,13 @@ impl SessionClient {
     ///
     /// ```no_run
     /// use futures_lite::StreamExt;
-    /// use leasehold_http::{Observation, Options, SessionClient};
+    /// use leasehold_client::{Observation, Options, SessionBackend, SessionClient};
     ///
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # fn follow(backend: impl SessionBackend) -> Result<(), Box<dyn std::error::Error>> {
+    /// // `backend`: leasehold-http's `BuiltinSessions::new("http://127.0.0.1:7878", ..)`, say.
     /// smol::block_on(async {
     ///     let options = Options::session(std::time::Duration::from_secs(10));
-    ///     let client = SessionClient::new("http://127.0.0.1:7878", None, "follower", options)?;
+    ///     let client = SessionClient::new(backend, "follower", options)?;
     ///     let mut leaders = client.observe("leader")?;
     ///     while let Some(o) = leaders.next().await {
     ///         match o {
@@ -314,7 +316,7 @@ impl SessionClient {
         let value = parse_value(value).map_err(AcquireError::InvalidValue)?;
         let key = parse(key)?;
         let deadline = timeout.map(|t| now() + t.into());
-        let guard = self.user.0.local.take(&key, deadline).await?;
+        let guard = self.user.0.local.take(&key, deadline.map(|d| SystemClock.sleep_until(d))).await?;
         self.start(key, guard, true, deadline, &mut report, value).await
     }
 
