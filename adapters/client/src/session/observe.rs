@@ -272,25 +272,37 @@ impl SessionClient {
     /// [`acquire_with_value`](Self::acquire_with_value) with its address, and `observe` to
     /// find the leader.
     ///
-    /// ```no_run
+    /// ```
+    /// use std::time::Duration;
     /// use futures_lite::StreamExt;
-    /// use leasehold_client::{Observation, Options, SessionBackend, SessionClient};
+    /// use leasehold_client::{Observation, Options, SessionClient};
+    /// use leasehold_http::BuiltinSessions;
     ///
-    /// # fn follow(backend: impl SessionBackend) -> Result<(), Box<dyn std::error::Error>> {
-    /// // `backend`: leasehold-http's `BuiltinSessions::new("http://127.0.0.1:7878", ..)`, say.
-    /// smol::block_on(async {
-    ///     let options = Options::session(std::time::Duration::from_secs(10));
-    ///     let client = SessionClient::new(backend, "follower", options)?;
-    ///     let mut leaders = client.observe("leader")?;
-    ///     while let Some(o) = leaders.next().await {
-    ///         match o {
-    ///             Observation::Held { value, fence, .. } => println!("leader at {value} (fence {fence})"),
-    ///             Observation::Free => println!("no leader"),
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let config = leasehold_server::ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    /// # let server = leasehold_server::Server::spawn(config).unwrap();
+    /// # let url = server.url();
+    /// futures_lite::future::block_on(async {
+    ///     let options = Options::session(Duration::from_secs(6));
+    ///     let timeout = options.config.request_timeout.into();
+    ///     let follower = SessionClient::new(BuiltinSessions::new(&url, None, timeout)?, "follower", options.clone())?;
+    ///     let candidate = SessionClient::new(BuiltinSessions::new(&url, None, timeout)?, "candidate", options)?;
+    ///
+    ///     let mut leaders = follower.observe("leader")?;
+    ///     assert_eq!(leaders.next().await, Some(Observation::Free)); // nobody leads yet
+    ///     let lease = candidate.acquire_with_value("leader", "10.0.0.7:8080", None, |_| {}).await?;
+    ///     match leaders.next().await {
+    ///         Some(Observation::Held { label, fence, value, .. }) => {
+    ///             assert_eq!((label.as_str(), value.as_str()), ("candidate", "10.0.0.7:8080"));
+    ///             assert_eq!(Some(fence), lease.fence());
     ///         }
+    ///         other => panic!("{other:?}"),
     ///     }
-    ///     Ok(())
+    ///     lease.release().await?;
+    ///     assert_eq!(leaders.next().await, Some(Observation::Free));
+    ///     Ok::<(), Box<dyn std::error::Error>>(())
     /// })
-    /// # }
+    /// .unwrap();
     /// ```
     pub fn observe(&self, key: &str) -> Result<Observations, ObserveError> {
         let key = leasehold_core::parse_key(key).map_err(ObserveError::InvalidKey)?;
