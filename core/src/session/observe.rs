@@ -60,6 +60,9 @@ struct Observer {
     key: Key,
     /// The highest change of the key this observer acknowledged.
     acked: u64,
+    /// The key's latest change (its watch's, copied here so that finding the observers
+    /// behind costs one pass, not one watch lookup each).
+    latest: u64,
 }
 
 /// The value a session acquired (or queued for) a key with.
@@ -162,7 +165,7 @@ impl<const O: usize, const V: usize> Observations<O, V> {
             }
         };
         // Its first report is the current state.
-        let observer = Observer { session, key: key.clone(), acked: latest - 1 };
+        let observer = Observer { session, key: key.clone(), acked: latest - 1, latest };
         self.observers.push(observer).map_err(|_| Full)
     }
 
@@ -175,19 +178,19 @@ impl<const O: usize, const V: usize> Observations<O, V> {
     /// `session` acknowledges the changes of `key` up to `change` (never past the latest, so a
     /// forged or confused number cannot skip changes yet to come).
     pub(super) fn ack(&mut self, session: SessionId, key: &Key, change: u64) {
-        let latest = self.watches.iter().find(|w| w.key == *key).map_or(0, Watch::latest_change);
         if let Some(o) = self.observers.iter_mut().find(|o| o.session == session && o.key == *key) {
-            o.acked = o.acked.max(change.min(latest));
+            o.acked = o.acked.max(change.min(o.latest));
         }
     }
 
     /// The oldest change `session` has not acknowledged, and whether more wait after it.
     pub(super) fn report(&self, session: SessionId) -> Option<(Observed, bool)> {
-        let mut behind = self.observers.iter().filter(|o| o.session == session).filter_map(|o| {
-            let w = self.watches.iter().find(|w| w.key == o.key)?;
-            let c = w.after(o.acked)?;
-            Some((w, c))
-        });
+        let mut behind =
+            self.observers.iter().filter(|o| o.session == session && o.acked < o.latest).filter_map(|o| {
+                let w = self.watches.iter().find(|w| w.key == o.key)?;
+                let c = w.after(o.acked)?;
+                Some((w, c))
+            });
         let (w, c) = behind.next()?;
         let more = c.change < w.latest_change() || behind.next().is_some();
         Some((Observed { key: w.key.clone(), change: c.change, holder: c.holder.clone() }, more))
@@ -196,10 +199,7 @@ impl<const O: usize, const V: usize> Observations<O, V> {
     /// Every observer with changes it has not acknowledged: its session, key, the change it
     /// acknowledged and the latest.
     pub(super) fn behind(&self) -> impl Iterator<Item = (SessionId, &Key, u64, u64)> + '_ {
-        self.observers.iter().filter_map(|o| {
-            let latest = self.watches.iter().find(|w| w.key == o.key)?.latest_change();
-            (o.acked < latest).then_some((o.session, &o.key, o.acked, latest))
-        })
+        self.observers.iter().filter(|o| o.acked < o.latest).map(|o| (o.session, &o.key, o.acked, o.latest))
     }
 
     /// The latest change of `key`, if it is observed.
@@ -233,6 +233,10 @@ impl<const O: usize, const V: usize> Observations<O, V> {
                 w.changes.pop_front();
             }
             let _ = w.changes.push_back(Change { change, holder });
+            let key = &self.watches[i].key;
+            for o in self.observers.iter_mut().filter(|o| o.key == *key) {
+                o.latest = change;
+            }
         }
     }
 
