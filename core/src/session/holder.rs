@@ -1097,10 +1097,12 @@ impl<const K: usize, const O: usize> Session<K, O> {
             }
         }
         if let Some(o) = observed {
-            let w = self.watches.iter_mut().find(|w| {
-                w.key == o.key && matches!(w.phase, WatchPhase::Asking { .. } | WatchPhase::Watching)
-            });
-            if let Some(w) = w.filter(|w| w.event.is_none() && o.change > w.seen) {
+            let mut w = self.watches.iter_mut().find(|w| w.key == o.key && w.phase != WatchPhase::Done);
+            if let Some(w) = w.as_deref_mut().filter(|w| matches!(w.phase, WatchPhase::Leaving { .. })) {
+                // Not for the application any more, but acknowledged, so the authority does not
+                // report it again (at once, if more wait) until our unobserve reaches it.
+                w.seen = w.seen.max(o.change);
+            } else if let Some(w) = w.filter(|w| w.event.is_none() && o.change > w.seen) {
                 let missed = if w.seen == 0 { 0 } else { o.change - w.seen - 1 };
                 w.seen = o.change;
                 w.event = Some(SessionEvent::Observed {
@@ -1507,5 +1509,41 @@ mod tests {
         // A session's end ends its observations.
         second.close(ms(3)).unwrap();
         assert_eq!(second.poll_event(), Some(SessionEvent::ObserveEnded { key: key("x"), reason: None }));
+    }
+
+    #[test]
+    fn a_change_reported_while_leaving_is_acknowledged_not_told() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut h = opened(&mut a, "h");
+        let mut watcher = opened(&mut a, "watcher");
+        watcher.observe(ms(1), key("x")).unwrap();
+        exchange(&mut watcher, &mut a, ms(1));
+        // The first report (free) is told...
+        watcher.keep_alive_now(ms(2));
+        watcher.handle_timeout(ms(2));
+        exchange(&mut watcher, &mut a, ms(2));
+        assert!(matches!(events(&mut watcher)[..], [SessionEvent::Observed { holder: None, .. }]));
+        // ...then the key changes while the watcher's unobserve is still unsent.
+        h.acquire(ms(3), key("x"), false).unwrap();
+        exchange(&mut h, &mut a, ms(3));
+        watcher.unobserve(ms(4), &key("x")).unwrap();
+        let leave = watcher.poll_transmit().expect("the unobserve");
+        assert_eq!(leave.op, SessionOp::Unobserve { key: key("x") });
+        watcher.keep_alive_now(ms(4));
+        watcher.handle_timeout(ms(4));
+        let ka = watcher.poll_transmit().expect("a keepalive");
+        let reply = a.handle(ms(4) + SKEW, &ka);
+        assert!(matches!(reply, SessionReply::AliveObserved { .. }), "{reply:?}");
+        watcher.handle_response(ms(4), &ka.answer(reply));
+        assert_eq!(events(&mut watcher)[..], [], "not told: it is leaving");
+        // The next keepalive acknowledges it, so the authority stops reporting it.
+        watcher.handle_timeout(ms(4));
+        let ka = watcher.poll_transmit().expect("an acknowledging keepalive");
+        assert_eq!(ka.op, SessionOp::KeepAliveSeen { key: key("x"), change: 2 });
+        a.handle(ms(5) + SKEW, &ka);
+        assert_eq!(a.observers_behind().count(), 0);
+        let left = a.handle(ms(5) + SKEW, &leave);
+        watcher.handle_response(ms(5), &leave.answer(left));
+        assert_eq!(events(&mut watcher)[..], [SessionEvent::ObserveEnded { key: key("x"), reason: None }]);
     }
 }
