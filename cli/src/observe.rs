@@ -8,7 +8,8 @@
 //!
 //! Exit codes: 0 after `--count` lines, or on SIGINT / SIGTERM / SIGHUP (the session closed
 //! first); 2 usage or configuration error (bad key or URL, a refused token, an observer
-//! refused for capacity).
+//! refused for capacity). A server that cannot be reached is retried (said once on stderr
+//! after 2 s).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -101,6 +102,15 @@ pub(crate) fn main(args: Args) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        let heard = std::sync::atomic::AtomicBool::new(false);
+        // Without a server the wait is silent; say once what it waits for.
+        let waiting = async {
+            async_io::Timer::after(Duration::from_secs(2)).await;
+            if !heard.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!("leasehold observe: waiting for the server at {} (retrying)", args.server);
+            }
+            future::pending::<ExitCode>().await
+        };
         let print = async {
             let mut printed = 0u64;
             let mut out = std::io::stdout();
@@ -115,9 +125,11 @@ pub(crate) fn main(args: Args) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
                 printed += 1;
+                heard.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             ExitCode::SUCCESS
         };
+        let print = future::or(print, waiting);
         let interrupted = async {
             let _ = signals.next().await;
             ExitCode::SUCCESS

@@ -168,6 +168,45 @@ fn observe_count_and_usage_errors() {
     std::fs::write(&go, "").unwrap();
 
     let code = |args: &[&str]| Command::new(BIN).args(args).output().unwrap().status.code();
+    // A server that refuses the token: exit 2 at once, not a silent wait.
+    let mut guarded = Command::new(BIN)
+        .args(["serve", "--data"])
+        .arg(dir.path().join("guarded"))
+        .args(["--listen", "127.0.0.1:0", "--token", "s3cret"])
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(guarded.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _guarded = Proc(guarded);
+    let guarded_url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    assert_eq!(code(&["observe", "--server", &guarded_url, "--key", "k"]), Some(2));
+    let out = Command::new(BIN)
+        .args(["observe", "--server", &guarded_url, "--key", "k", "--token", "s3cret", "--count", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "k: free\n", "{out:?}");
+    // A dead port is waited for, and said so.
+    let dead = format!("http://127.0.0.1:{}", leasehold_test_servers::free_port());
+    let mut waiting = Command::new(BIN)
+        .args(["observe", "--server", &dead, "--key", "k"])
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let err = waiting.stderr.take().unwrap();
+    let _waiting = Proc(waiting);
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let said = rx.recv_timeout(Duration::from_secs(20)).expect("a line on stderr within 20 s");
+    assert!(said.contains("waiting for the server at") && said.contains(&dead), "{said:?}");
     assert_eq!(code(&["observe", "--server", &url, "--key", "bad key"]), Some(2));
     assert_eq!(code(&["observe", "--server", "ftp://x", "--key", "k"]), Some(2));
     // --value is a session feature: with v1 a usage error, and a value must be printable.
