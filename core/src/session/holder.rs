@@ -154,6 +154,10 @@ struct WatchSlot {
     /// An event awaiting [`Session::poll_event`]. A change is taken from a reply only when
     /// there is none, so none is overwritten: the authority repeats what we did not take.
     event: Option<SessionEvent>,
+    /// The application asked for it. `false`: an observation the authority has and we do not
+    /// want (a late, reordered observe registered it again after our unobserve), being undone
+    /// without telling the application.
+    asked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -630,6 +634,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
             acked: 0,
             carried: None,
             event: None,
+            asked: true,
         };
         self.watches.push(watch).map_err(|_| ObserveError::Full)
     }
@@ -1063,7 +1068,9 @@ impl<const K: usize, const O: usize> Session<K, O> {
         for w in self.watches.iter_mut() {
             if w.phase != WatchPhase::Done {
                 w.phase = WatchPhase::Done;
-                w.event = Some(SessionEvent::ObserveEnded { key: w.key.clone(), reason: None });
+                if w.asked {
+                    w.event = Some(SessionEvent::ObserveEnded { key: w.key.clone(), reason: None });
+                }
             }
         }
     }
@@ -1079,7 +1086,9 @@ impl<const K: usize, const O: usize> Session<K, O> {
             }
             (WatchPhase::Leaving { .. }, SessionReply::Unobserved { .. } | SessionReply::Rejected(_)) => {
                 w.phase = WatchPhase::Done;
-                w.event = Some(SessionEvent::ObserveEnded { key, reason: None });
+                if w.asked {
+                    w.event = Some(SessionEvent::ObserveEnded { key, reason: None });
+                }
             }
             (_, SessionReply::Expired) => self.lose(LostReason::Revoked),
             // Replayed or confused: the timeout retries.
@@ -1102,6 +1111,20 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 // Not for the application any more, but acknowledged, so the authority does not
                 // report it again (at once, if more wait) until our unobserve reaches it.
                 w.seen = w.seen.max(o.change);
+            } else if w.is_none() {
+                // Observed at the authority but not by us: undo it, as a grant we no longer
+                // pursue is given back, rather than hear of it in every keepalive.
+                let flight = Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now };
+                let orphan = WatchSlot {
+                    key: o.key.clone(),
+                    phase: WatchPhase::Leaving { flight },
+                    seen: o.change,
+                    acked: 0,
+                    carried: None,
+                    event: None,
+                    asked: false,
+                };
+                let _ = self.watches.push(orphan);
             } else if let Some(w) = w.filter(|w| w.event.is_none() && o.change > w.seen) {
                 let missed = if w.seen == 0 { 0 } else { o.change - w.seen - 1 };
                 w.seen = o.change;
@@ -1545,5 +1568,33 @@ mod tests {
         let left = a.handle(ms(5) + SKEW, &leave);
         watcher.handle_response(ms(5), &leave.answer(left));
         assert_eq!(events(&mut watcher)[..], [SessionEvent::ObserveEnded { key: key("x"), reason: None }]);
+    }
+
+    #[test]
+    fn an_observe_reordered_after_its_unobserve_is_undone_without_a_word() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut watcher = opened(&mut a, "watcher");
+        watcher.observe(ms(1), key("x")).unwrap();
+        let late = watcher.poll_transmit().expect("the observe");
+        watcher.unobserve(ms(1), &key("x")).unwrap();
+        // The unobserve overtakes the observe on the way.
+        exchange(&mut watcher, &mut a, ms(2));
+        assert_eq!(events(&mut watcher)[..], [SessionEvent::ObserveEnded { key: key("x"), reason: None }]);
+        let reply = a.handle(ms(3) + SKEW, &late);
+        assert_eq!(reply, SessionReply::Observing { key: key("x") }, "registered again at the authority");
+        watcher.handle_response(ms(3), &late.answer(reply));
+        // The next keepalive reports it; the machine undoes it instead of hearing of it forever.
+        watcher.keep_alive_now(ms(4));
+        watcher.handle_timeout(ms(4));
+        exchange(&mut watcher, &mut a, ms(4));
+        watcher.handle_timeout(ms(4));
+        exchange(&mut watcher, &mut a, ms(4));
+        assert_eq!(events(&mut watcher)[..], [], "the application never asked for it");
+        assert_eq!(a.observers_behind().count(), 0);
+        assert_eq!(watcher.observed().count(), 0);
+        watcher.keep_alive_now(ms(5));
+        watcher.handle_timeout(ms(5));
+        let ka = watcher.poll_transmit().unwrap();
+        assert_eq!(a.handle(ms(5) + SKEW, &ka), SessionReply::Alive { ttl: TTL, granted: None, more: false });
     }
 }
