@@ -532,6 +532,10 @@ impl World {
                 SessionState::Idle | SessionState::Ended => {
                     let _ = s.open(local);
                 }
+                // Now and then stop observing a key (observed again at a later turn).
+                SessionState::Open if !self.healed && roll < 24 && s.observed().any(|o| *o == key) => {
+                    let _ = s.unobserve(local, &key);
+                }
                 SessionState::Open => {
                     for k in &self.keys {
                         if !s.observed().any(|o| o == k) {
@@ -588,6 +592,9 @@ impl World {
                         return Err(self.violation(msg));
                     }
                 }
+                SessionEvent::ObserveEnded { key, .. } => {
+                    self.reported.remove(&(i, key.clone()));
+                }
                 SessionEvent::Lost { .. } => self.stats.lost += 1,
                 SessionEvent::Released { .. } => self.stats.released += 1,
                 _ => {}
@@ -627,10 +634,21 @@ impl World {
                     _ => self.authority.handle(now, &request),
                 };
                 self.record_history();
-                if let (SessionOp::Observe { key }, SessionReply::Observing { .. }) = (&request.op, &reply) {
-                    let index = self.history.get(key).map_or(0, |h| h.len() - 1);
-                    let change = self.authority.latest_change(key).unwrap_or_default();
-                    self.observing.entry((request.session, key.clone())).or_insert((index, change));
+                if let SessionOp::Observe { key } | SessionOp::Unobserve { key } = &request.op {
+                    // Registered: note where its numbering starts; gone: observed again, it
+                    // starts afresh.
+                    let at = (request.session, key.clone());
+                    match (self.authority.observes(request.session, key), self.observing.contains_key(&at)) {
+                        (true, false) => {
+                            let index = self.history.get(key).map_or(0, |h| h.len() - 1);
+                            let change = self.authority.latest_change(key).unwrap_or_default();
+                            self.observing.insert(at, (index, change));
+                        }
+                        (false, true) => {
+                            self.observing.remove(&at);
+                        }
+                        _ => {}
+                    }
                 }
                 self.log(What::Handles(client, request.clone(), reply.clone()));
                 self.check_authority(&before, Some(&request))?;

@@ -11,10 +11,10 @@ use leasehold_core::session::authority::SessionFault;
 use leasehold_core::Fault;
 use leasehold_tests::session_sim::{run_seed, Params, Stats, Violation, World};
 
-/// Seeds per `cargo test` run: about 11 s on two idle cores before observers; with them
-/// (1-2 observer sessions a run, and six healed ttls at the end) 34 s against 15 s without,
-/// both measured at load average 7.5 on 2 shared cores (`cargo test --release -p
-/// leasehold-tests --test sessions session_safety -- --nocapture`).
+/// Seeds per `cargo test` run. With observers (1-2 observer sessions a run, and six healed
+/// ttls at the end): 10.3 s at load average 2.5 on 2 shared cores; at load average 7.5, 34 s
+/// against 15 s without them (`cargo test --release -p leasehold-tests --test sessions
+/// session_safety -- --nocapture`).
 const CI_SEEDS: u64 = 10_000;
 
 fn seeds() -> u64 {

@@ -395,9 +395,9 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
             SessionOp::AcquireWithValue { key, wait, value } => {
                 self.acquire_with(now, sid, request.seq, newest, key, *wait, Some(value))
             }
-            SessionOp::Observe { key } => self.observe(sid, key),
+            SessionOp::Observe { key } => self.observe(sid, request.seq, key),
             SessionOp::Unobserve { key } => {
-                self.observations.unobserve(sid, key);
+                self.observations.unobserve(sid, key, request.seq);
                 SessionReply::Unobserved { key: key.clone() }
             }
             SessionOp::Release { key, fence } => self.release(sid, key, *fence),
@@ -500,6 +500,11 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         self.observations.value(session, key)
     }
 
+    /// Whether `session` observes `key`.
+    pub fn observes(&self, session: SessionId, key: &Key) -> bool {
+        self.observations.observes(session, key)
+    }
+
     /// The number of the latest change of `key`'s holder (see [`Observed::change`](super::wire::Observed::change)),
     /// if anyone observes it.
     pub fn latest_change(&self, key: &Key) -> Option<u64> {
@@ -564,7 +569,7 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         }
     }
 
-    fn observe(&mut self, sid: SessionId, key: &Key) -> SessionReply {
+    fn observe(&mut self, sid: SessionId, seq: Seq, key: &Key) -> SessionReply {
         if parse_key(key).is_err() {
             return SessionReply::Rejected(Reject::InvalidKey);
         }
@@ -574,7 +579,7 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
             (Some(h), Some(label)) => Some((h.session, label, h.fence)),
             _ => None,
         };
-        match self.observations.observe(sid, key, current) {
+        match self.observations.observe(sid, key, seq, current) {
             Ok(()) => SessionReply::Observing { key: key.clone() },
             Err(_) => SessionReply::Rejected(Reject::Capacity),
         }

@@ -144,6 +144,9 @@ struct Slot {
 #[derive(Debug, Clone)]
 struct WatchSlot {
     key: Key,
+    /// The seq of this observation's first observe: a keepalive made before it reports, if
+    /// anything, an observation of the key that ended before this one began.
+    start: Seq,
     phase: WatchPhase,
     /// The highest change of the key reported to the application.
     seen: u64,
@@ -626,9 +629,11 @@ impl<const K: usize, const O: usize> Session<K, O> {
         if self.watches.iter().any(|w| w.key == key) {
             return Err(ObserveError::AlreadyObserved);
         }
-        let flight = Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now };
+        let start = take_seq(&mut self.next_seq);
+        let flight = Flight::Unsent { seq: start, at: now };
         let watch = WatchSlot {
             key,
+            start,
             phase: WatchPhase::Asking { flight },
             seen: 0,
             acked: 0,
@@ -1105,7 +1110,10 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 w.carried = None;
             }
         }
-        if let Some(o) = observed {
+        // A report to a keepalive made before this observation's observe is about one that
+        // ended before it began: not believed.
+        let fresh = |w: &WatchSlot| answered.is_some_and(|a| a > w.start);
+        if let Some(o) = observed.filter(|o| self.watches.iter().all(|w| w.key != o.key || fresh(w))) {
             let mut w = self.watches.iter_mut().find(|w| w.key == o.key && w.phase != WatchPhase::Done);
             if let Some(w) = w.as_deref_mut().filter(|w| matches!(w.phase, WatchPhase::Leaving { .. })) {
                 // Not for the application any more, but acknowledged, so the authority does not
@@ -1117,6 +1125,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 let flight = Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now };
                 let orphan = WatchSlot {
                     key: o.key.clone(),
+                    start: Seq(0),
                     phase: WatchPhase::Leaving { flight },
                     seen: o.change,
                     acked: 0,

@@ -19,7 +19,7 @@
 
 use heapless::{Deque, Vec};
 
-use super::wire::{Label, Observed, ObservedHolder, SessionId, Value, OBSERVED_HISTORY};
+use super::wire::{Label, Observed, ObservedHolder, Seq, SessionId, Value, OBSERVED_HISTORY};
 use crate::wire::{Fence, Key};
 
 /// One change of a watched key.
@@ -63,6 +63,9 @@ struct Observer {
     /// The key's latest change (its watch's, copied here so that finding the observers
     /// behind costs one pass, not one watch lookup each).
     latest: u64,
+    /// The seq of the observe that registered it: an unobserve older than that (reordered on
+    /// the way, or a late retry's original) is not for this observation.
+    since: Seq,
 }
 
 /// The value a session acquired (or queued for) a key with.
@@ -146,6 +149,7 @@ impl<const O: usize, const V: usize> Observations<O, V> {
         &mut self,
         session: SessionId,
         key: &Key,
+        seq: Seq,
         current: Current<'_>,
     ) -> Result<(), Full> {
         if self.observers.iter().any(|o| o.session == session && o.key == *key) {
@@ -165,13 +169,13 @@ impl<const O: usize, const V: usize> Observations<O, V> {
             }
         };
         // Its first report is the current state.
-        let observer = Observer { session, key: key.clone(), acked: latest - 1, latest };
+        let observer = Observer { session, key: key.clone(), acked: latest - 1, latest, since: seq };
         self.observers.push(observer).map_err(|_| Full)
     }
 
-    /// `session` no longer observes `key`.
-    pub(super) fn unobserve(&mut self, session: SessionId, key: &Key) {
-        self.observers.retain(|o| !(o.session == session && o.key == *key));
+    /// `session` no longer observes `key`, if it observed it since before `seq`.
+    pub(super) fn unobserve(&mut self, session: SessionId, key: &Key, seq: Seq) {
+        self.observers.retain(|o| !(o.session == session && o.key == *key && o.since < seq));
         self.drop_unwatched();
     }
 
@@ -205,6 +209,11 @@ impl<const O: usize, const V: usize> Observations<O, V> {
     /// The latest change of `key`, if it is observed.
     pub(super) fn latest(&self, key: &Key) -> Option<u64> {
         self.watches.iter().find(|w| w.key == *key).map(Watch::latest_change)
+    }
+
+    /// Whether `session` observes `key`.
+    pub(super) fn observes(&self, session: SessionId, key: &Key) -> bool {
+        self.observers.iter().any(|o| o.session == session && o.key == *key)
     }
 
     /// Whether any key is observed.
