@@ -451,4 +451,23 @@ mod tests {
             SessionReply::Alive { ttl: TTL, granted: None, more: false }
         );
     }
+
+    #[test]
+    fn an_unobserve_older_than_the_observe_leaves_the_observer_alone() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut o = Client::open(&mut t, at(0), "o");
+        let stale = o.req(SessionOp::Unobserve { key: key("x") });
+        assert!(matches!(
+            o.send(&mut t, at(1), SessionOp::Observe { key: key("x") }),
+            SessionReply::Observing { .. }
+        ));
+        // Reordered on the way: the older unobserve arrives after the observe.
+        assert_eq!(t.handle(at(2), &stale), SessionReply::Unobserved { key: key("x") });
+        assert!(t.observes(o.id, &key("x")), "still observed");
+        assert_eq!(
+            o.send(&mut t, at(3), SessionOp::Unobserve { key: key("x") }),
+            SessionReply::Unobserved { key: key("x") }
+        );
+        assert!(!t.observes(o.id, &key("x")));
+    }
 }
