@@ -4,8 +4,17 @@
 //! anchored at the device's own send time, so a slow gateway can only shorten a lease. What it
 //! adds is bookkeeping about the links: a bound on the keys each link may use, counters that
 //! live as long as the gateway (not the connection), and warnings throttled per link.
+//!
+//! Protocol-v2 session frames are forwarded through [`BuiltinSessions`], each as its own task
+//! so a keepalive held open at the server (until it can push a grant) never holds up the
+//! link. A session belongs to the connection whose open request created it: any other frame
+//! for it on another connection is refused without being forwarded. A link that reconnects is
+//! a new connection: its peer may be another device (anyone can connect to a TCP port after a
+//! drop, and a USB serial adapter can be replugged into another board), so it must open a new
+//! session; the old one's keys free when the old session expires. The gateway never closes a
+//! session itself: its device may still believe in its keys until their validity ends.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::Write as _;
@@ -18,10 +27,11 @@ use std::time::Duration;
 
 use async_io::Async;
 use futures_lite::{AsyncRead, AsyncWrite};
+use leasehold_core::session::wire::{SessionId, SessionOp, SessionReply, SessionRequest};
 use leasehold_core::{Key, Reject, Reply, Response};
-use leasehold_http::{Backend, BuiltinBackend, TransportError};
+use leasehold_http::{Backend, BuiltinBackend, BuiltinSessions, SessionBackend, TlsConfig, TransportError};
 use leasehold_serial::host::{response_to, version_mismatch, AsyncHostLink};
-use leasehold_serial::{Body, DecodeError};
+use leasehold_serial::{Body, DecodeError, Frame, Header, SessionRefusal};
 
 /// Repeated warnings of one kind on one link: the first in each window is logged, the rest are
 /// counted and reported as one line when the window ends.
@@ -75,6 +85,17 @@ pub(crate) fn main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let target = match args.tls.config().and_then(|tls| {
+        SessionsTarget::new(args.server.clone(), args.token.clone(), args.timeout, tls)
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            eprintln!("leasehold gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bindings = Arc::new(SessionBindings::default());
     let links: Arc<[Arc<LinkState>]> =
         args.links.iter().map(|spec| Arc::new(LinkState::new(spec.clone()))).collect();
     smol::block_on(async {
@@ -96,7 +117,14 @@ pub(crate) fn main(args: Args) -> ExitCode {
         let max_keys = args.max_keys_per_link as usize;
         let tasks: Vec<_> = links
             .iter()
-            .map(|l| smol::spawn(serve_link(l.clone(), backend.clone(), args.give_up_after, max_keys)))
+            .map(|l| {
+                let sessions = SessionRoute {
+                    target: target.clone(),
+                    bindings: bindings.clone(),
+                    fault: Fault::from_env(),
+                };
+                smol::spawn(serve_link(l.clone(), backend.clone(), sessions, args.give_up_after, max_keys))
+            })
             .collect();
         for t in tasks {
             t.await;
@@ -218,6 +246,9 @@ impl Counter {
     fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
+    fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Relaxed);
+    }
 }
 
 /// What one link has done since the gateway started, over all its connections.
@@ -240,6 +271,14 @@ struct Counters {
     key_limit_refusals: Counter,
     /// Distinct keys the link has used.
     keys: Counter,
+    /// Session requests refused unforwarded: the session was not opened on this connection.
+    wrong_link_refusals: Counter,
+    /// Session requests the server refused for a wrong secret (the reply was withheld).
+    forged_refusals: Counter,
+    /// Sessions opened on the link's current connection and not known to have ended.
+    sessions: Counter,
+    /// Opens refused because the connection had `MAX_SESSIONS_PER_CONNECTION` sessions.
+    session_limit_refusals: Counter,
 }
 
 /// What the gateway warns about, per link.
@@ -252,6 +291,12 @@ enum Warning {
     Backend { device: u32, error: TransportError },
     /// A request for one key too many.
     KeyLimit { device: u32, key: Key, max: usize },
+    /// A session request on a connection that did not open the session.
+    WrongLink { device: u32, session: SessionId },
+    /// A session request with a wrong secret.
+    Forged { device: u32, session: SessionId },
+    /// An open past the connection's session limit.
+    SessionLimit { device: u32, max: usize },
 }
 
 impl Warning {
@@ -263,11 +308,14 @@ impl Warning {
             Warning::Open(_) => 2,
             Warning::Backend { .. } => 3,
             Warning::KeyLimit { .. } => 4,
+            Warning::WrongLink { .. } => 5,
+            Warning::Forged { .. } => 6,
+            Warning::SessionLimit { .. } => 7,
         }
     }
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 8;
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -284,6 +332,18 @@ impl fmt::Display for Warning {
                 f,
                 "device {device}: refused key {:?}: this link already uses {max} keys (--max-keys-per-link)",
                 key.as_str()
+            ),
+            Warning::WrongLink { device, session } => write!(
+                f,
+                "device {device}: refused a request for session {session}: it was not opened on this connection"
+            ),
+            Warning::Forged { device, session } => write!(
+                f,
+                "device {device}: the server refused the secret of a request for session {session} (forged or replayed with a wrong secret); its reply withheld"
+            ),
+            Warning::SessionLimit { device, max } => write!(
+                f,
+                "device {device}: refused to open a session: this connection already has {max} open"
             ),
         }
     }
@@ -382,16 +442,198 @@ impl KeySet {
     }
 }
 
+/// The built-in server's sessions API, and how to reach it: each session gets a pool of its
+/// own for its keepalives (the server holds one open until it can push a grant, so sessions
+/// sharing a pool would queue behind each other's held keepalives).
+struct SessionsTarget {
+    url: String,
+    token: Option<String>,
+    timeout: Duration,
+    tls: TlsConfig,
+}
+
+impl SessionsTarget {
+    fn new(
+        url: String,
+        token: Option<String>,
+        timeout: Duration,
+        tls: TlsConfig,
+    ) -> Result<Self, TransportError> {
+        let target = SessionsTarget { url, token, timeout, tls };
+        // The URL is checked here, once, rather than at every session's open.
+        target.client()?;
+        Ok(target)
+    }
+
+    fn client(&self) -> Result<BuiltinSessions, TransportError> {
+        Ok(BuiltinSessions::new(&self.url, self.token.clone(), self.timeout)?.with_tls(self.tls.clone()))
+    }
+
+    /// How long the server may hold a session's keepalive: a quarter of its ttl (the device
+    /// renews every ttl/4 and times a request out after ttl/3), and well inside the gateway's
+    /// own request timeout towards the server.
+    fn hold(&self, ttl: leasehold_core::Duration) -> Duration {
+        (Duration::from(ttl) / 4).min(self.timeout / 2)
+    }
+}
+
+/// One connection of one link, as the session bindings know it. Never reused.
+type ConnId = u64;
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// A session the gateway forwards for: the connection that opened it, how long its
+/// keepalives may be held, and their pool.
+struct Binding {
+    conn: ConnId,
+    hold: Duration,
+    keepalives: Arc<BuiltinSessions>,
+    ttl: Duration,
+    /// After this the server has certainly expired the session (unless a later keepalive
+    /// renewed it, which moves this on): the binding can go.
+    alive_until: std::time::Instant,
+}
+
+/// Sessions one connection may have open at once (a device needs one); an open beyond it is
+/// answered `Rejected(Capacity)` without being forwarded, so a device opening sessions in a
+/// loop cannot grow the gateway's table.
+const MAX_SESSIONS_PER_CONNECTION: usize = 8;
+
+/// When a session renewed for `ttl` by a reply received at `at` has certainly expired at the
+/// server: the server renewed it before it replied, for `ttl` on its clock, which may run
+/// slower than ours by ε; a quarter more and a second cover that with room to spare.
+fn certainly_expired_after(at: std::time::Instant, ttl: Duration) -> std::time::Instant {
+    at + ttl.mul_f64(1.25) + Duration::from_secs(1)
+}
+
+/// Which connection opened each session, over every link: a frame for a session is forwarded
+/// only from the connection that opened it.
+#[derive(Default)]
+struct SessionBindings(Mutex<HashMap<SessionId, Binding>>);
+
+impl SessionBindings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Binding>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The session's hold and keepalive pool, if `conn` opened it.
+    fn lookup(
+        &self,
+        session: SessionId,
+        conn: ConnId,
+        fault: Fault,
+    ) -> Option<(Duration, Arc<BuiltinSessions>)> {
+        let map = self.lock();
+        let found = map.get(&session).filter(|b| b.conn == conn || fault == Fault::AnyLink);
+        found.map(|b| (b.hold, b.keepalives.clone()))
+    }
+
+    fn bind(&self, session: SessionId, binding: Binding) -> bool {
+        // Ids are never reused by the server, so an existing entry can only be a bug there;
+        // the first binding stands.
+        let mut map = self.lock();
+        if map.contains_key(&session) {
+            return false;
+        }
+        map.insert(session, binding);
+        true
+    }
+
+    /// A keepalive of `session` was answered `Alive` at `at`.
+    fn renewed(&self, session: SessionId, conn: ConnId, at: std::time::Instant) {
+        if let Some(b) = self.lock().get_mut(&session).filter(|b| b.conn == conn) {
+            b.alive_until = certainly_expired_after(at, b.ttl);
+        }
+    }
+
+    /// Forgets `conn`'s sessions that have certainly expired by `now`; returns how many it
+    /// forgot and how many `conn` still has.
+    fn prune(&self, conn: ConnId, now: std::time::Instant) -> (u64, usize) {
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|_, b| b.conn != conn || b.alive_until > now);
+        let pruned = (before - map.len()) as u64;
+        (pruned, map.values().filter(|b| b.conn == conn).count())
+    }
+
+    /// Forgets `session` if `conn` opened it; returns whether it did.
+    fn unbind(&self, session: SessionId, conn: ConnId) -> bool {
+        let mut map = self.lock();
+        if map.get(&session).is_some_and(|b| b.conn == conn) {
+            map.remove(&session);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets every session `conn` opened (it ended); returns how many.
+    fn drop_conn(&self, conn: ConnId) -> u64 {
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|_, b| b.conn != conn);
+        (before - map.len()) as u64
+    }
+}
+
+/// What a link needs to forward session frames.
+#[derive(Clone)]
+struct SessionRoute {
+    target: Arc<SessionsTarget>,
+    bindings: Arc<SessionBindings>,
+    fault: Fault,
+}
+
+/// Deliberate bugs, so the tests can prove they catch them: chosen by the environment variable
+/// `LEASEHOLD_GATEWAY_FAULT` in a build with the `fault-injection` feature, and never
+/// otherwise (a release build has no way to turn off a check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+enum Fault {
+    /// Correct behaviour.
+    None,
+    /// `any-link`: forward a session's frames from any connection.
+    AnyLink,
+    /// `pass-forged`: pass the server's refusal of a wrong secret on to the device.
+    PassForged,
+    /// `no-hold`: have the server answer keepalives at once, never holding one for a grant.
+    NoHold,
+}
+
+impl Fault {
+    #[cfg(feature = "fault-injection")]
+    fn from_env() -> Fault {
+        match std::env::var("LEASEHOLD_GATEWAY_FAULT").as_deref() {
+            Ok("any-link") => Fault::AnyLink,
+            Ok("pass-forged") => Fault::PassForged,
+            Ok("no-hold") => Fault::NoHold,
+            _ => Fault::None,
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn from_env() -> Fault {
+        Fault::None
+    }
+}
+
+/// Session requests of one connection being forwarded at once, at most: a device has one
+/// keepalive and one request per key out, so more is a flood, answered "unreachable".
+const MAX_SESSION_REQUESTS_IN_FLIGHT: usize = 64;
+
 /// Keeps one link connected and forwards its frames, forever (or until `give_up_after`).
 async fn serve_link<B: Backend>(
     link: Arc<LinkState>,
     backend: Arc<B>,
+    sessions: SessionRoute,
     give_up_after: Option<u32>,
     max_keys: usize,
 ) {
     let mut failures = 0u32;
     let mut keys = KeySet { keys: HashSet::new(), max: max_keys };
     let name = &link.name;
+    // Opens, acquires, releases and closes of this link's sessions; keepalives go through
+    // each session's own pool. Cannot fail: the target was checked at start.
+    let Ok(shared) = sessions.target.client().map(Arc::new) else { return };
     loop {
         let stream = match open(&link.spec).await {
             Ok(s) => {
@@ -412,8 +654,17 @@ async fn serve_link<B: Backend>(
         };
         link.counters.connects.inc();
         link.counters.up.set(1);
-        let result = forward(&mut AsyncHostLink::new(stream), &*backend, &link, &mut keys).await;
+        let conn = Connection {
+            id: NEXT_CONN.fetch_add(1, Relaxed),
+            link: link.clone(),
+            route: sessions.clone(),
+            shared: shared.clone(),
+            in_flight: Arc::new(AtomicU64::new(0)),
+        };
+        let result = forward(&mut AsyncHostLink::new(stream), &*backend, &conn, &mut keys).await;
         link.counters.up.set(0);
+        // Its sessions can no longer be used from anywhere: they expire at the server.
+        link.counters.sessions.sub(sessions.bindings.drop_conn(conn.id));
         match result {
             Ok(()) => eprintln!("leasehold gateway: link {name} closed; reconnecting"),
             Err(e) => eprintln!("leasehold gateway: link {name}: {e}; reconnecting"),
@@ -422,28 +673,78 @@ async fn serve_link<B: Backend>(
     }
 }
 
+/// One connection of a link, for its session frames.
+struct Connection {
+    id: ConnId,
+    link: Arc<LinkState>,
+    route: SessionRoute,
+    shared: Arc<BuiltinSessions>,
+    in_flight: Arc<AtomicU64>,
+}
+
+/// What the forwarding loop waits for: the device's next frame, or a session request's answer.
+enum Next {
+    Frame(std::io::Result<Option<Result<Frame, DecodeError>>>),
+    Answer(Frame),
+}
+
 /// Forwards one connection's requests until it ends. Nothing a device sends can make this
 /// panic: bad frames are counted and skipped, a request for one key too many is refused.
 async fn forward<S: Stream, B: Backend>(
     link: &mut AsyncHostLink<S>,
     backend: &B,
-    state: &LinkState,
+    conn: &Connection,
     keys: &mut KeySet,
 ) -> std::io::Result<()> {
+    let state = &*conn.link;
     let c = &state.counters;
-    while let Some(frame) = link.read_frame().await? {
+    // Session answers come back here from their tasks, which are cancelled with the
+    // connection (when `tasks` is dropped).
+    let (answers_tx, answers) = smol::channel::unbounded::<Frame>();
+    let mut tasks: Vec<smol::Task<()>> = Vec::new();
+    loop {
+        // Reading is cancel-safe (AsyncHostLink::read_frame loses nothing when dropped).
+        let next = futures_lite::future::or(async { Next::Frame(link.read_frame().await) }, async {
+            match answers.recv().await {
+                Ok(f) => Next::Answer(f),
+                // Never: this function holds a sender.
+                Err(_) => std::future::pending().await,
+            }
+        })
+        .await;
+        let frame = match next {
+            Next::Answer(f) => {
+                link.write_frame(&f).await?;
+                continue;
+            }
+            Next::Frame(r) => match r? {
+                Some(frame) => frame,
+                None => return Ok(()),
+            },
+        };
         match frame {
             Ok(f) => {
                 c.frames.inc();
-                let Body::Request { key, request } = f.body else {
-                    tracing::debug!(
-                        "link {}: ignoring a non-request frame from device {}",
-                        state.name,
-                        f.header.device
-                    );
-                    continue;
+                let header = f.header;
+                let (key, request) = match f.body {
+                    Body::Request { key, request } => (key, request),
+                    Body::SessionRequest(request) => {
+                        tasks.retain(|t| !t.is_finished());
+                        if let Some(refusal) = conn.start(header, request, &answers_tx, &mut tasks) {
+                            link.write_frame(&refusal).await?;
+                        }
+                        continue;
+                    }
+                    _ => {
+                        tracing::debug!(
+                            "link {}: ignoring a non-request frame from device {}",
+                            state.name,
+                            header.device
+                        );
+                        continue;
+                    }
                 };
-                let device = f.header.device;
+                let device = header.device;
                 let reply = if keys.admit(&key) {
                     c.keys.set(keys.keys.len() as u64);
                     c.forwarded.inc();
@@ -464,7 +765,7 @@ async fn forward<S: Stream, B: Backend>(
                     Reply::Rejected(Reject::Capacity)
                 };
                 let response = Response { id: request.id, owner: request.owner, reply };
-                link.write_frame(&response_to(&f.header, response)).await?;
+                link.write_frame(&response_to(&header, response)).await?;
             }
             Err(e) => {
                 state.count_decode_error(&e);
@@ -475,7 +776,139 @@ async fn forward<S: Stream, B: Backend>(
             }
         }
     }
-    Ok(())
+}
+
+impl Connection {
+    /// Starts forwarding a session request in a task of its own, whose answer comes back on
+    /// `answers`; or returns the refusal to send at once.
+    fn start(
+        &self,
+        header: Header,
+        request: SessionRequest,
+        answers: &smol::channel::Sender<Frame>,
+        tasks: &mut Vec<smol::Task<()>>,
+    ) -> Option<Frame> {
+        let c = &self.link.counters;
+        let refuse = |why| {
+            Frame::new(
+                header.seq,
+                header.device,
+                Body::SessionRefused { session: request.session, seq: request.seq, why },
+            )
+        };
+        // Anyone may open a session; everything else only on the connection that opened it.
+        let (pool, hold) = if matches!(request.op, SessionOp::Open { .. }) {
+            let (pruned, open) = self.route.bindings.prune(self.id, std::time::Instant::now());
+            c.sessions.sub(pruned);
+            if open >= MAX_SESSIONS_PER_CONNECTION {
+                c.session_limit_refusals.inc();
+                self.link
+                    .warn(Warning::SessionLimit { device: header.device, max: MAX_SESSIONS_PER_CONNECTION });
+                let answer = request.answer(SessionReply::Rejected(Reject::Capacity));
+                return Some(Frame::new(header.seq, header.device, Body::SessionResponse(answer)));
+            }
+            (self.shared.clone(), Duration::ZERO)
+        } else {
+            let Some((hold, keepalives)) =
+                self.route.bindings.lookup(request.session, self.id, self.route.fault)
+            else {
+                c.wrong_link_refusals.inc();
+                self.link.warn(Warning::WrongLink { device: header.device, session: request.session });
+                return Some(refuse(SessionRefusal::WrongLink));
+            };
+            match request.op {
+                SessionOp::KeepAlive => (keepalives, hold),
+                _ => (self.shared.clone(), Duration::ZERO),
+            }
+        };
+        if self.in_flight.load(Relaxed) >= MAX_SESSION_REQUESTS_IN_FLIGHT as u64 {
+            c.backend_errors.inc();
+            return Some(refuse(SessionRefusal::Unreachable));
+        }
+        self.in_flight.fetch_add(1, Relaxed);
+        c.forwarded.inc();
+        let task = SessionTask {
+            conn: self.id,
+            link: self.link.clone(),
+            route: self.route.clone(),
+            in_flight: self.in_flight.clone(),
+            header,
+        };
+        let answers = answers.clone();
+        tasks.push(smol::spawn(async move {
+            let answer = task.run(&pool, request, hold).await;
+            if answers.send(answer).await.is_err() {
+                // The connection ended meanwhile; anything bound for it was dropped with it.
+            }
+            task.in_flight.fetch_sub(1, Relaxed);
+        }));
+        None
+    }
+}
+
+/// One session request on its way to the server and back.
+struct SessionTask {
+    conn: ConnId,
+    link: Arc<LinkState>,
+    route: SessionRoute,
+    in_flight: Arc<AtomicU64>,
+    header: Header,
+}
+
+impl SessionTask {
+    async fn run(&self, pool: &BuiltinSessions, request: SessionRequest, hold: Duration) -> Frame {
+        let c = &self.link.counters;
+        let (header, device) = (self.header, self.header.device);
+        let (session, seq) = (request.session, request.seq);
+        let frame = |body| Frame::new(header.seq, device, body);
+        let response = match SessionBackend::call(pool, request, hold).await {
+            Ok(r) => r,
+            Err(error) => {
+                c.backend_errors.inc();
+                self.link.warn(Warning::Backend { device, error });
+                return frame(Body::SessionRefused { session, seq, why: SessionRefusal::Unreachable });
+            }
+        };
+        match response.reply {
+            SessionReply::Opened { session: opened, ttl, .. } => {
+                let keepalives = match self.route.target.client() {
+                    Ok(k) => Arc::new(k),
+                    // Cannot happen (the URL was checked at start); the shared pool still works.
+                    Err(_) => return frame(Body::SessionResponse(response)),
+                };
+                let hold = match self.route.fault {
+                    Fault::NoHold => Duration::ZERO,
+                    _ => self.route.target.hold(ttl),
+                };
+                let ttl = Duration::from(ttl);
+                let alive_until = certainly_expired_after(std::time::Instant::now(), ttl);
+                let binding = Binding { conn: self.conn, hold, keepalives, ttl, alive_until };
+                if self.route.bindings.bind(opened, binding) {
+                    c.sessions.inc();
+                }
+            }
+            SessionReply::Alive { .. } => {
+                self.route.bindings.renewed(session, self.conn, std::time::Instant::now())
+            }
+            SessionReply::Closed | SessionReply::Expired
+                if self.route.bindings.unbind(session, self.conn) =>
+            {
+                c.sessions.sub(1);
+            }
+            // The holder has its secret, so a wrong one is someone else's frame. Its reply,
+            // which carries the seq it named, must not reach the holder as the answer to its
+            // own request of that seq.
+            SessionReply::Rejected(Reject::Unauthorized)
+                if session != SessionId::NONE && self.route.fault != Fault::PassForged =>
+            {
+                c.forged_refusals.inc();
+                self.link.warn(Warning::Forged { device, session });
+                return frame(Body::SessionRefused { session, seq, why: SessionRefusal::Forged });
+            }
+            _ => {}
+        }
+        frame(Body::SessionResponse(response))
+    }
 }
 
 /// One series of a family: its labels beyond `link`, and where its value is.
@@ -489,7 +922,7 @@ struct Family {
     series: &'static [Series],
 }
 
-const FAMILIES: [Family; 9] = [
+const FAMILIES: [Family; 11] = [
     Family {
         name: "leasehold_gateway_link_up",
         kind: "gauge",
@@ -541,6 +974,22 @@ const FAMILIES: [Family; 9] = [
         kind: "counter",
         help: "Requests refused because the link reached --max-keys-per-link.",
         series: &[("", |c| &c.key_limit_refusals)],
+    },
+    Family {
+        name: "leasehold_gateway_session_refusals_total",
+        kind: "counter",
+        help: "Session requests answered by the gateway instead of the server: not opened on this connection (not forwarded), a wrong secret (the reply withheld), or an open past the connection's session limit (not forwarded).",
+        series: &[
+            ("reason=\"wrong_link\"", |c| &c.wrong_link_refusals),
+            ("reason=\"forged\"", |c| &c.forged_refusals),
+            ("reason=\"session_limit\"", |c| &c.session_limit_refusals),
+        ],
+    },
+    Family {
+        name: "leasehold_gateway_link_sessions",
+        kind: "gauge",
+        help: "Sessions opened on the link's current connection and not known to have ended.",
+        series: &[("", |c| &c.sessions)],
     },
     Family {
         name: "leasehold_gateway_link_keys",
@@ -663,6 +1112,38 @@ mod tests {
         // A new window: the next one is logged at once, and nothing is left to sum up.
         link.warn(Warning::Frame(DecodeError::WrongVersion(header(2))));
         assert!(link.end_window().is_empty());
+    }
+
+    #[test]
+    fn a_session_is_found_only_from_the_connection_that_opened_it() {
+        let target =
+            SessionsTarget::new("http://127.0.0.1:1".into(), None, Duration::from_secs(2), TlsConfig::new())
+                .unwrap();
+        let bindings = SessionBindings::default();
+        let start = std::time::Instant::now();
+        let bind = |s, conn| {
+            let (ttl, keepalives) = (Duration::from_secs(2), Arc::new(target.client().unwrap()));
+            let alive_until = certainly_expired_after(start, ttl);
+            bindings.bind(SessionId(s), Binding { conn, hold: Duration::ZERO, keepalives, ttl, alive_until })
+        };
+        assert!(bind(1, 10) && bind(2, 10) && bind(3, 11));
+        assert!(!bind(1, 11), "a second binding of a session");
+        assert!(bindings.lookup(SessionId(1), 10, Fault::None).is_some());
+        assert!(bindings.lookup(SessionId(1), 11, Fault::None).is_none());
+        assert!(bindings.lookup(SessionId(4), 10, Fault::None).is_none());
+        assert!(!bindings.unbind(SessionId(3), 10), "unbound from another connection");
+        assert!(bindings.unbind(SessionId(3), 11));
+        // Expired for certain only well past the ttl: 2 s · 1.25 + 1 s; a renewal moves it on.
+        assert_eq!(bindings.prune(10, start + Duration::from_millis(3_400)), (0, 2));
+        bindings.renewed(SessionId(1), 10, start + Duration::from_secs(2));
+        assert_eq!(bindings.prune(10, start + Duration::from_millis(3_600)), (1, 1));
+        assert!(bindings.lookup(SessionId(2), 10, Fault::None).is_none(), "the expired one went");
+        assert!(bindings.lookup(SessionId(1), 10, Fault::None).is_some(), "the renewed one stayed");
+        assert_eq!(bindings.drop_conn(10), 1);
+        assert!(bindings.lookup(SessionId(1), 10, Fault::None).is_none());
+        // Held for a quarter of the ttl, never past half the request timeout.
+        assert_eq!(target.hold(leasehold_core::Duration::from_secs(4)), Duration::from_secs(1));
+        assert_eq!(target.hold(leasehold_core::Duration::from_secs(60)), Duration::from_secs(1));
     }
 
     #[test]

@@ -36,25 +36,15 @@ use crate::wire::{Fence, Op, OwnerId, Reject, Reply, Request, RequestId, Respons
 pub struct Lease {
     config: Config,
     owner: OwnerId,
+    /// What the machine is doing, with the deadlines and the request that belong to it.
     phase: Phase,
     /// The fence held now, or the highest one ever granted to this lease.
     fence: Fence,
-    /// End of the local validity while [`Phase::Held`]; give-up bound while releasing.
-    valid_until: Instant,
-    /// When the pending request was made: what its validity is anchored at.
-    sent_at: Instant,
-    /// When to send the next request (renewal, retry, takeover), if `wake_set`.
-    wake: Instant,
     rng: u64,
-    /// The id of the next request; the pending one, if any, is the one before it.
+    /// The id of the next request made.
     next_id: u32,
     /// Consecutive failed attempts, for backoff and [`Health::Unknown`].
     failures: u8,
-    wake_set: bool,
-    /// A request is awaiting its reply (or its turn in `poll_transmit`).
-    pending: bool,
-    /// The pending request has not been handed out by `poll_transmit` yet.
-    unsent: bool,
     /// Oldest first. Each call produces at most one event, so a caller that drains after
     /// every call never loses one; for one that does not, the newest two are kept.
     events: [Option<Event>; 2],
@@ -64,11 +54,49 @@ pub struct Lease {
 /// bytes): nothing is ever later, so the comparison needs no special case.
 const NEVER: Instant = Instant::MAX;
 
-/// The request awaiting its reply.
+/// One request's life in a phase that talks to the authority: due to be made, made but not
+/// handed out, handed out and awaiting its reply. Exactly one of these at a time, so a timer
+/// for the next request and a request in the air cannot both be set.
+///
+/// Unlike the session holder's flight, a request made but not yet handed out still times out
+/// (from when it was made): a caller that never drains [`Lease::poll_transmit`] gets retries
+/// with backoff, as it always has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Pending {
-    id: RequestId,
-    sent_at: Instant,
+enum Flight {
+    /// The next request (renewal, retry, poll, takeover) is to be made at `at`.
+    Due { at: Instant },
+    /// Made at `at`, waiting in [`Lease::poll_transmit`]. Replies and errors for `id` are not
+    /// believed yet: nobody can have answered a request that was never handed out.
+    Unsent { id: RequestId, at: Instant },
+    /// Handed out; made at `at`, which is what its validity is anchored at.
+    Sent { id: RequestId, at: Instant },
+}
+
+impl Flight {
+    /// When the machine must next act on this request: when it is due, or when its reply is
+    /// overdue.
+    fn deadline(self, request_timeout: Duration) -> Instant {
+        match self {
+            Flight::Due { at } => at,
+            Flight::Unsent { at, .. } | Flight::Sent { at, .. } => at + request_timeout,
+        }
+    }
+
+    /// A request was made (handed out or not) and its reply is overdue.
+    fn overdue(self, now: Instant, request_timeout: Duration) -> bool {
+        match self {
+            Flight::Due { .. } => false,
+            Flight::Unsent { at, .. } | Flight::Sent { at, .. } => now >= at + request_timeout,
+        }
+    }
+
+    /// The id and making time of the request awaiting its reply, if one is out.
+    fn sent(self) -> Option<(RequestId, Instant)> {
+        match self {
+            Flight::Sent { id, at } => Some((id, at)),
+            Flight::Due { .. } | Flight::Unsent { .. } => None,
+        }
+    }
 }
 
 /// A compare-and-set record seen held, and since when it has been seen unchanged.
@@ -83,22 +111,58 @@ struct Observation {
     ready: bool,
 }
 
+/// Each phase that talks to the authority owns its one [`Flight`] and the deadline that ends
+/// it. An explicit tag, with the flight declared first after anything smaller than it, puts the
+/// flight at the same offset in every phase: the hot path (a timer, a renewal, its reply)
+/// then finds it without decoding which phase holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Phase {
     Idle,
     Acquiring {
-        /// Stop trying once an attempt could not end before this ([`NEVER`]: keep trying).
-        give_up_at: Instant,
         /// `release` was called while an attempt was in flight.
         cancel: bool,
+        flight: Flight,
+        /// Stop trying once an attempt could not end before this ([`NEVER`]: keep trying).
+        give_up_at: Instant,
         /// An observed record to take over once it has stood still long enough
         /// (compare-and-set stores).
         takeover: Option<Observation>,
     },
-    Held,
-    Releasing,
+    Held {
+        /// The renewal: due at its time, or out.
+        flight: Flight,
+        /// End of the local validity.
+        valid_until: Instant,
+    },
+    Releasing {
+        flight: Flight,
+        /// When the grant would have expired anyway: the release then ends unacknowledged,
+        /// since nothing is left to give back.
+        give_up_at: Instant,
+    },
     Lost,
     Released,
+}
+
+impl Phase {
+    fn flight(&self) -> Option<Flight> {
+        match *self {
+            Phase::Acquiring { flight, .. }
+            | Phase::Held { flight, .. }
+            | Phase::Releasing { flight, .. } => Some(flight),
+            Phase::Idle | Phase::Lost | Phase::Released => None,
+        }
+    }
+
+    fn flight_mut(&mut self) -> Option<&mut Flight> {
+        match self {
+            Phase::Acquiring { flight, .. }
+            | Phase::Held { flight, .. }
+            | Phase::Releasing { flight, .. } => Some(flight),
+            Phase::Idle | Phase::Lost | Phase::Released => None,
+        }
+    }
 }
 
 /// What the machine is doing.
@@ -307,16 +371,10 @@ impl Lease {
             owner,
             phase: Phase::Idle,
             fence: Fence::NONE,
-            valid_until: Instant::ZERO,
-            sent_at: Instant::ZERO,
-            wake: Instant::ZERO,
             // Mixing in the owner keeps identically configured leases from retrying in step.
             rng: config.jitter_seed ^ owner.0.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             next_id: 0,
             failures: 0,
-            wake_set: false,
-            pending: false,
-            unsent: false,
             events: [None, None],
         })
     }
@@ -339,15 +397,15 @@ impl Lease {
             Phase::Idle | Phase::Lost | Phase::Released => State::Idle,
             Phase::Acquiring { takeover: Some(_), .. } => State::Waiting,
             Phase::Acquiring { .. } => State::Acquiring,
-            Phase::Held => State::Held,
-            Phase::Releasing => State::Releasing,
+            Phase::Held { .. } => State::Held,
+            Phase::Releasing { .. } => State::Releasing,
         }
     }
 
     /// The fence of the lease held now, if any.
     pub const fn fence(&self) -> Option<Fence> {
         match self.phase {
-            Phase::Held => Some(self.fence),
+            Phase::Held { .. } => Some(self.fence),
             _ => None,
         }
     }
@@ -355,7 +413,7 @@ impl Lease {
     /// How long the lease may still be relied on at local time `now`; `None` once it may not.
     pub fn remaining(&self, now: Instant) -> Option<Duration> {
         match self.phase {
-            Phase::Held if now < self.valid_until => Some(self.valid_until - now),
+            Phase::Held { valid_until, .. } if now < valid_until => Some(valid_until - now),
             _ => None,
         }
     }
@@ -363,10 +421,10 @@ impl Lease {
     /// How much the holder can trust its lease at `now`.
     pub fn health(&self, now: Instant) -> Health {
         match self.phase {
-            Phase::Held if now >= self.valid_until => Health::Lost,
-            Phase::Held if self.failures > 0 => Health::Unknown,
-            Phase::Held => Health::Held,
-            Phase::Releasing | Phase::Released => Health::Released,
+            Phase::Held { valid_until, .. } if now >= valid_until => Health::Lost,
+            Phase::Held { .. } if self.failures > 0 => Health::Unknown,
+            Phase::Held { .. } => Health::Held,
+            Phase::Releasing { .. } | Phase::Released => Health::Released,
             Phase::Lost => Health::Lost,
             Phase::Idle | Phase::Acquiring { .. } => Health::NotHeld,
         }
@@ -402,23 +460,24 @@ impl Lease {
     pub fn release(&mut self, now: Instant) -> Result<(), ReleaseError> {
         self.expire(now);
         match self.phase {
-            Phase::Held => {
-                self.phase = Phase::Releasing;
-                self.wake_set = false;
+            Phase::Held { valid_until, .. } => {
                 self.failures = 0;
-                self.send(now);
+                let flight = make_request(&mut self.next_id, now);
+                self.phase = Phase::Releasing { give_up_at: valid_until, flight };
                 Ok(())
             }
-            Phase::Acquiring { ref mut cancel, .. } if self.pending => {
+            Phase::Acquiring {
+                ref mut cancel, flight: Flight::Unsent { .. } | Flight::Sent { .. }, ..
+            } => {
                 // The attempt in flight may be granted; if so it is released at once.
                 *cancel = true;
                 Ok(())
             }
-            Phase::Acquiring { .. } => {
+            Phase::Acquiring { flight: Flight::Due { .. }, .. } => {
                 self.not_acquired(NotAcquired::Cancelled);
                 Ok(())
             }
-            Phase::Releasing => Ok(()),
+            Phase::Releasing { .. } => Ok(()),
             Phase::Idle | Phase::Lost | Phase::Released => Err(ReleaseError::NotHeld),
         }
     }
@@ -431,15 +490,15 @@ impl Lease {
         if self.expire(now) {
             return;
         }
-        let Some(p) = self.pending() else { return };
-        if p.id != response.id || response.owner != self.owner || self.unsent {
+        let Some((id, sent_at)) = self.phase.flight().and_then(Flight::sent) else { return };
+        if id != response.id || response.owner != self.owner {
             return;
         }
-        self.pending = false;
+        // Every branch below moves the phase on: to a new flight or to an end.
         match self.phase {
-            Phase::Acquiring { .. } => self.on_acquire_reply(now, p, response.reply),
-            Phase::Held => self.on_renew_reply(now, p, response.reply),
-            Phase::Releasing => self.on_release_reply(now, response.reply),
+            Phase::Acquiring { .. } => self.on_acquire_reply(now, sent_at, response.reply),
+            Phase::Held { .. } => self.on_renew_reply(now, sent_at, response.reply),
+            Phase::Releasing { .. } => self.on_release_reply(now, response.reply),
             Phase::Idle | Phase::Lost | Phase::Released => {}
         }
     }
@@ -450,7 +509,7 @@ impl Lease {
         if self.expire(now) {
             return;
         }
-        if self.pending().is_some_and(|p| p.id == id) && !self.unsent {
+        if self.phase.flight().and_then(Flight::sent).is_some_and(|(sent, _)| sent == id) {
             self.fail(now);
         }
     }
@@ -464,15 +523,15 @@ impl Lease {
         if self.expire(now) {
             return;
         }
-        if self.pending().is_none_or(|p| p.id != id) || self.unsent {
+        if self.phase.flight().and_then(Flight::sent).is_none_or(|(sent, _)| sent != id) {
             return;
         }
         match self.phase {
             Phase::Acquiring { .. } => self.not_acquired(NotAcquired::Unreachable),
-            Phase::Held => {
+            Phase::Held { .. } => {
                 self.end(Phase::Lost, Event::Lost { fence: self.fence, reason: LostReason::Unreachable })
             }
-            Phase::Releasing => {
+            Phase::Releasing { .. } => {
                 self.end(Phase::Released, Event::Released { fence: self.fence, acknowledged: false })
             }
             Phase::Idle | Phase::Lost | Phase::Released => {}
@@ -485,12 +544,15 @@ impl Lease {
         if self.expire(now) {
             return;
         }
-        if self.pending && now >= self.sent_at + self.config.request_timeout {
+        let timeout = self.config.request_timeout;
+        if self.phase.flight().is_some_and(|f| f.overdue(now, timeout)) {
             self.fail(now);
         }
-        if self.wake_set && now >= self.wake {
-            self.wake_set = false;
-            self.fire(now);
+        // Checked after a failure too: a retry due at once is made in the same call.
+        if let Some(flight) = self.phase.flight_mut() {
+            if matches!(*flight, Flight::Due { at } if now >= at) {
+                *flight = make_request(&mut self.next_id, now);
+            }
         }
     }
 
@@ -498,12 +560,10 @@ impl Lease {
 
     /// The next request to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Request> {
-        if !self.unsent {
-            return None;
-        }
-        self.unsent = false;
-        let op = self.op()?;
-        self.pending().map(|p| Request { id: p.id, owner: self.owner, op })
+        let flight = self.phase.flight_mut()?;
+        let Flight::Unsent { id, at } = *flight else { return None };
+        *flight = Flight::Sent { id, at };
+        Some(Request { id, owner: self.owner, op: self.op()? })
     }
 
     /// The next event for the application, if any.
@@ -515,15 +575,14 @@ impl Lease {
 
     /// When [`handle_timeout`](Lease::handle_timeout) must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = self.wake_set.then_some(self.wake);
-        let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if self.pending {
-            earliest(self.sent_at + self.config.request_timeout);
+        let timeout = self.config.request_timeout;
+        match self.phase {
+            Phase::Held { valid_until: end, flight } | Phase::Releasing { give_up_at: end, flight } => {
+                Some(flight.deadline(timeout).min(end))
+            }
+            Phase::Acquiring { flight, .. } => Some(flight.deadline(timeout)),
+            Phase::Idle | Phase::Lost | Phase::Released => None,
         }
-        if matches!(self.phase, Phase::Held | Phase::Releasing) {
-            earliest(self.valid_until);
-        }
-        next
     }
 
     // ----- internals -----
@@ -532,29 +591,26 @@ impl Lease {
         self.expire(now);
         match self.phase {
             Phase::Idle | Phase::Lost | Phase::Released => {
-                self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover: None };
                 self.failures = 0;
-                self.send(now);
+                let flight = make_request(&mut self.next_id, now);
+                self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover: None, flight };
                 Ok(())
             }
             Phase::Acquiring { .. } => Err(AcquireError::InProgress),
-            Phase::Held => Err(AcquireError::AlreadyHeld),
-            Phase::Releasing => Err(AcquireError::Releasing),
+            Phase::Held { .. } => Err(AcquireError::AlreadyHeld),
+            Phase::Releasing { .. } => Err(AcquireError::Releasing),
         }
     }
 
     /// Ends a holding or release whose time is up. Returns whether it did.
     fn expire(&mut self, now: Instant) -> bool {
-        if now < self.valid_until {
-            return false;
-        }
         match self.phase {
-            Phase::Held => {
+            Phase::Held { valid_until, .. } if now >= valid_until => {
                 self.end(Phase::Lost, Event::Lost { fence: self.fence, reason: LostReason::Expired });
                 true
             }
             // The authority has expired the grant by now: nothing left to give back.
-            Phase::Releasing => {
+            Phase::Releasing { give_up_at, .. } if now >= give_up_at => {
                 self.end(Phase::Released, Event::Released { fence: self.fence, acknowledged: false });
                 true
             }
@@ -562,8 +618,8 @@ impl Lease {
         }
     }
 
-    fn on_acquire_reply(&mut self, now: Instant, p: Pending, reply: Reply) {
-        let Phase::Acquiring { give_up_at, cancel, .. } = self.phase else {
+    fn on_acquire_reply(&mut self, now: Instant, sent_at: Instant, reply: Reply) {
+        let Phase::Acquiring { give_up_at, cancel, takeover, .. } = self.phase else {
             return;
         };
         match reply {
@@ -574,13 +630,12 @@ impl Lease {
                     return self.fail(now);
                 }
                 self.fence = fence;
-                let valid_until =
-                    self.anchor(p.sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
+                let valid_until = self.anchor(sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
                 if cancel {
-                    self.phase = Phase::Releasing;
-                    self.valid_until = valid_until.max(now + self.config.request_timeout);
                     self.failures = 0;
-                    self.send(now);
+                    let flight = make_request(&mut self.next_id, now);
+                    let give_up_at = valid_until.max(now + self.config.request_timeout);
+                    self.phase = Phase::Releasing { give_up_at, flight };
                     return;
                 }
                 if valid_until <= now {
@@ -588,10 +643,9 @@ impl Lease {
                     // (and a new fence) from our own stale one.
                     return self.fail(now);
                 }
-                self.phase = Phase::Held;
-                self.valid_until = valid_until;
                 self.failures = 0;
-                self.wake_at((p.sent_at + self.config.renew_every).max(now));
+                let renew_at = (sent_at + self.config.renew_every).max(now);
+                self.phase = Phase::Held { valid_until, flight: Flight::Due { at: renew_at } };
                 self.push(Event::Acquired { fence, valid_until, after_expiry });
             }
             Reply::Busy { retry_after } => {
@@ -611,8 +665,8 @@ impl Lease {
                 }
                 // Anchored at receipt of the first sighting of this version: the write of it
                 // happened before we read it. A changed version starts the wait again.
-                let due = match self.phase {
-                    Phase::Acquiring { takeover: Some(o), .. } if o.version == version => o.due,
+                let due = match takeover {
+                    Some(o) if o.version == version => o.due,
                     _ => now + self.config.observe_wait(ttl),
                 };
                 // Poll meanwhile: the holder may die right after a renewal we have not seen,
@@ -645,20 +699,23 @@ impl Lease {
             Some(o) if attempt < at => Some(Observation { ready: false, ..o }),
             other => other,
         };
-        let at = attempt;
-        self.phase = Phase::Acquiring { give_up_at, cancel: false, takeover };
+        self.phase =
+            Phase::Acquiring { give_up_at, cancel: false, takeover, flight: Flight::Due { at: attempt } };
         self.failures = 0;
-        self.wake_at(at);
     }
 
-    fn on_renew_reply(&mut self, now: Instant, p: Pending, reply: Reply) {
+    fn on_renew_reply(&mut self, now: Instant, sent_at: Instant, reply: Reply) {
+        let Phase::Held { valid_until, .. } = self.phase else {
+            return;
+        };
         match reply {
             Reply::Granted { fence, ttl } if fence == self.fence => {
-                let until = self.anchor(p.sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
-                self.valid_until = self.valid_until.max(until);
+                let until = self.anchor(sent_at, now) + self.config.validity(ttl.min(self.config.ttl));
+                let valid_until = valid_until.max(until);
                 self.failures = 0;
-                self.wake_at((p.sent_at + self.config.renew_every).max(now));
-                self.push(Event::Renewed { fence, valid_until: self.valid_until });
+                let renew_at = (sent_at + self.config.renew_every).max(now);
+                self.phase = Phase::Held { valid_until, flight: Flight::Due { at: renew_at } };
+                self.push(Event::Renewed { fence, valid_until });
             }
             Reply::NotHolder | Reply::Busy { .. } | Reply::Observed { .. } => {
                 self.end(Phase::Lost, Event::Lost { fence: self.fence, reason: LostReason::Revoked })
@@ -683,48 +740,34 @@ impl Lease {
         }
     }
 
-    /// The request the current phase calls for. The pending request is always this one, so
+    /// The request the current phase calls for. The request in flight is always this one, so
     /// it need not be stored.
     fn op(&self) -> Option<Op> {
         let ttl = self.config.ttl;
         Some(match self.phase {
             Phase::Acquiring { takeover: Some(o), .. } if o.ready => Op::Takeover { version: o.version, ttl },
             Phase::Acquiring { .. } => Op::Acquire { ttl },
-            Phase::Held => Op::Renew { fence: self.fence, ttl },
-            Phase::Releasing => Op::Release { fence: self.fence },
+            Phase::Held { .. } => Op::Renew { fence: self.fence, ttl },
+            Phase::Releasing { .. } => Op::Release { fence: self.fence },
             Phase::Idle | Phase::Lost | Phase::Released => return None,
         })
     }
 
-    /// Sends the request the current phase calls for.
-    fn fire(&mut self, now: Instant) {
-        if self.op().is_some() {
-            self.send(now);
-        }
-    }
-
     /// The newest request failed: back off and retry, or give up.
     fn fail(&mut self, now: Instant) {
-        self.pending = false;
-        self.unsent = false;
         self.failures = self.failures.saturating_add(1);
         let at = now + self.backoff();
         match self.phase {
             Phase::Acquiring { cancel: true, .. } => self.not_acquired(NotAcquired::Cancelled),
-            Phase::Acquiring { give_up_at, .. } => match last_chance(now, at, give_up_at) {
-                Some(at) => self.wake_at(at),
+            Phase::Acquiring { give_up_at, ref mut flight, .. } => match last_chance(now, at, give_up_at) {
+                Some(at) => *flight = Flight::Due { at },
                 None => self.not_acquired(NotAcquired::Unavailable),
             },
-            Phase::Held | Phase::Releasing => self.wake_at(at),
+            Phase::Held { ref mut flight, .. } | Phase::Releasing { ref mut flight, .. } => {
+                *flight = Flight::Due { at }
+            }
             Phase::Idle | Phase::Lost | Phase::Released => {}
         }
-    }
-
-    fn send(&mut self, now: Instant) {
-        self.next_id = self.next_id.wrapping_add(1);
-        self.sent_at = now;
-        self.pending = true;
-        self.unsent = true;
     }
 
     fn not_acquired(&mut self, reason: NotAcquired) {
@@ -733,11 +776,7 @@ impl Lease {
 
     fn end(&mut self, phase: Phase, event: Event) {
         self.phase = phase;
-        self.pending = false;
-        self.unsent = false;
-        self.wake_set = false;
         self.failures = 0;
-        self.valid_until = Instant::ZERO;
         self.push(event);
     }
 
@@ -747,18 +786,6 @@ impl Lease {
             [Some(_), None] => self.events[1] = Some(event),
             [Some(_), Some(_)] => self.events = [self.events[1], Some(event)],
         }
-    }
-
-    /// Schedules the next request.
-    fn wake_at(&mut self, at: Instant) {
-        self.wake = at;
-        self.wake_set = true;
-    }
-
-    /// The request awaiting its reply, if any.
-    fn pending(&self) -> Option<Pending> {
-        let id = RequestId(self.next_id.wrapping_sub(1));
-        self.pending.then_some(Pending { id, sent_at: self.sent_at })
     }
 
     /// Where validity is counted from: the request's send time.
@@ -789,6 +816,13 @@ impl Lease {
         z ^= z >> 31;
         Duration::from_micros(z % max.as_micros().saturating_add(1).max(1))
     }
+}
+
+/// A new request, made at `now`, for the caller to put in its phase.
+fn make_request(next_id: &mut u32, now: Instant) -> Flight {
+    let id = RequestId(*next_id);
+    *next_id = next_id.wrapping_add(1);
+    Flight::Unsent { id, at: now }
 }
 
 /// When an acquisition that gives up at `give_up_at` makes its next attempt, planned for `at`:
@@ -1290,6 +1324,41 @@ mod tests {
             Some(Event::NotAcquired { reason: NotAcquired::Rejected(Reject::InvalidTtl) })
         );
         assert_eq!(l.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_request_never_handed_out_is_not_answerable_but_still_times_out() {
+        let timeout = config().request_timeout;
+        let mut l = lease();
+        l.acquire(ms(0)).unwrap();
+        // Made at 0 but not yet taken by poll_transmit: its id is 0 (the first request).
+        let unsent = RequestId(0);
+        assert_eq!(l.poll_timeout(), Some(ms(0) + timeout), "an unsent request times out too");
+        l.handle_response(ms(1), Response { id: unsent, owner: OwnerId(1), reply: granted(1) });
+        l.handle_transport_error(ms(1), unsent);
+        l.handle_permanent_error(ms(1), unsent);
+        assert_eq!(l.poll_event(), None, "nobody can have answered a request never handed out");
+        assert_eq!(l.state(), State::Acquiring);
+        // Its timeout fails it and backs off; the retry is a new request with a new id.
+        l.handle_timeout(ms(0) + timeout);
+        let retry_at = l.poll_timeout().unwrap();
+        assert!(retry_at > ms(0) + timeout, "backs off: {retry_at}");
+        assert_eq!(l.poll_transmit(), None, "nothing to send while backing off");
+        l.handle_timeout(retry_at);
+        let r = l.poll_transmit().unwrap();
+        assert_eq!((r.id, r.op), (RequestId(1), Op::Acquire { ttl: TTL }));
+        assert_eq!(l.poll_transmit(), None, "handed out once");
+        assert_eq!(l.poll_timeout(), Some(retry_at + timeout));
+        // Validity is anchored at when the retry was made.
+        reply(&mut l, retry_at + Duration::from_millis(40), &r, granted(1));
+        assert_eq!(
+            l.poll_event(),
+            Some(Event::Acquired {
+                fence: Fence(1),
+                valid_until: retry_at + Duration::from_millis(9_900),
+                after_expiry: false
+            })
+        );
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //!
 //! `cargo run -p leasehold-serial --example frame_sizes`
 
+use leasehold_core::session::wire::{
+    parse_label, Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+};
 use leasehold_core::{parse_key, Duration, Fence, Op, OwnerId, Reply, Request, RequestId, Response};
 use leasehold_serial::{Body, Frame, MAX_FRAME};
 
@@ -47,7 +50,81 @@ fn main() {
         op: Op::Takeover { version: u64::MAX, ttl: Duration::from_micros(u64::MAX) },
     };
     let worst = Frame::new(u16::MAX, u32::MAX, Body::Request { key: long_key, request: takeover });
-    println!("largest possible frame: {} bytes (MAX_FRAME = {MAX_FRAME})", size(&worst));
+    println!("largest possible v1 frame: {} bytes", size(&worst));
+    sessions();
+}
+
+/// Protocol v2 frames: typical (session 3, seq 40, key 'pump') and at their largest.
+fn sessions() {
+    let pump = parse_key("pump").expect("valid key");
+    let long_key = parse_key(&"k".repeat(64)).expect("64 key bytes are allowed");
+    let secret = Secret::from_bytes([0x5a; 16]);
+    let max = Duration::from_micros(u64::MAX);
+    let ttl = Duration::from_secs(5);
+    let request = |session, seq, op| Body::SessionRequest(SessionRequest { session, secret, seq, op });
+    let requests = [
+        (
+            "session open",
+            SessionOp::Open { ttl, label: parse_label("pump-1").expect("label") },
+            SessionOp::Open { ttl: max, label: parse_label(&"l".repeat(32)).expect("label") },
+        ),
+        ("session keepalive (all keys)", SessionOp::KeepAlive, SessionOp::KeepAlive),
+        (
+            "session acquire (wait)",
+            SessionOp::Acquire { key: pump.clone(), wait: true },
+            SessionOp::Acquire { key: long_key.clone(), wait: true },
+        ),
+        (
+            "session release",
+            SessionOp::Release { key: pump.clone(), fence: Fence(3) },
+            SessionOp::Release { key: long_key.clone(), fence: Fence(u64::MAX) },
+        ),
+    ];
+    for (name, small, big) in requests {
+        let a = Frame::new(12, 7, request(SessionId(3), Seq(40), small));
+        let b = Frame::new(u16::MAX, u32::MAX, request(SessionId(u64::MAX), Seq(u64::MAX), big));
+        println!("{name:<28} {:>9}  {:>21}", size(&a), size(&b));
+    }
+    let response = |session, seq, reply| Body::SessionResponse(SessionResponse { session, seq, reply });
+    let replies = [
+        (
+            "session opened",
+            SessionReply::Opened { session: SessionId(3), secret, ttl },
+            SessionReply::Opened { session: SessionId(u64::MAX), secret, ttl: max },
+        ),
+        (
+            "session alive",
+            SessionReply::Alive { ttl, granted: None, more: false },
+            SessionReply::Alive { ttl: max, granted: None, more: false },
+        ),
+        (
+            "session alive + pushed grant",
+            SessionReply::Alive {
+                ttl,
+                granted: Some(Grant { key: pump.clone(), fence: Fence(3), asked: Seq(38) }),
+                more: false,
+            },
+            SessionReply::Alive {
+                ttl: max,
+                granted: Some(Grant { key: long_key.clone(), fence: Fence(u64::MAX), asked: Seq(u64::MAX) }),
+                more: true,
+            },
+        ),
+        (
+            "session granted",
+            SessionReply::Granted { key: pump.clone(), fence: Fence(3) },
+            SessionReply::Granted { key: long_key, fence: Fence(u64::MAX) },
+        ),
+    ];
+    for (name, small, big) in replies {
+        let a = Frame::new(12, 7, response(SessionId(3), Seq(40), small));
+        let b = Frame::new(u16::MAX, u32::MAX, response(SessionId(u64::MAX), Seq(u64::MAX), big));
+        println!("{name:<28} {:>9}  {:>21}", size(&a), size(&b));
+    }
+    let why = leasehold_serial::SessionRefusal::WrongLink;
+    let refused = Frame::new(12, 7, Body::SessionRefused { session: SessionId(3), seq: Seq(40), why });
+    println!("{:<28} {:>9}", "session refused (any reason)", size(&refused));
+    println!("MAX_FRAME = {MAX_FRAME}");
 }
 
 fn max(op: Op) -> Op {

@@ -2,7 +2,13 @@
 
 use core::fmt;
 
-use leasehold_core::{Duration, Fence, Op, OwnerId, Reply, Request, RequestId, Response};
+#[cfg(feature = "sessions")]
+use crate::frame::{string_from, SessionRefusal};
+#[cfg(feature = "sessions")]
+use leasehold_core::session::wire::{
+    Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+};
+use leasehold_core::{Duration, Fence, Key, Op, OwnerId, Reply, Request, RequestId, Response};
 
 use crate::frame::{key_from, reject_from_index, Body, Frame, Header, MAX_FRAME, VERSION};
 
@@ -263,17 +269,107 @@ impl Reader<'_> {
 
     fn body(&mut self) -> Option<Body> {
         Some(match self.u32()? {
-            0 => {
-                // A string's length is a usize; 64 bits is what postcard accepts on a host.
-                let len = usize::try_from(self.u64()?).ok()?;
-                let bytes = self.0.get(..len)?;
-                self.0 = self.0.get(len..)?;
-                Body::Request { key: key_from(bytes)?, request: self.request()? }
-            }
+            0 => Body::Request { key: self.key()?, request: self.request()? },
             1 => Body::Response(self.response()?),
             2 => Body::VersionMismatch { supported: self.byte()? },
+            #[cfg(feature = "sessions")]
+            3 => Body::SessionRequest(self.session_request()?),
+            #[cfg(feature = "sessions")]
+            4 => Body::SessionResponse(self.session_response()?),
+            #[cfg(feature = "sessions")]
+            5 => Body::SessionRefused {
+                session: SessionId(self.u64()?),
+                seq: Seq(self.u64()?),
+                why: match self.u32()? {
+                    0 => SessionRefusal::WrongLink,
+                    1 => SessionRefusal::Unreachable,
+                    2 => SessionRefusal::Forged,
+                    _ => return None,
+                },
+            },
             _ => return None,
         })
+    }
+
+    /// A string's bytes: a varint length (a usize; 64 bits is what postcard accepts on a
+    /// host), then that many bytes.
+    fn str_bytes(&mut self) -> Option<&[u8]> {
+        let len = usize::try_from(self.u64()?).ok()?;
+        let bytes = self.0.get(..len)?;
+        self.0 = self.0.get(len..)?;
+        Some(bytes)
+    }
+
+    fn key(&mut self) -> Option<Key> {
+        key_from(self.str_bytes()?)
+    }
+
+    /// postcard's bool: exactly 0 or 1.
+    #[cfg(feature = "sessions")]
+    fn bool(&mut self) -> Option<bool> {
+        match self.byte()? {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    #[cfg(feature = "sessions")]
+    fn secret(&mut self) -> Option<Secret> {
+        let mut bytes = [0u8; 16];
+        for b in bytes.iter_mut() {
+            *b = self.byte()?;
+        }
+        Some(Secret::from_bytes(bytes))
+    }
+
+    #[cfg(feature = "sessions")]
+    fn session_request(&mut self) -> Option<SessionRequest> {
+        let session = SessionId(self.u64()?);
+        let secret = self.secret()?;
+        let seq = Seq(self.u64()?);
+        let op = match self.u32()? {
+            0 => SessionOp::Open { ttl: self.duration()?, label: string_from(self.str_bytes()?)? },
+            1 => SessionOp::KeepAlive,
+            2 => SessionOp::Acquire { key: self.key()?, wait: self.bool()? },
+            3 => SessionOp::Release { key: self.key()?, fence: self.fence()? },
+            4 => SessionOp::Close,
+            _ => return None,
+        };
+        Some(SessionRequest { session, secret, seq, op })
+    }
+
+    #[cfg(feature = "sessions")]
+    fn session_response(&mut self) -> Option<SessionResponse> {
+        let session = SessionId(self.u64()?);
+        let seq = Seq(self.u64()?);
+        let reply = match self.u32()? {
+            0 => SessionReply::Opened {
+                session: SessionId(self.u64()?),
+                secret: self.secret()?,
+                ttl: self.duration()?,
+            },
+            1 => {
+                let ttl = self.duration()?;
+                let granted = match self.byte()? {
+                    0 => None,
+                    1 => Some(Grant { key: self.key()?, fence: self.fence()?, asked: Seq(self.u64()?) }),
+                    _ => return None,
+                };
+                SessionReply::Alive { ttl, granted, more: self.bool()? }
+            }
+            2 => SessionReply::Granted { key: self.key()?, fence: self.fence()? },
+            3 => SessionReply::Queued { key: self.key()?, position: self.u16()? },
+            4 => SessionReply::Busy { key: self.key()?, expires_in: self.duration()? },
+            5 => SessionReply::Released { key: self.key()? },
+            6 => SessionReply::NotHolder { key: self.key()? },
+            7 => SessionReply::Closed,
+            8 => SessionReply::Expired,
+            9 => SessionReply::Replayed,
+            10 => SessionReply::Rejected(reject_from_index(self.u32()?)?),
+            _ => return None,
+        };
+        Some(SessionResponse { session, seq, reply })
     }
 
     fn request(&mut self) -> Option<Request> {

@@ -11,6 +11,10 @@
 //! the `serde` feature the types also derive serde's traits, and the tests check that
 //! `postcard` produces and accepts exactly these bytes.
 
+#[cfg(feature = "sessions")]
+use leasehold_core::session::wire::{
+    Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+};
 use leasehold_core::{Key, Op, Reject, Reply, Request, Response};
 
 /// The protocol version this crate speaks.
@@ -19,9 +23,11 @@ pub const VERSION: u8 = 1;
 /// The largest frame on the wire, both zero delimiters and COBS overhead included, so at most
 /// `MAX_FRAME - 2` bytes between delimiters, the size of the decoder's buffer; longer runs are
 /// counted as [`DecodeError::Oversize`](crate::DecodeError::Oversize). The largest frame this
-/// version can produce (a takeover with a 64-byte key and maximal integers) is 114 bytes; an
-/// acquire for a 4-byte key is about 20 (`cargo run --example frame_sizes`).
-pub const MAX_FRAME: usize = 128;
+/// version can produce (a session keepalive's reply pushing a grant of a 64-byte key, every
+/// integer at its maximum) is 131 bytes; a v1 acquire for a 4-byte key is about 20, a session
+/// keepalive about 33 (`cargo run --example frame_sizes`). It was 128 before sessions: a
+/// device built then never receives a session frame, so it never meets a longer one.
+pub const MAX_FRAME: usize = 136;
 
 /// Who sent a frame, and which one it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +61,42 @@ pub enum Body {
         /// The version the receiver speaks.
         supported: u8,
     },
+    /// Device to host: a request of a protocol-v2 session (its secret and seq inside).
+    /// Feature `sessions`, like the two below: a device that speaks only v1 links none of
+    /// their code (3.5 KiB of flash on a Cortex-M0).
+    #[cfg(feature = "sessions")]
+    SessionRequest(SessionRequest),
+    /// Host to device: the authority's response within a session.
+    #[cfg(feature = "sessions")]
+    SessionResponse(SessionResponse),
+    /// Host to device: the gateway did not bring this session request an answer from the
+    /// authority, and says why instead of leaving the device to time out.
+    #[cfg(feature = "sessions")]
+    SessionRefused {
+        /// The session named by the request.
+        session: SessionId,
+        /// The request's seq.
+        seq: Seq,
+        /// Why.
+        why: SessionRefusal,
+    },
+}
+
+/// Why a gateway answered a session request with [`Body::SessionRefused`].
+#[cfg(feature = "sessions")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum SessionRefusal {
+    /// Not forwarded: this link did not open the session (another link did, or this link
+    /// reconnected since). Nothing changed at the authority.
+    WrongLink,
+    /// Forwarded, but no answer came back: it may or may not have reached the authority.
+    Unreachable,
+    /// The authority refused the request's secret. Its reply is withheld, so a forged frame
+    /// cannot answer the real holder's request of the same seq; nothing changed at the
+    /// authority.
+    Forged,
 }
 
 /// One frame. Serialized as its header then its body, with nothing between.
@@ -125,6 +167,27 @@ impl Frame {
                 w.varint(2)?;
                 w.byte(*supported)
             }
+            #[cfg(feature = "sessions")]
+            Body::SessionRequest(r) => {
+                w.varint(3)?;
+                w.session_request(r)
+            }
+            #[cfg(feature = "sessions")]
+            Body::SessionResponse(r) => {
+                w.varint(4)?;
+                w.session_response(r)
+            }
+            #[cfg(feature = "sessions")]
+            Body::SessionRefused { session, seq, why } => {
+                w.varint(5)?;
+                w.varint(session.0)?;
+                w.varint(seq.0)?;
+                w.varint(match why {
+                    SessionRefusal::WrongLink => 0,
+                    SessionRefusal::Unreachable => 1,
+                    SessionRefusal::Forged => 2,
+                })
+            }
         }
     }
 }
@@ -186,6 +249,102 @@ impl Writer<'_> {
         Ok(())
     }
 
+    #[cfg(feature = "sessions")]
+    fn str(&mut self, s: &str) -> Result<(), EncodeError> {
+        self.varint(s.len() as u64)?;
+        for &b in s.as_bytes() {
+            self.byte(b)?;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "sessions")]
+    fn secret(&mut self, s: &Secret) -> Result<(), EncodeError> {
+        // A fixed-size array: postcard writes its bytes with no length.
+        for b in s.to_bytes() {
+            self.byte(b)?;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "sessions")]
+    fn session_request(&mut self, r: &SessionRequest) -> Result<(), EncodeError> {
+        self.varint(r.session.0)?;
+        self.secret(&r.secret)?;
+        self.varint(r.seq.0)?;
+        match &r.op {
+            SessionOp::Open { ttl, label } => {
+                self.variant(0, &[ttl.as_micros()])?;
+                self.str(label)
+            }
+            SessionOp::KeepAlive => self.variant(1, &[]),
+            SessionOp::Acquire { key, wait } => {
+                self.variant(2, &[])?;
+                self.str(key)?;
+                self.byte(u8::from(*wait))
+            }
+            SessionOp::Release { key, fence } => {
+                self.variant(3, &[])?;
+                self.str(key)?;
+                self.varint(fence.0)
+            }
+            SessionOp::Close => self.variant(4, &[]),
+        }
+    }
+
+    #[cfg(feature = "sessions")]
+    fn session_response(&mut self, r: &SessionResponse) -> Result<(), EncodeError> {
+        self.varint(r.session.0)?;
+        self.varint(r.seq.0)?;
+        match &r.reply {
+            SessionReply::Opened { session, secret, ttl } => {
+                self.variant(0, &[session.0])?;
+                self.secret(secret)?;
+                self.varint(ttl.as_micros())
+            }
+            SessionReply::Alive { ttl, granted, more } => {
+                self.variant(1, &[ttl.as_micros()])?;
+                match granted {
+                    None => self.byte(0)?,
+                    Some(Grant { key, fence, asked }) => {
+                        self.byte(1)?;
+                        self.str(key)?;
+                        self.varint(fence.0)?;
+                        self.varint(asked.0)?;
+                    }
+                }
+                self.byte(u8::from(*more))
+            }
+            SessionReply::Granted { key, fence } => {
+                self.variant(2, &[])?;
+                self.str(key)?;
+                self.varint(fence.0)
+            }
+            SessionReply::Queued { key, position } => {
+                self.variant(3, &[])?;
+                self.str(key)?;
+                self.varint((*position).into())
+            }
+            SessionReply::Busy { key, expires_in } => {
+                self.variant(4, &[])?;
+                self.str(key)?;
+                self.varint(expires_in.as_micros())
+            }
+            SessionReply::Released { key } => {
+                self.variant(5, &[])?;
+                self.str(key)
+            }
+            SessionReply::NotHolder { key } => {
+                self.variant(6, &[])?;
+                self.str(key)
+            }
+            SessionReply::Closed => self.variant(7, &[]),
+            SessionReply::Expired => self.variant(8, &[]),
+            SessionReply::Replayed => self.variant(9, &[]),
+            SessionReply::Rejected(reject) => self.variant(10, &[reject_index(*reject).into()]),
+        }
+    }
+
     fn request(&mut self, r: &Request) -> Result<(), EncodeError> {
         self.varint(r.id.0.into())?;
         self.varint(r.owner.0)?;
@@ -243,10 +402,15 @@ pub(crate) fn reject_from_index(i: u32) -> Option<Reject> {
 
 /// For [`Body::Request`]'s key on the decoding side.
 pub(crate) fn key_from(bytes: &[u8]) -> Option<Key> {
+    string_from(bytes)
+}
+
+/// A bounded string (a key, a label) on the decoding side: valid UTF-8 that fits, or nothing.
+pub(crate) fn string_from<const N: usize>(bytes: &[u8]) -> Option<heapless::String<N>> {
     let s = core::str::from_utf8(bytes).ok()?;
-    let mut key = Key::new();
-    key.push_str(s).ok()?;
-    Some(key)
+    let mut out = heapless::String::new();
+    out.push_str(s).ok()?;
+    Some(out)
 }
 
 #[cfg(test)]

@@ -13,10 +13,16 @@ mod device_async;
 mod frame;
 #[cfg(feature = "std")]
 pub mod host;
+#[cfg(feature = "sessions")]
+mod session;
 mod watch;
 
 pub use decode::{DecodeError, DecodeStats, FrameDecoder};
 pub use device::{Clock, DeviceLink, LinkStats};
 pub use device_async::AsyncDeviceLink;
+#[cfg(feature = "sessions")]
+pub use frame::SessionRefusal;
 pub use frame::{Body, EncodeError, Frame, Header, MAX_FRAME, VERSION};
+#[cfg(feature = "sessions")]
+pub use session::{AsyncSessionLink, SessionLink, SessionLinkStats};
 pub use watch::LeaseWatch;

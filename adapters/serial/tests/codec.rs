@@ -1,7 +1,10 @@
 //! Wire encoding: golden bytes, round trips, resynchronisation.
 
+use leasehold_core::session::wire::{
+    parse_label, Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+};
 use leasehold_core::{parse_key, Duration, Fence, Op, OwnerId, Reject, Reply, Request, RequestId, Response};
-use leasehold_serial::{Body, DecodeError, Frame, FrameDecoder, Header, MAX_FRAME};
+use leasehold_serial::{Body, DecodeError, Frame, FrameDecoder, Header, SessionRefusal, MAX_FRAME};
 use proptest::prelude::*;
 
 fn acquire_frame() -> Frame {
@@ -70,6 +73,121 @@ fn golden_bytes() {
     f.header.seq = 300;
     f.header.device = 70_000;
     assert_eq!(encode(&f), [0, 11, 1, 0xac, 2, 0xf0, 0xa2, 4, 1, 1, 7, 3, 0]);
+}
+
+fn session_frame(op: SessionOp) -> Frame {
+    let secret = Secret::from_bytes([0xA5; 16]);
+    Frame::new(9, 42, Body::SessionRequest(SessionRequest { session: SessionId(3), secret, seq: Seq(5), op }))
+}
+
+fn session_reply_frame(reply: SessionReply) -> Frame {
+    Frame::new(9, 42, Body::SessionResponse(SessionResponse { session: SessionId(3), seq: Seq(5), reply }))
+}
+
+/// Pinned like the v1 frames: the session bodies are variants 3, 4 and 5, appended after
+/// every v1 variant, whose bytes (above) they leave as they were.
+#[test]
+fn golden_bytes_of_session_frames() {
+    let secret = [0xA5u8; 16];
+    let mut keepalive = vec![0, 24, 1, 9, 42, 3, 3];
+    keepalive.extend_from_slice(&secret);
+    keepalive.extend_from_slice(&[5, 1, 0]);
+    assert_eq!(encode(&session_frame(SessionOp::KeepAlive)), keepalive);
+    let mut acquire = vec![0, 30, 1, 9, 42, 3, 3];
+    acquire.extend_from_slice(&secret);
+    acquire.extend_from_slice(&[5, 2, 4, b'p', b'u', b'm', b'p', 1, 0]);
+    assert_eq!(
+        encode(&session_frame(SessionOp::Acquire { key: parse_key("pump").unwrap(), wait: true })),
+        acquire
+    );
+    let mut release = vec![0, 30, 1, 9, 42, 3, 3];
+    release.extend_from_slice(&secret);
+    release.extend_from_slice(&[5, 3, 4, b'p', b'u', b'm', b'p', 7, 0]);
+    assert_eq!(
+        encode(&session_frame(SessionOp::Release { key: parse_key("pump").unwrap(), fence: Fence(7) })),
+        release
+    );
+    // Open: no session and no secret yet (zeros, so COBS codes), a 5 s ttl, label "d1".
+    let open = SessionOp::Open { ttl: Duration::from_secs(5), label: parse_label("d1").unwrap() };
+    let mut f = session_frame(open);
+    let Body::SessionRequest(r) = &mut f.body else { unreachable!() };
+    (r.session, r.secret) = (SessionId::NONE, Secret::NONE);
+    let mut expected = vec![0, 5, 1, 9, 42, 3];
+    expected.extend_from_slice(&[1; 16]);
+    expected.extend_from_slice(&[2, 5, 8, 0xc0, 0x96, 0xb1, 2, 2, b'd', b'1', 0]);
+    assert_eq!(encode(&f), expected);
+    // Alive pushing a grant of "pump" under fence 7, asked at seq 4, nothing more waiting.
+    let alive = SessionReply::Alive {
+        ttl: Duration::from_secs(5),
+        granted: Some(Grant { key: parse_key("pump").unwrap(), fence: Fence(7), asked: Seq(4) }),
+        more: false,
+    };
+    assert_eq!(
+        encode(&session_reply_frame(alive)),
+        [0, 20, 1, 9, 42, 4, 3, 5, 1, 0xc0, 0x96, 0xb1, 2, 1, 4, b'p', b'u', b'm', b'p', 7, 4, 1, 0]
+    );
+    assert_eq!(encode(&session_reply_frame(SessionReply::Replayed)), [0, 8, 1, 9, 42, 4, 3, 5, 9, 0]);
+    assert_eq!(
+        encode(&session_reply_frame(SessionReply::Rejected(Reject::Unauthorized))),
+        [0, 9, 1, 9, 42, 4, 3, 5, 10, 2, 0]
+    );
+    let refused = |why| Frame::new(9, 42, Body::SessionRefused { session: SessionId(3), seq: Seq(5), why });
+    assert_eq!(encode(&refused(SessionRefusal::WrongLink)), [0, 7, 1, 9, 42, 5, 3, 5, 1, 0]);
+    assert_eq!(encode(&refused(SessionRefusal::Unreachable)), [0, 8, 1, 9, 42, 5, 3, 5, 1, 0]);
+    assert_eq!(encode(&refused(SessionRefusal::Forged)), [0, 8, 1, 9, 42, 5, 3, 5, 2, 0]);
+}
+
+/// The largest session frames fit `MAX_FRAME`: a 64-byte key and every integer at its maximum.
+#[test]
+fn the_largest_session_frames_fit() {
+    let key = parse_key(&"k".repeat(64)).unwrap();
+    let max = Duration::from_micros(u64::MAX);
+    let label = parse_label(&"l".repeat(32)).unwrap();
+    let secret = Secret::from_bytes([0xFF; 16]);
+    let ops = [
+        SessionOp::Open { ttl: max, label },
+        SessionOp::Acquire { key: key.clone(), wait: true },
+        SessionOp::Release { key: key.clone(), fence: Fence(u64::MAX) },
+    ];
+    let replies = [
+        SessionReply::Alive {
+            ttl: max,
+            granted: Some(Grant { key: key.clone(), fence: Fence(u64::MAX), asked: Seq(u64::MAX) }),
+            more: true,
+        },
+        SessionReply::Opened { session: SessionId(u64::MAX), secret, ttl: max },
+        SessionReply::Busy { key: key.clone(), expires_in: max },
+        SessionReply::Queued { key: key.clone(), position: u16::MAX },
+        SessionReply::Granted { key, fence: Fence(u64::MAX) },
+    ];
+    let big = |body| Frame::new(u16::MAX, u32::MAX, body);
+    let mut frames: Vec<Frame> = ops
+        .into_iter()
+        .map(|op| {
+            big(Body::SessionRequest(SessionRequest {
+                session: SessionId(u64::MAX),
+                secret,
+                seq: Seq(u64::MAX),
+                op,
+            }))
+        })
+        .collect();
+    frames.extend(replies.into_iter().map(|reply| {
+        big(Body::SessionResponse(SessionResponse {
+            session: SessionId(u64::MAX),
+            seq: Seq(u64::MAX),
+            reply,
+        }))
+    }));
+    let mut largest = 0;
+    for f in frames {
+        let bytes = encode(&f);
+        largest = largest.max(bytes.len());
+        let (out, _) = decode_all(&bytes);
+        assert_eq!(out, vec![Ok(f)]);
+    }
+    assert_eq!(largest, 131, "update MAX_FRAME's documentation");
+    assert!(largest <= MAX_FRAME);
 }
 
 fn request_frame(seq: u16, op: Op) -> Frame {
@@ -299,6 +417,63 @@ fn any_reply() -> impl Strategy<Value = Reply> {
     ]
 }
 
+fn any_key() -> impl Strategy<Value = leasehold_core::Key> {
+    "[a-z0-9._:/-]{1,64}|\\PC{1,16}"
+        .prop_filter_map("fits a key", |s| leasehold_core::Key::try_from(s.as_str()).ok())
+}
+
+fn any_secret() -> impl Strategy<Value = Secret> {
+    prop_oneof![Just([0u8; 16]), any::<[u8; 16]>()].prop_map(Secret::from_bytes)
+}
+
+fn any_session_request() -> impl Strategy<Value = SessionRequest> {
+    let label = "[ -~]{0,32}".prop_map(|s| parse_label(&s).unwrap());
+    let op = prop_oneof![
+        (any_duration(), label).prop_map(|(ttl, label)| SessionOp::Open { ttl, label }),
+        Just(SessionOp::KeepAlive),
+        (any_key(), any::<bool>()).prop_map(|(key, wait)| SessionOp::Acquire { key, wait }),
+        (any_key(), any_u64()).prop_map(|(key, f)| SessionOp::Release { key, fence: Fence(f) }),
+        Just(SessionOp::Close),
+    ];
+    (any_u64(), any_secret(), any_u64(), op).prop_map(|(s, secret, q, op)| SessionRequest {
+        session: SessionId(s),
+        secret,
+        seq: Seq(q),
+        op,
+    })
+}
+
+fn any_session_response() -> impl Strategy<Value = SessionResponse> {
+    let grant = (any_key(), any_u64(), any_u64()).prop_map(|(key, f, a)| Grant {
+        key,
+        fence: Fence(f),
+        asked: Seq(a),
+    });
+    let reply = prop_oneof![
+        (any_u64(), any_secret(), any_duration()).prop_map(|(s, secret, ttl)| SessionReply::Opened {
+            session: SessionId(s),
+            secret,
+            ttl
+        }),
+        (any_duration(), prop::option::of(grant), any::<bool>())
+            .prop_map(|(ttl, granted, more)| SessionReply::Alive { ttl, granted, more }),
+        (any_key(), any_u64()).prop_map(|(key, f)| SessionReply::Granted { key, fence: Fence(f) }),
+        (any_key(), any::<u16>()).prop_map(|(key, position)| SessionReply::Queued { key, position }),
+        (any_key(), any_duration()).prop_map(|(key, expires_in)| SessionReply::Busy { key, expires_in }),
+        any_key().prop_map(|key| SessionReply::Released { key }),
+        any_key().prop_map(|key| SessionReply::NotHolder { key }),
+        Just(SessionReply::Closed),
+        Just(SessionReply::Expired),
+        Just(SessionReply::Replayed),
+        any_reject().prop_map(SessionReply::Rejected),
+    ];
+    (any_u64(), any_u64(), reply).prop_map(|(s, q, reply)| SessionResponse {
+        session: SessionId(s),
+        seq: Seq(q),
+        reply,
+    })
+}
+
 fn any_frame() -> impl Strategy<Value = Frame> {
     // Any UTF-8 a key can hold (the codec does not check the key's character set; the
     // authority does), up to the 64-byte limit.
@@ -315,6 +490,18 @@ fn any_frame() -> impl Strategy<Value = Frame> {
             reply
         })),
         any::<u8>().prop_map(|supported| Body::VersionMismatch { supported }),
+        any_session_request().prop_map(Body::SessionRequest),
+        any_session_response().prop_map(Body::SessionResponse),
+        (
+            any_u64(),
+            any_u64(),
+            prop::sample::select(vec![
+                SessionRefusal::WrongLink,
+                SessionRefusal::Unreachable,
+                SessionRefusal::Forged
+            ])
+        )
+            .prop_map(|(s, q, why)| Body::SessionRefused { session: SessionId(s), seq: Seq(q), why }),
     ];
     (any::<u16>(), any::<u32>(), body).prop_map(|(seq, device, body)| Frame::new(seq, device, body))
 }
