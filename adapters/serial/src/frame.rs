@@ -289,6 +289,12 @@ impl Writer<'_> {
                 self.varint(fence.0)
             }
             SessionOp::Close => self.variant(4, &[]),
+            // Observing is for hosts, over HTTP: not carried on a device link (a reply with a
+            // change, a label and a value would not fit a device's frame).
+            SessionOp::AcquireWithValue { .. }
+            | SessionOp::Observe { .. }
+            | SessionOp::Unobserve { .. }
+            | SessionOp::KeepAliveSeen { .. } => Err(EncodeError),
         }
     }
 
@@ -342,6 +348,10 @@ impl Writer<'_> {
             SessionReply::Expired => self.variant(8, &[]),
             SessionReply::Replayed => self.variant(9, &[]),
             SessionReply::Rejected(reject) => self.variant(10, &[reject_index(*reject).into()]),
+            // Answers to requests a device link does not carry (see session_request).
+            SessionReply::AliveObserved { .. }
+            | SessionReply::Observing { .. }
+            | SessionReply::Unobserved { .. } => Err(EncodeError),
         }
     }
 
