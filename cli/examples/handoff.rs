@@ -4,6 +4,8 @@
 //! - `run --protocol v2`: three looping `leasehold run` on the built-in server's sessions;
 //! - `run v1`: the same on protocol v1 (polling);
 //! - `run --backend etcd`: `leasehold run` on etcd;
+//! - `run --backend etcd --protocol v2`: `leasehold run` in etcd sessions (waiters watch their
+//!   predecessor's key);
 //! - `etcdctl lock`: three looping `etcdctl lock` on etcd 3.4 (Debian's).
 //!
 //! Each contender's command logs `start`/`end` with a nanosecond timestamp around a short
@@ -140,6 +142,10 @@ fn main() {
             lock: run(&format!("--server {etcd_url} --backend etcd"), "etcd"),
         },
         Group {
+            name: "leasehold run --backend etcd --protocol v2",
+            lock: run(&format!("--server {etcd_url} --backend etcd --protocol v2"), "etcd-v2"),
+        },
+        Group {
             name: "etcdctl lock",
             lock: format!("ETCDCTL_API=3 etcdctl --endpoints {etcd_url} lock etcdctl-key --"),
         },
@@ -158,7 +164,7 @@ fn main() {
     }
     println!("{seconds} s, 3 looping contenders per group, all groups at once, 50 ms sections:");
     println!(
-        "{:<30} {:>8} {:>12} {:>10} {:>10} {:>9}",
+        "{:<44} {:>8} {:>12} {:>10} {:>10} {:>9}",
         "group", "sections", "per contender", "gap p50", "gap p90", "max share"
     );
     for (g, log) in groups.iter().zip(&logs) {
@@ -166,7 +172,7 @@ fn main() {
         let total: usize = counts.iter().sum();
         let max_share = counts.iter().copied().max().unwrap_or(0) as f64 / total.max(1) as f64;
         println!(
-            "{:<30} {:>8} {:>12} {:>8.1}ms {:>8.1}ms {:>9.2}{}",
+            "{:<44} {:>8} {:>12} {:>8.1}ms {:>8.1}ms {:>9.2}{}",
             g.name,
             total,
             format!("{counts:?}"),

@@ -19,8 +19,8 @@ use std::time::Duration;
 use async_signal::{Signal as Caught, Signals};
 use futures_lite::{future, StreamExt};
 use leasehold_http::{
-    AcquireError, Backend, BuiltinBackend, BuiltinSessions, Client, Lease, Options, Report, SessionClient,
-    TransportError, Waiting,
+    AcquireError, Backend, BuiltinBackend, BuiltinSessions, Client, Lease, Options, Report, SessionBackend,
+    SessionClient, TransportError, Waiting,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -44,9 +44,10 @@ pub(crate) struct Args {
     /// Which kind of store `--server` is.
     #[arg(long, value_enum, default_value = "builtin")]
     backend: BackendKind,
-    /// The built-in server's protocol: `v2` holds the key in a session, waits FIFO and is
-    /// pushed the key when its turn comes; `v1` (the default) polls. The two are separate
-    /// namespaces at the server, so every contender for a key must use the same one.
+    /// The protocol (built-in server and etcd): `v2` holds the key in a session, waits FIFO
+    /// and is pushed the key when its turn comes; `v1` (the default) polls. The two are
+    /// separate namespaces at the server (on etcd: `PREFIX` and `PREFIX`v2/), so every
+    /// contender for a key must use the same one.
     #[arg(long, value_enum, env = "LEASEHOLD_PROTOCOL", default_value = "v1")]
     protocol: Protocol,
     /// etcd: the prefix under which lease keys are stored.
@@ -96,7 +97,7 @@ pub(crate) enum BackendKind {
     Dynamodb,
 }
 
-/// The built-in server's protocol.
+/// The protocol of `run` (built-in server and etcd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Protocol {
     /// One lease per key, renewed on its own; waiting polls with backoff.
@@ -199,8 +200,10 @@ pub(crate) fn main(args: Args) -> ExitCode {
         }
     };
     if let Some(value) = &args.value {
-        if args.protocol != Protocol::V2 {
-            eprintln!("leasehold run: --value needs --protocol v2 (observers are a session feature)");
+        if args.protocol != Protocol::V2 || !matches!(args.backend, BackendKind::Builtin) {
+            eprintln!(
+                "leasehold run: --value needs --protocol v2 on the built-in server (observers are a session feature)"
+            );
             return ExitCode::from(2);
         }
         if let Err(e) = leasehold_core::session::wire::parse_value(value) {
@@ -208,31 +211,23 @@ pub(crate) fn main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    if args.protocol == Protocol::V2 && !matches!(args.backend, BackendKind::Builtin) {
-        eprintln!("leasehold run: --protocol v2 is for the built-in server only (etcd and DynamoDB get sessions later)");
+    if args.protocol == Protocol::V2 && matches!(args.backend, BackendKind::Dynamodb) {
+        eprintln!(
+            "leasehold run: --protocol v2 is for the built-in server and etcd (DynamoDB gets sessions later)"
+        );
         return ExitCode::from(2);
     }
     smol::block_on(async {
         match args.backend {
             BackendKind::Builtin if args.protocol == Protocol::V2 => {
-                let mut options = Options::session(args.ttl);
-                options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
-                let client = BuiltinSessions::new(&args.server, args.token.clone(), timeout)
-                    .map_err(|e| Report(&e).to_string())
-                    .and_then(|b| {
-                        SessionClient::new(b.with_tls(tls), &session_label(), options)
-                            .map_err(|e| Report(&e).to_string())
-                    });
-                match client {
-                    Ok(c) => match args.value.clone() {
-                        Some(value) => run_with(args, Valued { client: c, value }).await,
-                        None => run_with(args, c).await,
-                    },
-                    Err(e) => {
-                        eprintln!("leasehold run: {e}");
-                        ExitCode::from(2)
-                    }
-                }
+                let backend =
+                    BuiltinSessions::new(&args.server, args.token.clone(), timeout).map(|b| b.with_tls(tls));
+                run_session(args, backend).await
+            }
+            BackendKind::Etcd if args.protocol == Protocol::V2 => {
+                let backend = leasehold_stores::EtcdSessions::new(&args.server, &args.prefix, timeout)
+                    .map(|b| b.with_tls(tls));
+                run_session(args, backend).await
             }
             BackendKind::Builtin => {
                 let b =
@@ -251,6 +246,25 @@ pub(crate) fn main(args: Args) -> ExitCode {
             }
         }
     })
+}
+
+/// `run --protocol v2`: the key in a session, on whichever store carries it.
+async fn run_session(args: Args, backend: Result<impl SessionBackend, TransportError>) -> ExitCode {
+    let mut options = Options::session(args.ttl);
+    options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
+    let client = backend
+        .map_err(|e| Report(&e).to_string())
+        .and_then(|b| SessionClient::new(b, &session_label(), options).map_err(|e| Report(&e).to_string()));
+    match client {
+        Ok(c) => match args.value.clone() {
+            Some(value) => run_with(args, Valued { client: c, value }).await,
+            None => run_with(args, c).await,
+        },
+        Err(e) => {
+            eprintln!("leasehold run: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn run<B: Backend>(args: Args, options: Options, backend: Result<B, TransportError>) -> ExitCode {
@@ -332,6 +346,11 @@ async fn run_with(args: Args, client: impl Leases) -> ExitCode {
                 other => Report(other).to_string(),
             };
             eprintln!("leasehold run: could not acquire {:?}: {why}", args.key);
+            if e == AcquireError::Busy {
+                // The authority answered, so it hears the close at once: a v2 session (an etcd
+                // lease) is gone now rather than at the end of its ttl.
+                client.finish().await;
+            }
             return ExitCode::from(match e {
                 AcquireError::InvalidKey(_)
                 | AcquireError::InvalidValue(_)

@@ -48,11 +48,13 @@ fn nanos_now() -> u128 {
 fn holding(
     backend: &str,
     url: &str,
+    flags: &[&str],
     key: &str,
     script: &str,
     marker: &std::path::Path,
 ) -> std::process::Child {
-    let holder = run(backend, url, &["--key", key], &["sh", "-c", script]).process_group(0).spawn().unwrap();
+    let extra: Vec<&str> = ["--key", key].iter().chain(flags).copied().collect();
+    let holder = run(backend, url, &extra, &["sh", "-c", script]).process_group(0).spawn().unwrap();
     let started = Instant::now();
     while !marker.exists() {
         assert!(started.elapsed() < Duration::from_secs(20), "{backend}: holder never acquired");
@@ -63,28 +65,30 @@ fn holding(
 
 /// Kills a holding `leasehold run` (and its command) with SIGKILL; returns how long until a
 /// waiting `leasehold run` got the lease, and prints it against the bound.
-fn kill_9(backend: &str, url: &str, slack: Duration) {
+fn kill_9(name: &str, url: &str, flags: &[&str], slack: Duration) {
+    let backend = name.split(' ').next().unwrap_or(name);
     let dir = tempfile::tempdir().unwrap();
     let (held, acquired) = (dir.path().join("held"), dir.path().join("acquired"));
     let hold = format!("touch {}; sleep 60", held.display());
-    let mut holder = holding(backend, url, "failover", &hold, &held);
+    let mut holder = holding(backend, url, flags, "failover", &hold, &held);
     let mark = format!("date +%s%N > {}", acquired.display());
-    let mut waiter = run(backend, url, &["--key", "failover"], &["sh", "-c", &mark]).spawn().unwrap();
+    let extra: Vec<&str> = ["--key", "failover"].iter().chain(flags).copied().collect();
+    let mut waiter = run(backend, url, &extra, &["sh", "-c", &mark]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let killed_at = nanos_now();
     killpg(Pid::from_raw(holder.id() as i32), Signal::SIGKILL).unwrap();
     let _ = holder.wait();
-    assert!(waiter.wait().unwrap().success(), "{backend}: waiter failed");
+    assert!(waiter.wait().unwrap().success(), "{name}: waiter failed");
     let at: u128 = std::fs::read_to_string(&acquired).unwrap().trim().parse().unwrap();
     let failover = Duration::from_nanos((at - killed_at) as u64);
     let bound = Duration::from_secs(2).mul_f64(1.01);
     println!(
-        "{backend}: failover after kill -9 {:.3}s, bound ttl*(1+eps) {:.3}s, ratio {:.2}",
+        "{name}: failover after kill -9 {:.3}s, bound ttl*(1+eps) {:.3}s, ratio {:.2}",
         failover.as_secs_f64(),
         bound.as_secs_f64(),
         failover.as_secs_f64() / bound.as_secs_f64()
     );
-    assert!(failover <= bound + slack, "{backend}: failover {failover:?}");
+    assert!(failover <= bound + slack, "{name}: failover {failover:?}");
 }
 
 #[test]
@@ -97,7 +101,7 @@ fn run_on_builtin() {
     .unwrap();
     exclusive("builtin", &s.url());
     // Slack: one busy poll (ttl/8) plus the start of the child that writes the mark.
-    kill_9("builtin", &s.url(), Duration::from_millis(300));
+    kill_9("builtin", &s.url(), &[], Duration::from_millis(300));
 }
 
 #[test]
@@ -105,7 +109,81 @@ fn run_on_etcd() {
     let e = etcd();
     exclusive("etcd", e.url());
     // etcd deletes a dead lease's key in a sweep every 500 ms after expiry.
-    kill_9("etcd", e.url(), Duration::from_millis(900));
+    kill_9("etcd", e.url(), &[], Duration::from_millis(900));
+}
+
+/// The keys etcd has under `prefix` (`etcdctl`, as an operator would look).
+fn etcd_keys(url: &str, prefix: &str) -> Vec<String> {
+    let out = Command::new("etcdctl")
+        .args(["--endpoints", url, "get", "--prefix", prefix, "--keys-only"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .expect("etcdctl (apt-get install -y etcd-client)");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+}
+
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}: not within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn run_on_etcd_sessions() {
+    let e = etcd();
+    let v2 = ["--protocol", "v2"];
+    // Exclusion, and the v2 key is a waiter key under PREFIXv2/ on the session's lease.
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, marker) = (dir.path().join("seen"), dir.path().join("started"));
+    let hold = format!("echo $LEASEHOLD_OWNER > {}; touch {}; sleep 1.5", seen.display(), marker.display());
+    let mut holder = holding("etcd", e.url(), &v2, "cli-job", &hold, &marker);
+    let owner: u64 = std::fs::read_to_string(&seen).unwrap().trim().parse().expect("the session id");
+    assert_eq!(etcd_keys(e.url(), "leasehold/"), vec![format!("leasehold/v2/cli-job@{owner:016x}")]);
+    let busy = run("etcd", e.url(), &["--no-wait", "--protocol", "v2"], &["true"]).status().unwrap();
+    assert_eq!(busy.code(), Some(75));
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(etcd_keys(e.url(), "leasehold/"), Vec::<String>::new(), "released on the way out");
+
+    // FIFO: three waiters queued one after the other are served in that order, fences rising.
+    let (log, go, started) = (dir.path().join("order.log"), dir.path().join("go"), dir.path().join("s"));
+    let hold = format!(
+        "echo holder $LEASEHOLD_FENCE >> {0}; touch {2}; while [ ! -e {1} ]; do sleep 0.05; done",
+        log.display(),
+        go.display(),
+        started.display()
+    );
+    let mut holder = holding("etcd", e.url(), &v2, "turns", &hold, &started);
+    let mut waiters = Vec::new();
+    for i in 1..=3 {
+        let write = format!("echo w{i} $LEASEHOLD_FENCE >> {}", log.display());
+        let flags = ["--key", "turns", "--protocol", "v2"];
+        waiters.push(run("etcd", e.url(), &flags, &["sh", "-c", &write]).spawn().unwrap());
+        // The next one starts only once this one's waiter key is in etcd.
+        eventually("queued", || etcd_keys(e.url(), "leasehold/v2/turns@").len() == i + 1);
+    }
+    std::fs::write(&go, "").unwrap();
+    assert!(holder.wait().unwrap().success());
+    for w in &mut waiters {
+        assert!(w.wait().unwrap().success());
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<(&str, u64)> =
+        text.lines().map(|l| l.split_once(' ').map(|(who, f)| (who, f.parse().unwrap())).unwrap()).collect();
+    let who: Vec<&str> = lines.iter().map(|l| l.0).collect();
+    assert_eq!(who, ["holder", "w1", "w2", "w3"], "FIFO: {text}");
+    assert!(lines.windows(2).all(|w| w[0].1 < w[1].1), "fences strictly increase: {text}");
+    let leases = Command::new("etcdctl").args(["--endpoints", e.url(), "lease", "list"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&leases.stdout).contains("found 0 leases"),
+        "every run revoked its session's lease on the way out: {leases:?}"
+    );
+
+    // kill -9 of the holder: its lease expires in etcd, which deletes its key, and the waiter
+    // (watching that key) is pushed the grant: ttl·(1+ε) plus etcd's expiry sweep.
+    kill_9("etcd v2", e.url(), &v2, Duration::from_millis(900));
 }
 
 /// dynalite with the table `run` uses by default.
@@ -124,7 +202,7 @@ fn run_on_dynamodb() {
     let d = dynalite_with_leases_table();
     exclusive("dynamodb", d.url());
     // Observe-and-wait: ttl·(1+ε) + margin from when the waiter read the record.
-    kill_9("dynamodb", d.url(), Duration::from_millis(300));
+    kill_9("dynamodb", d.url(), &[], Duration::from_millis(300));
     // Without credentials: a usage error naming what is missing.
     let out = Command::new(BIN)
         .args(["run", "--backend", "dynamodb", "--server", d.url(), "--key", "k", "--", "true"])
@@ -145,7 +223,7 @@ fn status_follows_run(backend: &str, url: &str, extra: &[&str]) {
         seen.display(),
         marker.display()
     );
-    let mut holder = holding(backend, url, "watched/job-1", &hold, &marker);
+    let mut holder = holding(backend, url, &[], "watched/job-1", &hold, &marker);
     let seen = std::fs::read_to_string(&seen).unwrap();
     let (owner, fence) = seen.trim().split_once(' ').unwrap();
     let status = |args: &[&str]| {

@@ -611,7 +611,7 @@ fn run_on_sessions_keeps_its_exit_codes_and_signal_handling() {
     assert_eq!(code(&mut run_v2(&url, "v2codes", &[], &["sh", "-c", "exit 7"])), Some(7));
     assert_eq!(code(&mut run_v2(&url, "v2codes", &[], &["no-such-command-here"])), Some(127));
     assert_eq!(code(&mut run_v2(&url, "bad key", &[], &["true"])), Some(2));
-    assert_eq!(code(&mut run_v2(&url, "k", &["--backend", "etcd"], &["true"])), Some(2));
+    assert_eq!(code(&mut run_v2(&url, "k", &["--backend", "dynamodb"], &["true"])), Some(2));
     let owner = dir.path().join("owner");
     let write = format!("echo $LEASEHOLD_OWNER > {}", owner.display());
     assert_eq!(code(&mut run_v2(&url, "v2codes", &[], &["sh", "-c", &write])), Some(0));

@@ -502,15 +502,27 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                 in_flight += 1;
                 send(req);
             }
-            let mut news = false;
+            let (mut news, mut acquired) = (false, false);
             while let Some(e) = m.poll_event() {
                 tracing::debug!("session event: {e:?}");
-                if let SessionEvent::Queued { .. } = e {
+                match e {
                     // The grant will come in a keepalive's reply: have one held at the
                     // server from now on, not from the next renewal.
-                    m.keep_alive_now(now());
+                    SessionEvent::Queued { .. } => m.keep_alive_now(now()),
+                    SessionEvent::Acquired { .. } => acquired = true,
+                    _ => {}
                 }
                 news |= inner.route(e);
+            }
+            // A pushed grant answered the held keepalive early; if other keys still wait, the
+            // next one must be held from now, not from the next renewal, or their grants wait
+            // for it.
+            if acquired
+                && lock(&inner.slots)
+                    .values()
+                    .any(|s| matches!(*s.event(), Some(SessionEvent::Queued { .. })))
+            {
+                m.keep_alive_now(now());
             }
             if news || m.state() != state_before {
                 inner.changed.notify(usize::MAX);

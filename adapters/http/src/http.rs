@@ -141,9 +141,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
 /// of the `blocking` pool, never on the thread that drives renewals.
 pub type Resolver = Arc<dyn Fn(&str) -> io::Result<Vec<SocketAddr>> + Send + Sync>;
 
+/// hyper's half of a connection that does the reading and writing; polled while a request is out.
+type ConnDriver = Pin<Box<Connection<Io, Full<Bytes>>>>;
+
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
-    conn: Pin<Box<Connection<Io, Full<Bytes>>>>,
+    conn: ConnDriver,
 }
 
 /// A small keep-alive HTTP/1.1 client that needs no async runtime: sockets and timers come
@@ -177,6 +180,53 @@ pub struct HttpResponse {
     pub status: u16,
     /// The whole body.
     pub body: Bytes,
+}
+
+/// A response whose body is read as it arrives (see [`HttpClient::stream`]). Dropping it
+/// closes its connection.
+pub struct HttpStream {
+    /// Status code.
+    pub status: u16,
+    body: hyper::body::Incoming,
+    /// `None` once the connection has ended: what it delivered is still in `body`.
+    conn: Option<ConnDriver>,
+    addr: String,
+    _permit: async_lock::SemaphoreGuardArc,
+}
+
+impl HttpStream {
+    /// The next piece of the body as it arrived; `None` at its end. Unbounded in time: race it
+    /// against a timer.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, TransportError>> {
+        loop {
+            let frame = match self.conn.as_mut() {
+                // The connection future does the reading, so it is polled alongside.
+                Some(conn) => {
+                    let read = future::or(async { Some(self.body.frame().await) }, async {
+                        let _ = conn.as_mut().await;
+                        None
+                    })
+                    .await;
+                    match read {
+                        Some(frame) => frame,
+                        None => {
+                            self.conn = None;
+                            continue;
+                        }
+                    }
+                }
+                None => self.body.frame().await,
+            };
+            match frame? {
+                Ok(f) => match f.into_data() {
+                    Ok(data) => return Some(Ok(data)),
+                    // Trailers: not data, read on.
+                    Err(_) => continue,
+                },
+                Err(e) => return Some(Err(TransportError::io(&self.addr, e))),
+            }
+        }
+    }
 }
 
 /// How the first of a request's exchange and its connection ended.
@@ -249,6 +299,54 @@ impl HttpClient {
             Err(TransportError::Timeout { addr: self.target.authority.clone(), timeout })
         })
         .await
+    }
+
+    /// Sends one request and returns as soon as the response's head has arrived, with its body
+    /// to be read as it comes: for a server that streams (etcd's `POST /v3/watch` answers with
+    /// one JSON object per event, for as long as the connection lasts).
+    ///
+    /// The timeout covers the response's head only; the reader bounds the body's wait itself.
+    /// The connection is the stream's own until it is dropped, which closes it (a stream has no
+    /// end the pool could wait for), and it counts against
+    /// [`max_connections`](HttpClient::with_max_connections) meanwhile.
+    pub async fn stream(&self, request: hyper::Request<Full<Bytes>>) -> Result<HttpStream, TransportError> {
+        let timeout = self.timeout;
+        future::or(self.stream_inner(request), async move {
+            async_io::Timer::after(timeout).await;
+            Err(TransportError::Timeout { addr: self.target.authority.clone(), timeout })
+        })
+        .await
+    }
+
+    async fn stream_inner(&self, request: hyper::Request<Full<Bytes>>) -> Result<HttpStream, TransportError> {
+        let permit = self.permits.acquire_arc().await;
+        let Conn { mut sender, mut conn } = match self.take_idle().await {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        let head = async {
+            future::poll_fn(|cx| sender.poll_ready(cx)).await?;
+            sender.send_request(request).await
+        };
+        let first = future::or(async { Some(head.await) }, async {
+            let _ = conn.as_mut().await;
+            None
+        })
+        .await;
+        let addr = self.target.authority.clone();
+        match first {
+            Some(Ok(resp)) => Ok(HttpStream {
+                status: resp.status().as_u16(),
+                body: resp.into_body(),
+                conn: Some(conn),
+                addr,
+                _permit: permit,
+            }),
+            Some(Err(e)) => Err(self.exchange_error(e, None)),
+            None => {
+                Err(TransportError::io(addr, io::Error::other("the connection closed before a response")))
+            }
+        }
     }
 
     /// Builds a request for `path` (below the base URL's prefix).

@@ -7,7 +7,7 @@ mod sessions;
 mod tls;
 
 pub use builtin::BuiltinBackend;
-pub use http::{HttpClient, HttpResponse, Resolver, DEFAULT_MAX_CONNECTIONS};
+pub use http::{HttpClient, HttpResponse, HttpStream, Resolver, DEFAULT_MAX_CONNECTIONS};
 pub use sessions::BuiltinSessions;
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use crate::listing::{self, Filter, KeyStatus, ListError, DEFAULT_PAGE};
 
 /// How long a contender waits when etcd cannot say how long the holder has left.
-const UNKNOWN_WAIT: LDuration = LDuration::from_secs(1);
+pub(crate) const UNKNOWN_WAIT: LDuration = LDuration::from_secs(1);
 
 /// A lease backend on an etcd cluster's v3 JSON gateway.
 ///
@@ -323,7 +323,7 @@ fn value_of(owner: OwnerId) -> String {
 
 /// `lease/grant` for at least `ttl`: etcd counts whole seconds and may raise the TTL further
 /// (its minimum is 1.5 election timeouts), never lower it; longer is the safe direction.
-fn grant_body(ttl: LDuration) -> Value {
+pub(crate) fn grant_body(ttl: LDuration) -> Value {
     let secs = ttl.as_micros().div_ceil(1_000_000).max(1);
     json!({"TTL": secs.to_string()})
 }
@@ -398,23 +398,23 @@ fn first_kv(range: &Value) -> Option<Holder> {
 
 /// The TTL (seconds) a `lease/keepalive` answer grants; `None` when the lease is gone (its
 /// answer has no `TTL`).
-fn keepalive_ttl(v: &Value) -> Option<i64> {
+pub(crate) fn keepalive_ttl(v: &Value) -> Option<i64> {
     int(&v["result"]["TTL"]).filter(|t| *t > 0)
 }
 
 /// The holder's remaining time from a `lease/timetolive` answer (`TTL` is -1 for a gone lease).
-fn remaining_time(v: &Value) -> Option<LDuration> {
+pub(crate) fn remaining_time(v: &Value) -> Option<LDuration> {
     int(&v["TTL"]).filter(|t| *t > 0).map(|t| LDuration::from_secs(t as u64))
 }
 
 /// A range answer's key, decoded from base64.
-fn stored_key(kv: &Value) -> Option<Vec<u8>> {
+pub(crate) fn stored_key(kv: &Value) -> Option<Vec<u8>> {
     B64.decode(kv["key"].as_str()?).ok()
 }
 
 /// The end of the range of keys that start with `prefix`: etcd's rule, the prefix with its last
 /// byte below 0xff raised by one; `\0` (every key) when there is no such byte.
-fn range_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn range_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -430,7 +430,7 @@ fn malformed(path: &str, detail: &str) -> ListError {
 }
 
 /// etcd's JSON renders int64 as strings.
-fn int(v: &Value) -> Option<i64> {
+pub(crate) fn int(v: &Value) -> Option<i64> {
     match v {
         Value::String(s) => s.parse().ok(),
         Value::Number(n) => n.as_i64(),
@@ -439,7 +439,7 @@ fn int(v: &Value) -> Option<i64> {
 }
 
 /// What an error answer says: the gateway's `message`, or the start of whatever else came.
-fn error_message(body: &[u8]) -> String {
+pub(crate) fn error_message(body: &[u8]) -> String {
     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     v["message"]
         .as_str()
@@ -447,32 +447,52 @@ fn error_message(body: &[u8]) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string())
 }
 
-/// Reads a gateway answer: 200 with JSON is a value, anything else a failure. Errors come as
-/// `{"error","message","code"}` with a gRPC status code.
-fn answer(path: &str, status: u16, body: &[u8]) -> Result<Value, Fail> {
-    let parsed: Result<Value, _> = serde_json::from_slice(body);
-    if status == 200 {
-        return parsed.map_err(|e| Fail::Transport(TransportError::Protocol(format!("etcd {path}: {e}"))));
-    }
-    let code = parsed.unwrap_or(Value::Null)["code"].as_i64();
-    let message = error_message(body);
-    let reply = match (code, status) {
+/// What an etcd error answer means, decided once for both protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Authentication or RBAC refused us: an operator must act.
+    Unauthorized,
+    /// Passing: no leader, overloaded, a lease that vanished between two calls.
+    Unavailable,
+    /// No gateway at that URL, or arguments etcd cannot take: an operator must act.
+    Misconfigured,
+}
+
+/// Classifies an error answer. Errors come as `{"error","message","code"}` with a gRPC status
+/// code.
+pub(crate) fn refusal(status: u16, body: &[u8]) -> Refusal {
+    let code = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null)["code"].as_i64();
+    match (code, status) {
         // UNAUTHENTICATED, PERMISSION_DENIED.
-        (Some(16 | 7), _) | (None, 401 | 403) => Reply::Rejected(Reject::Unauthorized),
+        (Some(16 | 7), _) | (None, 401 | 403) => Refusal::Unauthorized,
         // NOT_FOUND from etcd itself is a lease that vanished between two of our calls (the
         // next attempt grants a new one), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED ("too many
         // requests"), ABORTED, INTERNAL, UNAVAILABLE (no leader): all pass.
-        (Some(4 | 5 | 8 | 10 | 13 | 14), _) => Reply::Unavailable,
-        (None, 429 | 500..) => Reply::Unavailable,
-        // A wrong URL (no gateway there: a plain 404), bad arguments: an operator must act.
-        _ => {
+        (Some(4 | 5 | 8 | 10 | 13 | 14), _) => Refusal::Unavailable,
+        (None, 429 | 500..) => Refusal::Unavailable,
+        // A wrong URL (no gateway there: a plain 404), bad arguments.
+        _ => Refusal::Misconfigured,
+    }
+}
+
+/// Reads a gateway answer: 200 with JSON is a value, anything else a failure.
+fn answer(path: &str, status: u16, body: &[u8]) -> Result<Value, Fail> {
+    if status == 200 {
+        return serde_json::from_slice(body)
+            .map_err(|e| Fail::Transport(TransportError::Protocol(format!("etcd {path}: {e}"))));
+    }
+    let message = error_message(body);
+    let reply = match refusal(status, body) {
+        Refusal::Unauthorized => Reply::Rejected(Reject::Unauthorized),
+        Refusal::Unavailable => {
+            tracing::debug!("etcd unavailable on {path}: HTTP {status}: {message}");
+            Reply::Unavailable
+        }
+        Refusal::Misconfigured => {
             tracing::warn!("etcd refused {path}: HTTP {status}: {message}");
             Reply::Rejected(Reject::Misconfigured)
         }
     };
-    if reply == Reply::Unavailable {
-        tracing::debug!("etcd unavailable on {path}: HTTP {status}: {message}");
-    }
     Err(Fail::Reply(reply))
 }
 

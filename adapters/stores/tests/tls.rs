@@ -138,3 +138,50 @@ fn dynamodb_over_https_signs_and_reaches_the_table() {
     // UpdateItems; b: UpdateItem, GetItem, UpdateItem).
     assert_eq!(t.accepted().len(), 2);
 }
+
+#[test]
+fn etcd_sessions_over_tls_with_a_client_certificate_push_the_hand_off() {
+    use leasehold_http::{Options, SessionClient};
+    use leasehold_stores::EtcdSessions;
+    let ca = Ca::new("leasehold etcd sessions CA");
+    let server = etcd_tls(&ca);
+    let (cert, key) = ca.client_cert("leasehold-client");
+    let with_cert = trust(&ca).with_client_cert_pem(cert.as_bytes(), key.as_bytes()).unwrap();
+    // Keepalives 5 s apart: a hand-off well inside that came through the watch stream, which
+    // is read over TLS as it arrives.
+    let options = Options::session(Duration::from_secs(20));
+    let client = |label: &str| {
+        let b = EtcdSessions::new(server.url(), "leasehold/", options.config.request_timeout.into())
+            .unwrap()
+            .with_tls(with_cert.clone());
+        SessionClient::new(b, label, options).unwrap()
+    };
+    let (a, b) = (client("a"), client("b"));
+    smol::block_on(async {
+        let held = a.acquire("tls-key").await.unwrap();
+        let fence = held.fence().unwrap();
+        let (tx, rx) = async_channel::bounded::<()>(1);
+        let waiting = b.acquire_reporting("tls-key", None, move |_| {
+            let _ = tx.try_send(());
+        });
+        let release = async {
+            rx.recv().await.unwrap();
+            async_io::Timer::after(Duration::from_millis(300)).await;
+            held.release().await.unwrap();
+            std::time::Instant::now()
+        };
+        let (granted, released) =
+            futures_lite::future::or(futures_lite::future::zip(waiting, release), async {
+                async_io::Timer::after(Duration::from_secs(20)).await;
+                panic!("no hand-off over TLS within 20 s")
+            })
+            .await;
+        let took = released.elapsed();
+        assert!(took < Duration::from_secs(1), "hand-off over TLS took {took:?}");
+        let lb = granted.unwrap();
+        assert!(lb.fence().unwrap() > fence);
+        lb.release().await.unwrap();
+        a.close().await;
+        b.close().await;
+    });
+}

@@ -1,0 +1,462 @@
+//! Protocol v2 on etcd: `SessionClient` over `EtcdSessions` against a real etcd on loopback
+//! (`apt-get install -y etcd-server`), with etcd read directly to see what it keeps.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use futures_lite::future;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
+use leasehold_http::{AcquireError, Backend, Health, HttpClient, LostReason, Options, SessionClient};
+use leasehold_stores::{EtcdBackend, EtcdFault, EtcdSessions};
+use leasehold_test_servers::etcd;
+use serde_json::{json, Value};
+
+const PREFIX: &str = "leasehold/";
+
+fn client(url: &str, label: &str, ttl_ms: u64) -> SessionClient {
+    client_with(url, label, ttl_ms, None)
+}
+
+/// A client whose backend has `fault` planted, if any.
+fn client_with(url: &str, label: &str, ttl_ms: u64, fault: Option<EtcdFault>) -> SessionClient {
+    let options = Options::session(Duration::from_millis(ttl_ms));
+    let mut backend = EtcdSessions::new(url, PREFIX, options.config.request_timeout.into()).unwrap();
+    if let Some(f) = fault {
+        backend = backend.with_fault(f);
+    }
+    SessionClient::new(backend, label, options).unwrap()
+}
+
+async fn sleep(ms: u64) {
+    async_io::Timer::after(Duration::from_millis(ms)).await;
+}
+
+/// Fails the test instead of hanging it.
+async fn within<T>(ms: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    future::or(f, async {
+        sleep(ms).await;
+        panic!("{what} did not finish within {ms} ms")
+    })
+    .await
+}
+
+/// Direct access to etcd's gateway, as an operator would have.
+struct Etcd(HttpClient);
+
+impl Etcd {
+    fn new(url: &str) -> Etcd {
+        Etcd(HttpClient::new(url, Duration::from_secs(2)).unwrap())
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let req =
+            self.0.request(hyper::Method::POST, path).body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = self.0.send(req).await.unwrap();
+        assert_eq!(resp.status, 200, "{path}: {:?}", resp.body);
+        serde_json::from_slice(&resp.body).unwrap()
+    }
+
+    /// Every key under `prefix` as (key, lease, create revision), oldest first.
+    async fn keys(&self, prefix: &str) -> Vec<(String, i64, u64)> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let v = self
+            .post(
+                "/v3/kv/range",
+                json!({"key": B64.encode(prefix), "range_end": B64.encode(end),
+                       "sort_order": "ASCEND", "sort_target": "CREATE"}),
+            )
+            .await;
+        let n = |kv: &Value, f: &str| kv[f].as_str().unwrap_or("0").parse::<i64>().unwrap();
+        v["kvs"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8(B64.decode(kv["key"].as_str().unwrap()).unwrap()).unwrap();
+                (key, n(kv, "lease"), n(kv, "create_revision") as u64)
+            })
+            .collect()
+    }
+
+    async fn leases(&self) -> usize {
+        let v = self.post("/v3/lease/leases", json!({})).await;
+        v["leases"].as_array().map_or(0, Vec::len)
+    }
+}
+
+/// The waiter key of session `id` for `key`.
+fn waiter(key: &str, id: u64) -> String {
+    format!("{PREFIX}v2/{key}@{id:016x}")
+}
+
+#[test]
+fn sessions_exclude_each_other_and_a_release_frees_the_key() {
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    smol::block_on(async {
+        let a = client(e.url(), "a", 6_000);
+        let b = client(e.url(), "b", 6_000);
+        let la = a.acquire("job").await.unwrap();
+        let id = a.session_id().unwrap();
+        assert_eq!(la.owner().0, id);
+        assert_eq!(la.health(), Health::Held);
+        // The grant is a waiter key on the session's lease, its fence the key's create revision.
+        let held = raw.keys(&format!("{PREFIX}v2/")).await;
+        assert_eq!(held, vec![(waiter("job", id), id as i64, la.fence().unwrap().0)]);
+        assert_eq!(b.try_acquire("job").await.unwrap_err(), AcquireError::Busy);
+        // A contender that does not wait leaves no key behind.
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await, held);
+        let fa = la.fence().unwrap();
+        la.release().await.expect("release acknowledged");
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await, vec![], "a release deletes the waiter key");
+        let lb = b.try_acquire("job").await.expect("free after the release");
+        assert!(lb.fence().unwrap() > fa, "every grant a higher fence");
+        // A key with a `/` has its own queue: `job/x` is not behind `job`'s holder.
+        let lx = a.try_acquire("job/x").await.expect("a different key");
+        lx.release().await.unwrap();
+        lb.release().await.unwrap();
+        a.close().await;
+        b.close().await;
+        assert_eq!(raw.leases().await, 0, "closing revokes each session's lease");
+    });
+}
+
+#[test]
+fn three_waiters_are_handed_the_key_in_the_order_they_queued() {
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let holder = client(e.url(), "holder", 6_000);
+    let waiters: Vec<SessionClient> = (1..=3).map(|i| client(e.url(), &format!("w{i}"), 6_000)).collect();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    smol::block_on(async {
+        let held = holder.acquire("k").await.unwrap();
+        let mut fences = vec![held.fence().unwrap().0];
+        let mut tasks = Vec::new();
+        for (i, w) in waiters.iter().enumerate() {
+            let (queued_tx, queued_rx) = async_channel::bounded::<()>(1);
+            let order = order.clone();
+            let w = w.clone();
+            tasks.push(smol::spawn(async move {
+                let lease = w
+                    .acquire_reporting("k", None, move |_| {
+                        let _ = queued_tx.try_send(());
+                    })
+                    .await
+                    .unwrap();
+                order.lock().unwrap().push((i + 1, lease.fence().unwrap().0));
+                // Held for a moment, so a waiter that jumped the queue would be seen.
+                sleep(50).await;
+                lease.release().await.unwrap();
+            }));
+            // The next waiter asks only once this one is queued in etcd.
+            within(10_000, "queued", queued_rx.recv()).await.unwrap();
+        }
+        // Queue order is etcd's create order of the waiter keys.
+        let queue = raw.keys(&format!("{PREFIX}v2/k@")).await;
+        let sessions: Vec<String> =
+            std::iter::once(&holder).chain(&waiters).map(|c| waiter("k", c.session_id().unwrap())).collect();
+        assert_eq!(queue.iter().map(|q| q.0.clone()).collect::<Vec<_>>(), sessions);
+        fences.extend(queue[1..].iter().map(|q| q.2));
+        held.release().await.unwrap();
+        for t in tasks {
+            within(20_000, "every waiter served", t).await;
+        }
+        let served = order.lock().unwrap().clone();
+        assert_eq!(served, vec![(1, fences[1]), (2, fences[2]), (3, fences[3])], "FIFO, each its own fence");
+        assert!(
+            fences.windows(2).all(|w| w[0] < w[1]),
+            "fences strictly increase in grant order: {fences:?}"
+        );
+    });
+}
+
+/// Keepalives every ttl/4 = 5 s: a waiter that only looked at its keepalives would take
+/// 0..5 s per hand-off; a pushed one takes a few etcd round trips.
+const HANDOFF_TTL_MS: u64 = 20_000;
+const HANDOFF_BOUND: Duration = Duration::from_millis(1_000);
+
+/// Hands one key back and forth between two sessions `rounds` times; how long each hand-off
+/// took from the release's acknowledgement to the waiter's grant.
+fn hand_offs(url: &str, fault: Option<EtcdFault>, rounds: usize) -> Vec<Duration> {
+    let a = client_with(url, "a", HANDOFF_TTL_MS, fault);
+    let b = client_with(url, "b", HANDOFF_TTL_MS, fault);
+    smol::block_on(async {
+        let mut held = a.acquire("handoff").await.unwrap();
+        let mut fence = held.fence().unwrap();
+        let mut took = Vec::new();
+        for round in 0..rounds {
+            let next = if round % 2 == 0 { &b } else { &a };
+            let (queued_tx, queued_rx) = async_channel::bounded::<()>(1);
+            let waiting = next.acquire_reporting("handoff", None, move |_| {
+                let _ = queued_tx.try_send(());
+            });
+            let release = async {
+                within(10_000, "queued", queued_rx.recv()).await.unwrap();
+                // Let the waiter's keepalive be the held one, so the push is what is measured.
+                sleep(300).await;
+                held.release().await.unwrap();
+                Instant::now()
+            };
+            let (granted, released) = within(20_000, "hand-off", future::zip(waiting, release)).await;
+            took.push(released.elapsed());
+            held = granted.unwrap();
+            assert!(held.fence().unwrap() > fence);
+            fence = held.fence().unwrap();
+        }
+        held.release().await.unwrap();
+        a.close().await;
+        b.close().await;
+        took
+    })
+}
+
+#[test]
+fn a_hand_off_is_pushed_at_once_not_found_at_the_next_keepalive() {
+    // Three hand-offs each within 1 s: a poller would pass all three by luck with probability
+    // (1/5)³ < 1%.
+    let e = etcd();
+    let took = hand_offs(e.url(), None, 3);
+    println!("pushed hand-offs: {took:?}");
+    assert!(took.iter().all(|t| *t < HANDOFF_BOUND), "hand-offs {took:?}, bound {HANDOFF_BOUND:?}");
+}
+
+#[test]
+fn planted_no_watch_is_caught_by_the_hand_off_bound() {
+    // Without watches a hand-off waits for the waiter's held keepalive to run out (0..5 s):
+    // five all under 1 s would be a (1/5)⁵ = 0.03% fluke.
+    let e = etcd();
+    let took = hand_offs(e.url(), Some(EtcdFault::NoWatch), 5);
+    println!("hand-offs without watches: {took:?}");
+    assert!(took.iter().any(|t| *t >= HANDOFF_BOUND), "NoWatch went unnoticed: {took:?}");
+}
+
+/// Whether a second session is refused a key the first holds.
+fn second_session_is_refused(url: &str, fault: Option<EtcdFault>) -> Result<(), String> {
+    let a = client_with(url, "a", 6_000, fault);
+    let b = client_with(url, "b", 6_000, fault);
+    smol::block_on(async {
+        let held = a.acquire("exclusive").await.unwrap();
+        let second = b.try_acquire("exclusive").await;
+        let verdict = match &second {
+            Err(AcquireError::Busy) => Ok(()),
+            other => Err(format!(
+                "a second session was answered {:?} while the first held",
+                other.as_ref().map(|l| l.fence())
+            )),
+        };
+        held.release().await.unwrap();
+        if let Ok(l) = second {
+            l.release().await.unwrap();
+        }
+        verdict
+    })
+}
+
+#[test]
+fn planted_second_in_line_grant_is_caught_by_the_exclusion_check() {
+    let e = etcd();
+    assert_eq!(second_session_is_refused(e.url(), None), Ok(()));
+    assert!(second_session_is_refused(e.url(), Some(EtcdFault::SecondInLineGranted)).is_err());
+}
+
+#[test]
+fn a_lease_revoked_behind_the_sessions_back_loses_every_key_at_once() {
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let c = client(e.url(), "c", 6_000);
+    let other = client(e.url(), "other", 6_000);
+    smol::block_on(async {
+        let leases =
+            [c.acquire("x").await.unwrap(), c.acquire("y").await.unwrap(), c.acquire("z").await.unwrap()];
+        let id = c.session_id().unwrap();
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await.len(), 3);
+        raw.post("/v3/lease/revoke", json!({"ID": id.to_string()})).await;
+        // etcd deleted every key of the session in the revoke's one revision.
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await, vec![]);
+        let taken = other.try_acquire("y").await.expect("y is free at once");
+        // The next keepalive (within ttl/4, plus its hold) finds the lease gone.
+        let (first, _) = within(
+            6_000,
+            "lost",
+            future::race(
+                future::race(async { (0, leases[0].lost().await) }, async { (1, leases[1].lost().await) }),
+                async { (2, leases[2].lost().await) },
+            ),
+        )
+        .await;
+        let _ = first;
+        for l in &leases {
+            assert_eq!(l.fence(), None, "one session, one loss: every key at once");
+            assert_eq!(l.health(), Health::Lost);
+        }
+        for l in &leases {
+            assert_eq!(within(1_000, "each lost", l.lost()).await, LostReason::Revoked);
+        }
+        taken.release().await.unwrap();
+        // A new session serves the client again.
+        let again = c.try_acquire("x").await.expect("a new session");
+        assert_ne!(c.session_id().unwrap(), id);
+        again.release().await.unwrap();
+    });
+}
+
+#[test]
+fn closing_revokes_the_session_and_frees_its_keys_and_its_places() {
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let a = client(e.url(), "a", 6_000);
+    let b = client(e.url(), "b", 6_000);
+    let c = client(e.url(), "c", 6_000);
+    smol::block_on(async {
+        let held = a.acquire("p").await.unwrap();
+        let _held_q = a.acquire("q").await.unwrap();
+        let fence = held.fence().unwrap();
+        let a_id = a.session_id().unwrap() as i64;
+        // b queues for p, with a deadline; c queues behind b.
+        let queued = |tx: async_channel::Sender<()>| {
+            move |_: &leasehold_http::Waiting| {
+                let _ = tx.try_send(());
+            }
+        };
+        let (tx, rx) = async_channel::bounded::<()>(1);
+        let b_wait = b.clone();
+        let tb = smol::spawn(async move {
+            b_wait.acquire_reporting("p", Some(Duration::from_millis(1_500)), queued(tx)).await
+        });
+        within(10_000, "b queued", rx.recv()).await.unwrap();
+        let (tx, rx) = async_channel::bounded::<()>(1);
+        let c_wait = c.clone();
+        let tc = smol::spawn(async move { c_wait.acquire_reporting("p", None, queued(tx)).await });
+        within(10_000, "c queued", rx.recv()).await.unwrap();
+        let b_id = b.session_id().unwrap();
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/p@")).await.len(), 3);
+        // b's deadline passes: it leaves the queue, its waiter key goes, c is next after a.
+        assert_eq!(within(10_000, "b gives up", tb).await.unwrap_err(), AcquireError::Busy);
+        let queue: Vec<String> = raw.keys(&format!("{PREFIX}v2/p@")).await.into_iter().map(|k| k.0).collect();
+        assert_eq!(queue.len(), 2, "{queue:?}");
+        assert!(!queue.contains(&waiter("p", b_id)), "{queue:?}");
+        within(5_000, "a closed", a.close()).await;
+        assert!(
+            raw.keys(&format!("{PREFIX}v2/")).await.iter().all(|k| k.1 != a_id),
+            "one revoke freed both of a's keys"
+        );
+        let lc = within(5_000, "c is pushed p", tc).await.unwrap();
+        assert!(lc.fence().unwrap() > fence);
+        lc.release().await.unwrap();
+    });
+}
+
+#[test]
+fn v1_and_v2_keys_live_apart_and_do_not_exclude_each_other() {
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let v1 = EtcdBackend::new(e.url(), PREFIX, Duration::from_secs(2)).unwrap();
+    let v2 = client(e.url(), "v2", 6_000);
+    smol::block_on(async {
+        let request =
+            Request { id: RequestId(1), owner: OwnerId(7), op: Op::Acquire { ttl: LDuration::from_secs(5) } };
+        assert!(matches!(v1.call(&parse_key("k").unwrap(), request).await.unwrap(), Reply::Granted { .. }));
+        // As documented: v2 is a separate namespace, so this grant coexists with v1's.
+        let l = v2.try_acquire("k").await.expect("v2 does not see v1's key");
+        let keys: Vec<String> = raw.keys(PREFIX).await.into_iter().map(|k| k.0).collect();
+        assert_eq!(keys, vec![format!("{PREFIX}k"), waiter("k", v2.session_id().unwrap())]);
+        l.release().await.unwrap();
+    });
+}
+
+/// The backend's answers to the core's requests, sent by hand as the holder machine would.
+#[test]
+fn the_backend_answers_each_request_as_the_protocol_says() {
+    use leasehold_core::session::wire::{
+        parse_label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest,
+    };
+    use leasehold_core::Fence;
+    use leasehold_http::SessionBackend;
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let b = EtcdSessions::new(e.url(), PREFIX, Duration::from_secs(2)).unwrap();
+    let hold = Duration::ZERO;
+    smol::block_on(async {
+        let open =
+            SessionOp::Open { ttl: LDuration::from_millis(4_500), label: parse_label("by-hand").unwrap() };
+        let req = SessionRequest { session: SessionId::NONE, secret: Secret::NONE, seq: Seq(1), op: open };
+        let SessionReply::Opened { session, secret, ttl } = b.call(req, hold).await.unwrap().reply else {
+            panic!("not opened")
+        };
+        assert_eq!(ttl, LDuration::from_secs(5), "etcd's whole seconds, rounded up");
+        let mut seq = 1;
+        let mut send = |op: SessionOp, secret: Secret| {
+            seq += 1;
+            let r = SessionRequest { session, secret, seq: Seq(seq), op };
+            let b = &b;
+            async move { b.call(r, hold).await.unwrap().reply }
+        };
+        let x = parse_key("x").unwrap();
+        let acquire = SessionOp::Acquire { key: x.clone(), wait: false };
+        let SessionReply::Granted { fence, .. } = send(acquire.clone(), secret).await else {
+            panic!("granted")
+        };
+        assert_eq!(
+            send(acquire.clone(), secret).await,
+            SessionReply::Granted { key: x.clone(), fence },
+            "same fence"
+        );
+        assert_eq!(
+            send(acquire.clone(), Secret::from_bytes([9; 16])).await,
+            SessionReply::Rejected(leasehold_core::Reject::Unauthorized),
+            "a wrong secret changes nothing"
+        );
+        let alive = send(SessionOp::KeepAlive, secret).await;
+        assert_eq!(alive, SessionReply::Alive { ttl: LDuration::from_secs(5), granted: None, more: false });
+        let stale = SessionOp::Release { key: x.clone(), fence: Fence(fence.0 + 1) };
+        assert_eq!(send(stale, secret).await, SessionReply::NotHolder { key: x.clone() });
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await.len(), 1, "a wrong fence releases nothing");
+        let release = SessionOp::Release { key: x.clone(), fence };
+        assert_eq!(send(release, secret).await, SessionReply::Released { key: x.clone() });
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await, vec![]);
+        assert_eq!(send(SessionOp::Close, secret).await, SessionReply::Closed);
+        assert_eq!(raw.leases().await, 0, "close revoked the lease");
+        assert_eq!(send(SessionOp::KeepAlive, secret).await, SessionReply::Expired);
+    });
+}
+
+#[test]
+fn one_session_waiting_for_two_keys_is_pushed_each_when_its_holder_lets_go() {
+    let e = etcd();
+    let (a, b) = (client(e.url(), "a", HANDOFF_TTL_MS), client(e.url(), "b", HANDOFF_TTL_MS));
+    let c = client(e.url(), "c", HANDOFF_TTL_MS);
+    smol::block_on(async {
+        let (m1, m2) = (a.acquire("m1").await.unwrap(), b.acquire("m2").await.unwrap());
+        let wait = |key: &'static str| {
+            let (tx, rx) = async_channel::bounded::<()>(1);
+            let c = c.clone();
+            let task = smol::spawn(async move {
+                c.acquire_reporting(key, None, move |_| {
+                    let _ = tx.try_send(());
+                })
+                .await
+            });
+            (task, rx)
+        };
+        let (w1, q1) = wait("m1");
+        let (w2, q2) = wait("m2");
+        within(10_000, "c queued for m1", q1.recv()).await.unwrap();
+        within(10_000, "c queued for m2", q2.recv()).await.unwrap();
+        // One held keepalive watches both predecessors: whichever goes first is pushed at once.
+        for (held, waiter) in [(m2, w2), (m1, w1)] {
+            sleep(300).await;
+            held.release().await.unwrap();
+            let released = Instant::now();
+            let lease = within(10_000, "pushed", waiter).await.unwrap();
+            let took = released.elapsed();
+            assert!(took < HANDOFF_BOUND, "{}: hand-off took {took:?}", lease.key());
+            lease.release().await.unwrap();
+        }
+    });
+}
