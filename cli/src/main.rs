@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod gateway;
+mod observe;
 mod run;
 mod serve;
 mod status;
@@ -28,6 +29,8 @@ enum Command {
     Status(status::Args),
     /// Hold a lease while a command runs; stop the command if the lease is lost.
     Run(run::Args),
+    /// Print a key's holder and each change of it (protocol v2, no polling).
+    Observe(observe::Args),
     /// Start a local server and three contending workers; print a timeline and a verdict.
     Demo(demo::Args),
     /// Forward lease requests from serial-linked devices to a lease server.
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::main(a),
         Command::Status(a) => status::main(a),
         Command::Run(a) => run::main(a),
+        Command::Observe(a) => observe::main(a),
         Command::Demo(a) => demo::main(a),
         Command::Gateway(a) => gateway::main(a),
         Command::DemoWorker(a) => demo::worker(a),

@@ -79,6 +79,11 @@ pub(crate) struct Args {
     /// After SIGTERM on loss, wait this long before SIGKILL.
     #[arg(long, default_value = "5s", value_parser = crate::duration)]
     grace: Duration,
+    /// With `--protocol v2`: what observers of the key (`leasehold observe`) are told with the
+    /// holder while this run holds it, such as the address where it serves as leader. At most
+    /// 64 bytes of printable ASCII.
+    #[arg(long, value_name = "STR")]
+    value: Option<String>,
     /// Clock-rate bound ε between this host and the server, in parts per million.
     #[arg(long, default_value_t = 10_000)]
     drift_ppm: u32,
@@ -162,8 +167,32 @@ impl Leases for Slots {
     }
 }
 
+/// A session client whose acquisitions carry a value for the key's observers.
+struct Valued {
+    client: SessionClient,
+    value: String,
+}
+
+impl Leases for Valued {
+    async fn try_acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        self.client.try_acquire_with_value(key, &self.value).await
+    }
+    async fn acquire_reporting(
+        &self,
+        key: &str,
+        timeout: Option<Duration>,
+        report: impl FnMut(&Waiting) + Send,
+    ) -> Result<Lease, AcquireError> {
+        self.client.acquire_with_value(key, &self.value, timeout, report).await
+    }
+    async fn finish(&self) {
+        self.client.wait_idle().await;
+        self.client.close().await
+    }
+}
+
 /// The session's public label: this host and process, as status pages show the holder.
-fn session_label() -> String {
+pub(crate) fn session_label() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host: String = host.trim().chars().filter(|c| (' '..='~').contains(c)).collect();
     let pid = format!(":{}", std::process::id());
@@ -183,6 +212,18 @@ pub(crate) fn main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(value) = &args.value {
+        if args.protocol != Protocol::V2 || !matches!(args.backend, BackendKind::Builtin) {
+            eprintln!(
+                "leasehold run: --value needs --protocol v2 on the built-in server (observers are a session feature)"
+            );
+            return ExitCode::from(2);
+        }
+        if let Err(e) = leasehold_core::session::wire::parse_value(value) {
+            eprintln!("leasehold run: --value {value:?}: {e}");
+            return ExitCode::from(2);
+        }
+    }
     if args.protocol == Protocol::V2 && matches!(args.backend, BackendKind::Dynamodb) {
         eprintln!(
             "leasehold run: --protocol v2 is for the built-in server and etcd (DynamoDB gets sessions later)"
@@ -191,6 +232,10 @@ pub(crate) fn main(args: Args) -> ExitCode {
     }
     if args.limit.is_some() && args.protocol != Protocol::V2 {
         eprintln!("leasehold run: --limit needs --protocol v2 (semaphores are held in sessions)");
+        return ExitCode::from(2);
+    }
+    if args.limit.is_some_and(|n| n.get() > 1) && args.value.is_some() {
+        eprintln!("leasehold run: --value is for a key with one holder, not with --limit above 1");
         return ExitCode::from(2);
     }
     if args.limit.is_some_and(|n| n.get() > 1) && !matches!(args.backend, BackendKind::Builtin) {
@@ -237,7 +282,10 @@ async fn run_session(args: Args, backend: Result<impl SessionBackend, TransportE
         .and_then(|b| SessionClient::new(b, &session_label(), options).map_err(|e| Report(&e).to_string()));
     let limit = args.limit.unwrap_or(NonZeroU16::MIN);
     match client {
-        Ok(client) => run_with(args, Slots { client, limit }).await,
+        Ok(client) => match args.value.clone() {
+            Some(value) => run_with(args, Valued { client, value }).await,
+            None => run_with(args, Slots { client, limit }).await,
+        },
         Err(e) => {
             eprintln!("leasehold run: {e}");
             ExitCode::from(2)
@@ -330,7 +378,10 @@ async fn run_with(args: Args, client: impl Leases) -> ExitCode {
                 client.finish().await;
             }
             return ExitCode::from(match e {
-                AcquireError::InvalidKey(_) | AcquireError::Rejected(_) | AcquireError::Misconfigured(_) => 2,
+                AcquireError::InvalidKey(_)
+                | AcquireError::InvalidValue(_)
+                | AcquireError::Rejected(_)
+                | AcquireError::Misconfigured(_) => 2,
                 _ => EXIT_NOT_ACQUIRED,
             });
         }

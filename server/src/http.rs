@@ -349,7 +349,7 @@ async fn session_route(
         }
         (Some(_), op) => {
             match (op, hold) {
-                (SessionOp::KeepAlive, Some(wait)) => {
+                (SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. }, Some(wait)) => {
                     // Held at most half the request timeout, so the answer leaves well before
                     // anyone's timeout cuts it.
                     let wait = wait.min(shared.request_timeout / 2).min(MAX_HOLD);

@@ -16,7 +16,7 @@ use leasehold_core::authority::Limits;
 use smol_hyper::rt::FuturesIo;
 
 pub use http::MAX_BODY;
-pub use sessions::{SessionStoreError, MAX_CLAIMS, MAX_SESSIONS, MAX_SESSION_KEYS};
+pub use sessions::{SessionStoreError, MAX_CLAIMS, MAX_OBSERVERS, MAX_SESSIONS, MAX_SESSION_KEYS};
 pub use store::StoreError;
 #[cfg(feature = "tls")]
 pub use tls::ServerTls;
@@ -274,6 +274,8 @@ impl Shared {
             ("leasehold_session_closes_total", "Session closes handled.", load(&ss.closes)),
             ("leasehold_session_expiries_total", "Session expiry passes logged (each ends every session due).", load(&ss.timeouts)),
             ("leasehold_session_pushed_total", "Keepalives answered with a grant made while the session waited.", load(&ss.pushed)),
+            ("leasehold_session_observes_total", "Session observes and unobserves handled.", load(&ss.observes)),
+            ("leasehold_session_observed_total", "Keepalives answered with a change of an observed key.", load(&ss.observed)),
             ("leasehold_session_commits_total", "Fsynced appends to the session log (one per group of inputs).", load(&ss.commits)),
         ];
         self.metrics.render(&counters, &gauges)

@@ -42,9 +42,12 @@ pub const MAX_SESSION_KEYS: usize = 64 * 1024;
 /// distribution, at about 5 MiB, where the 32 waiters each key reserved inline before (and at
 /// most) took 32 MiB.
 pub const MAX_CLAIMS: usize = 2 * MAX_SESSION_KEYS;
+/// Most observers of keys at once (a session observing a key is one); one more is answered
+/// `Rejected(Capacity)`. Each observed key keeps its last few changes (about 1 KiB).
+pub const MAX_OBSERVERS: usize = 4 * 1024;
 
 /// The server's session authority.
-pub(crate) type Authority = SessionAuthority<MAX_SESSIONS, MAX_SESSION_KEYS, MAX_CLAIMS>;
+pub(crate) type Authority = SessionAuthority<MAX_SESSIONS, MAX_SESSION_KEYS, MAX_CLAIMS, MAX_OBSERVERS>;
 
 /// The log: entry number → JSON of an [`Entry`].
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("session_log");
@@ -152,6 +155,9 @@ pub(crate) struct SessionStats {
     pub(crate) timeouts: AtomicU64,
     pub(crate) commits: AtomicU64,
     pub(crate) pushed: AtomicU64,
+    pub(crate) observes: AtomicU64,
+    /// Keepalive replies that carried a change of an observed key.
+    pub(crate) observed: AtomicU64,
 }
 
 struct Job {
@@ -201,6 +207,9 @@ struct HolderView {
     fence: u64,
     ttl: u64,
     remaining: u64,
+    /// What the holder acquired with (`AcquireWithValue`); absent if nothing.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    value: String,
 }
 
 /// Runs `f` on a thread whose stack fits a few copies of the table. The core's tables are
@@ -488,6 +497,7 @@ impl Sessions {
                         fence: h.fence.0,
                         ttl: s.ttl.as_micros(),
                         remaining: (s.expires_at - now).as_micros(),
+                        value: a.value(h.session, k).to_string(),
                     })
                 };
                 KeyView {
@@ -602,21 +612,49 @@ impl Writer {
 struct Standing {
     news: std::collections::HashSet<SessionId>,
     live: std::collections::HashSet<SessionId>,
+    /// Per session, its observed keys with changes it has not acknowledged: the key, the
+    /// change acknowledged, and the latest.
+    behind: std::collections::HashMap<SessionId, Vec<(leasehold_core::Key, u64, u64)>>,
 }
 
 impl Standing {
     fn of(authority: &Authority) -> Standing {
+        let mut behind: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+        for (session, key, acked, latest) in authority.observers_behind() {
+            behind.entry(session).or_default().push((key.clone(), acked, latest));
+        }
         Standing {
             news: authority.sessions_with_news().collect(),
             live: authority.sessions().map(|s| s.id).collect(),
+            behind,
         }
     }
 
     /// Whether a held keepalive is to be handled now: its session has news or is gone, or
     /// its hold is over.
-    fn due(&self, hold: (SessionId, std::time::Instant), at: std::time::Instant) -> bool {
-        let (session, until) = hold;
-        until <= at || self.news.contains(&session) || !self.live.contains(&session)
+    fn due(&self, job: &Job, at: std::time::Instant) -> bool {
+        let Some((session, until)) = job.hold else { return false };
+        until <= at
+            || self.news.contains(&session)
+            || !self.live.contains(&session)
+            || self.observed(job, session)
+    }
+
+    /// Whether an observed key of `session` has a change to report, once the acknowledgement
+    /// the keepalive carries is counted: a keepalive acknowledging the latest change is held
+    /// for the next.
+    fn observed(&self, job: &Job, session: SessionId) -> bool {
+        let Some(behind) = self.behind.get(&session) else { return false };
+        let ack = match &job.input {
+            Input::Request(SessionRequest { op: SessionOp::KeepAliveSeen { key, change }, .. }) => {
+                Some((key, *change))
+            }
+            _ => None,
+        };
+        behind.iter().any(|(key, acked, latest)| match ack {
+            Some((k, change)) if k == key => (*acked).max(change) < *latest,
+            _ => acked < latest,
+        })
     }
 }
 
@@ -666,8 +704,15 @@ fn commit_batch(
     let mut handle = |state: &mut State, job: Job, entries: &mut Vec<Vec<u8>>| {
         let entry = Entry { now, input: job.input.clone() };
         let reply = apply(&mut state.authority, &entry).unwrap_or(SessionReply::Expired);
-        if let SessionReply::Alive { granted: Some(_), .. } = reply {
-            stats.pushed.fetch_add(1, Ordering::Relaxed);
+        match reply {
+            SessionReply::Alive { granted: Some(_), .. }
+            | SessionReply::AliveObserved { granted: Some(_), .. } => {
+                stats.pushed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if let SessionReply::AliveObserved { .. } = reply {
+            stats.observed.fetch_add(1, Ordering::Relaxed);
         }
         count(stats, &job.input);
         entries.push(encode(&entry));
@@ -691,8 +736,7 @@ fn commit_batch(
             break;
         }
         let standing = Standing::of(&state.authority);
-        let (now_due, still): (Vec<Job>, Vec<Job>) =
-            parked.into_iter().partition(|j| j.hold.is_some_and(|h| standing.due(h, wall)));
+        let (now_due, still): (Vec<Job>, Vec<Job>) = parked.into_iter().partition(|j| standing.due(j, wall));
         parked = still;
         if now_due.is_empty() {
             break;
@@ -729,8 +773,11 @@ fn count(stats: &SessionStats, input: &Input) {
     let c = match input {
         Input::Open { .. } => &stats.opens,
         Input::Request(r) => match r.op {
-            SessionOp::KeepAlive => &stats.keepalives,
-            SessionOp::Acquire { .. } | SessionOp::AcquireWithLimit { .. } => &stats.acquires,
+            SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. } => &stats.keepalives,
+            SessionOp::Acquire { .. }
+            | SessionOp::AcquireWithLimit { .. }
+            | SessionOp::AcquireWithValue { .. } => &stats.acquires,
+            SessionOp::Observe { .. } | SessionOp::Unobserve { .. } => &stats.observes,
             SessionOp::Release { .. } => &stats.releases,
             SessionOp::Close => &stats.closes,
             SessionOp::Open { .. } => return,

@@ -434,3 +434,72 @@ fn one_key_queues_more_waiters_than_a_key_record_used_to_hold() {
     assert_eq!(lease(s.addr(), "k")["holder"]["label"], "w0", "the head of the queue");
     assert_eq!(waiters[0].send(acquire("k", true)), granted("k", 2));
 }
+
+fn observe(key: &str) -> SessionOp {
+    SessionOp::Observe { key: parse_key(key).unwrap() }
+}
+
+/// The change an `AliveObserved` carries: its number and the holder's label, fence and value.
+fn change_of(reply: &SessionReply) -> (u64, Option<(String, u64, String)>) {
+    let SessionReply::AliveObserved { observed, .. } = reply else { panic!("no change: {reply:?}") };
+    let holder = observed.holder.as_ref().map(|h| (h.label.to_string(), h.fence.0, h.value.to_string()));
+    (observed.change, holder)
+}
+
+impl Holder {
+    /// A keepalive acknowledging `change` of `key`, held up to `wait_ms` for the next change.
+    fn seen_waiting(&mut self, key: &str, change: u64, wait_ms: u64) -> (SessionReply, StdDuration) {
+        let req = self.request(SessionOp::KeepAliveSeen { key: parse_key(key).unwrap(), change });
+        let started = StdInstant::now();
+        let (_, resp) = self.send_raw(&req, &format!("?wait_ms={wait_ms}"));
+        (resp.reply, started.elapsed())
+    }
+}
+
+#[test]
+fn an_observers_held_keepalive_returns_early_with_each_change_and_observing_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let value = |v: &str| leasehold_core::session::wire::parse_value(v).unwrap();
+    let mut o;
+    let mut b;
+    {
+        let s = server(dir.path());
+        let mut a = open(s.addr(), TTL, "a");
+        b = open(s.addr(), TTL, "b");
+        o = open(s.addr(), TTL, "o");
+        let op =
+            SessionOp::AcquireWithValue { key: parse_key("k").unwrap(), wait: true, value: value("a:1") };
+        assert_eq!(a.send(op), granted("k", 1));
+        assert_eq!(lease(s.addr(), "k")["holder"]["value"], "a:1");
+        let op =
+            SessionOp::AcquireWithValue { key: parse_key("k").unwrap(), wait: true, value: value("b:2") };
+        assert_eq!(b.send(op), queued("k", 1));
+        assert_eq!(o.send(observe("k")), SessionReply::Observing { key: parse_key("k").unwrap() });
+        // Not acknowledged yet: a held keepalive answers at once with the current holder.
+        let (reply, took) = o.keepalive_waiting(10_000);
+        assert_eq!(change_of(&reply), (1, Some(("a".into(), 1, "a:1".into()))));
+        assert!(took < StdDuration::from_millis(10_000), "{took:?}");
+        // Acknowledged: held until the next change, which comes when a releases.
+        const WAIT_MS: u64 = 10_000;
+        let mut o2 = o.clone();
+        let wait = std::thread::spawn(move || (o2.seen_waiting("k", 1, WAIT_MS), o2));
+        std::thread::sleep(StdDuration::from_millis(200));
+        assert!(!wait.is_finished(), "held: nothing changed yet");
+        assert_eq!(a.send(release("k", 1)), SessionReply::Released { key: parse_key("k").unwrap() });
+        let ((reply, took), o2) = wait.join().unwrap();
+        o = o2;
+        assert_eq!(change_of(&reply), (2, Some(("b".into(), 2, "b:2".into()))));
+        assert!(took < StdDuration::from_millis(WAIT_MS), "returned early with the change: {took:?}");
+        assert!(metric(s.addr(), "leasehold_session_observed_total") >= 2);
+    }
+    // The observer is part of the logged state: after a restart the next change still comes.
+    let s = server(dir.path());
+    (o.addr, b.addr) = (s.addr(), s.addr());
+    assert_eq!(b.send(acquire("k", true)), granted("k", 2));
+    assert_eq!(b.send(release("k", 2)), SessionReply::Released { key: parse_key("k").unwrap() });
+    let (reply, _) = o.seen_waiting("k", 2, 10_000);
+    assert_eq!(change_of(&reply), (3, None), "free after b's release");
+    let (reply, took) = o.seen_waiting("k", 3, 300);
+    assert_eq!(reply, SessionReply::Alive { ttl: TTL, granted: None, more: false });
+    assert!(took >= StdDuration::from_millis(300), "held its whole bound without a change: {took:?}");
+}

@@ -16,7 +16,13 @@
 //! - a contender asking with another limit (one in 16 acquires asks one more) is refused
 //!   `LimitMismatch` only while the key has holders or waiters under another limit;
 //! - replayed and forged requests (injected copies of requests the authority has handled,
-//!   as they are or with a wrong secret) leave the authority's state as it was.
+//!   as they are or with a wrong secret) leave the authority's state as it was;
+//! - observers (sessions that only observe every key) are told the key's true holder
+//!   history in order: the first report of a session is the holder when its observe was
+//!   handled, and the report numbered `n` is the state `n − n₀` changes after that one, so
+//!   no change is lost, repeated or reordered, and a reported fence never goes down;
+//! - once the network heals (after `run_for`: no loss, no faults, no new acquisitions) each
+//!   observer's last report is the key's holder at the end.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -58,6 +64,8 @@ pub struct Params {
     pub fault: SessionFault,
     /// Simulated true time to run (µs).
     pub run_for: u64,
+    /// Number of observer sessions, after the holders.
+    pub observers: usize,
 }
 
 impl Params {
@@ -83,6 +91,8 @@ impl Params {
             duplication: rng.f64() * 0.1,
             fault,
             run_for: ttl.as_micros() * 30,
+            // Drawn last, so the draws above are those of runs before observers existed.
+            observers: rng.usize(1..=2),
         }
     }
 }
@@ -204,6 +214,7 @@ impl fmt::Display for Violation {
             (SessionFault::AcceptReplays, _) => "LEASEHOLD_SIM_FAULT=accept-replays ",
             (SessionFault::OverAdmit, _) => "LEASEHOLD_SIM_FAULT=over-admit ",
             (SessionFault::IgnoreLimitMismatch, _) => "LEASEHOLD_SIM_FAULT=ignore-limit-mismatch ",
+            (SessionFault::HideFreeChanges, _) => "LEASEHOLD_SIM_FAULT=hide-free-changes ",
             (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
             _ => "",
         };
@@ -240,6 +251,8 @@ pub struct Stats {
     pub shared: u64,
     /// Acquires refused for asking another limit than the key's holders and waiters.
     pub mismatched: u64,
+    /// Changes of observed keys told to observers.
+    pub observed: u64,
 }
 
 impl Stats {
@@ -256,10 +269,13 @@ impl Stats {
         self.dropped += o.dropped;
         self.shared += o.shared;
         self.mismatched += o.mismatched;
+        self.observed += o.observed;
     }
 }
 
 struct Client {
+    /// Observes every key instead of acquiring.
+    observer: bool,
     clock: Clock,
     session: Option<Holder>,
     app_at: Option<u64>,
@@ -336,6 +352,18 @@ pub struct World {
     told: BTreeMap<(Key, Option<usize>), Fence>,
     trace: Vec<TraceEntry>,
     stats: Stats,
+    /// Per key, its holder after every authority step that changed it (free first).
+    history: BTreeMap<Key, Vec<Option<(SessionId, Fence)>>>,
+    /// Per observing session and key: the history index and change number when its observe
+    /// was handled.
+    observing: BTreeMap<(SessionId, Key), (usize, u64)>,
+    /// Per observer client and key: its session, and the last report's change and history
+    /// index.
+    reported: BTreeMap<(usize, Key), (SessionId, u64, usize)>,
+    /// Per observer client and key: the highest fence reported.
+    reported_fence: BTreeMap<(usize, Key), Fence>,
+    /// After `run_for`: no loss, no faults, no new acquisitions.
+    healed: bool,
 }
 
 impl World {
@@ -343,8 +371,9 @@ impl World {
     pub fn new(params: Params) -> World {
         let mut rng = fastrand::Rng::with_seed(params.seed ^ 0x5E55_1085);
         let drift = params.config.drift;
-        let clients = (0..params.clients)
+        let mut clients: Vec<Client> = (0..params.clients)
             .map(|i| Client {
+                observer: false,
                 clock: Clock::random(&mut rng, drift),
                 session: Some(holder(i, params.config)),
                 app_at: Some(rng.u64(0..params.config.ttl.as_micros())),
@@ -353,9 +382,26 @@ impl World {
             })
             .collect();
         let clock = Clock::random(&mut rng, drift);
+        for i in params.clients..params.clients + params.observers {
+            clients.push(Client {
+                observer: true,
+                clock: Clock::random(&mut rng, drift),
+                session: Some(holder(i, params.config)),
+                app_at: Some(rng.u64(0..params.config.ttl.as_micros())),
+                restart_at: None,
+                partitioned_until: 0,
+            });
+        }
+        let keys: Vec<Key> =
+            (0..params.keys).map(|k| parse_key(&format!("k{k}")).expect("valid key")).collect();
         let limits = SessionLimits { fault: params.fault, ..SessionLimits::default() };
         World {
-            keys: (0..params.keys).map(|k| parse_key(&format!("k{k}")).expect("valid key")).collect(),
+            history: keys.iter().map(|k| (k.clone(), vec![None])).collect(),
+            keys,
+            observing: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            reported_fence: BTreeMap::new(),
+            healed: false,
             next_fault: rng.u64(0..params.run_for / 8),
             params,
             rng,
@@ -373,14 +419,37 @@ impl World {
         }
     }
 
-    /// Runs until `params.run_for`, checking after every step.
+    /// Runs until `params.run_for`, checking after every step; then heals the network for six
+    /// ttls and checks that every observer ends at each key's holder.
     pub fn run(mut self) -> Result<Stats, Box<Violation>> {
         while self.now < self.params.run_for {
             if !self.step()? {
                 break;
             }
         }
+        self.heal();
+        let end = self.now + 6 * self.params.config.ttl.as_micros();
+        while self.now < end {
+            if !self.step()? {
+                break;
+            }
+        }
+        self.check_observers_caught_up()?;
         Ok(self.stats)
+    }
+
+    /// No more loss, duplication, partitions or faults, and the holders stop asking for keys.
+    fn heal(&mut self) {
+        self.healed = true;
+        self.params.loss = 0.0;
+        self.params.duplication = 0.0;
+        self.next_fault = u64::MAX;
+        for c in self.clients.iter_mut() {
+            c.partitioned_until = 0;
+            if !c.observer {
+                c.app_at = None;
+            }
+        }
     }
 
     /// True time now (µs).
@@ -454,7 +523,7 @@ impl World {
                 let c = &mut self.clients[i];
                 c.restart_at = None;
                 c.session = Some(holder(i, self.params.config));
-                c.app_at = Some(self.now);
+                c.app_at = (c.observer || !self.healed).then_some(self.now);
                 self.log(What::Restart(i));
             }
             Next::AuthorityTimer => {
@@ -462,6 +531,7 @@ impl World {
                 let before = View::of(&self.authority);
                 let now = self.clock.local(self.now);
                 self.authority.handle_timeout(now);
+                self.record_history();
                 self.check_authority(&before, None)?;
             }
             Next::Fault => self.fault()?,
@@ -491,7 +561,28 @@ impl World {
         let k = self.rng.usize(0..self.keys.len());
         let (key, limit) = (self.keys[k].clone(), self.params.limits[k]);
         self.clients[i].app_at = Some(self.now + self.rng.u64(0..ttl));
+        let observer = self.clients[i].observer;
         let Some(s) = self.clients[i].session.as_mut() else { return Ok(()) };
+        if observer {
+            match s.state() {
+                SessionState::Idle | SessionState::Ended => {
+                    let _ = s.open(local);
+                }
+                // Now and then stop observing a key (observed again at a later turn).
+                SessionState::Open if !self.healed && roll < 24 && s.observed().any(|o| *o == key) => {
+                    let _ = s.unobserve(local, &key);
+                }
+                SessionState::Open => {
+                    for k in &self.keys {
+                        if !s.observed().any(|o| o == k) {
+                            let _ = s.observe(local, k.clone());
+                        }
+                    }
+                }
+                SessionState::Opening | SessionState::Closing => {}
+            }
+            return self.drain(i);
+        }
         match s.state() {
             SessionState::Idle | SessionState::Ended => {
                 let _ = s.open(local);
@@ -537,6 +628,17 @@ impl World {
                     *told = *fence;
                 }
                 SessionEvent::Queued { .. } => self.stats.queued += 1,
+                SessionEvent::Observed { key, change, holder, missed } => {
+                    self.stats.observed += 1;
+                    let state = holder.as_ref().map(|h| (h.session, h.fence));
+                    if let Err(msg) = self.check_report(i, key, *change, state, *missed) {
+                        self.log(What::Event(i, e));
+                        return Err(self.violation(msg));
+                    }
+                }
+                SessionEvent::ObserveEnded { key, .. } => {
+                    self.reported.remove(&(i, key.clone()));
+                }
                 SessionEvent::Lost { .. } => self.stats.lost += 1,
                 SessionEvent::Released { .. } => self.stats.released += 1,
                 _ => {}
@@ -575,6 +677,23 @@ impl World {
                     }
                     _ => self.authority.handle(now, &request),
                 };
+                self.record_history();
+                if let SessionOp::Observe { key } | SessionOp::Unobserve { key } = &request.op {
+                    // Registered: note where its numbering starts; gone: observed again, it
+                    // starts afresh.
+                    let at = (request.session, key.clone());
+                    match (self.authority.observes(request.session, key), self.observing.contains_key(&at)) {
+                        (true, false) => {
+                            let index = self.history.get(key).map_or(0, |h| h.len() - 1);
+                            let change = self.authority.latest_change(key).unwrap_or_default();
+                            self.observing.insert(at, (index, change));
+                        }
+                        (false, true) => {
+                            self.observing.remove(&at);
+                        }
+                        _ => {}
+                    }
+                }
                 self.log(What::Handles(client, request.clone(), reply.clone()));
                 self.check_authority(&before, Some(&request))?;
                 self.check_limit_refusal(&before, &request, &reply)?;
@@ -646,9 +765,11 @@ impl World {
         let now = self.clock.local(self.now);
         let before = View::of(&self.authority);
         self.authority.handle_timeout(now);
+        self.record_history();
         self.check_authority(&before, None)?;
         let before = View::of(&self.authority);
         let reply = self.authority.handle(now, &request);
+        self.record_history();
         self.log(What::Injected(how, request, reply));
         let after = View::of(&self.authority);
         if after != before {
@@ -777,6 +898,81 @@ impl World {
                 if heads != got {
                     return Err(self.violation(format!(
                         "{key} granted to {got:?} out of turn: the queue was {queued:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends each key's holder to its history if it changed.
+    fn record_history(&mut self) {
+        for key in &self.keys {
+            let now = self.authority.key(key).and_then(|s| s.holder).map(|h| (h.session, h.fence));
+            let h = self.history.entry(key.clone()).or_insert_with(|| vec![None]);
+            if h.last() != Some(&now) {
+                h.push(now);
+            }
+        }
+    }
+
+    /// Checks observer `i`'s report of change `change` of `key` against the true history.
+    fn check_report(
+        &mut self,
+        i: usize,
+        key: &Key,
+        change: u64,
+        state: Option<(SessionId, Fence)>,
+        missed: u64,
+    ) -> Result<(), String> {
+        let session = self.clients[i].session.as_ref().and_then(Holder::id).unwrap_or_default();
+        let Some(&(base_index, base_change)) = self.observing.get(&(session, key.clone())) else {
+            return Err(format!("c{i} ({session}) told of {key} before the authority handled its observe"));
+        };
+        let prev = self.reported.get(&(i, key.clone())).copied().filter(|(s, _, _)| *s == session);
+        if let Some((_, prev_change, _)) = prev {
+            if change <= prev_change {
+                return Err(format!("c{i} told change {change} of {key} after change {prev_change}"));
+            }
+            if missed != change - prev_change - 1 {
+                return Err(format!(
+                    "c{i} told change {change} of {key} after {prev_change} with {missed} missed"
+                ));
+            }
+        }
+        let index =
+            (change.checked_sub(base_change)).and_then(|d| usize::try_from(d).ok()).map(|d| base_index + d);
+        let history = &self.history[key];
+        let truth = index.and_then(|x| history.get(x));
+        if truth != Some(&state) {
+            return Err(format!(
+                "c{i} told {key} is {state:?} as change {change}, but the true history (observed from \
+                 index {base_index} = change {base_change}) has {truth:?} there: {history:?}"
+            ));
+        }
+        let index = index.unwrap_or_default();
+        if let Some((_, fence)) = state {
+            let highest = self.reported_fence.entry((i, key.clone())).or_default();
+            if fence < *highest {
+                return Err(format!("c{i} told {key} fence {fence} after fence {highest}"));
+            }
+            *highest = fence;
+        }
+        self.reported.insert((i, key.clone()), (session, change, index));
+        Ok(())
+    }
+
+    /// After the heal: every observer's last report of each key is its holder now.
+    fn check_observers_caught_up(&self) -> Result<(), Box<Violation>> {
+        for (i, c) in self.clients.iter().enumerate().filter(|(_, c)| c.observer) {
+            let session = c.session.as_ref().and_then(Holder::id);
+            for key in &self.keys {
+                let truth = self.history[key].last().copied().flatten();
+                let last = self.reported.get(&(i, key.clone())).filter(|(s, _, _)| Some(*s) == session);
+                let told = last.map(|&(_, _, index)| self.history[key][index]);
+                if told != Some(truth) {
+                    return Err(self.violation(format!(
+                        "after the heal, observer c{i} ({session:?}) last told {key} is {told:?}, but it is {truth:?}"
                     )));
                 }
             }

@@ -32,8 +32,9 @@ pub trait Backend: Send + Sync + 'static {
 /// primitives) keeps the rules.
 pub trait SessionBackend: Send + Sync + 'static {
     /// Sends `request`. For a [`KeepAlive`](leasehold_core::session::wire::SessionOp::KeepAlive)
+    /// (or a [`KeepAliveSeen`](leasehold_core::session::wire::SessionOp::KeepAliveSeen))
     /// the authority may hold the answer up to `hold` while it has nothing to push (a grant of
-    /// a waited key), and answers at once when it has: that is how a hand-off reaches a waiter
+    /// a waited key, a change of an observed key), and answers at once when it has: that is how a hand-off reaches a waiter
     /// without polling. The driver makes `hold` shorter than its request timeout.
     ///
     /// An `Err` means the request may or may not have reached the authority: the machine

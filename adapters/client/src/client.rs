@@ -43,6 +43,10 @@ pub enum AcquireError {
     /// The driver thread could not be started.
     #[error("cannot start the lease driver: {0}")]
     Spawn(String),
+    /// The value to acquire with is not acceptable (protocol v2's
+    /// [`SessionClient::acquire_with_value`](crate::SessionClient::acquire_with_value)).
+    #[error("invalid value: {0}")]
+    InvalidValue(leasehold_core::session::wire::ValueError),
 }
 
 /// The transport error behind [`AcquireError::Unavailable`], displayed by it already: its

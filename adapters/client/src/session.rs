@@ -12,7 +12,7 @@ use async_lock::MutexGuardArc;
 use event_listener::Event as Signal;
 use futures_lite::future;
 use leasehold_core::session::wire::{
-    parse_label, LabelError, Seq, SessionId, SessionOp, SessionRequest, SessionResponse,
+    parse_label, LabelError, Seq, SessionId, SessionOp, SessionRequest, SessionResponse, Value,
 };
 use leasehold_core::session::{Session, SessionEvent, SessionState};
 use leasehold_core::{Config, ConfigError, Fence, Health, Key, LostReason, NotAcquired, OwnerId, Reject};
@@ -23,6 +23,9 @@ use crate::clock::{now, to_std, Clock, SystemClock};
 use crate::error::TransportError;
 use crate::turns::{parse, LocalTurns};
 use crate::Lease;
+
+mod observe;
+pub use observe::{Observation, Observations, ObserveError, MAX_OBSERVED_KEYS};
 
 /// Most keys one [`SessionClient`] holds or waits for at once.
 pub const MAX_SESSION_KEYS: usize = 16 * 1024;
@@ -36,7 +39,7 @@ pub const MAX_SESSION_KEYS: usize = 16 * 1024;
 /// order.
 pub const MAX_IN_FLIGHT: usize = 32;
 
-type Machine = Session<MAX_SESSION_KEYS>;
+type Machine = Session<MAX_SESSION_KEYS, MAX_OBSERVED_KEYS>;
 
 /// Why a [`SessionClient`] cannot be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +115,8 @@ struct Inner {
     machine: Mutex<Box<Machine>>,
     /// The handles' view of each key the machine tracks.
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    /// The streams' view of each key the machine observes.
+    watches: Mutex<HashMap<Key, Arc<observe::Watch>>>,
     view: Mutex<SessionView>,
     /// One async mutex per key: a key is asked for by one handle of this client at a time.
     local: LocalTurns,
@@ -199,6 +204,7 @@ impl SessionClient {
             request_timeout: config.request_timeout,
             machine: Mutex::new(fresh_machine(label, config)?),
             slots: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
             view: Mutex::new(SessionView::default()),
             local: LocalTurns::default(),
             changed: Signal::new(),
@@ -269,7 +275,7 @@ impl SessionClient {
     pub async fn try_acquire_with_limit(&self, key: &str, limit: NonZeroU16) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
         let guard = self.user.0.local.try_take(&key)?;
-        self.start(key, limit, guard, false, None, &mut |_| {}).await
+        self.start(key, Terms::slot(limit), guard, false, None, &mut |_| {}).await
     }
 
     /// Waits at most `timeout` for `key`; at the deadline the wait is given up (`Err(Busy)`).
@@ -300,7 +306,7 @@ impl SessionClient {
         let key = parse(key)?;
         let deadline = timeout.map(|t| now() + t.into());
         let guard = self.user.0.local.take(&key, deadline.map(|d| SystemClock.sleep_until(d))).await?;
-        self.start(key, limit, guard, true, deadline, &mut report).await
+        self.start(key, Terms::slot(limit), guard, true, deadline, &mut report).await
     }
 
     /// Ends the session: every key it holds is free at once at the server, and every lease of
@@ -387,12 +393,13 @@ impl SessionClient {
     async fn start(
         &self,
         key: Key,
-        limit: NonZeroU16,
+        terms: Terms,
         guard: MutexGuardArc<()>,
         wait: bool,
         deadline: Option<leasehold_core::Instant>,
         report: &mut (dyn FnMut(&Waiting) + Send),
     ) -> Result<Lease, AcquireError> {
+        let Terms { limit, value } = terms;
         self.ensure_driver()?;
         let inner = &self.user.0;
         let slot = Arc::new(Slot {
@@ -404,7 +411,13 @@ impl SessionClient {
             self.opened(deadline).await?;
             let mut m = lock(&inner.machine);
             lock(&inner.slots).insert(key.clone(), slot.clone());
-            match m.acquire_with_limit(now(), key.clone(), wait, limit.get()) {
+            // A value is for a key with one holder; a semaphore's slots carry none.
+            let asked = if value.is_empty() {
+                m.acquire_with_limit(now(), key.clone(), wait, limit.get())
+            } else {
+                m.acquire_with_value(now(), key.clone(), wait, value.clone())
+            };
+            match asked {
                 Ok(()) => break,
                 // Lost between the look and the verb: open again.
                 Err(leasehold_core::session::holder::AcquireError::NotOpen) => continue,
@@ -463,6 +476,23 @@ impl SessionClient {
     }
 }
 
+/// What an acquisition asks for beyond the key: one of `limit` slots (1: the key itself), and
+/// the value observers are told with the holder (a key with one holder only).
+pub(super) struct Terms {
+    limit: NonZeroU16,
+    value: Value,
+}
+
+impl Terms {
+    fn slot(limit: NonZeroU16) -> Terms {
+        Terms { limit, value: Value::new() }
+    }
+
+    pub(super) fn valued(value: Value) -> Terms {
+        Terms { limit: NonZeroU16::MIN, value }
+    }
+}
+
 /// Waits for `listener`, or until `deadline` if there is one: whether it was heard first.
 async fn heard_before(
     listener: event_listener::EventListener,
@@ -501,6 +531,11 @@ impl Inner {
     }
 }
 
+/// Whether `op` renews the session (and so is held at the server and sent on its own pool).
+fn is_keepalive(op: &SessionOp) -> bool {
+    matches!(op, SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. })
+}
+
 /// Moves requests, responses and time between the machine and the server, and events to the
 /// handles. Requests run concurrently (each on the driver's executor); the machine decides
 /// what each response means.
@@ -525,12 +560,12 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                 executor
                     .spawn(async move {
                         let r = inner.call(&req).await;
-                        let _ = done.send((req.seq, req.op == SessionOp::KeepAlive, r)).await;
+                        let _ = done.send((req.seq, is_keepalive(&req.op), r)).await;
                     })
                     .detach();
             };
             while let Some(req) = m.poll_transmit() {
-                if req.op == SessionOp::KeepAlive {
+                if is_keepalive(&req.op) {
                     keepalives_in_flight += 1;
                     send(req);
                 } else {
@@ -581,6 +616,9 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
             // Nobody left to serve; dropping the last `Inner` ends the driver thread.
             return;
         }
+        // A response is as large as its biggest reply (a change of an observed key, inline:
+        // the core has no heap); one lives here at a time.
+        #[allow(clippy::large_enum_variant)]
         enum Wake {
             Response(Seq, bool, Result<SessionResponse, TransportError>),
             Timer,
@@ -638,6 +676,7 @@ impl Inner {
     /// Hands an event to whom it concerns. Returns whether the session-level waiters (or
     /// [`SessionClient::wait_idle`]) must look.
     fn route(&self, e: SessionEvent) -> bool {
+        let Some(e) = self.route_observation(e) else { return false };
         let key = match &e {
             SessionEvent::Opened { session, .. } => {
                 lock(&self.view).outcome = Some(Ok(*session));
@@ -661,6 +700,7 @@ impl Inner {
             | SessionEvent::NotAcquired { key, .. }
             | SessionEvent::Released { key, .. }
             | SessionEvent::Lost { key, .. } => key.clone(),
+            SessionEvent::Observed { .. } | SessionEvent::ObserveEnded { .. } => return false,
         };
         let mut slots = lock(&self.slots);
         let Some(slot) = slots.get(&key).cloned() else { return false };

@@ -61,7 +61,7 @@ impl SessionBackend for BuiltinSessions {
     async fn call(&self, req: SessionRequest, hold: Duration) -> Result<SessionResponse, TransportError> {
         let (http, path) = match req.op {
             SessionOp::Open { .. } => (&self.http, "/v2/sessions".to_string()),
-            SessionOp::KeepAlive => {
+            SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. } => {
                 (&self.keepalive_http, format!("/v2/sessions/{}?wait_ms={}", req.session.0, hold.as_millis()))
             }
             _ => (&self.http, format!("/v2/sessions/{}", req.session.0)),

@@ -206,6 +206,100 @@ async fn futures_join_all<T: Send + 'static>(
 }
 
 #[test]
+fn an_observer_hears_each_holder_with_its_fence_and_value_then_free() {
+    use futures_lite::StreamExt;
+    use leasehold_http::Observation;
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let watcher = client(&s.url(), "watcher", 3_000);
+    let a = client(&s.url(), "a", 3_000);
+    let b = client(&s.url(), "b", 3_000);
+    smol::block_on(async {
+        let mut leaders = watcher.observe("leader").unwrap();
+        assert_eq!(within(10_000, "first report", leaders.next()).await, Some(Observation::Free));
+        let la = a.acquire_with_value("leader", "10.0.0.1:8080", None, |_| {}).await.unwrap();
+        let Some(Observation::Held { label, fence, value, session }) =
+            within(10_000, "a's holding", leaders.next()).await
+        else {
+            panic!("not held")
+        };
+        assert_eq!((label.as_str(), value.as_str()), ("a", "10.0.0.1:8080"));
+        assert_eq!((fence, session), (la.fence().unwrap(), a.session_id().unwrap()));
+        // b queues behind a; when a releases, the key and the report go straight to b.
+        let (queued_tx, queued_rx) = async_channel::bounded::<()>(1);
+        let b2 = b.clone();
+        let waiting = smol::spawn(async move {
+            b2.acquire_with_value("leader", "10.0.0.2:8080", None, move |_| {
+                let _ = queued_tx.try_send(());
+            })
+            .await
+        });
+        within(10_000, "b queued", queued_rx.recv()).await.unwrap();
+        la.release().await.unwrap();
+        let lb = within(10_000, "b's grant", waiting).await.unwrap();
+        let next = within(10_000, "b's holding", leaders.next()).await;
+        let Some(Observation::Held { label, fence: fb, value, .. }) = next else { panic!("{next:?}") };
+        assert_eq!((label.as_str(), value.as_str()), ("b", "10.0.0.2:8080"));
+        assert!(fb > fence, "fences increase: {fb:?} after {fence:?}");
+        assert_eq!(Some(fb), lb.fence());
+        lb.release().await.unwrap();
+        assert_eq!(within(10_000, "free", leaders.next()).await, Some(Observation::Free));
+        assert!(matches!(
+            a.acquire_with_value("leader", "bad\nvalue", None, |_| {}).await,
+            Err(AcquireError::InvalidValue(_))
+        ));
+        assert!(watcher.observe("no spaces").is_err());
+        // Dropping the stream stops the observation at the server.
+        drop(leaders);
+        within(10_000, "unobserved", async {
+            while metric(s.addr(), "leasehold_session_observes_total") < 2 {
+                sleep(20).await;
+            }
+        })
+        .await;
+    });
+    assert!(metric(s.addr(), "leasehold_session_observed_total") >= 4);
+}
+
+#[test]
+fn an_observer_whose_session_is_lost_observes_again_without_repeating_the_holder() {
+    use futures_lite::StreamExt;
+    use leasehold_http::Observation;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = leasehold_test_servers::free_port();
+    let at_port = |dir: &std::path::Path| {
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        Server::spawn(ServerConfig::new(dir, addr)).expect("server starts on its port")
+    };
+    let s = at_port(dir.path());
+    let url = s.url();
+    let watcher = client(&url, "watcher", 1_000);
+    let a = client(&url, "a", 1_000);
+    smol::block_on(async {
+        let mut changes = watcher.observe("k").unwrap();
+        assert_eq!(within(10_000, "first", changes.next()).await, Some(Observation::Free));
+        let lease = a.acquire_with_value("k", "a:1", None, |_| {}).await.unwrap();
+        let held = within(10_000, "a holds", changes.next()).await;
+        assert!(matches!(&held, Some(Observation::Held { value, .. }) if value == "a:1"), "{held:?}");
+        // The server goes away for longer than the sessions' ttl: both sessions are lost on
+        // the clients' side, and the watcher's stream opens a new one once it is back.
+        let first_session = watcher.session_id();
+        drop(s);
+        within(10_000, "a loses its key", lease.lost()).await;
+        let s = at_port(dir.path());
+        // a's session, recovered by the restart, expires at the server: the key goes free.
+        // The new session's first report (a, if it comes before the expiry) is not repeated.
+        let next = within(20_000, "free after the restart", changes.next()).await;
+        assert_eq!(next, Some(Observation::Free), "the holder told already is not told again");
+        assert_ne!(watcher.session_id(), first_session, "observed again in a new session");
+        drop(changes);
+        drop(s);
+    });
+}
+
+#[test]
 fn one_session_waiting_for_two_keys_is_pushed_each_when_its_holder_lets_go() {
     // Keepalives every ttl/4 = 5 s; each hand-off within 1 s was pushed, not found at the next
     // keepalive after the first push answered the held one.

@@ -295,6 +295,12 @@ impl Writer<'_> {
                 self.byte(u8::from(*wait))?;
                 self.varint((*limit).into())
             }
+            // Observing is for hosts, over HTTP: not carried on a device link (a reply with a
+            // change, a label and a value would not fit a device's frame).
+            SessionOp::AcquireWithValue { .. }
+            | SessionOp::Observe { .. }
+            | SessionOp::Unobserve { .. }
+            | SessionOp::KeepAliveSeen { .. } => Err(EncodeError),
         }
     }
 
@@ -348,6 +354,10 @@ impl Writer<'_> {
             SessionReply::Expired => self.variant(8, &[]),
             SessionReply::Replayed => self.variant(9, &[]),
             SessionReply::Rejected(reject) => self.variant(10, &[reject_index(*reject).into()]),
+            // Answers to requests a device link does not carry (see session_request).
+            SessionReply::AliveObserved { .. }
+            | SessionReply::Observing { .. }
+            | SessionReply::Unobserved { .. } => Err(EncodeError),
         }
     }
 

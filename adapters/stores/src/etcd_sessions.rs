@@ -600,7 +600,10 @@ impl SessionBackend for EtcdSessions {
         let r = match (&req.op, local) {
             (SessionOp::Open { ttl, label }, _) => self.open(*ttl, label).await,
             (_, None) => Err(Fail::Expired),
-            (SessionOp::KeepAlive, Some(l)) => self.keep_alive(&l, hold).await,
+            // No observers on etcd: an acknowledgement of one is a plain keepalive.
+            (SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. }, Some(l)) => {
+                self.keep_alive(&l, hold).await
+            }
             (SessionOp::Acquire { key, wait }, Some(l)) => self.acquire(&l, req.seq, key, *wait).await,
             (SessionOp::Release { key, fence }, Some(l)) => self.release(&l, key, *fence).await,
             (SessionOp::Close, Some(l)) => self.close(&l, req.session).await,
@@ -612,6 +615,11 @@ impl SessionBackend for EtcdSessions {
             (SessionOp::AcquireWithLimit { .. }, Some(_)) => {
                 Ok(SessionReply::Rejected(Reject::UnsupportedVersion))
             }
+            // Observing (and the values observers are told) is the built-in server's so far.
+            (
+                SessionOp::AcquireWithValue { .. } | SessionOp::Observe { .. } | SessionOp::Unobserve { .. },
+                Some(_),
+            ) => Ok(SessionReply::Rejected(Reject::Malformed)),
         };
         match r {
             Ok(reply) => Ok(req.answer(reply)),

@@ -13,6 +13,10 @@
 //! - Waiters queue FIFO per key. On release, close or expiry the head of the queue is granted
 //!   at once with a new fence; the grant is reported in the waiter's next `Alive` until the
 //!   session confirms it with a fresh `Acquire` of the key.
+//! - A session may observe keys: each change of an observed key's holder is numbered and
+//!   reported in the session's `AliveObserved` replies until a `KeepAliveSeen` acknowledges
+//!   it (the bookkeeping lives apart from the keys' records, in `observe.rs`, fed after every
+//!   input with who holds each observed key).
 //!
 //! - A key may be a semaphore: acquired with [`SessionOp::AcquireWithLimit`], up to `limit`
 //!   sessions hold it at once, each grant with its own fence, and every slot freed goes to
@@ -27,7 +31,8 @@ use core::fmt;
 use heapless::index_map::FnvIndexMap;
 use heapless::Vec;
 
-use super::wire::{Grant, Label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest};
+use super::observe::{Current, Observations};
+use super::wire::{Grant, Label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, Value};
 use crate::time::{Duration, Instant};
 use crate::wire::{parse_key, Fence, Key, Reject};
 
@@ -55,6 +60,8 @@ pub enum SessionFault {
     OverAdmit,
     /// Take a request's limit as the key's even while the key has claims under another.
     IgnoreLimitMismatch,
+    /// Do not tell observers that a key became free.
+    HideFreeChanges,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -433,10 +440,12 @@ impl From<OpenError> for Reject {
     }
 }
 
-/// A bounded in-memory session authority: up to `S` sessions, `K` keys (a power of two) and
+/// A bounded in-memory session authority: up to `S` sessions, `K` keys (a power of two),
 /// `W` claims in all (a claim is one session's grant of, or place in the queue for, one key),
 /// shared by every key: one key may have thousands of waiters while memory stays bounded by
-/// the total.
+/// the total), and `O` observers of keys (see [`SessionOp::Observe`]; one more is
+/// `Rejected(Capacity)`). Up to `S` holdings and waits at once may carry a value
+/// ([`SessionOp::AcquireWithValue`]); one more is `Rejected(Capacity)`.
 ///
 /// Drive it like this: answer [`SessionOp::Open`] with [`open`](Self::open) (it needs a fresh
 /// secret) and every other request with [`handle`](Self::handle); call
@@ -470,7 +479,7 @@ impl From<OpenError> for Reject {
 /// ```
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-pub struct SessionAuthority<const S: usize, const K: usize, const W: usize> {
+pub struct SessionAuthority<const S: usize, const K: usize, const W: usize, const O: usize = 16> {
     sessions: Vec<SessionRecord, S>,
     keys: FnvIndexMap<Key, KeyRecord, K>,
     claims: Claims<W>,
@@ -479,9 +488,12 @@ pub struct SessionAuthority<const S: usize, const K: usize, const W: usize> {
     /// Not part of a snapshot: configuration, set again with [`set_limits`](Self::set_limits).
     #[cfg_attr(feature = "serde", serde(skip))]
     limits: SessionLimits,
+    /// Observers and values; absent from snapshots written before they existed.
+    #[cfg_attr(feature = "serde", serde(default))]
+    observations: Observations<O, S>,
 }
 
-impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
+impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuthority<S, K, W, O> {
     /// An empty authority whose first session is `s1`.
     pub fn new(limits: SessionLimits) -> Self {
         Self::resume(limits, SessionId(1))
@@ -496,6 +508,7 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
             claims: Claims::new(),
             next_id: next.0.max(1),
             limits,
+            observations: Observations::default(),
         }
     }
 
@@ -510,15 +523,28 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
     /// Opens a session of `ttl` for `label`, with `secret` drawn by the caller from a CSPRNG.
     /// The reply is [`SessionReply::Opened`] or [`SessionReply::Rejected`].
     pub fn open(&mut self, now: Instant, ttl: Duration, label: &Label, secret: Secret) -> SessionReply {
-        match self.try_open(now, ttl, label, secret) {
+        let before = self.sessions.len();
+        let reply = match self.try_open(now, ttl, label, secret) {
             Ok(session) => SessionReply::Opened { session, secret, ttl },
             Err(e) => SessionReply::Rejected(e.into()),
-        }
+        };
+        self.note_changes(self.sessions.len() <= before);
+        reply
     }
 
     /// Answers any request but [`SessionOp::Open`] (which needs [`open`](Self::open), and is
     /// answered `Rejected(Malformed)` here).
     pub fn handle(&mut self, now: Instant, request: &SessionRequest) -> SessionReply {
+        let before = self.sessions.len();
+        // Expiries first, so that a keepalive's reply reports the changes they made.
+        self.expire(now);
+        self.note_changes(self.sessions.len() < before);
+        let reply = self.handle_request(now, request);
+        self.note_changes(self.sessions.len() < before);
+        reply
+    }
+
+    fn handle_request(&mut self, now: Instant, request: &SessionRequest) -> SessionReply {
         self.expire(now);
         if let SessionOp::Open { .. } = request.op {
             return SessionReply::Rejected(Reject::Malformed);
@@ -540,9 +566,12 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
         let newest = freshness == Freshness::Newest;
         match &request.op {
             SessionOp::Open { .. } => SessionReply::Rejected(Reject::Malformed),
-            SessionOp::KeepAlive => {
+            SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. } => {
                 s.expires_at = now + s.ttl;
                 let ttl = s.ttl;
+                if let SessionOp::KeepAliveSeen { key, change } = &request.op {
+                    self.observations.ack(sid, key, *change);
+                }
                 let chain = s.claims;
                 let keys = &self.keys;
                 let mut reported =
@@ -555,16 +584,31 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
                     });
                 let granted = reported.next();
                 let more = reported.next().is_some();
-                SessionReply::Alive { ttl, granted, more }
+                match self.observations.report(sid) {
+                    Some((observed, more_observed)) => {
+                        SessionReply::AliveObserved { ttl, granted, more: more || more_observed, observed }
+                    }
+                    None => SessionReply::Alive { ttl, granted, more },
+                }
             }
-            SessionOp::Acquire { key, wait } => self.acquire(now, sid, request.seq, newest, key, *wait, 1),
+            SessionOp::Acquire { key, wait } => {
+                self.acquire_with(now, sid, request.seq, newest, key, *wait, 1, None)
+            }
+            SessionOp::AcquireWithValue { key, wait, value } => {
+                self.acquire_with(now, sid, request.seq, newest, key, *wait, 1, Some(value))
+            }
+            SessionOp::Observe { key } => self.observe(sid, request.seq, key),
+            SessionOp::Unobserve { key } => {
+                self.observations.unobserve(sid, key, request.seq);
+                SessionReply::Unobserved { key: key.clone() }
+            }
             SessionOp::Release { key, fence } => self.release(sid, key, *fence),
             SessionOp::Close => {
                 self.end_sessions(|s| s.id == sid);
                 SessionReply::Closed
             }
             SessionOp::AcquireWithLimit { key, wait, limit } => {
-                self.acquire(now, sid, request.seq, newest, key, *wait, *limit)
+                self.acquire_with(now, sid, request.seq, newest, key, *wait, *limit, None)
             }
         }
     }
@@ -572,7 +616,9 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
     /// The time from [`poll_timeout`](Self::poll_timeout) came: expire what is due and hand
     /// its keys on. Early or spurious calls are harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let before = self.sessions.len();
         self.expire(now);
+        self.note_changes(self.sessions.len() < before);
     }
 
     /// Re-arms every session as of `now`, as after a restart whose clock has a new origin: a
@@ -667,7 +713,126 @@ impl<const S: usize, const K: usize, const W: usize> SessionAuthority<S, K, W> {
         })
     }
 
+    /// The value `session` acquired (or queued for) `key` with; empty if none.
+    pub fn value(&self, session: SessionId, key: &Key) -> Value {
+        self.observations.value(session, key)
+    }
+
+    /// Whether `session` observes `key`.
+    pub fn observes(&self, session: SessionId, key: &Key) -> bool {
+        self.observations.observes(session, key)
+    }
+
+    /// The number of the latest change of `key`'s holder (see [`Observed::change`](super::wire::Observed::change)),
+    /// if anyone observes it.
+    pub fn latest_change(&self, key: &Key) -> Option<u64> {
+        self.observations.latest(key)
+    }
+
+    /// Every observer with changes of its key it has not acknowledged: its session, the key,
+    /// the highest change it acknowledged, and the key's latest change. A transport holding a
+    /// keepalive open answers it at once if its session is here, unless the keepalive itself
+    /// ([`SessionOp::KeepAliveSeen`]) acknowledges up to the latest.
+    pub fn observers_behind(&self) -> impl Iterator<Item = (SessionId, &Key, u64, u64)> + '_ {
+        self.observations.behind()
+    }
+
     // ----- internals -----
+
+    /// Whether `session` holds or waits for `key`.
+    fn involved(&self, session: SessionId, key: &Key) -> bool {
+        self.keys.get_index_of(key).is_some_and(|ki| self.find_claim(session, ki as u32).is_some())
+    }
+
+    /// [`acquire`](Self::acquire), and a value for the holding or wait it starts (`None`: no
+    /// value, which also forgets one of an earlier holding).
+    #[allow(clippy::too_many_arguments)]
+    fn acquire_with(
+        &mut self,
+        now: Instant,
+        sid: SessionId,
+        seq: Seq,
+        newest: bool,
+        key: &Key,
+        wait: bool,
+        limit: u16,
+        value: Option<&Value>,
+    ) -> SessionReply {
+        let before = self.involved(sid, key);
+        if !before && value.is_some_and(|v| !v.is_empty()) && parse_key(key).is_ok() {
+            // Room for the value first, so that a grant is never made without it.
+            if self.observations.values_full() {
+                self.drop_unused_values();
+            }
+            if self.observations.set_value(sid, key, value).is_err() {
+                return SessionReply::Rejected(Reject::Capacity);
+            }
+        }
+        let reply = self.acquire(now, sid, seq, newest, key, wait, limit);
+        if !before && (value.is_none_or(|v| v.is_empty()) || !self.involved(sid, key)) {
+            let _ = self.observations.set_value(sid, key, None);
+        }
+        reply
+    }
+
+    /// Forgets the values of holdings and waits that ended.
+    fn drop_unused_values(&mut self) {
+        let mut i = 0;
+        while let Some((session, key)) = self.observations.value_at(i) {
+            if self.involved(session, &key) {
+                i += 1;
+            } else {
+                self.observations.remove_value(i);
+            }
+        }
+    }
+
+    fn observe(&mut self, sid: SessionId, seq: Seq, key: &Key) -> SessionReply {
+        if parse_key(key).is_err() {
+            return SessionReply::Rejected(Reject::InvalidKey);
+        }
+        let holder = self.key(key).and_then(|k| k.holder);
+        let label = holder.and_then(|h| self.sessions.iter().find(|s| s.id == h.session)).map(|s| &s.label);
+        let current: Current<'_> = match (holder, label) {
+            (Some(h), Some(label)) => Some((h.session, label, h.fence)),
+            _ => None,
+        };
+        match self.observations.observe(sid, key, seq, current) {
+            Ok(()) => SessionReply::Observing { key: key.clone() },
+            Err(_) => SessionReply::Rejected(Reject::Capacity),
+        }
+    }
+
+    /// Tells the observations who holds each observed key now; with `ended`, some session
+    /// ended, and its observers and values are forgotten.
+    fn note_changes(&mut self, ended: bool) {
+        let sessions = &self.sessions;
+        if ended {
+            // Sessions are kept in the order of their ids (pushed with a counter, removed in place).
+            self.observations.forget(|id| sessions.binary_search_by_key(&id, |s| s.id).is_ok());
+        }
+        if !self.observations.any() {
+            return;
+        }
+        #[cfg(feature = "fault-injection")]
+        let record_free = self.limits.fault != SessionFault::HideFreeChanges;
+        #[cfg(not(feature = "fault-injection"))]
+        let record_free = true;
+        let (keys, claims) = (&self.keys, &self.claims);
+        // Observers follow a key's oldest grant: a lease's holder, a semaphore's longest-held
+        // slot.
+        let current = |key: &Key| -> Current<'_> {
+            let record = keys.get(key)?;
+            let (session, fence) =
+                claims.walk(&record.holders, Thread::Key).find_map(|(_, c)| match c.stake {
+                    Stake::Holding { fence, .. } => Some((c.session, fence)),
+                    Stake::Waiting => None,
+                })?;
+            let s = sessions.iter().find(|s| s.id == session)?;
+            Some((session, &s.label, fence))
+        };
+        self.observations.note(current, record_free);
+    }
 
     fn try_open(
         &mut self,

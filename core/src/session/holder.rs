@@ -5,15 +5,16 @@ use core::fmt;
 use heapless::Vec;
 
 use super::wire::{
-    Grant, Label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+    Grant, Label, Observed, ObservedHolder, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest,
+    SessionResponse, Value,
 };
 use crate::config::{Config, ConfigError};
 use crate::lease::{LostReason, NotAcquired};
 use crate::time::{Duration, Instant};
 use crate::wire::{Fence, Key, Reject};
 
-/// A sans-IO session from the holder's side: open it, acquire and release keys, keep it
-/// alive, close it.
+/// A sans-IO session from the holder's side: open it, acquire and release keys, observe up to
+/// `O` keys' holders, keep it alive, close it.
 ///
 /// Driven like [`Lease`](crate::Lease): call a verb or feed an input (`handle_*`), then
 /// drain [`poll_transmit`](Session::poll_transmit) (send each request at once),
@@ -31,11 +32,13 @@ use crate::wire::{Fence, Key, Reject};
 /// a report of a grant older than the key's current acquisition is not believed at all.
 /// Replies to seqs the machine is not waiting for are ignored.
 #[derive(Debug, Clone)]
-pub struct Session<const K: usize> {
+pub struct Session<const K: usize, const O: usize = 16> {
     config: Config,
     label: Label,
     phase: Phase,
     slots: Vec<Slot, K>,
+    /// The keys observed.
+    watches: Vec<WatchSlot, O>,
     /// The seq of the next request.
     next_seq: u64,
     /// A session-level event awaiting [`poll_event`](Session::poll_event), after the keys'.
@@ -135,6 +138,62 @@ struct Slot {
     phase: KeyPhase,
     /// An event awaiting [`Session::poll_event`].
     event: Option<SessionEvent>,
+    /// What observers are told with the holder (empty: nothing, a plain acquire).
+    value: Value,
+}
+
+/// An observed key.
+#[derive(Debug, Clone)]
+struct WatchSlot {
+    key: Key,
+    /// The seq of this observation's first observe: a keepalive made before it reports, if
+    /// anything, an observation of the key that ended before this one began.
+    start: Seq,
+    phase: WatchPhase,
+    /// The highest change of the key reported to the application.
+    seen: u64,
+    /// The highest change the authority has acknowledged hearing we saw.
+    acked: u64,
+    /// The keepalive carrying our acknowledgement of a change, until its reply.
+    carried: Option<(Seq, u64)>,
+    /// An event awaiting [`Session::poll_event`]. A change is taken from a reply only when
+    /// there is none, so none is overwritten: the authority repeats what we did not take.
+    event: Option<SessionEvent>,
+    /// The application asked for it. `false`: an observation the authority has and we do not
+    /// want (a late, reordered observe registered it again after our unobserve), being undone
+    /// without telling the application.
+    asked: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchPhase {
+    /// Asking the authority to observe.
+    Asking {
+        flight: Flight,
+    },
+    /// Observing: changes come in keepalive replies.
+    Watching,
+    /// Asking the authority to stop.
+    Leaving {
+        flight: Flight,
+    },
+    Done,
+}
+
+impl WatchPhase {
+    fn flight_mut(&mut self) -> Option<&mut Flight> {
+        match self {
+            WatchPhase::Asking { flight } | WatchPhase::Leaving { flight } => Some(flight),
+            WatchPhase::Watching | WatchPhase::Done => None,
+        }
+    }
+
+    fn flight(&self) -> Option<&Flight> {
+        match self {
+            WatchPhase::Asking { flight } | WatchPhase::Leaving { flight } => Some(flight),
+            WatchPhase::Watching | WatchPhase::Done => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,6 +328,27 @@ pub enum SessionEvent {
         /// The authority answered.
         acknowledged: bool,
     },
+    /// An observed key changed holder (the first report of an observation: its holder now).
+    Observed {
+        /// The key.
+        key: Key,
+        /// The change's number at the authority (see [`Observed::change`]).
+        change: u64,
+        /// The holder now, or `None`: free.
+        holder: Option<ObservedHolder>,
+        /// Changes between the previous report and this one that the authority no longer had
+        /// (the observer lagged more than [`OBSERVED_HISTORY`](super::wire::OBSERVED_HISTORY)
+        /// changes behind); 0 in the normal case.
+        missed: u64,
+    },
+    /// An observation ended: stopped ([`Session::unobserve`]), or the session ended (`reason`
+    /// `None`), or the authority refused it.
+    ObserveEnded {
+        /// The key.
+        key: Key,
+        /// Why the authority refused it, if it did.
+        reason: Option<Reject>,
+    },
 }
 
 /// Misuse of [`Session::open`].
@@ -307,6 +387,33 @@ pub enum ReleaseError {
     /// The key is neither held nor being acquired.
     NotHeld,
 }
+
+/// Misuse of [`Session::observe`] and [`Session::unobserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum ObserveError {
+    /// The session is not open.
+    NotOpen,
+    /// The key is observed (or being asked for) already.
+    AlreadyObserved,
+    /// The key is not observed.
+    NotObserved,
+    /// The session already observes as many keys as it can.
+    Full,
+}
+
+impl fmt::Display for ObserveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ObserveError::NotOpen => "session is not open",
+            ObserveError::AlreadyObserved => "key is already observed",
+            ObserveError::NotObserved => "key is not observed",
+            ObserveError::Full => "session observes as many keys as it can",
+        })
+    }
+}
+impl core::error::Error for ObserveError {}
 
 /// Misuse of [`Session::close`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,12 +459,20 @@ impl fmt::Display for CloseError {
 }
 impl core::error::Error for CloseError {}
 
-impl<const K: usize> Session<K> {
+impl<const K: usize, const O: usize> Session<K, O> {
     /// A session, not yet opened, for the holder called `label`, timed by `config` (its
     /// `ttl` is the session's; `renew_every` the keepalive interval).
     pub fn new(label: Label, config: Config) -> Result<Self, ConfigError> {
         config.validate()?;
-        Ok(Session { config, label, phase: Phase::Idle, slots: Vec::new(), next_seq: 1, event: None })
+        Ok(Session {
+            config,
+            label,
+            phase: Phase::Idle,
+            slots: Vec::new(),
+            watches: Vec::new(),
+            next_seq: 1,
+            event: None,
+        })
     }
 
     // ----- getters -----
@@ -418,6 +533,7 @@ impl<const K: usize> Session<K> {
         match self.phase {
             Phase::Idle | Phase::Ended => {
                 self.slots.clear();
+                self.watches.clear();
                 self.phase =
                     Phase::Opening { flight: Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now } };
                 Ok(())
@@ -430,7 +546,7 @@ impl<const K: usize> Session<K> {
     /// then [`SessionEvent::Acquired`] when it is handed to us) or end with
     /// [`SessionEvent::NotAcquired`].
     pub fn acquire(&mut self, now: Instant, key: Key, wait: bool) -> Result<(), AcquireError> {
-        self.acquire_with_limit(now, key, wait, 1)
+        self.acquire_slot(now, key, wait, 1, Value::new())
     }
 
     /// [`acquire`](Self::acquire) one of `limit` slots of a semaphore: up to `limit` sessions
@@ -448,6 +564,32 @@ impl<const K: usize> Session<K> {
         if limit == 0 {
             return Err(AcquireError::InvalidLimit);
         }
+        self.acquire_slot(now, key, wait, limit, Value::new())
+    }
+
+    /// [`acquire`](Self::acquire), and the holding carries `value`: observers of the key are
+    /// told it with the holder (an address, say; empty: none). Needs an authority that knows
+    /// [`SessionOp::AcquireWithValue`] when not empty.
+    pub fn acquire_with_value(
+        &mut self,
+        now: Instant,
+        key: Key,
+        wait: bool,
+        value: Value,
+    ) -> Result<(), AcquireError> {
+        self.acquire_slot(now, key, wait, 1, value)
+    }
+
+    /// One acquisition, of one of `limit` slots, carrying `value` (observed keys of one
+    /// holder only: a semaphore's slots carry none).
+    fn acquire_slot(
+        &mut self,
+        now: Instant,
+        key: Key,
+        wait: bool,
+        limit: u16,
+        value: Value,
+    ) -> Result<(), AcquireError> {
         if self.expire(now) || !matches!(self.phase, Phase::Open { .. }) {
             return Err(AcquireError::NotOpen);
         }
@@ -462,7 +604,7 @@ impl<const K: usize> Session<K> {
         }
         let start = take_seq(&mut self.next_seq);
         let phase = KeyPhase::Asking { wait, flight: Flight::Unsent { seq: start, at: now } };
-        self.slots.push(Slot { key, start, limit, phase, event: None }).map_err(|_| AcquireError::Full)
+        self.slots.push(Slot { key, start, limit, phase, event: None, value }).map_err(|_| AcquireError::Full)
     }
 
     /// Stop believing in `key` at once and give it back; or stop acquiring or waiting for it.
@@ -492,6 +634,7 @@ impl<const K: usize> Session<K> {
             return Err(CloseError::NotOpen);
         };
         self.end_keys(Ending::Close);
+        self.end_watches();
         let flight = Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now };
         self.phase = Phase::Closing { id, secret, give_up_at: valid_until, flight };
         Ok(())
@@ -508,6 +651,54 @@ impl<const K: usize> Session<K> {
         if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
             *at = (*at).min(now);
         }
+    }
+
+    /// Follow `key`'s holder: [`SessionEvent::Observed`] for its holder now, then for each
+    /// change, in order, until [`unobserve`](Self::unobserve) or the session ends
+    /// ([`SessionEvent::ObserveEnded`]). Changes come in keepalive replies, so a transport whose
+    /// authority holds keepalives open (HTTP long polling) hears of them at once.
+    pub fn observe(&mut self, now: Instant, key: Key) -> Result<(), ObserveError> {
+        if self.expire(now) || !matches!(self.phase, Phase::Open { .. }) {
+            return Err(ObserveError::NotOpen);
+        }
+        self.forget_done();
+        if self.watches.iter().any(|w| w.key == key) {
+            return Err(ObserveError::AlreadyObserved);
+        }
+        let start = take_seq(&mut self.next_seq);
+        let flight = Flight::Unsent { seq: start, at: now };
+        let watch = WatchSlot {
+            key,
+            start,
+            phase: WatchPhase::Asking { flight },
+            seen: 0,
+            acked: 0,
+            carried: None,
+            event: None,
+            asked: true,
+        };
+        self.watches.push(watch).map_err(|_| ObserveError::Full)
+    }
+
+    /// Stop following `key`; ends with [`SessionEvent::ObserveEnded`].
+    pub fn unobserve(&mut self, now: Instant, key: &Key) -> Result<(), ObserveError> {
+        self.expire(now);
+        let next_seq = &mut self.next_seq;
+        let w = self
+            .watches
+            .iter_mut()
+            .find(|w| w.key == *key && matches!(w.phase, WatchPhase::Asking { .. } | WatchPhase::Watching))
+            .ok_or(ObserveError::NotObserved)?;
+        w.phase = WatchPhase::Leaving { flight: Flight::Unsent { seq: take_seq(next_seq), at: now } };
+        Ok(())
+    }
+
+    /// The keys observed (or being asked for).
+    pub fn observed(&self) -> impl Iterator<Item = &Key> + '_ {
+        self.watches
+            .iter()
+            .filter(|w| matches!(w.phase, WatchPhase::Asking { .. } | WatchPhase::Watching))
+            .map(|w| &w.key)
     }
 
     // ----- inputs -----
@@ -537,6 +728,13 @@ impl<const K: usize> Session<K> {
                 });
                 if let Some(i) = found {
                     self.on_key_reply(now, i, reply);
+                }
+                let watch = self
+                    .watches
+                    .iter()
+                    .position(|w| w.phase.flight().and_then(Flight::sent).is_some_and(|(s, _)| s == seq));
+                if let Some(i) = watch {
+                    self.on_watch_reply(i, reply);
                 }
             }
             Phase::Closing { id, flight, .. }
@@ -573,6 +771,11 @@ impl<const K: usize> Session<K> {
                 fail(f);
             }
         }
+        for w in self.watches.iter_mut() {
+            if let Some(f) = w.phase.flight_mut() {
+                fail(f);
+            }
+        }
     }
 
     /// The time from [`poll_timeout`](Session::poll_timeout) came (early or spurious calls are
@@ -593,6 +796,11 @@ impl<const K: usize> Session<K> {
                 f.tick(now, timeout, next_seq);
             }
         }
+        for w in self.watches.iter_mut() {
+            if let Some(f) = w.phase.flight_mut() {
+                f.tick(now, timeout, next_seq);
+            }
+        }
     }
 
     // ----- outputs -----
@@ -607,12 +815,15 @@ impl<const K: usize> Session<K> {
             }
             Phase::Open { id, secret, keepalive, .. } => {
                 if let Some(seq) = keepalive.transmit() {
-                    return Some(SessionRequest {
-                        session: *id,
-                        secret: *secret,
-                        seq,
-                        op: SessionOp::KeepAlive,
-                    });
+                    // Acknowledge one observed key's changes: the authority reports the next.
+                    let op = match self.watches.iter_mut().find(|w| w.seen > w.acked) {
+                        Some(w) => {
+                            w.carried = Some((seq, w.seen));
+                            SessionOp::KeepAliveSeen { key: w.key.clone(), change: w.seen }
+                        }
+                        None => SessionOp::KeepAlive,
+                    };
+                    return Some(SessionRequest { session: *id, secret: *secret, seq, op });
                 }
                 (*id, *secret)
             }
@@ -622,6 +833,18 @@ impl<const K: usize> Session<K> {
             }
             Phase::Idle | Phase::Ended => return None,
         };
+        let watch = self.watches.iter_mut().find_map(|w| {
+            let seq = w.phase.flight_mut()?.transmit()?;
+            let key = w.key.clone();
+            let op = match w.phase {
+                WatchPhase::Asking { .. } => SessionOp::Observe { key },
+                _ => SessionOp::Unobserve { key },
+            };
+            Some(SessionRequest { session, secret, seq, op })
+        });
+        if watch.is_some() {
+            return watch;
+        }
         self.slots.iter_mut().find_map(|slot| {
             let seq = slot.phase.flight_mut()?.transmit()?;
             let key = slot.key.clone();
@@ -631,6 +854,9 @@ impl<const K: usize> Session<K> {
                 limit => SessionOp::AcquireWithLimit { key, wait, limit },
             };
             let op = match slot.phase {
+                KeyPhase::Asking { wait, .. } if !slot.value.is_empty() => {
+                    SessionOp::AcquireWithValue { key, wait, value: slot.value.clone() }
+                }
                 KeyPhase::Asking { wait, .. } => acquire(key, wait),
                 KeyPhase::Held { .. } => acquire(key, true),
                 KeyPhase::Releasing { fence, .. } | KeyPhase::GivingBack { fence, .. } => {
@@ -645,7 +871,12 @@ impl<const K: usize> Session<K> {
     /// The next event for the application, if any: the keys' first, in the order they were
     /// asked for, then the session's.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        let event = self.slots.iter_mut().find_map(|s| s.event.take()).or_else(|| self.event.take());
+        let event = self
+            .slots
+            .iter_mut()
+            .find_map(|s| s.event.take())
+            .or_else(|| self.watches.iter_mut().find_map(|w| w.event.take()))
+            .or_else(|| self.event.take());
         self.forget_done();
         event
     }
@@ -664,7 +895,8 @@ impl<const K: usize> Session<K> {
             Phase::Idle | Phase::Ended => None,
         };
         let keys = self.slots.iter().filter_map(|s| s.phase.flight().and_then(|f| f.deadline(timeout)));
-        session.into_iter().chain(keys).min()
+        let watches = self.watches.iter().filter_map(|w| w.phase.flight().and_then(|f| f.deadline(timeout)));
+        session.into_iter().chain(keys).chain(watches).min()
     }
 
     // ----- internals -----
@@ -688,6 +920,7 @@ impl<const K: usize> Session<K> {
     /// The session is gone: every key with it, at this instant.
     fn lose(&mut self, reason: LostReason) {
         self.end_keys(Ending::Lost(reason));
+        self.end_watches();
         self.phase = Phase::Ended;
         self.event = Some(SessionEvent::SessionLost { reason });
     }
@@ -754,8 +987,16 @@ impl<const K: usize> Session<K> {
     fn on_alive_reply(&mut self, now: Instant, sent_at: Instant, reply: &SessionReply) {
         let anchor = self.config.anchor(sent_at, now);
         let Phase::Open { ref mut valid_until, ref mut keepalive, .. } = self.phase else { return };
+        let answered = keepalive.sent().map(|(seq, _)| seq);
+        let (ttl, granted, more, observed) = match reply {
+            SessionReply::Alive { ttl, granted, more } => (ttl, granted, more, None),
+            SessionReply::AliveObserved { ttl, granted, more, observed } => {
+                (ttl, granted, more, Some(observed))
+            }
+            _ => (&Duration::ZERO, &None, &false, None),
+        };
         match reply {
-            SessionReply::Alive { ttl, granted, more } => {
+            SessionReply::Alive { .. } | SessionReply::AliveObserved { .. } => {
                 let until = anchor + self.config.validity((*ttl).min(self.config.ttl));
                 *valid_until = (*valid_until).max(until);
                 // More grants wait for us: ask again at once rather than at the next renewal.
@@ -764,6 +1005,7 @@ impl<const K: usize> Session<K> {
                 if let Some(g) = granted {
                     self.on_report(now, g);
                 }
+                self.on_observed(now, answered, observed);
             }
             SessionReply::Expired => self.lose(LostReason::Revoked),
             SessionReply::Rejected(r) => self.lose(LostReason::Rejected(*r)),
@@ -798,8 +1040,15 @@ impl<const K: usize> Session<K> {
             // authority though, so give it back rather than block it until we expire.
             None => {
                 let phase = KeyPhase::GivingBack { fence: g.fence, flight: fresh() };
-                let _ =
-                    self.slots.push(Slot { key: g.key.clone(), start: Seq(0), limit: 1, phase, event: None });
+                let slot = Slot {
+                    key: g.key.clone(),
+                    start: Seq(0),
+                    limit: 1,
+                    phase,
+                    event: None,
+                    value: Value::new(),
+                };
+                let _ = self.slots.push(slot);
             }
             Some(_) => {}
         }
@@ -863,6 +1112,93 @@ impl<const K: usize> Session<K> {
 
     fn forget_done(&mut self) {
         self.slots.retain(|s| s.phase != KeyPhase::Done || s.event.is_some());
+        self.watches.retain(|w| w.phase != WatchPhase::Done || w.event.is_some());
+    }
+
+    /// Ends every observation, all at this instant.
+    fn end_watches(&mut self) {
+        for w in self.watches.iter_mut() {
+            if w.phase != WatchPhase::Done {
+                w.phase = WatchPhase::Done;
+                if w.asked {
+                    w.event = Some(SessionEvent::ObserveEnded { key: w.key.clone(), reason: None });
+                }
+            }
+        }
+    }
+
+    fn on_watch_reply(&mut self, i: usize, reply: &SessionReply) {
+        let w = &mut self.watches[i];
+        let key = w.key.clone();
+        match (w.phase, reply) {
+            (WatchPhase::Asking { .. }, SessionReply::Observing { .. }) => w.phase = WatchPhase::Watching,
+            (WatchPhase::Asking { .. }, SessionReply::Rejected(r)) => {
+                w.phase = WatchPhase::Done;
+                w.event = Some(SessionEvent::ObserveEnded { key, reason: Some(*r) });
+            }
+            (WatchPhase::Leaving { .. }, SessionReply::Unobserved { .. } | SessionReply::Rejected(_)) => {
+                w.phase = WatchPhase::Done;
+                if w.asked {
+                    w.event = Some(SessionEvent::ObserveEnded { key, reason: None });
+                }
+            }
+            (_, SessionReply::Expired) => self.lose(LostReason::Revoked),
+            // Replayed or confused: the timeout retries.
+            _ => {}
+        }
+    }
+
+    /// A keepalive's reply was handled: the acknowledgement it carried is the authority's now,
+    /// and `observed` (if any) is the next change it has for us.
+    fn on_observed(&mut self, now: Instant, answered: Option<Seq>, observed: Option<&Observed>) {
+        for w in self.watches.iter_mut() {
+            if let Some((_, change)) = w.carried.filter(|(seq, _)| Some(*seq) == answered) {
+                w.acked = w.acked.max(change);
+                w.carried = None;
+            }
+        }
+        // A report to a keepalive made before this observation's observe is about one that
+        // ended before it began: not believed.
+        let fresh = |w: &WatchSlot| answered.is_some_and(|a| a > w.start);
+        if let Some(o) = observed.filter(|o| self.watches.iter().all(|w| w.key != o.key || fresh(w))) {
+            let mut w = self.watches.iter_mut().find(|w| w.key == o.key && w.phase != WatchPhase::Done);
+            if let Some(w) = w.as_deref_mut().filter(|w| matches!(w.phase, WatchPhase::Leaving { .. })) {
+                // Not for the application any more, but acknowledged, so the authority does not
+                // report it again (at once, if more wait) until our unobserve reaches it.
+                w.seen = w.seen.max(o.change);
+            } else if w.is_none() {
+                // Observed at the authority but not by us: undo it, as a grant we no longer
+                // pursue is given back, rather than hear of it in every keepalive.
+                let flight = Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now };
+                let orphan = WatchSlot {
+                    key: o.key.clone(),
+                    start: Seq(0),
+                    phase: WatchPhase::Leaving { flight },
+                    seen: o.change,
+                    acked: 0,
+                    carried: None,
+                    event: None,
+                    asked: false,
+                };
+                let _ = self.watches.push(orphan);
+            } else if let Some(w) = w.filter(|w| w.event.is_none() && o.change > w.seen) {
+                let missed = if w.seen == 0 { 0 } else { o.change - w.seen - 1 };
+                w.seen = o.change;
+                w.event = Some(SessionEvent::Observed {
+                    key: o.key.clone(),
+                    change: o.change,
+                    holder: o.holder.clone(),
+                    missed,
+                });
+            }
+        }
+        // An acknowledgement to carry: keep alive again at once, so the next change (held at
+        // the authority until it comes) is asked for now.
+        if self.watches.iter().any(|w| w.seen > w.acked) {
+            if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
+                *at = (*at).min(now);
+            }
+        }
     }
 }
 
@@ -1185,5 +1521,177 @@ mod tests {
             holders[0].acquire_with_limit(ms(3_002), key("x"), true, 0),
             Err(AcquireError::InvalidLimit)
         );
+    }
+
+    #[test]
+    fn an_observer_hears_the_holder_and_each_change_with_its_value_even_when_replies_are_lost() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut first = opened(&mut a, "first");
+        let mut second = opened(&mut a, "second");
+        let mut watcher = opened(&mut a, "watcher");
+        let value = |v: &str| crate::session::wire::parse_value(v).unwrap();
+        first.acquire_with_value(ms(1), key("x"), true, value("10.0.0.1:7")).unwrap();
+        exchange(&mut first, &mut a, ms(1));
+        second.acquire_with_value(ms(1), key("x"), true, value("10.0.0.2:7")).unwrap();
+        exchange(&mut second, &mut a, ms(1));
+        events(&mut first);
+        events(&mut second);
+        watcher.observe(ms(2), key("x")).unwrap();
+        assert_eq!(watcher.observe(ms(2), key("x")), Err(ObserveError::AlreadyObserved));
+        exchange(&mut watcher, &mut a, ms(2));
+        assert_eq!(watcher.observed().count(), 1);
+        let holder = |ev: &SessionEvent| match ev {
+            SessionEvent::Observed { holder, missed: 0, .. } => holder.as_ref().map(|h| {
+                (
+                    std::string::String::from(h.label.as_str()),
+                    h.fence.0,
+                    std::string::String::from(h.value.as_str()),
+                )
+            }),
+            other => panic!("{other:?}"),
+        };
+        // The first report (the holder now) comes in the next keepalive's reply...
+        watcher.keep_alive_now(ms(3));
+        watcher.handle_timeout(ms(3));
+        exchange(&mut watcher, &mut a, ms(3));
+        let got = events(&mut watcher);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(holder(&got[0]), Some(("first".into(), 1, "10.0.0.1:7".into())));
+        // ...and is acknowledged in the one after, which goes at once.
+        assert_eq!(watcher.poll_timeout(), Some(ms(3)));
+        // The key passes to `second`; the keepalive bringing the change is lost.
+        first.release(ms(4), &key("x")).unwrap();
+        exchange(&mut first, &mut a, ms(4));
+        watcher.handle_timeout(ms(4));
+        let ka = watcher.poll_transmit().unwrap();
+        assert_eq!(ka.op, SessionOp::KeepAliveSeen { key: key("x"), change: 1 });
+        let lost = a.handle(ms(4) + SKEW, &ka);
+        assert!(matches!(lost, SessionReply::AliveObserved { .. }), "{lost:?}");
+        watcher.handle_transport_error(ms(5), ka.seq);
+        // The retry hears it again.
+        let retry_at = watcher.poll_timeout().unwrap();
+        watcher.handle_timeout(retry_at);
+        exchange(&mut watcher, &mut a, retry_at);
+        let got = events(&mut watcher);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(holder(&got[0]), Some(("second".into(), 2, "10.0.0.2:7".into())));
+        // The second closes: free. Then the watcher stops.
+        second.close(ms(2_000)).unwrap();
+        exchange(&mut second, &mut a, ms(2_000));
+        watcher.handle_timeout(ms(2_000));
+        exchange(&mut watcher, &mut a, ms(2_000));
+        let got = events(&mut watcher);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(holder(&got[0]), None);
+        watcher.unobserve(ms(2_001), &key("x")).unwrap();
+        exchange(&mut watcher, &mut a, ms(2_001));
+        assert_eq!(events(&mut watcher)[..], [SessionEvent::ObserveEnded { key: key("x"), reason: None }]);
+        assert_eq!(a.observers_behind().count(), 0);
+        assert_eq!(watcher.observed().count(), 0);
+    }
+
+    #[test]
+    fn an_observer_refused_for_capacity_is_told_why_and_observing_is_bounded() {
+        let mut a = SessionAuthority::<4, 4, 4, 1>::new(SessionLimits::default());
+        let mut first = holder("first");
+        first.open(ms(0)).unwrap();
+        let mut second: Session<4, 1> = Session::new(parse_label("second").unwrap(), config()).unwrap();
+        second.open(ms(0)).unwrap();
+        while let Some(r) = second.poll_transmit() {
+            let SessionOp::Open { ttl, ref label } = r.op else { unreachable!() };
+            let reply = a.open(ms(0) + SKEW, ttl, label, Secret::from_bytes([3; 16]));
+            second.handle_response(ms(0), &r.answer(reply));
+        }
+        while let Some(r) = first.poll_transmit() {
+            let SessionOp::Open { ttl, ref label } = r.op else { unreachable!() };
+            let reply = a.open(ms(0) + SKEW, ttl, label, Secret::from_bytes([4; 16]));
+            first.handle_response(ms(0), &r.answer(reply));
+        }
+        events(&mut first);
+        while second.poll_event().is_some() {}
+        second.observe(ms(1), key("x")).unwrap();
+        assert_eq!(second.observe(ms(1), key("y")), Err(ObserveError::Full), "one observation at most");
+        while let Some(r) = second.poll_transmit() {
+            let reply = a.handle(ms(1) + SKEW, &r);
+            second.handle_response(ms(1), &r.answer(reply));
+        }
+        // The authority follows one observer: the next is refused, and told why.
+        first.observe(ms(2), key("y")).unwrap();
+        while let Some(r) = first.poll_transmit() {
+            let reply = a.handle(ms(2) + SKEW, &r);
+            first.handle_response(ms(2), &r.answer(reply));
+        }
+        assert_eq!(
+            events(&mut first)[..],
+            [SessionEvent::ObserveEnded { key: key("y"), reason: Some(Reject::Capacity) }]
+        );
+        assert_eq!(first.observed().count(), 0);
+        // A session's end ends its observations.
+        second.close(ms(3)).unwrap();
+        assert_eq!(second.poll_event(), Some(SessionEvent::ObserveEnded { key: key("x"), reason: None }));
+    }
+
+    #[test]
+    fn a_change_reported_while_leaving_is_acknowledged_not_told() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut h = opened(&mut a, "h");
+        let mut watcher = opened(&mut a, "watcher");
+        watcher.observe(ms(1), key("x")).unwrap();
+        exchange(&mut watcher, &mut a, ms(1));
+        // The first report (free) is told...
+        watcher.keep_alive_now(ms(2));
+        watcher.handle_timeout(ms(2));
+        exchange(&mut watcher, &mut a, ms(2));
+        assert!(matches!(events(&mut watcher)[..], [SessionEvent::Observed { holder: None, .. }]));
+        // ...then the key changes while the watcher's unobserve is still unsent.
+        h.acquire(ms(3), key("x"), false).unwrap();
+        exchange(&mut h, &mut a, ms(3));
+        watcher.unobserve(ms(4), &key("x")).unwrap();
+        let leave = watcher.poll_transmit().expect("the unobserve");
+        assert_eq!(leave.op, SessionOp::Unobserve { key: key("x") });
+        watcher.keep_alive_now(ms(4));
+        watcher.handle_timeout(ms(4));
+        let ka = watcher.poll_transmit().expect("a keepalive");
+        let reply = a.handle(ms(4) + SKEW, &ka);
+        assert!(matches!(reply, SessionReply::AliveObserved { .. }), "{reply:?}");
+        watcher.handle_response(ms(4), &ka.answer(reply));
+        assert_eq!(events(&mut watcher)[..], [], "not told: it is leaving");
+        // The next keepalive acknowledges it, so the authority stops reporting it.
+        watcher.handle_timeout(ms(4));
+        let ka = watcher.poll_transmit().expect("an acknowledging keepalive");
+        assert_eq!(ka.op, SessionOp::KeepAliveSeen { key: key("x"), change: 2 });
+        a.handle(ms(5) + SKEW, &ka);
+        assert_eq!(a.observers_behind().count(), 0);
+        let left = a.handle(ms(5) + SKEW, &leave);
+        watcher.handle_response(ms(5), &leave.answer(left));
+        assert_eq!(events(&mut watcher)[..], [SessionEvent::ObserveEnded { key: key("x"), reason: None }]);
+    }
+
+    #[test]
+    fn an_observe_reordered_after_its_unobserve_is_undone_without_a_word() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut watcher = opened(&mut a, "watcher");
+        watcher.observe(ms(1), key("x")).unwrap();
+        let late = watcher.poll_transmit().expect("the observe");
+        watcher.unobserve(ms(1), &key("x")).unwrap();
+        // The unobserve overtakes the observe on the way.
+        exchange(&mut watcher, &mut a, ms(2));
+        assert_eq!(events(&mut watcher)[..], [SessionEvent::ObserveEnded { key: key("x"), reason: None }]);
+        let reply = a.handle(ms(3) + SKEW, &late);
+        assert_eq!(reply, SessionReply::Observing { key: key("x") }, "registered again at the authority");
+        watcher.handle_response(ms(3), &late.answer(reply));
+        // The next keepalive reports it; the machine undoes it instead of hearing of it forever.
+        watcher.keep_alive_now(ms(4));
+        watcher.handle_timeout(ms(4));
+        exchange(&mut watcher, &mut a, ms(4));
+        watcher.handle_timeout(ms(4));
+        exchange(&mut watcher, &mut a, ms(4));
+        assert_eq!(events(&mut watcher)[..], [], "the application never asked for it");
+        assert_eq!(a.observers_behind().count(), 0);
+        assert_eq!(watcher.observed().count(), 0);
+        watcher.keep_alive_now(ms(5));
+        watcher.handle_timeout(ms(5));
+        let ka = watcher.poll_transmit().unwrap();
+        assert_eq!(a.handle(ms(5) + SKEW, &ka), SessionReply::Alive { ttl: TTL, granted: None, more: false });
     }
 }

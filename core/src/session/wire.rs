@@ -201,6 +201,39 @@ pub enum SessionOp {
         /// How many sessions may hold the key at once; at least 1.
         limit: u16,
     },
+    /// [`Acquire`](SessionOp::Acquire), and when this acquisition is granted (at once or from
+    /// the queue) the holding carries `value`, which observers of the key are told with the
+    /// holder. The value is fixed for the holding: asking again while holding or queued
+    /// keeps the first one.
+    AcquireWithValue {
+        /// The key.
+        key: Key,
+        /// Queue (FIFO) until the key is granted, instead of answering `Busy`.
+        wait: bool,
+        /// What observers are told with the holder (e.g. the holder's address).
+        value: Value,
+    },
+    /// Follow `key`'s holder: every change (a new holder, or free) is reported in this
+    /// session's keepalive replies ([`SessionReply::AliveObserved`]), in order, the current
+    /// state first. Answered [`SessionReply::Observing`], or `Rejected(Capacity)` when the
+    /// authority tracks as many observers as it can.
+    Observe {
+        /// The key.
+        key: Key,
+    },
+    /// Stop following `key`. Answered [`SessionReply::Unobserved`].
+    Unobserve {
+        /// The key.
+        key: Key,
+    },
+    /// [`KeepAlive`](SessionOp::KeepAlive), and acknowledge the observed changes of `key` up
+    /// to `change`: the authority reports the next one after it.
+    KeepAliveSeen {
+        /// The observed key.
+        key: Key,
+        /// The highest change of it received.
+        change: u64,
+    },
 }
 
 /// A grant to a session, as reported in [`SessionReply::Alive`].
@@ -234,6 +267,9 @@ pub struct SessionResponse {
 }
 
 /// The answers an authority gives within a session.
+// AliveObserved carries a label, a key and a value inline: without a heap there is nothing to
+// box them in, and a reply lives only between the authority and the transport.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -299,4 +335,105 @@ pub enum SessionReply {
     Replayed,
     /// The request can never succeed as sent.
     Rejected(Reject),
+    /// [`Alive`](SessionReply::Alive), with a change of an observed key the session has not
+    /// acknowledged yet (the oldest the authority still has).
+    AliveObserved {
+        /// The session's ttl.
+        ttl: Duration,
+        /// As in [`Alive`](SessionReply::Alive).
+        granted: Option<Grant>,
+        /// More grants or changes are waiting: keep alive again at once to hear of them.
+        more: bool,
+        /// The change.
+        observed: Observed,
+    },
+    /// The session observes the key; its current state comes in a keepalive's reply.
+    Observing {
+        /// The key.
+        key: Key,
+    },
+    /// The session no longer observes the key.
+    Unobserved {
+        /// The key.
+        key: Key,
+    },
 }
+
+/// The longest value a holder may set, in bytes.
+pub const MAX_VALUE_LEN: usize = 64;
+
+/// What a holder tells observers of its key (an address, a port, a version): at most
+/// [`MAX_VALUE_LEN`] bytes of printable ASCII, so status lines and JSON show it as it is.
+pub type Value = heapless::String<MAX_VALUE_LEN>;
+
+/// Why a value is not acceptable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum ValueError {
+    /// The value is longer than [`MAX_VALUE_LEN`] bytes.
+    TooLong,
+    /// The value has a byte outside printable ASCII at this index.
+    BadByte(usize),
+}
+
+impl fmt::Display for ValueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueError::TooLong => write!(f, "value is longer than {MAX_VALUE_LEN} bytes"),
+            ValueError::BadByte(i) => write!(f, "value has a byte outside printable ASCII at byte {i}"),
+        }
+    }
+}
+
+impl core::error::Error for ValueError {}
+
+/// Checks a value: at most [`MAX_VALUE_LEN`] bytes of printable ASCII (space to `~`).
+pub fn parse_value(s: &str) -> Result<Value, ValueError> {
+    if s.len() > MAX_VALUE_LEN {
+        return Err(ValueError::TooLong);
+    }
+    if let Some(i) = s.bytes().position(|b| !(b' '..=b'~').contains(&b)) {
+        return Err(ValueError::BadByte(i));
+    }
+    let mut value = Value::new();
+    // Cannot fail: the length was checked above.
+    let _ = value.push_str(s);
+    Ok(value)
+}
+
+/// A key's holder as observers are told of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+pub struct ObservedHolder {
+    /// The holding session.
+    pub session: SessionId,
+    /// Its label.
+    pub label: Label,
+    /// The grant's fence.
+    pub fence: Fence,
+    /// The value the holder acquired with (empty if none).
+    pub value: Value,
+}
+
+/// One change of an observed key's holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+pub struct Observed {
+    /// The key.
+    pub key: Key,
+    /// The change's number, counted per key from 1 since the key's first observer: an
+    /// observer that receives change `n + 2` after `n` knows it missed one (the authority
+    /// keeps the last [`OBSERVED_HISTORY`] changes of each key for observers that lag).
+    pub change: u64,
+    /// The holder after the change, or `None`: the key became free.
+    pub holder: Option<ObservedHolder>,
+}
+
+/// How many changes of each observed key the authority keeps for observers that have not
+/// acknowledged them yet; an observer further behind is reported the oldest kept.
+pub const OBSERVED_HISTORY: usize = 8;
