@@ -127,6 +127,22 @@ impl Core {
     }
 }
 
+impl crate::outbox::Outbox for Core {
+    type Tag = RequestId;
+
+    fn next_frame<'b>(
+        &mut self,
+        now: Instant,
+        buf: &'b mut [u8; MAX_FRAME],
+    ) -> Option<(RequestId, &'b [u8])> {
+        Core::next_frame(self, now, buf)
+    }
+
+    fn write_failed(&mut self, now: Instant, id: RequestId) {
+        Core::write_failed(self, now, id)
+    }
+}
+
 /// A device's lease over a blocking UART (`embedded_io::{Read, ReadReady, Write}`).
 ///
 /// Call [`poll`](DeviceLink::poll) often (from the main loop, or when the UART interrupt or

@@ -8,6 +8,7 @@ use leasehold_core::{AcquireError, Duration, Event, Instant, Key, Lease, Release
 use crate::decode::DecodeStats;
 use crate::device::{Clock, Core, LinkStats};
 use crate::frame::MAX_FRAME;
+use crate::outbox::{send_all, Sending};
 use crate::watch::LeaseWatch;
 
 /// A device's lease over an async UART (`embedded_io_async::{Read, Write}`, e.g. embassy's
@@ -26,7 +27,7 @@ pub struct AsyncDeviceLink<U, C, D> {
     tx: [u8; MAX_FRAME],
     /// The frame in `tx` still being written: its request, its length, bytes written so far.
     /// Kept across calls so that a cancelled `next_event` resumes it instead of losing it.
-    sending: Option<(RequestId, usize, usize)>,
+    sending: Sending<RequestId>,
     watch: Option<&'static LeaseWatch>,
 }
 
@@ -129,33 +130,6 @@ impl<U: Read + Write, C: Clock, D: DelayNs> AsyncDeviceLink<U, C, D> {
 
     /// Writes the frame in progress, then every frame the machine wants sent.
     async fn send(&mut self, now: Instant) -> Result<(), U::Error> {
-        loop {
-            let (id, len, done) = match self.sending {
-                Some(s) => s,
-                None => match self.core.next_frame(now, &mut self.tx) {
-                    Some((id, bytes)) => (id, bytes.len(), 0),
-                    None => return Ok(()),
-                },
-            };
-            self.sending = Some((id, len, done));
-            let rest = self.tx.get(done..len).unwrap_or(&[]);
-            if rest.is_empty() {
-                self.sending = None;
-                continue;
-            }
-            match self.uart.write(rest).await {
-                // A write of nothing to a non-empty buffer would repeat forever: the frame is lost.
-                Ok(0) => {
-                    self.sending = None;
-                    self.core.write_failed(now, id);
-                }
-                Ok(n) => self.sending = Some((id, len, done.saturating_add(n))),
-                Err(e) => {
-                    self.sending = None;
-                    self.core.write_failed(now, id);
-                    return Err(e);
-                }
-            }
-        }
+        send_all(&mut self.uart, &mut self.tx, &mut self.sending, &mut self.core, now).await
     }
 }

@@ -13,6 +13,7 @@ mod device_async;
 mod frame;
 #[cfg(feature = "std")]
 pub mod host;
+mod outbox;
 #[cfg(feature = "sessions")]
 mod session;
 mod watch;

@@ -99,6 +99,7 @@ use leasehold_core::{Duration, Instant, Key};
 use crate::decode::{DecodeError, DecodeStats, FrameDecoder};
 use crate::device::Clock;
 use crate::frame::{Body, Frame, SessionRefusal, MAX_FRAME};
+use crate::outbox::{send_all, Outbox, Sending};
 
 /// How many of the link's last frames it remembers, to tell the machine which request a
 /// version-mismatch notice (which echoes the frame, not the request) was about. A device
@@ -142,6 +143,18 @@ struct SessionCore<const K: usize> {
     waiting: heapless::Vec<Key, K>,
     decoder: FrameDecoder,
     stats: SessionLinkStats,
+}
+
+impl<const K: usize> Outbox for SessionCore<K> {
+    type Tag = Seq;
+
+    fn next_frame<'b>(&mut self, now: Instant, buf: &'b mut [u8; MAX_FRAME]) -> Option<(Seq, &'b [u8])> {
+        SessionCore::next_frame(self, now, buf)
+    }
+
+    fn write_failed(&mut self, now: Instant, seq: Seq) {
+        SessionCore::write_failed(self, now, seq)
+    }
 }
 
 impl<const K: usize> SessionCore<K> {
@@ -416,7 +429,7 @@ pub struct AsyncSessionLink<U, C, D, const K: usize> {
     tx: [u8; MAX_FRAME],
     /// The frame in `tx` still being written: its seq, its length, bytes written so far.
     /// Kept across calls so that a cancelled `next_event` resumes it instead of losing it.
-    sending: Option<(Seq, usize, usize)>,
+    sending: Sending<Seq>,
 }
 
 impl<U: embedded_io_async::Read + embedded_io_async::Write, C: Clock, D: DelayNs, const K: usize>
@@ -494,33 +507,6 @@ impl<U: embedded_io_async::Read + embedded_io_async::Write, C: Clock, D: DelayNs
 
     /// Writes the frame in progress, then every frame the machine wants sent.
     async fn send(&mut self, now: Instant) -> Result<(), U::Error> {
-        loop {
-            let (seq, len, done) = match self.sending {
-                Some(s) => s,
-                None => match self.core.next_frame(now, &mut self.tx) {
-                    Some((seq, bytes)) => (seq, bytes.len(), 0),
-                    None => return Ok(()),
-                },
-            };
-            self.sending = Some((seq, len, done));
-            let rest = self.tx.get(done..len).unwrap_or(&[]);
-            if rest.is_empty() {
-                self.sending = None;
-                continue;
-            }
-            match self.uart.write(rest).await {
-                // A write of nothing to a non-empty buffer would repeat forever: the frame is lost.
-                Ok(0) => {
-                    self.sending = None;
-                    self.core.write_failed(now, seq);
-                }
-                Ok(n) => self.sending = Some((seq, len, done.saturating_add(n))),
-                Err(e) => {
-                    self.sending = None;
-                    self.core.write_failed(now, seq);
-                    return Err(e);
-                }
-            }
-        }
+        send_all(&mut self.uart, &mut self.tx, &mut self.sending, &mut self.core, now).await
     }
 }
