@@ -289,3 +289,31 @@ fn status_on_dynamodb() {
     let text = String::from_utf8_lossy(&all.stdout);
     assert!(text.lines().any(|l| l.starts_with("watched/job-1 ") && l.ends_with("free")), "{all:?}");
 }
+
+#[test]
+fn run_on_dynamodb_sessions() {
+    let d = dynalite_with_leases_table();
+    let v2 = ["--protocol", "v2"];
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, marker) = (dir.path().join("seen"), dir.path().join("started"));
+    let hold = format!("echo $LEASEHOLD_OWNER > {}; touch {}; sleep 1.5", seen.display(), marker.display());
+    let mut holder = holding("dynamodb", d.url(), &v2, "cli-job", &hold, &marker);
+    let owner: u64 = std::fs::read_to_string(&seen).unwrap().trim().parse().expect("the session id");
+    assert_ne!(owner, 0);
+    // Refused to another session, and to a v1 run: the same item, the same discipline.
+    let busy = run("dynamodb", d.url(), &["--no-wait", "--protocol", "v2"], &["true"]).status().unwrap();
+    assert_eq!(busy.code(), Some(75));
+    let busy_v1 = run("dynamodb", d.url(), &["--no-wait"], &["true"]).status().unwrap();
+    assert_eq!(busy_v1.code(), Some(75), "a v1 run is excluded by a v2 holder");
+    assert!(holder.wait().unwrap().success());
+    // Released on the way out: free at once.
+    let free = run("dynamodb", d.url(), &["--no-wait", "--protocol", "v2"], &["true"]).status().unwrap();
+    assert_eq!(free.code(), Some(0));
+    // A semaphore is not built on DynamoDB: a usage error, not a wait.
+    let sem = run("dynamodb", d.url(), &["--protocol", "v2", "--limit", "2"], &["true"]).status().unwrap();
+    assert_eq!(sem.code(), Some(2));
+    // kill -9 of the holder: the waiter, polling, takes over the last version it saw once it
+    // has stood still ttl·(1+ε) + margin. That version was written up to a renewal interval
+    // (ttl/4) before the kill and seen up to a poll interval (ttl/8) after it was written.
+    kill_9("dynamodb v2", d.url(), &v2, Duration::from_millis(900));
+}
