@@ -791,6 +791,25 @@ mod tests {
     }
 
     #[test]
+    fn polls_are_jittered_within_half_to_all_of_the_interval_and_never_after_the_takeover_is_due() {
+        let config = Config::new(LDuration::from_secs(2));
+        let creds = Credentials::new("AKID", "secret", None, None, "test");
+        let b = DynamoSessions::new("http://127.0.0.1:9", "us-east-1", "leases", creds, &config).unwrap();
+        let (l, ms) = (local(), LInstant::from_millis);
+        // ttl 2 s: interval 250 ms, so polls 125–250 ms apart.
+        let far = Sighting::new(&config, ms(1_000), 1, LDuration::from_secs(60));
+        let gaps: Vec<u64> =
+            (0..2_000).map(|_| (b.next_poll(&l, ms(1_000), &far) - ms(1_000)).as_millis()).collect();
+        assert!(gaps.iter().all(|g| (125..=250).contains(g)), "{:?}", (gaps.iter().min(), gaps.iter().max()));
+        let (lo, hi) = (gaps.iter().filter(|g| **g < 160).count(), gaps.iter().filter(|g| **g > 215).count());
+        assert!(lo > 200 && hi > 200, "spread over the range, not lockstep: {lo} low, {hi} high");
+        // A takeover due before the next poll is tried at its due time, and one overdue at once.
+        let soon = Sighting::new(&config, ms(1_000), 1, LDuration::from_millis(50));
+        assert_eq!(b.next_poll(&l, ms(1_000), &soon), soon.due());
+        assert_eq!(b.next_poll(&l, ms(9_000), &soon), ms(9_000));
+    }
+
+    #[test]
     fn renewals_and_releases_are_fenced_and_a_release_keeps_the_item() {
         let k = parse_key("pump").unwrap();
         let r = renew_body("leases", &k, &local(), Some(Fence(4)));
