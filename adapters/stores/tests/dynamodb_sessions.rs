@@ -399,3 +399,28 @@ fn planted_takeover_without_waiting_is_caught_by_the_exclusion_check() {
     assert_eq!(waiter_leaves_a_live_holder_alone(url, None), Ok(()));
     assert!(waiter_leaves_a_live_holder_alone(url, Some(DynamoFault::TakeOverAtOnce)).is_err());
 }
+
+#[test]
+fn a_keepalive_is_one_request_per_held_key_and_an_unreachable_store_is_a_transient_error() {
+    let server = dynalite();
+    setup(server.url());
+    let upstream = server.url().trim_start_matches("http://").parse().unwrap();
+    // Every request on a connection of its own, counted.
+    let proxy = leasehold_test_servers::ClosingProxy::start(upstream);
+    let (backend, _) = sessions(&proxy.url(), 3_000, None);
+    smol::block_on(async {
+        let mut s = Raw::open(&backend, 3_000, "counted").await;
+        for k in ["a", "b", "c"] {
+            s.acquire(k).await;
+        }
+        let before = proxy.served();
+        assert!(matches!(s.call(SessionOp::KeepAlive).await, SessionReply::Alive { .. }));
+        assert_eq!(proxy.served() - before, 3, "one conditional write per held key, nothing else");
+        // The store out of reach: the holder is told to retry, not that the session ended.
+        drop(proxy);
+        let req =
+            SessionRequest { session: s.session, secret: s.secret, seq: Seq(100), op: SessionOp::KeepAlive };
+        let err = backend.call(req, Duration::ZERO).await.expect_err("nobody answers");
+        assert!(!err.is_permanent(), "transient: {err}");
+    });
+}
