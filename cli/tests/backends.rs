@@ -300,6 +300,34 @@ fn run_on_dynamodb_sessions() {
     let mut holder = holding("dynamodb", d.url(), &v2, "cli-job", &hold, &marker);
     let owner: u64 = std::fs::read_to_string(&seen).unwrap().trim().parse().expect("the session id");
     assert_ne!(owner, 0);
+    // `status` shows the session by id and its public label (`HOST:PID`, never the secret).
+    let out = Command::new(BIN)
+        .args([
+            "status",
+            "--backend",
+            "dynamodb",
+            "--server",
+            d.url(),
+            "--table",
+            "leases",
+            "cli-job",
+            "--json",
+        ])
+        .envs(AWS_ENV)
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let h = &doc["leases"][0]["holder"];
+    assert_eq!(h["owner"], serde_json::json!(owner), "{doc}");
+    assert!(h["label"].as_str().is_some_and(|l| !l.is_empty()), "the label: {doc}");
+    let table = Command::new(BIN)
+        .args(["status", "--backend", "dynamodb", "--server", d.url(), "--table", "leases"])
+        .envs(AWS_ENV)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.lines().next().is_some_and(|l| l.ends_with(" LABEL")), "{text}");
+    assert!(text.lines().nth(1).is_some_and(|l| l.ends_with(h["label"].as_str().unwrap())), "{text}");
     // Refused to another session, and to a v1 run: the same item, the same discipline.
     let busy = run("dynamodb", d.url(), &["--no-wait", "--protocol", "v2"], &["true"]).status().unwrap();
     assert_eq!(busy.code(), Some(75));

@@ -348,6 +348,7 @@ fn key_status(item: &Value) -> Option<KeyStatus> {
             ttl: num(&item["ttl_us"]).map(Duration::from_micros),
             // Nobody keeps time here: only a contender's own wait can tell.
             remaining: None,
+            label: item["label"]["S"].as_str().map(str::to_string),
         }),
     };
     Some(KeyStatus { key, holder, last_fence })
@@ -612,7 +613,8 @@ mod tests {
                     owner: OwnerId(1),
                     fence: Fence(1),
                     ttl: Some(Duration::from_secs(2)),
-                    remaining: None
+                    remaining: None,
+                    label: None,
                 }),
                 last_fence: Fence(1),
             }
