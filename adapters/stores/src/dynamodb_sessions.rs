@@ -37,7 +37,10 @@
 //! `Rejected(UnsupportedVersion)` and `Rejected(Malformed)`, as on etcd.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use event_listener::Event;
@@ -52,6 +55,9 @@ use serde_json::{json, Value};
 
 use crate::dynamodb::{get_body, num, update_body, DynamoDbBackend, Failure};
 use crate::Credentials;
+
+/// Renewals of one keepalive in flight at once.
+const RENEW_IN_FLIGHT: usize = 16;
 
 /// Shortest and longest poll interval of a waiting session.
 const POLL_MIN: Duration = Duration::from_millis(20);
@@ -510,32 +516,48 @@ impl DynamoSessions {
         if started >= lock(&local.state).alive_until {
             return Err(self.expire(local, session).await);
         }
-        // One conditional write per key, each after the keepalive was sent.
-        for (key, fence) in DynamoSessions::holdings(local) {
-            let body = renew_body(self.store.table(), &key, local, fence);
-            match self.store.update(&body).await? {
-                Ok(old) => {
-                    let mut state = lock(&local.state);
-                    if fence.is_none() && matches!(state.keys.get(&key), Some(Holding::Acquiring)) {
-                        // The grant in flight was made: the item is ours.
-                        if let Some(f) = num(&old["fence"]) {
-                            state.keys.insert(key, Holding::Held { fence: Fence(f) });
+        // One conditional write per key, each after the keepalive was sent; RENEW_IN_FLIGHT at
+        // a time, so a session of many keys renews in a few round trips, not one per key.
+        let holdings = DynamoSessions::holdings(local);
+        for chunk in holdings.chunks(RENEW_IN_FLIGHT) {
+            let writes: Vec<_> = chunk
+                .iter()
+                .map(|(key, fence)| {
+                    let body = renew_body(self.store.table(), key, local, *fence);
+                    async move { self.store.update(&body).await }
+                })
+                .collect();
+            let mut transient = None;
+            for ((key, fence), result) in chunk.iter().zip(join_all(writes).await) {
+                match result {
+                    Ok(Ok(old)) => {
+                        let mut state = lock(&local.state);
+                        if fence.is_none() && matches!(state.keys.get(key), Some(Holding::Acquiring)) {
+                            // The grant in flight was made: the item is ours.
+                            if let Some(f) = num(&old["fence"]) {
+                                state.keys.insert(key.clone(), Holding::Held { fence: Fence(f) });
+                            }
                         }
                     }
-                }
-                Err(Failure::Condition(_)) => {
-                    let still = match (lock(&local.state).keys.get(&key), fence) {
-                        (Some(Holding::Held { fence: now }), Some(f)) => *now == f,
-                        (Some(Holding::Pushed(g)), Some(f)) => g.fence == f,
-                        _ => false,
-                    };
-                    // Released or acquired again meanwhile, or a grant not made yet: not a loss.
-                    if still {
-                        tracing::warn!("DynamoDB item {key} was taken over: the session has expired");
-                        return Err(self.expire(local, session).await);
+                    Ok(Err(Failure::Condition(_))) => {
+                        let still = match (lock(&local.state).keys.get(key), fence) {
+                            (Some(Holding::Held { fence: now }), Some(f)) => now == f,
+                            (Some(Holding::Pushed(g)), Some(f)) => g.fence == *f,
+                            _ => false,
+                        };
+                        // Released or acquired again meanwhile, or a grant not made yet: not a
+                        // loss.
+                        if still {
+                            tracing::warn!("DynamoDB item {key} was taken over: the session has expired");
+                            return Err(self.expire(local, session).await);
+                        }
                     }
+                    Ok(Err(Failure::Reply(r))) => transient = transient.or(Some(refused("UpdateItem", r))),
+                    Err(e) => transient = transient.or(Some(e)),
                 }
-                Err(Failure::Reply(r)) => return Err(refused("UpdateItem", r).into()),
+            }
+            if let Some(e) = transient {
+                return Err(e.into());
             }
         }
         lock(&local.state).alive_until = started + local.ttl;
@@ -631,6 +653,30 @@ impl DynamoSessions {
         }
         Ok(())
     }
+}
+
+/// Runs `futures` concurrently; their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *out = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }
 
 /// A waited key's next attempt: the jittered poll, or the takeover's due time if that comes

@@ -424,3 +424,24 @@ fn a_keepalive_is_one_request_per_held_key_and_an_unreachable_store_is_a_transie
         assert!(!err.is_permanent(), "transient: {err}");
     });
 }
+
+#[test]
+fn a_keepalive_of_many_keys_renews_each_exactly_once() {
+    let server = dynalite();
+    let url = server.url();
+    setup(url);
+    let (backend, _) = sessions(url, 15_000, None);
+    smol::block_on(async {
+        let mut s = Raw::open(&backend, 15_000, "many").await;
+        let keys: Vec<String> = (0..64).map(|i| format!("many/{i}")).collect();
+        for k in &keys {
+            s.acquire(k).await;
+        }
+        let started = Instant::now();
+        assert!(matches!(s.call(SessionOp::KeepAlive).await, SessionReply::Alive { .. }));
+        println!("keepalive of {} keys: {:?}", keys.len(), started.elapsed());
+        for k in &keys {
+            assert_eq!(n(&item(url, k).await, "version"), 2, "{k}: granted, then renewed once");
+        }
+    });
+}
