@@ -201,8 +201,12 @@ fn dynalite_with_leases_table() -> leasehold_test_servers::Running {
 fn run_on_dynamodb() {
     let d = dynalite_with_leases_table();
     exclusive("dynamodb", d.url());
-    // Observe-and-wait: ttl·(1+ε) + margin from when the waiter read the record.
-    kill_9("dynamodb", d.url(), &[], Duration::from_millis(300));
+    // Observe-and-wait: ttl·(1+ε) + margin (2.04 s) from when the waiter first read the last
+    // version, which can be a poll (ttl/8 + jitter up to ttl/64: 281 ms) after the holder wrote
+    // it just before the kill: up to 2.32 s by design, plus the child's start. The bound
+    // allows 2.02 + 0.6 s (it was 0.3 s, under the design's own worst case: 2.25 s seen at
+    // load 10).
+    kill_9("dynamodb", d.url(), &[], Duration::from_millis(600));
     // Without credentials: a usage error naming what is missing.
     let out = Command::new(BIN)
         .args(["run", "--backend", "dynamodb", "--server", d.url(), "--key", "k", "--", "true"])
