@@ -169,29 +169,42 @@ impl<B: Backend> Drop for Active<B> {
     }
 }
 
-/// The thread that drives every lease of one client (and its clones).
+/// Where the leases of a client (and its clones) are driven: the process's one driver thread,
+/// shared by every [`Client`] and [`SessionClient`](crate::SessionClient).
 ///
-/// Renewal runs here rather than on the caller's executor for two reasons: the crate needs no
+/// Renewal runs there rather than on the caller's executor for two reasons: the crate needs no
 /// runtime (no spawn trait to implement, works under smol, tokio or plain `block_on`), and a
 /// caller that blocks its own executor threads cannot starve renewals and lose the lease.
+///
+/// One thread for the process, not one per client: a program with 64 session clients had 64
+/// driver threads each woken (a futex and a context switch) by the I/O reactor's thread for
+/// every response, which cost as much CPU as the server's work. The shared thread also runs
+/// the reactor itself, so a response is read, judged and handed on in one wake-up. Drivers do
+/// no blocking work (name resolution is moved off it), so clients cannot hold each other up.
 pub(crate) struct DriverThread {
     pub(crate) executor: Arc<async_executor::Executor<'static>>,
-    /// Dropping it (with the last `Inner`, i.e. after the last lease's task ended) ends the
-    /// thread.
-    _stop: async_channel::Sender<()>,
 }
 
 impl DriverThread {
     pub(crate) fn start() -> std::io::Result<DriverThread> {
+        static SHARED: std::sync::OnceLock<Arc<async_executor::Executor<'static>>> =
+            std::sync::OnceLock::new();
+        static STARTING: Mutex<()> = Mutex::new(());
+        if let Some(ex) = SHARED.get() {
+            return Ok(DriverThread { executor: ex.clone() });
+        }
+        // One thread even if two clients start at once; a failed spawn is retried by the next.
+        let _turn = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ex) = SHARED.get() {
+            return Ok(DriverThread { executor: ex.clone() });
+        }
         let executor = Arc::new(async_executor::Executor::new());
-        let (stop, stopped) = async_channel::bounded::<()>(1);
         let ex = executor.clone();
-        std::thread::Builder::new().name("leasehold-driver".into()).spawn(move || {
-            future::block_on(ex.run(async move {
-                let _ = stopped.recv().await;
-            }))
-        })?;
-        Ok(DriverThread { executor, _stop: stop })
+        std::thread::Builder::new()
+            .name("leasehold-driver".into())
+            .spawn(move || async_io::block_on(ex.run(future::pending::<()>())))?;
+        let _ = SHARED.set(executor.clone());
+        Ok(DriverThread { executor })
     }
 }
 
