@@ -19,7 +19,7 @@ use leasehold_core::{Config, ConfigError, Fence, Health, Key, LostReason, NotAcq
 
 use crate::backend::{ErasedSessionBackend, SessionBackend};
 use crate::client::{AcquireError, DriverThread, Options, ReleaseError, Unreachable, Waiting};
-use crate::clock::{now, to_std, Clock, SystemClock};
+use crate::clock::{Clock, SystemClock};
 use crate::error::TransportError;
 use crate::turns::{parse, LocalTurns};
 use crate::Lease;
@@ -107,6 +107,8 @@ impl Drop for User {
 
 struct Inner {
     backend: Box<dyn ErasedSessionBackend>,
+    /// Every `now` the machine is handed and every deadline the driver waits for.
+    clock: Arc<dyn Clock>,
     /// How long the authority may hold a keepalive: under the request timeout, so the answer
     /// comes before the machine gives up on it.
     hold: Duration,
@@ -193,6 +195,20 @@ impl SessionClient {
         label: &str,
         options: Options,
     ) -> Result<SessionClient, SessionSetupError> {
+        Self::with_clock(backend, label, options, SystemClock)
+    }
+
+    /// [`new`](Self::new) with the time read from `clock`: every deadline the driver keeps
+    /// (keepalives, validity and loss, request timeouts, acquisition timeouts) is on it. For
+    /// tests, a [`ManualClock`](crate::ManualClock) runs a session's renewals, expiry and
+    /// deadlines without waiting for them. A backend's own timeouts (an HTTP request's) stay
+    /// on the wall clock, and so does how long the authority holds a keepalive.
+    pub fn with_clock(
+        backend: impl SessionBackend,
+        label: &str,
+        options: Options,
+        clock: impl Clock,
+    ) -> Result<SessionClient, SessionSetupError> {
         let config = options.config;
         config.validate().map_err(SessionSetupError::Config)?;
         let label = parse_label(label).map_err(SessionSetupError::Label)?;
@@ -200,6 +216,7 @@ impl SessionClient {
         let hold = Duration::from(config.renew_every).min(timeout.mul_f64(0.75));
         let inner = Arc::new(Inner {
             backend: Box::new(backend),
+            clock: Arc::new(clock),
             hold,
             request_timeout: config.request_timeout,
             machine: Mutex::new(fresh_machine(label, config)?),
@@ -304,8 +321,9 @@ impl SessionClient {
         mut report: impl FnMut(&Waiting) + Send,
     ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
-        let deadline = timeout.map(|t| now() + t.into());
-        let guard = self.user.0.local.take(&key, deadline.map(|d| SystemClock.sleep_until(d))).await?;
+        let clock = &self.user.0.clock;
+        let deadline = timeout.map(|t| clock.now() + t.into());
+        let guard = self.user.0.local.take(&key, deadline.map(|d| clock.sleep_until(d))).await?;
         self.start(key, Terms::slot(limit), guard, true, deadline, &mut report).await
     }
 
@@ -314,7 +332,7 @@ impl SessionClient {
     pub async fn close(&self) {
         let inner = &self.user.0;
         let closed = lock(&inner.view).closed;
-        if lock(&inner.machine).close(now()).is_err() {
+        if lock(&inner.machine).close(inner.clock.now()).is_err() {
             return;
         }
         inner.poke.notify(usize::MAX);
@@ -373,7 +391,7 @@ impl SessionClient {
                                 return Err(AcquireError::Rejected(reason));
                             }
                         }
-                        if m.open(now()).is_ok() {
+                        if m.open(inner.clock.now()).is_ok() {
                             view.opens += 1;
                             view.outcome = None;
                             asked = Some(view.opens);
@@ -383,7 +401,7 @@ impl SessionClient {
                     SessionState::Opening | SessionState::Closing => {}
                 }
             }
-            if !heard_before(listener, deadline).await {
+            if !heard_before(&*inner.clock, listener, deadline).await {
                 let last = lock(&inner.last_error).clone();
                 return Err(AcquireError::Unavailable(last.map(Unreachable)));
             }
@@ -413,9 +431,9 @@ impl SessionClient {
             lock(&inner.slots).insert(key.clone(), slot.clone());
             // A value is for a key with one holder; a semaphore's slots carry none.
             let asked = if value.is_empty() {
-                m.acquire_with_limit(now(), key.clone(), wait, limit.get())
+                m.acquire_with_limit(inner.clock.now(), key.clone(), wait, limit.get())
             } else {
-                m.acquire_with_value(now(), key.clone(), wait, value.clone())
+                m.acquire_with_value(inner.clock.now(), key.clone(), wait, value.clone())
             };
             match asked {
                 Ok(()) => break,
@@ -465,11 +483,11 @@ impl SessionClient {
                 }
                 _ => {}
             }
-            if !heard_before(listener, deadline.filter(|_| !gave_up)).await {
+            if !heard_before(&*inner.clock, listener, deadline.filter(|_| !gave_up)).await {
                 // Leave the queue; a grant that crossed this is given back by the machine.
                 // The answer is the slot's end, whichever it is.
                 gave_up = true;
-                let _ = lock(&inner.machine).release(now(), &key);
+                let _ = lock(&inner.machine).release(inner.clock.now(), &key);
                 inner.poke.notify(usize::MAX);
             }
         }
@@ -495,6 +513,7 @@ impl Terms {
 
 /// Waits for `listener`, or until `deadline` if there is one: whether it was heard first.
 async fn heard_before(
+    clock: &dyn Clock,
     listener: event_listener::EventListener,
     deadline: Option<leasehold_core::Instant>,
 ) -> bool {
@@ -510,7 +529,7 @@ async fn heard_before(
                     true
                 },
                 async {
-                    async_io::Timer::at(to_std(d)).await;
+                    clock.sleep_until(d).await;
                     false
                 },
             )
@@ -553,13 +572,24 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
             let mut m = lock(&inner.machine);
             let state_before = last_state;
             if inner.users.load(Ordering::SeqCst) == 0 && m.state() == SessionState::Open {
-                let _ = m.close(now());
+                let _ = m.close(inner.clock.now());
             }
             let send = |req: SessionRequest| {
                 let (inner, done) = (inner.clone(), done.clone());
+                let give_up_at = inner.clock.now() + inner.request_timeout;
                 executor
                     .spawn(async move {
-                        let r = inner.call(&req).await;
+                        // The machine gives up on a request at its timeout, on its clock; the
+                        // transport's future is dropped then too, so a request nobody waits
+                        // for holds no connection and no in-flight place.
+                        let timed_out = async {
+                            inner.clock.sleep_until(give_up_at).await;
+                            Err(TransportError::Timeout {
+                                addr: "the session authority".into(),
+                                timeout: inner.request_timeout.into(),
+                            })
+                        };
+                        let r = future::or(inner.call(&req), timed_out).await;
                         let _ = done.send((req.seq, is_keepalive(&req.op), r)).await;
                     })
                     .detach();
@@ -569,10 +599,10 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                     keepalives_in_flight += 1;
                     send(req);
                 } else {
-                    backlog.push_back((req, now()));
+                    backlog.push_back((req, inner.clock.now()));
                 }
             }
-            let stale_before = now().saturating_sub(inner.request_timeout);
+            let stale_before = inner.clock.now().saturating_sub(inner.request_timeout);
             while in_flight < MAX_IN_FLIGHT {
                 let Some((req, made)) = backlog.pop_front() else { break };
                 // The machine has given up on it and made it again under a new seq.
@@ -588,7 +618,7 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                 match e {
                     // The grant will come in a keepalive's reply: have one held at the
                     // server from now on, not from the next renewal.
-                    SessionEvent::Queued { .. } => m.keep_alive_now(now()),
+                    SessionEvent::Queued { .. } => m.keep_alive_now(inner.clock.now()),
                     SessionEvent::Acquired { .. } => acquired = true,
                     _ => {}
                 }
@@ -602,7 +632,7 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                     .values()
                     .any(|s| matches!(*s.event(), Some(SessionEvent::Queued { .. })))
             {
-                m.keep_alive_now(now());
+                m.keep_alive_now(inner.clock.now());
             }
             if news || m.state() != state_before {
                 inner.changed.notify(usize::MAX);
@@ -632,7 +662,7 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
         };
         let timer = async {
             match timeout {
-                Some(t) => async_io::Timer::at(to_std(t)).await,
+                Some(t) => inner.clock.sleep_until(t).await,
                 None => future::pending().await,
             };
             Wake::Timer
@@ -653,7 +683,7 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                 match result {
                     Ok(resp) => {
                         *lock(&inner.last_error) = None;
-                        m.handle_response(now(), &resp);
+                        m.handle_response(inner.clock.now(), &resp);
                     }
                     Err(e) => {
                         tracing::debug!("session request failed: {}", crate::Report(&e));
@@ -662,11 +692,11 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                             inner.changed.notify(usize::MAX);
                         }
                         *lock(&inner.last_error) = Some(e);
-                        m.handle_transport_error(now(), seq);
+                        m.handle_transport_error(inner.clock.now(), seq);
                     }
                 }
             }
-            Wake::Timer => m.handle_timeout(now()),
+            Wake::Timer => m.handle_timeout(inner.clock.now()),
             Wake::Poke => {}
         }
     }
@@ -747,7 +777,7 @@ impl SessionLease {
 
     pub(crate) fn remaining(&self) -> Option<Duration> {
         self.fence()?;
-        lock(&self.user.0.machine).remaining(now(), &self.key).map(Into::into)
+        lock(&self.user.0.machine).remaining(self.user.0.clock.now(), &self.key).map(Into::into)
     }
 
     pub(crate) fn health(&self) -> Health {
@@ -803,7 +833,7 @@ impl SessionLease {
             return;
         }
         self.released = true;
-        if lock(&self.user.0.machine).release(now(), &self.key).is_ok() {
+        if lock(&self.user.0.machine).release(self.user.0.clock.now(), &self.key).is_ok() {
             self.user.0.poke.notify(usize::MAX);
         }
     }
