@@ -114,6 +114,8 @@ struct Inner {
     hold: Duration,
     /// The machine's request timeout.
     request_timeout: leasehold_core::Duration,
+    /// The session's ttl.
+    ttl: leasehold_core::Duration,
     machine: Mutex<Box<Machine>>,
     /// The handles' view of each key the machine tracks.
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
@@ -219,6 +221,7 @@ impl SessionClient {
             clock: Arc::new(clock),
             hold,
             request_timeout: config.request_timeout,
+            ttl: config.ttl,
             machine: Mutex::new(fresh_machine(label, config)?),
             slots: Mutex::new(HashMap::new()),
             watches: Mutex::new(HashMap::new()),
@@ -576,17 +579,20 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
             }
             let send = |req: SessionRequest| {
                 let (inner, done) = (inner.clone(), done.clone());
-                let give_up_at = inner.clock.now() + inner.request_timeout;
+                // The machine gives up on a request at its timeout, on its clock, and makes
+                // it again under a new seq; the transport's future is dropped then too, so a
+                // request nobody waits for holds no connection and no in-flight place. A
+                // keepalive's late reply still renews (anchored at its own send), so it is
+                // waited for as long as it could: a ttl.
+                let patience = if is_keepalive(&req.op) { inner.ttl } else { inner.request_timeout };
+                let give_up_at = inner.clock.now() + patience;
                 executor
                     .spawn(async move {
-                        // The machine gives up on a request at its timeout, on its clock; the
-                        // transport's future is dropped then too, so a request nobody waits
-                        // for holds no connection and no in-flight place.
                         let timed_out = async {
                             inner.clock.sleep_until(give_up_at).await;
                             Err(TransportError::Timeout {
                                 addr: "the session authority".into(),
-                                timeout: inner.request_timeout.into(),
+                                timeout: patience.into(),
                             })
                         };
                         let r = future::or(inner.call(&req), timed_out).await;
