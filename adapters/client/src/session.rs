@@ -205,6 +205,27 @@ impl SessionClient {
     /// tests, a [`ManualClock`](crate::ManualClock) runs a session's renewals, expiry and
     /// deadlines without waiting for them. A backend's own timeouts (an HTTP request's) stay
     /// on the wall clock, and so does how long the authority holds a keepalive.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let config = leasehold_server::ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    /// # let server = leasehold_server::Server::spawn(config).unwrap();
+    /// use std::time::Duration;
+    /// use leasehold_http::{BuiltinSessions, Clock, ManualClock, Options, SessionClient};
+    ///
+    /// let clock = ManualClock::new(leasehold_core::Instant::from_micros(1_000_000));
+    /// let options = Options::session(Duration::from_secs(60));
+    /// let backend = BuiltinSessions::new(&server.url(), None, Duration::from_secs(20))?;
+    /// let client = SessionClient::with_clock(backend, "worker", options, clock.clone())?;
+    /// let lease = smol::block_on(client.acquire("report"))?;
+    /// // The validity is counted on the client's clock: it stands still until moved, and
+    /// // moving it 5 s uses up exactly 5 s of it, however long that took for real.
+    /// let left = lease.remaining().unwrap();
+    /// assert_eq!(lease.remaining(), Some(left));
+    /// clock.advance(leasehold_core::Duration::from_secs(5));
+    /// assert_eq!(lease.remaining(), Some(left - Duration::from_secs(5)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn with_clock(
         backend: impl SessionBackend,
         label: &str,
@@ -553,6 +574,17 @@ impl Inner {
     }
 }
 
+/// A request out: until its response arrives, or until `give_up_at`, when dropping it drops
+/// the transport's future.
+struct Flight {
+    id: u64,
+    seq: Seq,
+    keepalive: bool,
+    patience: leasehold_core::Duration,
+    give_up_at: leasehold_core::Instant,
+    _task: async_executor::Task<()>,
+}
+
 /// Whether `op` renews the session (and so is held at the server and sent on its own pool).
 fn is_keepalive(op: &SessionOp) -> bool {
     matches!(op, SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. })
@@ -562,11 +594,12 @@ fn is_keepalive(op: &SessionOp) -> bool {
 /// handles. Requests run concurrently (each on the driver's executor); the machine decides
 /// what each response means.
 async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static>>) {
-    let (done, responses) =
-        async_channel::unbounded::<(Seq, bool, Result<SessionResponse, TransportError>)>();
+    let (done, responses) = async_channel::unbounded::<(u64, Result<SessionResponse, TransportError>)>();
     // Requests made but not yet sent, in the order made; keepalives skip it.
     let mut backlog: VecDeque<(SessionRequest, leasehold_core::Instant)> = VecDeque::new();
-    let (mut in_flight, mut keepalives_in_flight) = (0usize, 0usize);
+    // Requests out, each until its response or until it is given up.
+    let mut flights: Vec<Flight> = Vec::new();
+    let mut next_flight = 0u64;
     let mut last_state = SessionState::Idle;
     loop {
         // Listening before looking, so a verb called after the look still wakes us.
@@ -577,46 +610,51 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
             if inner.users.load(Ordering::SeqCst) == 0 && m.state() == SessionState::Open {
                 let _ = m.close(inner.clock.now());
             }
-            let send = |req: SessionRequest| {
+            // Dropping a flight's task drops the transport's future: its connection and its
+            // in-flight place are free, and the machine hears of the timeout.
+            let now = inner.clock.now();
+            let (late, on_time): (Vec<Flight>, Vec<Flight>) =
+                flights.drain(..).partition(|f| f.give_up_at <= now);
+            flights = on_time;
+            for f in late {
+                *lock(&inner.last_error) = Some(TransportError::Timeout {
+                    addr: "the session authority".into(),
+                    timeout: f.patience.into(),
+                });
+                m.handle_transport_error(now, f.seq);
+            }
+            let send = |req: SessionRequest, id: u64| -> Flight {
                 let (inner, done) = (inner.clone(), done.clone());
                 // The machine gives up on a request at its timeout, on its clock, and makes
-                // it again under a new seq; the transport's future is dropped then too, so a
-                // request nobody waits for holds no connection and no in-flight place. A
-                // keepalive's late reply still renews (anchored at its own send), so it is
-                // waited for as long as it could: a ttl.
-                let patience = if is_keepalive(&req.op) { inner.ttl } else { inner.request_timeout };
-                let give_up_at = inner.clock.now() + patience;
-                executor
-                    .spawn(async move {
-                        let timed_out = async {
-                            inner.clock.sleep_until(give_up_at).await;
-                            Err(TransportError::Timeout {
-                                addr: "the session authority".into(),
-                                timeout: patience.into(),
-                            })
-                        };
-                        let r = future::or(inner.call(&req), timed_out).await;
-                        let _ = done.send((req.seq, is_keepalive(&req.op), r)).await;
-                    })
-                    .detach();
+                // it again under a new seq; the flight is given up then too. A keepalive's
+                // late reply still renews (anchored at its own send), so it is waited for as
+                // long as it could: a ttl.
+                let keepalive = is_keepalive(&req.op);
+                let patience = if keepalive { inner.ttl } else { inner.request_timeout };
+                let (seq, give_up_at) = (req.seq, inner.clock.now() + patience);
+                let task = executor.spawn(async move {
+                    let r = inner.call(&req).await;
+                    let _ = done.send((id, r)).await;
+                });
+                Flight { id, seq, keepalive, patience, give_up_at, _task: task }
             };
             while let Some(req) = m.poll_transmit() {
                 if is_keepalive(&req.op) {
-                    keepalives_in_flight += 1;
-                    send(req);
+                    next_flight += 1;
+                    flights.push(send(req, next_flight));
                 } else {
                     backlog.push_back((req, inner.clock.now()));
                 }
             }
             let stale_before = inner.clock.now().saturating_sub(inner.request_timeout);
-            while in_flight < MAX_IN_FLIGHT {
+            while flights.iter().filter(|f| !f.keepalive).count() < MAX_IN_FLIGHT {
                 let Some((req, made)) = backlog.pop_front() else { break };
                 // The machine has given up on it and made it again under a new seq.
                 if made <= stale_before {
                     continue;
                 }
-                in_flight += 1;
-                send(req);
+                next_flight += 1;
+                flights.push(send(req, next_flight));
             }
             let (mut news, mut acquired) = (false, false);
             while let Some(e) = m.poll_event() {
@@ -643,11 +681,12 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
             if news || m.state() != state_before {
                 inner.changed.notify(usize::MAX);
             }
-            (m.poll_timeout(), m.state())
+            let give_up = flights.iter().map(|f| f.give_up_at).min();
+            (m.poll_timeout().into_iter().chain(give_up).min(), m.state())
         };
         last_state = state;
         let gone = inner.users.load(Ordering::SeqCst) == 0;
-        let idle = in_flight == 0 && keepalives_in_flight == 0;
+        let idle = flights.is_empty();
         if gone && idle && !matches!(state, SessionState::Open | SessionState::Closing) {
             // Nobody left to serve; dropping the last `Inner` ends the driver thread.
             return;
@@ -656,13 +695,13 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
         // the core has no heap); one lives here at a time.
         #[allow(clippy::large_enum_variant)]
         enum Wake {
-            Response(Seq, bool, Result<SessionResponse, TransportError>),
+            Response(u64, Result<SessionResponse, TransportError>),
             Timer,
             Poke,
         }
         let response = async {
             match responses.recv().await {
-                Ok((seq, op_was_keepalive, r)) => Wake::Response(seq, op_was_keepalive, r),
+                Ok((id, r)) => Wake::Response(id, r),
                 Err(_) => future::pending().await,
             }
         };
@@ -680,12 +719,10 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
         let wake = future::or(future::or(response, timer), poke).await;
         let mut m = lock(&inner.machine);
         match wake {
-            Wake::Response(seq, was_keepalive, result) => {
-                if was_keepalive {
-                    keepalives_in_flight -= 1;
-                } else {
-                    in_flight -= 1;
-                }
+            Wake::Response(id, result) => {
+                // A flight given up on has been answered to the machine already.
+                let Some(at) = flights.iter().position(|f| f.id == id) else { continue };
+                let seq = flights.swap_remove(at).seq;
                 match result {
                     Ok(resp) => {
                         *lock(&inner.last_error) = None;
