@@ -5,7 +5,7 @@
 //! built-in server does (until the session has news or the hold is over), so time and push
 //! mean the same thing on both sides.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -35,6 +35,24 @@ struct InProcess {
     arrivals: Arc<Mutex<Vec<Instant>>>,
     /// When each keepalive that was answered arrived.
     keepalives: Arc<Mutex<Vec<Instant>>>,
+    /// Calls in progress: the driver has neither had their answer nor dropped them.
+    live: Arc<AtomicUsize>,
+}
+
+/// Counts a call as live until its future ends or is dropped.
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(n: &Arc<AtomicUsize>) -> Live {
+        n.fetch_add(1, Ordering::SeqCst);
+        Live(n.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl InProcess {
@@ -46,6 +64,7 @@ impl InProcess {
             silent: Arc::new(AtomicBool::new(false)),
             arrivals: Arc::new(Mutex::new(Vec::new())),
             keepalives: Arc::new(Mutex::new(Vec::new())),
+            live: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -68,6 +87,7 @@ impl InProcess {
 
 impl SessionBackend for InProcess {
     async fn call(&self, req: SessionRequest, hold: Duration) -> Result<SessionResponse, TransportError> {
+        let _live = Live::new(&self.live);
         let arrived = self.clock.now();
         let keepalive = matches!(req.op, SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. });
         if keepalive {
@@ -186,6 +206,12 @@ fn a_minute_of_keepalives_renews_every_key_once_per_interval_and_all_are_lost_at
         assert!(matches!(why, LostReason::Expired), "{k}: {why:?}");
     }
     assert_eq!(authority.keepalives().len(), first + steps - 1, "nothing answered while silent");
+    // The driver gives each unanswered keepalive up a ttl after its sending (its late reply
+    // could renew until then), dropping the transport's future: nothing is left waiting on
+    // the silent authority.
+    assert!(authority.live.load(Ordering::SeqCst) > 0, "the unanswered keepalives are still out");
+    clock.advance(config.ttl);
+    eventually("every unanswered call dropped", || authority.live.load(Ordering::SeqCst) == 0);
     // Over a minute of the session's time, in a fraction of it on the wall clock (bounded
     // loosely, for a loaded machine): nothing waited for real time.
     assert!(real.elapsed() < Duration::from_secs(20), "took {:?} of real time", real.elapsed());
