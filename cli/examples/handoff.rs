@@ -8,12 +8,16 @@
 //!   predecessor's key);
 //! - `etcdctl lock`: three looping `etcdctl lock` on etcd 3.4 (Debian's).
 //!
+//! With `dynamodb` after SECONDS, instead: `run --backend dynamodb` with `--protocol v1` and
+//! `v2` on dynalite (no push and no queue there: waiters poll, so this shows the fairness that
+//! remains).
+//!
 //! Each contender's command logs `start`/`end` with a nanosecond timestamp around a short
 //! sleep. Per group it prints the gap between one command's end and the next one's start
 //! (median and p90) and the largest share of sections one contender got.
 //!
 //! ```sh
-//! cargo build --release -p leasehold && cargo run --release -p leasehold --example handoff [-- SECONDS]
+//! cargo build --release -p leasehold && cargo run --release -p leasehold --example handoff [-- SECONDS [dynamodb]]
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -125,10 +129,47 @@ fn main() {
     let bin = leasehold_bin();
     let dir = tempfile::tempdir().unwrap();
     let (_server, url) = serve(&bin, &dir.path().join("store"));
-    let etcd = leasehold_test_servers::etcd();
-    let etcd_url = etcd.url().to_string();
     let run = |extra: &str, key: &str| format!("{} run --key {key} --ttl 5s {extra} --", bin.display());
-    let groups = [
+    let dynamodb = std::env::args().nth(2).is_some_and(|a| a == "dynamodb");
+    let _dynalite;
+    let _etcd;
+    let groups = if dynamodb {
+        let d = leasehold_test_servers::dynalite();
+        let creds =
+            leasehold_stores::Credentials::new("AKIDLEASEHOLD", "not-a-secret", None, None, "handoff");
+        let table = leasehold_stores::DynamoDbBackend::new(
+            d.url(),
+            "us-east-1",
+            "leases",
+            creds,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        smol::block_on(table.create_table()).unwrap();
+        let env = "AWS_ACCESS_KEY_ID=AKIDLEASEHOLD AWS_SECRET_ACCESS_KEY=not-a-secret AWS_REGION=us-east-1";
+        let on = |protocol: &str, key: &str| {
+            format!(
+                "{env} {}",
+                run(&format!("--server {} --backend dynamodb --protocol {protocol}", d.url()), key)
+            )
+        };
+        let groups = vec![
+            Group { name: "leasehold run --backend dynamodb --protocol v2", lock: on("v2", "ddb-v2") },
+            Group { name: "leasehold run --backend dynamodb (v1)", lock: on("v1", "ddb-v1") },
+        ];
+        _dynalite = d;
+        groups
+    } else {
+        let etcd = leasehold_test_servers::etcd();
+        let etcd_url = etcd.url().to_string();
+        _etcd = etcd;
+        etcd_groups(&run, &url, &etcd_url)
+    };
+    run_groups(seconds, &dir, &groups);
+}
+
+fn etcd_groups(run: &dyn Fn(&str, &str) -> String, url: &str, etcd_url: &str) -> Vec<Group> {
+    vec![
         Group {
             name: "leasehold run --protocol v2",
             lock: run(&format!("--server {url} --protocol v2"), "v2"),
@@ -149,7 +190,10 @@ fn main() {
             name: "etcdctl lock",
             lock: format!("ETCDCTL_API=3 etcdctl --endpoints {etcd_url} lock etcdctl-key --"),
         },
-    ];
+    ]
+}
+
+fn run_groups(seconds: u64, dir: &tempfile::TempDir, groups: &[Group]) {
     let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let until = now_ns() + Duration::from_secs(seconds).as_nanos();
     let logs: Vec<PathBuf> = (0..groups.len()).map(|i| dir.path().join(format!("group{i}.log"))).collect();

@@ -45,10 +45,11 @@ pub(crate) struct Args {
     /// Which kind of store `--server` is.
     #[arg(long, value_enum, default_value = "builtin")]
     backend: BackendKind,
-    /// The protocol (built-in server and etcd): `v2` holds the key in a session, waits FIFO
-    /// and is pushed the key when its turn comes; `v1` (the default) polls. The two are
-    /// separate namespaces at the server (on etcd: `PREFIX` and `PREFIX`v2/), so every
-    /// contender for a key must use the same one.
+    /// The protocol: `v2` holds the key in a session, waits FIFO and is pushed the key when
+    /// its turn comes (on DynamoDB: polls with jitter, no FIFO); `v1` (the default) polls. The
+    /// two are separate namespaces at the server (on etcd: `PREFIX` and `PREFIX`v2/), so every
+    /// contender for a key must use the same one; on DynamoDB they share the items and exclude
+    /// each other.
     #[arg(long, value_enum, env = "LEASEHOLD_PROTOCOL", default_value = "v1")]
     protocol: Protocol,
     /// Let up to N contenders hold the key at once, each under its own fence (a semaphore,
@@ -224,12 +225,6 @@ pub(crate) fn main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    if args.protocol == Protocol::V2 && matches!(args.backend, BackendKind::Dynamodb) {
-        eprintln!(
-            "leasehold run: --protocol v2 is for the built-in server and etcd (DynamoDB gets sessions later)"
-        );
-        return ExitCode::from(2);
-    }
     if args.limit.is_some() && args.protocol != Protocol::V2 {
         eprintln!("leasehold run: --limit needs --protocol v2 (semaphores are held in sessions)");
         return ExitCode::from(2);
@@ -239,7 +234,7 @@ pub(crate) fn main(args: Args) -> ExitCode {
         return ExitCode::from(2);
     }
     if args.limit.is_some_and(|n| n.get() > 1) && !matches!(args.backend, BackendKind::Builtin) {
-        eprintln!("leasehold run: --limit above 1 is for the built-in server (etcd semaphores come later)");
+        eprintln!("leasehold run: --limit above 1 is for the built-in server (semaphores on etcd and DynamoDB come later)");
         return ExitCode::from(2);
     }
     smol::block_on(async {
@@ -251,6 +246,14 @@ pub(crate) fn main(args: Args) -> ExitCode {
             }
             BackendKind::Etcd if args.protocol == Protocol::V2 => {
                 let backend = leasehold_stores::EtcdSessions::new(&args.server, &args.prefix, timeout)
+                    .map(|b| b.with_tls(tls));
+                run_session(args, backend).await
+            }
+            BackendKind::Dynamodb if args.protocol == Protocol::V2 => {
+                // The same config run_session gives the holder: the waiter's ε is the holder's.
+                let mut config = Options::session(args.ttl).config;
+                config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
+                let backend = leasehold_stores::DynamoSessions::from_env(&args.server, &args.table, &config)
                     .map(|b| b.with_tls(tls));
                 run_session(args, backend).await
             }

@@ -398,6 +398,7 @@ fn builtin_row(v: &Value) -> Result<KeyStatus, ListError> {
             fence: Fence(h["fence"].as_u64().ok_or_else(bad)?),
             ttl: micros(&h["ttl"]),
             remaining: micros(&h["remaining"]),
+            label: None,
         }),
     };
     Ok(KeyStatus {
@@ -415,7 +416,11 @@ fn document(rows: &[KeyStatus]) -> Value {
         .iter()
         .map(|r| {
             let holder = r.holder.as_ref().map(|h| {
-                json!({"owner": h.owner.0, "fence": h.fence.0, "ttl": micros(h.ttl), "remaining": micros(h.remaining)})
+                let mut holder = json!({"owner": h.owner.0, "fence": h.fence.0, "ttl": micros(h.ttl), "remaining": micros(h.remaining)});
+                if let Some(label) = &h.label {
+                    holder["label"] = json!(label);
+                }
+                holder
             });
             json!({"key": r.key, "holder": holder, "last_fence": r.last_fence.0})
         })
@@ -424,22 +429,31 @@ fn document(rows: &[KeyStatus]) -> Value {
 }
 
 /// KEY FENCE OWNER TTL REMAINING, one row per key; a free key shows its last fence, `-` and
-/// `free`.
+/// `free`. A LABEL column is added when a holder has one (a v2 session on DynamoDB).
 fn table(rows: &[KeyStatus]) -> String {
     let width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0).max("KEY".len());
     let secs = |d: Option<Duration>| d.map_or("unknown".to_string(), |d| format!("{:.1}s", d.as_secs_f64()));
-    let mut out =
-        format!("{:<width$} {:>8} {:>20} {:>8} {:>9}\n", "KEY", "FENCE", "OWNER", "TTL", "REMAINING");
+    let labelled = rows.iter().any(|r| r.holder.as_ref().is_some_and(|h| h.label.is_some()));
+    let mut out = format!("{:<width$} {:>8} {:>20} {:>8} {:>9}", "KEY", "FENCE", "OWNER", "TTL", "REMAINING");
+    out.push_str(if labelled { " LABEL\n" } else { "\n" });
     for r in rows {
         let line = match &r.holder {
             Some(h) => format!(
-                "{:<width$} {:>8} {:>20} {:>8} {:>9}",
+                "{:<width$} {:>8} {:>20} {:>8} {:>9}{}",
                 r.key,
                 h.fence.0,
                 h.owner.0,
                 secs(h.ttl),
-                secs(h.remaining)
+                secs(h.remaining),
+                match (&h.label, labelled) {
+                    (Some(l), _) => format!(" {l}"),
+                    (None, true) => " -".to_string(),
+                    (None, false) => String::new(),
+                }
             ),
+            None if labelled => {
+                format!("{:<width$} {:>8} {:>20} {:>8} {:>9} -", r.key, r.last_fence.0, "-", "-", "free")
+            }
             None => format!("{:<width$} {:>8} {:>20} {:>8} {:>9}", r.key, r.last_fence.0, "-", "-", "free"),
         };
         out.push_str(&line);
@@ -460,6 +474,7 @@ mod tests {
                 fence: Fence(fence),
                 ttl: Some(Duration::from_secs(15)),
                 remaining: None,
+                label: None,
             }),
             last_fence: Fence(holder.map_or(3, |h| h.1)),
         }

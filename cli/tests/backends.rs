@@ -201,8 +201,12 @@ fn dynalite_with_leases_table() -> leasehold_test_servers::Running {
 fn run_on_dynamodb() {
     let d = dynalite_with_leases_table();
     exclusive("dynamodb", d.url());
-    // Observe-and-wait: ttl·(1+ε) + margin from when the waiter read the record.
-    kill_9("dynamodb", d.url(), &[], Duration::from_millis(300));
+    // Observe-and-wait: ttl·(1+ε) + margin (2.04 s) from when the waiter first read the last
+    // version, which can be a poll (ttl/8 + jitter up to ttl/64: 281 ms) after the holder wrote
+    // it just before the kill: up to 2.32 s by design, plus the child's start. The bound
+    // allows 2.02 + 0.6 s (it was 0.3 s, under the design's own worst case: 2.25 s seen at
+    // load 10).
+    kill_9("dynamodb", d.url(), &[], Duration::from_millis(600));
     // Without credentials: a usage error naming what is missing.
     let out = Command::new(BIN)
         .args(["run", "--backend", "dynamodb", "--server", d.url(), "--key", "k", "--", "true"])
@@ -288,4 +292,60 @@ fn status_on_dynamodb() {
         .unwrap();
     let text = String::from_utf8_lossy(&all.stdout);
     assert!(text.lines().any(|l| l.starts_with("watched/job-1 ") && l.ends_with("free")), "{all:?}");
+}
+
+#[test]
+fn run_on_dynamodb_sessions() {
+    let d = dynalite_with_leases_table();
+    let v2 = ["--protocol", "v2"];
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, marker) = (dir.path().join("seen"), dir.path().join("started"));
+    let hold = format!("echo $LEASEHOLD_OWNER > {}; touch {}; sleep 1.5", seen.display(), marker.display());
+    let mut holder = holding("dynamodb", d.url(), &v2, "cli-job", &hold, &marker);
+    let owner: u64 = std::fs::read_to_string(&seen).unwrap().trim().parse().expect("the session id");
+    assert_ne!(owner, 0);
+    // `status` shows the session by id and its public label (`HOST:PID`, never the secret).
+    let out = Command::new(BIN)
+        .args([
+            "status",
+            "--backend",
+            "dynamodb",
+            "--server",
+            d.url(),
+            "--table",
+            "leases",
+            "cli-job",
+            "--json",
+        ])
+        .envs(AWS_ENV)
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let h = &doc["leases"][0]["holder"];
+    assert_eq!(h["owner"], serde_json::json!(owner), "{doc}");
+    assert!(h["label"].as_str().is_some_and(|l| !l.is_empty()), "the label: {doc}");
+    let table = Command::new(BIN)
+        .args(["status", "--backend", "dynamodb", "--server", d.url(), "--table", "leases"])
+        .envs(AWS_ENV)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.lines().next().is_some_and(|l| l.ends_with(" LABEL")), "{text}");
+    assert!(text.lines().nth(1).is_some_and(|l| l.ends_with(h["label"].as_str().unwrap())), "{text}");
+    // Refused to another session, and to a v1 run: the same item, the same discipline.
+    let busy = run("dynamodb", d.url(), &["--no-wait", "--protocol", "v2"], &["true"]).status().unwrap();
+    assert_eq!(busy.code(), Some(75));
+    let busy_v1 = run("dynamodb", d.url(), &["--no-wait"], &["true"]).status().unwrap();
+    assert_eq!(busy_v1.code(), Some(75), "a v1 run is excluded by a v2 holder");
+    assert!(holder.wait().unwrap().success());
+    // Released on the way out: free at once.
+    let free = run("dynamodb", d.url(), &["--no-wait", "--protocol", "v2"], &["true"]).status().unwrap();
+    assert_eq!(free.code(), Some(0));
+    // A semaphore is not built on DynamoDB: a usage error, not a wait.
+    let sem = run("dynamodb", d.url(), &["--protocol", "v2", "--limit", "2"], &["true"]).status().unwrap();
+    assert_eq!(sem.code(), Some(2));
+    // kill -9 of the holder: the waiter, polling, takes over the last version it saw once it
+    // has stood still ttl·(1+ε) + margin. That version was written up to a renewal interval
+    // (ttl/4) before the kill and seen up to a poll interval (ttl/8) after it was written.
+    kill_9("dynamodb v2", d.url(), &v2, Duration::from_millis(900));
 }

@@ -2,6 +2,7 @@
 
 use core::fmt;
 
+use crate::authority::cas::Sighting;
 use crate::config::{Config, ConfigError};
 use crate::time::{Duration, Instant};
 use crate::wire::{Fence, Op, OwnerId, Reject, Reply, Request, RequestId, Response};
@@ -99,14 +100,11 @@ impl Flight {
     }
 }
 
-/// A compare-and-set record seen held, and since when it has been seen unchanged.
+/// A compare-and-set record seen held, and whether the next attempt takes it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Observation {
-    version: u64,
-    /// `ttl·(1+ε) + margin` after the receipt of the first reply showing this version: from
-    /// then on a takeover of `version` is safe. The write of this version happened before
-    /// that receipt, so the holder's belief ends `ttl·(1−ε)` after a send that preceded it.
-    due: Instant,
+    /// The version seen and when its takeover is due (the rule is [`Sighting`]'s).
+    sighting: Sighting,
     /// The next attempt is the takeover (else a poll, which also catches an early release).
     ready: bool,
 }
@@ -665,16 +663,17 @@ impl Lease {
                 }
                 // Anchored at receipt of the first sighting of this version: the write of it
                 // happened before we read it. A changed version starts the wait again.
-                let due = match takeover {
-                    Some(o) if o.version == version => o.due,
-                    _ => now + self.config.observe_wait(ttl),
+                let sighting = match takeover {
+                    Some(o) => o.sighting.again(&self.config, now, version, ttl),
+                    None => Sighting::new(&self.config, now, version, ttl),
                 };
+                let due = sighting.due();
                 // Poll meanwhile: the holder may die right after a renewal we have not seen,
                 // or release early; either way waiting out a stale sighting would cost a
                 // second full ttl.
                 let poll = now + self.config.backoff_max;
                 let (at, ready) = if due <= poll { (due.max(now), true) } else { (poll, false) };
-                let o = Observation { version, due, ready };
+                let o = Observation { sighting, ready };
                 self.retry_acquire_at(now, at, give_up_at, Some(o));
             }
             Reply::Rejected(r) => self.not_acquired(NotAcquired::Rejected(r)),
@@ -745,7 +744,9 @@ impl Lease {
     fn op(&self) -> Option<Op> {
         let ttl = self.config.ttl;
         Some(match self.phase {
-            Phase::Acquiring { takeover: Some(o), .. } if o.ready => Op::Takeover { version: o.version, ttl },
+            Phase::Acquiring { takeover: Some(o), .. } if o.ready => {
+                Op::Takeover { version: o.sighting.version(), ttl }
+            }
             Phase::Acquiring { .. } => Op::Acquire { ttl },
             Phase::Held { .. } => Op::Renew { fence: self.fence, ttl },
             Phase::Releasing { .. } => Op::Release { fence: self.fence },

@@ -33,7 +33,11 @@ const TABLE_ACTIVE_WITHIN: Duration = Duration::from_secs(120);
 ///
 /// Table layout: partition key `key` (S), one item per lease key with attributes `owner` (S,
 /// the owner id in decimal; absent while free), `fence` (N), `version` (N) and `ttl_us` (N,
-/// the holder's ttl in microseconds).
+/// the holder's ttl in microseconds); a protocol v2 holder ([`DynamoSessions`]) also writes its
+/// public `label` (S). v1 and v2 clients of one key exclude each other: same items, same
+/// discipline.
+///
+/// [`DynamoSessions`]: crate::DynamoSessions
 pub struct DynamoDbBackend {
     http: HttpClient,
     endpoint: String,
@@ -46,7 +50,7 @@ pub struct DynamoDbBackend {
 
 /// What a failed DynamoDB call means for a lease request.
 #[derive(Debug, PartialEq)]
-enum Failure {
+pub(crate) enum Failure {
     /// The condition did not hold; the item as it was, if the server returned it.
     Condition(Option<Value>),
     /// A definite answer for the core.
@@ -76,6 +80,11 @@ impl DynamoDbBackend {
             identity: credentials.into(),
             page: DEFAULT_PAGE,
         })
+    }
+
+    /// The table's name.
+    pub(crate) fn table(&self) -> &str {
+        &self.table
     }
 
     /// Uses `tls` for an `https://` endpoint, e.g. to trust a private CA in front of a
@@ -169,7 +178,7 @@ impl DynamoDbBackend {
 
     /// One signed API call; returns the status and the JSON body (`null` for an error answer
     /// that is not JSON, e.g. from a proxy).
-    async fn api(&self, op: &str, body: &Value) -> Result<(u16, Value), TransportError> {
+    pub(crate) async fn api(&self, op: &str, body: &Value) -> Result<(u16, Value), TransportError> {
         let bytes = body.to_string().into_bytes();
         let target = format!("DynamoDB_20120810.{op}");
         let mut req = self
@@ -215,7 +224,7 @@ impl DynamoDbBackend {
 
     /// A conditional UpdateItem; `Ok` carries the item as it was before the write (`null` if
     /// there was none).
-    async fn update(&self, body: &Value) -> Result<Result<Value, Failure>, TransportError> {
+    pub(crate) async fn update(&self, body: &Value) -> Result<Result<Value, Failure>, TransportError> {
         Ok(match self.api("UpdateItem", body).await? {
             (200, v) => Ok(v["Attributes"].clone()),
             (status, v) => Err(classify(status, &v)),
@@ -278,7 +287,9 @@ impl Backend for DynamoDbBackend {
 }
 
 /// Credentials and region from environment variables read through `var`.
-fn env_config(var: impl Fn(&str) -> Option<String>) -> Result<(Credentials, String), TransportError> {
+pub(crate) fn env_config(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<(Credentials, String), TransportError> {
     let var = |n: &str| var(n).filter(|v| !v.is_empty());
     let missing = |n: &str| TransportError::Config(format!("{n} is not set"));
     let ak = var("AWS_ACCESS_KEY_ID").ok_or_else(|| missing("AWS_ACCESS_KEY_ID"))?;
@@ -298,7 +309,7 @@ fn create_table_body(table: &str) -> Value {
     })
 }
 
-fn get_body(table: &str, key: &Key) -> Value {
+pub(crate) fn get_body(table: &str, key: &Key) -> Value {
     json!({"TableName": table, "Key": {"key": {"S": key.as_str()}}, "ConsistentRead": true})
 }
 
@@ -337,6 +348,7 @@ fn key_status(item: &Value) -> Option<KeyStatus> {
             ttl: num(&item["ttl_us"]).map(Duration::from_micros),
             // Nobody keeps time here: only a contender's own wait can tell.
             remaining: None,
+            label: item["label"]["S"].as_str().map(str::to_string),
         }),
     };
     Some(KeyStatus { key, holder, last_fence })
@@ -344,7 +356,7 @@ fn key_status(item: &Value) -> Option<KeyStatus> {
 
 /// A conditional UpdateItem returning the item as it was, whether the condition held or not:
 /// the old owner is what tells a takeover of an expired holder from a grant of a free key.
-fn update_body(table: &str, key: &Key, expr: &str, cond: &str, values: Value) -> Value {
+pub(crate) fn update_body(table: &str, key: &Key, expr: &str, cond: &str, values: Value) -> Value {
     json!({
         "TableName": table,
         "Key": {"key": {"S": key.as_str()}},
@@ -373,8 +385,9 @@ fn acquire_body(table: &str, key: &Key, owner: OwnerId, ttl: LDuration, takeover
         values[":seen"] = json!({"N": v.to_string()});
         cond.push_str(" OR #v = :seen");
     }
-    let expr =
-        "SET #o = :me, #t = :ttl, #f = if_not_exists(#f, :zero) + :one, #v = if_not_exists(#v, :zero) + :one";
+    // A session holder's label (protocol v2, same items) is not this holder's name.
+    let expr = "SET #o = :me, #t = :ttl, #f = if_not_exists(#f, :zero) + :one, #v = if_not_exists(#v, :zero) + :one \
+                REMOVE #l";
     update_body(table, key, expr, &cond, values)
 }
 
@@ -401,7 +414,14 @@ fn fenced_values(owner: OwnerId, fence: Fence) -> Value {
 }
 
 fn names(exprs: &[&str]) -> Value {
-    let all = [("#o", "owner"), ("#f", "fence"), ("#v", "version"), ("#t", "ttl_us"), ("#k", "key")];
+    let all = [
+        ("#o", "owner"),
+        ("#f", "fence"),
+        ("#v", "version"),
+        ("#t", "ttl_us"),
+        ("#k", "key"),
+        ("#l", "label"),
+    ];
     let used: serde_json::Map<String, Value> = all
         .iter()
         .filter(|(n, _)| exprs.iter().any(|e| e.contains(n)))
@@ -446,7 +466,7 @@ fn observed(item: &Value) -> Reply {
     }
 }
 
-fn num(v: &Value) -> Option<u64> {
+pub(crate) fn num(v: &Value) -> Option<u64> {
     v["N"].as_str().and_then(|s| s.parse().ok())
 }
 
@@ -460,7 +480,7 @@ fn error_text(v: &Value) -> &str {
     v["message"].as_str().or(v["Message"].as_str()).unwrap_or("")
 }
 
-fn classify(status: u16, v: &Value) -> Failure {
+pub(crate) fn classify(status: u16, v: &Value) -> Failure {
     let kind = error_type(v);
     let message = error_text(v);
     match kind {
@@ -593,7 +613,8 @@ mod tests {
                     owner: OwnerId(1),
                     fence: Fence(1),
                     ttl: Some(Duration::from_secs(2)),
-                    remaining: None
+                    remaining: None,
+                    label: None,
                 }),
                 last_fence: Fence(1),
             }

@@ -154,7 +154,7 @@ impl EtcdBackend {
         }
         Ok(Some(KeyStatus {
             key,
-            holder: Some(listing::Holder { owner: OwnerId(owner), fence, ttl, remaining }),
+            holder: Some(listing::Holder { owner: OwnerId(owner), fence, ttl, remaining, label: None }),
             last_fence: fence,
         }))
     }

@@ -1,12 +1,16 @@
 #![doc = include_str!("../README.md")]
 
 mod dynamodb;
+mod dynamodb_sessions;
 mod etcd;
 mod etcd_sessions;
 mod listing;
 
 pub use aws_credential_types::Credentials;
 pub use dynamodb::DynamoDbBackend;
+#[cfg(feature = "fault-injection")]
+pub use dynamodb_sessions::DynamoFault;
+pub use dynamodb_sessions::DynamoSessions;
 pub use etcd::EtcdBackend;
 #[cfg(feature = "fault-injection")]
 pub use etcd_sessions::EtcdFault;

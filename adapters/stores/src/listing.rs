@@ -28,6 +28,9 @@ pub struct Holder {
     /// How long the store keeps the grant without a renewal; `None` where nobody can tell
     /// (DynamoDB keeps no clock: a contender measures the ttl on its own).
     pub remaining: Option<Duration>,
+    /// The holder's public label, where the store keeps one (a protocol v2 session on
+    /// DynamoDB); `None` for v1 holders.
+    pub label: Option<String>,
 }
 
 /// Which keys a listing returns.

@@ -6,9 +6,31 @@
 //! has not written (renewed or released) since. [`CasRecord::apply`] is those conditional
 //! writes as a pure function, the executable spec of what the DynamoDB backend's condition
 //! expressions say; the simulator runs it as its store.
+//!
+//! [`Sighting`] is the contender's half: when a takeover of an observed version is due. The
+//! core [`Lease`](crate::Lease) waits with it, and so does a session backend on such a store
+//! (DynamoDB), so the waiting rule exists once.
+//!
+//! ```
+//! use leasehold_core::authority::cas::Sighting;
+//! use leasehold_core::{Config, Duration, Instant};
+//!
+//! let config = Config::new(Duration::from_secs(10));
+//! let ttl = Duration::from_secs(10);
+//! let first = Sighting::new(&config, Instant::from_millis(0), 7, ttl);
+//! assert!(!first.is_due(Instant::from_millis(10_000)), "ttl alone is not enough: clocks drift");
+//! // Seen again unchanged: the wait still counts from the first sighting.
+//! let again = first.again(&config, Instant::from_millis(5_000), 7, ttl);
+//! assert_eq!(again, first);
+//! assert!(again.is_due(Instant::from_millis(0) + config.observe_wait(ttl)));
+//! // The holder wrote meanwhile (a renewal): the wait starts over.
+//! let renewed = again.again(&config, Instant::from_millis(6_000), 8, ttl);
+//! assert_eq!(renewed.due(), Instant::from_millis(6_000) + config.observe_wait(ttl));
+//! ```
 
 use crate::authority::{grants_to, Outcome};
-use crate::time::Duration;
+use crate::config::Config;
+use crate::time::{Duration, Instant};
 use crate::wire::{Fence, Op, OwnerId, Reject, Reply, Request};
 
 /// One key's record in a compare-and-set store. Every successful write bumps `version`, so a
@@ -88,6 +110,54 @@ impl CasRecord {
     }
 }
 
+/// A compare-and-set record seen held at `version`, and from when a takeover of that version
+/// is safe.
+///
+/// Due `ttl·(1+ε) + margin` ([`Config::observe_wait`]) after the *receipt* of the first reply
+/// showing `version`: the holder wrote that version before the reply was read, after sending
+/// the request its validity counts from, so its belief ends `ttl·(1−ε) − margin` (holder's
+/// clock) after a moment before the sighting, and by then this clock has run at least that
+/// long. A different version means the holder (or another contender) wrote since: the wait
+/// starts over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Sighting {
+    version: u64,
+    due: Instant,
+}
+
+impl Sighting {
+    /// The first sighting of `version` (held, with the holder's `ttl`), received at `now`.
+    pub fn new(config: &Config, now: Instant, version: u64, ttl: Duration) -> Sighting {
+        Sighting { version, due: now + config.observe_wait(ttl) }
+    }
+
+    /// The record seen again at `now`: unchanged, the wait goes on from the first sighting;
+    /// at another version, it restarts.
+    pub fn again(self, config: &Config, now: Instant, version: u64, ttl: Duration) -> Sighting {
+        if version == self.version {
+            self
+        } else {
+            Sighting::new(config, now, version, ttl)
+        }
+    }
+
+    /// The version seen: what a takeover names ([`Op::Takeover`]'s `version`).
+    pub const fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// From when the takeover of [`version`](Self::version) is safe.
+    pub const fn due(&self) -> Instant {
+        self.due
+    }
+
+    /// Whether the takeover is safe at `now`.
+    pub fn is_due(&self, now: Instant) -> bool {
+        now >= self.due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +194,22 @@ mod tests {
         assert_eq!(rel.record.owner, None);
         let b = rel.record.apply(&req(B, Op::Takeover { version: 0, ttl: TTL }));
         assert_eq!(b.reply, Reply::Granted { fence: Fence(3), ttl: TTL }, "free, not expired");
+    }
+
+    #[test]
+    fn a_takeover_is_due_after_the_stretched_ttl_from_the_first_sighting_of_a_version() {
+        let mut config = Config::new(TTL);
+        config.drift = crate::Drift::from_ppm(100_000);
+        config.margin = Duration::from_millis(10);
+        let ms = Instant::from_millis;
+        let s = Sighting::new(&config, ms(1_000), 3, Duration::from_secs(2));
+        // 2 s · 1.1 + 10 ms.
+        assert_eq!(s.due(), ms(1_000 + 2_210));
+        assert!(!s.is_due(ms(3_209)));
+        assert!(s.is_due(ms(3_210)));
+        assert_eq!(s.again(&config, ms(3_000), 3, Duration::from_secs(2)), s);
+        let moved = s.again(&config, ms(3_000), 4, Duration::from_secs(1));
+        assert_eq!((moved.version(), moved.due()), (4, ms(3_000 + 1_110)));
     }
 
     #[test]
