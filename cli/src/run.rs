@@ -213,10 +213,8 @@ pub(crate) fn main(args: Args) -> ExitCode {
         }
     };
     if let Some(value) = &args.value {
-        if args.protocol != Protocol::V2 || !matches!(args.backend, BackendKind::Builtin) {
-            eprintln!(
-                "leasehold run: --value needs --protocol v2 on the built-in server (observers are a session feature)"
-            );
+        if args.protocol != Protocol::V2 {
+            eprintln!("leasehold run: --value needs --protocol v2 (observers are a session feature)");
             return ExitCode::from(2);
         }
         if let Err(e) = leasehold_core::session::wire::parse_value(value) {
@@ -236,10 +234,6 @@ pub(crate) fn main(args: Args) -> ExitCode {
     }
     if args.limit.is_some_and(|n| n.get() > 1) && args.value.is_some() {
         eprintln!("leasehold run: --value is for a key with one holder, not with --limit above 1");
-        return ExitCode::from(2);
-    }
-    if args.limit.is_some_and(|n| n.get() > 1) && !matches!(args.backend, BackendKind::Builtin) {
-        eprintln!("leasehold run: --limit above 1 is for the built-in server (etcd semaphores come later)");
         return ExitCode::from(2);
     }
     smol::block_on(async {
