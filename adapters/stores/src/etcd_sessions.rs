@@ -218,6 +218,8 @@ enum Want {
         revision: i64,
         /// How many may hold the key at once.
         limit: u16,
+        /// What observers are told once it holds the key (empty: nothing).
+        value: String,
     },
     /// First in the queue, reported in keepalives until an acquire confirms it.
     Pushed(Grant),
@@ -580,7 +582,8 @@ impl EtcdSessions {
             return Ok(SessionReply::Granted { key: key.clone(), fence: Fence(revision as u64) });
         }
         if wait {
-            lock(&local.keys).insert(key.clone(), Want::Queued { asked: seq, revision, limit });
+            lock(&local.keys)
+                .insert(key.clone(), Want::Queued { asked: seq, revision, limit, value: value.to_string() });
             local.queued.notify(usize::MAX);
             let behind = index + 1 - usize::from(limit);
             let position = u16::try_from(behind).unwrap_or(u16::MAX);
@@ -720,10 +723,12 @@ impl EtcdSessions {
     /// first `limit` becomes a pushed grant, an observed key with another holder a recorded
     /// change. Returns the revision read at and what to watch for the rest.
     async fn look(&self, local: &Local) -> Result<Option<(i64, Vec<Watched>)>, Fail> {
-        let waiting: Vec<(Key, Seq, i64, u16)> = lock(&local.keys)
+        let waiting: Vec<(Key, Seq, i64, u16, String)> = lock(&local.keys)
             .iter()
             .filter_map(|(k, w)| match w {
-                Want::Queued { asked, revision, limit } => Some((k.clone(), *asked, *revision, *limit)),
+                Want::Queued { asked, revision, limit, value } => {
+                    Some((k.clone(), *asked, *revision, *limit, value.clone()))
+                }
                 Want::Pushed(_) => None,
             })
             .collect();
@@ -758,7 +763,7 @@ impl EtcdSessions {
         let (mut watched, mut vanished) = (Vec::new(), Vec::new());
         {
             let mut keys = lock(&local.keys);
-            for ((key, asked, revision, limit), kvs) in waiting.into_iter().zip(waited_queues) {
+            for ((key, asked, revision, limit, value), kvs) in waiting.into_iter().zip(waited_queues) {
                 let me = B64.encode(self.waiter(&key, local.lease));
                 // Only a key still waiting: an acquire or release may have moved it since.
                 if !matches!(keys.get(&key), Some(Want::Queued { revision: r, .. }) if *r == revision) {
@@ -791,7 +796,7 @@ impl EtcdSessions {
                         tracing::warn!(
                             "etcd waiter key {me} vanished while its session lives; queueing again"
                         );
-                        vanished.push((key, asked, limit));
+                        vanished.push((key, asked, limit, value));
                     }
                 }
             }
@@ -814,8 +819,7 @@ impl EtcdSessions {
                 watched.push(Watched { key: start, range_end: Some(end), deletions_only: false });
             }
         }
-        for (key, asked, limit) in vanished {
-            let value = String::new();
+        for (key, asked, limit, value) in vanished {
             if let SessionReply::Granted { key, fence } =
                 self.acquire(local, asked, &key, true, limit, &value).await?
             {
@@ -1028,6 +1032,25 @@ mod tests {
         assert!(transport(403, &body("etcdserver: permission denied", 7)).is_permanent());
         assert!(transport(404, "Not Found\n").is_permanent());
         assert!(!transport(200, "{truncated").is_permanent());
+    }
+
+    #[test]
+    fn a_waiter_keys_value_says_its_label_limit_and_value_and_an_older_one_is_a_label() {
+        let kv = |v: &str| json!({"key": "YQ==", "value": B64.encode(v)});
+        let stake = Stake { label: "host:7".into(), limit: 3, value: "10.0.0.1:80".into() };
+        assert_eq!(Stake::of(&kv(&stake.encode())), stake);
+        // Written by an older leasehold: the label alone, a key of one holder.
+        let old = Stake { label: "host:8".into(), limit: 1, value: String::new() };
+        assert_eq!(Stake::of(&kv("host:8")), old);
+        // A limit beyond u16 is not silently a small one.
+        assert_eq!(Stake::of(&kv(r#"{"label":"x","limit":70000,"value":""}"#)).limit, u16::MAX);
+        let held = observed_holder(&json!({
+            "key": "YQ==", "lease": "42", "create_revision": "9", "value": B64.encode(stake.encode())
+        }))
+        .expect("a holder");
+        assert_eq!((held.session, held.fence, held.label.as_str()), (SessionId(42), Fence(9), "host:7"));
+        assert_eq!(held.value.as_str(), "10.0.0.1:80");
+        assert_eq!(observed_holder(&json!({"key": "YQ==", "create_revision": "9"})), None, "no lease");
     }
 
     #[test]
