@@ -318,18 +318,30 @@ impl EtcdSessions {
     /// page of 1000 waiter keys at a time over `<prefix>v2/`. etcd keeps no free key, so
     /// `filter.held_only` changes nothing.
     ///
-    /// ```no_run
-    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// ```
+    /// use std::num::NonZeroU16;
     /// use std::time::Duration;
+    /// use leasehold_http::{Options, SessionClient};
     /// use leasehold_stores::{EtcdSessions, Filter};
     ///
-    /// let etcd = EtcdSessions::new("http://127.0.0.1:2379", "leasehold/", Duration::from_secs(2))?;
-    /// for q in etcd.list(&Filter::default()).await? {
-    ///     for h in &q.holders {
-    ///         println!("{} fence {} held by {} ({} waiting)", q.key, h.fence.0, h.label, q.waiting);
-    ///     }
-    /// }
-    /// # Ok(()) }
+    /// # let etcd = leasehold_test_servers::etcd();
+    /// # let url = etcd.url();
+    /// futures_lite::future::block_on(async {
+    ///     let options = Options::session(Duration::from_secs(6));
+    ///     let timeout = options.config.request_timeout.into();
+    ///     let worker = SessionClient::new(EtcdSessions::new(url, "leasehold/", timeout)?, "worker-1", options)?;
+    ///     let slot = worker.acquire_with_limit("pool", NonZeroU16::new(2).unwrap()).await?;
+    ///
+    ///     let etcd = EtcdSessions::new(url, "leasehold/", timeout)?;
+    ///     let queues = etcd.list(&Filter::default()).await?;
+    ///     let pool = &queues[0];
+    ///     assert_eq!((pool.key.as_str(), pool.limit, pool.waiting), ("pool", 2, 0));
+    ///     assert_eq!(pool.holders[0].label, "worker-1");
+    ///     assert_eq!(Some(pool.holders[0].fence), slot.fence());
+    ///     slot.release().await?;
+    ///     Ok::<(), Box<dyn std::error::Error>>(())
+    /// })
+    /// .unwrap();
     /// ```
     pub async fn list(&self, filter: &Filter) -> Result<Vec<QueueStatus>, ListError> {
         let start = format!("{}{}", self.prefix, filter.prefix).into_bytes();
