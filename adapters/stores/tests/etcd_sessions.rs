@@ -764,3 +764,55 @@ fn observe_by_hand_numbers_changes_and_repeats_what_was_not_acknowledged() {
         send(holder, hs, SessionOp::Close).await;
     });
 }
+
+/// How long a follower took to hear each of `rounds` acquisitions and releases of a key, from
+/// the acquisition's grant (or the release's acknowledgement) to the observation.
+fn observer_delays(url: &str, fault: Option<EtcdFault>, rounds: usize) -> Vec<Duration> {
+    use futures_lite::StreamExt;
+    use leasehold_http::Observation;
+    let follower = client_with(url, "follower", HANDOFF_TTL_MS, fault);
+    let holder = client(url, "holder", HANDOFF_TTL_MS);
+    smol::block_on(async {
+        let mut seen = follower.observe("followed").unwrap();
+        assert_eq!(within(10_000, "the first report", seen.next()).await, Some(Observation::Free));
+        let mut took = Vec::new();
+        for _ in 0..rounds {
+            // Let the follower's keepalive be the held one, so the push is what is measured.
+            sleep(300).await;
+            let lease = holder.acquire("followed").await.unwrap();
+            let granted = Instant::now();
+            let o = within(20_000, "the grant heard", seen.next()).await.unwrap();
+            took.push(granted.elapsed());
+            assert!(matches!(&o, Observation::Held { fence, .. } if Some(*fence) == lease.fence()), "{o:?}");
+            sleep(300).await;
+            lease.release().await.unwrap();
+            let released = Instant::now();
+            assert_eq!(within(20_000, "the release heard", seen.next()).await, Some(Observation::Free));
+            took.push(released.elapsed());
+        }
+        drop(seen);
+        follower.close().await;
+        holder.close().await;
+        took
+    })
+}
+
+#[test]
+fn an_observer_is_pushed_each_change_at_once_not_at_its_next_keepalive() {
+    // Keepalives 5 s apart: a follower that looked only at each keepalive would hear six
+    // changes all within 1 s with probability about (1/5)⁶.
+    let e = etcd();
+    let took = observer_delays(e.url(), None, 3);
+    println!("observer delays: {took:?}");
+    assert!(took.iter().all(|t| *t < HANDOFF_BOUND), "delays {took:?}, bound {HANDOFF_BOUND:?}");
+}
+
+#[test]
+fn planted_no_watch_is_caught_by_the_observer_bound() {
+    // Without watches each change is heard at the follower's next keepalive (0..5 s): four all
+    // under 1 s would be a (1/5)⁴ = 0.16% fluke.
+    let e = etcd();
+    let took = observer_delays(e.url(), Some(EtcdFault::NoWatch), 2);
+    println!("observer delays without watches: {took:?}");
+    assert!(took.iter().any(|t| *t >= HANDOFF_BOUND), "NoWatch went unnoticed by observers: {took:?}");
+}
