@@ -19,8 +19,8 @@
 //!   the N slots can be made a holder by the deletion of any key ahead of it (a holder's
 //!   release, or a waiter ahead giving up), so it watches the deletions in its key's whole
 //!   queue: one watch per waited key, re-read at each deletion in that queue.
-//! - Observing a key is a watch of its queue, from a keepalive held open like a waiter's: see
-//!   [`SessionOp::Observe`] below for what is reported and how changes are numbered.
+//! - Observing a key ([`SessionOp::Observe`]) is a watch of its queue, from a keepalive held
+//!   open like a waiter's: see "Observers and their change numbers" below.
 //!
 //! A waiter key's value is a JSON object `{"label","limit","value"}`: who waits (an operator
 //! reading etcd sees it), the limit it asked for, and the value observers are told
@@ -80,9 +80,10 @@ use crate::etcd::{
     UNKNOWN_WAIT,
 };
 
-/// Most predecessors one held keepalive watches at once (one streamed request each). A
-/// session waiting for more keys than this checks the others at each keepalive, so their
-/// hand-off can take up to a keepalive interval.
+/// Most watches one held keepalive keeps at once (one streamed request each: a waiter's
+/// predecessor, a semaphore's queue, an observed queue). A session waiting for or observing
+/// more keys than this checks the others at each keepalive, so their hand-off (or change) can
+/// take up to a keepalive interval to be heard.
 pub const MAX_WATCHES: usize = 16;
 
 /// Most queues one check reads in one txn: etcd's default `--max-txn-ops` is 128.
