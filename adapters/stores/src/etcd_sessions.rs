@@ -13,9 +13,9 @@
 //!   from inside a keepalive held open for up to `hold`, and the keepalive answers at once with
 //!   the grant when the session has become first.
 //! - A semaphore (`AcquireWithLimit`, limit N) is N slots: the first N waiter keys hold it, each
-//!   under its own fence (its create revision). Every waiter key's value records its limit, so a
-//!   session asking with another N sees the difference in the queue it reads in its acquire's
-//!   txn and is refused [`Reject::LimitMismatch`], as by the built-in server. A waiter beyond
+//!   under its own fence (its create revision). Every waiter key's value records its limit, and
+//!   the key's is its oldest waiter key's: a session asking with another N sees it in its
+//!   acquire's txn and is refused [`Reject::LimitMismatch`], as by the built-in server. A waiter beyond
 //!   the N slots can be made a holder by the deletion of any key ahead of it (a holder's
 //!   release, or a waiter ahead giving up), so it watches the deletions in its key's whole
 //!   queue: one watch per waited key, re-read at each deletion in that queue.
@@ -478,17 +478,17 @@ impl EtcdSessions {
         (B64.encode(&start), B64.encode(range_end(&start)))
     }
 
-    /// `key`'s queue as a range request: every waiter key, oldest first, with its value when
-    /// `values` (the limits and labels in them).
-    fn queue(&self, key: &Key, values: bool) -> Value {
+    /// `key`'s queue as a range request: every waiter key (without its value), oldest first.
+    fn queue(&self, key: &Key) -> Value {
         let (start, end) = self.queue_range(key);
-        json!({
-            "key": start,
-            "range_end": end,
-            "sort_order": "ASCEND",
-            "sort_target": "CREATE",
-            "keys_only": !values,
-        })
+        json!({"key": start, "range_end": end, "sort_order": "ASCEND", "sort_target": "CREATE", "keys_only": true})
+    }
+
+    /// `key`'s oldest waiter key, with its value (the key's limit, its holder's label and
+    /// value), as a range request.
+    fn oldest(&self, key: &Key) -> Value {
+        let (start, end) = self.queue_range(key);
+        json!({"key": start, "range_end": end, "sort_order": "ASCEND", "sort_target": "CREATE", "limit": "1"})
     }
 
     fn local(&self, session: SessionId) -> Option<Arc<Local>> {
@@ -554,28 +554,49 @@ impl EtcdSessions {
         let me = B64.encode(self.waiter(key, local.lease));
         let stake = Stake { label: local.label.clone(), limit, value: value.to_string() };
         // Put our waiter key if absent (a repeated acquire keeps its place, its fence and its
-        // first value) and read the queue in the same txn, so the put is in what we read.
+        // first value) and read the queue, its oldest waiter key and ours in the same txn, so
+        // the put is in what we read.
+        let reads = [
+            json!({"request_range": self.queue(key)}),
+            json!({"request_range": self.oldest(key)}),
+            json!({"request_range": {"key": me}}),
+        ];
+        let put = json!({"request_put": {"key": me, "value": B64.encode(stake.encode()), "lease": local.lease.to_string()}});
         let txn = json!({
             "compare": [{"key": me, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
-            "success": [
-                {"request_put": {"key": me, "value": B64.encode(stake.encode()), "lease": local.lease.to_string()}},
-                {"request_range": self.queue(key, true)},
-            ],
-            "failure": [{"request_range": self.queue(key, true)}],
+            "success": std::iter::once(put).chain(reads.clone()).collect::<Vec<_>>(),
+            "failure": reads,
         });
         let v = self.post(&self.http, "/v3/kv/txn", txn).await?;
         let created = v["succeeded"] == json!(true);
-        let range = v["responses"].as_array().and_then(|r| r.last()).map(|r| &r["response_range"]);
-        let kvs = range.and_then(|r| r["kvs"].as_array()).map(Vec::as_slice).unwrap_or_default();
+        let responses = v["responses"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let ranges: Vec<&[Value]> = responses
+            .iter()
+            .rev()
+            .take(3)
+            .map(|r| r["response_range"]["kvs"].as_array().map(Vec::as_slice).unwrap_or_default())
+            .collect();
+        let (kvs, oldest, mine) = match ranges[..] {
+            [mine, oldest, kvs] => (kvs, oldest.first(), mine.first()),
+            _ => {
+                return Err(
+                    TransportError::Protocol(format!("etcd txn answer without its ranges: {v}")).into()
+                )
+            }
+        };
         let Some((index, revision)) = place(kvs, &me) else {
             return Err(
                 TransportError::Protocol(format!("etcd txn put {me} but its range lacks it: {v}")).into()
             );
         };
-        // Every holder and waiter of a key must agree on its limit. Of two sessions that ask
-        // with different limits at once, the later txn sees the earlier's key and is refused.
-        // A key already ours keeps its limit; asking with another is refused, as the server does.
-        if kvs.iter().any(|kv| Stake::of(kv).limit != limit) {
+        // Every holder and waiter of a key must agree on its limit: the key's is its oldest
+        // waiter's (each later one was checked against it on the way in). Of two sessions
+        // asking with different limits at once, the later txn sees the earlier's key and is
+        // refused, and a third asking meanwhile is judged by the oldest, not by the refused
+        // one's key before it goes. A key already ours keeps its limit; asking with another is
+        // refused, as the server does.
+        let disagrees = |kv: Option<&Value>| kv.is_some_and(|kv| Stake::of(kv).limit != limit);
+        if disagrees(oldest) || disagrees(mine) {
             if created {
                 self.leave(&me, revision).await?;
             }
@@ -749,11 +770,11 @@ impl EtcdSessions {
         if waiting.is_empty() && observed.is_empty() {
             return Ok(None);
         }
-        // Waited queues first (keys only), then observed ones (with values: labels, values).
+        // Waited queues first (keys only), then the holders of observed ones (with values).
         let reads: Vec<Value> = waiting
             .iter()
-            .map(|(k, ..)| self.queue(k, false))
-            .chain(observed.iter().map(|k| self.queue(k, true)))
+            .map(|(k, ..)| self.queue(k))
+            .chain(observed.iter().map(|k| self.oldest(k)))
             .map(|q| json!({"request_range": q}))
             .collect();
         // A txn per MAX_TXN_OPS queues; watching from the oldest revision read misses nothing.

@@ -816,3 +816,32 @@ fn planted_no_watch_is_caught_by_the_observer_bound() {
     println!("observer delays without watches: {took:?}");
     assert!(took.iter().any(|t| *t >= HANDOFF_BOUND), "NoWatch went unnoticed by observers: {took:?}");
 }
+
+#[test]
+fn a_keys_limit_is_its_oldest_waiters_and_a_refused_newcomer_refuses_nobody_else() {
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let (a, c) = (client(e.url(), "a", 6_000), client(e.url(), "c", 6_000));
+    smol::block_on(async {
+        let held = a.try_acquire_with_limit("agreed", three()).await.unwrap();
+        // A newcomer with another limit, caught between its put and its refusal's delete.
+        let lease =
+            raw.post("/v3/lease/grant", json!({"TTL": "30"})).await["ID"].as_str().unwrap().to_string();
+        let id: u64 = lease.parse().unwrap();
+        let stray = json!({"label": "stray", "limit": 2, "value": ""}).to_string();
+        let put =
+            json!({"key": B64.encode(waiter("agreed", id)), "value": B64.encode(stray), "lease": lease});
+        raw.post("/v3/kv/put", put).await;
+        // The key's limit is still a's 3: c is granted a slot, not refused for the stray's 2.
+        let second = c.try_acquire_with_limit("agreed", three()).await.expect("judged by the oldest");
+        assert!(second.fence() > held.fence());
+        assert_eq!(
+            client(e.url(), "d", 6_000).try_acquire("agreed").await.unwrap_err(),
+            AcquireError::Rejected(leasehold_core::Reject::LimitMismatch),
+            "a limit of 1 against the oldest's 3"
+        );
+        raw.post("/v3/lease/revoke", json!({"ID": lease})).await;
+        second.release().await.unwrap();
+        held.release().await.unwrap();
+    });
+}
