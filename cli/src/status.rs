@@ -525,6 +525,32 @@ mod tests {
     }
 
     #[test]
+    fn an_etcd_queue_is_shown_in_the_servers_shape() {
+        use leasehold_stores::{QueueStatus, SlotHolder};
+        let holder = |session, fence, value: &str| SlotHolder {
+            session,
+            label: format!("h{session}"),
+            fence: Fence(fence),
+            value: value.into(),
+            ttl: Some(Duration::from_secs(6)),
+            remaining: None,
+        };
+        let q = QueueStatus {
+            key: "sem".into(),
+            limit: 2,
+            holders: vec![holder(7, 10, "addr"), holder(8, 14, "")],
+            waiting: 3,
+        };
+        let row = serde_json::to_value(sessions::SessionKey::of_etcd(q)).unwrap();
+        assert_eq!(
+            row,
+            json!({"key": "sem", "limit": 2, "waiting": 3, "last_fence": 14, "holders": [
+                {"session": 7, "label": "h7", "fence": 10, "ttl": 6_000_000, "remaining": 0, "value": "addr"},
+                {"session": 8, "label": "h8", "fence": 14, "ttl": 6_000_000, "remaining": 0}]})
+        );
+    }
+
+    #[test]
     fn v2_rows_show_each_holder_by_label_and_accept_older_servers() {
         let older = json!({"key":"pump","holder":{"session":3,"label":"host-a","fence":9,"ttl":6000000,"remaining":5500000},"last_fence":9,"waiting":2});
         let newer = json!({"key":"sem","holder":null,"holders":[
