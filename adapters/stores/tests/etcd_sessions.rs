@@ -845,3 +845,32 @@ fn a_keys_limit_is_its_oldest_waiters_and_a_refused_newcomer_refuses_nobody_else
         held.release().await.unwrap();
     });
 }
+
+#[test]
+fn an_observer_of_a_semaphore_follows_its_oldest_grant() {
+    use leasehold_http::Observation;
+    let e = etcd();
+    let (a, b) = (client(e.url(), "a", HANDOFF_TTL_MS), client(e.url(), "b", HANDOFF_TTL_MS));
+    let follower = client(e.url(), "follower", HANDOFF_TTL_MS);
+    smol::block_on(async {
+        let la = a.try_acquire_with_limit("sem", three()).await.unwrap();
+        let lb = b.try_acquire_with_limit("sem", three()).await.unwrap();
+        let held = |c: &SessionClient, label: &str, l: &leasehold_http::Lease| Observation::Held {
+            session: c.session_id().unwrap(),
+            label: label.into(),
+            fence: l.fence().unwrap(),
+            value: String::new(),
+        };
+        let (want_a, want_b) = (held(&a, "a", &la), held(&b, "b", &lb));
+        let mut seen = follower.observe("sem").unwrap();
+        assert_eq!(next_pushed(&mut seen, "the oldest grant").await, want_a);
+        la.release().await.unwrap();
+        assert_eq!(next_pushed(&mut seen, "the next oldest").await, want_b);
+        lb.release().await.unwrap();
+        assert_eq!(next_pushed(&mut seen, "free").await, Observation::Free);
+        drop(seen);
+        for c in [&a, &b, &follower] {
+            c.close().await;
+        }
+    });
+}
