@@ -653,11 +653,21 @@ impl EtcdSessions {
 
     fn observe(&self, local: &Local, seq: Seq, key: &Key) -> SessionReply {
         let mut observed = lock(&local.observed);
-        if !observed.contains_key(key) {
-            if observed.len() >= MAX_OBSERVED {
-                return SessionReply::Rejected(Reject::Capacity);
+        let full = observed.len() >= MAX_OBSERVED;
+        match observed.get_mut(key) {
+            // Asked again by a later request: a new watch at the session, whose first report
+            // must be the holder now even if it acknowledged that before (an Observe overtaken
+            // by its own Unobserve left this one behind), as the built-in server does.
+            Some(f) => {
+                if f.since < seq {
+                    f.acked = f.latest.saturating_sub(1);
+                    f.since = seq;
+                }
             }
-            observed.insert(key.clone(), Follow { since: seq, latest: 0, acked: 0, holder: None });
+            None if full => return SessionReply::Rejected(Reject::Capacity),
+            None => {
+                observed.insert(key.clone(), Follow { since: seq, latest: 0, acked: 0, holder: None });
+            }
         }
         drop(observed);
         // A held keepalive reads the new queue at once, and answers with its first report.

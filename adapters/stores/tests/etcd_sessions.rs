@@ -755,6 +755,15 @@ fn observe_by_hand_numbers_changes_and_repeats_what_was_not_acknowledged() {
         send(holder, hs, release).await;
         let fourth = observed(send(watcher, ws, SessionOp::KeepAlive).await);
         assert_eq!((fourth.change, fourth.holder), (4, None));
+        // Observed again by a later request: the report starts over at the holder now, though
+        // it was acknowledged (an Observe overtaken by its own Unobserve must not leave the
+        // session without a first report).
+        let ack4 = SessionOp::KeepAliveSeen { key: k.clone(), change: 4 };
+        assert!(matches!(send(watcher, ws, ack4).await, SessionReply::Alive { .. }));
+        let observe = SessionOp::Observe { key: k.clone() };
+        assert_eq!(send(watcher, ws, observe).await, SessionReply::Observing { key: k.clone() });
+        let again = observed(send(watcher, ws, SessionOp::KeepAlive).await);
+        assert_eq!((again.change, again.holder), (4, None));
         assert_eq!(
             send(watcher, ws, SessionOp::Unobserve { key: k.clone() }).await,
             SessionReply::Unobserved { key: k.clone() }
