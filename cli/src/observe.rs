@@ -1,7 +1,8 @@
 //! `leasehold observe`: print a key's holder and each change of it, without polling.
 //!
-//! The observer is a protocol-v2 session of its own at the built-in server, which holds its
-//! keepalive open and answers it when the key changes holder. Leader election is `run` plus
+//! The observer is a protocol-v2 session of its own at the built-in server (or on etcd with
+//! `--backend etcd`), which holds its keepalive open and answers it when the key changes
+//! holder (on etcd: a watch of the key's queue). Leader election is `run` plus
 //! `observe`: every candidate runs `leasehold run --protocol v2 --key K --value ADDR --
 //! serve-as-leader`, and whoever needs the leader runs `leasehold observe --key K`, whose
 //! latest line names it (with the value it set: its address).
@@ -19,14 +20,23 @@ use async_signal::{Signal as Caught, Signals};
 use futures_lite::{future, StreamExt};
 use leasehold_http::{BuiltinSessions, Observation, Options, Report, SessionClient};
 
+use crate::run::BackendKind;
+
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// The key to follow.
     #[arg(long)]
     key: String,
-    /// The built-in lease server.
+    /// The built-in lease server (or the etcd endpoint).
     #[arg(long, env = "LEASEHOLD_SERVER", default_value = "http://127.0.0.1:7878")]
     server: String,
+    /// Which kind of store `--server` is: the built-in server or etcd (DynamoDB has no
+    /// sessions).
+    #[arg(long, value_enum, default_value = "builtin")]
+    backend: BackendKind,
+    /// etcd: the prefix under which lease keys are stored (`run --prefix`).
+    #[arg(long, visible_alias = "etcd-prefix", default_value = "leasehold/")]
+    prefix: String,
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -74,12 +84,22 @@ pub(crate) fn main(args: Args) -> ExitCode {
     let label = format!("observe:{}", crate::run::session_label());
     let label = &label[..label.len().min(leasehold_core::session::wire::MAX_LABEL_LEN)];
     let options = Options::session(args.ttl);
-    let client =
-        BuiltinSessions::new(&args.server, args.token.clone(), options.config.request_timeout.into())
+    let timeout = options.config.request_timeout.into();
+    let client = match args.backend {
+        BackendKind::Builtin => BuiltinSessions::new(&args.server, args.token.clone(), timeout)
             .map_err(|e| Report(&e).to_string())
             .and_then(|b| {
                 SessionClient::new(b.with_tls(tls), label, options).map_err(|e| Report(&e).to_string())
-            });
+            }),
+        BackendKind::Etcd => leasehold_stores::EtcdSessions::new(&args.server, &args.prefix, timeout)
+            .map_err(|e| Report(&e).to_string())
+            .and_then(|b| {
+                SessionClient::new(b.with_tls(tls), label, options).map_err(|e| Report(&e).to_string())
+            }),
+        BackendKind::Dynamodb => {
+            Err("--backend dynamodb has no sessions to observe with (built-in server or etcd)".to_string())
+        }
+    };
     let client = match client {
         Ok(c) => c,
         Err(e) => {

@@ -214,10 +214,8 @@ pub(crate) fn main(args: Args) -> ExitCode {
         }
     };
     if let Some(value) = &args.value {
-        if args.protocol != Protocol::V2 || !matches!(args.backend, BackendKind::Builtin) {
-            eprintln!(
-                "leasehold run: --value needs --protocol v2 on the built-in server (observers are a session feature)"
-            );
+        if args.protocol != Protocol::V2 {
+            eprintln!("leasehold run: --value needs --protocol v2 (observers are a session feature)");
             return ExitCode::from(2);
         }
         if let Err(e) = leasehold_core::session::wire::parse_value(value) {
@@ -233,8 +231,8 @@ pub(crate) fn main(args: Args) -> ExitCode {
         eprintln!("leasehold run: --value is for a key with one holder, not with --limit above 1");
         return ExitCode::from(2);
     }
-    if args.limit.is_some_and(|n| n.get() > 1) && !matches!(args.backend, BackendKind::Builtin) {
-        eprintln!("leasehold run: --limit above 1 is for the built-in server (semaphores on etcd and DynamoDB come later)");
+    if args.limit.is_some_and(|n| n.get() > 1) && matches!(args.backend, BackendKind::Dynamodb) {
+        eprintln!("leasehold run: --limit above 1 is for the built-in server and etcd (DynamoDB has no semaphores yet)");
         return ExitCode::from(2);
     }
     smol::block_on(async {

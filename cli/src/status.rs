@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use leasehold_core::{parse_key, Fence, Key, OwnerId};
 use leasehold_http::{HttpClient, TransportError};
-use leasehold_stores::{DynamoDbBackend, EtcdBackend, Filter, Holder, KeyStatus, ListError};
+use leasehold_stores::{
+    DynamoDbBackend, EtcdBackend, EtcdSessions, Filter, Holder, KeyStatus, ListError, QueueStatus,
+};
 use serde_json::{json, Value};
 
 use crate::run::{BackendKind, Protocol};
@@ -46,8 +48,8 @@ pub(crate) struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The built-in server's protocol whose keys to show (`run --protocol`): v2 keys are held
-    /// by sessions, shown by their public label (never anything that authorises).
+    /// The protocol whose keys to show (`run --protocol`; built-in server and etcd): v2 keys
+    /// are held by sessions, shown by their public label (never anything that authorises).
     #[arg(long, value_enum, default_value = "v1")]
     protocol: Protocol,
     #[command(flatten)]
@@ -156,7 +158,8 @@ async fn status(args: &Args) -> Result<Vec<KeyStatus>, StatusError> {
     Ok(rows)
 }
 
-/// `status --protocol v2`: the built-in server's session-held keys (`GET /v2/leases`).
+/// `status --protocol v2`: session-held keys, from the built-in server (`GET /v2/leases`) or
+/// from etcd's queues under `PREFIX`v2/ (a paged range).
 mod sessions {
     use super::*;
 
@@ -193,6 +196,33 @@ mod sessions {
     }
 
     impl SessionKey {
+        /// A v2 queue on etcd, in the built-in server's shape: etcd keeps no free key, so its
+        /// last fence is its newest holder's.
+        pub(super) fn of_etcd(q: QueueStatus) -> SessionKey {
+            let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros() as u64);
+            let holders: Vec<SessionHolder> = q
+                .holders
+                .into_iter()
+                .map(|h| SessionHolder {
+                    session: h.session,
+                    label: h.label,
+                    fence: h.fence.0,
+                    ttl: us(h.ttl),
+                    remaining: us(h.remaining),
+                    value: Some(h.value).filter(|v| !v.is_empty()),
+                })
+                .collect();
+            let last_fence = holders.iter().map(|h| h.fence).max().unwrap_or(0);
+            SessionKey {
+                key: q.key,
+                holders,
+                holder: None,
+                last_fence,
+                waiting: q.waiting as u64,
+                limit: q.limit,
+            }
+        }
+
         pub(super) fn normalise(mut self) -> SessionKey {
             if self.holders.is_empty() {
                 self.holders.extend(self.holder.take());
@@ -223,12 +253,8 @@ mod sessions {
     }
 
     async fn list(args: &Args) -> Result<Vec<SessionKey>, StatusError> {
-        if !matches!(args.backend, BackendKind::Builtin) {
-            return Err(StatusError::Usage("--protocol v2 is for the built-in server only".into()));
-        }
         let tls = args.tls.config().map_err(StatusError::Usage)?;
         let backend = |source| StatusError::Backend { server: args.server.clone(), source };
-        let http = HttpClient::new(&args.server, REQUEST_TIMEOUT).map_err(backend)?.with_tls(tls);
         let (prefix, held_only) = match &args.key {
             Some(k) => {
                 parse_key(k).map_err(|e| StatusError::Usage(format!("key {k:?}: {e}")))?;
@@ -247,23 +273,42 @@ mod sessions {
             ListError::Transport(_) => StatusError::Unreachable { server: args.server.clone(), source },
             _ => StatusError::Refused { server: args.server.clone(), source },
         };
-        let doc = get(&http, &args.token, &format!("/v2/leases?held={held_only}&prefix={prefix}"))
-            .await
-            .map_err(failed)?;
-        let bad =
-            |detail: String| failed(ListError::Malformed { operation: "GET /v2/leases".into(), detail });
-        let rows = doc.get("leases").cloned().ok_or_else(|| bad("a list without leases".into()))?;
-        let mut rows: Vec<SessionKey> = serde_json::from_value::<Vec<SessionKey>>(rows)
-            .map_err(|e| bad(e.to_string()))?
-            .into_iter()
-            .map(SessionKey::normalise)
-            .filter(|r| args.key.as_ref().is_none_or(|k| &r.key == k))
-            .collect();
+        let mut rows: Vec<SessionKey> = match args.backend {
+            BackendKind::Builtin => {
+                let http = HttpClient::new(&args.server, REQUEST_TIMEOUT).map_err(backend)?.with_tls(tls);
+                let doc = get(&http, &args.token, &format!("/v2/leases?held={held_only}&prefix={prefix}"))
+                    .await
+                    .map_err(failed)?;
+                let bad = |detail: String| {
+                    failed(ListError::Malformed { operation: "GET /v2/leases".into(), detail })
+                };
+                let rows = doc.get("leases").cloned().ok_or_else(|| bad("a list without leases".into()))?;
+                serde_json::from_value::<Vec<SessionKey>>(rows)
+                    .map_err(|e| bad(e.to_string()))?
+                    .into_iter()
+                    .map(SessionKey::normalise)
+                    .collect()
+            }
+            BackendKind::Etcd => {
+                let etcd = EtcdSessions::new(&args.server, &args.etcd_prefix, REQUEST_TIMEOUT)
+                    .map_err(backend)?
+                    .with_tls(tls);
+                let filter = Filter { prefix, held_only };
+                etcd.list(&filter).await.map_err(failed)?.into_iter().map(SessionKey::of_etcd).collect()
+            }
+            BackendKind::Dynamodb => {
+                return Err(StatusError::Usage(
+                    "--protocol v2 is for the built-in server and etcd (DynamoDB has no sessions yet)".into(),
+                ))
+            }
+        };
+        rows.retain(|r| args.key.as_ref().is_none_or(|k| &r.key == k));
         if let (Some(k), true) = (&args.key, rows.is_empty()) {
-            return Err(StatusError::UnknownKey {
-                key: k.clone(),
-                why: "has never been leased over protocol v2",
-            });
+            let why = match args.backend {
+                BackendKind::Etcd => "is not held over protocol v2 (etcd keeps no record of free keys)",
+                _ => "has never been leased over protocol v2",
+            };
+            return Err(StatusError::UnknownKey { key: k.clone(), why });
         }
         rows.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
         Ok(rows)
@@ -491,6 +536,32 @@ mod tests {
         assert_eq!(
             lines[2].split_whitespace().collect::<Vec<_>>(),
             ["a-much-longer-key", "3", "-", "-", "free"]
+        );
+    }
+
+    #[test]
+    fn an_etcd_queue_is_shown_in_the_servers_shape() {
+        use leasehold_stores::{QueueStatus, SlotHolder};
+        let holder = |session, fence, value: &str| SlotHolder {
+            session,
+            label: format!("h{session}"),
+            fence: Fence(fence),
+            value: value.into(),
+            ttl: Some(Duration::from_secs(6)),
+            remaining: None,
+        };
+        let q = QueueStatus {
+            key: "sem".into(),
+            limit: 2,
+            holders: vec![holder(7, 10, "addr"), holder(8, 14, "")],
+            waiting: 3,
+        };
+        let row = serde_json::to_value(sessions::SessionKey::of_etcd(q)).unwrap();
+        assert_eq!(
+            row,
+            json!({"key": "sem", "limit": 2, "waiting": 3, "last_fence": 14, "holders": [
+                {"session": 7, "label": "h7", "fence": 10, "ttl": 6_000_000, "remaining": 0, "value": "addr"},
+                {"session": 8, "label": "h8", "fence": 14, "ttl": 6_000_000, "remaining": 0}]})
         );
     }
 

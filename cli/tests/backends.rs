@@ -349,3 +349,157 @@ fn run_on_dynamodb_sessions() {
     // (ttl/4) before the kill and seen up to a poll interval (ttl/8) after it was written.
     kill_9("dynamodb v2", d.url(), &v2, Duration::from_millis(900));
 }
+
+/// `leasehold observe --backend etcd --json`, its stdout lines carried to a channel as they come.
+fn observe_etcd(url: &str, key: &str) -> (Proc, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(["observe", "--backend", "etcd", "--server", url, "--key", key, "--json"])
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start leasehold observe");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (Proc(child), rx)
+}
+
+/// A child process killed (with its process group) when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The next line `observe` prints, parsed; fails the test if none comes within 20 s.
+fn next_line(lines: &std::sync::mpsc::Receiver<String>, what: &str) -> serde_json::Value {
+    let line =
+        lines.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{what}: no line ({e})"));
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"))
+}
+
+/// `status --backend etcd --protocol v2 --json`'s rows.
+fn etcd_v2_status(url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["status", "--backend", "etcd", "--protocol", "v2", "--server", url, "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    doc["leases"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn observe_value_and_status_on_etcd_sessions() {
+    let e = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut watcher, lines) = observe_etcd(e.url(), "leader");
+    assert_eq!(next_line(&lines, "the start"), serde_json::json!({"key": "leader", "holder": null}));
+
+    let (go, marker) = (dir.path().join("go"), dir.path().join("started"));
+    let hold = format!("touch {}; while [ ! -e {} ]; do sleep 0.05; done", marker.display(), go.display());
+    let flags = ["--protocol", "v2", "--value", "10.0.0.1:8080"];
+    let leader = holding("etcd", e.url(), &flags, "leader", &hold, &marker);
+    let held = next_line(&lines, "the leader");
+    assert_eq!(held["holder"]["value"], "10.0.0.1:8080", "{held}");
+    let label = held["holder"]["label"].as_str().unwrap().to_string();
+    assert!(label.ends_with(&format!(":{}", leader.id())), "the label is run's HOST:PID: {label}");
+    let fence = held["holder"]["fence"].as_u64().unwrap();
+
+    // status shows it by label, with the fence observers were told and the value.
+    let rows = etcd_v2_status(e.url(), &[]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let h = &rows[0]["holders"][0];
+    assert_eq!((rows[0]["key"].as_str(), h["label"].as_str()), (Some("leader"), Some(label.as_str())));
+    assert_eq!((h["fence"].as_u64(), h["value"].as_str()), (Some(fence), Some("10.0.0.1:8080")));
+    assert_eq!(h["session"], held["holder"]["session"], "{rows:?}");
+    assert!(h["remaining"].as_u64().unwrap() > 0 && h["ttl"].as_u64().unwrap() >= 2_000_000, "{rows:?}");
+    assert_eq!(rows[0]["waiting"], 0);
+    let table = Command::new(BIN)
+        .args(["status", "--backend", "etcd", "--protocol", "v2", "--server", e.url(), "leader"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    let row: Vec<&str> =
+        text.lines().find(|l| l.starts_with("leader ")).expect("a row").split_whitespace().collect();
+    assert_eq!((row[1], row[2]), (fence.to_string().as_str(), label.as_str()), "{text}");
+    let unknown = Command::new(BIN)
+        .args(["status", "--backend", "etcd", "--protocol", "v2", "--server", e.url(), "nobody"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
+
+    // The leader ends: observers hear the key free.
+    std::fs::write(&go, "").unwrap();
+    let mut leader = leader;
+    assert!(leader.wait().unwrap().success());
+    assert_eq!(next_line(&lines, "free"), serde_json::json!({"key": "leader", "holder": null}));
+    assert_eq!(etcd_v2_status(e.url(), &[]), Vec::<serde_json::Value>::new());
+    nix::sys::signal::kill(Pid::from_raw(watcher.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(watcher.0.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn run_limit_is_a_semaphore_on_etcd_sessions() {
+    let e = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let v2 = ["--protocol", "v2", "--limit", "3"];
+    let mut slots = Vec::new();
+    for i in 0..3 {
+        let marker = dir.path().join(format!("s{i}"));
+        let hold = format!(
+            "echo $LEASEHOLD_FENCE > {0}.fence; touch {0}; while [ ! -e {1} ]; do sleep 0.05; done",
+            marker.display(),
+            go.display()
+        );
+        slots.push(Proc(holding("etcd", e.url(), &v2, "pool", &hold, &marker)));
+    }
+    let fences: Vec<u64> = (0..3)
+        .map(|i| {
+            std::fs::read_to_string(dir.path().join(format!("s{i}.fence"))).unwrap().trim().parse().unwrap()
+        })
+        .collect();
+    assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
+    // A fourth waits; one with another limit is refused (exit 2), at once.
+    let fourth_marker = dir.path().join("fourth");
+    let fourth_cmd = format!("touch {}", fourth_marker.display());
+    let mut fourth = run(
+        "etcd",
+        e.url(),
+        &["--key", "pool", "--protocol", "v2", "--limit", "3"],
+        &["sh", "-c", &fourth_cmd],
+    )
+    .spawn()
+    .unwrap();
+    eventually("the fourth queued", || etcd_keys(e.url(), "leasehold/v2/pool@").len() == 4);
+    let other = run("etcd", e.url(), &["--key", "pool", "--protocol", "v2", "--limit", "2"], &["true"])
+        .status()
+        .unwrap();
+    assert_eq!(other.code(), Some(2), "a mismatched limit is a usage error");
+    let rows = etcd_v2_status(e.url(), &[]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0]["limit"].as_u64(), rows[0]["waiting"].as_u64()), (Some(3), Some(1)), "{rows:?}");
+    let shown: Vec<u64> =
+        rows[0]["holders"].as_array().unwrap().iter().map(|h| h["fence"].as_u64().unwrap()).collect();
+    assert_eq!(shown, fences, "a row per slot holder, oldest first");
+    assert!(!fourth_marker.exists(), "three slots, all held");
+    std::fs::write(&go, "").unwrap();
+    assert!(fourth.wait().unwrap().success());
+    assert!(fourth_marker.exists());
+    for mut s in slots {
+        assert!(s.0.wait().unwrap().success());
+    }
+}

@@ -774,8 +774,9 @@ fn status_shows_session_held_keys_by_label() {
     // v1's status does not see it: the namespaces are separate.
     let v1 = Command::new(BIN).args(["status", "shown", "--server", &url]).output().unwrap();
     assert_eq!(v1.status.code(), Some(1), "{v1:?}");
-    // --protocol v2 is the built-in server's.
-    let etcd = status(&["--backend", "etcd"]);
-    assert_eq!(etcd.status.code(), Some(2), "{etcd:?}");
+    // DynamoDB has no sessions: a usage error.
+    let dynamodb = status(&["--backend", "dynamodb"]);
+    assert_eq!(dynamodb.status.code(), Some(2), "{dynamodb:?}");
+    assert!(String::from_utf8_lossy(&dynamodb.stderr).contains("DynamoDB has no sessions"), "{dynamodb:?}");
     drop(run);
 }

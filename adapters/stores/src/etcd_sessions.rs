@@ -12,6 +12,37 @@
 //! - A waiter watches its predecessor's deletion (not the holder's: no herd at each release)
 //!   from inside a keepalive held open for up to `hold`, and the keepalive answers at once with
 //!   the grant when the session has become first.
+//! - A semaphore (`AcquireWithLimit`, limit N) is N slots: the first N waiter keys hold it, each
+//!   under its own fence (its create revision). Every waiter key's value records its limit, and
+//!   the key's is its oldest waiter key's: a session asking with another N sees it in its
+//!   acquire's txn and is refused [`Reject::LimitMismatch`], as by the built-in server. A waiter beyond
+//!   the N slots can be made a holder by the deletion of any key ahead of it (a holder's
+//!   release, or a waiter ahead giving up), so it watches the deletions in its key's whole
+//!   queue: one watch per waited key, re-read at each deletion in that queue.
+//! - Observing a key ([`SessionOp::Observe`]) is a watch of its queue, from a keepalive held
+//!   open like a waiter's: see "Observers and their change numbers" below.
+//!
+//! A waiter key's value is a JSON object `{"label","limit","value"}`: who waits (an operator
+//! reading etcd sees it), the limit it asked for, and the value observers are told
+//! (`AcquireWithValue`; empty otherwise). A value that is not such an object (written by an
+//! older leasehold) is read as a label, with a limit of 1.
+//!
+//! # Observers and their change numbers
+//!
+//! An observer follows the key's oldest waiter key, its holder (for a semaphore, its oldest
+//! grant, as on the built-in server). Each time this process reads the key's queue (at each
+//! keepalive of the observing session, and at once when a held keepalive's watch of the queue
+//! sees a put or a delete) and finds a holder (session, fence) other than the one it recorded
+//! last, it records a change, numbered per observation from 1 (the holder when the observation
+//! began). So the numbers are dense as [`Observed::change`] promises, and a gap in them means
+//! a change was recorded but its report was lost or overtaken. Changes between two reads
+//! (while no keepalive is held open) are coalesced into the latest, never reported out of
+//! order. They are not etcd revisions: a revision counts every write of the whole cluster,
+//! so the holder machine would count each unrelated write as a missed change. They need not
+//! survive a restart of this process, because the session does not: a new process's session
+//! observes afresh and its first report is the holder at that time.
+//!
+//! [`Observed::change`]: leasehold_core::session::wire::Observed::change
 //!
 //! etcd does not know the session's [`Secret`]: it is drawn here and checked here, so it only
 //! guards against a confused caller of this process. Who may touch the keys is etcd's own
@@ -35,23 +66,35 @@ use futures_lite::future;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use leasehold_core::session::wire::{
-    Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+    parse_label, parse_value, Grant, Observed, ObservedHolder, Secret, Seq, SessionId, SessionOp,
+    SessionReply, SessionRequest, SessionResponse,
 };
 use leasehold_core::{Duration as LDuration, Fence, Key, Reject};
 use leasehold_http::{HttpClient, SessionBackend, TransportError, MAX_IN_FLIGHT};
 use serde_json::{json, Value};
 
+use crate::listing::{Filter, ListError, DEFAULT_PAGE};
+
 use crate::etcd::{
-    error_message, grant_body, int, keepalive_ttl, range_end, refusal, remaining_time, Refusal, UNKNOWN_WAIT,
+    error_message, grant_body, int, keepalive_ttl, range_end, refusal, remaining_time, stored_key, Refusal,
+    UNKNOWN_WAIT,
 };
 
-/// Most predecessors one held keepalive watches at once (one streamed request each). A
-/// session waiting for more keys than this checks the others at each keepalive, so their
-/// hand-off can take up to a keepalive interval.
+/// Most watches one held keepalive keeps at once (one streamed request each: a waiter's
+/// predecessor, a semaphore's queue, an observed queue). A session waiting for or observing
+/// more keys than this checks the others at each keepalive, so their hand-off (or change) can
+/// take up to a keepalive interval to be heard.
 pub const MAX_WATCHES: usize = 16;
 
 /// Most queues one check reads in one txn: etcd's default `--max-txn-ops` is 128.
 const MAX_TXN_OPS: usize = 128;
+
+/// Most keys one session observes at once; one more is refused `Rejected(Capacity)`. Each
+/// observed key is one more queue read at every keepalive of the session.
+pub const MAX_OBSERVED: usize = 256;
+
+/// Most holders' leases a `Busy` answer asks etcd about, to say when the first slot ends.
+const MAX_TTL_LOOKUPS: usize = 8;
 
 /// A bug planted on purpose, so the tests can show they catch it (feature `fault-injection`;
 /// never in a real build).
@@ -59,7 +102,8 @@ const MAX_TXN_OPS: usize = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EtcdFault {
-    /// The waiter right behind the holder is granted the key too: exclusion is broken.
+    /// The waiter right behind the last slot is granted too (the second in line for a key,
+    /// the N+1-th for a semaphore of N): exclusion is broken.
     SecondInLineGranted,
     /// Held keepalives watch nothing: a waiter hears of its turn only at its next keepalive.
     NoWatch,
@@ -106,11 +150,62 @@ struct Local {
     secret: Secret,
     /// The etcd lease: the session's id.
     lease: i64,
-    /// Written as each waiter key's value, so an operator reading etcd sees who waits.
+    /// Written in each waiter key's value, so an operator reading etcd sees who waits.
     label: String,
     keys: Mutex<HashMap<Key, Want>>,
-    /// A key was queued: a held keepalive has one more predecessor to watch.
+    /// The keys the session observes.
+    observed: Mutex<HashMap<Key, Follow>>,
+    /// A key was queued or observed: a held keepalive has one more queue to watch.
     queued: Event,
+}
+
+/// One observation of a key by a session.
+#[derive(Debug, Clone)]
+struct Follow {
+    /// The seq of the observe that began it: an unobserve older than that is not for it.
+    since: Seq,
+    /// The latest change recorded (0: none yet; the first is the holder when it began).
+    latest: u64,
+    /// The highest change the session acknowledged.
+    acked: u64,
+    /// The holder at the latest change.
+    holder: Option<ObservedHolder>,
+}
+
+impl Follow {
+    fn behind(&self) -> bool {
+        self.acked < self.latest
+    }
+}
+
+/// What a waiter key's value records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stake {
+    label: String,
+    /// The limit the waiter asked for (1: a plain key).
+    limit: u16,
+    /// What observers are told (empty: nothing).
+    value: String,
+}
+
+impl Stake {
+    fn encode(&self) -> String {
+        json!({"label": self.label, "limit": self.limit, "value": self.value}).to_string()
+    }
+
+    /// From a range answer's kv; a value that is not ours is an older leasehold's label.
+    fn of(kv: &Value) -> Stake {
+        let raw = kv["value"].as_str().and_then(|v| B64.decode(v).ok()).unwrap_or_default();
+        let v: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+        match (v["label"].as_str(), v["limit"].as_u64()) {
+            (Some(label), Some(limit)) => Stake {
+                label: label.to_string(),
+                limit: u16::try_from(limit).unwrap_or(u16::MAX),
+                value: v["value"].as_str().unwrap_or_default().to_string(),
+            },
+            _ => Stake { label: String::from_utf8_lossy(&raw).into_owned(), limit: 1, value: String::new() },
+        }
+    }
 }
 
 /// Where the session is with a key it asked for and has not been confirmed.
@@ -122,6 +217,10 @@ enum Want {
         asked: Seq,
         /// The create revision of this session's waiter key.
         revision: i64,
+        /// How many may hold the key at once.
+        limit: u16,
+        /// What observers are told once it holds the key (empty: nothing).
+        value: String,
     },
     /// First in the queue, reported in keepalives until an acquire confirms it.
     Pushed(Grant),
@@ -141,12 +240,55 @@ impl From<TransportError> for Fail {
     }
 }
 
+/// What a held keepalive watches: one key's deletion, or a queue's changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Watched {
+    /// The key, or the start of the range (base64).
+    key: String,
+    /// The range's end (base64), for a whole queue.
+    range_end: Option<String>,
+    /// Deletions only (a waiter cares for nothing else); an observer wants puts too.
+    deletions_only: bool,
+}
+
 /// The answer of a keepalive held open.
 enum Wake {
     /// A predecessor went, or a key was queued: look again.
     Look,
     /// `hold` is up.
     Timer,
+}
+
+/// A protocol-v2 key as etcd keeps it, for `leasehold status --protocol v2`: its holders and
+/// how many wait. etcd deletes a queue's last waiter key with its release or its lease, so a
+/// listed key always has a holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStatus {
+    /// The lease key, without the `<prefix>v2/` it is stored under.
+    pub key: String,
+    /// How many sessions may hold it at once (as its oldest waiter key asked).
+    pub limit: u16,
+    /// Its holders, the oldest grant first (a semaphore's key has up to `limit`).
+    pub holders: Vec<SlotHolder>,
+    /// How many sessions wait for it.
+    pub waiting: usize,
+}
+
+/// One holder of a v2 key on etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotHolder {
+    /// The holding session: its etcd lease id.
+    pub session: u64,
+    /// The holder's label (`leasehold run`: `HOST:PID`).
+    pub label: String,
+    /// The grant's fence: its waiter key's create revision.
+    pub fence: Fence,
+    /// What the holder acquired with (`run --value`); empty if nothing.
+    pub value: String,
+    /// The session's ttl, as etcd granted its lease.
+    pub ttl: Option<Duration>,
+    /// How long etcd keeps the session without a keepalive.
+    pub remaining: Option<Duration>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -172,19 +314,136 @@ impl EtcdSessions {
         })
     }
 
+    /// Every v2 key under `filter.prefix` that has a waiter key, in byte order, with its holders
+    /// (each with its session's remaining time from its etcd lease) and how many wait. Read a
+    /// page of 1000 waiter keys at a time over `<prefix>v2/`. etcd keeps no free key, so
+    /// `filter.held_only` changes nothing.
+    ///
+    /// ```
+    /// use std::num::NonZeroU16;
+    /// use std::time::Duration;
+    /// use leasehold_http::{Options, SessionClient};
+    /// use leasehold_stores::{EtcdSessions, Filter};
+    ///
+    /// # let etcd = leasehold_test_servers::etcd();
+    /// # let url = etcd.url();
+    /// futures_lite::future::block_on(async {
+    ///     let options = Options::session(Duration::from_secs(6));
+    ///     let timeout = options.config.request_timeout.into();
+    ///     let worker = SessionClient::new(EtcdSessions::new(url, "leasehold/", timeout)?, "worker-1", options)?;
+    ///     let slot = worker.acquire_with_limit("pool", NonZeroU16::new(2).unwrap()).await?;
+    ///
+    ///     let etcd = EtcdSessions::new(url, "leasehold/", timeout)?;
+    ///     let queues = etcd.list(&Filter::default()).await?;
+    ///     let pool = &queues[0];
+    ///     assert_eq!((pool.key.as_str(), pool.limit, pool.waiting), ("pool", 2, 0));
+    ///     assert_eq!(pool.holders[0].label, "worker-1");
+    ///     assert_eq!(Some(pool.holders[0].fence), slot.fence());
+    ///     slot.release().await?;
+    ///     Ok::<(), Box<dyn std::error::Error>>(())
+    /// })
+    /// .unwrap();
+    /// ```
+    pub async fn list(&self, filter: &Filter) -> Result<Vec<QueueStatus>, ListError> {
+        let start = format!("{}{}", self.prefix, filter.prefix).into_bytes();
+        let end = B64.encode(range_end(&start));
+        let mut from = start;
+        // Per key, its waiter keys as (create revision, lease, stake).
+        let mut queues: std::collections::BTreeMap<String, Vec<(i64, i64, Stake)>> = Default::default();
+        loop {
+            let range =
+                json!({"key": B64.encode(&from), "range_end": end, "limit": DEFAULT_PAGE.to_string()});
+            let page = self.read("/v3/kv/range", range).await?;
+            let kvs = page["kvs"].as_array().map(Vec::as_slice).unwrap_or_default();
+            for kv in kvs {
+                let Some(raw) = stored_key(kv) else { continue };
+                let Some(name) = raw.strip_prefix(self.prefix.as_bytes()) else { continue };
+                // `<key>@<lease>`: `@` is not in the key alphabet, so the last one splits.
+                let Some(at) = name.iter().rposition(|b| *b == b'@') else { continue };
+                let Ok(key) = std::str::from_utf8(&name[..at]) else { continue };
+                let (Some(revision), Some(lease)) = (int(&kv["create_revision"]), int(&kv["lease"])) else {
+                    continue;
+                };
+                queues.entry(key.to_string()).or_default().push((revision, lease, Stake::of(kv)));
+            }
+            match kvs.last() {
+                // The next page starts just after the last key of this one.
+                Some(last) if page["more"] == json!(true) => {
+                    from = stored_key(last).ok_or_else(|| ListError::Malformed {
+                        operation: "etcd /v3/kv/range".into(),
+                        detail: "a key that is not base64".into(),
+                    })?;
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        let mut ttls: HashMap<i64, Value> = HashMap::new();
+        let mut out = Vec::with_capacity(queues.len());
+        for (key, mut waiters) in queues {
+            waiters.sort_by_key(|(revision, ..)| *revision);
+            let limit = waiters[0].2.limit.max(1);
+            let held = waiters.len().min(usize::from(limit));
+            let mut holders = Vec::with_capacity(held);
+            for (revision, lease, stake) in waiters.iter().take(held) {
+                let alive = match ttls.get(lease) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let v = self.read("/v3/lease/timetolive", json!({"ID": lease.to_string()})).await?;
+                        ttls.insert(*lease, v.clone());
+                        v
+                    }
+                };
+                let secs = |v: &Value| int(v).filter(|t| *t > 0).map(|t| Duration::from_secs(t as u64));
+                holders.push(SlotHolder {
+                    session: *lease as u64,
+                    label: stake.label.clone(),
+                    fence: Fence(*revision as u64),
+                    value: stake.value.clone(),
+                    ttl: secs(&alive["grantedTTL"]),
+                    remaining: secs(&alive["TTL"]),
+                });
+            }
+            out.push(QueueStatus { key, limit, holders, waiting: waiters.len() - held });
+        }
+        Ok(out)
+    }
+
+    /// A gateway call whose error answer is reported as it is, for listings.
+    async fn read(&self, path: &'static str, body: Value) -> Result<Value, ListError> {
+        let req = self
+            .http
+            .request(hyper::Method::POST, path)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let resp = self.http.send(req).await?;
+        if resp.status != 200 {
+            let message = error_message(&resp.body);
+            return Err(ListError::Refused {
+                operation: format!("etcd {path}"),
+                status: resp.status,
+                message,
+            });
+        }
+        serde_json::from_slice(&resp.body)
+            .map_err(|e| ListError::Malformed { operation: format!("etcd {path}"), detail: e.to_string() })
+    }
+
     /// Plants `fault` (tests only).
     #[cfg(feature = "fault-injection")]
     pub fn with_fault(self, fault: EtcdFault) -> EtcdSessions {
         EtcdSessions { fault: Some(fault), ..self }
     }
 
-    /// Whether the waiter at `index` in a key's queue holds it: only the first.
-    fn holds(&self, index: usize) -> bool {
+    /// Whether the waiter at `index` in the queue of a key with `limit` slots holds one: the
+    /// first `limit` do.
+    fn holds(&self, index: usize, limit: u16) -> bool {
         #[cfg(feature = "fault-injection")]
         if self.fault == Some(EtcdFault::SecondInLineGranted) {
-            return index <= 1;
+            return index <= usize::from(limit);
         }
-        index == 0
+        index < usize::from(limit)
     }
 
     /// Whether held keepalives watch predecessors.
@@ -213,16 +472,23 @@ impl EtcdSessions {
         format!("{}{key}@{:016x}", self.prefix, lease as u64)
     }
 
-    /// `key`'s queue as a range request: every waiter key, oldest first.
-    fn queue(&self, key: &Key) -> Value {
+    /// The range of `key`'s waiter keys (base64 start and end).
+    fn queue_range(&self, key: &Key) -> (String, String) {
         let start = format!("{}{key}@", self.prefix).into_bytes();
-        json!({
-            "key": B64.encode(&start),
-            "range_end": B64.encode(range_end(&start)),
-            "sort_order": "ASCEND",
-            "sort_target": "CREATE",
-            "keys_only": true,
-        })
+        (B64.encode(&start), B64.encode(range_end(&start)))
+    }
+
+    /// `key`'s queue as a range request: every waiter key (without its value), oldest first.
+    fn queue(&self, key: &Key) -> Value {
+        let (start, end) = self.queue_range(key);
+        json!({"key": start, "range_end": end, "sort_order": "ASCEND", "sort_target": "CREATE", "keys_only": true})
+    }
+
+    /// `key`'s oldest waiter key, with its value (the key's limit, its holder's label and
+    /// value), as a range request.
+    fn oldest(&self, key: &Key) -> Value {
+        let (start, end) = self.queue_range(key);
+        json!({"key": start, "range_end": end, "sort_order": "ASCEND", "sort_target": "CREATE", "limit": "1"})
     }
 
     fn local(&self, session: SessionId) -> Option<Arc<Local>> {
@@ -261,6 +527,7 @@ impl EtcdSessions {
             lease,
             label: label.to_string(),
             keys: Mutex::new(HashMap::new()),
+            observed: Mutex::new(HashMap::new()),
             queued: Event::new(),
         };
         let session = SessionId(lease as u64);
@@ -270,59 +537,150 @@ impl EtcdSessions {
         Ok(SessionReply::Opened { session, secret, ttl: LDuration::from_secs(secs.max(0) as u64) })
     }
 
-    async fn acquire(&self, local: &Local, seq: Seq, key: &Key, wait: bool) -> Result<SessionReply, Fail> {
+    /// Asks for one of `limit` slots of `key` (1: the key itself), with `value` for its
+    /// observers.
+    async fn acquire(
+        &self,
+        local: &Local,
+        seq: Seq,
+        key: &Key,
+        wait: bool,
+        limit: u16,
+        value: &str,
+    ) -> Result<SessionReply, Fail> {
+        if limit == 0 {
+            return Ok(SessionReply::Rejected(Reject::Malformed));
+        }
         let me = B64.encode(self.waiter(key, local.lease));
-        // Put our waiter key if absent (a repeated acquire keeps its place and its fence) and
-        // read the queue in the same txn, so the put is in what we read.
+        let stake = Stake { label: local.label.clone(), limit, value: value.to_string() };
+        // Put our waiter key if absent (a repeated acquire keeps its place, its fence and its
+        // first value) and read the queue, its oldest waiter key and ours in the same txn, so
+        // the put is in what we read.
+        let reads = [
+            json!({"request_range": self.queue(key)}),
+            json!({"request_range": self.oldest(key)}),
+            json!({"request_range": {"key": me}}),
+        ];
+        let put = json!({"request_put": {"key": me, "value": B64.encode(stake.encode()), "lease": local.lease.to_string()}});
         let txn = json!({
             "compare": [{"key": me, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
-            "success": [
-                {"request_put": {"key": me, "value": B64.encode(&local.label), "lease": local.lease.to_string()}},
-                {"request_range": self.queue(key)},
-            ],
-            "failure": [{"request_range": self.queue(key)}],
+            "success": std::iter::once(put).chain(reads.clone()).collect::<Vec<_>>(),
+            "failure": reads,
         });
         let v = self.post(&self.http, "/v3/kv/txn", txn).await?;
-        let range = v["responses"].as_array().and_then(|r| r.last()).map(|r| &r["response_range"]);
-        let kvs = range.and_then(|r| r["kvs"].as_array()).map(Vec::as_slice).unwrap_or_default();
+        let created = v["succeeded"] == json!(true);
+        let responses = v["responses"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let ranges: Vec<&[Value]> = responses
+            .iter()
+            .rev()
+            .take(3)
+            .map(|r| r["response_range"]["kvs"].as_array().map(Vec::as_slice).unwrap_or_default())
+            .collect();
+        let (kvs, oldest, mine) = match ranges[..] {
+            [mine, oldest, kvs] => (kvs, oldest.first(), mine.first()),
+            _ => {
+                return Err(
+                    TransportError::Protocol(format!("etcd txn answer without its ranges: {v}")).into()
+                )
+            }
+        };
         let Some((index, revision)) = place(kvs, &me) else {
             return Err(
                 TransportError::Protocol(format!("etcd txn put {me} but its range lacks it: {v}")).into()
             );
         };
-        if self.holds(index) {
+        // Every holder and waiter of a key must agree on its limit: the key's is its oldest
+        // waiter's (each later one was checked against it on the way in). Of two sessions
+        // asking with different limits at once, the later txn sees the earlier's key and is
+        // refused, and a third asking meanwhile is judged by the oldest, not by the refused
+        // one's key before it goes. A key already ours keeps its limit; asking with another is
+        // refused, as the server does.
+        let disagrees = |kv: Option<&Value>| kv.is_some_and(|kv| Stake::of(kv).limit != limit);
+        if disagrees(oldest) || disagrees(mine) {
+            if created {
+                self.leave(&me, revision).await?;
+            }
+            return Ok(SessionReply::Rejected(Reject::LimitMismatch));
+        }
+        if self.holds(index, limit) {
             lock(&local.keys).remove(key);
-            // Why fences strictly increase per key in grant order: a grant goes to the oldest
-            // waiter key there is, and a waiter key created later has a higher create revision
-            // (etcd's revision only grows, across restarts too). When waiter W is granted, no
-            // older one exists, so every later grant is of a key created after W: a higher
-            // revision. Re-asking keeps the key, hence the same fence.
+            // Why fences strictly increase per key in grant order: the queue's order is create
+            // order (a waiter key created later has a higher create revision: etcd's revision
+            // only grows, across restarts too), nobody joins ahead of an existing waiter, and a
+            // deletion moves everyone behind it up by one place. So a waiter reaches the first
+            // `limit` places no later than any waiter created after it, and grants are made in
+            // create-revision order; keys created in distinct txns have distinct revisions, so
+            // every grant's fence is above every earlier grant's. Slots granted at the same
+            // instant (one revoke freeing two) are ordered by their fences too. Re-asking keeps
+            // the key, hence the same fence.
             return Ok(SessionReply::Granted { key: key.clone(), fence: Fence(revision as u64) });
         }
         if wait {
-            lock(&local.keys).insert(key.clone(), Want::Queued { asked: seq, revision });
+            lock(&local.keys)
+                .insert(key.clone(), Want::Queued { asked: seq, revision, limit, value: value.to_string() });
             local.queued.notify(usize::MAX);
-            let position = u16::try_from(index).unwrap_or(u16::MAX);
+            let behind = index + 1 - usize::from(limit);
+            let position = u16::try_from(behind).unwrap_or(u16::MAX);
             return Ok(SessionReply::Queued { key: key.clone(), position });
         }
         lock(&local.keys).remove(key);
-        let holder = int(&kvs[0]["lease"]);
         // Give up our place; if the delete fails the key leaves with the session.
+        self.leave(&me, revision).await?;
+        // Busy until the first slot ends: the soonest of the holders' leases.
+        let mut expires_in: Option<LDuration> = None;
+        let holders =
+            kvs.iter().take(usize::from(limit).min(MAX_TTL_LOOKUPS)).filter_map(|kv| int(&kv["lease"]));
+        for l in holders {
+            let left = match self.post(&self.http, "/v3/lease/timetolive", json!({"ID": l.to_string()})).await
+            {
+                Ok(v) => remaining_time(&v),
+                Err(_) => None,
+            };
+            let left = left.unwrap_or(UNKNOWN_WAIT);
+            expires_in = Some(expires_in.map_or(left, |e| e.min(left)));
+        }
+        Ok(SessionReply::Busy { key: key.clone(), expires_in: expires_in.unwrap_or(UNKNOWN_WAIT) })
+    }
+
+    /// Deletes our waiter key `me` (base64) if it is still the one created at `revision`.
+    async fn leave(&self, me: &str, revision: i64) -> Result<(), Fail> {
         let leave = json!({
             "compare": [{"key": me, "target": "CREATE", "result": "EQUAL", "create_revision": revision.to_string()}],
             "success": [{"request_delete_range": {"key": me}}],
         });
-        self.post(&self.http, "/v3/kv/txn", leave).await?;
-        let expires_in = match holder {
-            Some(l) => {
-                match self.post(&self.http, "/v3/lease/timetolive", json!({"ID": l.to_string()})).await {
-                    Ok(v) => remaining_time(&v).unwrap_or(UNKNOWN_WAIT),
-                    Err(_) => UNKNOWN_WAIT,
+        self.post(&self.http, "/v3/kv/txn", leave).await.map(drop)
+    }
+
+    fn observe(&self, local: &Local, seq: Seq, key: &Key) -> SessionReply {
+        let mut observed = lock(&local.observed);
+        let full = observed.len() >= MAX_OBSERVED;
+        match observed.get_mut(key) {
+            // Asked again by a later request: a new watch at the session, whose first report
+            // must be the holder now even if it acknowledged that before (an Observe overtaken
+            // by its own Unobserve left this one behind), as the built-in server does.
+            Some(f) => {
+                if f.since < seq {
+                    f.acked = f.latest.saturating_sub(1);
+                    f.since = seq;
                 }
             }
-            None => UNKNOWN_WAIT,
-        };
-        Ok(SessionReply::Busy { key: key.clone(), expires_in })
+            None if full => return SessionReply::Rejected(Reject::Capacity),
+            None => {
+                observed.insert(key.clone(), Follow { since: seq, latest: 0, acked: 0, holder: None });
+            }
+        }
+        drop(observed);
+        // A held keepalive reads the new queue at once, and answers with its first report.
+        local.queued.notify(usize::MAX);
+        SessionReply::Observing { key: key.clone() }
+    }
+
+    fn unobserve(&self, local: &Local, seq: Seq, key: &Key) -> SessionReply {
+        let mut observed = lock(&local.observed);
+        if observed.get(key).is_some_and(|f| f.since < seq) {
+            observed.remove(key);
+        }
+        SessionReply::Unobserved { key: key.clone() }
     }
 
     async fn release(&self, local: &Local, key: &Key, fence: Fence) -> Result<SessionReply, Fail> {
@@ -376,13 +734,14 @@ impl EtcdSessions {
                     return Ok(alive_reply(local, ttl));
                 }
             };
-            if lock(&local.keys).values().any(|w| matches!(w, Want::Pushed(_))) {
+            let pushed = lock(&local.keys).values().any(|w| matches!(w, Want::Pushed(_)));
+            if pushed || lock(&local.observed).values().any(Follow::behind) {
                 return Ok(alive_reply(local, ttl));
             }
             let wake = future::or(
                 async {
                     match watch.filter(|_| self.watches()) {
-                        Some((revision, keys)) => self.first_deletion(revision, keys).await,
+                        Some((revision, keys)) => self.first_event(revision, keys).await,
                         None => future::pending().await,
                     }
                 },
@@ -404,26 +763,35 @@ impl EtcdSessions {
         }
     }
 
-    /// Reads the queues of the keys the session waits for: a waiter now first becomes a pushed
-    /// grant. Returns the revision read at and the predecessors of the others, to watch.
-    async fn look(&self, local: &Local) -> Result<Option<(i64, Vec<String>)>, Fail> {
-        let waiting: Vec<(Key, Seq, i64)> = lock(&local.keys)
+    /// Reads the queues of the keys the session waits for or observes: a waiter now among the
+    /// first `limit` becomes a pushed grant, an observed key with another holder a recorded
+    /// change. Returns the revision read at and what to watch for the rest.
+    async fn look(&self, local: &Local) -> Result<Option<(i64, Vec<Watched>)>, Fail> {
+        let waiting: Vec<(Key, Seq, i64, u16, String)> = lock(&local.keys)
             .iter()
             .filter_map(|(k, w)| match w {
-                Want::Queued { asked, revision } => Some((k.clone(), *asked, *revision)),
+                Want::Queued { asked, revision, limit, value } => {
+                    Some((k.clone(), *asked, *revision, *limit, value.clone()))
+                }
                 Want::Pushed(_) => None,
             })
             .collect();
-        if waiting.is_empty() {
+        let observed: Vec<Key> = lock(&local.observed).keys().cloned().collect();
+        if waiting.is_empty() && observed.is_empty() {
             return Ok(None);
         }
+        // Waited queues first (keys only), then the holders of observed ones (with values).
+        let reads: Vec<Value> = waiting
+            .iter()
+            .map(|(k, ..)| self.queue(k))
+            .chain(observed.iter().map(|k| self.oldest(k)))
+            .map(|q| json!({"request_range": q}))
+            .collect();
         // A txn per MAX_TXN_OPS queues; watching from the oldest revision read misses nothing.
         let mut read_at = i64::MAX;
-        let mut queues: Vec<Vec<Value>> = Vec::with_capacity(waiting.len());
-        for chunk in waiting.chunks(MAX_TXN_OPS) {
-            let reads: Vec<Value> =
-                chunk.iter().map(|(k, ..)| json!({"request_range": self.queue(k)})).collect();
-            let v = self.post(&self.keepalive_http, "/v3/kv/txn", json!({"success": reads})).await?;
+        let mut queues: Vec<Vec<Value>> = Vec::with_capacity(reads.len());
+        for chunk in reads.chunks(MAX_TXN_OPS) {
+            let v = self.post(&self.keepalive_http, "/v3/kv/txn", json!({"success": chunk})).await?;
             let Some(r) = int(&v["header"]["revision"]) else {
                 return Err(
                     TransportError::Protocol(format!("etcd txn answer without a revision: {v}")).into()
@@ -435,25 +803,36 @@ impl EtcdSessions {
                 queues.push(kvs);
             }
         }
-        let (mut predecessors, mut vanished) = (Vec::new(), Vec::new());
+        let (waited_queues, observed_queues) = queues.split_at(waiting.len());
+        let (mut watched, mut vanished) = (Vec::new(), Vec::new());
         {
             let mut keys = lock(&local.keys);
-            for ((key, asked, revision), kvs) in waiting.into_iter().zip(&queues) {
+            for ((key, asked, revision, limit, value), kvs) in waiting.into_iter().zip(waited_queues) {
                 let me = B64.encode(self.waiter(&key, local.lease));
                 // Only a key still waiting: an acquire or release may have moved it since.
                 if !matches!(keys.get(&key), Some(Want::Queued { revision: r, .. }) if *r == revision) {
                     continue;
                 }
                 match place(kvs, &me) {
-                    Some((n, _)) if self.holds(n) => {
+                    Some((n, _)) if self.holds(n, limit) => {
                         let grant = Grant { key: key.clone(), fence: Fence(revision as u64), asked };
                         keys.insert(key, Want::Pushed(grant));
                     }
-                    Some((n, _)) => {
+                    // One slot: only the predecessor's deletion makes us first (no herd).
+                    Some((n, _)) if limit == 1 => {
                         let before = n.checked_sub(1).and_then(|p| kvs.get(p));
                         if let Some(k) = before.and_then(|kv| kv["key"].as_str()) {
-                            predecessors.push(k.to_string());
+                            watched.push(Watched {
+                                key: k.to_string(),
+                                range_end: None,
+                                deletions_only: true,
+                            });
                         }
+                    }
+                    // N slots: any deletion ahead of us can give us one.
+                    Some(_) => {
+                        let (start, end) = self.queue_range(&key);
+                        watched.push(Watched { key: start, range_end: Some(end), deletions_only: true });
                     }
                     // Our waiter key is gone while the session lives (deleted by hand): the place is
                     // lost, so queue again at the back rather than wait for a grant that never comes.
@@ -461,25 +840,47 @@ impl EtcdSessions {
                         tracing::warn!(
                             "etcd waiter key {me} vanished while its session lives; queueing again"
                         );
-                        vanished.push((key, asked));
+                        vanished.push((key, asked, limit, value));
                     }
                 }
             }
         }
-        for (key, asked) in vanished {
-            if let SessionReply::Granted { key, fence } = self.acquire(local, asked, &key, true).await? {
+        {
+            let mut follows = lock(&local.observed);
+            for (key, kvs) in observed.iter().zip(observed_queues) {
+                let Some(f) = follows.get_mut(key) else { continue };
+                let holder = kvs.first().and_then(observed_holder);
+                let same = match (&f.holder, &holder) {
+                    (None, None) => f.latest > 0,
+                    (Some(a), Some(b)) => a.session == b.session && a.fence == b.fence,
+                    _ => false,
+                };
+                if !same {
+                    f.latest += 1;
+                    f.holder = holder;
+                }
+                let (start, end) = self.queue_range(key);
+                watched.push(Watched { key: start, range_end: Some(end), deletions_only: false });
+            }
+        }
+        for (key, asked, limit, value) in vanished {
+            if let SessionReply::Granted { key, fence } =
+                self.acquire(local, asked, &key, true, limit, &value).await?
+            {
                 lock(&local.keys).insert(key.clone(), Want::Pushed(Grant { key, fence, asked }));
             }
         }
-        predecessors.truncate(MAX_WATCHES);
-        Ok((!predecessors.is_empty()).then_some((read_at, predecessors)))
+        // Two waits for the same semaphore's queue are one watch.
+        watched.dedup();
+        watched.truncate(MAX_WATCHES);
+        Ok((!watched.is_empty()).then_some((read_at, watched)))
     }
 
-    /// Waits until one of `keys` (base64) is deleted after `revision`. A watch that cannot be
+    /// Waits until one of `watched` sees an event after `revision`. A watch that cannot be
     /// set up never wakes (the keepalive's timer does, and the next one looks again).
-    async fn first_deletion(&self, revision: i64, keys: Vec<String>) -> Wake {
+    async fn first_event(&self, revision: i64, watched: Vec<Watched>) -> Wake {
         let watches: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> =
-            keys.into_iter().map(|k| Box::pin(self.deletion(revision, k)) as Pin<Box<_>>).collect();
+            watched.into_iter().map(|w| Box::pin(self.event(revision, w)) as Pin<Box<_>>).collect();
         let mut watches = watches;
         future::poll_fn(|cx| {
             for w in watches.iter_mut() {
@@ -492,14 +893,20 @@ impl EtcdSessions {
         .await
     }
 
-    /// Returns once `key` (base64) has been deleted after `revision`, or the watch ended.
-    async fn deletion(&self, revision: i64, key: String) {
-        let body = json!({"create_request": {
-            "key": key,
-            // From just after the read: a deletion between the read and the watch is not missed.
+    /// Returns once `watched` has seen an event after `revision`, or the watch ended.
+    async fn event(&self, revision: i64, watched: Watched) {
+        let mut create = json!({
+            "key": watched.key,
+            // From just after the read: an event between the read and the watch is not missed.
             "start_revision": (revision + 1).to_string(),
-            "filters": ["NOPUT"],
-        }});
+        });
+        if let Some(end) = watched.range_end {
+            create["range_end"] = json!(end);
+        }
+        if watched.deletions_only {
+            create["filters"] = json!(["NOPUT"]);
+        }
+        let body = json!({ "create_request": create });
         let request = self
             .watch_http
             .request(hyper::Method::POST, "/v3/watch")
@@ -539,7 +946,8 @@ impl EtcdSessions {
     }
 }
 
-/// The keepalive's answer: the session's ttl and one grant not yet confirmed, if any.
+/// The keepalive's answer: the session's ttl, one grant not yet confirmed and one change of
+/// an observed key not yet acknowledged, if any.
 fn alive_reply(local: &Local, ttl: LDuration) -> SessionReply {
     let keys = lock(&local.keys);
     let mut pushed = keys.values().filter_map(|w| match w {
@@ -547,8 +955,27 @@ fn alive_reply(local: &Local, ttl: LDuration) -> SessionReply {
         Want::Queued { .. } => None,
     });
     let granted = pushed.next();
-    let more = pushed.next().is_some();
-    SessionReply::Alive { ttl, granted, more }
+    let more_grants = pushed.next().is_some();
+    let follows = lock(&local.observed);
+    let mut behind = follows.iter().filter(|(_, f)| f.behind());
+    let Some((key, f)) = behind.next() else {
+        return SessionReply::Alive { ttl, granted, more: more_grants };
+    };
+    // The latest state, not every one since the acknowledged: changes are coalesced here.
+    let observed = Observed { key: key.clone(), change: f.latest, holder: f.holder.clone() };
+    let more = more_grants || behind.next().is_some();
+    SessionReply::AliveObserved { ttl, granted, more, observed }
+}
+
+/// The holder an observer is told of, from the first kv of a queue read with values.
+fn observed_holder(kv: &Value) -> Option<ObservedHolder> {
+    let lease = int(&kv["lease"]).filter(|l| *l > 0)?;
+    let fence = int(&kv["create_revision"]).filter(|r| *r > 0)?;
+    let stake = Stake::of(kv);
+    // Written by a leasehold, so valid; a hand-written one is shown as far as it is.
+    let label = parse_label(&stake.label).unwrap_or_default();
+    let value = parse_value(&stake.value).unwrap_or_default();
+    Some(ObservedHolder { session: SessionId(lease as u64), label, fence: Fence(fence as u64), value })
 }
 
 /// Whether a watch stream message only says the watch was created.
@@ -600,26 +1027,25 @@ impl SessionBackend for EtcdSessions {
         let r = match (&req.op, local) {
             (SessionOp::Open { ttl, label }, _) => self.open(*ttl, label).await,
             (_, None) => Err(Fail::Expired),
-            // No observers on etcd: an acknowledgement of one is a plain keepalive.
-            (SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. }, Some(l)) => {
+            (SessionOp::KeepAlive, Some(l)) => self.keep_alive(&l, hold).await,
+            (SessionOp::KeepAliveSeen { key, change }, Some(l)) => {
+                if let Some(f) = lock(&l.observed).get_mut(key) {
+                    // Never past the latest: a confused number cannot skip changes to come.
+                    f.acked = f.acked.max((*change).min(f.latest));
+                }
                 self.keep_alive(&l, hold).await
             }
-            (SessionOp::Acquire { key, wait }, Some(l)) => self.acquire(&l, req.seq, key, *wait).await,
+            (SessionOp::Acquire { key, wait }, Some(l)) => self.acquire(&l, req.seq, key, *wait, 1, "").await,
             (SessionOp::Release { key, fence }, Some(l)) => self.release(&l, key, *fence).await,
             (SessionOp::Close, Some(l)) => self.close(&l, req.session).await,
-            (SessionOp::AcquireWithLimit { key, wait, limit: 1 }, Some(l)) => {
-                self.acquire(&l, req.seq, key, *wait).await
+            (SessionOp::AcquireWithLimit { key, wait, limit }, Some(l)) => {
+                self.acquire(&l, req.seq, key, *wait, *limit, "").await
             }
-            // Semaphores (N slots) are not built on etcd yet: refused as an operation this
-            // authority does not speak, so the holder gives up at once instead of retrying.
-            (SessionOp::AcquireWithLimit { .. }, Some(_)) => {
-                Ok(SessionReply::Rejected(Reject::UnsupportedVersion))
+            (SessionOp::AcquireWithValue { key, wait, value }, Some(l)) => {
+                self.acquire(&l, req.seq, key, *wait, 1, value).await
             }
-            // Observing (and the values observers are told) is the built-in server's so far.
-            (
-                SessionOp::AcquireWithValue { .. } | SessionOp::Observe { .. } | SessionOp::Unobserve { .. },
-                Some(_),
-            ) => Ok(SessionReply::Rejected(Reject::Malformed)),
+            (SessionOp::Observe { key }, Some(l)) => Ok(self.observe(&l, req.seq, key)),
+            (SessionOp::Unobserve { key }, Some(l)) => Ok(self.unobserve(&l, req.seq, key)),
         };
         match r {
             Ok(reply) => Ok(req.answer(reply)),
@@ -650,6 +1076,25 @@ mod tests {
         assert!(transport(403, &body("etcdserver: permission denied", 7)).is_permanent());
         assert!(transport(404, "Not Found\n").is_permanent());
         assert!(!transport(200, "{truncated").is_permanent());
+    }
+
+    #[test]
+    fn a_waiter_keys_value_says_its_label_limit_and_value_and_an_older_one_is_a_label() {
+        let kv = |v: &str| json!({"key": "YQ==", "value": B64.encode(v)});
+        let stake = Stake { label: "host:7".into(), limit: 3, value: "10.0.0.1:80".into() };
+        assert_eq!(Stake::of(&kv(&stake.encode())), stake);
+        // Written by an older leasehold: the label alone, a key of one holder.
+        let old = Stake { label: "host:8".into(), limit: 1, value: String::new() };
+        assert_eq!(Stake::of(&kv("host:8")), old);
+        // A limit beyond u16 is not silently a small one.
+        assert_eq!(Stake::of(&kv(r#"{"label":"x","limit":70000,"value":""}"#)).limit, u16::MAX);
+        let held = observed_holder(&json!({
+            "key": "YQ==", "lease": "42", "create_revision": "9", "value": B64.encode(stake.encode())
+        }))
+        .expect("a holder");
+        assert_eq!((held.session, held.fence, held.label.as_str()), (SessionId(42), Fence(9), "host:7"));
+        assert_eq!(held.value.as_str(), "10.0.0.1:80");
+        assert_eq!(observed_holder(&json!({"key": "YQ==", "create_revision": "9"})), None, "no lease");
     }
 
     #[test]

@@ -460,3 +460,426 @@ fn one_session_waiting_for_two_keys_is_pushed_each_when_its_holder_lets_go() {
         }
     });
 }
+
+fn three() -> std::num::NonZeroU16 {
+    std::num::NonZeroU16::new(3).unwrap()
+}
+
+/// Queues `c` for a slot of `key` (limit 3) in a task; the channel says when it is queued.
+fn queue_for_slot(
+    c: &SessionClient,
+    key: &'static str,
+) -> (smol::Task<Result<leasehold_http::Lease, AcquireError>>, async_channel::Receiver<()>) {
+    let (tx, rx) = async_channel::bounded::<()>(1);
+    let c = c.clone();
+    let task = smol::spawn(async move {
+        c.acquire_reporting_with_limit(key, three(), None, move |_| {
+            let _ = tx.try_send(());
+        })
+        .await
+    });
+    (task, rx)
+}
+
+#[test]
+fn a_semaphore_of_three_admits_three_of_five_and_pushes_the_fourth_when_a_slot_frees() {
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    // Keepalives 5 s apart: a grant found at the next keepalive would break the bound.
+    let cs: Vec<SessionClient> = (0..5).map(|i| client(e.url(), &format!("s{i}"), HANDOFF_TTL_MS)).collect();
+    smol::block_on(async {
+        let mut holders = Vec::new();
+        for c in &cs[..3] {
+            holders.push(c.try_acquire_with_limit("pool", three()).await.expect("a free slot"));
+        }
+        let fences: Vec<u64> = holders.iter().map(|l| l.fence().unwrap().0).collect();
+        assert!(fences.windows(2).all(|w| w[0] < w[1]), "each slot its own, higher fence: {fences:?}");
+        for c in &cs[3..] {
+            let refused = c.try_acquire_with_limit("pool", three()).await.unwrap_err();
+            assert_eq!(refused, AcquireError::Busy, "three slots, all held");
+        }
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/pool@")).await.len(), 3, "no place kept by a try");
+        // Every holder must agree on the limit: another one is refused, typed, and leaves nothing.
+        let odd = client(e.url(), "odd", 6_000);
+        let two = std::num::NonZeroU16::new(2).unwrap();
+        assert_eq!(
+            odd.try_acquire_with_limit("pool", two).await.unwrap_err(),
+            AcquireError::Rejected(leasehold_core::Reject::LimitMismatch)
+        );
+        assert_eq!(
+            odd.try_acquire("pool").await.unwrap_err(),
+            AcquireError::Rejected(leasehold_core::Reject::LimitMismatch),
+            "a plain acquire is a limit of 1"
+        );
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/pool@")).await.len(), 3, "the refused left no key");
+        odd.close().await;
+
+        let (fourth, q4) = queue_for_slot(&cs[3], "pool");
+        within(10_000, "the fourth queued", q4.recv()).await.unwrap();
+        let (fifth, q5) = queue_for_slot(&cs[4], "pool");
+        within(10_000, "the fifth queued", q5.recv()).await.unwrap();
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/pool@")).await.len(), 5);
+        // Let the waiters' keepalives be the held ones, so the push is what is measured.
+        sleep(300).await;
+        // The middle slot frees: any deletion ahead of a waiter can make it a holder.
+        holders.remove(1).release().await.unwrap();
+        let released = Instant::now();
+        let got = within(10_000, "the fourth pushed", fourth).await.unwrap();
+        let took = released.elapsed();
+        println!("semaphore hand-off: {took:?}");
+        assert!(took < HANDOFF_BOUND, "the fourth waited {took:?} (bound {HANDOFF_BOUND:?})");
+        assert!(got.fence().unwrap().0 > fences[2], "a later grant, a higher fence");
+        // Still three holders: the fifth waits.
+        sleep(300).await;
+        let mut fifth = Box::pin(fifth);
+        assert!(future::poll_once(&mut fifth).await.is_none(), "the fifth must wait for a slot");
+        let got_fence = got.fence().unwrap();
+        got.release().await.unwrap();
+        let last = within(10_000, "the fifth pushed", fifth).await.unwrap();
+        assert!(last.fence().unwrap() > got_fence);
+        last.release().await.unwrap();
+        for h in holders {
+            h.release().await.unwrap();
+        }
+        for c in &cs {
+            c.close().await;
+        }
+        assert_eq!(raw.keys(&format!("{PREFIX}v2/")).await, vec![]);
+    });
+}
+
+/// Whether a fourth session is refused a semaphore of three that three others hold.
+fn fourth_is_refused(url: &str, fault: Option<EtcdFault>) -> Result<(), String> {
+    let cs: Vec<SessionClient> = (0..4).map(|i| client_with(url, &format!("f{i}"), 6_000, fault)).collect();
+    smol::block_on(async {
+        let mut held = Vec::new();
+        for c in &cs[..3] {
+            held.push(c.try_acquire_with_limit("slots", three()).await.unwrap());
+        }
+        let fourth = cs[3].try_acquire_with_limit("slots", three()).await;
+        let verdict = match &fourth {
+            Err(AcquireError::Busy) => Ok(()),
+            other => Err(format!("a fourth holder of three slots: {:?}", other.as_ref().map(|l| l.fence()))),
+        };
+        held.extend(fourth);
+        for l in held {
+            l.release().await.unwrap();
+        }
+        for c in &cs {
+            c.close().await;
+        }
+        verdict
+    })
+}
+
+#[test]
+fn planted_n_plus_first_slot_is_caught_by_the_semaphore_check() {
+    let e = etcd();
+    assert_eq!(fourth_is_refused(e.url(), None), Ok(()));
+    assert!(fourth_is_refused(e.url(), Some(EtcdFault::SecondInLineGranted)).is_err());
+}
+
+/// The next observation, within a bound well under the follower's keepalive interval (its ttl
+/// is 20 s: keepalives 5 s apart), so each change must have been pushed.
+async fn next_pushed(o: &mut leasehold_http::Observations, what: &str) -> leasehold_http::Observation {
+    use futures_lite::StreamExt;
+    within(3_000, what, o.next()).await.expect("the observation goes on")
+}
+
+#[test]
+fn an_observer_hears_each_holder_change_in_order_with_label_fence_and_value() {
+    use leasehold_http::Observation;
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let follower = client(e.url(), "follower", HANDOFF_TTL_MS);
+    let a = client(e.url(), "a", HANDOFF_TTL_MS);
+    let b = client(e.url(), "b", HANDOFF_TTL_MS);
+    smol::block_on(async {
+        let mut leaders = follower.observe("leader").unwrap();
+        assert_eq!(next_pushed(&mut leaders, "the first report").await, Observation::Free);
+        let la = a.acquire_with_value("leader", "10.0.0.1:80", None, |_| {}).await.unwrap();
+        let held_by =
+            |c: &SessionClient, label: &str, l: &leasehold_http::Lease, value: &str| Observation::Held {
+                session: c.session_id().unwrap(),
+                label: label.into(),
+                fence: l.fence().unwrap(),
+                value: value.into(),
+            };
+        assert_eq!(next_pushed(&mut leaders, "a's grant").await, held_by(&a, "a", &la, "10.0.0.1:80"));
+        // b queues with its own value; a's release hands the key straight to b: one change.
+        let (tx, rx) = async_channel::bounded::<()>(1);
+        let b2 = b.clone();
+        let wait = smol::spawn(async move {
+            b2.acquire_with_value("leader", "10.0.0.2:80", None, move |_| {
+                let _ = tx.try_send(());
+            })
+            .await
+        });
+        within(10_000, "b queued", rx.recv()).await.unwrap();
+        la.release().await.unwrap();
+        let lb = within(10_000, "b granted", wait).await.unwrap();
+        assert_eq!(next_pushed(&mut leaders, "b's grant").await, held_by(&b, "b", &lb, "10.0.0.2:80"));
+        // b's session ends behind its back (its etcd lease revoked): the key is free.
+        raw.post("/v3/lease/revoke", json!({"ID": b.session_id().unwrap().to_string()})).await;
+        assert_eq!(next_pushed(&mut leaders, "the revoke").await, Observation::Free);
+        // And a new holder after it.
+        let la = a.acquire("leader").await.unwrap();
+        assert_eq!(next_pushed(&mut leaders, "a again").await, held_by(&a, "a", &la, ""));
+        la.release().await.unwrap();
+        assert_eq!(next_pushed(&mut leaders, "a's release").await, Observation::Free);
+        drop(leaders);
+        follower.close().await;
+        a.close().await;
+    });
+}
+
+#[test]
+fn an_observer_whose_session_is_lost_catches_up_with_the_holder_now() {
+    use futures_lite::StreamExt;
+    use leasehold_http::Observation;
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let follower = client(e.url(), "follower", 6_000);
+    let a = client(e.url(), "a", 6_000);
+    let c = client(e.url(), "c", 6_000);
+    smol::block_on(async {
+        let la = a.acquire("primary").await.unwrap();
+        let mut seen = follower.observe("primary").unwrap();
+        let first = within(5_000, "the first report", seen.next()).await.unwrap();
+        assert!(matches!(&first, Observation::Held { label, .. } if label == "a"), "{first:?}");
+        // The follower's session is lost, and the key changes hands twice while it is.
+        let lost = follower.session_id().unwrap();
+        raw.post("/v3/lease/revoke", json!({"ID": lost.to_string()})).await;
+        la.release().await.unwrap();
+        let lc = c.acquire_with_value("primary", "v-c", None, |_| {}).await.unwrap();
+        // A new session observes again; whatever it heard in between, it ends at c's grant.
+        let want = Observation::Held {
+            session: c.session_id().unwrap(),
+            label: "c".into(),
+            fence: lc.fence().unwrap(),
+            value: "v-c".into(),
+        };
+        let caught_up = within(15_000, "caught up", async {
+            loop {
+                match seen.next().await.expect("the observation goes on") {
+                    Observation::Free => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await;
+        assert_eq!(caught_up, want);
+        assert_ne!(follower.session_id(), Some(lost), "observed again in a new session");
+        lc.release().await.unwrap();
+        drop(seen);
+        for x in [&follower, &a, &c] {
+            x.close().await;
+        }
+    });
+}
+
+/// The observe requests sent by hand: numbering, a lost report heard again, a missed change
+/// caught up (coalesced into the holder now), acknowledgements, unobserve.
+#[test]
+fn observe_by_hand_numbers_changes_and_repeats_what_was_not_acknowledged() {
+    use leasehold_core::session::wire::{
+        parse_label, Observed, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest,
+    };
+    use leasehold_http::SessionBackend;
+    let e = etcd();
+    let b = EtcdSessions::new(e.url(), PREFIX, Duration::from_secs(2)).unwrap();
+    let hold = Duration::ZERO;
+    smol::block_on(async {
+        let open = |label: &str| SessionRequest {
+            session: SessionId::NONE,
+            secret: Secret::NONE,
+            seq: Seq(1),
+            op: SessionOp::Open { ttl: LDuration::from_secs(10), label: parse_label(label).unwrap() },
+        };
+        let SessionReply::Opened { session: watcher, secret: ws, .. } =
+            b.call(open("w"), hold).await.unwrap().reply
+        else {
+            panic!("opened")
+        };
+        let SessionReply::Opened { session: holder, secret: hs, .. } =
+            b.call(open("h"), hold).await.unwrap().reply
+        else {
+            panic!("opened")
+        };
+        let seq = std::cell::Cell::new(1);
+        let send = |session, secret, op| {
+            seq.set(seq.get() + 1);
+            let r = SessionRequest { session, secret, seq: Seq(seq.get()), op };
+            let b = &b;
+            async move { b.call(r, hold).await.unwrap().reply }
+        };
+        let k = parse_key("obs").unwrap();
+        let observed = |reply: SessionReply| match reply {
+            SessionReply::AliveObserved { observed, .. } => observed,
+            other => panic!("no change reported: {other:?}"),
+        };
+        assert_eq!(
+            send(watcher, ws, SessionOp::Observe { key: k.clone() }).await,
+            SessionReply::Observing { key: k.clone() }
+        );
+        let first = observed(send(watcher, ws, SessionOp::KeepAlive).await);
+        assert_eq!(first, Observed { key: k.clone(), change: 1, holder: None });
+        // Not acknowledged: reported again (a lost reply is never a lost change).
+        assert_eq!(observed(send(watcher, ws, SessionOp::KeepAlive).await), first);
+        let ack1 = SessionOp::KeepAliveSeen { key: k.clone(), change: 1 };
+        assert!(matches!(send(watcher, ws, ack1.clone()).await, SessionReply::Alive { .. }), "nothing new");
+        let value = leasehold_core::session::wire::parse_value("addr").unwrap();
+        let acq = SessionOp::AcquireWithValue { key: k.clone(), wait: false, value };
+        let SessionReply::Granted { fence, .. } = send(holder, hs, acq).await else { panic!("granted") };
+        let second = observed(send(watcher, ws, ack1.clone()).await);
+        assert_eq!(second.change, 2);
+        let h = second.holder.clone().expect("held");
+        assert_eq!((h.session, h.label.as_str(), h.fence, h.value.as_str()), (holder, "h", fence, "addr"));
+        // Two changes while nobody looks (released, then held again): caught up as one, the
+        // holder now, numbered next.
+        let release = SessionOp::Release { key: k.clone(), fence };
+        assert_eq!(send(holder, hs, release).await, SessionReply::Released { key: k.clone() });
+        let acq = SessionOp::Acquire { key: k.clone(), wait: false };
+        let SessionReply::Granted { fence: again, .. } = send(holder, hs, acq).await else {
+            panic!("granted")
+        };
+        assert!(again > fence);
+        let ack2 = SessionOp::KeepAliveSeen { key: k.clone(), change: 2 };
+        let third = observed(send(watcher, ws, ack2).await);
+        assert_eq!(third.change, 3);
+        assert_eq!(third.holder.map(|h| (h.fence, h.value.is_empty())), Some((again, true)));
+        // An acknowledgement past the latest skips nothing to come.
+        let ack_far = SessionOp::KeepAliveSeen { key: k.clone(), change: 99 };
+        assert!(matches!(send(watcher, ws, ack_far).await, SessionReply::Alive { .. }));
+        let release = SessionOp::Release { key: k.clone(), fence: again };
+        send(holder, hs, release).await;
+        let fourth = observed(send(watcher, ws, SessionOp::KeepAlive).await);
+        assert_eq!((fourth.change, fourth.holder), (4, None));
+        // Observed again by a later request: the report starts over at the holder now, though
+        // it was acknowledged (an Observe overtaken by its own Unobserve must not leave the
+        // session without a first report).
+        let ack4 = SessionOp::KeepAliveSeen { key: k.clone(), change: 4 };
+        assert!(matches!(send(watcher, ws, ack4).await, SessionReply::Alive { .. }));
+        let observe = SessionOp::Observe { key: k.clone() };
+        assert_eq!(send(watcher, ws, observe).await, SessionReply::Observing { key: k.clone() });
+        let again = observed(send(watcher, ws, SessionOp::KeepAlive).await);
+        assert_eq!((again.change, again.holder), (4, None));
+        assert_eq!(
+            send(watcher, ws, SessionOp::Unobserve { key: k.clone() }).await,
+            SessionReply::Unobserved { key: k.clone() }
+        );
+        assert!(matches!(send(watcher, ws, SessionOp::KeepAlive).await, SessionReply::Alive { .. }));
+        send(watcher, ws, SessionOp::Close).await;
+        send(holder, hs, SessionOp::Close).await;
+    });
+}
+
+/// How long a follower took to hear each of `rounds` acquisitions and releases of a key, from
+/// the acquisition's grant (or the release's acknowledgement) to the observation.
+fn observer_delays(url: &str, fault: Option<EtcdFault>, rounds: usize) -> Vec<Duration> {
+    use futures_lite::StreamExt;
+    use leasehold_http::Observation;
+    let follower = client_with(url, "follower", HANDOFF_TTL_MS, fault);
+    let holder = client(url, "holder", HANDOFF_TTL_MS);
+    smol::block_on(async {
+        let mut seen = follower.observe("followed").unwrap();
+        assert_eq!(within(10_000, "the first report", seen.next()).await, Some(Observation::Free));
+        let mut took = Vec::new();
+        for _ in 0..rounds {
+            // Let the follower's keepalive be the held one, so the push is what is measured.
+            sleep(300).await;
+            let lease = holder.acquire("followed").await.unwrap();
+            let granted = Instant::now();
+            let o = within(20_000, "the grant heard", seen.next()).await.unwrap();
+            took.push(granted.elapsed());
+            assert!(matches!(&o, Observation::Held { fence, .. } if Some(*fence) == lease.fence()), "{o:?}");
+            sleep(300).await;
+            lease.release().await.unwrap();
+            let released = Instant::now();
+            assert_eq!(within(20_000, "the release heard", seen.next()).await, Some(Observation::Free));
+            took.push(released.elapsed());
+        }
+        drop(seen);
+        follower.close().await;
+        holder.close().await;
+        took
+    })
+}
+
+#[test]
+fn an_observer_is_pushed_each_change_at_once_not_at_its_next_keepalive() {
+    // Keepalives 5 s apart: a follower that looked only at each keepalive would hear six
+    // changes all within 1 s with probability about (1/5)⁶.
+    let e = etcd();
+    let took = observer_delays(e.url(), None, 3);
+    println!("observer delays: {took:?}");
+    assert!(took.iter().all(|t| *t < HANDOFF_BOUND), "delays {took:?}, bound {HANDOFF_BOUND:?}");
+}
+
+#[test]
+fn planted_no_watch_is_caught_by_the_observer_bound() {
+    // Without watches each change is heard at the follower's next keepalive (0..5 s): four all
+    // under 1 s would be a (1/5)⁴ = 0.16% fluke.
+    let e = etcd();
+    let took = observer_delays(e.url(), Some(EtcdFault::NoWatch), 2);
+    println!("observer delays without watches: {took:?}");
+    assert!(took.iter().any(|t| *t >= HANDOFF_BOUND), "NoWatch went unnoticed by observers: {took:?}");
+}
+
+#[test]
+fn a_keys_limit_is_its_oldest_waiters_and_a_refused_newcomer_refuses_nobody_else() {
+    let e = etcd();
+    let raw = Etcd::new(e.url());
+    let (a, c) = (client(e.url(), "a", 6_000), client(e.url(), "c", 6_000));
+    smol::block_on(async {
+        let held = a.try_acquire_with_limit("agreed", three()).await.unwrap();
+        // A newcomer with another limit, caught between its put and its refusal's delete.
+        let lease =
+            raw.post("/v3/lease/grant", json!({"TTL": "30"})).await["ID"].as_str().unwrap().to_string();
+        let id: u64 = lease.parse().unwrap();
+        let stray = json!({"label": "stray", "limit": 2, "value": ""}).to_string();
+        let put =
+            json!({"key": B64.encode(waiter("agreed", id)), "value": B64.encode(stray), "lease": lease});
+        raw.post("/v3/kv/put", put).await;
+        // The key's limit is still a's 3: c is granted a slot, not refused for the stray's 2.
+        let second = c.try_acquire_with_limit("agreed", three()).await.expect("judged by the oldest");
+        assert!(second.fence() > held.fence());
+        assert_eq!(
+            client(e.url(), "d", 6_000).try_acquire("agreed").await.unwrap_err(),
+            AcquireError::Rejected(leasehold_core::Reject::LimitMismatch),
+            "a limit of 1 against the oldest's 3"
+        );
+        raw.post("/v3/lease/revoke", json!({"ID": lease})).await;
+        second.release().await.unwrap();
+        held.release().await.unwrap();
+    });
+}
+
+#[test]
+fn an_observer_of_a_semaphore_follows_its_oldest_grant() {
+    use leasehold_http::Observation;
+    let e = etcd();
+    let (a, b) = (client(e.url(), "a", HANDOFF_TTL_MS), client(e.url(), "b", HANDOFF_TTL_MS));
+    let follower = client(e.url(), "follower", HANDOFF_TTL_MS);
+    smol::block_on(async {
+        let la = a.try_acquire_with_limit("sem", three()).await.unwrap();
+        let lb = b.try_acquire_with_limit("sem", three()).await.unwrap();
+        let held = |c: &SessionClient, label: &str, l: &leasehold_http::Lease| Observation::Held {
+            session: c.session_id().unwrap(),
+            label: label.into(),
+            fence: l.fence().unwrap(),
+            value: String::new(),
+        };
+        let (want_a, want_b) = (held(&a, "a", &la), held(&b, "b", &lb));
+        let mut seen = follower.observe("sem").unwrap();
+        assert_eq!(next_pushed(&mut seen, "the oldest grant").await, want_a);
+        la.release().await.unwrap();
+        assert_eq!(next_pushed(&mut seen, "the next oldest").await, want_b);
+        lb.release().await.unwrap();
+        assert_eq!(next_pushed(&mut seen, "free").await, Observation::Free);
+        drop(seen);
+        for c in [&a, &b, &follower] {
+            c.close().await;
+        }
+    });
+}
