@@ -910,3 +910,26 @@ fn session_boards(fault: &str) {
 fn session_boards_are_pushed_their_grants_and_renew_two_keys_in_one_frame() {
     session_boards("");
 }
+
+/// Each deliberate bug makes the session-board test fail, for the reason it should:
+/// `cargo test -p leasehold --features fault-injection --test qemu planted`.
+#[cfg(feature = "fault-injection")]
+mod planted {
+    /// The message `f` panicked with; fails if it did not panic.
+    fn failure(f: impl FnOnce()) -> String {
+        let payload =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("the bug went unnoticed");
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn planted_keepalives_never_held_is_caught_on_the_boards() {
+        // The waiter's keepalives come back at once and it sends the next at once: it polls.
+        let why = failure(|| super::session_boards("no-hold"));
+        assert!(why.starts_with("waiter sent"), "{why}");
+    }
+}
