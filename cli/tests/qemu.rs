@@ -663,8 +663,15 @@ fn wait_for<T>(log: &Mutex<Vec<Line>>, what: &str, found: impl Fn(&[Line]) -> Op
 }
 
 /// `who`'s lines after `after`, split into words.
-fn said<'l>(lines: &'l [Line], who: &'l str, after: Duration) -> impl Iterator<Item = (Duration, Vec<&'l str>)> + 'l {
-    lines.iter().filter(move |l| l.who == who && l.t > after).map(|l| (l.t, l.text.split_whitespace().collect()))
+fn said<'l>(
+    lines: &'l [Line],
+    who: &'l str,
+    after: Duration,
+) -> impl Iterator<Item = (Duration, Vec<&'l str>)> + 'l {
+    lines
+        .iter()
+        .filter(move |l| l.who == who && l.t > after)
+        .map(|l| (l.t, l.text.split_whitespace().collect()))
 }
 
 /// The numbers of a line's words that are numbers.
@@ -685,13 +692,16 @@ struct HandOff {
 /// The first hand-over of "pump" by release after `after`.
 fn hand_off(lines: &[Line], after: Duration) -> Option<HandOff> {
     let release = lines.iter().find(|l| l.t > after && l.text.starts_with("RELEASED pump "))?;
-    let grant = lines.iter().find(|l| l.t >= release.t && l.who != release.who && l.text.starts_with("ACQUIRED pump "))?;
+    let grant = lines
+        .iter()
+        .find(|l| l.t >= release.t && l.who != release.who && l.text.starts_with("ACQUIRED pump "))?;
     Some(HandOff { from: release.who.clone(), to: grant.who.clone(), released: release.t, acquired: grant.t })
 }
 
 /// When `who` next logged HOLDING after `after`, with its (pump, valve) fences.
 fn holding(lines: &[Line], who: &str, after: Duration) -> Option<(Duration, u64, u64)> {
-    said(lines, who, after).find(|(_, w)| w.first() == Some(&"HOLDING")).and_then(|(t, w)| match nums(&w)[..] {
+    said(lines, who, after).find(|(_, w)| w.first() == Some(&"HOLDING")).and_then(|(t, w)| match nums(&w)[..]
+    {
         [pump, valve] => Some((t, pump, valve)),
         _ => None,
     })
@@ -699,7 +709,10 @@ fn holding(lines: &[Line], who: &str, after: Duration) -> Option<(Duration, u64,
 
 /// The number of `who`'s last action after `after` ("ACT PUMP VALVE N").
 fn last_act(lines: &[Line], who: &str, after: Duration) -> Option<u64> {
-    said(lines, who, after).filter(|(_, w)| w.first() == Some(&"ACT")).last().and_then(|(_, w)| w.get(3)?.parse().ok())
+    said(lines, who, after)
+        .filter(|(_, w)| w.first() == Some(&"ACT"))
+        .last()
+        .and_then(|(_, w)| w.get(3)?.parse().ok())
 }
 
 /// The gateway's forwarded-request counter of the link to QEMU's UART at `uart`.
@@ -708,20 +721,22 @@ fn forwarded(metrics: u16, uart: u16) -> u64 {
     leasehold_test_servers::metric(metrics, &series).unwrap_or_else(|| panic!("no {series} on /metrics"))
 }
 
-/// Two lm3s6965evb boards on the session pump, through the real gateway (with the planted
-/// `fault`, if any) and the real built-in server: hand-offs by release are pushed, one
-/// keepalive a period renews both keys, a killed holder's keys go to the waiter at its
-/// session's expiry and not before, and every fence rises.
-fn session_boards(fault: &str) {
+/// Two lm3s6965evb boards on the session pump, through the real gateway and the real built-in
+/// server: hand-offs by release are pushed, one keepalive a period renews both keys, a killed
+/// holder's keys go to the waiter at its session's expiry and not before, and every fence
+/// rises. `config` may plant a bug in the server, `gateway_fault` one in the gateway.
+fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
     let image = build(&SESSION_LM3S);
     let start = Instant::now();
     let log: Arc<Mutex<Vec<Line>>> = Arc::default();
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).unwrap();
+    let mut server_config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    config(&mut server_config);
+    let server = Server::spawn(server_config).unwrap();
     let mut boards: Vec<(String, Option<Proc>, u16)> = Vec::new();
     let mut gateway = Command::new(BIN);
     gateway.args(["gateway", "--server", &server.url(), "--metrics", "127.0.0.1:0"]);
-    gateway.env("LEASEHOLD_GATEWAY_FAULT", fault);
+    gateway.env("LEASEHOLD_GATEWAY_FAULT", gateway_fault);
     for device in [1, 2] {
         let (proc, port) = board(&SESSION_LM3S, &image, device, log.clone(), start);
         gateway.args(["--link", &format!("tcp:127.0.0.1:{port}")]);
@@ -745,9 +760,11 @@ fn session_boards(fault: &str) {
     let (holder, waiter) = (first.to.clone(), first.from.clone());
     let (held_at, ..) = wait_for(&log, "holding of both keys", |l| holding(l, &holder, first.acquired));
     wait_for(&log, "third action", |l| last_act(l, &holder, held_at).filter(|&n| n >= 3));
-    let (t1, holder1, waiter1) = (start.elapsed(), forwarded(metrics, uart(&holder)), forwarded(metrics, uart(&waiter)));
+    let (t1, holder1, waiter1) =
+        (start.elapsed(), forwarded(metrics, uart(&holder)), forwarded(metrics, uart(&waiter)));
     wait_for(&log, "43rd action", |l| last_act(l, &holder, held_at).filter(|&n| n >= 43));
-    let (t2, holder2, waiter2) = (start.elapsed(), forwarded(metrics, uart(&holder)), forwarded(metrics, uart(&waiter)));
+    let (t2, holder2, waiter2) =
+        (start.elapsed(), forwarded(metrics, uart(&holder)), forwarded(metrics, uart(&waiter)));
 
     // The pump goes back by release, then the first holder is killed mid-hold, once it has
     // renewed in that holding.
@@ -783,7 +800,8 @@ fn session_boards(fault: &str) {
     // One keepalive frame a period renews both of the holder's keys.
     let holder_requests = holder2 - holder1;
     let per_interval = (window.as_secs_f64() / KEEPALIVE_EVERY.as_secs_f64()) as u64 + 1;
-    let renewals = said(&lines, &holder, t1).filter(|(t, w)| *t <= t2 && w.first() == Some(&"RENEWED")).count();
+    let renewals =
+        said(&lines, &holder, t1).filter(|(t, w)| *t <= t2 && w.first() == Some(&"RENEWED")).count();
     println!(
         "while {holder} held pump and valve: {holder_requests} requests forwarded in {:.2} s (one keepalive per {:?}: at most {per_interval}), {renewals} renewals in its log; {waiter} waiting: {waiter_requests} requests",
         window.as_secs_f64(),
@@ -802,9 +820,15 @@ fn session_boards(fault: &str) {
         .collect();
     assert!(acts.iter().all(|a| a.1[..2] == [pump, valve]), "{holder} acted under other fences:\n{}", dump());
     let last = acts.last().map_or(held_at, |a| a.0);
-    assert!(last - held_at >= SESSION_TTL, "{holder} acted only {:?} after its grant:\n{}", last - held_at, dump());
     assert!(
-        !said(&lines, &holder, held_at).any(|(t, w)| t < second.released && ["LOST", "SESSION"].contains(&w[0])),
+        last - held_at >= SESSION_TTL,
+        "{holder} acted only {:?} after its grant:\n{}",
+        last - held_at,
+        dump()
+    );
+    assert!(
+        !said(&lines, &holder, held_at)
+            .any(|(t, w)| t < second.released && ["LOST", "SESSION"].contains(&w[0])),
         "{holder} lost a key while it renewed:\n{}",
         dump()
     );
@@ -812,8 +836,14 @@ fn session_boards(fault: &str) {
     // Hand-offs by release are pushed.
     for h in [&first, &second] {
         let gap = h.acquired - h.released;
-        println!("pushed hand-off {} -> {}: {:.1} ms (bound {PUSHED_HAND_OFF:?})", h.from, h.to, gap.as_secs_f64() * 1e3);
-        let queued = said(&lines, &h.to, Duration::ZERO).any(|(t, w)| t < h.released && w[..2] == ["QUEUED", "pump"]);
+        println!(
+            "pushed hand-off {} -> {}: {:.1} ms (bound {PUSHED_HAND_OFF:?})",
+            h.from,
+            h.to,
+            gap.as_secs_f64() * 1e3
+        );
+        let queued =
+            said(&lines, &h.to, Duration::ZERO).any(|(t, w)| t < h.released && w[..2] == ["QUEUED", "pump"]);
         assert!(queued, "{} was not queued for the pump when it was released:\n{}", h.to, dump());
         assert!(gap <= PUSHED_HAND_OFF, "hand-off {} -> {} took {gap:?}:\n{}", h.from, h.to, dump());
     }
@@ -845,7 +875,11 @@ fn session_boards(fault: &str) {
         "the pump was granted {since_keepalive:?} after the dead holder's last keepalive, before its session expired:\n{}",
         dump()
     );
-    assert!(since_kill <= SESSION_TTL + Duration::from_millis(1_500), "takeover took {since_kill:?}:\n{}", dump());
+    assert!(
+        since_kill <= SESSION_TTL + Duration::from_millis(1_500),
+        "takeover took {since_kill:?}:\n{}",
+        dump()
+    );
     assert!(
         survivor_pump > victim_pump && survivor_valve > victim_valve,
         "new holder's fences ({survivor_pump}, {survivor_valve}) not above the dead holder's ({victim_pump}, {victim_valve}):\n{}",
@@ -908,13 +942,14 @@ fn session_boards(fault: &str) {
 
 #[test]
 fn session_boards_are_pushed_their_grants_and_renew_two_keys_in_one_frame() {
-    session_boards("");
+    session_boards(|_| {}, "");
 }
 
 /// Each deliberate bug makes the session-board test fail, for the reason it should:
 /// `cargo test -p leasehold --features fault-injection --test qemu planted`.
 #[cfg(feature = "fault-injection")]
 mod planted {
+    use leasehold_core::session::authority::SessionFault;
     /// The message `f` panicked with; fails if it did not panic.
     fn failure(f: impl FnOnce()) -> String {
         let payload =
@@ -929,7 +964,15 @@ mod planted {
     #[test]
     fn planted_keepalives_never_held_is_caught_on_the_boards() {
         // The waiter's keepalives come back at once and it sends the next at once: it polls.
-        let why = failure(|| super::session_boards("no-hold"));
+        let why = failure(|| super::session_boards(|_| {}, "no-hold"));
         assert!(why.starts_with("waiter sent"), "{why}");
+    }
+
+    #[test]
+    fn planted_hand_off_before_the_holders_expiry_is_caught_on_the_boards() {
+        // The server hands a dead holder's keys on a quarter of a ttl early.
+        let early = |c: &mut leasehold_server::ServerConfig| c.session_fault = SessionFault::HandOffEarly;
+        let why = failure(|| super::session_boards(early, ""));
+        assert!(why.contains("before its session expired"), "{why}");
     }
 }

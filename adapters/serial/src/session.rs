@@ -434,8 +434,13 @@ pub struct AsyncSessionLink<U, C, D, const K: usize, const O: usize = 16> {
     sending: Sending<Seq>,
 }
 
-impl<U: embedded_io_async::Read + embedded_io_async::Write, C: Clock, D: DelayNs, const K: usize, const O: usize>
-    AsyncSessionLink<U, C, D, K, O>
+impl<
+        U: embedded_io_async::Read + embedded_io_async::Write,
+        C: Clock,
+        D: DelayNs,
+        const K: usize,
+        const O: usize,
+    > AsyncSessionLink<U, C, D, K, O>
 {
     /// A link driving `session` (not yet opened), identifying itself as `device`.
     pub fn new(uart: U, clock: C, delay: D, session: Session<K, O>, device: u32) -> Self {
