@@ -8,6 +8,11 @@
 //! - `microbit`: QEMU's microbit (nRF51822), Cortex-M0, `thumbv6m-none-eabi`:
 //!   `cargo build --release --no-default-features --features microbit --target thumbv6m-none-eabi`.
 //!
+//! With the `sessions` feature the pump runs on protocol v2 instead: one session holding
+//! "pump" and "valve", renewed by one keepalive (src/sessions.rs). Build it into its own
+//! target directory so it never overwrites the v1 ELF:
+//! `cargo build --release --features sessions --target-dir target/sessions`.
+//!
 //! The release build has no panic path: nothing in it can reach the panic handler, and the
 //! end-to-end test (`cli/tests/qemu.rs`) reads the ELF's symbols to prove it.
 //!
