@@ -422,6 +422,12 @@ impl World {
     /// Runs until `params.run_for`, checking after every step; then heals the network for six
     /// ttls and checks that every observer ends at each key's holder.
     pub fn run(mut self) -> Result<Stats, Box<Violation>> {
+        self.run_to_end()?;
+        Ok(self.stats)
+    }
+
+    /// [`run`](Self::run), keeping the world for its trace.
+    pub fn run_to_end(&mut self) -> Result<(), Box<Violation>> {
         while self.now < self.params.run_for {
             if !self.step()? {
                 break;
@@ -434,8 +440,7 @@ impl World {
                 break;
             }
         }
-        self.check_observers_caught_up()?;
-        Ok(self.stats)
+        self.check_observers_caught_up()
     }
 
     /// No more loss, duplication, partitions or faults, and the holders stop asking for keys.
