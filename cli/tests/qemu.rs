@@ -679,8 +679,9 @@ fn nums(words: &[&str]) -> Vec<u64> {
     words.iter().filter_map(|w| w.parse().ok()).collect()
 }
 
-/// A hand-over of "pump" by release: `from` logged `RELEASED pump` at `released`, then `to`,
-/// queued for it before that, logged `ACQUIRED pump` at `acquired`.
+/// A hand-over of "pump" by release: `from` logged `RELEASING pump` at `released`, just before
+/// sending the release, then `to`, queued for it before that, logged `ACQUIRED pump` at
+/// `acquired`.
 #[derive(Debug, Clone)]
 struct HandOff {
     from: String,
@@ -691,7 +692,7 @@ struct HandOff {
 
 /// The first hand-over of "pump" by release after `after`.
 fn hand_off(lines: &[Line], after: Duration) -> Option<HandOff> {
-    let release = lines.iter().find(|l| l.t > after && l.text.starts_with("RELEASED pump "))?;
+    let release = lines.iter().find(|l| l.t > after && l.text.starts_with("RELEASING pump "))?;
     let grant = lines
         .iter()
         .find(|l| l.t >= release.t && l.who != release.who && l.text.starts_with("ACQUIRED pump "))?;
@@ -721,12 +722,13 @@ fn forwarded(metrics: u16, uart: u16) -> u64 {
     leasehold_test_servers::metric(metrics, &series).unwrap_or_else(|| panic!("no {series} on /metrics"))
 }
 
-/// Two lm3s6965evb boards on the session pump, through the real gateway and the real built-in
-/// server: hand-offs by release are pushed, one keepalive a period renews both keys, a killed
+/// Two boards on the session pump, an lm3s6965evb (board1) and a micro:bit (board2), through
+/// the real gateway and the real built-in server: hand-offs by release are pushed, one keepalive a period renews both keys, a killed
 /// holder's keys go to the waiter at its session's expiry and not before, and every fence
 /// rises. `config` may plant a bug in the server, `gateway_fault` one in the gateway.
 fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
-    let image = build(&SESSION_LM3S);
+    let firmwares = [&SESSION_LM3S, &SESSION_MICROBIT];
+    let images: Vec<PathBuf> = firmwares.iter().map(|fw| build(fw)).collect();
     let start = Instant::now();
     let log: Arc<Mutex<Vec<Line>>> = Arc::default();
     let dir = tempfile::tempdir().unwrap();
@@ -737,8 +739,9 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
     let mut gateway = Command::new(BIN);
     gateway.args(["gateway", "--server", &server.url(), "--metrics", "127.0.0.1:0"]);
     gateway.env("LEASEHOLD_GATEWAY_FAULT", gateway_fault);
-    for device in [1, 2] {
-        let (proc, port) = board(&SESSION_LM3S, &image, device, log.clone(), start);
+    for (i, (fw, image)) in firmwares.iter().zip(&images).enumerate() {
+        let device = i as u32 + 1;
+        let (proc, port) = board(fw, image, device, log.clone(), start);
         gateway.args(["--link", &format!("tcp:127.0.0.1:{port}")]);
         boards.push((format!("board{device}"), Some(proc), port));
     }
@@ -916,8 +919,8 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
     assert!(!refusals.is_empty(), "no board refused its replayed stale pump command:\n{}", dump());
     assert!(refusals.iter().all(|r| r.len() == 2 && r[0] < r[1]), "odd refusals {refusals:?}:\n{}", dump());
 
-    let e = elf(&image);
-    for who in ["board1", "board2"] {
+    for (who, fw, image) in [("board1", firmwares[0], &images[0]), ("board2", firmwares[1], &images[1])] {
+        let e = elf(image);
         let stack = said(&lines, who, Duration::ZERO)
             .filter(|(_, w)| w.first() == Some(&"STACK"))
             .filter_map(|(_, w)| nums(&w).first().copied())
@@ -930,7 +933,7 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
         rtts.sort_unstable();
         println!(
             "{who}: {}: flash {} B, static RAM {} B, stack high-water mark {stack} B; keepalive round trips (held ones included) min {:.2} ms, median {:.2} ms over {}",
-            SESSION_LM3S.name(),
+            fw.name(),
             e.flash(),
             e.static_ram(),
             rtts.first().map_or(0.0, |&r| r as f64 / 1e3),

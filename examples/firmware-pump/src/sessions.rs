@@ -16,6 +16,8 @@
 //! - `ACT F G N`: the `N`-th action, under the pump's fence `F` and the valve's `G`;
 //! - `RENEWED rtt_us US`: a keepalive reply extended the session (the round trip from the
 //!   keepalive's sending, so a keepalive held open for a waiter shows its hold);
+//! - `RELEASING pump F valve G`: about to send both releases (the gateway may push the
+//!   pump to a waiter before `RELEASED pump F`, which waits for the release's answer);
 //! - `RELEASED KEY FENCE`, `LOST KEY FENCE`, `SESSION LOST`, `REFUSED ...` (the actuators'),
 //!   and the `BOOT`, `CLOCK` and `STACK` lines every firmware here writes.
 //!
@@ -160,7 +162,9 @@ fn run<U: Read + ReadReady + Write, C: Clock>(
                 let left = |key: &Key| link.remaining(key).unwrap_or(Duration::ZERO);
                 if *acts >= ACTS_PER_HOLD {
                     // Given back one period after the last action, when it has finished; the
-                    // valve first, so the next holder of the pump finds it free.
+                    // valve first, so the next holder of the pump finds it free. Said before
+                    // the frames go: a hand-off is timed from here.
+                    Line::new("RELEASING pump ").num(pump.0).push(" valve ").num(valve.0).say();
                     let _ = link.release(&keys.valve);
                     let _ = link.release(&keys.pump);
                     phase = Phase::Pausing { resume_at: now + PAUSE };
