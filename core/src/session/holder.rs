@@ -1196,15 +1196,22 @@ impl<const K: usize, const O: usize> Session<K, O> {
                     asked: false,
                 };
                 let _ = self.watches.push(orphan);
-            } else if let Some(w) = w.filter(|w| w.event.is_none() && o.change > w.seen) {
-                let missed = if w.seen == 0 { 0 } else { o.change - w.seen - 1 };
-                w.seen = o.change;
-                w.event = Some(SessionEvent::Observed {
-                    key: o.key.clone(),
-                    change: o.change,
-                    holder: o.holder.clone(),
-                    missed,
-                });
+            } else if let Some(w) = w {
+                if o.change <= w.seen {
+                    // Told again what we were told: the authority holds an older
+                    // acknowledgement than ours (a retried observe starts the report over), so
+                    // acknowledge again rather than hear it in every keepalive.
+                    w.acked = w.acked.min(o.change.saturating_sub(1));
+                } else if w.event.is_none() {
+                    let missed = if w.seen == 0 { 0 } else { o.change - w.seen - 1 };
+                    w.seen = o.change;
+                    w.event = Some(SessionEvent::Observed {
+                        key: o.key.clone(),
+                        change: o.change,
+                        holder: o.holder.clone(),
+                        missed,
+                    });
+                }
             }
         }
         // An acknowledgement to carry: keep alive again at once, so the next change (held at
@@ -1642,6 +1649,43 @@ mod tests {
         assert_eq!(events(&mut watcher)[..], [SessionEvent::ObserveEnded { key: key("x"), reason: None }]);
         assert_eq!(a.observers_behind().count(), 0);
         assert_eq!(watcher.observed().count(), 0);
+    }
+
+    #[test]
+    fn a_retried_observe_that_starts_the_report_over_is_acknowledged_again_without_a_second_event() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut first = opened(&mut a, "first");
+        let mut watcher = opened(&mut a, "watcher");
+        first.acquire(ms(1), key("x"), true).unwrap();
+        exchange(&mut first, &mut a, ms(1));
+        watcher.observe(ms(2), key("x")).unwrap();
+        // The observe reaches the authority; its reply is lost.
+        let observe = watcher.poll_transmit().unwrap();
+        a.handle(ms(2) + SKEW, &observe);
+        // A keepalive hears the holder, and the next acknowledges it.
+        watcher.keep_alive_now(ms(3));
+        watcher.handle_timeout(ms(3));
+        exchange(&mut watcher, &mut a, ms(3));
+        assert!(matches!(events(&mut watcher)[..], [SessionEvent::Observed { change: 1, .. }]));
+        watcher.handle_timeout(ms(3));
+        exchange(&mut watcher, &mut a, ms(3));
+        assert_eq!(a.observers_behind().count(), 0);
+        // The observe's request timeout retries it with a later seq: the authority starts
+        // the report over, and the watcher is told change 1 again.
+        let retry_at = ms(2) + config().request_timeout;
+        watcher.handle_timeout(retry_at);
+        exchange(&mut watcher, &mut a, retry_at);
+        assert_eq!(a.observers_behind().count(), 1);
+        watcher.keep_alive_now(retry_at);
+        watcher.handle_timeout(retry_at);
+        exchange(&mut watcher, &mut a, retry_at);
+        // Not news for the application, but acknowledged at once, so it is not repeated.
+        assert!(events(&mut watcher).is_empty());
+        watcher.handle_timeout(retry_at);
+        let ka = watcher.poll_transmit().expect("an acknowledgement");
+        assert_eq!(ka.op, SessionOp::KeepAliveSeen { key: key("x"), change: 1 });
+        watcher.handle_response(retry_at, &ka.answer(a.handle(retry_at + SKEW, &ka)));
+        assert_eq!(a.observers_behind().count(), 0);
     }
 
     #[test]
