@@ -800,7 +800,9 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
         "waiter sent {waiter_requests} requests in {window:?} while it waited (at most {allowed}):\n{}",
         dump()
     );
-    // One keepalive frame a period renews both of the holder's keys.
+    // One keepalive frame a period renews both of the holder's keys. A holder that waits for
+    // nothing sends its keepalives at least `renew_every` apart (the core's rule), so a window
+    // holds at most ⌊window / interval⌋ + 1 of them; one keepalive per key would be twice that.
     let holder_requests = holder2 - holder1;
     let per_interval = (window.as_secs_f64() / KEEPALIVE_EVERY.as_secs_f64()) as u64 + 1;
     let renewals =
