@@ -19,7 +19,7 @@ use leasehold_core::{Config, ConfigError, Fence, Health, Key, LostReason, NotAcq
 
 use crate::backend::{ErasedSessionBackend, SessionBackend};
 use crate::client::{AcquireError, DriverThread, Options, ReleaseError, Unreachable, Waiting};
-use crate::clock::{now, to_std, Clock, SystemClock};
+use crate::clock::{Clock, SystemClock};
 use crate::error::TransportError;
 use crate::turns::{parse, LocalTurns};
 use crate::Lease;
@@ -107,11 +107,15 @@ impl Drop for User {
 
 struct Inner {
     backend: Box<dyn ErasedSessionBackend>,
+    /// Every `now` the machine is handed and every deadline the driver waits for.
+    clock: Arc<dyn Clock>,
     /// How long the authority may hold a keepalive: under the request timeout, so the answer
     /// comes before the machine gives up on it.
     hold: Duration,
     /// The machine's request timeout.
     request_timeout: leasehold_core::Duration,
+    /// The session's ttl.
+    ttl: leasehold_core::Duration,
     machine: Mutex<Box<Machine>>,
     /// The handles' view of each key the machine tracks.
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
@@ -193,6 +197,41 @@ impl SessionClient {
         label: &str,
         options: Options,
     ) -> Result<SessionClient, SessionSetupError> {
+        Self::with_clock(backend, label, options, SystemClock)
+    }
+
+    /// [`new`](Self::new) with the time read from `clock`: every deadline the driver keeps
+    /// (keepalives, validity and loss, request timeouts, acquisition timeouts) is on it. For
+    /// tests, a [`ManualClock`](crate::ManualClock) runs a session's renewals, expiry and
+    /// deadlines without waiting for them. A backend's own timeouts (an HTTP request's) stay
+    /// on the wall clock, and so does how long the authority holds a keepalive.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let config = leasehold_server::ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    /// # let server = leasehold_server::Server::spawn(config).unwrap();
+    /// use std::time::Duration;
+    /// use leasehold_http::{BuiltinSessions, Clock, ManualClock, Options, SessionClient};
+    ///
+    /// let clock = ManualClock::new(leasehold_core::Instant::from_micros(1_000_000));
+    /// let options = Options::session(Duration::from_secs(60));
+    /// let backend = BuiltinSessions::new(&server.url(), None, Duration::from_secs(20))?;
+    /// let client = SessionClient::with_clock(backend, "worker", options, clock.clone())?;
+    /// let lease = smol::block_on(client.acquire("report"))?;
+    /// // The validity is counted on the client's clock: it stands still until moved, and
+    /// // moving it 5 s uses up exactly 5 s of it, however long that took for real.
+    /// let left = lease.remaining().unwrap();
+    /// assert_eq!(lease.remaining(), Some(left));
+    /// clock.advance(leasehold_core::Duration::from_secs(5));
+    /// assert_eq!(lease.remaining(), Some(left - Duration::from_secs(5)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_clock(
+        backend: impl SessionBackend,
+        label: &str,
+        options: Options,
+        clock: impl Clock,
+    ) -> Result<SessionClient, SessionSetupError> {
         let config = options.config;
         config.validate().map_err(SessionSetupError::Config)?;
         let label = parse_label(label).map_err(SessionSetupError::Label)?;
@@ -200,8 +239,10 @@ impl SessionClient {
         let hold = Duration::from(config.renew_every).min(timeout.mul_f64(0.75));
         let inner = Arc::new(Inner {
             backend: Box::new(backend),
+            clock: Arc::new(clock),
             hold,
             request_timeout: config.request_timeout,
+            ttl: config.ttl,
             machine: Mutex::new(fresh_machine(label, config)?),
             slots: Mutex::new(HashMap::new()),
             watches: Mutex::new(HashMap::new()),
@@ -304,8 +345,9 @@ impl SessionClient {
         mut report: impl FnMut(&Waiting) + Send,
     ) -> Result<Lease, AcquireError> {
         let key = parse(key)?;
-        let deadline = timeout.map(|t| now() + t.into());
-        let guard = self.user.0.local.take(&key, deadline.map(|d| SystemClock.sleep_until(d))).await?;
+        let clock = &self.user.0.clock;
+        let deadline = timeout.map(|t| clock.now() + t.into());
+        let guard = self.user.0.local.take(&key, deadline.map(|d| clock.sleep_until(d))).await?;
         self.start(key, Terms::slot(limit), guard, true, deadline, &mut report).await
     }
 
@@ -314,7 +356,7 @@ impl SessionClient {
     pub async fn close(&self) {
         let inner = &self.user.0;
         let closed = lock(&inner.view).closed;
-        if lock(&inner.machine).close(now()).is_err() {
+        if lock(&inner.machine).close(inner.clock.now()).is_err() {
             return;
         }
         inner.poke.notify(usize::MAX);
@@ -373,7 +415,7 @@ impl SessionClient {
                                 return Err(AcquireError::Rejected(reason));
                             }
                         }
-                        if m.open(now()).is_ok() {
+                        if m.open(inner.clock.now()).is_ok() {
                             view.opens += 1;
                             view.outcome = None;
                             asked = Some(view.opens);
@@ -383,7 +425,7 @@ impl SessionClient {
                     SessionState::Opening | SessionState::Closing => {}
                 }
             }
-            if !heard_before(listener, deadline).await {
+            if !heard_before(&*inner.clock, listener, deadline).await {
                 let last = lock(&inner.last_error).clone();
                 return Err(AcquireError::Unavailable(last.map(Unreachable)));
             }
@@ -413,9 +455,9 @@ impl SessionClient {
             lock(&inner.slots).insert(key.clone(), slot.clone());
             // A value is for a key with one holder; a semaphore's slots carry none.
             let asked = if value.is_empty() {
-                m.acquire_with_limit(now(), key.clone(), wait, limit.get())
+                m.acquire_with_limit(inner.clock.now(), key.clone(), wait, limit.get())
             } else {
-                m.acquire_with_value(now(), key.clone(), wait, value.clone())
+                m.acquire_with_value(inner.clock.now(), key.clone(), wait, value.clone())
             };
             match asked {
                 Ok(()) => break,
@@ -465,11 +507,11 @@ impl SessionClient {
                 }
                 _ => {}
             }
-            if !heard_before(listener, deadline.filter(|_| !gave_up)).await {
+            if !heard_before(&*inner.clock, listener, deadline.filter(|_| !gave_up)).await {
                 // Leave the queue; a grant that crossed this is given back by the machine.
                 // The answer is the slot's end, whichever it is.
                 gave_up = true;
-                let _ = lock(&inner.machine).release(now(), &key);
+                let _ = lock(&inner.machine).release(inner.clock.now(), &key);
                 inner.poke.notify(usize::MAX);
             }
         }
@@ -495,6 +537,7 @@ impl Terms {
 
 /// Waits for `listener`, or until `deadline` if there is one: whether it was heard first.
 async fn heard_before(
+    clock: &dyn Clock,
     listener: event_listener::EventListener,
     deadline: Option<leasehold_core::Instant>,
 ) -> bool {
@@ -510,7 +553,7 @@ async fn heard_before(
                     true
                 },
                 async {
-                    async_io::Timer::at(to_std(d)).await;
+                    clock.sleep_until(d).await;
                     false
                 },
             )
@@ -531,6 +574,17 @@ impl Inner {
     }
 }
 
+/// A request out: until its response arrives, or until `give_up_at`, when dropping it drops
+/// the transport's future.
+struct Flight {
+    id: u64,
+    seq: Seq,
+    keepalive: bool,
+    patience: leasehold_core::Duration,
+    give_up_at: leasehold_core::Instant,
+    _task: async_executor::Task<()>,
+}
+
 /// Whether `op` renews the session (and so is held at the server and sent on its own pool).
 fn is_keepalive(op: &SessionOp) -> bool {
     matches!(op, SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. })
@@ -540,11 +594,12 @@ fn is_keepalive(op: &SessionOp) -> bool {
 /// handles. Requests run concurrently (each on the driver's executor); the machine decides
 /// what each response means.
 async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static>>) {
-    let (done, responses) =
-        async_channel::unbounded::<(Seq, bool, Result<SessionResponse, TransportError>)>();
+    let (done, responses) = async_channel::unbounded::<(u64, Result<SessionResponse, TransportError>)>();
     // Requests made but not yet sent, in the order made; keepalives skip it.
     let mut backlog: VecDeque<(SessionRequest, leasehold_core::Instant)> = VecDeque::new();
-    let (mut in_flight, mut keepalives_in_flight) = (0usize, 0usize);
+    // Requests out, each until its response or until it is given up.
+    let mut flights: Vec<Flight> = Vec::new();
+    let mut next_flight = 0u64;
     let mut last_state = SessionState::Idle;
     loop {
         // Listening before looking, so a verb called after the look still wakes us.
@@ -553,34 +608,53 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
             let mut m = lock(&inner.machine);
             let state_before = last_state;
             if inner.users.load(Ordering::SeqCst) == 0 && m.state() == SessionState::Open {
-                let _ = m.close(now());
+                let _ = m.close(inner.clock.now());
             }
-            let send = |req: SessionRequest| {
+            // Dropping a flight's task drops the transport's future: its connection and its
+            // in-flight place are free, and the machine hears of the timeout.
+            let now = inner.clock.now();
+            let (late, on_time): (Vec<Flight>, Vec<Flight>) =
+                flights.drain(..).partition(|f| f.give_up_at <= now);
+            flights = on_time;
+            for f in late {
+                *lock(&inner.last_error) = Some(TransportError::Timeout {
+                    addr: "the session authority".into(),
+                    timeout: f.patience.into(),
+                });
+                m.handle_transport_error(now, f.seq);
+            }
+            let send = |req: SessionRequest, id: u64| -> Flight {
                 let (inner, done) = (inner.clone(), done.clone());
-                executor
-                    .spawn(async move {
-                        let r = inner.call(&req).await;
-                        let _ = done.send((req.seq, is_keepalive(&req.op), r)).await;
-                    })
-                    .detach();
+                // The machine gives up on a request at its timeout, on its clock, and makes
+                // it again under a new seq; the flight is given up then too. A keepalive's
+                // late reply still renews (anchored at its own send), so it is waited for as
+                // long as it could: a ttl.
+                let keepalive = is_keepalive(&req.op);
+                let patience = if keepalive { inner.ttl } else { inner.request_timeout };
+                let (seq, give_up_at) = (req.seq, inner.clock.now() + patience);
+                let task = executor.spawn(async move {
+                    let r = inner.call(&req).await;
+                    let _ = done.send((id, r)).await;
+                });
+                Flight { id, seq, keepalive, patience, give_up_at, _task: task }
             };
             while let Some(req) = m.poll_transmit() {
                 if is_keepalive(&req.op) {
-                    keepalives_in_flight += 1;
-                    send(req);
+                    next_flight += 1;
+                    flights.push(send(req, next_flight));
                 } else {
-                    backlog.push_back((req, now()));
+                    backlog.push_back((req, inner.clock.now()));
                 }
             }
-            let stale_before = now().saturating_sub(inner.request_timeout);
-            while in_flight < MAX_IN_FLIGHT {
+            let stale_before = inner.clock.now().saturating_sub(inner.request_timeout);
+            while flights.iter().filter(|f| !f.keepalive).count() < MAX_IN_FLIGHT {
                 let Some((req, made)) = backlog.pop_front() else { break };
                 // The machine has given up on it and made it again under a new seq.
                 if made <= stale_before {
                     continue;
                 }
-                in_flight += 1;
-                send(req);
+                next_flight += 1;
+                flights.push(send(req, next_flight));
             }
             let (mut news, mut acquired) = (false, false);
             while let Some(e) = m.poll_event() {
@@ -588,7 +662,7 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                 match e {
                     // The grant will come in a keepalive's reply: have one held at the
                     // server from now on, not from the next renewal.
-                    SessionEvent::Queued { .. } => m.keep_alive_now(now()),
+                    SessionEvent::Queued { .. } => m.keep_alive_now(inner.clock.now()),
                     SessionEvent::Acquired { .. } => acquired = true,
                     _ => {}
                 }
@@ -602,16 +676,17 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                     .values()
                     .any(|s| matches!(*s.event(), Some(SessionEvent::Queued { .. })))
             {
-                m.keep_alive_now(now());
+                m.keep_alive_now(inner.clock.now());
             }
             if news || m.state() != state_before {
                 inner.changed.notify(usize::MAX);
             }
-            (m.poll_timeout(), m.state())
+            let give_up = flights.iter().map(|f| f.give_up_at).min();
+            (m.poll_timeout().into_iter().chain(give_up).min(), m.state())
         };
         last_state = state;
         let gone = inner.users.load(Ordering::SeqCst) == 0;
-        let idle = in_flight == 0 && keepalives_in_flight == 0;
+        let idle = flights.is_empty();
         if gone && idle && !matches!(state, SessionState::Open | SessionState::Closing) {
             // Nobody left to serve; dropping the last `Inner` ends the driver thread.
             return;
@@ -620,19 +695,19 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
         // the core has no heap); one lives here at a time.
         #[allow(clippy::large_enum_variant)]
         enum Wake {
-            Response(Seq, bool, Result<SessionResponse, TransportError>),
+            Response(u64, Result<SessionResponse, TransportError>),
             Timer,
             Poke,
         }
         let response = async {
             match responses.recv().await {
-                Ok((seq, op_was_keepalive, r)) => Wake::Response(seq, op_was_keepalive, r),
+                Ok((id, r)) => Wake::Response(id, r),
                 Err(_) => future::pending().await,
             }
         };
         let timer = async {
             match timeout {
-                Some(t) => async_io::Timer::at(to_std(t)).await,
+                Some(t) => inner.clock.sleep_until(t).await,
                 None => future::pending().await,
             };
             Wake::Timer
@@ -644,16 +719,14 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
         let wake = future::or(future::or(response, timer), poke).await;
         let mut m = lock(&inner.machine);
         match wake {
-            Wake::Response(seq, was_keepalive, result) => {
-                if was_keepalive {
-                    keepalives_in_flight -= 1;
-                } else {
-                    in_flight -= 1;
-                }
+            Wake::Response(id, result) => {
+                // A flight given up on has been answered to the machine already.
+                let Some(at) = flights.iter().position(|f| f.id == id) else { continue };
+                let seq = flights.swap_remove(at).seq;
                 match result {
                     Ok(resp) => {
                         *lock(&inner.last_error) = None;
-                        m.handle_response(now(), &resp);
+                        m.handle_response(inner.clock.now(), &resp);
                     }
                     Err(e) => {
                         tracing::debug!("session request failed: {}", crate::Report(&e));
@@ -662,11 +735,11 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                             inner.changed.notify(usize::MAX);
                         }
                         *lock(&inner.last_error) = Some(e);
-                        m.handle_transport_error(now(), seq);
+                        m.handle_transport_error(inner.clock.now(), seq);
                     }
                 }
             }
-            Wake::Timer => m.handle_timeout(now()),
+            Wake::Timer => m.handle_timeout(inner.clock.now()),
             Wake::Poke => {}
         }
     }
@@ -747,7 +820,7 @@ impl SessionLease {
 
     pub(crate) fn remaining(&self) -> Option<Duration> {
         self.fence()?;
-        lock(&self.user.0.machine).remaining(now(), &self.key).map(Into::into)
+        lock(&self.user.0.machine).remaining(self.user.0.clock.now(), &self.key).map(Into::into)
     }
 
     pub(crate) fn health(&self) -> Health {
@@ -803,7 +876,7 @@ impl SessionLease {
             return;
         }
         self.released = true;
-        if lock(&self.user.0.machine).release(now(), &self.key).is_ok() {
+        if lock(&self.user.0.machine).release(self.user.0.clock.now(), &self.key).is_ok() {
             self.user.0.poke.notify(usize::MAX);
         }
     }

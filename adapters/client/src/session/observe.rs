@@ -20,7 +20,6 @@ use leasehold_core::{Fence, Key, KeyError, Reject};
 
 use super::{lock, SessionClient, Terms};
 use crate::client::{AcquireError, Waiting};
-use crate::clock::{now, Clock, SystemClock};
 use crate::error::TransportError;
 use crate::turns::parse;
 use crate::Lease;
@@ -223,11 +222,11 @@ impl Follower {
                 return Err(ObserveError::AlreadyObserved);
             }
             watches.insert(self.key.clone(), watch.clone());
-            let result = m.observe(now(), self.key.clone());
+            let result = m.observe(inner.clock.now(), self.key.clone());
             match result {
                 Ok(()) => {
                     // The first report comes in a keepalive's reply: have one out now.
-                    m.keep_alive_now(now());
+                    m.keep_alive_now(inner.clock.now());
                     drop((m, watches));
                     inner.poke.notify(usize::MAX);
                     return Ok(watch);
@@ -258,7 +257,7 @@ impl Drop for Follower {
         let mut watches = lock(&inner.watches);
         if watches.get(&self.key).is_some_and(|w| Arc::ptr_eq(w, &watch)) {
             watches.remove(&self.key);
-            if m.unobserve(now(), &self.key).is_ok() {
+            if m.unobserve(inner.clock.now(), &self.key).is_ok() {
                 inner.poke.notify(usize::MAX);
             }
         }
@@ -327,8 +326,9 @@ impl SessionClient {
     ) -> Result<Lease, AcquireError> {
         let value = parse_value(value).map_err(AcquireError::InvalidValue)?;
         let key = parse(key)?;
-        let deadline = timeout.map(|t| now() + t.into());
-        let guard = self.user.0.local.take(&key, deadline.map(|d| SystemClock.sleep_until(d))).await?;
+        let clock = &self.user.0.clock;
+        let deadline = timeout.map(|t| clock.now() + t.into());
+        let guard = self.user.0.local.take(&key, deadline.map(|d| clock.sleep_until(d))).await?;
         self.start(key, Terms::valued(value), guard, true, deadline, &mut report).await
     }
 
