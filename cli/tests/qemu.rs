@@ -44,11 +44,17 @@ struct Firmware {
     features: &'static [&'static str],
     /// Panic entry points allowed to remain (see [`Elf::panic_paths`]).
     allowed_panics: &'static [&'static str],
+    /// The crate's target directory under its folder: a build with other features gets its
+    /// own, so that it never overwrites another build's ELF.
+    target_dir: &'static str,
+    /// Held to the micro:bit's flash budget (the v1 pump; the session pump is measured only).
+    m0_budget: bool,
 }
 
 impl Firmware {
     fn name(&self) -> String {
-        format!("{} on {}", self.krate, self.machine)
+        let sessions = if self.features.iter().any(|f| f.contains("sessions")) { " (sessions)" } else { "" };
+        format!("{}{sessions} on {}", self.krate, self.machine)
     }
 }
 
@@ -58,6 +64,8 @@ const LM3S: Firmware = Firmware {
     target: "thumbv7m-none-eabi",
     features: &[],
     allowed_panics: &[],
+    target_dir: "target",
+    m0_budget: false,
 };
 const MICROBIT: Firmware = Firmware {
     krate: "firmware-pump",
@@ -65,6 +73,8 @@ const MICROBIT: Firmware = Firmware {
     target: "thumbv6m-none-eabi",
     features: &["--no-default-features", "--features", "microbit"],
     allowed_panics: &[],
+    target_dir: "target",
+    m0_budget: true,
 };
 /// Every `async fn` state machine panics if polled after it completed, and the compiler
 /// cannot prove an executor never does: that entry point stays, and nothing else may.
@@ -74,21 +84,46 @@ const EMBASSY: Firmware = Firmware {
     target: "thumbv7m-none-eabi",
     features: &[],
     allowed_panics: &["panic_const_async_fn_resumed"],
+    target_dir: "target",
+    m0_budget: false,
 };
 const FIRMWARES: [&Firmware; 3] = [&LM3S, &MICROBIT, &EMBASSY];
+/// The pump on protocol v2 (firmware-pump's `sessions` feature): two keys in one session.
+const SESSION_LM3S: Firmware = Firmware {
+    krate: "firmware-pump",
+    machine: "lm3s6965evb",
+    target: "thumbv7m-none-eabi",
+    features: &["--features", "sessions"],
+    allowed_panics: &[],
+    target_dir: "target/sessions",
+    m0_budget: false,
+};
+/// The same on the micro:bit: built and checked for panic paths, its size reported (it does
+/// not fit the 16 KiB budget).
+const SESSION_MICROBIT: Firmware = Firmware {
+    krate: "firmware-pump",
+    machine: "microbit",
+    target: "thumbv6m-none-eabi",
+    features: &["--no-default-features", "--features", "microbit,sessions"],
+    allowed_panics: &[],
+    target_dir: "target/sessions",
+    m0_budget: false,
+};
+/// Every release firmware checked for panic paths and measured.
+const RELEASES: [&Firmware; 5] = [&LM3S, &MICROBIT, &EMBASSY, &SESSION_LM3S, &SESSION_MICROBIT];
 
 /// Builds the release firmware (once per test binary) and returns its ELF.
 fn build(fw: &Firmware) -> PathBuf {
     static BUILT: OnceLock<Mutex<BTreeSet<String>>> = OnceLock::new();
     let mut built = BUILT.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples").join(fw.krate);
-    let elf = dir.join("target").join(fw.target).join("release").join(fw.krate);
+    let elf = dir.join(fw.target_dir).join(fw.target).join("release").join(fw.krate);
     if built.contains(&fw.name()) {
         return elf;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "--target", fw.target])
+        .args(["build", "--release", "--quiet", "--target", fw.target, "--target-dir", fw.target_dir])
         .args(fw.features)
         .current_dir(&dir)
         .env_remove("RUSTFLAGS")
@@ -254,7 +289,7 @@ impl Elf {
 
 #[test]
 fn release_firmwares_have_no_panic_path() {
-    for fw in FIRMWARES {
+    for fw in RELEASES {
         let path = build(fw);
         let elf = elf(&path);
         // The check must be able to see: a stripped ELF would pass vacuously.
@@ -293,7 +328,7 @@ fn release_firmwares_have_no_panic_path() {
             elf.static_ram(),
             if fw.allowed_panics.is_empty() { String::new() } else { format!(" but {:?}", fw.allowed_panics) }
         );
-        if fw.machine == MICROBIT.machine {
+        if fw.m0_budget {
             assert!(elf.flash() <= M0_FLASH_BUDGET, "micro:bit flash {} B over budget", elf.flash());
         }
     }
@@ -592,12 +627,357 @@ fn boards_and_a_host_share_one_lease_safely() {
             e.static_ram(),
             e.flash() + stack
         );
-        if fw.machine == MICROBIT.machine {
+        if fw.m0_budget {
             assert!(
                 e.flash() + stack <= M0_FLASH_AND_STACK_BUDGET,
                 "micro:bit flash + stack {} B over budget",
                 e.flash() + stack
             );
         }
+    }
+}
+
+// ----- Protocol v2: two session boards contend for "pump" and "valve" -----
+
+/// The session pump's ttl and keepalive interval (examples/firmware-pump/src/sessions.rs).
+const SESSION_TTL: Duration = Duration::from_millis(4_000);
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(1_000);
+/// The longest the gateway holds a waiter's keepalive (a quarter of the session's ttl).
+const HOLD: Duration = Duration::from_millis(1_000);
+/// A pushed hand-off comes well inside a keepalive interval; a waiter that learnt of its grant
+/// at its next keepalive would be half an interval late on average.
+const PUSHED_HAND_OFF: Duration = Duration::from_millis(250);
+/// Liveness deadlines on a loaded machine, never the measured bounds.
+const PATIENCE: Duration = Duration::from_secs(40);
+
+/// Polls the log until `found` finds something in it.
+fn wait_for<T>(log: &Mutex<Vec<Line>>, what: &str, found: impl Fn(&[Line]) -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(t) = found(&log.lock().unwrap()) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "no {what} in time:\n{}", render(&log.lock().unwrap()));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `who`'s lines after `after`, split into words.
+fn said<'l>(
+    lines: &'l [Line],
+    who: &'l str,
+    after: Duration,
+) -> impl Iterator<Item = (Duration, Vec<&'l str>)> + 'l {
+    lines
+        .iter()
+        .filter(move |l| l.who == who && l.t > after)
+        .map(|l| (l.t, l.text.split_whitespace().collect()))
+}
+
+/// The numbers of a line's words that are numbers.
+fn nums(words: &[&str]) -> Vec<u64> {
+    words.iter().filter_map(|w| w.parse().ok()).collect()
+}
+
+/// A hand-over of "pump" by release: `from` logged `RELEASING pump` at `released`, just before
+/// sending the release, then `to`, queued for it before that, logged `ACQUIRED pump` at
+/// `acquired`.
+#[derive(Debug, Clone)]
+struct HandOff {
+    from: String,
+    to: String,
+    released: Duration,
+    acquired: Duration,
+}
+
+/// The first hand-over of "pump" by release after `after`.
+fn hand_off(lines: &[Line], after: Duration) -> Option<HandOff> {
+    let release = lines.iter().find(|l| l.t > after && l.text.starts_with("RELEASING pump "))?;
+    let grant = lines
+        .iter()
+        .find(|l| l.t >= release.t && l.who != release.who && l.text.starts_with("ACQUIRED pump "))?;
+    Some(HandOff { from: release.who.clone(), to: grant.who.clone(), released: release.t, acquired: grant.t })
+}
+
+/// When `who` next logged HOLDING after `after`, with its (pump, valve) fences.
+fn holding(lines: &[Line], who: &str, after: Duration) -> Option<(Duration, u64, u64)> {
+    said(lines, who, after).find(|(_, w)| w.first() == Some(&"HOLDING")).and_then(|(t, w)| match nums(&w)[..]
+    {
+        [pump, valve] => Some((t, pump, valve)),
+        _ => None,
+    })
+}
+
+/// The number of `who`'s last action after `after` ("ACT PUMP VALVE N").
+fn last_act(lines: &[Line], who: &str, after: Duration) -> Option<u64> {
+    said(lines, who, after)
+        .filter(|(_, w)| w.first() == Some(&"ACT"))
+        .last()
+        .and_then(|(_, w)| w.get(3)?.parse().ok())
+}
+
+/// The gateway's forwarded-request counter of the link to QEMU's UART at `uart`.
+fn forwarded(metrics: u16, uart: u16) -> u64 {
+    let series = format!("leasehold_gateway_requests_forwarded_total{{link=\"tcp:127.0.0.1:{uart}\"}}");
+    leasehold_test_servers::metric(metrics, &series).unwrap_or_else(|| panic!("no {series} on /metrics"))
+}
+
+/// Two boards on the session pump, an lm3s6965evb (board1) and a micro:bit (board2), through
+/// the real gateway and the real built-in server: hand-offs by release are pushed, one keepalive a period renews both keys, a killed
+/// holder's keys go to the waiter at its session's expiry and not before, and every fence
+/// rises. `config` may plant a bug in the server, `gateway_fault` one in the gateway.
+fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
+    let firmwares = [&SESSION_LM3S, &SESSION_MICROBIT];
+    let images: Vec<PathBuf> = firmwares.iter().map(|fw| build(fw)).collect();
+    let start = Instant::now();
+    let log: Arc<Mutex<Vec<Line>>> = Arc::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server_config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    config(&mut server_config);
+    let server = Server::spawn(server_config).unwrap();
+    let mut boards: Vec<(String, Option<Proc>, u16)> = Vec::new();
+    let mut gateway = Command::new(BIN);
+    gateway.args(["gateway", "--server", &server.url(), "--metrics", "127.0.0.1:0"]);
+    gateway.env("LEASEHOLD_GATEWAY_FAULT", gateway_fault);
+    for (i, (fw, image)) in firmwares.iter().zip(&images).enumerate() {
+        let device = i as u32 + 1;
+        let (proc, port) = board(fw, image, device, log.clone(), start);
+        gateway.args(["--link", &format!("tcp:127.0.0.1:{port}")]);
+        boards.push((format!("board{device}"), Some(proc), port));
+    }
+    let mut gateway = Proc(gateway.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(gateway.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let metrics = line
+        .trim()
+        .strip_prefix("metrics on http://")
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("gateway said {line:?}"))
+        .port();
+    let uart = |who: &str| boards.iter().find(|b| b.0 == who).unwrap().2;
+
+    // The first hand-off by release; then the new holder's holding, with the requests both
+    // links sent over most of it.
+    let first = wait_for(&log, "hand-off of the pump", |l| hand_off(l, Duration::ZERO));
+    let (holder, waiter) = (first.to.clone(), first.from.clone());
+    let (held_at, ..) = wait_for(&log, "holding of both keys", |l| holding(l, &holder, first.acquired));
+    wait_for(&log, "third action", |l| last_act(l, &holder, held_at).filter(|&n| n >= 3));
+    let (t1, holder1, waiter1) =
+        (start.elapsed(), forwarded(metrics, uart(&holder)), forwarded(metrics, uart(&waiter)));
+    wait_for(&log, "43rd action", |l| last_act(l, &holder, held_at).filter(|&n| n >= 43));
+    let (t2, holder2, waiter2) =
+        (start.elapsed(), forwarded(metrics, uart(&holder)), forwarded(metrics, uart(&waiter)));
+
+    // The pump goes back by release, then the first holder is killed mid-hold, once it has
+    // renewed in that holding.
+    let second = wait_for(&log, "second hand-off", |l| hand_off(l, t2));
+    let victim = second.to.clone();
+    let survivor = second.from.clone();
+    let (victim_held_at, victim_pump, victim_valve) =
+        wait_for(&log, "the victim's holding", |l| holding(l, &victim, second.acquired));
+    wait_for(&log, "a renewal mid-hold", |l| {
+        let renewed = said(l, &victim, victim_held_at).any(|(_, w)| w.first() == Some(&"RENEWED"));
+        (renewed && last_act(l, &victim, victim_held_at).is_some_and(|n| (2..=40).contains(&n))).then_some(())
+    });
+    boards.iter_mut().find(|b| b.0 == victim).unwrap().1.take();
+    let killed_at = start.elapsed();
+    let (taken_at, survivor_pump, survivor_valve) =
+        wait_for(&log, "takeover", |l| holding(l, &survivor, killed_at));
+    wait_for(&log, "the survivor's actions", |l| last_act(l, &survivor, taken_at).filter(|&n| n >= 3));
+    drop(boards);
+    drop(gateway);
+    let lines = log.lock().unwrap().clone();
+    let dump = || render(&lines);
+
+    // A waiter's keepalive is held until its grant or the hold's end: about one request per
+    // hold, plus its acquire. A waiter polling for its grant would send one per round trip.
+    let window = t2 - t1;
+    let waiter_requests = waiter2 - waiter1;
+    let allowed = (window.as_secs_f64() / HOLD.as_secs_f64()) as u64 + 3;
+    assert!(
+        waiter_requests <= allowed,
+        "waiter sent {waiter_requests} requests in {window:?} while it waited (at most {allowed}):\n{}",
+        dump()
+    );
+    // One keepalive frame a period renews both of the holder's keys. A holder that waits for
+    // nothing sends its keepalives at least `renew_every` apart (the core's rule), so a window
+    // holds at most ⌊window / interval⌋ + 1 of them; one keepalive per key would be twice that.
+    let holder_requests = holder2 - holder1;
+    let per_interval = (window.as_secs_f64() / KEEPALIVE_EVERY.as_secs_f64()) as u64 + 1;
+    let renewals =
+        said(&lines, &holder, t1).filter(|(t, w)| *t <= t2 && w.first() == Some(&"RENEWED")).count();
+    println!(
+        "while {holder} held pump and valve: {holder_requests} requests forwarded in {:.2} s (one keepalive per {:?}: at most {per_interval}), {renewals} renewals in its log; {waiter} waiting: {waiter_requests} requests",
+        window.as_secs_f64(),
+        KEEPALIVE_EVERY
+    );
+    assert!(
+        (1..=per_interval).contains(&holder_requests),
+        "{holder} sent {holder_requests} requests in {window:?} holding two keys (one keepalive per {KEEPALIVE_EVERY:?} renews both):\n{}",
+        dump()
+    );
+    // It held both keys, under the same fences, for longer than a ttl: they were renewed.
+    let (_, pump, valve) = holding(&lines, &holder, first.acquired).unwrap();
+    let acts: Vec<(Duration, Vec<u64>)> = said(&lines, &holder, held_at)
+        .filter(|(t, w)| *t < second.released && w.first() == Some(&"ACT"))
+        .map(|(t, w)| (t, nums(&w)))
+        .collect();
+    assert!(acts.iter().all(|a| a.1[..2] == [pump, valve]), "{holder} acted under other fences:\n{}", dump());
+    let last = acts.last().map_or(held_at, |a| a.0);
+    assert!(
+        last - held_at >= SESSION_TTL,
+        "{holder} acted only {:?} after its grant:\n{}",
+        last - held_at,
+        dump()
+    );
+    assert!(
+        !said(&lines, &holder, held_at)
+            .any(|(t, w)| t < second.released && ["LOST", "SESSION"].contains(&w[0])),
+        "{holder} lost a key while it renewed:\n{}",
+        dump()
+    );
+
+    // Hand-offs by release are pushed.
+    for h in [&first, &second] {
+        let gap = h.acquired - h.released;
+        println!(
+            "pushed hand-off {} -> {}: {:.1} ms (bound {PUSHED_HAND_OFF:?})",
+            h.from,
+            h.to,
+            gap.as_secs_f64() * 1e3
+        );
+        let queued =
+            said(&lines, &h.to, Duration::ZERO).any(|(t, w)| t < h.released && w[..2] == ["QUEUED", "pump"]);
+        assert!(queued, "{} was not queued for the pump when it was released:\n{}", h.to, dump());
+        assert!(gap <= PUSHED_HAND_OFF, "hand-off {} -> {} took {gap:?}:\n{}", h.from, h.to, dump());
+    }
+
+    // A killed holder's keys go to the waiter once its session has expired: no sooner than a
+    // ttl after the last keepalive it was answered (sent at reply - round trip; the host's
+    // stamp is late by the log's delay, hence the slack), and no later than a ttl after the
+    // kill and a generous delivery.
+    let (renewed_at, rtt) = said(&lines, &victim, victim_held_at)
+        .filter(|(t, w)| *t < killed_at && w.first() == Some(&"RENEWED"))
+        .filter_map(|(t, w)| Some((t, Duration::from_micros(*nums(&w).first()?))))
+        .last()
+        .unwrap();
+    let grant = said(&lines, &survivor, killed_at)
+        .find(|(_, w)| w[..2] == ["ACQUIRED", "pump"])
+        .map(|(t, _)| t)
+        .unwrap();
+    let since_keepalive = grant - (renewed_at - rtt);
+    let since_kill = grant - killed_at;
+    println!(
+        "{victim} killed mid-hold: {survivor} granted the pump {:.3} s after the kill, {:.3} s after the last keepalive answered ({:.2} ttl)",
+        since_kill.as_secs_f64(),
+        since_keepalive.as_secs_f64(),
+        since_keepalive.as_secs_f64() / SESSION_TTL.as_secs_f64()
+    );
+    let log_slack = Duration::from_millis(200);
+    assert!(
+        since_keepalive + log_slack >= SESSION_TTL,
+        "the pump was granted {since_keepalive:?} after the dead holder's last keepalive, before its session expired:\n{}",
+        dump()
+    );
+    assert!(
+        since_kill <= SESSION_TTL + Duration::from_millis(1_500),
+        "takeover took {since_kill:?}:\n{}",
+        dump()
+    );
+    assert!(
+        survivor_pump > victim_pump && survivor_valve > victim_valve,
+        "new holder's fences ({survivor_pump}, {survivor_valve}) not above the dead holder's ({victim_pump}, {victim_valve}):\n{}",
+        dump()
+    );
+
+    // The fenced log of both boards: per key, one party per fence, fences in order, and the
+    // spans of consecutive fences never overlap in (host) time.
+    for (key, i) in [("pump", 0), ("valve", 1)] {
+        let mut spans: Vec<(u64, &str, Duration, Duration)> = Vec::new();
+        for l in lines.iter().filter(|l| l.text.starts_with("ACT ")) {
+            let fence = nums(&l.text.split_whitespace().collect::<Vec<_>>())[i];
+            match spans.last_mut() {
+                Some(s) if s.0 == fence => {
+                    assert_eq!(s.1, l.who, "{key} fence {fence} used by two boards:\n{}", dump());
+                    s.3 = l.t;
+                }
+                _ => {
+                    if let Some(prev) = spans.last() {
+                        assert!(fence > prev.0, "{key} fence {fence} acted after {}:\n{}", prev.0, dump());
+                    }
+                    spans.push((fence, &l.who, l.t, l.t));
+                }
+            }
+        }
+        assert!(spans.len() >= 4, "only {} holdings of {key}:\n{}", spans.len(), dump());
+    }
+    // The replayed stale pump command of a board's second grant is refused.
+    let refusals: Vec<Vec<u64>> = lines
+        .iter()
+        .filter(|l| l.text.starts_with("REFUSED pump"))
+        .map(|l| nums(&l.text.split_whitespace().collect::<Vec<_>>()))
+        .collect();
+    assert!(!refusals.is_empty(), "no board refused its replayed stale pump command:\n{}", dump());
+    assert!(refusals.iter().all(|r| r.len() == 2 && r[0] < r[1]), "odd refusals {refusals:?}:\n{}", dump());
+
+    for (who, fw, image) in [("board1", firmwares[0], &images[0]), ("board2", firmwares[1], &images[1])] {
+        let e = elf(image);
+        let stack = said(&lines, who, Duration::ZERO)
+            .filter(|(_, w)| w.first() == Some(&"STACK"))
+            .filter_map(|(_, w)| nums(&w).first().copied())
+            .max()
+            .unwrap_or_else(|| panic!("{who} reported no stack high-water mark:\n{}", dump()));
+        let mut rtts: Vec<u64> = said(&lines, who, Duration::ZERO)
+            .filter(|(_, w)| w.first() == Some(&"RENEWED"))
+            .filter_map(|(_, w)| nums(&w).first().copied())
+            .collect();
+        rtts.sort_unstable();
+        println!(
+            "{who}: {}: flash {} B, static RAM {} B, stack high-water mark {stack} B; keepalive round trips (held ones included) min {:.2} ms, median {:.2} ms over {}",
+            fw.name(),
+            e.flash(),
+            e.static_ram(),
+            rtts.first().map_or(0.0, |&r| r as f64 / 1e3),
+            rtts.get(rtts.len() / 2).map_or(0.0, |&r| r as f64 / 1e3),
+            rtts.len()
+        );
+    }
+}
+
+#[test]
+fn session_boards_are_pushed_their_grants_and_renew_two_keys_in_one_frame() {
+    session_boards(|_| {}, "");
+}
+
+/// Each deliberate bug makes the session-board test fail, for the reason it should:
+/// `cargo test -p leasehold --features fault-injection --test qemu planted`.
+#[cfg(feature = "fault-injection")]
+mod planted {
+    use leasehold_core::session::authority::SessionFault;
+    /// The message `f` panicked with; fails if it did not panic.
+    fn failure(f: impl FnOnce()) -> String {
+        let payload =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("the bug went unnoticed");
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn planted_keepalives_never_held_is_caught_on_the_boards() {
+        // The waiter's keepalives come back at once and it sends the next at once: it polls.
+        let why = failure(|| super::session_boards(|_| {}, "no-hold"));
+        assert!(why.starts_with("waiter sent"), "{why}");
+    }
+
+    #[test]
+    fn planted_hand_off_before_the_holders_expiry_is_caught_on_the_boards() {
+        // The server hands a dead holder's keys on a quarter of a ttl early.
+        let early = |c: &mut leasehold_server::ServerConfig| c.session_fault = SessionFault::HandOffEarly;
+        let why = failure(|| super::session_boards(early, ""));
+        assert!(why.contains("before its session expired"), "{why}");
     }
 }

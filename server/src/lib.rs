@@ -66,6 +66,10 @@ pub struct ServerConfig {
     /// Serve https instead of http.
     #[cfg(feature = "tls")]
     pub tls: Option<ServerTls>,
+    /// A deliberate bug in the sessions' rules, so that tests can prove they catch it (builds
+    /// with the `fault-injection` feature only).
+    #[cfg(feature = "fault-injection")]
+    pub session_fault: leasehold_core::session::authority::SessionFault,
 }
 
 impl ServerConfig {
@@ -82,6 +86,8 @@ impl ServerConfig {
             reclaim_after: Some(std::time::Duration::from_secs(60 * 60)),
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "fault-injection")]
+            session_fault: leasehold_core::session::authority::SessionFault::None,
         }
     }
 
@@ -303,6 +309,10 @@ impl Server {
         // Field by field: the core has a test-only field behind a feature.
         let mut session_limits = leasehold_core::session::SessionLimits::default();
         (session_limits.min_ttl, session_limits.max_ttl) = (config.limits.min_ttl, config.limits.max_ttl);
+        #[cfg(feature = "fault-injection")]
+        {
+            session_limits.fault = config.session_fault;
+        }
         let (sessions, session_writer) = sessions::Sessions::open(&config.data_dir, session_limits)?;
         let listener = async_net::TcpListener::bind(config.listen)
             .await
