@@ -197,7 +197,10 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
         },
         Method::POST => {
             let request = read_request(req, shared.request_timeout).await?;
-            let d = shared.store.apply(key, request).await.map_err(|e| unavailable(&e))?;
+            let d = shared.namespace.apply(key, request).await.map_err(|e| match e {
+                crate::namespace::V1Error::Store(e) => unavailable(&e),
+                crate::namespace::V1Error::Sessions(e) => unavailable_sessions(&e),
+            })?;
             shared.metrics.outcome(d.outcome, d.expired);
             let response = leasehold_core::Response { id: request.id, owner: request.owner, reply: d.reply };
             if let Reply::Rejected(r) = d.reply {
