@@ -46,10 +46,12 @@ pub(crate) struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The built-in server's protocol whose keys to show (`run --protocol`): v2 keys are held
-    /// by sessions, shown by their public label (never anything that authorises).
-    #[arg(long, value_enum, default_value = "v1")]
-    protocol: Protocol,
+    /// Whose keys to show (`run --protocol`): `v2` (the default on the built-in server) shows
+    /// keys by the sessions holding them, by their public label (never anything that
+    /// authorises), and keys held by a v1 lease as such; `v1` (the default elsewhere) shows
+    /// v1 records with their owner ids.
+    #[arg(long, value_enum, env = "LEASEHOLD_PROTOCOL")]
+    protocol: Option<Protocol>,
     #[command(flatten)]
     tls: crate::TlsArgs,
 }
@@ -96,7 +98,13 @@ impl StatusError {
 }
 
 pub(crate) fn main(args: Args) -> ExitCode {
-    if args.protocol == Protocol::V2 {
+    // v2 on the built-in server only: etcd's session keys are not listed yet.
+    let protocol = match (args.protocol, args.backend) {
+        (Some(p), _) => p,
+        (None, BackendKind::Builtin) => Protocol::V2,
+        (None, _) => Protocol::V1,
+    };
+    if protocol == Protocol::V2 {
         return sessions::main(&args);
     }
     match smol::block_on(status(&args)) {
@@ -186,6 +194,9 @@ mod sessions {
         pub(super) waiting: u64,
         #[serde(default = "one")]
         pub(super) limit: u16,
+        /// Held by a v1 lease (the key namespace is shared): at most this long (µs) left.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub(super) v1_remaining: Option<u64>,
     }
 
     fn one() -> u16 {
@@ -269,6 +280,10 @@ mod sessions {
         Ok(rows)
     }
 
+    /// What the HOLDER column says of a key held by a v1 lease (`status --protocol v1` shows
+    /// its owner).
+    const V1_HOLDER: &str = "(v1 lease)";
+
     /// KEY FENCE HOLDER SESSION TTL REMAINING WAITING: a row per holder (a semaphore's key
     /// has several); a free key shows its last fence, `-` and `free`.
     pub(super) fn table(rows: &[SessionKey]) -> String {
@@ -285,8 +300,20 @@ mod sessions {
             "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
             "KEY", "FENCE", "HOLDER", "SESSION", "TTL", "REMAINING", "WAITING"
         );
+        let label = label.max(V1_HOLDER.len());
         for r in rows {
-            if r.holders.is_empty() {
+            if let (true, Some(left)) = (r.holders.is_empty(), r.v1_remaining) {
+                out.push_str(&format!(
+                    "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
+                    r.key,
+                    r.last_fence,
+                    V1_HOLDER,
+                    "-",
+                    "-",
+                    secs(left),
+                    r.waiting
+                ));
+            } else if r.holders.is_empty() {
                 out.push_str(&format!(
                     "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
                     r.key, r.last_fence, "-", "-", "-", "free", r.waiting

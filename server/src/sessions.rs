@@ -208,6 +208,9 @@ pub(crate) struct KeyView {
     limit: u16,
     last_fence: u64,
     waiting: usize,
+    /// Held by a v1 lease: how long (µs) until it ends, at most (0 while v1 is deciding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    v1_remaining: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -596,7 +599,7 @@ impl Sessions {
         let mut out: Vec<KeyView> = a
             .keys()
             .filter(|(k, _)| k.starts_with(prefix))
-            .filter(|(_, st)| !held_only || st.holder.is_some())
+            .filter(|(k, st)| !held_only || st.holder.is_some() || a.external_hold(k).is_some())
             .map(|(k, st)| {
                 let view = |h: KeyHolder| {
                     let s: SessionStatus = a.session(h.session)?;
@@ -616,6 +619,10 @@ impl Sessions {
                     limit: st.limit,
                     last_fence: st.last_fence.0,
                     waiting: st.waiting,
+                    v1_remaining: a.external_hold(k).map(|h| match h {
+                        ExternalHold::Pending => 0,
+                        ExternalHold::Until(t) => (t - now).as_micros(),
+                    }),
                 }
             })
             .collect();
