@@ -227,7 +227,7 @@ fn dynalite_with_leases_table() -> leasehold_test_servers::Running {
 #[test]
 fn run_on_dynamodb() {
     let d = dynalite_with_leases_table();
-    exclusive("dynamodb", d.url());
+    exclusive("dynamodb", d.url(), &[]);
     // Observe-and-wait: ttl·(1+ε) + margin from when the waiter read the record.
     kill_9("dynamodb", d.url(), &[], Duration::from_millis(300));
     // Without credentials: a usage error naming what is missing.
