@@ -6,5 +6,6 @@
 
 pub mod explore;
 pub mod load;
+mod netem;
 pub mod session_sim;
 pub mod sim;

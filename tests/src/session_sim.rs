@@ -2,10 +2,10 @@
 //! a seeded faulty network and drifting clocks.
 //!
 //! Built like [`crate::sim`] (true time in µs that only the simulator sees; [`World::step`]
-//! jumps to the earliest deadline; a failing seed prints its trace and replays exactly), with
-//! its own clocks because that module keeps its clock private: here rates are drawn at the
-//! extremes of ±ε a third of the time each, where a timing bug shows first. After every step
-//! the checker asserts, on true time:
+//! jumps to the earliest deadline; a failing seed prints its trace and replays exactly), on the
+//! same clocks and network: rates drawn at the extremes of ±ε three times in four, delay,
+//! reordering, duplication, Gilbert-Elliott burst loss and partitions one way or both. After
+//! every step the checker asserts, on true time:
 //! - at most N holders believe each key, N being its limit (1 for a lease; some keys are
 //!   semaphores of 2 or 3), and the authority never has more than N holders of it;
 //! - each key's grants carry strictly increasing fences across all of its holders, and no
@@ -27,6 +27,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::netem::{Clock, Direction, Loss, Port, Wire};
 use leasehold_core::session::authority::{KeyHolder, KeyStatus, SessionFault, SessionStatus};
 use leasehold_core::session::wire::{
     parse_label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
@@ -56,7 +57,7 @@ pub struct Params {
     pub min_delay: u64,
     /// Largest one-way network delay (µs).
     pub max_delay: u64,
-    /// Per-message loss probability.
+    /// Per-message loss probability while a link is good (see `burst_*` for bad spells).
     pub loss: f64,
     /// Per-message duplication probability.
     pub duplication: f64,
@@ -66,6 +67,12 @@ pub struct Params {
     pub run_for: u64,
     /// Number of observer sessions, after the holders.
     pub observers: usize,
+    /// Gilbert-Elliott burst loss: per-message chance that a good link turns bad...
+    pub burst_start: f64,
+    /// ...and that a bad link recovers...
+    pub burst_end: f64,
+    /// ...and the loss probability while it is bad.
+    pub burst_loss: f64,
 }
 
 impl Params {
@@ -93,48 +100,10 @@ impl Params {
             run_for: ttl.as_micros() * 30,
             // Drawn last, so the draws above are those of runs before observers existed.
             observers: rng.usize(1..=2),
+            burst_start: rng.f64() * 0.05,
+            burst_end: 0.1 + rng.f64() * 0.4,
+            burst_loss: 0.5 + rng.f64() * 0.5,
         }
-    }
-}
-
-/// A party's clock, `offset + t·(1 + dev/10⁶)`.
-#[derive(Debug, Clone, Copy)]
-struct Clock {
-    offset: u64,
-    dev_ppm: i64,
-}
-
-const PPM: i128 = 1_000_000;
-
-impl Clock {
-    fn random(rng: &mut fastrand::Rng, drift: Drift) -> Clock {
-        // Rates within [1−δ, 1+δ] differ pairwise by at most 1+ε for δ = ε/(2+ε).
-        let eps = i128::from(drift.as_ppm());
-        let delta = (eps * PPM / (2 * PPM + eps)) as i64;
-        let dev_ppm = match rng.u8(0..3) {
-            0 => -delta,
-            1 => delta,
-            _ => rng.i64(-delta..=delta),
-        };
-        Clock { offset: rng.u64(0..1 << 40), dev_ppm }
-    }
-
-    fn local(&self, t: u64) -> Instant {
-        let scaled = i128::from(t) * (PPM + i128::from(self.dev_ppm)) / PPM;
-        Instant::from_micros(self.offset + scaled as u64)
-    }
-
-    /// The earliest true time at which this clock reads `at` or later.
-    fn true_time_of(&self, at: Instant) -> u64 {
-        let rate = PPM + i128::from(self.dev_ppm);
-        let since = i128::from(at.as_micros().saturating_sub(self.offset));
-        let mut t = (since * PPM / rate).min(i128::from(u64::MAX / 4)) as u64;
-        // The division may land a microsecond or two either side of the answer.
-        t = t.saturating_sub(2);
-        while self.local(t) < at {
-            t += 1;
-        }
-        t
     }
 }
 
@@ -149,7 +118,7 @@ enum What {
     AuthorityTimer,
     Crash(usize),
     Restart(usize),
-    Partition(usize, u64),
+    Partition(usize, u64, Direction),
     Injected(&'static str, SessionRequest, SessionReply),
 }
 
@@ -174,7 +143,9 @@ impl fmt::Display for TraceEntry {
             What::AuthorityTimer => write!(f, "authority timer"),
             What::Crash(c) => write!(f, "c{c} CRASHES"),
             What::Restart(c) => write!(f, "c{c} restarts"),
-            What::Partition(c, until) => write!(f, "c{c} partitioned until {:.3}ms", *until as f64 / 1000.0),
+            What::Partition(c, until, dir) => {
+                write!(f, "c{c} partitioned ({dir:?}) until {:.3}ms", *until as f64 / 1000.0)
+            }
             What::Injected(how, r, reply) => {
                 write!(f, "INJECTED {how}: {} seq={} {:?} -> {reply:?}", r.session, r.seq.0, r.op)
             }
@@ -280,7 +251,7 @@ struct Client {
     session: Option<Holder>,
     app_at: Option<u64>,
     restart_at: Option<u64>,
-    partitioned_until: u64,
+    port: Port,
 }
 
 #[derive(Debug, Clone)]
@@ -341,8 +312,7 @@ pub struct World {
     clients: Vec<Client>,
     clock: Clock,
     authority: Authority,
-    network: BTreeMap<(u64, u64), Msg>,
-    next_msg: u64,
+    network: Wire<Msg>,
     next_fault: u64,
     /// Requests the authority has handled, for replay.
     handled: Vec<SessionRequest>,
@@ -378,7 +348,7 @@ impl World {
                 session: Some(holder(i, params.config)),
                 app_at: Some(rng.u64(0..params.config.ttl.as_micros())),
                 restart_at: None,
-                partitioned_until: 0,
+                port: Port::default(),
             })
             .collect();
         let clock = Clock::random(&mut rng, drift);
@@ -389,7 +359,7 @@ impl World {
                 session: Some(holder(i, params.config)),
                 app_at: Some(rng.u64(0..params.config.ttl.as_micros())),
                 restart_at: None,
-                partitioned_until: 0,
+                port: Port::default(),
             });
         }
         let keys: Vec<Key> =
@@ -409,8 +379,7 @@ impl World {
             clients,
             clock,
             authority: Authority::new(limits),
-            network: BTreeMap::new(),
-            next_msg: 0,
+            network: Wire::new(),
             handled: Vec::new(),
             granted: BTreeMap::new(),
             told: BTreeMap::new(),
@@ -422,6 +391,12 @@ impl World {
     /// Runs until `params.run_for`, checking after every step; then heals the network for six
     /// ttls and checks that every observer ends at each key's holder.
     pub fn run(mut self) -> Result<Stats, Box<Violation>> {
+        self.run_to_end()?;
+        Ok(self.stats)
+    }
+
+    /// [`run`](Self::run), keeping the world for its trace.
+    pub fn run_to_end(&mut self) -> Result<(), Box<Violation>> {
         while self.now < self.params.run_for {
             if !self.step()? {
                 break;
@@ -434,18 +409,18 @@ impl World {
                 break;
             }
         }
-        self.check_observers_caught_up()?;
-        Ok(self.stats)
+        self.check_observers_caught_up()
     }
 
     /// No more loss, duplication, partitions or faults, and the holders stop asking for keys.
     fn heal(&mut self) {
         self.healed = true;
         self.params.loss = 0.0;
+        self.params.burst_start = 0.0;
         self.params.duplication = 0.0;
         self.next_fault = u64::MAX;
         for c in self.clients.iter_mut() {
-            c.partitioned_until = 0;
+            c.port.heal();
             if !c.observer {
                 c.app_at = None;
             }
@@ -484,7 +459,7 @@ impl World {
                 best = Some((t, n));
             }
         };
-        if let Some((&(t, _), _)) = self.network.first_key_value() {
+        if let Some(t) = self.network.next_at() {
             consider(t, Next::Deliver);
         }
         for (i, c) in self.clients.iter().enumerate() {
@@ -507,7 +482,7 @@ impl World {
         self.stats.steps += 1;
         match next {
             Next::Deliver => {
-                if let Some((_, msg)) = self.network.pop_first() {
+                if let Some(msg) = self.network.pop() {
                     self.deliver(msg)?;
                 }
             }
@@ -649,20 +624,23 @@ impl World {
     }
 
     fn send(&mut self, client: usize, msg: Msg) {
-        if self.clients[client].partitioned_until > self.now {
+        let dir = match msg {
+            Msg::ToAuthority { .. } => Direction::Outbound,
+            Msg::ToClient { .. } => Direction::Inbound,
+        };
+        let p = &self.params;
+        let loss = Loss {
+            loss: p.loss,
+            burst_start: p.burst_start,
+            burst_end: p.burst_end,
+            burst_loss: p.burst_loss,
+        };
+        if let Some(why) = self.clients[client].port.drops(&mut self.rng, self.now, dir, loss) {
             self.stats.dropped += 1;
-            return self.log(What::Dropped("partition"));
+            return self.log(What::Dropped(why));
         }
-        if self.rng.f64() < self.params.loss {
-            self.stats.dropped += 1;
-            return self.log(What::Dropped("loss"));
-        }
-        let copies = if self.rng.f64() < self.params.duplication { 2 } else { 1 };
-        for _ in 0..copies {
-            let at = self.now + self.rng.u64(self.params.min_delay..=self.params.max_delay);
-            self.network.insert((at, self.next_msg), msg.clone());
-            self.next_msg += 1;
-        }
+        let delay = self.params.min_delay..=self.params.max_delay;
+        self.network.carry(&mut self.rng, self.now, delay, self.params.duplication, msg);
     }
 
     fn deliver(&mut self, msg: Msg) -> Result<(), Box<Violation>> {
@@ -708,7 +686,7 @@ impl World {
             }
             Msg::ToClient { client, response } => {
                 let c = &self.clients[client];
-                if c.partitioned_until > self.now || c.session.is_none() {
+                if c.port.cut(self.now, Direction::Inbound) || c.session.is_none() {
                     self.stats.dropped += 1;
                     self.log(What::Dropped("client unreachable"));
                     return Ok(());
@@ -738,8 +716,9 @@ impl World {
             }
             1 => {
                 let until = self.now + self.rng.u64(0..2 * ttl);
-                self.clients[i].partitioned_until = until;
-                self.log(What::Partition(i, until));
+                let dir = Direction::draw(&mut self.rng);
+                self.clients[i].port.partition(until, dir);
+                self.log(What::Partition(i, until, dir));
             }
             n @ 2..=5 if !self.handled.is_empty() => {
                 let mut request = self.handled[self.rng.usize(0..self.handled.len())].clone();

@@ -19,9 +19,9 @@
 //! - no resource accepts a write whose fence is below the highest it has accepted, nor writes
 //!   of two holders under one fence, nor a write sent while its sender did not believe.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::netem::{draw_rate, Clock, Direction, Loss, Port, Wire};
 use leasehold_core::authority::cas::CasRecord;
 use leasehold_core::authority::{self, Limits, Outcome, Record};
 use leasehold_core::resource::{AdmitError, HighWater};
@@ -168,79 +168,6 @@ impl Params {
     /// As [`Params::from_seed`] with the real core and `bug` planted.
     pub fn planted(seed: u64, bug: Bug) -> Params {
         Params { bug, ..Params::from_seed(seed, Fault::None) }
-    }
-}
-
-/// A party's local clock, `base_local + (t − base_true)·(1 + dev_ppm/10⁶)` rounded down; a
-/// rate change starts a new segment where the old one ended, so the clock stays continuous
-/// and monotonic.
-#[derive(Debug, Clone, Copy)]
-struct Clock {
-    base_true: u64,
-    base_local: u64,
-    dev_ppm: i64,
-}
-
-const PPM: i128 = 1_000_000;
-
-/// δ: any two rates in `[1−δ, 1+δ]` differ by at most `(1+δ)/(1−δ) = 1+ε` when `δ = ε/(2+ε)`.
-fn delta_ppm(drift: Drift) -> i64 {
-    let eps = i128::from(drift.as_ppm());
-    (eps * PPM / (2 * PPM + eps)) as i64
-}
-
-/// A rate deviation within ±δ: at an extreme three times in four, since the extremes are where
-/// a timing bug shows.
-fn draw_rate(rng: &mut fastrand::Rng, drift: Drift) -> i64 {
-    let delta = delta_ppm(drift);
-    match rng.u8(..4) {
-        0 => delta,
-        1 => -delta,
-        2 => *rng.choice(&[delta, -delta]).unwrap_or(&0),
-        _ => rng.i64(-delta..=delta),
-    }
-}
-
-impl Clock {
-    fn random(rng: &mut fastrand::Rng, drift: Drift) -> Clock {
-        Clock { base_true: 0, base_local: rng.u64(0..1 << 40), dev_ppm: draw_rate(rng, drift) }
-    }
-
-    fn local(&self, t: u64) -> Instant {
-        let dt = i128::from(t.saturating_sub(self.base_true));
-        let scaled = dt * (PPM + i128::from(self.dev_ppm)) / PPM;
-        Instant::from_micros(self.base_local + scaled as u64)
-    }
-
-    /// The earliest true time at which this clock reads `at` or later, if its rate stays.
-    fn true_time_of(&self, at: Instant) -> u64 {
-        if at.as_micros() <= self.base_local {
-            return self.base_true;
-        }
-        let l = i128::from(at.as_micros() - self.base_local);
-        let rate = PPM + i128::from(self.dev_ppm);
-        let dt = ((l * PPM + rate - 1) / rate).min(i128::from(u64::MAX / 4)) as u64;
-        let mut t = self.base_true + dt;
-        while t > self.base_true && self.local(t - 1) >= at {
-            t -= 1;
-        }
-        while self.local(t) < at {
-            t += 1;
-        }
-        t
-    }
-
-    /// From true time `t` on, runs at `dev_ppm`.
-    fn set_rate(&mut self, t: u64, dev_ppm: i64) {
-        self.base_local = self.local(t).as_micros();
-        self.base_true = t;
-        self.dev_ppm = dev_ppm;
-    }
-
-    /// A restarted process's monotonic clock: a new origin from true time `t` on.
-    fn restart(&mut self, t: u64, origin: u64) {
-        self.base_true = t;
-        self.base_local = origin;
     }
 }
 
@@ -399,23 +326,6 @@ impl Stats {
     }
 }
 
-/// Which way a partition cuts a client off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    /// Nothing in or out.
-    Both,
-    /// Its messages are lost; it still hears the others.
-    Outbound,
-    /// It cannot hear; its messages still arrive.
-    Inbound,
-}
-
-/// One direction of a client's link, for Gilbert-Elliott burst loss.
-#[derive(Debug, Clone, Copy, Default)]
-struct Link {
-    bad: bool,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum App {
     Idle,
@@ -430,10 +340,7 @@ struct Client {
     app: App,
     app_at: Option<u64>,
     restart_at: Option<u64>,
-    partitioned_until: u64,
-    partition: Direction,
-    /// `[outbound, inbound]`.
-    links: [Link; 2],
+    port: Port,
     /// The next write to a resource while holding.
     write_at: Option<u64>,
     /// [`Bug::WritesAfterLoss`]: the lost fence it keeps writing under, and until when.
@@ -442,7 +349,7 @@ struct Client {
 
 impl Client {
     fn cut(&self, now: u64, dir: Direction) -> bool {
-        self.partitioned_until > now && (self.partition == Direction::Both || self.partition == dir)
+        self.port.cut(now, dir)
     }
 }
 
@@ -503,8 +410,7 @@ pub struct World {
     clients: Vec<Client>,
     authority: Authority,
     resources: Vec<Resource>,
-    network: BTreeMap<(u64, u64), Msg>,
-    next_msg: u64,
+    network: Wire<Msg>,
     next_fault: u64,
     limits: Limits,
     last_grant: Fence,
@@ -526,9 +432,7 @@ impl World {
                 app: App::Idle,
                 app_at: Some(rng.u64(0..params.config.ttl.as_micros())),
                 restart_at: None,
-                partitioned_until: 0,
-                partition: Direction::Both,
-                links: [Link::default(); 2],
+                port: Port::default(),
                 write_at: None,
                 stale: None,
             })
@@ -549,8 +453,7 @@ impl World {
             clients,
             authority,
             resources: vec![Resource::default(); params.resources],
-            network: BTreeMap::new(),
-            next_msg: 0,
+            network: Wire::new(),
             next_fault,
             limits: Limits { lock_delay: params.lock_delay, ..Limits::default() },
             last_grant: Fence::NONE,
@@ -603,7 +506,7 @@ impl World {
                 best = Some((t, n));
             }
         };
-        if let Some((&(t, _), _)) = self.network.first_key_value() {
+        if let Some(t) = self.network.next_at() {
             consider(t, Next::Deliver);
         }
         for (i, c) in self.clients.iter().enumerate() {
@@ -635,7 +538,7 @@ impl World {
         self.stats.steps += 1;
         match next {
             Next::Deliver => {
-                if let Some((_, msg)) = self.network.pop_first() {
+                if let Some(msg) = self.network.pop() {
                     self.deliver(msg)?;
                 }
             }
@@ -790,29 +693,19 @@ impl World {
 
     fn send(&mut self, client: usize, msg: Msg) {
         let (_, dir) = msg.link();
-        if self.clients[client].cut(self.now, dir) {
-            self.stats.dropped += 1;
-            return self.log(What::Dropped("partition"));
-        }
-        // Gilbert-Elliott: each direction of a client's link flips between good and bad.
         let p = &self.params;
-        let link = &mut self.clients[client].links[usize::from(dir == Direction::Inbound)];
-        let flip = if link.bad { p.burst_end } else { p.burst_start };
-        if self.rng.f64() < flip {
-            link.bad = !link.bad;
-        }
-        let bad = link.bad;
-        let loss = if bad { p.burst_loss } else { p.loss };
-        if self.rng.f64() < loss {
+        let loss = Loss {
+            loss: p.loss,
+            burst_start: p.burst_start,
+            burst_end: p.burst_end,
+            burst_loss: p.burst_loss,
+        };
+        if let Some(why) = self.clients[client].port.drops(&mut self.rng, self.now, dir, loss) {
             self.stats.dropped += 1;
-            return self.log(What::Dropped(if bad { "burst loss" } else { "loss" }));
+            return self.log(What::Dropped(why));
         }
-        let copies = if self.rng.f64() < self.params.duplication { 2 } else { 1 };
-        for _ in 0..copies {
-            let at = self.now + self.rng.u64(self.params.min_delay..=self.params.max_delay);
-            self.network.insert((at, self.next_msg), msg);
-            self.next_msg += 1;
-        }
+        let delay = self.params.min_delay..=self.params.max_delay;
+        self.network.carry(&mut self.rng, self.now, delay, self.params.duplication, msg);
     }
 
     /// A holder's periodic write: under its fence while it believes; under its lost fence
@@ -986,12 +879,8 @@ impl World {
             }
             1 => {
                 let until = self.now + self.rng.u64(0..2 * ttl);
-                let dir = *self
-                    .rng
-                    .choice(&[Direction::Both, Direction::Outbound, Direction::Inbound])
-                    .unwrap_or(&Direction::Both);
-                self.clients[i].partitioned_until = until;
-                self.clients[i].partition = dir;
+                let dir = Direction::draw(&mut self.rng);
+                self.clients[i].port.partition(until, dir);
                 self.log(What::Partition(i, until, dir));
             }
             2 if self.authority.down_until.is_none() => {

@@ -184,14 +184,11 @@ fn replay() {
     }
     println!("{params:?}");
     let mut w = World::new(params);
-    while w.now() < w.params().run_for {
-        match w.step() {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(v) => panic!("{v}"),
-        }
-    }
+    let outcome = w.run_to_end();
     for line in w.trace() {
         println!("{line}");
+    }
+    if let Err(v) = outcome {
+        panic!("{v}");
     }
 }

@@ -106,6 +106,11 @@ enum Phase {
         secret: Secret,
         valid_until: Instant,
         keepalive: Flight,
+        /// The keepalive the request timeout gave up on before `keepalive`, and when it was
+        /// sent. Its reply still renews, anchored at its own send time: on a link whose round
+        /// trip is always longer than the request timeout every reply answers a superseded
+        /// keepalive, and ignoring them would lose a session the authority keeps alive.
+        overdue: Option<(Seq, Instant)>,
     },
     /// Closing: every key was given up at once; `give_up_at` is when the authority will
     /// have expired the session anyway.
@@ -719,9 +724,10 @@ impl<const K: usize, const O: usize> Session<K, O> {
                     }
                 }
             }
-            Phase::Open { id, keepalive, .. } if id == response.session => {
-                if let Some((_, at)) = keepalive.sent().filter(|(s, _)| *s == seq) {
-                    return self.on_alive_reply(now, at, reply);
+            Phase::Open { id, keepalive, overdue, .. } if id == response.session => {
+                let answers = |f: Option<(Seq, Instant)>| f.filter(|(s, _)| *s == seq);
+                if let Some((_, at)) = answers(keepalive.sent()).or(answers(overdue)) {
+                    return self.on_alive_reply(now, seq, at, reply);
                 }
                 let found = self.slots.iter().position(|slot| {
                     slot.phase.flight().and_then(Flight::sent).is_some_and(|(s, _)| s == seq)
@@ -788,7 +794,13 @@ impl<const K: usize, const O: usize> Session<K, O> {
         let next_seq = &mut self.next_seq;
         match &mut self.phase {
             Phase::Opening { flight } | Phase::Closing { flight, .. } => flight.tick(now, timeout, next_seq),
-            Phase::Open { keepalive, .. } => keepalive.tick(now, timeout, next_seq),
+            Phase::Open { keepalive, overdue, .. } => {
+                let sent = keepalive.sent();
+                keepalive.tick(now, timeout, next_seq);
+                if matches!(keepalive, Flight::Unsent { .. }) && sent.is_some() {
+                    *overdue = sent;
+                }
+            }
             Phase::Idle | Phase::Ended => {}
         }
         for slot in self.slots.iter_mut() {
@@ -972,7 +984,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
                     return;
                 }
                 let keepalive = Flight::Due { at: (sent_at + self.config.renew_every).max(now) };
-                self.phase = Phase::Open { id: session, secret, valid_until, keepalive };
+                self.phase = Phase::Open { id: session, secret, valid_until, keepalive, overdue: None };
                 self.event = Some(SessionEvent::Opened { session, valid_until });
             }
             SessionReply::Rejected(reason) => {
@@ -984,10 +996,12 @@ impl<const K: usize, const O: usize> Session<K, O> {
         }
     }
 
-    fn on_alive_reply(&mut self, now: Instant, sent_at: Instant, reply: &SessionReply) {
+    fn on_alive_reply(&mut self, now: Instant, seq: Seq, sent_at: Instant, reply: &SessionReply) {
         let anchor = self.config.anchor(sent_at, now);
-        let Phase::Open { ref mut valid_until, ref mut keepalive, .. } = self.phase else { return };
-        let answered = keepalive.sent().map(|(seq, _)| seq);
+        let Phase::Open { ref mut valid_until, ref mut keepalive, ref mut overdue, .. } = self.phase else {
+            return;
+        };
+        let answered = Some(seq);
         let (ttl, granted, more, observed) = match reply {
             SessionReply::Alive { ttl, granted, more } => (ttl, granted, more, None),
             SessionReply::AliveObserved { ttl, granted, more, observed } => {
@@ -1002,6 +1016,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 // More grants wait for us: ask again at once rather than at the next renewal.
                 let at = if *more { now } else { (sent_at + self.config.renew_every).max(now) };
                 *keepalive = Flight::Due { at };
+                *overdue = None;
                 if let Some(g) = granted {
                     self.on_report(now, g);
                 }
@@ -1181,15 +1196,22 @@ impl<const K: usize, const O: usize> Session<K, O> {
                     asked: false,
                 };
                 let _ = self.watches.push(orphan);
-            } else if let Some(w) = w.filter(|w| w.event.is_none() && o.change > w.seen) {
-                let missed = if w.seen == 0 { 0 } else { o.change - w.seen - 1 };
-                w.seen = o.change;
-                w.event = Some(SessionEvent::Observed {
-                    key: o.key.clone(),
-                    change: o.change,
-                    holder: o.holder.clone(),
-                    missed,
-                });
+            } else if let Some(w) = w {
+                if o.change <= w.seen {
+                    // Told again what we were told: the authority holds an older
+                    // acknowledgement than ours (a retried observe starts the report over), so
+                    // acknowledge again rather than hear it in every keepalive.
+                    w.acked = w.acked.min(o.change.saturating_sub(1));
+                } else if w.event.is_none() {
+                    let missed = if w.seen == 0 { 0 } else { o.change - w.seen - 1 };
+                    w.seen = o.change;
+                    w.event = Some(SessionEvent::Observed {
+                        key: o.key.clone(),
+                        change: o.change,
+                        holder: o.holder.clone(),
+                        missed,
+                    });
+                }
             }
         }
         // An acknowledgement to carry: keep alive again at once, so the next change (held at
@@ -1310,6 +1332,45 @@ mod tests {
         // The authority frees both a little later, on its own clock.
         a.handle_timeout(ms(3_000 + 9_000) + SKEW);
         assert_eq!(a.key(&key("x")).unwrap().holder, None);
+    }
+
+    #[test]
+    fn a_reply_to_a_keepalive_retried_by_its_timeout_still_renews() {
+        // Every reply arrives just after the request timeout made the next attempt: the
+        // session must live on, each renewal anchored at the attempt it answers.
+        let mut a = Authority::new(SessionLimits::default());
+        let mut h = opened(&mut a, "h");
+        h.acquire(ms(10), key("x"), false).unwrap();
+        exchange(&mut h, &mut a, ms(10));
+        events(&mut h);
+        let timeout = config().request_timeout;
+        let late = timeout + Duration::from_millis(1);
+        let mut replies = 0;
+        let mut now = ms(10);
+        while now < ms(60_000) {
+            now = h.poll_timeout().unwrap();
+            h.handle_timeout(now);
+            let Some(first) = h.poll_transmit() else { continue };
+            assert!(matches!(first.op, SessionOp::KeepAlive), "{first:?}");
+            let reply = first.answer(a.handle(now + SKEW, &first));
+            // Nothing comes back within the timeout: the keepalive is made again.
+            assert_eq!(h.poll_timeout(), Some(now + timeout));
+            h.handle_timeout(now + timeout);
+            let second = h.poll_transmit().expect("a retry");
+            assert!(second.seq > first.seq);
+            // The first attempt's reply arrives now, the retry's never.
+            h.handle_response(now + late, &reply);
+            replies += 1;
+            assert_eq!(
+                h.remaining(now + late, &key("x")),
+                Some(Duration::from_millis(8_910) - late),
+                "renewed from the answered attempt's send"
+            );
+            drop(second);
+        }
+        assert!(replies > 15, "{replies} renewals in a minute");
+        assert!(events(&mut h).is_empty(), "the session lived on");
+        assert_eq!(h.state(), SessionState::Open);
     }
 
     #[test]
@@ -1588,6 +1649,43 @@ mod tests {
         assert_eq!(events(&mut watcher)[..], [SessionEvent::ObserveEnded { key: key("x"), reason: None }]);
         assert_eq!(a.observers_behind().count(), 0);
         assert_eq!(watcher.observed().count(), 0);
+    }
+
+    #[test]
+    fn a_retried_observe_that_starts_the_report_over_is_acknowledged_again_without_a_second_event() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut first = opened(&mut a, "first");
+        let mut watcher = opened(&mut a, "watcher");
+        first.acquire(ms(1), key("x"), true).unwrap();
+        exchange(&mut first, &mut a, ms(1));
+        watcher.observe(ms(2), key("x")).unwrap();
+        // The observe reaches the authority; its reply is lost.
+        let observe = watcher.poll_transmit().unwrap();
+        a.handle(ms(2) + SKEW, &observe);
+        // A keepalive hears the holder, and the next acknowledges it.
+        watcher.keep_alive_now(ms(3));
+        watcher.handle_timeout(ms(3));
+        exchange(&mut watcher, &mut a, ms(3));
+        assert!(matches!(events(&mut watcher)[..], [SessionEvent::Observed { change: 1, .. }]));
+        watcher.handle_timeout(ms(3));
+        exchange(&mut watcher, &mut a, ms(3));
+        assert_eq!(a.observers_behind().count(), 0);
+        // The observe's request timeout retries it with a later seq: the authority starts
+        // the report over, and the watcher is told change 1 again.
+        let retry_at = ms(2) + config().request_timeout;
+        watcher.handle_timeout(retry_at);
+        exchange(&mut watcher, &mut a, retry_at);
+        assert_eq!(a.observers_behind().count(), 1);
+        watcher.keep_alive_now(retry_at);
+        watcher.handle_timeout(retry_at);
+        exchange(&mut watcher, &mut a, retry_at);
+        // Not news for the application, but acknowledged at once, so it is not repeated.
+        assert!(events(&mut watcher).is_empty());
+        watcher.handle_timeout(retry_at);
+        let ka = watcher.poll_transmit().expect("an acknowledgement");
+        assert_eq!(ka.op, SessionOp::KeepAliveSeen { key: key("x"), change: 1 });
+        watcher.handle_response(retry_at, &ka.answer(a.handle(retry_at + SKEW, &ka)));
+        assert_eq!(a.observers_behind().count(), 0);
     }
 
     #[test]

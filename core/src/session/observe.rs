@@ -152,7 +152,14 @@ impl<const O: usize, const V: usize> Observations<O, V> {
         seq: Seq,
         current: Current<'_>,
     ) -> Result<(), Full> {
-        if self.observers.iter().any(|o| o.session == session && o.key == *key) {
+        if let Some(o) = self.observers.iter_mut().find(|o| o.session == session && o.key == *key) {
+            // Asked again, by a later request: the session starts a new watch, whose first
+            // report must be the current state even if it acknowledged that state before
+            // (an Observe overtaken by its own Unobserve left this observer behind).
+            if o.since < seq {
+                o.acked = o.latest - 1;
+                o.since = seq;
+            }
             return Ok(());
         }
         if self.observers.is_full() {
@@ -381,6 +388,36 @@ mod tests {
         let mut c = Client::open(&mut t, at(13), "c");
         c.send(&mut t, at(14), SessionOp::Acquire { key: key("x"), wait: false });
         assert_eq!(observed(&o.send(&mut t, at(15), SessionOp::KeepAlive)), Some((4, Some(("c", 3, "")))));
+    }
+
+    #[test]
+    fn an_observe_overtaken_by_its_unobserve_is_reported_again_when_observed_anew() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), "a");
+        let mut o = Client::open(&mut t, at(0), "o");
+        assert!(matches!(a.send(&mut t, at(1), acquire_valued("x", "v")), SessionReply::Granted { .. }));
+        // The observer asks, then changes its mind; the network delivers the two reversed:
+        // the unobserve finds nothing to end, and the observe registers after it.
+        let observe = o.req(SessionOp::Observe { key: key("x") });
+        let unobserve = o.req(SessionOp::Unobserve { key: key("x") });
+        assert_eq!(t.handle(at(2), &unobserve), SessionReply::Unobserved { key: key("x") });
+        assert_eq!(t.handle(at(3), &observe), SessionReply::Observing { key: key("x") });
+        // Its keepalive hears the holder and acknowledges it (the holder, no longer watching,
+        // acknowledges whatever it is told).
+        assert_eq!(observed(&o.send(&mut t, at(4), SessionOp::KeepAlive)), Some((1, Some(("a", 1, "v")))));
+        assert!(matches!(o.send(&mut t, at(5), seen("x", 1)), SessionReply::Alive { .. }));
+        // Observed anew: its new watch's first report is the current state, not silence.
+        let late = o.req(SessionOp::Observe { key: key("x") });
+        assert_eq!(
+            o.send(&mut t, at(6), SessionOp::Observe { key: key("x") }),
+            SessionReply::Observing { key: key("x") }
+        );
+        assert_eq!(observed(&o.send(&mut t, at(7), SessionOp::KeepAlive)), Some((1, Some(("a", 1, "v")))));
+        assert!(matches!(o.send(&mut t, at(8), seen("x", 1)), SessionReply::Alive { .. }));
+        // An older observe arriving after it does not start it over.
+        assert!(late.seq < Seq(o.seq));
+        assert_eq!(t.handle(at(9), &late), SessionReply::Observing { key: key("x") });
+        assert!(matches!(o.send(&mut t, at(10), SessionOp::KeepAlive), SessionReply::Alive { .. }));
     }
 
     #[test]
