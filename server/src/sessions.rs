@@ -194,7 +194,12 @@ pub(crate) struct Sessions {
     state: Arc<Mutex<State>>,
     jobs: async_channel::Sender<Job>,
     pub(crate) stats: Arc<SessionStats>,
+    /// Since when, and why, the last commit failed; `None` once one succeeds again.
+    failing: Failing,
 }
+
+/// The session log's last commit failure, for `/healthz`: every v1 grant needs the log too.
+type Failing = Arc<Mutex<Option<(std::time::Instant, String)>>>;
 
 /// A key as `GET /v2/leases` shows it: nothing here authorises.
 #[derive(Debug, Serialize)]
@@ -441,9 +446,23 @@ impl Sessions {
         }));
         let (tx, rx) = async_channel::bounded::<Job>(4 * MAX_BATCH);
         let stats = Arc::new(SessionStats::default());
-        let writer =
-            Writer { path, limits, clock, state: state.clone(), jobs: rx, stats: stats.clone() }.run();
-        Ok((Sessions { clock, state, jobs: tx, stats }, writer))
+        let failing = Failing::default();
+        let writer = Writer {
+            path,
+            limits,
+            clock,
+            state: state.clone(),
+            jobs: rx,
+            stats: stats.clone(),
+            failing: failing.clone(),
+        }
+        .run();
+        Ok((Sessions { clock, state, jobs: tx, stats, failing }, writer))
+    }
+
+    /// Since when and why the log takes no writes, if its last commit failed.
+    pub(crate) fn failing(&self) -> Option<(std::time::Instant, String)> {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether the writer is gone (the server stopped).
@@ -650,6 +669,7 @@ struct Writer {
     state: Arc<Mutex<State>>,
     jobs: async_channel::Receiver<Job>,
     stats: Arc<SessionStats>,
+    failing: Failing,
 }
 
 impl Writer {
@@ -703,6 +723,7 @@ impl Writer {
             Ok(committed) => {
                 if committed {
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                    *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 for (job, reply) in answered {
                     let _ = job.done.try_send(Ok(reply));
@@ -713,6 +734,10 @@ impl Writer {
                     "session commit failed; {} requests answered unavailable: {e}",
                     answered.len()
                 );
+                let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+                let since = failing.as_ref().map_or_else(std::time::Instant::now, |(since, _)| *since);
+                *failing = Some((since, e.to_string()));
+                drop(failing);
                 let e = Arc::new(e);
                 for (job, _) in answered {
                     let _ = job.done.try_send(Err(e.clone()));
