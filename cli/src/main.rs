@@ -27,7 +27,7 @@ enum Command {
     Serve(serve::Args),
     /// Show who holds a key (or every key).
     Status(status::Args),
-    /// Hold a lease while a command runs; stop the command if the lease is lost.
+    /// Hold a lease while a command runs (waiters queue FIFO); stop the command if the lease is lost.
     Run(run::Args),
     /// Print a key's holder and each change of it (protocol v2, no polling).
     Observe(observe::Args),

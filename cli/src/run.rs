@@ -45,15 +45,17 @@ pub(crate) struct Args {
     /// Which kind of store `--server` is.
     #[arg(long, value_enum, default_value = "builtin")]
     backend: BackendKind,
-    /// The protocol: `v2` holds the key in a session, waits FIFO and is pushed the key when
-    /// its turn comes (on DynamoDB: polls with jitter, no FIFO); `v1` (the default) polls. The
-    /// two are separate namespaces at the server (on etcd: `PREFIX` and `PREFIX`v2/), so every
-    /// contender for a key must use the same one; on DynamoDB they share the items and exclude
-    /// each other.
-    #[arg(long, value_enum, env = "LEASEHOLD_PROTOCOL", default_value = "v1")]
-    protocol: Protocol,
+    /// The protocol: `v2` (the default on the built-in server and etcd) holds the key in a
+    /// session, waits FIFO and is pushed the key when its turn comes (on DynamoDB: polls with
+    /// jitter, no FIFO); `v1` (the default on DynamoDB) renews each key on its own and polls
+    /// while it waits. On the built-in server the two share one namespace (a key held under one
+    /// is busy under the other, fences increase across both), and on DynamoDB they share the
+    /// items; on etcd they do not (`PREFIX` and `PREFIX`v2/), so every contender for a key
+    /// there must use the same one.
+    #[arg(long, value_enum, env = "LEASEHOLD_PROTOCOL")]
+    protocol: Option<Protocol>,
     /// Let up to N contenders hold the key at once, each under its own fence (a semaphore,
-    /// like `consul lock -n`); the rest wait FIFO for a slot. Needs `--protocol v2`. Every
+    /// like `consul lock -n`); the rest wait FIFO for a slot. Needs protocol v2. Every
     /// contender of the key must give the same N (exit 2 otherwise).
     #[arg(long, value_name = "N")]
     limit: Option<NonZeroU16>,
@@ -80,7 +82,7 @@ pub(crate) struct Args {
     /// After SIGTERM on loss, wait this long before SIGKILL.
     #[arg(long, default_value = "5s", value_parser = crate::duration)]
     grace: Duration,
-    /// With `--protocol v2`: what observers of the key (`leasehold observe`) are told with the
+    /// With protocol v2: what observers of the key (`leasehold observe`) are told with the
     /// holder while this run holds it, such as the address where it serves as leader. At most
     /// 64 bytes of printable ASCII.
     #[arg(long, value_name = "STR")]
@@ -111,6 +113,17 @@ pub(crate) enum Protocol {
     V1,
     /// Sessions: FIFO waiting with pushed grants.
     V2,
+}
+
+impl Protocol {
+    /// `asked`, or the backend's default: v2 where sessions are served (the built-in server,
+    /// etcd), v1 on DynamoDB, which has no sessions yet.
+    pub(crate) fn or_default_for(asked: Option<Protocol>, backend: BackendKind) -> Protocol {
+        asked.unwrap_or(match backend {
+            BackendKind::Builtin | BackendKind::Etcd => Protocol::V2,
+            BackendKind::Dynamodb => Protocol::V1,
+        })
+    }
 }
 
 /// What `run` needs from a client, whichever protocol it speaks.
@@ -203,6 +216,7 @@ pub(crate) fn session_label() -> String {
 }
 
 pub(crate) fn main(args: Args) -> ExitCode {
+    let protocol = Protocol::or_default_for(args.protocol, args.backend);
     let mut options = Options::new(args.ttl);
     options.config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);
     let timeout: Duration = options.config.request_timeout.into();
@@ -214,8 +228,10 @@ pub(crate) fn main(args: Args) -> ExitCode {
         }
     };
     if let Some(value) = &args.value {
-        if args.protocol != Protocol::V2 {
-            eprintln!("leasehold run: --value needs --protocol v2 (observers are a session feature)");
+        if protocol != Protocol::V2 || matches!(args.backend, BackendKind::Dynamodb) {
+            eprintln!(
+                "leasehold run: --value needs protocol v2 on the built-in server or etcd (observers are a session feature)"
+            );
             return ExitCode::from(2);
         }
         if let Err(e) = leasehold_core::session::wire::parse_value(value) {
@@ -223,8 +239,10 @@ pub(crate) fn main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    if args.limit.is_some() && args.protocol != Protocol::V2 {
-        eprintln!("leasehold run: --limit needs --protocol v2 (semaphores are held in sessions)");
+    if args.limit.is_some() && protocol != Protocol::V2 {
+        eprintln!(
+            "leasehold run: --limit needs protocol v2 (semaphores are held in sessions), not --protocol v1"
+        );
         return ExitCode::from(2);
     }
     if args.limit.is_some_and(|n| n.get() > 1) && args.value.is_some() {
@@ -237,17 +255,17 @@ pub(crate) fn main(args: Args) -> ExitCode {
     }
     smol::block_on(async {
         match args.backend {
-            BackendKind::Builtin if args.protocol == Protocol::V2 => {
+            BackendKind::Builtin if protocol == Protocol::V2 => {
                 let backend =
                     BuiltinSessions::new(&args.server, args.token.clone(), timeout).map(|b| b.with_tls(tls));
                 run_session(args, backend).await
             }
-            BackendKind::Etcd if args.protocol == Protocol::V2 => {
+            BackendKind::Etcd if protocol == Protocol::V2 => {
                 let backend = leasehold_stores::EtcdSessions::new(&args.server, &args.prefix, timeout)
                     .map(|b| b.with_tls(tls));
                 run_session(args, backend).await
             }
-            BackendKind::Dynamodb if args.protocol == Protocol::V2 => {
+            BackendKind::Dynamodb if protocol == Protocol::V2 => {
                 // The same config run_session gives the holder: the waiter's ε is the holder's.
                 let mut config = Options::session(args.ttl).config;
                 config.drift = leasehold_core::Drift::from_ppm(args.drift_ppm);

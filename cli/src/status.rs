@@ -48,10 +48,12 @@ pub(crate) struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The protocol whose keys to show (`run --protocol`; built-in server and etcd): v2 keys
-    /// are held by sessions, shown by their public label (never anything that authorises).
-    #[arg(long, value_enum, default_value = "v1")]
-    protocol: Protocol,
+    /// Whose keys to show (`run --protocol`): `v2` (the default on the built-in server and
+    /// etcd, as for `run`) shows keys by the sessions holding them, by their public label
+    /// (never anything that authorises), and on the built-in server keys held by a v1 lease as
+    /// such; `v1` (the default on DynamoDB) shows v1 records with their owner ids.
+    #[arg(long, value_enum, env = "LEASEHOLD_PROTOCOL")]
+    protocol: Option<Protocol>,
     #[command(flatten)]
     tls: crate::TlsArgs,
 }
@@ -98,7 +100,9 @@ impl StatusError {
 }
 
 pub(crate) fn main(args: Args) -> ExitCode {
-    if args.protocol == Protocol::V2 {
+    // The default is `run`'s, so `status` shows what a plain `run` holds.
+    let protocol = Protocol::or_default_for(args.protocol, args.backend);
+    if protocol == Protocol::V2 {
         return sessions::main(&args);
     }
     match smol::block_on(status(&args)) {
@@ -189,6 +193,9 @@ mod sessions {
         pub(super) waiting: u64,
         #[serde(default = "one")]
         pub(super) limit: u16,
+        /// Held by a v1 lease (the key namespace is shared): at most this long (µs) left.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub(super) v1_remaining: Option<u64>,
     }
 
     fn one() -> u16 {
@@ -220,6 +227,8 @@ mod sessions {
                 last_fence,
                 waiting: q.waiting as u64,
                 limit: q.limit,
+                // etcd's v1 and v2 keys are separate namespaces: no v1 lease shows here.
+                v1_remaining: None,
             }
         }
 
@@ -298,7 +307,7 @@ mod sessions {
             }
             BackendKind::Dynamodb => {
                 return Err(StatusError::Usage(
-                    "--protocol v2 is for the built-in server and etcd (DynamoDB has no sessions yet)".into(),
+                    "--protocol v2 is for the built-in server and etcd (on DynamoDB, session holders show in the v1 listing, by label)".into(),
                 ))
             }
         };
@@ -313,6 +322,10 @@ mod sessions {
         rows.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
         Ok(rows)
     }
+
+    /// What the HOLDER column says of a key held by a v1 lease (`status --protocol v1` shows
+    /// its owner).
+    const V1_HOLDER: &str = "(v1 lease)";
 
     /// KEY FENCE HOLDER SESSION TTL REMAINING WAITING: a row per holder (a semaphore's key
     /// has several); a free key shows its last fence, `-` and `free`.
@@ -330,8 +343,20 @@ mod sessions {
             "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
             "KEY", "FENCE", "HOLDER", "SESSION", "TTL", "REMAINING", "WAITING"
         );
+        let label = label.max(V1_HOLDER.len());
         for r in rows {
-            if r.holders.is_empty() {
+            if let (true, Some(left)) = (r.holders.is_empty(), r.v1_remaining) {
+                out.push_str(&format!(
+                    "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
+                    r.key,
+                    r.last_fence,
+                    V1_HOLDER,
+                    "-",
+                    "-",
+                    secs(left),
+                    r.waiting
+                ));
+            } else if r.holders.is_empty() {
                 out.push_str(&format!(
                     "{:<width$} {:>8} {:<label$} {:>8} {:>8} {:>9} {:>7}\n",
                     r.key, r.last_fence, "-", "-", "-", "free", r.waiting

@@ -29,14 +29,26 @@ fn run(backend: &str, url: &str, extra: &[&str], cmd: &[&str]) -> Command {
     c
 }
 
+/// `run --protocol v1`'s flags (v2 is the default on the built-in server and etcd).
+const V1: &[&str] = &["--protocol", "v1"];
+
 /// The holder runs; a second `--no-wait` run is refused with 75; then it succeeds.
-fn exclusive(backend: &str, url: &str) {
+fn exclusive(backend: &str, url: &str, flags: &[&str]) {
+    let no_wait: Vec<&str> = flags.iter().copied().chain(["--no-wait"]).collect();
     let mut holder =
-        run(backend, url, &[], &["sh", "-c", "test -n \"$LEASEHOLD_FENCE\" && sleep 1.5"]).spawn().unwrap();
+        run(backend, url, flags, &["sh", "-c", "test -n \"$LEASEHOLD_FENCE\" && sleep 1.5"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(run(backend, url, &["--no-wait"], &["true"]).status().unwrap().code(), Some(75), "{backend}");
-    assert!(holder.wait().unwrap().success(), "{backend}: holder failed");
-    assert_eq!(run(backend, url, &["--no-wait"], &["true"]).status().unwrap().code(), Some(0), "{backend}");
+    assert_eq!(
+        run(backend, url, &no_wait, &["true"]).status().unwrap().code(),
+        Some(75),
+        "{backend} {flags:?}"
+    );
+    assert!(holder.wait().unwrap().success(), "{backend} {flags:?}: holder failed");
+    assert_eq!(
+        run(backend, url, &no_wait, &["true"]).status().unwrap().code(),
+        Some(0),
+        "{backend} {flags:?}"
+    );
 }
 
 fn nanos_now() -> u128 {
@@ -99,17 +111,22 @@ fn run_on_builtin() {
         "127.0.0.1:0".parse().unwrap(),
     ))
     .unwrap();
-    exclusive("builtin", &s.url());
-    // Slack: one busy poll (ttl/8) plus the start of the child that writes the mark.
+    // v2 (the default): the waiter is pushed the grant at the session's expiry.
+    exclusive("builtin", &s.url(), &[]);
     kill_9("builtin", &s.url(), &[], Duration::from_millis(300));
+    // v1, with `--protocol v1`. Slack: one busy poll (ttl/8) plus the start of the child
+    // that writes the mark.
+    exclusive("builtin", &s.url(), V1);
+    kill_9("builtin v1", &s.url(), V1, Duration::from_millis(300));
 }
 
 #[test]
 fn run_on_etcd() {
     let e = etcd();
-    exclusive("etcd", e.url());
-    // etcd deletes a dead lease's key in a sweep every 500 ms after expiry.
-    kill_9("etcd", e.url(), &[], Duration::from_millis(900));
+    // Protocol v1 (v2 is `run_on_etcd_sessions`). etcd deletes a dead lease's key in a
+    // sweep every 500 ms after expiry.
+    exclusive("etcd", e.url(), V1);
+    kill_9("etcd v1", e.url(), V1, Duration::from_millis(900));
 }
 
 /// The keys etcd has under `prefix` (`etcdctl`, as an operator would look).
@@ -134,6 +151,7 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn run_on_etcd_sessions() {
     let e = etcd();
+    // The default, said anyway (and checked once without it, at the end).
     let v2 = ["--protocol", "v2"];
     // Exclusion, and the v2 key is a waiter key under PREFIXv2/ on the session's lease.
     let dir = tempfile::tempdir().unwrap();
@@ -184,6 +202,15 @@ fn run_on_etcd_sessions() {
     // kill -9 of the holder: its lease expires in etcd, which deletes its key, and the waiter
     // (watching that key) is pushed the grant: ttl·(1+ε) plus etcd's expiry sweep.
     kill_9("etcd v2", e.url(), &v2, Duration::from_millis(900));
+    // v2 is the default on etcd: a run without --protocol holds a session's key.
+    exclusive("etcd", e.url(), &[]);
+    let marker = dir.path().join("default-started");
+    let mut holder =
+        holding("etcd", e.url(), &[], "default", &format!("touch {}; sleep 60", marker.display()), &marker);
+    let keys = etcd_keys(e.url(), "leasehold/");
+    assert!(keys.len() == 1 && keys[0].starts_with("leasehold/v2/default@"), "{keys:?}");
+    killpg(Pid::from_raw(holder.id() as i32), Signal::SIGTERM).unwrap();
+    let _ = holder.wait();
 }
 
 /// dynalite with the table `run` uses by default.
@@ -200,7 +227,7 @@ fn dynalite_with_leases_table() -> leasehold_test_servers::Running {
 #[test]
 fn run_on_dynamodb() {
     let d = dynalite_with_leases_table();
-    exclusive("dynamodb", d.url());
+    exclusive("dynamodb", d.url(), &[]);
     // Observe-and-wait: ttl·(1+ε) + margin (2.04 s) from when the waiter first read the last
     // version, which can be a poll (ttl/8 + jitter up to ttl/64: 281 ms) after the holder wrote
     // it just before the kill: up to 2.32 s by design, plus the child's start. The bound
@@ -219,7 +246,7 @@ fn run_on_dynamodb() {
 
 /// `leasehold status` on `backend` while `leasehold run` holds a key there, and after it let go:
 /// the table and the JSON show the holder the command saw, then nothing (and exit 1 by name).
-fn status_follows_run(backend: &str, url: &str, extra: &[&str]) {
+fn status_follows_run(backend: &str, url: &str, extra: &[&str], run_flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let (seen, marker) = (dir.path().join("seen"), dir.path().join("started"));
     let hold = format!(
@@ -227,7 +254,7 @@ fn status_follows_run(backend: &str, url: &str, extra: &[&str]) {
         seen.display(),
         marker.display()
     );
-    let mut holder = holding(backend, url, &[], "watched/job-1", &hold, &marker);
+    let mut holder = holding(backend, url, run_flags, "watched/job-1", &hold, &marker);
     let seen = std::fs::read_to_string(&seen).unwrap();
     let (owner, fence) = seen.trim().split_once(' ').unwrap();
     let status = |args: &[&str]| {
@@ -269,7 +296,8 @@ fn status_follows_run(backend: &str, url: &str, extra: &[&str]) {
 #[test]
 fn status_on_etcd() {
     let e = etcd();
-    status_follows_run("etcd", e.url(), &[]);
+    // v1 keys (etcd status does not list session keys yet), and v1 is status's default there.
+    status_follows_run("etcd", e.url(), &[], V1);
     // Keys under another prefix are another application's.
     let other = Command::new(BIN)
         .args(["status", "--backend", "etcd", "--server", e.url(), "--etcd-prefix", "elsewhere/", "--all"])
@@ -283,7 +311,7 @@ fn status_on_etcd() {
 fn status_on_dynamodb() {
     let d = dynalite_with_leases_table();
     // `run` uses the default table; `status` is told it.
-    status_follows_run("dynamodb", d.url(), &["--table", "leases"]);
+    status_follows_run("dynamodb", d.url(), &["--table", "leases"], &[]);
     // Released, the item stays: --all shows it free with its last fence.
     let all = Command::new(BIN)
         .args(["status", "--backend", "dynamodb", "--server", d.url(), "--table", "leases", "--all"])

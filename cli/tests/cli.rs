@@ -51,6 +51,9 @@ fn serve_with(data: &Path, extra: &[&str]) -> (Proc, String) {
     (Proc(child), url)
 }
 
+/// `run --protocol v1`'s flag (v2 is the default on the built-in server).
+const V1: &[&str] = &["--protocol", "v1"];
+
 fn run_cmd(url: &str, key: &str, ttl: &str, extra: &[&str], cmd: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.args(["run", "--key", key, "--ttl", ttl, "--server", url]).args(extra).arg("--").args(cmd);
@@ -161,6 +164,8 @@ fn free_now(url: &str, key: &str) -> bool {
 
 #[test]
 fn signals_end_the_command_and_release_at_once() {
+    // Protocol v1 (its polling is what shows that run asked); v2's signal handling is
+    // `run_on_sessions_keeps_its_exit_codes_and_signal_handling`.
     let dir = tempfile::tempdir().unwrap();
     let (_server, url) = serve(&dir.path().join("store"));
     // A 30 s ttl: only a release frees the key within this test.
@@ -171,7 +176,7 @@ fn signals_end_the_command_and_release_at_once() {
     // SIGTERM to leasehold alone (a service manager stopping it): passed on to the command.
     let started = dir.path().join("term-started");
     let mut run =
-        Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &script("3", &started)]).spawn().unwrap());
+        Proc(run_cmd(&url, "sig", "30s", V1, &["sh", "-c", &script("3", &started)]).spawn().unwrap());
     eventually("the command starts", || started.exists());
     assert!(!free_now(&url, "sig"));
     nix::sys::signal::kill(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
@@ -181,7 +186,7 @@ fn signals_end_the_command_and_release_at_once() {
     // Ctrl-C on a terminal: SIGINT to the whole process group. Not passed on a second time.
     let started = dir.path().join("int-started");
     let mut run =
-        Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &script("4", &started)]).spawn().unwrap());
+        Proc(run_cmd(&url, "sig", "30s", V1, &["sh", "-c", &script("4", &started)]).spawn().unwrap());
     eventually("the command starts", || started.exists());
     killpg(Pid::from_raw(run.0.id() as i32), Signal::SIGINT).unwrap();
     assert_eq!(run.0.wait().unwrap().code(), Some(4));
@@ -195,7 +200,7 @@ fn signals_end_the_command_and_release_at_once() {
     let refusals = metric(&url, "leasehold_refusals_total");
     let ran = dir.path().join("ran");
     let touch = format!("touch {}", ran.display());
-    let mut run = Proc(run_cmd(&url, "sig", "30s", &[], &["sh", "-c", &touch]).spawn().unwrap());
+    let mut run = Proc(run_cmd(&url, "sig", "30s", V1, &["sh", "-c", &touch]).spawn().unwrap());
     eventually("leasehold run asks for the key", || metric(&url, "leasehold_refusals_total") != refusals);
     nix::sys::signal::kill(Pid::from_raw(run.0.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(run.0.wait().unwrap().code(), Some(128 + 15));
@@ -466,29 +471,37 @@ fn stderr_line(child: &mut Proc, what: &str, wanted: impl Fn(&str) -> bool + Sen
 
 #[test]
 fn waiting_says_whether_the_key_is_held_or_the_server_unreachable() {
-    // A dead port: the wait is for a server, said on a pipe too, with the address and cause.
-    let dead = format!("127.0.0.1:{}", leasehold_test_servers::free_port());
-    let mut waiting = Proc(
-        run_cmd(&format!("http://{dead}"), "unreachable", "2s", &[], &["true"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let line = stderr_line(&mut waiting, "unreachable server", |l| l.contains("unreachable"));
-    assert!(line.contains(&dead) && line.contains("refused") && line.contains("retrying"), "{line}");
-    assert!(!line.contains("held by someone else"), "{line}");
-    drop(waiting);
+    for protocol in ["v2", "v1"] {
+        let flags = &["--protocol", protocol][..];
+        // A dead port: the wait is for a server, said on a pipe too, with the address and cause.
+        let dead = format!("127.0.0.1:{}", leasehold_test_servers::free_port());
+        let mut waiting = Proc(
+            run_cmd(&format!("http://{dead}"), "unreachable", "2s", flags, &["true"])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let line = stderr_line(&mut waiting, "unreachable server", |l| l.contains("unreachable"));
+        assert!(
+            line.contains(&dead) && line.contains("refused") && line.contains("retrying"),
+            "{protocol}: {line}"
+        );
+        assert!(!line.contains("held by someone else"), "{protocol}: {line}");
+        drop(waiting);
 
-    // A held key: the wait is for the holder, whose grant's remaining time is shown.
-    let dir = tempfile::tempdir().unwrap();
-    let (_server, url) = serve(&dir.path().join("store"));
-    let ttl = LDuration::from_secs(30);
-    assert!(matches!(call(&url, "taken", 5, Op::Acquire { ttl }), Reply::Granted { .. }));
-    let mut waiting =
-        Proc(run_cmd(&url, "taken", "2s", &[], &["true"]).stderr(Stdio::piped()).spawn().unwrap());
-    let line = stderr_line(&mut waiting, "held key", |l| l.contains("waiting for"));
-    assert!(line.contains("held by someone else") && line.contains("runs out within"), "{line}");
-    assert!(!line.contains("unreachable"), "{line}");
+        // A held key (by a v1 lease: one namespace): the wait is for the holder; v1 polls and
+        // shows the grant's remaining time.
+        let dir = tempfile::tempdir().unwrap();
+        let (_server, url) = serve(&dir.path().join("store"));
+        let ttl = LDuration::from_secs(30);
+        assert!(matches!(call(&url, "taken", 5, Op::Acquire { ttl }), Reply::Granted { .. }));
+        let mut waiting =
+            Proc(run_cmd(&url, "taken", "2s", flags, &["true"]).stderr(Stdio::piped()).spawn().unwrap());
+        let line = stderr_line(&mut waiting, "held key", |l| l.contains("waiting for"));
+        assert!(line.contains("held by someone else"), "{protocol}: {line}");
+        assert!(protocol == "v2" || line.contains("runs out within"), "{protocol}: {line}");
+        assert!(!line.contains("unreachable"), "{protocol}: {line}");
+    }
 }
 
 #[test]
@@ -535,7 +548,7 @@ fn logs_on_a_pipe_have_no_colour_and_owner_ids_are_decimal_everywhere() {
     let script =
         format!("echo $LEASEHOLD_OWNER > {}; touch {}; sleep 60", owner_file.display(), marker.display());
     let mut run = Proc(
-        run_cmd(&url, "owned", "5s", &[], &["sh", "-c", &script])
+        run_cmd(&url, "owned", "5s", &["--protocol", "v1"], &["sh", "-c", &script])
             .env("LEASEHOLD_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -545,7 +558,8 @@ fn logs_on_a_pipe_have_no_colour_and_owner_ids_are_decimal_everywhere() {
     let exported = std::fs::read_to_string(&owner_file).unwrap().trim().to_string();
     let served = get_json(&url, "/v1/leases/owned")["holder"]["owner"].as_u64().expect("held");
     assert_eq!(exported, served.to_string(), "LEASEHOLD_OWNER as the server reports the holder");
-    let status = Command::new(BIN).args(["status", "owned", "--server", &url]).output().unwrap();
+    let status =
+        Command::new(BIN).args(["status", "owned", "--protocol", "v1", "--server", &url]).output().unwrap();
     let shown = String::from_utf8_lossy(&status.stdout);
     assert!(shown.split_whitespace().any(|w| w == exported), "status shows {exported}:\n{shown}");
 
@@ -707,10 +721,13 @@ fn run_limit_needs_v2_and_every_contender_to_agree() {
     let (_server, url) = serve(&dir.path().join("store"));
     let code = |c: &mut Command| c.status().unwrap().code();
     assert_eq!(
-        code(&mut run_cmd(&url, "k", "5s", &["--limit", "2"], &["true"])),
+        code(&mut run_cmd(&url, "k", "5s", &["--protocol", "v1", "--limit", "2"], &["true"])),
         Some(2),
         "v1 has no semaphores"
     );
+    let env_v1 =
+        run_cmd(&url, "k", "5s", &["--limit", "2"], &["true"]).env("LEASEHOLD_PROTOCOL", "v1").status();
+    assert_eq!(env_v1.unwrap().code(), Some(2), "LEASEHOLD_PROTOCOL=v1 is --protocol v1");
     assert_eq!(code(&mut run_v2(&url, "k", &["--limit", "0"], &["true"])), Some(2));
     let go = dir.path().join("go");
     let hold = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
@@ -769,14 +786,42 @@ fn status_shows_session_held_keys_by_label() {
     assert_eq!(doc["leases"][0]["holders"][0]["fence"], served["fence"], "{doc}");
     assert!(!String::from_utf8_lossy(&one.stdout).contains("secret"), "{doc}");
 
-    // A key sessions never used, and a v1-only key, are unknown to v2: exit 1.
+    // v2 is the default on the built-in server: the same key, fence, label and session (the
+    // remaining time moves on).
+    let default = Command::new(BIN).args(["status", "--server", &url]).output().unwrap();
+    let default_text = String::from_utf8_lossy(&default.stdout);
+    assert!(
+        default_text.lines().any(|l| l.split_whitespace().take(4).eq(row[..4].iter().copied())),
+        "{default_text}"
+    );
+
+    // A key sessions never used: exit 1.
     assert_eq!(status(&["never-used"]).status.code(), Some(1));
-    // v1's status does not see it: the namespaces are separate.
-    let v1 = Command::new(BIN).args(["status", "shown", "--server", &url]).output().unwrap();
+    // v1's listing has v1 records only, with owner ids.
+    let v1 =
+        Command::new(BIN).args(["status", "shown", "--protocol", "v1", "--server", &url]).output().unwrap();
     assert_eq!(v1.status.code(), Some(1), "{v1:?}");
-    // DynamoDB has no sessions: a usage error.
+    // A key held by a v1 lease: one namespace, so v2's status shows it as such, with its fence.
+    let ttl = LDuration::from_secs(30);
+    let Reply::Granted { fence, .. } = call(&url, "v1-held", 5, Op::Acquire { ttl }) else {
+        panic!("not granted")
+    };
+    let out = status(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("v1-held "))
+        .expect("a row for the v1 key")
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[1], row[2], row[3]), (fence.0.to_string().as_str(), "(v1", "lease)"), "{text}");
+    // DynamoDB's session holders are in its one listing: a usage error.
     let dynamodb = status(&["--backend", "dynamodb"]);
     assert_eq!(dynamodb.status.code(), Some(2), "{dynamodb:?}");
-    assert!(String::from_utf8_lossy(&dynamodb.stderr).contains("DynamoDB has no sessions"), "{dynamodb:?}");
+    assert!(
+        String::from_utf8_lossy(&dynamodb.stderr)
+            .contains("on DynamoDB, session holders show in the v1 listing"),
+        "{dynamodb:?}"
+    );
     drop(run);
 }

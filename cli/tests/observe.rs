@@ -210,7 +210,12 @@ fn observe_count_and_usage_errors() {
     assert_eq!(code(&["observe", "--server", &url, "--key", "bad key"]), Some(2));
     assert_eq!(code(&["observe", "--server", "ftp://x", "--key", "k"]), Some(2));
     // --value is a session feature: with v1 a usage error, and a value must be printable.
-    assert_eq!(code(&["run", "--server", &url, "--key", "k", "--value", "x", "--", "true"]), Some(2));
+    assert_eq!(
+        code(&["run", "--protocol", "v1", "--server", &url, "--key", "k", "--value", "x", "--", "true"]),
+        Some(2)
+    );
+    // v2 is the default on the built-in server: a value is accepted without --protocol.
+    assert_eq!(code(&["run", "--server", &url, "--key", "valued", "--value", "x", "--", "true"]), Some(0));
     let bad = ["run", "--protocol", "v2", "--server", &url, "--key", "k", "--value", "a\tb", "--", "true"];
     assert_eq!(code(&bad), Some(2));
     let long = "x".repeat(65);

@@ -126,7 +126,12 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
     if path == "/healthz" {
         // Readiness: ok only while the store takes writes, so a balancer or supervisor sees a
         // full disk instead of a server that refuses every grant.
-        return Ok(match shared.store.health() {
+        // v1 grants need the session log too (one namespace), so its failure is the store's.
+        let health = match (shared.store.health(), shared.sessions.failing()) {
+            (crate::store::Health::Up, Some((since, cause))) => crate::store::Health::Down { since, cause },
+            (health, _) => health,
+        };
+        return Ok(match health {
             crate::store::Health::Up => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
             crate::store::Health::Down { since, cause } => json(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -197,7 +202,10 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
         },
         Method::POST => {
             let request = read_request(req, shared.request_timeout).await?;
-            let d = shared.store.apply(key, request).await.map_err(|e| unavailable(&e))?;
+            let d = shared.namespace.apply(key, request).await.map_err(|e| match e {
+                crate::namespace::V1Error::Store(e) => unavailable(&e),
+                crate::namespace::V1Error::Sessions(e) => unavailable_sessions(&e),
+            })?;
             shared.metrics.outcome(d.outcome, d.expired);
             let response = leasehold_core::Response { id: request.id, owner: request.owner, reply: d.reply };
             if let Reply::Rejected(r) = d.reply {

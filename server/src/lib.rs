@@ -3,6 +3,7 @@
 mod conns;
 mod http;
 mod metrics;
+mod namespace;
 mod sessions;
 mod store;
 #[cfg(feature = "tls")]
@@ -221,6 +222,8 @@ impl Clock {
 pub(crate) struct Shared {
     store: store::Store,
     sessions: sessions::Sessions,
+    /// v1 requests that may change a record go through it, never straight to `store`.
+    namespace: namespace::Namespace,
     clock: Clock,
     token: Option<String>,
     request_timeout: std::time::Duration,
@@ -296,6 +299,7 @@ pub struct Server {
     shared: Arc<Shared>,
     writer: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     session_writer: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    v1_runner: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 impl Server {
@@ -314,12 +318,18 @@ impl Server {
             session_limits.fault = config.session_fault;
         }
         let (sessions, session_writer) = sessions::Sessions::open(&config.data_dir, session_limits)?;
+        let (namespace, v1_runner) =
+            namespace::Namespace::new(store.clone(), sessions.clone(), clock, config.limits.lock_delay);
+        // Before serving: the sessions learn what v1 holds on disk (a crash may have cut off
+        // what they were told).
+        namespace.sync().await?;
         let listener = async_net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
             store,
             sessions,
+            namespace,
             clock,
             token: config.token,
             request_timeout: config.request_timeout,
@@ -335,6 +345,7 @@ impl Server {
             shared,
             writer: Box::pin(writer),
             session_writer: Box::pin(session_writer),
+            v1_runner: Box::pin(v1_runner),
         })
     }
 
@@ -361,12 +372,13 @@ impl Server {
     /// store I/O on a blocking thread pool.
     pub async fn run(self) {
         #[cfg(feature = "tls")]
-        let Server { listener, tls, shared, writer, session_writer } = self;
+        let Server { listener, tls, shared, writer, session_writer, v1_runner } = self;
         #[cfg(not(feature = "tls"))]
-        let Server { listener, shared, writer, session_writer } = self;
+        let Server { listener, shared, writer, session_writer, v1_runner } = self;
         let ex = smol::LocalExecutor::new();
         ex.spawn(writer).detach();
         ex.spawn(session_writer).detach();
+        ex.spawn(v1_runner).detach();
         ex.run(async {
             let mut backoff = conns::AcceptBackoff::default();
             loop {

@@ -13,6 +13,9 @@
 //! up its keys move to their waiters, and that hand-off must be on disk before the new holder
 //! is told, and must replay identically.
 //!
+//! v1 leases share the keys: each is an external hold of its key in the authority, set by
+//! logged inputs (see the `namespace` module for the order and the crash argument).
+//!
 //! **Time across restarts.** The log's clock continues where the previous run's last entry
 //! left it (the process clock is added to that base), so the authority never sees time run
 //! backwards while replaying.
@@ -22,10 +25,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
-use leasehold_core::session::authority::{KeyHolder, SessionStatus};
+use leasehold_core::session::authority::{ExternalHold, ExternalRefusal, KeyHolder, SessionStatus};
 use leasehold_core::session::wire::{Label, Secret, SessionId, SessionOp, SessionReply, SessionRequest};
 use leasehold_core::session::{SessionAuthority, SessionLimits};
-use leasehold_core::{Duration, Instant};
+use leasehold_core::{Duration, Fence, Instant, Key, Reject};
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +75,12 @@ enum Input {
     Timeout,
     /// [`SessionAuthority::recover`]: the server (re)started.
     Recover,
+    /// [`SessionAuthority::hold_external`], for a v1 request about to be decided.
+    HoldExternal { key: Key, hold: ExternalHold, exclusive: bool },
+    /// [`SessionAuthority::set_external`]: what v1 decided (or, at a start, what v1 holds).
+    SetExternal { key: Key, until: Option<Instant>, fence: Fence },
+    /// [`SessionAuthority::raise_fence_floor`]: v1's floor for the keys it forgot.
+    FenceFloor { floor: Fence },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,7 +110,7 @@ pub enum SessionStoreError {
     #[error(
         "session store: the session snapshot has layout {found}, this server reads layout {reads}; \
          it was written by another leasehold version: start that version, or move sessions.redb \
-         aside to start with no sessions (v2 fences then restart from 1)"
+         aside to start with no sessions (fences then continue above the v1 store's)"
     )]
     SnapshotFormat {
         /// The layout found.
@@ -179,12 +188,18 @@ struct State {
     diverged: Option<String>,
 }
 
+#[derive(Clone)]
 pub(crate) struct Sessions {
     clock: LogClock,
     state: Arc<Mutex<State>>,
     jobs: async_channel::Sender<Job>,
     pub(crate) stats: Arc<SessionStats>,
+    /// Since when, and why, the last commit failed; `None` once one succeeds again.
+    failing: Failing,
 }
+
+/// The session log's last commit failure, for `/healthz`: every v1 grant needs the log too.
+type Failing = Arc<Mutex<Option<(std::time::Instant, String)>>>;
 
 /// A key as `GET /v2/leases` shows it: nothing here authorises.
 #[derive(Debug, Serialize)]
@@ -198,6 +213,9 @@ pub(crate) struct KeyView {
     limit: u16,
     last_fence: u64,
     waiting: usize,
+    /// Held by a v1 lease: how long (µs) until it ends, at most (0 while v1 is deciding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    v1_remaining: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -289,6 +307,25 @@ fn apply(authority: &mut Authority, entry: &Entry) -> Option<SessionReply> {
         }
         Input::Recover => {
             authority.recover(now);
+            None
+        }
+        // Answered in the session protocol's terms, to share the writer's one reply channel:
+        // `Granted` carries the key's last fence, `Busy` the refusal.
+        Input::HoldExternal { key, hold, exclusive } => {
+            Some(match authority.hold_external(now, key, *hold, *exclusive) {
+                Ok(fence) => SessionReply::Granted { key: key.clone(), fence },
+                Err(ExternalRefusal::Busy { retry_after }) => {
+                    SessionReply::Busy { key: key.clone(), expires_in: retry_after }
+                }
+                Err(ExternalRefusal::Capacity) => SessionReply::Rejected(Reject::Capacity),
+            })
+        }
+        Input::SetExternal { key, until, fence } => {
+            authority.set_external(now, key, *until, *fence);
+            None
+        }
+        Input::FenceFloor { floor } => {
+            authority.raise_fence_floor(*floor);
             None
         }
     }
@@ -409,9 +446,28 @@ impl Sessions {
         }));
         let (tx, rx) = async_channel::bounded::<Job>(4 * MAX_BATCH);
         let stats = Arc::new(SessionStats::default());
-        let writer =
-            Writer { path, limits, clock, state: state.clone(), jobs: rx, stats: stats.clone() }.run();
-        Ok((Sessions { clock, state, jobs: tx, stats }, writer))
+        let failing = Failing::default();
+        let writer = Writer {
+            path,
+            limits,
+            clock,
+            state: state.clone(),
+            jobs: rx,
+            stats: stats.clone(),
+            failing: failing.clone(),
+        }
+        .run();
+        Ok((Sessions { clock, state, jobs: tx, stats, failing }, writer))
+    }
+
+    /// Since when and why the log takes no writes, if its last commit failed.
+    pub(crate) fn failing(&self) -> Option<(std::time::Instant, String)> {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the writer is gone (the server stopped).
+    pub(crate) fn stopped(&self) -> bool {
+        self.jobs.is_closed()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -479,6 +535,81 @@ impl Sessions {
         result.recv().await.map_err(|_| Arc::new(SessionStoreError::Stopped))?
     }
 
+    /// Holds `key` for a v1 request about to be decided ([`ExternalHold::Pending`]), once
+    /// that is on disk; the key's last fence, which v1's grant must be above. Follow it with
+    /// [`set_external`](Self::set_external), whatever v1 decides.
+    pub(crate) async fn hold_external(
+        &self,
+        key: Key,
+        exclusive: bool,
+    ) -> Result<Result<Fence, ExternalRefusal>, Arc<SessionStoreError>> {
+        let input = Input::HoldExternal { key, hold: ExternalHold::Pending, exclusive };
+        Ok(match self.submit(input, None).await? {
+            SessionReply::Granted { fence, .. } => Ok(fence),
+            SessionReply::Busy { expires_in, .. } => Err(ExternalRefusal::Busy { retry_after: expires_in }),
+            _ => Err(ExternalRefusal::Capacity),
+        })
+    }
+
+    /// Records what v1 decided for `key`: held for `remaining` from now (`None`: free), and
+    /// the highest fence v1 granted it. Returns once it is on disk.
+    pub(crate) async fn set_external(
+        &self,
+        key: Key,
+        remaining: Option<StdDuration>,
+        fence: Fence,
+    ) -> Result<(), Arc<SessionStoreError>> {
+        let until = remaining.map(|r| self.clock.now() + Duration::from_micros(r.as_micros() as u64));
+        self.submit(Input::SetExternal { key, until, fence }, None).await.map(|_| ())
+    }
+
+    /// At a start, before the writer runs: makes the keys held under another protocol exactly
+    /// `held` (key, its remaining time, its last fence), other keys' fences continue above
+    /// `fences` (key, last fence) and `floor`, logged in one commit. A v1 decision whose
+    /// [`set_external`](Self::set_external) a crash cut off is corrected here, and a key v1
+    /// forgot while the sessions were not told is covered by the floor.
+    pub(crate) fn sync_external(
+        &self,
+        held: &[(Key, StdDuration, Fence)],
+        fences: &[(Key, Fence)],
+        floor: Fence,
+    ) -> Result<(), SessionStoreError> {
+        let mut state = self.lock();
+        let now = self.clock.now();
+        let mut inputs = Vec::new();
+        if floor > Fence::NONE {
+            inputs.push(Input::FenceFloor { floor });
+        }
+        let a = &state.authority;
+        let v1_held: std::collections::HashSet<&Key> = held.iter().map(|(k, ..)| k).collect();
+        // Holds first, frees last: a key never passes through free on the way.
+        for (key, remaining, fence) in held {
+            let until = Some(now + Duration::from_micros(remaining.as_micros() as u64));
+            inputs.push(Input::SetExternal { key: key.clone(), until, fence: *fence });
+        }
+        for (key, fence) in fences {
+            if a.key(key).is_none_or(|k| k.last_fence < *fence) && !v1_held.contains(key) {
+                inputs.push(Input::SetExternal { key: key.clone(), until: None, fence: *fence });
+            }
+        }
+        for (key, _) in a.external_holds() {
+            if !v1_held.contains(key) {
+                inputs.push(Input::SetExternal { key: key.clone(), until: None, fence: Fence::NONE });
+            }
+        }
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<Entry> = inputs.into_iter().map(|input| Entry { now, input }).collect();
+        for e in &entries {
+            apply(&mut state.authority, e);
+        }
+        let bytes: Vec<Vec<u8>> = entries.iter().map(encode).collect();
+        append(&state.db, state.next_index, &bytes)?;
+        state.next_index += bytes.len() as u64;
+        Ok(())
+    }
+
     /// The keys sessions have used, in byte order, as status pages may show them.
     pub(crate) fn keys(&self, held_only: bool, prefix: &str) -> Vec<KeyView> {
         let state = self.lock();
@@ -487,7 +618,7 @@ impl Sessions {
         let mut out: Vec<KeyView> = a
             .keys()
             .filter(|(k, _)| k.starts_with(prefix))
-            .filter(|(_, st)| !held_only || st.holder.is_some())
+            .filter(|(k, st)| !held_only || st.holder.is_some() || a.external_hold(k).is_some())
             .map(|(k, st)| {
                 let view = |h: KeyHolder| {
                     let s: SessionStatus = a.session(h.session)?;
@@ -507,6 +638,10 @@ impl Sessions {
                     limit: st.limit,
                     last_fence: st.last_fence.0,
                     waiting: st.waiting,
+                    v1_remaining: a.external_hold(k).map(|h| match h {
+                        ExternalHold::Pending => 0,
+                        ExternalHold::Until(t) => (t - now).as_micros(),
+                    }),
                 }
             })
             .collect();
@@ -534,6 +669,7 @@ struct Writer {
     state: Arc<Mutex<State>>,
     jobs: async_channel::Receiver<Job>,
     stats: Arc<SessionStats>,
+    failing: Failing,
 }
 
 impl Writer {
@@ -587,6 +723,7 @@ impl Writer {
             Ok(committed) => {
                 if committed {
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                    *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 for (job, reply) in answered {
                     let _ = job.done.try_send(Ok(reply));
@@ -597,6 +734,10 @@ impl Writer {
                     "session commit failed; {} requests answered unavailable: {e}",
                     answered.len()
                 );
+                let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+                let since = failing.as_ref().map_or_else(std::time::Instant::now, |(since, _)| *since);
+                *failing = Some((since, e.to_string()));
+                drop(failing);
                 let e = Arc::new(e);
                 for (job, _) in answered {
                     let _ = job.done.try_send(Err(e.clone()));
@@ -782,7 +923,11 @@ fn count(stats: &SessionStats, input: &Input) {
             SessionOp::Close => &stats.closes,
             SessionOp::Open { .. } => return,
         },
-        Input::Timeout | Input::Recover => return,
+        Input::Timeout
+        | Input::Recover
+        | Input::HoldExternal { .. }
+        | Input::SetExternal { .. }
+        | Input::FenceFloor { .. } => return,
     };
     c.fetch_add(1, Ordering::Relaxed);
 }

@@ -92,6 +92,8 @@ pub(crate) enum Health {
 struct Job {
     key: Key,
     request: Request,
+    /// Fences granted are above this.
+    floor: Fence,
     done: async_channel::Sender<Result<Decision, Arc<StoreError>>>,
 }
 
@@ -242,9 +244,16 @@ impl Store {
     }
 
     /// Applies `request` to `key` durably; returns the decision once it is on disk.
-    pub(crate) async fn apply(&self, key: Key, request: Request) -> Result<Decision, Arc<StoreError>> {
+    /// The key's fences continue above `floor` as well as above its own (the sessions'
+    /// fences of the same key: see the `namespace` module).
+    pub(crate) async fn apply(
+        &self,
+        key: Key,
+        request: Request,
+        floor: Fence,
+    ) -> Result<Decision, Arc<StoreError>> {
         let (done, result) = async_channel::bounded(1);
-        self.jobs.send(Job { key, request, done }).await.map_err(|_| Arc::new(StoreError::Stopped))?;
+        self.jobs.send(Job { key, request, floor, done }).await.map_err(|_| Arc::new(StoreError::Stopped))?;
         result.recv().await.map_err(|_| Arc::new(StoreError::Stopped))?
     }
 
@@ -507,10 +516,12 @@ fn apply_batch(
         let floor = floor_in(&txn.open_table(META).map_err(StoreError::db)?)?;
         for job in batch {
             let key = job.key.as_str();
-            let before = match table.get(key).map_err(StoreError::db)? {
+            let mut before = match table.get(key).map_err(StoreError::db)? {
                 Some(v) => decode(key, v.value())?,
                 None => Record::fresh(floor),
             };
+            // Kept only if the decision writes the record: a grant, whose fence is above it.
+            before.last_fence = before.last_fence.max(job.floor);
             let d = authority::decide(&before, clock.now(), &job.request, limits);
             if d.changed(&before) {
                 table.insert(key, encode(&d.record).as_slice()).map_err(StoreError::db)?;

@@ -338,7 +338,9 @@ fn a_flood_of_opens_is_refused_with_capacity_not_a_panic() {
     let max = leasehold_server::MAX_SESSIONS;
     const THREADS: usize = 32;
     let per_thread = max / THREADS + 8;
-    let body = serde_json::to_vec(&open_request(TTL, "flood")).unwrap();
+    // Long enough that no session expires during the flood (it took 69 s at load 13 on 2
+    // cores, past a 30 s ttl): every open past the capacity must be refused.
+    let body = serde_json::to_vec(&open_request(Duration::from_secs(240), "flood")).unwrap();
     let threads: Vec<_> = (0..THREADS)
         .map(|_| {
             let body = body.clone();

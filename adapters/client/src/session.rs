@@ -397,10 +397,24 @@ impl SessionClient {
 
     /// Waits for an open session, opening one if there is none.
     async fn opened(&self, deadline: Option<leasehold_core::Instant>) -> Result<(), AcquireError> {
+        self.opened_reporting(deadline, &mut |_| {}).await
+    }
+
+    /// [`opened`](Self::opened), telling `report` of each failure to reach the authority
+    /// while the session opens: a waiter must be able to tell a dead server from a held key.
+    async fn opened_reporting(
+        &self,
+        deadline: Option<leasehold_core::Instant>,
+        report: &mut (dyn FnMut(&Waiting) + Send),
+    ) -> Result<(), AcquireError> {
         let inner = &self.user.0;
         let mut asked = None;
         loop {
             let listener = inner.changed.listen();
+            let unreachable = lock(&inner.last_error).clone();
+            if let Some(e) = unreachable {
+                report(&Waiting::Unreachable(Some(e)));
+            }
             if let Some(e) = lock(&inner.permanent).clone() {
                 return Err(AcquireError::Misconfigured(e));
             }
@@ -450,7 +464,7 @@ impl SessionClient {
             guard: Mutex::new(Some(guard)),
         });
         loop {
-            self.opened(deadline).await?;
+            self.opened_reporting(deadline, report).await?;
             let mut m = lock(&inner.machine);
             lock(&inner.slots).insert(key.clone(), slot.clone());
             // A value is for a key with one holder; a semaphore's slots carry none.
@@ -735,6 +749,10 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                             inner.changed.notify(usize::MAX);
                         }
                         *lock(&inner.last_error) = Some(e);
+                        if m.state() == SessionState::Opening {
+                            // An acquire waiting for the open reports it.
+                            inner.changed.notify(usize::MAX);
+                        }
                         m.handle_transport_error(inner.clock.now(), seq);
                     }
                 }

@@ -351,11 +351,44 @@ struct KeyRecord {
     last_fence: Fence,
     holders: Chain,
     waiters: Chain,
+    /// Held under another protocol (see [`SessionAuthority::hold_external`]): no session is
+    /// granted it meanwhile. Absent from snapshots written before it existed.
+    #[cfg_attr(feature = "serde", serde(default))]
+    external: Option<ExternalHold>,
+}
+
+/// A key held outside the sessions, under another protocol sharing the key namespace (the
+/// built-in server's v1 leases): while it lasts, no session is granted the key, and waiters
+/// queue behind it as behind a session's grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum ExternalHold {
+    /// Until the caller says otherwise with [`SessionAuthority::set_external`]: while the
+    /// other protocol decides, and its decision (and so its expiry) is not known yet.
+    Pending,
+    /// Until this instant (the other grant's expiry, on this authority's clock), or until
+    /// [`SessionAuthority::set_external`] ends it earlier.
+    Until(Instant),
+}
+
+/// Why [`SessionAuthority::hold_external`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ExternalRefusal {
+    /// A session holds the key, or (for an exclusive hold) sessions wait for it.
+    Busy {
+        /// When the first session's grant of it ends, from now, if it is known.
+        retry_after: Duration,
+    },
+    /// The key table is full.
+    Capacity,
 }
 
 impl KeyRecord {
-    const fn new() -> Self {
-        KeyRecord { limit: 1, last_fence: Fence::NONE, holders: Chain::NONE, waiters: Chain::NONE }
+    /// A key first seen now, whose fences continue above `floor`.
+    const fn fresh(floor: Fence) -> Self {
+        KeyRecord { limit: 1, last_fence: floor, holders: Chain::NONE, waiters: Chain::NONE, external: None }
     }
 
     fn is_claimed(&self) -> bool {
@@ -491,6 +524,14 @@ pub struct SessionAuthority<const S: usize, const K: usize, const W: usize, cons
     /// Observers and values; absent from snapshots written before they existed.
     #[cfg_attr(feature = "serde", serde(default))]
     observations: Observations<O, S>,
+    /// No earlier than the first [`ExternalHold::Until`] of any key (it may be earlier: a
+    /// stale value only costs a scan); `None` if there is none.
+    #[cfg_attr(feature = "serde", serde(default))]
+    next_external: Option<Instant>,
+    /// Fences of keys first seen from now on continue above this: see
+    /// [`raise_fence_floor`](Self::raise_fence_floor).
+    #[cfg_attr(feature = "serde", serde(default))]
+    fence_floor: Fence,
 }
 
 impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuthority<S, K, W, O> {
@@ -509,6 +550,8 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
             next_id: next.0.max(1),
             limits,
             observations: Observations::default(),
+            next_external: None,
+            fence_floor: Fence::NONE,
         }
     }
 
@@ -629,12 +672,108 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         }
     }
 
+    /// Holds `key` for another protocol that shares this authority's key namespace (the
+    /// built-in server's v1 leases), as of `now`, until `hold` ends; returns the key's last
+    /// fence, above which the other protocol's grant must be. Refused while a session holds
+    /// the key, or, if `exclusive` (a new grant, not an extension of one), while sessions wait
+    /// for it: they are first in line. Waiters queue behind the hold; it ends at its
+    /// [`ExternalHold::Until`], or by [`set_external`](Self::set_external). A second hold of a
+    /// held key keeps the later end of the two.
+    ///
+    /// An input like any other: log it, for replay to be exact.
+    ///
+    /// ```
+    /// use leasehold_core::session::authority::{ExternalHold, ExternalRefusal};
+    /// use leasehold_core::session::{SessionAuthority, SessionLimits};
+    /// use leasehold_core::{parse_key, Duration, Fence, Instant};
+    ///
+    /// let mut a = SessionAuthority::<4, 4, 8>::new(SessionLimits::default());
+    /// let key = parse_key("job").unwrap();
+    /// let now = Instant::from_millis(0);
+    /// assert_eq!(a.hold_external(now, &key, ExternalHold::Pending, true), Ok(Fence::NONE));
+    /// // The other protocol granted fence 1, for 5 s.
+    /// a.set_external(now, &key, Some(Instant::from_secs(5)), Fence(1));
+    /// assert_eq!(a.external_hold(&key), Some(ExternalHold::Until(Instant::from_secs(5))));
+    /// assert_eq!(a.poll_timeout(), Some(Instant::from_secs(5)));
+    /// a.handle_timeout(Instant::from_secs(5));
+    /// assert_eq!(a.external_hold(&key), None);
+    /// assert_eq!(a.key(&key).unwrap().last_fence, Fence(1), "a session's next grant is fence 2");
+    /// ```
+    pub fn hold_external(
+        &mut self,
+        now: Instant,
+        key: &Key,
+        hold: ExternalHold,
+        exclusive: bool,
+    ) -> Result<Fence, ExternalRefusal> {
+        let before = self.sessions.len();
+        self.expire(now);
+        self.note_changes(self.sessions.len() < before);
+        let ki = self.key_index(key).ok_or(ExternalRefusal::Capacity)?;
+        let Some((_, r)) = self.keys.get_index(ki as usize) else { return Err(ExternalRefusal::Capacity) };
+        if r.holders.len > 0 || (exclusive && r.waiters.len > 0) {
+            let sessions = &self.sessions;
+            let ends = self
+                .claims
+                .walk(&r.holders, Thread::Key)
+                .filter_map(|(_, c)| sessions.iter().find(|s| s.id == c.session).map(|s| s.expires_at))
+                .chain(external_until(r.external, now))
+                .min()
+                .unwrap_or(now);
+            return Err(ExternalRefusal::Busy { retry_after: ends - now });
+        }
+        let merged = match (r.external, hold) {
+            (Some(ExternalHold::Pending), _) | (_, ExternalHold::Pending) => ExternalHold::Pending,
+            (Some(ExternalHold::Until(a)), ExternalHold::Until(b)) => ExternalHold::Until(a.max(b)),
+            (None, h) => h,
+        };
+        let last_fence = r.last_fence;
+        if let Some((_, r)) = self.keys.get_index_mut(ki as usize) {
+            r.external = Some(merged);
+        }
+        if let ExternalHold::Until(t) = merged {
+            self.next_external = Some(self.next_external.map_or(t, |n| n.min(t)));
+        }
+        Ok(last_fence)
+    }
+
+    /// What the other protocol decided for `key` (see [`hold_external`](Self::hold_external)):
+    /// held until `until` (`None`, or a time not after `now`: free), with `fence` the highest
+    /// fence it ever granted the key, which sessions' fences continue above. A key it frees
+    /// goes to the head of its queue at once. The table being full, a new key is not recorded
+    /// (no session could be granted it either).
+    pub fn set_external(&mut self, now: Instant, key: &Key, until: Option<Instant>, fence: Fence) {
+        let before = self.sessions.len();
+        self.expire(now);
+        let Some(ki) = self.key_index(key) else { return };
+        let Some((_, r)) = self.keys.get_index_mut(ki as usize) else { return };
+        r.last_fence = r.last_fence.max(fence);
+        match until.filter(|t| *t > now) {
+            Some(t) => {
+                r.external = Some(ExternalHold::Until(t));
+                self.next_external = Some(self.next_external.map_or(t, |n| n.min(t)));
+            }
+            None => {
+                r.external = None;
+                self.hand_off(ki);
+            }
+        }
+        self.note_changes(self.sessions.len() < before);
+    }
+
+    /// Keys first seen from now on get fences above `floor` (it never goes down): for a store
+    /// whose other protocol forgets idle keys' records and keeps one floor above all their
+    /// fences instead.
+    pub fn raise_fence_floor(&mut self, floor: Fence) {
+        self.fence_floor = self.fence_floor.max(floor);
+    }
+
     // ----- outputs -----
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called: the next session
     /// expiry.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let next = self.sessions.iter().map(|s| s.expires_at).min();
+        let next = self.sessions.iter().map(|s| s.expires_at).chain(self.next_external).min();
         #[cfg(feature = "fault-injection")]
         if self.limits.fault == SessionFault::HandOffEarly {
             let early = self.early_hand_offs().min();
@@ -686,6 +825,17 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
             .get(key)
             .into_iter()
             .flat_map(|r| self.claims.walk(&r.waiters, Thread::Key).map(|(_, c)| c.session))
+    }
+
+    /// How `key` is held under another protocol, if it is (see
+    /// [`hold_external`](Self::hold_external)).
+    pub fn external_hold(&self, key: &Key) -> Option<ExternalHold> {
+        self.keys.get(key).and_then(|r| r.external)
+    }
+
+    /// Every key held under another protocol, with its hold.
+    pub fn external_holds(&self) -> impl Iterator<Item = (&Key, ExternalHold)> + '_ {
+        self.keys.iter().filter_map(|(k, r)| Some((k, r.external?)))
     }
 
     /// The label of `key`'s (oldest) holder: what a status endpoint shows as "held by".
@@ -925,10 +1075,7 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         if limit == 0 {
             return SessionReply::Rejected(Reject::Malformed);
         }
-        if !self.keys.contains_key(key) && self.keys.insert(key.clone(), KeyRecord::new()).is_err() {
-            return SessionReply::Rejected(Reject::Capacity);
-        }
-        let Some(ki) = self.keys.get_index_of(key).and_then(|i| u32::try_from(i).ok()) else {
+        let Some(ki) = self.key_index(key) else {
             return SessionReply::Rejected(Reject::Capacity);
         };
         let key = key.clone();
@@ -962,8 +1109,9 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         }
         // A free slot goes to a newcomer only if nobody is queued before it (a queue can stand
         // beside a free slot only while the fence counter is exhausted).
+        // A key held under the other protocol has no free slot.
         let (free_slot, queue, last_fence) =
-            (r.holders.len < self.admits(limit), r.waiters.len, r.last_fence);
+            (r.holders.len < self.admits(limit) && r.external.is_none(), r.waiters.len, r.last_fence);
         if free_slot && queue == 0 {
             let Some(fence) = last_fence.next() else {
                 return SessionReply::Rejected(Reject::FenceExhausted);
@@ -993,6 +1141,7 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
             .claims
             .walk(&r.holders, Thread::Key)
             .filter_map(|(_, c)| sessions.iter().find(|s| s.id == c.session).map(|s| s.expires_at))
+            .chain(external_until(r.external, now))
             .min()
             .unwrap_or(now);
         SessionReply::Busy { key, expires_in: expires_at - now }
@@ -1040,6 +1189,9 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
     fn hand_off(&mut self, ki: u32) {
         let Some(limit) = self.keys.get_index(ki as usize).map(|(_, r)| self.admits(r.limit)) else { return };
         let Some((_, r)) = self.keys.get_index_mut(ki as usize) else { return };
+        if r.external.is_some() {
+            return;
+        }
         while r.holders.len < limit {
             let Some(id) = r.waiters.head else { return };
             // An exhausted counter leaves the waiters queued: no fence may repeat.
@@ -1060,10 +1212,43 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         if self.limits.fault == SessionFault::HandOffEarly {
             self.hand_off_early(now);
         }
-        if self.sessions.iter().all(|s| s.expires_at > now) {
-            return;
+        if self.sessions.iter().any(|s| s.expires_at <= now) {
+            self.end_sessions(|s| s.expires_at <= now);
         }
-        self.end_sessions(|s| s.expires_at <= now);
+        // After the sessions: a waiter whose session expired at the same instant leaves the
+        // queue before the key moves.
+        if self.next_external.is_some_and(|t| t <= now) {
+            self.end_external(now);
+        }
+    }
+
+    /// Ends every external hold that is up and hands its key to its queue; re-computes the
+    /// next external expiry.
+    fn end_external(&mut self, now: Instant) {
+        let mut next: Option<Instant> = None;
+        for ki in 0..self.keys.len() {
+            let Some((_, r)) = self.keys.get_index_mut(ki) else { break };
+            match r.external {
+                Some(ExternalHold::Until(t)) if t <= now => {
+                    r.external = None;
+                    self.hand_off(ki as u32);
+                }
+                Some(ExternalHold::Until(t)) => next = Some(next.map_or(t, |n| n.min(t))),
+                _ => {}
+            }
+        }
+        self.next_external = next;
+    }
+
+    /// The index of `key`, which is added (fences above the floor) if it is new; `None` if
+    /// the table is full.
+    fn key_index(&mut self, key: &Key) -> Option<u32> {
+        if !self.keys.contains_key(key)
+            && self.keys.insert(key.clone(), KeyRecord::fresh(self.fence_floor)).is_err()
+        {
+            return None;
+        }
+        self.keys.get_index_of(key).and_then(|i| u32::try_from(i).ok())
     }
 
     /// Ends the sessions `ending` picks: first every one of them leaves every queue, then
@@ -1156,6 +1341,15 @@ impl Claim {
 }
 
 /// 1 for the head of the queue.
+/// When an external hold ends, as far as a `Busy` can say: a pending one at once (it lasts
+/// only while the other protocol decides).
+fn external_until(hold: Option<ExternalHold>, now: Instant) -> Option<Instant> {
+    match hold? {
+        ExternalHold::Pending => Some(now),
+        ExternalHold::Until(t) => Some(t),
+    }
+}
+
 fn queue_position(index: usize) -> u16 {
     u16::try_from(index + 1).unwrap_or(u16::MAX)
 }
@@ -1558,5 +1752,61 @@ mod tests {
             op: acquire("y", true),
         };
         assert_eq!(t.handle(at(4), &again), granted("y", 1));
+    }
+
+    #[test]
+    fn an_external_hold_queues_sessions_and_its_end_hands_the_key_on_above_its_fence() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let k = key("k");
+        assert_eq!(t.hold_external(at(0), &k, ExternalHold::Pending, true), Ok(Fence::NONE));
+        // Pending: no session gets it, and no timer runs for it.
+        assert_eq!(
+            a.send(&mut t, at(1), acquire("k", false)),
+            SessionReply::Busy { key: k.clone(), expires_in: Duration::ZERO }
+        );
+        assert_eq!(
+            a.send(&mut t, at(1), acquire("k", true)),
+            SessionReply::Queued { key: k.clone(), position: 1 }
+        );
+        assert_eq!(t.poll_timeout(), Some(at(0) + TTL), "only the session's expiry");
+        // The other protocol granted fence 7 until 3 s.
+        t.set_external(at(2), &k, Some(at(3000)), Fence(7));
+        assert_eq!(t.poll_timeout(), Some(at(3000)));
+        t.handle_timeout(at(2999));
+        assert_eq!(t.holders(&k).count(), 0, "not before the hold ends");
+        t.handle_timeout(at(3000));
+        assert_eq!(t.holders(&k).next(), Some(KeyHolder { session: a.id, fence: Fence(8) }));
+        assert!(t.has_news(a.id), "the grant is pushed");
+        // Now a session holds it: the other protocol is refused, exclusive or not.
+        let refused = Err(ExternalRefusal::Busy { retry_after: Duration::from_millis(7000) });
+        assert_eq!(t.hold_external(at(3000), &k, ExternalHold::Pending, true), refused);
+        assert_eq!(t.hold_external(at(3000), &k, ExternalHold::Pending, false), refused);
+    }
+
+    #[test]
+    fn an_exclusive_external_hold_waits_its_turn_and_a_free_hands_off_at_once() {
+        let mut t = Table::new(SessionLimits::default());
+        let (mut a, mut b) = (Client::open(&mut t, at(0), 1), Client::open(&mut t, at(0), 2));
+        let k = key("k");
+        t.raise_fence_floor(Fence(40));
+        assert_eq!(t.hold_external(at(0), &k, ExternalHold::Until(at(500)), true), Ok(Fence(40)));
+        t.set_external(at(0), &k, Some(at(500)), Fence(41));
+        assert_eq!(
+            a.send(&mut t, at(1), acquire("k", true)),
+            SessionReply::Queued { key: k.clone(), position: 1 }
+        );
+        // Sessions wait: a new external grant is refused, an extension of the current one is not.
+        assert!(matches!(
+            t.hold_external(at(2), &k, ExternalHold::Pending, true),
+            Err(ExternalRefusal::Busy { .. })
+        ));
+        assert_eq!(t.hold_external(at(2), &k, ExternalHold::Pending, false), Ok(Fence(41)));
+        t.set_external(at(3), &k, None, Fence(41));
+        assert_eq!(t.holders(&k).next(), Some(KeyHolder { session: a.id, fence: Fence(42) }));
+        assert_eq!(
+            b.send(&mut t, at(4), acquire("k", false)),
+            SessionReply::Busy { key: k.clone(), expires_in: TTL - Duration::from_millis(4) }
+        );
     }
 }

@@ -1,0 +1,281 @@
+//! One key namespace for protocol v1 and v2: a key is never held under both at once, and its
+//! fences strictly increase across both.
+//!
+//! v1 leases stay records in `leases.redb` (the [`Store`]), decided by the core's v1 rules;
+//! v2 sessions stay the core's [`SessionAuthority`](leasehold_core::session::SessionAuthority)
+//! with its log in `sessions.redb` (the [`Sessions`]). The session authority is told of every
+//! v1 lease as an *external hold* of its key, through logged inputs, so its replay stays
+//! exact. A v1 request that may grant or extend goes, one at a time per key:
+//!
+//! 1. **Hold** ([`Sessions::hold_external`]): the key is held for v1 with no end yet
+//!    (`Pending`), refused if a session holds it (and, for an acquire, if sessions wait for
+//!    it: they are first in line). v1 then answers `Busy` (an acquire) or `NotHolder` (a
+//!    renewal) without deciding. The reply carries the key's last v2 fence.
+//! 2. **Decide** ([`Store::apply`]): v1's rules, with the v2 fence as a floor, so a v1 grant's
+//!    fence is above every v2 fence of the key; committed with fsync; answered.
+//! 3. **Set** ([`Sessions::set_external`]): the v1 record's end (its holder's expiry plus the
+//!    lock-delay, or free) and its last fence, so v2 fences continue above v1's. A free key
+//!    goes to the head of its v2 queue at once, and that grant is pushed; a held one at the
+//!    end of the hold, by the session writer's timer. Retried until it is on disk.
+//!
+//! A release only decides and sets. Sessions waiting behind a v1 lease are pushed the grant
+//! when it is released or expires, never before: the hold's end is converted from the v1
+//! clock to the log's by sampling the v1 clock first, so it lands at or after the v1 expiry.
+//!
+//! **Crash atomicity without one transaction.** The two stores are two redb files, each
+//! committed with fsync on its own. The argument does not need them to agree at every
+//! instant, only in these orders:
+//! - a v1 grant is committed only after its hold was applied to the session authority's
+//!   memory, and every v2 grant the authority made or makes from then on saw the hold; a v2
+//!   grant is durable only with every log entry before it, the hold included. So a crash
+//!   cannot leave a durable v2 grant that the hold would have refused.
+//! - after a crash, a hold or set may be missing from the log (or a `Pending` hold may have
+//!   no set). At every start, before serving, [`Sessions::sync_external`] makes the
+//!   authority's external holds exactly the live v1 records (re-armed for their full ttl by
+//!   the v1 store's recovery, as v1 grants are), raises the fences of every v1 key, and
+//!   raises the floor of keys it never saw to v1's store-wide floor (keys v1 forgot). What
+//!   v1 has on disk is the truth for v1 leases, and it is re-applied as logged inputs.
+//! - a v1 decision that failed (the v1 store is down) may or may not be on disk: its key's
+//!   hold then stays `Pending` until the record can be read back, which then sets it.
+//! - a session log commit that fails is rebuilt from the log (see `sessions`); the set is
+//!   retried after it, and the per-key turn is held until it is durable, so the next v1
+//!   request of the key sees it.
+//!
+//! The cost is a second fsync (the hold) before a v1 grant or renewal is decided.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
+
+use leasehold_core::authority::{Decision, Outcome, Record};
+use leasehold_core::session::authority::ExternalRefusal;
+use leasehold_core::{Duration, Fence, Instant, Key, Op, Reject, Reply, Request};
+
+use crate::sessions::{SessionStoreError, Sessions};
+use crate::store::{Store, StoreError};
+use crate::Clock;
+
+/// Why a v1 request could not be decided.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum V1Error {
+    /// The v1 store failed.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    /// The session log failed, so the key could not be held for v1; nothing was decided.
+    #[error(transparent)]
+    Sessions(Arc<SessionStoreError>),
+}
+
+/// The v1 store and the sessions, kept in one namespace.
+#[derive(Clone)]
+pub(crate) struct Namespace {
+    store: Store,
+    sessions: Sessions,
+    /// The v1 store's clock.
+    clock: Clock,
+    lock_delay: Duration,
+    turns: Arc<KeyTurns>,
+    /// To the runner, which decides each v1 request on a task of its own.
+    jobs: async_channel::Sender<Job>,
+}
+
+struct Job {
+    key: Key,
+    request: Request,
+    answer: async_channel::Sender<Result<Decision, V1Error>>,
+}
+
+/// Retries of a set (or a read-back) back off from this to [`RETRY_MAX`].
+const RETRY_MIN: StdDuration = StdDuration::from_millis(20);
+const RETRY_MAX: StdDuration = StdDuration::from_secs(1);
+
+impl Namespace {
+    /// The namespace, and the runner of its v1 requests, which the caller must run with the
+    /// server (dropping it cancels the requests in progress: see the module docs for why a
+    /// start repairs that).
+    pub(crate) fn new(
+        store: Store,
+        sessions: Sessions,
+        clock: Clock,
+        lock_delay: Duration,
+    ) -> (Namespace, impl std::future::Future<Output = ()> + Send) {
+        let (jobs, queued) = async_channel::bounded::<Job>(1024);
+        let namespace = Namespace { store, sessions, clock, lock_delay, turns: Arc::default(), jobs };
+        let this = namespace.clone();
+        let runner = async move {
+            let ex = smol::Executor::new();
+            ex.run(async {
+                while let Ok(job) = queued.recv().await {
+                    ex.spawn(this.clone().decide(job.key, job.request, job.answer)).detach();
+                }
+            })
+            .await
+        };
+        (namespace, runner)
+    }
+
+    /// Tells the sessions what the v1 store holds, at a start (see the module docs).
+    pub(crate) async fn sync(&self) -> Result<(), crate::ServerError> {
+        let records = self.store.all().await?;
+        let floor = Fence(self.store.stats().fence_floor.load(std::sync::atomic::Ordering::Relaxed));
+        let now = self.clock.now();
+        let mut held = Vec::new();
+        let mut fences = Vec::new();
+        for (key, rec) in records {
+            let Ok(key) = leasehold_core::parse_key(&key) else { continue };
+            match self.remaining(&rec, now) {
+                Some(left) => held.push((key, left, rec.last_fence)),
+                None => fences.push((key, rec.last_fence)),
+            }
+        }
+        self.sessions.sync_external(&held, &fences, floor)?;
+        Ok(())
+    }
+
+    /// Decides a v1 request, once its key is held for v1 in the sessions. The work runs on a
+    /// task of the runner's, so that a client hanging up cannot leave the key held with no end.
+    pub(crate) async fn apply(&self, key: Key, request: Request) -> Result<Decision, V1Error> {
+        let stopped = || V1Error::Store(Arc::new(StoreError::Stopped));
+        let (answer, answered) = async_channel::bounded(1);
+        self.jobs.send(Job { key, request, answer }).await.map_err(|_| stopped())?;
+        answered.recv().await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    async fn decide(
+        self,
+        key: Key,
+        request: Request,
+        answer: async_channel::Sender<Result<Decision, V1Error>>,
+    ) {
+        let _turn = self.turns.take(&key).await;
+        let exclusive = match request.op {
+            Op::Release { .. } => None,
+            Op::Renew { .. } => Some(false),
+            Op::Acquire { .. } | Op::Takeover { .. } => Some(true),
+        };
+        let mut floor = Fence::NONE;
+        if let Some(exclusive) = exclusive {
+            let refused = |reply| Decision {
+                record: Record::default(),
+                reply,
+                outcome: Outcome::Refused,
+                expired: false,
+            };
+            let refusal = match self.sessions.hold_external(key.clone(), exclusive).await {
+                Err(e) => {
+                    let _ = answer.try_send(Err(V1Error::Sessions(e)));
+                    return;
+                }
+                Ok(Ok(fence)) => {
+                    floor = fence;
+                    None
+                }
+                Ok(Err(ExternalRefusal::Busy { retry_after })) if exclusive => {
+                    Some(refused(Reply::Busy { retry_after }))
+                }
+                // A renewal of a key a session holds: the v1 lease ended before that grant.
+                Ok(Err(ExternalRefusal::Busy { .. })) => Some(refused(Reply::NotHolder)),
+                Ok(Err(ExternalRefusal::Capacity)) => Some(Decision {
+                    record: Record::default(),
+                    reply: Reply::Rejected(Reject::Capacity),
+                    outcome: Outcome::Rejected,
+                    expired: false,
+                }),
+            };
+            if let Some(d) = refusal {
+                let _ = answer.try_send(Ok(d));
+                return;
+            }
+        }
+        let decided = self.store.apply(key.clone(), request, floor).await;
+        let record = decided.as_ref().ok().map(|d| d.record);
+        let _ = answer.try_send(decided.map_err(V1Error::Store));
+        let record = match record {
+            Some(r) => r,
+            // A failed release changed nothing the sessions need to know early: their hold
+            // still ends no sooner than the lease did.
+            None if exclusive.is_none() => return,
+            None => match self.read_back(&key).await {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        self.set(key, record, floor).await;
+    }
+
+    /// The record of `key` as the v1 store has it on disk, once it can be read; `None` if the
+    /// server stopped first.
+    async fn read_back(&self, key: &Key) -> Option<Record> {
+        let mut delay = RETRY_MIN;
+        while !self.sessions.stopped() {
+            match self.store.get(key.clone()).await {
+                Ok(r) => return Some(r.unwrap_or_default()),
+                Err(e) => tracing::debug!("reading {key:?} back after a failed v1 decision: {e}"),
+            }
+            async_io::Timer::after(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+        None
+    }
+
+    /// Tells the sessions `record`'s end and fence, until that is on disk.
+    async fn set(&self, key: Key, record: Record, floor: Fence) {
+        let mut delay = RETRY_MIN;
+        loop {
+            // The v1 clock first: the end lands no earlier than the v1 one.
+            let remaining = self.remaining(&record, self.clock.now());
+            match self.sessions.set_external(key.clone(), remaining, record.last_fence.max(floor)).await {
+                Ok(()) => return,
+                Err(e) if matches!(*e, SessionStoreError::Stopped) => return,
+                Err(e) => {
+                    tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {e}")
+                }
+            }
+            async_io::Timer::after(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// How long from `now` (the v1 clock) `record` keeps its key from anyone else: to its
+    /// holder's expiry, or to the end of a lock-delay; `None` if it is free.
+    fn remaining(&self, record: &Record, now: Instant) -> Option<StdDuration> {
+        let end = match (record.holder, record.expired_at) {
+            (Some(h), _) => h.expires_at,
+            (None, Some(at)) => at,
+            (None, None) => return None,
+        } + self.lock_delay;
+        (end > now).then(|| StdDuration::from_micros((end - now).as_micros()))
+    }
+}
+
+/// One v1 request at a time per key, between its hold and its set.
+#[derive(Default)]
+struct KeyTurns {
+    keys: Mutex<HashMap<Key, Arc<smol::lock::Mutex<()>>>>,
+}
+
+/// A key's turn; the next request of the key waits until it is dropped.
+struct Turn<'a> {
+    turns: &'a KeyTurns,
+    key: Key,
+    _guard: smol::lock::MutexGuardArc<()>,
+}
+
+impl KeyTurns {
+    async fn take(&self, key: &Key) -> Turn<'_> {
+        let lock =
+            self.keys.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
+        Turn { turns: self, key: key.clone(), _guard: lock.lock_arc().await }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.turns.keys.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map and this turn have it: nobody waits, so the entry goes (a newcomer
+        // needs the map's lock to take a copy).
+        if keys.get(&self.key).is_some_and(|l| Arc::strong_count(l) == 2) {
+            keys.remove(&self.key);
+        }
+    }
+}

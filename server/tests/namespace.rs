@@ -1,0 +1,251 @@
+//! v1 leases and v2 sessions share one key namespace on the built-in server, over real HTTP
+//! on loopback: a key is never held under both, v2 waiters queue behind a v1 lease and are
+//! pushed the grant at its release or expiry, and fences increase across both protocols and
+//! across restarts.
+
+use std::net::SocketAddr;
+use std::time::{Duration as StdDuration, Instant as StdInstant};
+
+use leasehold_core::session::wire::{
+    parse_label, Grant, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+};
+use leasehold_core::{parse_key, Duration, Fence};
+use serde_json::{json, Value};
+
+mod support;
+use support::*;
+
+/// A session driven by hand.
+struct Holder {
+    addr: SocketAddr,
+    id: SessionId,
+    secret: Secret,
+    seq: u64,
+}
+
+fn post_json(addr: SocketAddr, path: &str, body: &[u8]) -> Reply {
+    request(addr, "POST", path, None, body)
+}
+
+fn open(addr: SocketAddr, ttl: Duration, label: &str) -> Holder {
+    let open = SessionRequest {
+        session: SessionId::NONE,
+        secret: Secret::NONE,
+        seq: Seq(1),
+        op: SessionOp::Open { ttl, label: parse_label(label).unwrap() },
+    };
+    let r = post_json(addr, "/v2/sessions", &serde_json::to_vec(&open).unwrap());
+    let resp: SessionResponse = serde_json::from_str(&r.body).unwrap();
+    let SessionReply::Opened { session, secret, .. } = resp.reply else { panic!("not opened: {}", r.body) };
+    Holder { addr, id: session, secret, seq: 1 }
+}
+
+impl Holder {
+    fn next(&mut self, op: SessionOp) -> SessionRequest {
+        self.seq += 1;
+        SessionRequest { session: self.id, secret: self.secret, seq: Seq(self.seq), op }
+    }
+
+    fn send_query(&mut self, op: SessionOp, query: &str) -> SessionReply {
+        let req = self.next(op);
+        let r = post_json(
+            self.addr,
+            &format!("/v2/sessions/{}{query}", self.id.0),
+            &serde_json::to_vec(&req).unwrap(),
+        );
+        let resp: SessionResponse = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("not a session response ({e}): {}", r.body));
+        resp.reply
+    }
+
+    fn send(&mut self, op: SessionOp) -> SessionReply {
+        self.send_query(op, "")
+    }
+}
+
+fn acquire(key: &str, wait: bool) -> SessionOp {
+    SessionOp::Acquire { key: parse_key(key).unwrap(), wait }
+}
+
+fn release(key: &str, fence: u64) -> SessionOp {
+    SessionOp::Release { key: parse_key(key).unwrap(), fence: Fence(fence) }
+}
+
+fn granted(key: &str, fence: u64) -> SessionReply {
+    SessionReply::Granted { key: parse_key(key).unwrap(), fence: Fence(fence) }
+}
+
+/// A v1 request's reply.
+fn v1(addr: SocketAddr, key: &str, owner: u64, op: Value) -> Value {
+    let body = json!({"id": 1, "owner": owner, "op": op});
+    let r = request(addr, "POST", &format!("/v1/leases/{key}"), None, body.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["reply"].clone()
+}
+
+fn v1_acquire(addr: SocketAddr, key: &str, owner: u64, ttl: StdDuration) -> Value {
+    v1(addr, key, owner, json!({"acquire": {"ttl": ttl.as_micros() as u64}}))
+}
+
+fn v1_release(addr: SocketAddr, key: &str, owner: u64, fence: u64) -> Value {
+    v1(addr, key, owner, json!({"release": {"fence": fence}}))
+}
+
+/// The fence of a v1 grant.
+fn v1_fence(reply: &Value) -> u64 {
+    reply["granted"]["fence"]
+        .as_u64()
+        .or(reply["granted_after_expiry"]["fence"].as_u64())
+        .unwrap_or_else(|| panic!("not granted: {reply}"))
+}
+
+const TTL: Duration = Duration::from_secs(60);
+const V1_TTL: StdDuration = StdDuration::from_secs(30);
+
+#[test]
+fn a_v1_lease_and_a_v2_session_exclude_each_other_in_both_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let mut a = open(s.addr(), TTL, "a");
+
+    // v1 first: the session is refused, told how long the lease has left.
+    assert_eq!(v1_fence(&v1_acquire(s.addr(), "k", 7, V1_TTL)), 1);
+    let SessionReply::Busy { expires_in, .. } = a.send(acquire("k", false)) else {
+        panic!("granted under v1")
+    };
+    assert!(expires_in > Duration::ZERO && expires_in <= V1_TTL.into(), "{expires_in:?}");
+    assert_eq!(v1_release(s.addr(), "k", 7, 1), json!("released"));
+
+    // v2 first: v1 is refused, and its fence continues above v1's.
+    assert_eq!(a.send(acquire("k", false)), granted("k", 2));
+    let busy = v1_acquire(s.addr(), "k", 8, V1_TTL);
+    let retry = busy["busy"]["retry_after"].as_u64().unwrap_or_else(|| panic!("v1 granted under v2: {busy}"));
+    assert!(retry > 0 && retry <= TTL.as_micros(), "{busy}");
+    // A renewal of a lease a session holds is refused too.
+    assert_eq!(v1(s.addr(), "k", 7, json!({"renew": {"fence": 1, "ttl": 1_000_000}})), json!("not_holder"));
+    assert_eq!(a.send(release("k", 2)), SessionReply::Released { key: parse_key("k").unwrap() });
+    assert_eq!(v1_fence(&v1_acquire(s.addr(), "k", 8, V1_TTL)), 3, "above the v2 fence");
+
+    // Sessions queued behind a v1 lease are first in line: a second v1 owner is busy, and the
+    // v1 holder's release goes to the queue.
+    let mut b = open(s.addr(), TTL, "b");
+    assert_eq!(
+        b.send(acquire("k", true)),
+        SessionReply::Queued { key: parse_key("k").unwrap(), position: 1 }
+    );
+    assert!(v1_acquire(s.addr(), "k", 9, V1_TTL)["busy"].is_object());
+    assert_eq!(v1_release(s.addr(), "k", 8, 3), json!("released"));
+    assert_eq!(b.send(acquire("k", true)), granted("k", 4));
+    assert!(v1_acquire(s.addr(), "k", 9, V1_TTL)["busy"].is_object(), "v2 holds it now");
+}
+
+#[test]
+fn a_v2_waiter_is_pushed_the_grant_when_a_v1_holder_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let addr = s.addr();
+    assert_eq!(v1_fence(&v1_acquire(addr, "k", 7, V1_TTL)), 1);
+    let mut b = open(addr, TTL, "b");
+    let asked = Seq(b.seq + 1);
+    assert_eq!(
+        b.send(acquire("k", true)),
+        SessionReply::Queued { key: parse_key("k").unwrap(), position: 1 }
+    );
+    // The keepalive is held (up to 20 s) until the grant is pushed; the release comes
+    // from another thread, before or while it is held.
+    let waiter = std::thread::spawn(move || {
+        let started = StdInstant::now();
+        let reply = b.send_query(SessionOp::KeepAlive, "?wait_ms=20000");
+        (reply, started.elapsed())
+    });
+    assert_eq!(v1_release(addr, "k", 7, 1), json!("released"));
+    let (reply, took) = waiter.join().unwrap();
+    let pushed = Grant { key: parse_key("k").unwrap(), fence: Fence(2), asked };
+    assert_eq!(reply, SessionReply::Alive { ttl: TTL, granted: Some(pushed), more: false });
+    assert!(took < StdDuration::from_secs(15), "pushed at the release, not at the hold's end: {took:?}");
+}
+
+#[test]
+fn a_v2_waiter_is_pushed_the_grant_when_a_v1_lease_expires_and_not_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let addr = s.addr();
+    let mut b = open(addr, TTL, "b");
+    let v1_ttl = StdDuration::from_millis(1500);
+    let sent = StdInstant::now();
+    assert_eq!(v1_fence(&v1_acquire(addr, "k", 7, v1_ttl)), 1);
+    let asked = Seq(b.seq + 1);
+    assert_eq!(
+        b.send(acquire("k", true)),
+        SessionReply::Queued { key: parse_key("k").unwrap(), position: 1 }
+    );
+    // Held keepalives until the grant comes (each hold ends by 20 s at most).
+    let reply =
+        within(30, "the grant is pushed", || match b.send_query(SessionOp::KeepAlive, "?wait_ms=20000") {
+            r @ SessionReply::Alive { granted: Some(_), .. } => Some(r),
+            _ => None,
+        });
+    let pushed_by = sent.elapsed();
+    let pushed = Grant { key: parse_key("k").unwrap(), fence: Fence(2), asked };
+    assert_eq!(reply, SessionReply::Alive { ttl: TTL, granted: Some(pushed), more: false });
+    // The v1 lease ran from when the server decided, after `sent`: it had not expired before
+    // `sent + ttl`, and the grant was made, then answered, after its expiry.
+    assert!(
+        pushed_by >= v1_ttl,
+        "granted {pushed_by:?} after the v1 acquire was sent, before its {v1_ttl:?} expiry"
+    );
+    // The late v1 holder can neither renew nor take it back.
+    assert_eq!(v1(addr, "k", 7, json!({"renew": {"fence": 1, "ttl": 1_000_000}})), json!("not_holder"));
+    assert!(v1_acquire(addr, "k", 7, V1_TTL)["busy"].is_object());
+}
+
+#[test]
+fn fences_increase_across_both_protocols_and_restarts_and_a_v1_lease_survives_one() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = server(dir.path());
+        assert_eq!(v1_fence(&v1_acquire(s.addr(), "k", 7, V1_TTL)), 1);
+        assert_eq!(v1_release(s.addr(), "k", 7, 1), json!("released"));
+        let mut a = open(s.addr(), TTL, "a");
+        assert_eq!(a.send(acquire("k", false)), granted("k", 2));
+        assert_eq!(a.send(release("k", 2)), SessionReply::Released { key: parse_key("k").unwrap() });
+    }
+    {
+        let s = server(dir.path());
+        assert_eq!(v1_fence(&v1_acquire(s.addr(), "k", 8, V1_TTL)), 3, "above the v2 fence, after a restart");
+        // Held under v1 across the next restart.
+    }
+    let s = server(dir.path());
+    let mut c = open(s.addr(), TTL, "c");
+    assert!(
+        matches!(c.send(acquire("k", false)), SessionReply::Busy { .. }),
+        "the v1 lease survived the restart, for v2 too"
+    );
+    assert_eq!(v1_release(s.addr(), "k", 8, 3), json!("released"));
+    assert_eq!(c.send(acquire("k", false)), granted("k", 4));
+    assert_eq!(c.send(release("k", 4)), SessionReply::Released { key: parse_key("k").unwrap() });
+    drop(s);
+    let s = server(dir.path());
+    assert_eq!(v1_fence(&v1_acquire(s.addr(), "k", 9, V1_TTL)), 5, "above the v2 fence of a session gone");
+}
+
+#[test]
+fn a_start_tells_the_sessions_what_v1_holds_even_with_the_session_log_gone() {
+    // What a crash between a v1 grant and its hold reaching the session log leaves, at its
+    // worst: the session log knows nothing of v1. The start rebuilds that from v1's records.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = server(dir.path());
+        assert_eq!(v1_fence(&v1_acquire(s.addr(), "held", 7, V1_TTL)), 1);
+        assert_eq!(v1_fence(&v1_acquire(s.addr(), "free", 7, V1_TTL)), 1);
+        assert_eq!(v1_fence(&v1_acquire(s.addr(), "free", 7, V1_TTL)), 2, "re-acquired: a new fence");
+        assert_eq!(v1_release(s.addr(), "free", 7, 2), json!("released"));
+    }
+    std::fs::remove_file(dir.path().join("sessions.redb")).unwrap();
+    let s = server(dir.path());
+    let mut a = open(s.addr(), TTL, "a");
+    assert!(matches!(a.send(acquire("held", false)), SessionReply::Busy { .. }), "granted under v1's lease");
+    assert_eq!(a.send(acquire("free", false)), granted("free", 3), "above v1's fences");
+    assert_eq!(v1_release(s.addr(), "held", 7, 1), json!("released"));
+    assert_eq!(a.send(acquire("held", false)), granted("held", 2));
+}
