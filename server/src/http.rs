@@ -205,6 +205,9 @@ async fn route(shared: &Shared, req: hyper::Request<Incoming>) -> Result<Respons
             let d = shared.namespace.apply(key, request).await.map_err(|e| match e {
                 crate::namespace::V1Error::Store(e) => unavailable(&e),
                 crate::namespace::V1Error::Sessions(e) => unavailable_sessions(&e),
+                e @ crate::namespace::V1Error::Stalled(_) => {
+                    err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
+                }
             })?;
             shared.metrics.outcome(d.outcome, d.expired);
             let response = leasehold_core::Response { id: request.id, owner: request.owner, reply: d.reply };

@@ -286,6 +286,12 @@ impl Shared {
             ("leasehold_session_observes_total", "Session observes and unobserves handled.", load(&ss.observes)),
             ("leasehold_session_observed_total", "Keepalives answered with a change of an observed key.", load(&ss.observed)),
             ("leasehold_session_commits_total", "Fsynced appends to the session log (one per group of inputs).", load(&ss.commits)),
+            (
+                "leasehold_session_log_failures_total",
+                "Appends to the session log that failed (a full disk, mostly); the table is rebuilt from the log before it answers again.",
+                load(&ss.log_failures),
+            ),
+            ("leasehold_session_log_rebuilds_total", "Times the session table was rebuilt from its log after a failed append.", load(&ss.rebuilds)),
         ];
         self.metrics.render(&counters, &gauges)
     }

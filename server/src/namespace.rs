@@ -64,6 +64,10 @@ pub(crate) enum V1Error {
     /// The session log failed, so the key could not be held for v1; nothing was decided.
     #[error(transparent)]
     Sessions(Arc<SessionStoreError>),
+    /// An earlier v1 request of the key is still waiting for its outcome to be on disk (the
+    /// session log is failing): nothing was decided.
+    #[error("an earlier request of key {0:?} is still being made durable; try again")]
+    Stalled(Key),
 }
 
 /// The v1 store and the sessions, kept in one namespace.
@@ -88,6 +92,10 @@ struct Job {
 /// Retries of a set (or a read-back) back off from this to [`RETRY_MAX`].
 const RETRY_MIN: StdDuration = StdDuration::from_millis(20);
 const RETRY_MAX: StdDuration = StdDuration::from_secs(1);
+/// Longest a v1 request waits for its key's turn before it is answered unavailable: a turn is
+/// held across fsyncs only, unless the session log is failing, and then the request must not
+/// hang with it.
+const TURN_WAIT: StdDuration = StdDuration::from_secs(2);
 
 impl Namespace {
     /// The namespace, and the runner of its v1 requests, which the caller must run with the
@@ -147,7 +155,15 @@ impl Namespace {
         request: Request,
         answer: async_channel::Sender<Result<Decision, V1Error>>,
     ) {
-        let _turn = self.turns.take(&key).await;
+        let turn = futures_lite::future::or(async { Some(self.turns.take(&key).await) }, async {
+            async_io::Timer::after(TURN_WAIT).await;
+            None
+        })
+        .await;
+        let Some(_turn) = turn else {
+            let _ = answer.try_send(Err(V1Error::Stalled(key)));
+            return;
+        };
         let exclusive = match request.op {
             Op::Release { .. } => None,
             Op::Renew { .. } => Some(false),

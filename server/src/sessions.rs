@@ -167,6 +167,10 @@ pub(crate) struct SessionStats {
     pub(crate) observes: AtomicU64,
     /// Keepalive replies that carried a change of an observed key.
     pub(crate) observed: AtomicU64,
+    /// Appends to the session log that failed (a full disk, mostly).
+    pub(crate) log_failures: AtomicU64,
+    /// Times the session table was rebuilt from its log after a failed append.
+    pub(crate) rebuilds: AtomicU64,
 }
 
 struct Job {
@@ -177,7 +181,9 @@ struct Job {
 }
 
 struct State {
-    db: Database,
+    /// `None` between a failed re-open and the next: redb refuses to open a file this process
+    /// has open, so the old handle goes before the re-open.
+    db: Option<Database>,
     authority: Box<Authority>,
     /// The number the next log entry gets.
     next_index: u64,
@@ -438,7 +444,7 @@ impl Sessions {
             next_index + 1
         };
         let state = Arc::new(Mutex::new(State {
-            db,
+            db: Some(db),
             authority,
             next_index,
             snapshot_at: next_index,
@@ -605,7 +611,10 @@ impl Sessions {
             apply(&mut state.authority, e);
         }
         let bytes: Vec<Vec<u8>> = entries.iter().map(encode).collect();
-        append(&state.db, state.next_index, &bytes)?;
+        if let Err(e) = state.db().and_then(|db| append(db, state.next_index, &bytes)) {
+            state.diverged = Some(e.to_string());
+            return Err(e);
+        }
         state.next_index += bytes.len() as u64;
         Ok(())
     }
@@ -758,6 +767,14 @@ struct Standing {
     behind: std::collections::HashMap<SessionId, Vec<(leasehold_core::Key, u64, u64)>>,
 }
 
+impl State {
+    fn db(&self) -> Result<&Database, SessionStoreError> {
+        self.db
+            .as_ref()
+            .ok_or_else(|| SessionStoreError::Down("the session log is closed after a failure".into()))
+    }
+}
+
 impl Standing {
     fn of(authority: &Authority) -> Standing {
         let mut behind: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
@@ -818,13 +835,15 @@ fn commit_batch(
         // refuses every transaction after an I/O error until re-opened, so re-open it first.
         tracing::warn!("rebuilding the session table from its log after: {cause}");
         let fail = |e: SessionStoreError| SessionStoreError::Down(format!("{cause}; then {e}"));
+        state.db = None;
         let rebuilt = Database::create(path)
             .map_err(|e| fail(SessionStoreError::db(e)))
             .and_then(|db| replay(&db, limits).map_err(fail).map(|r| (db, r)));
         match rebuilt {
             Ok((db, (authority, next_index, _))) => {
                 (state.db, state.authority, state.next_index, state.diverged) =
-                    (db, authority, next_index, None);
+                    (Some(db), authority, next_index, None);
+                stats.rebuilds.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 answered.extend(batch.into_iter().map(|j| (j, SessionReply::Expired)));
@@ -889,11 +908,11 @@ fn commit_batch(
     if entries.is_empty() {
         return (answered, parked, Ok(false));
     }
-    let result = match append(&state.db, state.next_index, &entries) {
+    let result = match state.db().and_then(|db| append(db, state.next_index, &entries)) {
         Ok(()) => {
             state.next_index += entries.len() as u64;
             if state.next_index - state.snapshot_at >= SNAPSHOT_EVERY {
-                match snapshot(&state.db, &state.authority, state.next_index, now) {
+                match state.db().and_then(|db| snapshot(db, &state.authority, state.next_index, now)) {
                     Ok(()) => state.snapshot_at = state.next_index,
                     // The log is whole: only the cut is missed. redb refuses the next
                     // transaction after an I/O error, and that append takes the failure path.
@@ -903,6 +922,7 @@ fn commit_batch(
             Ok(true)
         }
         Err(e) => {
+            stats.log_failures.fetch_add(1, Ordering::Relaxed);
             state.diverged = Some(e.to_string());
             Err(e)
         }
@@ -988,7 +1008,7 @@ mod tests {
         // The start wrote a snapshot of everything and cut the log: the next start decodes it
         // and replays nothing.
         let log_len = |db: &Database| db.begin_read().unwrap().open_table(LOG).unwrap().len().unwrap();
-        assert_eq!(log_len(&state.db), 0);
+        assert_eq!(log_len(state.db.as_ref().unwrap()), 0);
         drop(state);
         drop((s, writer));
         let (s, _writer) = Sessions::open(dir.path(), limits).unwrap();
