@@ -97,10 +97,10 @@ impl Direction {
     }
 }
 
-/// How a run's network loses messages: per message while a link is good, and Gilbert-Elliott
-/// spells of burst loss.
+/// How a run's network treats messages: loss per message while a link is good, Gilbert-Elliott
+/// spells of burst loss, delay and duplication.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Loss {
+pub(crate) struct Net {
     pub(crate) loss: f64,
     /// Per-message chance that a good link turns bad...
     pub(crate) burst_start: f64,
@@ -108,6 +108,11 @@ pub(crate) struct Loss {
     pub(crate) burst_end: f64,
     /// ...and the loss probability while it is bad.
     pub(crate) burst_loss: f64,
+    /// One-way delay (µs).
+    pub(crate) min_delay: u64,
+    pub(crate) max_delay: u64,
+    /// Per-message duplication probability.
+    pub(crate) duplication: f64,
 }
 
 /// A client's end of the network: its partition, and each direction's burst state.
@@ -142,13 +147,7 @@ impl Port {
     }
 
     /// Whether a message sent `dir` at `now` is lost, and why.
-    pub(crate) fn drops(
-        &mut self,
-        rng: &mut fastrand::Rng,
-        now: u64,
-        dir: Direction,
-        p: Loss,
-    ) -> Option<&'static str> {
+    fn drops(&mut self, rng: &mut fastrand::Rng, now: u64, dir: Direction, p: Net) -> Option<&'static str> {
         if self.cut(now, dir) {
             return Some("partition");
         }
@@ -174,22 +173,27 @@ impl<M: Clone> Wire<M> {
         Wire { queue: BTreeMap::new(), next: 0 }
     }
 
-    /// Puts `msg` on the wire at `now`, arriving after a delay in `delay`; duplicated with
-    /// probability `duplication`.
-    pub(crate) fn carry(
+    /// Sends `msg` at `now` through `port` one way: lost (and why), or on the wire, arriving
+    /// after a delay, perhaps twice.
+    pub(crate) fn send(
         &mut self,
         rng: &mut fastrand::Rng,
         now: u64,
-        delay: std::ops::RangeInclusive<u64>,
-        duplication: f64,
+        port: &mut Port,
+        dir: Direction,
+        net: Net,
         msg: M,
-    ) {
-        let copies = if rng.f64() < duplication { 2 } else { 1 };
+    ) -> Result<(), &'static str> {
+        if let Some(why) = port.drops(rng, now, dir, net) {
+            return Err(why);
+        }
+        let copies = if rng.f64() < net.duplication { 2 } else { 1 };
         for _ in 0..copies {
-            let at = now + rng.u64(delay.clone());
+            let at = now + rng.u64(net.min_delay..=net.max_delay);
             self.queue.insert((at, self.next), msg.clone());
             self.next += 1;
         }
+        Ok(())
     }
 
     /// When the next message arrives.

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::netem::{Clock, Direction, Loss, Port, Wire};
+use crate::netem::{Clock, Direction, Net, Port, Wire};
 use leasehold_core::session::authority::{KeyHolder, KeyStatus, SessionFault, SessionStatus};
 use leasehold_core::session::wire::{
     parse_label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
@@ -76,6 +76,19 @@ pub struct Params {
 }
 
 impl Params {
+    /// The network these parameters describe.
+    fn net(&self) -> Net {
+        Net {
+            loss: self.loss,
+            burst_start: self.burst_start,
+            burst_end: self.burst_end,
+            burst_loss: self.burst_loss,
+            min_delay: self.min_delay,
+            max_delay: self.max_delay,
+            duplication: self.duplication,
+        }
+    }
+
     /// Draws a run's parameters from `seed`, with `fault` planted in the authority.
     pub fn from_seed(seed: u64, fault: SessionFault) -> Params {
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -628,19 +641,11 @@ impl World {
             Msg::ToAuthority { .. } => Direction::Outbound,
             Msg::ToClient { .. } => Direction::Inbound,
         };
-        let p = &self.params;
-        let loss = Loss {
-            loss: p.loss,
-            burst_start: p.burst_start,
-            burst_end: p.burst_end,
-            burst_loss: p.burst_loss,
-        };
-        if let Some(why) = self.clients[client].port.drops(&mut self.rng, self.now, dir, loss) {
+        let port = &mut self.clients[client].port;
+        if let Err(why) = self.network.send(&mut self.rng, self.now, port, dir, self.params.net(), msg) {
             self.stats.dropped += 1;
-            return self.log(What::Dropped(why));
+            self.log(What::Dropped(why));
         }
-        let delay = self.params.min_delay..=self.params.max_delay;
-        self.network.carry(&mut self.rng, self.now, delay, self.params.duplication, msg);
     }
 
     fn deliver(&mut self, msg: Msg) -> Result<(), Box<Violation>> {

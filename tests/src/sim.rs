@@ -21,7 +21,7 @@
 
 use std::fmt;
 
-use crate::netem::{draw_rate, Clock, Direction, Loss, Port, Wire};
+use crate::netem::{draw_rate, Clock, Direction, Net, Port, Wire};
 use leasehold_core::authority::cas::CasRecord;
 use leasehold_core::authority::{self, Limits, Outcome, Record};
 use leasehold_core::resource::{AdmitError, HighWater};
@@ -128,6 +128,19 @@ pub struct Params {
 }
 
 impl Params {
+    /// The network these parameters describe.
+    fn net(&self) -> Net {
+        Net {
+            loss: self.loss,
+            burst_start: self.burst_start,
+            burst_end: self.burst_end,
+            burst_loss: self.burst_loss,
+            min_delay: self.min_delay,
+            max_delay: self.max_delay,
+            duplication: self.duplication,
+        }
+    }
+
     /// Draws a run's parameters from `seed`. `fault` is the deliberate bug to inject
     /// ([`Fault::None`] for the real machine).
     pub fn from_seed(seed: u64, fault: Fault) -> Params {
@@ -693,19 +706,11 @@ impl World {
 
     fn send(&mut self, client: usize, msg: Msg) {
         let (_, dir) = msg.link();
-        let p = &self.params;
-        let loss = Loss {
-            loss: p.loss,
-            burst_start: p.burst_start,
-            burst_end: p.burst_end,
-            burst_loss: p.burst_loss,
-        };
-        if let Some(why) = self.clients[client].port.drops(&mut self.rng, self.now, dir, loss) {
+        let port = &mut self.clients[client].port;
+        if let Err(why) = self.network.send(&mut self.rng, self.now, port, dir, self.params.net(), msg) {
             self.stats.dropped += 1;
-            return self.log(What::Dropped(why));
+            self.log(What::Dropped(why));
         }
-        let delay = self.params.min_delay..=self.params.max_delay;
-        self.network.carry(&mut self.rng, self.now, delay, self.params.duplication, msg);
     }
 
     /// A holder's periodic write: under its fence while it believes; under its lost fence

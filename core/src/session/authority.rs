@@ -712,15 +712,7 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         let ki = self.key_index(key).ok_or(ExternalRefusal::Capacity)?;
         let Some((_, r)) = self.keys.get_index(ki as usize) else { return Err(ExternalRefusal::Capacity) };
         if r.holders.len > 0 || (exclusive && r.waiters.len > 0) {
-            let sessions = &self.sessions;
-            let ends = self
-                .claims
-                .walk(&r.holders, Thread::Key)
-                .filter_map(|(_, c)| sessions.iter().find(|s| s.id == c.session).map(|s| s.expires_at))
-                .chain(external_until(r.external, now))
-                .min()
-                .unwrap_or(now);
-            return Err(ExternalRefusal::Busy { retry_after: ends - now });
+            return Err(ExternalRefusal::Busy { retry_after: self.first_slot_free(r, now) - now });
         }
         let merged = match (r.external, hold) {
             (Some(ExternalHold::Pending), _) | (_, ExternalHold::Pending) => ExternalHold::Pending,
@@ -1135,16 +1127,18 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
             }
             return SessionReply::Queued { key, position: queue_position(queue as usize) };
         }
-        // The first slot to come free is the one whose session ends first.
-        let sessions = &self.sessions;
-        let expires_at = self
-            .claims
+        SessionReply::Busy { key, expires_in: self.first_slot_free(r, now) - now }
+    }
+
+    /// When `r`'s first slot comes free at the latest: the soonest end of its holders'
+    /// sessions, or of its hold by the other protocol.
+    fn first_slot_free(&self, r: &KeyRecord, now: Instant) -> Instant {
+        self.claims
             .walk(&r.holders, Thread::Key)
-            .filter_map(|(_, c)| sessions.iter().find(|s| s.id == c.session).map(|s| s.expires_at))
+            .filter_map(|(_, c)| self.sessions.iter().find(|s| s.id == c.session).map(|s| s.expires_at))
             .chain(external_until(r.external, now))
             .min()
-            .unwrap_or(now);
-        SessionReply::Busy { key, expires_in: expires_at - now }
+            .unwrap_or(now)
     }
 
     fn release(&mut self, sid: SessionId, key: &Key, fence: Fence) -> SessionReply {
