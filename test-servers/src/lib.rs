@@ -49,7 +49,9 @@ pub fn metric(port: u16, name: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-fn http_get(port: u16, path: &str) -> Option<String> {
+/// The whole response (status line, headers and body) to a plain-http `GET path` of a server on
+/// 127.0.0.1:`port`; `None` if it cannot be reached.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
