@@ -64,6 +64,10 @@ pub struct ServerConfig {
     /// next fence above every fence it had. `None` keeps every record forever. One hour by
     /// default.
     pub reclaim_after: Option<std::time::Duration>,
+    /// Threads that serve connections (HTTP and JSON), the one polling [`Server::run`]
+    /// included: one per core by default. Each log is still written by one writer in one
+    /// order, whatever this is.
+    pub threads: usize,
     /// Serve https instead of http.
     #[cfg(feature = "tls")]
     pub tls: Option<ServerTls>,
@@ -85,6 +89,7 @@ impl ServerConfig {
             max_header_bytes: 16 * 1024,
             max_connections: 1024,
             reclaim_after: Some(std::time::Duration::from_secs(60 * 60)),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()).min(16),
             #[cfg(feature = "tls")]
             tls: None,
             #[cfg(feature = "fault-injection")]
@@ -118,6 +123,9 @@ impl ServerConfig {
         }
         if self.max_connections == 0 {
             return Err(ConfigError::Zero("connection cap"));
+        }
+        if self.threads == 0 {
+            return Err(ConfigError::Zero("thread count"));
         }
         if self.reclaim_after.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::Zero("reclaim interval"));
@@ -306,6 +314,7 @@ pub struct Server {
     writer: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     session_writer: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     v1_runner: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    threads: usize,
 }
 
 impl Server {
@@ -352,6 +361,7 @@ impl Server {
             writer: Box::pin(writer),
             session_writer: Box::pin(session_writer),
             v1_runner: Box::pin(v1_runner),
+            threads: config.threads,
         })
     }
 
@@ -374,14 +384,17 @@ impl Server {
     }
 
     /// Serves until this future is dropped; dropping it closes every connection and the store.
-    /// Works on any executor: connections run on a local executor driven by this future, and
-    /// store I/O on a blocking thread pool.
+    /// Works on any executor: connections run on an executor driven by this future and by one
+    /// worker thread per further core (see [`Workers`]), and store I/O on a blocking thread pool.
     pub async fn run(self) {
         #[cfg(feature = "tls")]
-        let Server { listener, tls, shared, writer, session_writer, v1_runner } = self;
+        let Server { listener, tls, shared, writer, session_writer, v1_runner, threads } = self;
         #[cfg(not(feature = "tls"))]
-        let Server { listener, shared, writer, session_writer, v1_runner } = self;
-        let ex = smol::LocalExecutor::new();
+        let Server { listener, shared, writer, session_writer, v1_runner, threads } = self;
+        let ex = Arc::new(smol::Executor::new());
+        // Declared after `ex`, so dropped before it: the workers are joined first, and then the
+        // last handle on the executor drops its tasks (every connection, both writers) here.
+        let _workers = Workers::start(&ex, threads.saturating_sub(1));
         ex.spawn(writer).detach();
         ex.spawn(session_writer).detach();
         ex.spawn(v1_runner).detach();
@@ -449,6 +462,45 @@ impl Server {
             }))
         });
         Ok(RunningServer { addr, url, stop, thread: Some(thread) })
+    }
+}
+
+/// Threads that run the server's executor beside the future polling [`Server::run`], until
+/// dropped ([`ServerConfig::threads`] less one). HTTP parsing and JSON are most of a request's
+/// work off the log, and one thread for all of it capped the server at one core (on a shared
+/// machine, at one thread's share of one). The session and v1 writers stay one task each, so a log is still written by one
+/// writer in one order, whichever thread polls it.
+struct Workers {
+    stop: async_channel::Sender<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(ex: &Arc<smol::Executor<'static>>, n: usize) -> Workers {
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let threads = (0..n)
+            .filter_map(|i| {
+                let (ex, stopped) = (ex.clone(), stopped.clone());
+                std::thread::Builder::new()
+                    .name(format!("leasehold-serve-{i}"))
+                    .spawn(move || {
+                        async_io::block_on(ex.run(async { while stopped.recv().await.is_ok() {} }))
+                    })
+                    // Fewer threads only means less parallel HTTP work: the server still serves.
+                    .map_err(|e| tracing::warn!("no server worker thread: {e}"))
+                    .ok()
+            })
+            .collect();
+        Workers { stop, threads }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.close();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -583,6 +635,7 @@ mod tests {
         assert_eq!(with(&|c| c.token = Some("two words".into())), Err(ConfigError::BadToken));
         assert_eq!(with(&|c| c.token = Some("s3cret".into())), Ok(()));
         assert_eq!(with(&|c| c.max_connections = 0), Err(ConfigError::Zero("connection cap")));
+        assert_eq!(with(&|c| c.threads = 0), Err(ConfigError::Zero("thread count")));
         assert_eq!(
             with(&|c| c.request_timeout = std::time::Duration::ZERO),
             Err(ConfigError::Zero("request timeout"))

@@ -505,3 +505,36 @@ fn an_observers_held_keepalive_returns_early_with_each_change_and_observing_surv
     assert_eq!(reply, SessionReply::Alive { ttl: TTL, granted: None, more: false });
     assert!(took >= StdDuration::from_millis(300), "held its whole bound without a change: {took:?}");
 }
+
+#[test]
+fn a_server_on_several_threads_grants_a_key_once_among_racing_sessions_and_closes_its_store_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let racers = 16;
+    let winners = {
+        let s = server_with(dir.path(), |c| c.threads = 4);
+        let addr = s.addr();
+        let holders: Vec<Holder> = (0..racers).map(|i| open(addr, TTL, &format!("r{i}"))).collect();
+        // Each on its own connection and thread, so the server's threads parse them at once.
+        let replies: Vec<SessionReply> = std::thread::scope(|scope| {
+            let runs: Vec<_> = holders
+                .into_iter()
+                .map(|mut h| scope.spawn(move || (h.send(acquire("contested", false)), h)))
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap().0).collect()
+        });
+        let winners: Vec<&SessionReply> =
+            replies.iter().filter(|r| matches!(r, SessionReply::Granted { .. })).collect();
+        assert_eq!(winners.len(), 1, "one grant among racers: {replies:?}");
+        assert_eq!(*winners[0], granted("contested", 1));
+        assert!(
+            replies.iter().all(|r| matches!(r, SessionReply::Granted { .. } | SessionReply::Busy { .. })),
+            "the others are refused Busy: {replies:?}"
+        );
+        winners.len()
+    };
+    // The dropped server's worker threads are joined and its log closed: redb refuses to open
+    // a file this process still has open, so a second server on the directory proves it.
+    let s = server(dir.path());
+    let k = lease(s.addr(), "contested");
+    assert_eq!((k["holder"]["fence"].clone(), winners), (1.into(), 1));
+}

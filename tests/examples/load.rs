@@ -11,6 +11,7 @@
 //! cargo run --release -p leasehold-tests --example load -- 64 5        # 1 and 64 clients
 //! cargo run --release -p leasehold-tests --example load -- 1,16,64,256 5
 //! cargo run --release -p leasehold-tests --example load -- 64 5 v2      # only some: v1,v2,etcd
+//! LOAD_SERVER_THREADS=1 cargo run --release -p leasehold-tests --example load -- 64 5
 //! ```
 //!
 //! etcd is started on loopback if the `etcd` binary is installed (`apt-get install
@@ -85,9 +86,14 @@ fn main() {
     let wanted = |what: &str| only.split(',').any(|w| w.trim() == what);
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::spawn(ServerConfig::new(dir.path().join("builtin"), "127.0.0.1:0".parse().unwrap()))
-        .expect("server");
-    println!("built-in: {} (redb, fsync before every reply, group commit)", server.url());
+    let mut config = ServerConfig::new(dir.path().join("builtin"), "127.0.0.1:0".parse().unwrap());
+    // LOAD_SERVER_THREADS=1 measures the server as it was before it served on every core.
+    if let Some(n) = std::env::var("LOAD_SERVER_THREADS").ok().and_then(|n| n.parse().ok()) {
+        config.threads = n;
+    }
+    let threads = config.threads;
+    let server = Server::spawn(config).expect("server");
+    println!("built-in: {} (redb, fsync before every reply, group commit, {threads} threads)", server.url());
     let port = server.addr().port();
     let v1 = wanted("v1").then(|| {
         let builtin =
