@@ -468,8 +468,8 @@ impl Server {
 /// Threads that run the server's executor beside the future polling [`Server::run`], until
 /// dropped ([`ServerConfig::threads`] less one). HTTP parsing and JSON are most of a request's
 /// work off the log, and one thread for all of it capped the server at one core (on a shared
-/// machine, at one thread's share of one). The session and v1 writers stay one task each, so a log is still written by one
-/// writer in one order, whichever thread polls it.
+/// machine, at one thread's share of one). The session and v1 writers stay one task each, so
+/// a log is still written by one writer in one order, whichever thread polls it.
 struct Workers {
     stop: async_channel::Sender<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
