@@ -53,6 +53,8 @@ use leasehold_core::{Config, Duration as LDuration, Fence, Instant as LInstant, 
 use leasehold_http::{SessionBackend, TransportError};
 use serde_json::{json, Value};
 
+use crate::session_fail::{respond, Fail};
+
 use crate::dynamodb::{get_body, num, update_body, DynamoDbBackend, Failure};
 use crate::Credentials;
 
@@ -155,19 +157,6 @@ enum Attempt {
     Ours(Fence),
     /// Held by another holder at this version, with this ttl.
     Held { version: u64, ttl: LDuration },
-}
-
-/// Why an exchange ended without the value needed.
-enum Fail {
-    /// A key of the session was taken over: its validity had ended.
-    Expired,
-    Transport(TransportError),
-}
-
-impl From<TransportError> for Fail {
-    fn from(e: TransportError) -> Fail {
-        Fail::Transport(e)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -795,14 +784,7 @@ impl SessionBackend for DynamoSessions {
                 Some(_),
             ) => Ok(SessionReply::Rejected(Reject::Malformed)),
         };
-        match r {
-            Ok(reply) => Ok(req.answer(reply)),
-            Err(Fail::Expired) => {
-                self.forget(req.session);
-                Ok(req.answer(SessionReply::Expired))
-            }
-            Err(Fail::Transport(e)) => Err(e),
-        }
+        respond(&req, r, |session| self.forget(session))
     }
 }
 
