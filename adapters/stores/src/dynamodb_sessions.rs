@@ -53,7 +53,7 @@ use leasehold_core::{Config, Duration as LDuration, Fence, Instant as LInstant, 
 use leasehold_http::{SessionBackend, TransportError};
 use serde_json::{json, Value};
 
-use crate::session_fail::{respond, Fail};
+use crate::session_exchange::{respond, session_of, Fail};
 
 use crate::dynamodb::{get_body, num, update_body, DynamoDbBackend, Failure};
 use crate::Credentials;
@@ -753,13 +753,9 @@ fn release_body(table: &str, key: &Key, local: &Local, fence: Fence) -> Value {
 
 impl SessionBackend for DynamoSessions {
     async fn call(&self, req: SessionRequest, hold: Duration) -> Result<SessionResponse, TransportError> {
-        let local = match req.op {
-            SessionOp::Open { .. } => None,
-            _ => match self.local(req.session) {
-                Some(l) if l.secret.ct_eq(&req.secret) => Some(l),
-                Some(_) => return Ok(req.answer(SessionReply::Rejected(Reject::Unauthorized))),
-                None => return Ok(req.answer(SessionReply::Expired)),
-            },
+        let local = match session_of(&req, |id| self.local(id), |l| &l.secret) {
+            Ok(local) => local,
+            Err(unknown) => return Ok(req.answer(unknown.reply())),
         };
         let r = match (&req.op, local) {
             (SessionOp::Open { ttl, label }, _) => self.open(*ttl, label),

@@ -73,7 +73,7 @@ use leasehold_core::{Duration as LDuration, Fence, Key, Reject};
 use leasehold_http::{HttpClient, SessionBackend, TransportError, MAX_IN_FLIGHT};
 use serde_json::{json, Value};
 
-use crate::session_fail::{respond, Fail};
+use crate::session_exchange::{respond, session_of, Fail};
 
 use crate::listing::{Filter, ListError, DEFAULT_PAGE};
 
@@ -1004,13 +1004,9 @@ fn answer(path: &str, status: u16, body: &[u8]) -> Result<Value, Fail> {
 
 impl SessionBackend for EtcdSessions {
     async fn call(&self, req: SessionRequest, hold: Duration) -> Result<SessionResponse, TransportError> {
-        let local = match req.op {
-            SessionOp::Open { .. } => None,
-            _ => match self.local(req.session) {
-                Some(l) if l.secret.ct_eq(&req.secret) => Some(l),
-                Some(_) => return Ok(req.answer(SessionReply::Rejected(Reject::Unauthorized))),
-                None => return Ok(req.answer(SessionReply::Expired)),
-            },
+        let local = match session_of(&req, |id| self.local(id), |l| &l.secret) {
+            Ok(local) => local,
+            Err(unknown) => return Ok(req.answer(unknown.reply())),
         };
         let r = match (&req.op, local) {
             (SessionOp::Open { ttl, label }, _) => self.open(*ttl, label).await,
