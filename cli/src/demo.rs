@@ -759,6 +759,52 @@ mod tests {
         assert_eq!(a.accepted, log(&[(10, 1, "a"), (30, 1, "a")]));
     }
 
+    fn lines(ls: &[(u64, &str, &str)]) -> Vec<Line> {
+        ls.iter().map(|&(t, who, text)| Line { t: ms(t), who: who.into(), text: text.into() }).collect()
+    }
+
+    #[test]
+    fn a_grant_after_a_release_is_timed_from_the_release_and_checked_against_the_longest_waiter() {
+        let l = lines(&[
+            (0, "a", "waiting"),
+            (1, "a", "acquired fence 1"),
+            (10, "b", "waiting"),
+            (300, "c", "waiting"),
+            (500, "a", "releasing fence 1"),
+            (503, "b", "acquired fence 2"), // b waited since 10, c since 300: in order
+            (600, "a", "waiting"),
+            (900, "b", "releasing fence 2"),
+            (950, "a", "acquired fence 3"), // a waited since 600, c since 300: c was passed over
+            (1200, "a", "releasing fence 3"),
+            (1300, "a", "waiting"),
+            (1320, "a", "acquired fence 4"), // a takes it back after its own release
+        ]);
+        let h = hand_offs(&l);
+        assert_eq!(h.len(), 4);
+        assert!(h[0].first && h[0].after_release.is_none() && h[0].rivals == 0);
+        assert_eq!(h[1].after_release, Some(Released { fence: 1, gap: ms(3), by_itself: false }));
+        assert_eq!((h[1].rivals, h[1].overtook.as_deref()), (1, None));
+        assert_eq!(h[2].overtook.as_deref(), Some("c"));
+        assert_eq!(h[3].after_release, Some(Released { fence: 3, gap: ms(120), by_itself: true }));
+        assert_eq!(h[3].overtook.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn waits_begun_at_about_the_same_time_are_in_no_order() {
+        let l = lines(&[
+            (0, "a", "waiting"),
+            (40, "b", "waiting"),
+            (45, "b", "acquired fence 1"),
+            (2000, "b", "releasing fence 1"),
+            (2001, "c", "waiting"),
+            (2010, "a", "acquired fence 2"),
+        ]);
+        let h = hand_offs(&l);
+        assert_eq!((h[0].rivals, h[0].overtook.as_deref()), (1, None));
+        // c began waiting after a: a is the longest waiter.
+        assert_eq!((h[1].rivals, h[1].overtook.as_deref()), (1, None));
+    }
+
     #[test]
     fn overlapping_holders_are_counted_once_each() {
         // Two old holders (1 and 2) both keep writing after 3 took over.
