@@ -626,7 +626,8 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
             };
             let fence = lease.fence().map_or(0, |f| f.0);
             say(format!("acquired fence {fence}"));
-            let writes = 6 + fastrand_u64() % 10;
+            // Holds of 0.5–1.3 s: several hand-offs before the kill and after the stop.
+            let writes = 3 + fastrand_u64() % 6;
             let mut lost = false;
             for seq in 0..writes {
                 // Act only with time to spare; the fence protects the resource regardless.
