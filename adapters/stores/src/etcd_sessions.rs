@@ -48,9 +48,13 @@
 //! guards against a confused caller of this process. Who may touch the keys is etcd's own
 //! authorisation: TLS client certificates (`--client-cert-auth`) and RBAC on the prefix.
 //!
-//! v1 ([`EtcdBackend`](crate::EtcdBackend)) keys live at `<prefix><key>`, v2's under
-//! `<prefix>v2/`: a v1 and a v2 client of the same key do **not** exclude each other, so move
-//! every contender of a key to v2 together.
+//! v1 ([`EtcdBackend`](crate::EtcdBackend)) and v2 share one key namespace: a v1 holder keeps
+//! its key at `<prefix><key>` and also stands in the key's queue as the entry
+//! `<prefix>v2/<key>@v1` on its own etcd lease, so a session queues behind it (and a v1
+//! acquire is refused while the queue is not empty). A session waiting behind a v1 holder
+//! watches that entry's deletion like any predecessor's, and is pushed the key at the v1
+//! release or expiry; fences are create revisions on both sides, so they increase across both.
+//! The argument is in [`EtcdBackend`](crate::EtcdBackend)'s module doc.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -77,7 +81,7 @@ use crate::listing::{Filter, ListError, DEFAULT_PAGE};
 
 use crate::etcd::{
     error_message, grant_body, int, keepalive_ttl, range_end, refusal, remaining_time, stored_key, Refusal,
-    UNKNOWN_WAIT,
+    UNKNOWN_WAIT, V1_ENTRY,
 };
 
 /// Most watches one held keepalive keeps at once (one streamed request each: a waiter's
@@ -107,6 +111,9 @@ pub enum EtcdFault {
     SecondInLineGranted,
     /// Held keepalives watch nothing: a waiter hears of its turn only at its next keepalive.
     NoWatch,
+    /// A v1 acquire ([`EtcdBackend::with_fault`](crate::EtcdBackend::with_fault)) does not
+    /// look at the key's v2 queue: a v1 holder and a session can hold the key at once.
+    V1IgnoresSessions,
 }
 
 /// Sessions on an etcd cluster's v3 JSON gateway (etcd 3.4+), as a [`SessionBackend`] for
@@ -272,6 +279,17 @@ pub struct QueueStatus {
     pub holders: Vec<SlotHolder>,
     /// How many sessions wait for it.
     pub waiting: usize,
+    /// Held by a v1 holder ([`EtcdBackend`](crate::EtcdBackend)) instead of a session.
+    pub v1_holder: Option<V1Holder>,
+}
+
+/// A v1 holder of a key, as the key's v2 queue shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Holder {
+    /// Its fence (the v1 key's revision, and its queue entry's create revision).
+    pub fence: Fence,
+    /// How long its etcd lease has left (zero if it ended since the listing's read).
+    pub remaining: Duration,
 }
 
 /// One holder of a v2 key on etcd.
@@ -348,8 +366,8 @@ impl EtcdSessions {
         let start = format!("{}{}", self.prefix, filter.prefix).into_bytes();
         let end = B64.encode(range_end(&start));
         let mut from = start;
-        // Per key, its waiter keys as (create revision, lease, stake).
-        let mut queues: std::collections::BTreeMap<String, Vec<(i64, i64, Stake)>> = Default::default();
+        // Per key, its waiter keys as (create revision, lease, stake, whether a v1 holder's).
+        let mut queues: std::collections::BTreeMap<String, Vec<(i64, i64, Stake, bool)>> = Default::default();
         loop {
             let range =
                 json!({"key": B64.encode(&from), "range_end": end, "limit": DEFAULT_PAGE.to_string()});
@@ -364,7 +382,8 @@ impl EtcdSessions {
                 let (Some(revision), Some(lease)) = (int(&kv["create_revision"]), int(&kv["lease"])) else {
                     continue;
                 };
-                queues.entry(key.to_string()).or_default().push((revision, lease, Stake::of(kv)));
+                let v1 = &name[at + 1..] == V1_ENTRY.as_bytes();
+                queues.entry(key.to_string()).or_default().push((revision, lease, Stake::of(kv), v1));
             }
             match kvs.last() {
                 // The next page starts just after the last key of this one.
@@ -385,7 +404,8 @@ impl EtcdSessions {
             let limit = waiters[0].2.limit.max(1);
             let held = waiters.len().min(usize::from(limit));
             let mut holders = Vec::with_capacity(held);
-            for (revision, lease, stake) in waiters.iter().take(held) {
+            let mut v1_holder = None;
+            for (revision, lease, stake, v1) in waiters.iter().take(held) {
                 let alive = match ttls.get(lease) {
                     Some(v) => v.clone(),
                     None => {
@@ -395,6 +415,11 @@ impl EtcdSessions {
                     }
                 };
                 let secs = |v: &Value| int(v).filter(|t| *t > 0).map(|t| Duration::from_secs(t as u64));
+                if *v1 {
+                    let remaining = secs(&alive["TTL"]).unwrap_or_default();
+                    v1_holder = Some(V1Holder { fence: Fence(*revision as u64), remaining });
+                    continue;
+                }
                 holders.push(SlotHolder {
                     session: *lease as u64,
                     label: stake.label.clone(),
@@ -404,7 +429,7 @@ impl EtcdSessions {
                     remaining: secs(&alive["TTL"]),
                 });
             }
-            out.push(QueueStatus { key, limit, holders, waiting: waiters.len() - held });
+            out.push(QueueStatus { key, limit, holders, waiting: waiters.len() - held, v1_holder });
         }
         Ok(out)
     }
