@@ -262,3 +262,106 @@ fn a_v1_holders_expiry_pushes_a_waiting_session_no_sooner_than_its_ttl_from_the_
         s.close().await;
     });
 }
+
+#[test]
+fn fences_increase_across_both_protocols_and_new_clients() {
+    // Each grant by a client made afresh (as after a restart): nothing but etcd carries the
+    // fences, and they strictly increase in grant order whichever protocol grants.
+    let e = etcd();
+    smol::block_on(async {
+        let mut fences = Vec::new();
+        for round in 0..6 {
+            if round % 2 == 0 {
+                let b = v1(e.url());
+                let fence = v1_grant(&b, "k", 7 + round, LDuration::from_secs(5)).await;
+                fences.push(("v1", fence));
+                assert_eq!(call(&b, "k", 7 + round, Op::Release { fence }).await, Reply::Released);
+            } else {
+                let s = session(e.url(), "s");
+                let lease = s.try_acquire("k").await.expect("free after the v1 release");
+                fences.push(("v2", lease.fence().unwrap()));
+                lease.release().await.unwrap();
+                s.close().await;
+            }
+            // An unrelated write between grants: fences are revisions, not a counter per key.
+            let other = v1(e.url());
+            let f = v1_grant(&other, "other", 1, LDuration::from_secs(5)).await;
+            assert_eq!(call(&other, "other", 1, Op::Release { fence: f }).await, Reply::Released);
+        }
+        println!("fences in grant order: {fences:?}");
+        assert!(fences.windows(2).all(|w| w[1].1 > w[0].1), "{fences:?}");
+    });
+}
+
+#[test]
+fn a_retried_v1_acquire_with_a_session_queued_behind_it_lets_the_session_go_first() {
+    // The v1 grant's reply was "lost" and the same owner asks again while a session waits
+    // behind its entry: re-granting in place would keep the entry's old create revision, below
+    // the waiter's, and the waiter's later grant would carry a lower fence than the v1 holder's.
+    // The retry drops the grant nobody believes in instead, and the waiter is first.
+    let e = etcd();
+    let b = v1(e.url());
+    let s = session(e.url(), "waiter");
+    let ttl = LDuration::from_secs(20);
+    smol::block_on(async {
+        let first = v1_grant(&b, "k", 7, ttl).await;
+        let retried = std::sync::Mutex::new(None);
+        let (lease, _) = queue_then(&s, "k", async {
+            *retried.lock().unwrap() = Some(v1_acquire(&b, "k", 7, ttl).await);
+        })
+        .await;
+        let retried = retried.into_inner().unwrap().unwrap();
+        assert!(matches!(retried, Reply::Busy { .. }), "the retry answered {retried:?}");
+        assert!(lease.fence().unwrap() > first);
+        assert_eq!(call(&b, "k", 7, Op::Renew { fence: first, ttl }).await, Reply::NotHolder);
+        let waited = lease.fence().unwrap();
+        lease.release().await.unwrap();
+        // With nobody queued, a retry is granted afresh under a higher fence.
+        let again = v1_grant(&b, "k", 7, ttl).await;
+        let retry = v1_grant(&b, "k", 7, ttl).await;
+        assert!(retry > again && again > waited, "{waited:?} {again:?} {retry:?}");
+        assert_eq!(call(&b, "k", 7, Op::Release { fence: retry }).await, Reply::Released);
+        s.close().await;
+        assert_eq!(leases(e.url()).await, 0, "every dropped grant's lease was revoked");
+    });
+}
+
+#[test]
+fn each_listing_shows_the_key_held_by_v1_and_only_v2_lists_the_waiters() {
+    let e = etcd();
+    let b = v1(e.url());
+    let listing = EtcdSessions::new(e.url(), PREFIX, Duration::from_secs(2)).unwrap();
+    let s = session(e.url(), "waiter");
+    smol::block_on(async {
+        let fence = v1_grant(&b, "k", 7, LDuration::from_secs(20)).await;
+        let (tx, rx) = async_channel::bounded::<()>(1);
+        let waiting = s.acquire_reporting("k", None, move |_| {
+            let _ = tx.try_send(());
+        });
+        let (lease, ()) = future::zip(waiting, async {
+            within(10_000, "queued", rx.recv()).await.unwrap();
+            // v2: held by v1 (no session holder), its time left, one session waiting.
+            let queues = listing.list(&Filter::default()).await.unwrap();
+            assert_eq!(queues.len(), 1, "{queues:?}");
+            let q = &queues[0];
+            assert_eq!((q.key.as_str(), q.holders.len(), q.waiting), ("k", 0, 1), "{q:?}");
+            let v1_holder = q.v1_holder.as_ref().expect("the v1 holder");
+            assert_eq!(v1_holder.fence, fence);
+            assert!(v1_holder.remaining > Duration::from_secs(10), "{v1_holder:?}");
+            // v1: the key and its owner, and none of the queue's entries.
+            let keys = b.list(&Filter::default()).await.unwrap();
+            let listed: Vec<_> =
+                keys.iter().map(|k| (k.key.as_str(), k.holder.as_ref().map(|h| h.owner))).collect();
+            assert_eq!(listed, vec![("k", Some(OwnerId(7)))]);
+            assert_eq!(call(&b, "k", 7, Op::Release { fence }).await, Reply::Released);
+        })
+        .await;
+        let lease = lease.unwrap();
+        let queues = listing.list(&Filter::default()).await.unwrap();
+        assert_eq!(queues[0].v1_holder, None);
+        assert_eq!(queues[0].holders[0].label, "waiter");
+        assert!(b.list(&Filter::default()).await.unwrap().is_empty(), "no v1 holder left");
+        lease.release().await.unwrap();
+        s.close().await;
+    });
+}
