@@ -365,3 +365,31 @@ fn each_listing_shows_the_key_held_by_v1_and_only_v2_lists_the_waiters() {
         s.close().await;
     });
 }
+
+async fn next_pushed(o: &mut leasehold_http::Observations, what: &str) -> leasehold_http::Observation {
+    use futures_lite::StreamExt;
+    within(3_000, what, o.next()).await.expect("the observation goes on")
+}
+
+#[test]
+fn an_observer_hears_a_v1_holder_as_a_holder_labelled_with_its_owner() {
+    use leasehold_http::Observation;
+    let e = etcd();
+    let b = v1(e.url());
+    let follower = session(e.url(), "follower");
+    smol::block_on(async {
+        let mut seen = follower.observe("k").unwrap();
+        assert_eq!(next_pushed(&mut seen, "the first report").await, Observation::Free);
+        let fence = v1_grant(&b, "k", 7, LDuration::from_secs(20)).await;
+        match next_pushed(&mut seen, "the v1 grant").await {
+            Observation::Held { label, fence: f, value, .. } => {
+                assert_eq!((label.as_str(), f, value.as_str()), ("v1 owner 7", fence, ""));
+            }
+            other => panic!("the v1 grant was reported as {other:?}"),
+        }
+        assert_eq!(call(&b, "k", 7, Op::Release { fence }).await, Reply::Released);
+        assert_eq!(next_pushed(&mut seen, "the v1 release").await, Observation::Free);
+        drop(seen);
+        follower.close().await;
+    });
+}
