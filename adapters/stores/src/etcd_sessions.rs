@@ -283,7 +283,37 @@ pub struct QueueStatus {
     pub v1_holder: Option<V1Holder>,
 }
 
-/// A v1 holder of a key, as the key's v2 queue shows it.
+/// A v1 holder of a key, as the key's v2 queue shows it: v1 and v2 share one key namespace on
+/// etcd, so a session is refused (or queues behind) a key a v1 client holds.
+///
+/// ```
+/// use std::time::Duration;
+/// use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
+/// use leasehold_http::{AcquireError, Backend, Options, SessionClient};
+/// use leasehold_stores::{EtcdBackend, EtcdSessions, Filter};
+///
+/// # let etcd = leasehold_test_servers::etcd();
+/// # let url = etcd.url();
+/// futures_lite::future::block_on(async {
+///     let v1 = EtcdBackend::new(url, "leasehold/", Duration::from_secs(2))?;
+///     let acquire = Op::Acquire { ttl: LDuration::from_secs(10) };
+///     let request = Request { id: RequestId(1), owner: OwnerId(7), op: acquire };
+///     let Reply::Granted { fence, .. } = v1.call(&parse_key("pump")?, request).await? else {
+///         panic!("the key is free")
+///     };
+///
+///     let options = Options::session(Duration::from_secs(6));
+///     let timeout = options.config.request_timeout.into();
+///     let worker = SessionClient::new(EtcdSessions::new(url, "leasehold/", timeout)?, "worker-1", options)?;
+///     assert_eq!(worker.try_acquire("pump").await.unwrap_err(), AcquireError::Busy);
+///
+///     let queues = EtcdSessions::new(url, "leasehold/", timeout)?.list(&Filter::default()).await?;
+///     let held = queues[0].v1_holder.as_ref().expect("held by v1");
+///     assert_eq!((queues[0].key.as_str(), held.fence), ("pump", fence));
+///     Ok::<(), Box<dyn std::error::Error>>(())
+/// })
+/// .unwrap();
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct V1Holder {
     /// Its fence (the v1 key's revision, and its queue entry's create revision).
