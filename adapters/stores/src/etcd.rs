@@ -46,9 +46,12 @@
 //! - A semaphore (v2 `AcquireWithLimit`) behind a v1 holder is refused `LimitMismatch`: the v1
 //!   entry says limit 1, and a key is one or the other.
 //!
-//! Keys written by a leasehold older than this have no queue entry, so a session does not see
-//! them: before a v2 client uses a key, restart its v1 clients on this version (each new grant
-//! writes the entry). v1 clients of either version exclude each other as before.
+//! Keys written by a leasehold older than this have no queue entry. A session that finds one
+//! (in the same txn that queues it) is answered `Busy` even if it would wait, since there is
+//! nothing to wait behind, and tries again after that holder's lease. But an older v1 client
+//! does not look at the queue, so it can still take a key a session holds: before a v2 client
+//! uses a key, restart its v1 clients on this version (each new grant writes the entry). v1
+//! clients of either version exclude each other as before.
 //!
 //! The request bodies and the reading of etcd's answers are pure functions below, unit-tested
 //! on answers recorded from etcd 3.4.23; [`EtcdBackend`] only sequences them over HTTP.

@@ -147,6 +147,8 @@ pub struct EtcdSessions {
     watch_http: HttpClient,
     /// `<prefix>v2/`.
     prefix: String,
+    /// `<prefix>`, where v1 ([`EtcdBackend`](crate::EtcdBackend)) keeps its keys.
+    v1_prefix: String,
     sessions: Mutex<HashMap<SessionId, Arc<Local>>>,
     #[cfg(feature = "fault-injection")]
     fault: Option<EtcdFault>,
@@ -356,6 +358,7 @@ impl EtcdSessions {
             keepalive_http: HttpClient::new(url, timeout)?.with_max_connections(2),
             watch_http: HttpClient::new(url, timeout)?.with_max_connections(2 * MAX_WATCHES),
             prefix: format!("{prefix}v2/"),
+            v1_prefix: prefix.to_string(),
             sessions: Mutex::new(HashMap::new()),
             #[cfg(feature = "fault-injection")]
             fault: None,
@@ -611,10 +614,12 @@ impl EtcdSessions {
         // Put our waiter key if absent (a repeated acquire keeps its place, its fence and its
         // first value) and read the queue, its oldest waiter key and ours in the same txn, so
         // the put is in what we read.
+        let v1_key = B64.encode(format!("{}{key}", self.v1_prefix));
         let reads = [
             json!({"request_range": self.queue(key)}),
             json!({"request_range": self.oldest(key)}),
             json!({"request_range": {"key": me}}),
+            json!({"request_range": {"key": v1_key}}),
         ];
         let put = json!({"request_put": {"key": me, "value": B64.encode(stake.encode()), "lease": local.lease.to_string()}});
         let txn = json!({
@@ -628,11 +633,11 @@ impl EtcdSessions {
         let ranges: Vec<&[Value]> = responses
             .iter()
             .rev()
-            .take(3)
+            .take(4)
             .map(|r| r["response_range"]["kvs"].as_array().map(Vec::as_slice).unwrap_or_default())
             .collect();
-        let (kvs, oldest, mine) = match ranges[..] {
-            [mine, oldest, kvs] => (kvs, oldest.first(), mine.first()),
+        let (kvs, oldest, mine, v1_held) = match ranges[..] {
+            [v1, mine, oldest, kvs] => (kvs, oldest.first(), mine.first(), v1.first()),
             _ => {
                 return Err(
                     TransportError::Protocol(format!("etcd txn answer without its ranges: {v}")).into()
@@ -644,6 +649,27 @@ impl EtcdSessions {
                 TransportError::Protocol(format!("etcd txn put {me} but its range lacks it: {v}")).into()
             );
         };
+        // A v1 key with no entry in the queue was written by an older leasehold (or its entry
+        // was deleted by hand): its holder cannot be waited behind, so the key is busy even
+        // for a session that would wait, until that holder's lease ends.
+        let v1_entry = B64.encode(format!("{}{key}@{V1_ENTRY}", self.prefix));
+        if let Some(v1) =
+            v1_held.filter(|_| !kvs.iter().any(|kv| kv["key"].as_str() == Some(v1_entry.as_str())))
+        {
+            lock(&local.keys).remove(key);
+            // Not acquired: a place kept would be granted to nobody.
+            self.leave(&me, revision).await?;
+            let left = match int(&v1["lease"]).filter(|l| *l > 0) {
+                Some(l) => {
+                    match self.post(&self.http, "/v3/lease/timetolive", json!({"ID": l.to_string()})).await {
+                        Ok(v) => remaining_time(&v),
+                        Err(_) => None,
+                    }
+                }
+                None => None,
+            };
+            return Ok(SessionReply::Busy { key: key.clone(), expires_in: left.unwrap_or(UNKNOWN_WAIT) });
+        }
         // Every holder and waiter of a key must agree on its limit: the key's is its oldest
         // waiter's (each later one was checked against it on the way in). Of two sessions
         // asking with different limits at once, the later txn sees the earlier's key and is

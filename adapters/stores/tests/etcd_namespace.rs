@@ -393,3 +393,35 @@ fn an_observer_hears_a_v1_holder_as_a_holder_labelled_with_its_owner() {
         follower.close().await;
     });
 }
+
+/// A gateway call by hand, as an operator (or an older leasehold) would make it.
+async fn post(url: &str, path: &str, body: Value) -> Value {
+    let http = HttpClient::new(url, Duration::from_secs(2)).unwrap();
+    let req = http.request(hyper::Method::POST, path).body(Full::new(Bytes::from(body.to_string()))).unwrap();
+    let resp = http.send(req).await.unwrap();
+    assert_eq!(resp.status, 200, "{path}: {:?}", resp.body);
+    serde_json::from_slice(&resp.body).unwrap()
+}
+
+#[test]
+fn a_v1_key_written_without_a_queue_entry_is_busy_for_sessions_until_its_lease_ends() {
+    // As an older leasehold's v1 wrote it: the key on its lease, nothing in the v2 queue.
+    let e = etcd();
+    let s = session(e.url(), "newcomer");
+    smol::block_on(async {
+        let granted = post(e.url(), "/v3/lease/grant", json!({"TTL": "30"})).await;
+        let lease = granted["ID"].as_str().unwrap().to_string();
+        let put =
+            json!({"key": B64.encode(format!("{PREFIX}old")), "value": B64.encode("7"), "lease": lease});
+        post(e.url(), "/v3/kv/put", put).await;
+        assert_eq!(s.try_acquire("old").await.unwrap_err(), AcquireError::Busy);
+        // Even a session that would wait: there is no entry to wait behind.
+        assert_eq!(s.acquire("old").await.unwrap_err(), AcquireError::Busy);
+        assert_eq!(stored_keys(e.url()).await, vec![format!("{PREFIX}old")], "no waiter key left behind");
+        // Its lease ends: the key is free for sessions.
+        post(e.url(), "/v3/lease/revoke", json!({"ID": lease})).await;
+        let l = s.try_acquire("old").await.expect("free once the old holder's lease ended");
+        l.release().await.unwrap();
+        s.close().await;
+    });
+}
