@@ -660,15 +660,10 @@ impl EtcdSessions {
             // Not acquired: a place kept would be granted to nobody.
             self.leave(&me, revision).await?;
             let left = match int(&v1["lease"]).filter(|l| *l > 0) {
-                Some(l) => {
-                    match self.post(&self.http, "/v3/lease/timetolive", json!({"ID": l.to_string()})).await {
-                        Ok(v) => remaining_time(&v),
-                        Err(_) => None,
-                    }
-                }
-                None => None,
+                Some(l) => self.lease_left(l).await,
+                None => UNKNOWN_WAIT,
             };
-            return Ok(SessionReply::Busy { key: key.clone(), expires_in: left.unwrap_or(UNKNOWN_WAIT) });
+            return Ok(SessionReply::Busy { key: key.clone(), expires_in: left });
         }
         // Every holder and waiter of a key must agree on its limit: the key's is its oldest
         // waiter's (each later one was checked against it on the way in). Of two sessions
@@ -712,15 +707,16 @@ impl EtcdSessions {
         let holders =
             kvs.iter().take(usize::from(limit).min(MAX_TTL_LOOKUPS)).filter_map(|kv| int(&kv["lease"]));
         for l in holders {
-            let left = match self.post(&self.http, "/v3/lease/timetolive", json!({"ID": l.to_string()})).await
-            {
-                Ok(v) => remaining_time(&v),
-                Err(_) => None,
-            };
-            let left = left.unwrap_or(UNKNOWN_WAIT);
+            let left = self.lease_left(l).await;
             expires_in = Some(expires_in.map_or(left, |e| e.min(left)));
         }
         Ok(SessionReply::Busy { key: key.clone(), expires_in: expires_in.unwrap_or(UNKNOWN_WAIT) })
+    }
+
+    /// How long etcd keeps `lease`, for a `Busy` answer; [`UNKNOWN_WAIT`] when it cannot say.
+    async fn lease_left(&self, lease: i64) -> LDuration {
+        let v = self.post(&self.http, "/v3/lease/timetolive", json!({"ID": lease.to_string()})).await;
+        v.ok().and_then(|v| remaining_time(&v)).unwrap_or(UNKNOWN_WAIT)
     }
 
     /// Deletes our waiter key `me` (base64) if it is still the one created at `revision`.
