@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use futures_lite::future;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
-use leasehold_http::{AcquireError, Backend, Health, HttpClient, LostReason, Options, SessionClient};
-use leasehold_stores::{EtcdBackend, EtcdFault, EtcdSessions};
+use leasehold_core::{parse_key, Duration as LDuration};
+use leasehold_http::{AcquireError, Health, LostReason, Options, SessionClient};
+use leasehold_stores::{EtcdFault, EtcdSessions};
 use leasehold_test_servers::etcd;
 use serde_json::{json, Value};
+
+mod common;
+use common::{sleep, within, Etcd};
 
 const PREFIX: &str = "leasehold/";
 
@@ -31,35 +32,8 @@ fn client_with(url: &str, label: &str, ttl_ms: u64, fault: Option<EtcdFault>) ->
     SessionClient::new(backend, label, options).unwrap()
 }
 
-async fn sleep(ms: u64) {
-    async_io::Timer::after(Duration::from_millis(ms)).await;
-}
-
-/// Fails the test instead of hanging it.
-async fn within<T>(ms: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    future::or(f, async {
-        sleep(ms).await;
-        panic!("{what} did not finish within {ms} ms")
-    })
-    .await
-}
-
-/// Direct access to etcd's gateway, as an operator would have.
-struct Etcd(HttpClient);
-
+/// What these tests read from etcd beyond [`Etcd`]'s own.
 impl Etcd {
-    fn new(url: &str) -> Etcd {
-        Etcd(HttpClient::new(url, Duration::from_secs(2)).unwrap())
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let req =
-            self.0.request(hyper::Method::POST, path).body(Full::new(Bytes::from(body.to_string()))).unwrap();
-        let resp = self.0.send(req).await.unwrap();
-        assert_eq!(resp.status, 200, "{path}: {:?}", resp.body);
-        serde_json::from_slice(&resp.body).unwrap()
-    }
-
     /// Every key under `prefix` as (key, lease, create revision), oldest first.
     async fn keys(&self, prefix: &str) -> Vec<(String, i64, u64)> {
         let mut end = prefix.as_bytes().to_vec();
@@ -82,11 +56,6 @@ impl Etcd {
                 (key, n(kv, "lease"), n(kv, "create_revision") as u64)
             })
             .collect()
-    }
-
-    async fn leases(&self) -> usize {
-        let v = self.post("/v3/lease/leases", json!({})).await;
-        v["leases"].as_array().map_or(0, Vec::len)
     }
 }
 
@@ -352,23 +321,7 @@ fn closing_revokes_the_session_and_frees_its_keys_and_its_places() {
     });
 }
 
-#[test]
-fn v1_and_v2_keys_live_apart_and_do_not_exclude_each_other() {
-    let e = etcd();
-    let raw = Etcd::new(e.url());
-    let v1 = EtcdBackend::new(e.url(), PREFIX, Duration::from_secs(2)).unwrap();
-    let v2 = client(e.url(), "v2", 6_000);
-    smol::block_on(async {
-        let request =
-            Request { id: RequestId(1), owner: OwnerId(7), op: Op::Acquire { ttl: LDuration::from_secs(5) } };
-        assert!(matches!(v1.call(&parse_key("k").unwrap(), request).await.unwrap(), Reply::Granted { .. }));
-        // As documented: v2 is a separate namespace, so this grant coexists with v1's.
-        let l = v2.try_acquire("k").await.expect("v2 does not see v1's key");
-        let keys: Vec<String> = raw.keys(PREFIX).await.into_iter().map(|k| k.0).collect();
-        assert_eq!(keys, vec![format!("{PREFIX}k"), waiter("k", v2.session_id().unwrap())]);
-        l.release().await.unwrap();
-    });
-}
+// v1 beside v2 (one key namespace on etcd) is tested in `etcd_namespace.rs`.
 
 /// The backend's answers to the core's requests, sent by hand as the holder machine would.
 #[test]
