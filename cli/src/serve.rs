@@ -33,6 +33,10 @@ pub(crate) struct Args {
     /// Most bytes of a request head; a longer head is answered 431 and its connection closed.
     #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES")]
     max_header_bytes: usize,
+    /// Threads that serve connections (HTTP and JSON); one per core if not given. Each log
+    /// is written by one writer whatever this is.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Delete the records of keys free this long (fences stay safe: a reclaimed key's next
     /// fence is above every fence it had), and compact the store.
     #[arg(long, default_value = "1h", value_parser = crate::duration)]
@@ -57,6 +61,9 @@ pub(crate) fn main(args: Args) -> ExitCode {
     config.max_connections = args.max_connections;
     config.max_header_bytes = args.max_header_bytes;
     config.reclaim_after = Some(args.reclaim_after);
+    if let Some(n) = args.threads {
+        config.threads = n;
+    }
     // Refused before anything is opened or bound: a server that cannot grant is worse than
     // none, because it looks alive.
     if let Err(e) = config.validate() {

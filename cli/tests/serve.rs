@@ -395,6 +395,7 @@ fn configurations_that_cannot_work_exit_2_before_listening() {
         (&["--max-ttl", "2days"][..], "longer than 86400s"),
         (&["--token", ""][..], "token must be non-empty"),
         (&["--max-connections", "0"][..], "connection cap"),
+        (&["--threads", "0"][..], "thread count"),
     ] {
         let data = dir.path().join("store");
         let mut child = Command::new(BIN)
