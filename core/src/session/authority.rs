@@ -62,6 +62,9 @@ pub enum SessionFault {
     IgnoreLimitMismatch,
     /// Do not tell observers that a key became free.
     HideFreeChanges,
+    /// Hold a key for the other protocol ([`SessionAuthority::hold_external`]) even while
+    /// sessions hold it or wait for it: a v1 grant beside a session's.
+    ExternalOverSessions,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -711,7 +714,10 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         self.note_changes(self.sessions.len() < before);
         let ki = self.key_index(key).ok_or(ExternalRefusal::Capacity)?;
         let Some((_, r)) = self.keys.get_index(ki as usize) else { return Err(ExternalRefusal::Capacity) };
-        if r.holders.len > 0 || (exclusive && r.waiters.len > 0) {
+        let busy = r.holders.len > 0 || (exclusive && r.waiters.len > 0);
+        #[cfg(feature = "fault-injection")]
+        let busy = busy && self.limits.fault != SessionFault::ExternalOverSessions;
+        if busy {
             return Err(ExternalRefusal::Busy { retry_after: self.first_slot_free(r, now) - now });
         }
         let merged = match (r.external, hold) {
