@@ -176,6 +176,7 @@ fn replay() {
         Ok("over-admit") => SessionFault::OverAdmit,
         Ok("ignore-limit-mismatch") => SessionFault::IgnoreLimitMismatch,
         Ok("hide-free-changes") => SessionFault::HideFreeChanges,
+        Ok("external-over-sessions") => SessionFault::ExternalOverSessions,
         _ => SessionFault::None,
     };
     let mut params = Params::from_seed(seed, fault);
@@ -191,4 +192,10 @@ fn replay() {
     if let Err(v) = outcome {
         panic!("{v}");
     }
+}
+
+#[test]
+fn holding_a_key_for_v1_while_sessions_hold_it_is_caught() {
+    let v = caught(SessionFault::ExternalOverSessions);
+    assert!(v.message.contains("while sessions held it") || v.message.contains("at once"), "{}", v.message);
 }
