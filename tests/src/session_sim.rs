@@ -236,6 +236,7 @@ impl fmt::Display for Violation {
             (SessionFault::IgnoreLimitMismatch, _) => "LEASEHOLD_SIM_FAULT=ignore-limit-mismatch ",
             (SessionFault::HideFreeChanges, _) => "LEASEHOLD_SIM_FAULT=hide-free-changes ",
             (SessionFault::ExternalOverSessions, _) => "LEASEHOLD_SIM_FAULT=external-over-sessions ",
+            (SessionFault::ExternalBelowFloor, _) => "LEASEHOLD_SIM_FAULT=external-below-floor ",
             (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
             _ => "",
         };
@@ -1289,18 +1290,19 @@ impl World {
             // (or the key's own, when it has no claims) bounds the believers.
             let configured = usize::from(self.params.limits[k]);
             let limit = self.limit_in_force(key).map_or(configured, |l| l.max(configured));
-            let believers: Vec<(usize, Fence, Duration)> = self
+            // Who (a session client `c`, a v1 client `v`), its fence, its time left.
+            let believers: Vec<(char, usize, Fence, Duration)> = self
                 .clients
                 .iter()
                 .enumerate()
                 .filter_map(|(i, c)| {
                     let s = c.session.as_ref()?;
                     let rem = s.remaining(c.clock.local(self.now), key)?;
-                    Some((i, s.fence(key).unwrap_or_default(), rem))
+                    Some(('c', i, s.fence(key).unwrap_or_default(), rem))
                 })
                 .collect();
             // A v1 believer excludes everyone else: v1 holds a key alone.
-            let v1: Vec<(usize, Fence, Duration)> = self
+            let v1: Vec<(char, usize, Fence, Duration)> = self
                 .v1
                 .iter()
                 .enumerate()
@@ -1308,14 +1310,14 @@ impl World {
                 .filter_map(|(j, c)| {
                     let l = c.lease.as_ref()?;
                     let rem = l.remaining(c.clock.local(self.now))?;
-                    Some((self.clients.len() + j, l.fence().unwrap_or_default(), rem))
+                    Some(('v', j, l.fence().unwrap_or_default(), rem))
                 })
                 .collect();
             let limit = if v1.is_empty() { limit } else { 1 };
-            let believers: Vec<(usize, Fence, Duration)> = believers.into_iter().chain(v1).collect();
+            let believers: Vec<(char, usize, Fence, Duration)> = believers.into_iter().chain(v1).collect();
             if believers.len() > limit {
                 let who: Vec<String> =
-                    believers.iter().map(|(i, f, r)| format!("c{i} (fence {f}, {r} left)")).collect();
+                    believers.iter().map(|(p, i, f, r)| format!("{p}{i} (fence {f}, {r} left)")).collect();
                 let n = match believers.len() {
                     2 => "two".to_string(),
                     n => n.to_string(),

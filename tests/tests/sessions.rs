@@ -82,6 +82,9 @@ fn session_safety_holds_across_seeds() {
     assert!(total.shared > n, "semaphore keys had several believers at once: {total:?}");
     assert!(total.mismatched > n / 4, "contenders with another limit were refused: {total:?}");
     assert!(total.observed > n, "observers heard changes: {total:?}");
+    // Two seeds in three have v1 clients beside the sessions.
+    assert!(total.v1_grants > n && total.v1_refused > n, "v1 clients were granted and refused: {total:?}");
+    assert!(total.v2_after_v1 > n / 2, "sessions were granted keys v1 had: {total:?}");
 }
 
 /// Runs seeds from 0 with `fault` planted in the authority until the checker objects; within
@@ -177,6 +180,7 @@ fn replay() {
         Ok("ignore-limit-mismatch") => SessionFault::IgnoreLimitMismatch,
         Ok("hide-free-changes") => SessionFault::HideFreeChanges,
         Ok("external-over-sessions") => SessionFault::ExternalOverSessions,
+        Ok("external-below-floor") => SessionFault::ExternalBelowFloor,
         _ => SessionFault::None,
     };
     let mut params = Params::from_seed(seed, fault);
@@ -198,4 +202,10 @@ fn replay() {
 fn holding_a_key_for_v1_while_sessions_hold_it_is_caught() {
     let v = caught(SessionFault::ExternalOverSessions);
     assert!(v.message.contains("while sessions held it") || v.message.contains("at once"), "{}", v.message);
+}
+
+#[test]
+fn deciding_v1_below_the_sessions_fences_is_caught() {
+    let v = caught(SessionFault::ExternalBelowFloor);
+    assert!(v.message.contains("granted to v1 with fence"), "{}", v.message);
 }

@@ -65,6 +65,9 @@ pub enum SessionFault {
     /// Hold a key for the other protocol ([`SessionAuthority::hold_external`]) even while
     /// sessions hold it or wait for it: a v1 grant beside a session's.
     ExternalOverSessions,
+    /// Answer a hold for the other protocol with no fence floor: its grant may reuse a
+    /// session's fence.
+    ExternalBelowFloor,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -726,6 +729,9 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
             (None, h) => h,
         };
         let last_fence = r.last_fence;
+        #[cfg(feature = "fault-injection")]
+        let last_fence =
+            if self.limits.fault == SessionFault::ExternalBelowFloor { Fence::NONE } else { last_fence };
         if let Some((_, r)) = self.keys.get_index_mut(ki as usize) {
             r.external = Some(merged);
         }
