@@ -1291,7 +1291,7 @@ impl World {
             let configured = usize::from(self.params.limits[k]);
             let limit = self.limit_in_force(key).map_or(configured, |l| l.max(configured));
             // Who (a session client `c`, a v1 client `v`), its fence, its time left.
-            let believers: Vec<(char, usize, Fence, Duration)> = self
+            let mut believers: Vec<(char, usize, Fence, Duration)> = self
                 .clients
                 .iter()
                 .enumerate()
@@ -1302,19 +1302,13 @@ impl World {
                 })
                 .collect();
             // A v1 believer excludes everyone else: v1 holds a key alone.
-            let v1: Vec<(char, usize, Fence, Duration)> = self
-                .v1
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.key == k)
-                .filter_map(|(j, c)| {
-                    let l = c.lease.as_ref()?;
-                    let rem = l.remaining(c.clock.local(self.now))?;
-                    Some(('v', j, l.fence().unwrap_or_default(), rem))
-                })
-                .collect();
-            let limit = if v1.is_empty() { limit } else { 1 };
-            let believers: Vec<(char, usize, Fence, Duration)> = believers.into_iter().chain(v1).collect();
+            let sessions = believers.len();
+            believers.extend(self.v1.iter().enumerate().filter(|(_, c)| c.key == k).filter_map(|(j, c)| {
+                let l = c.lease.as_ref()?;
+                let rem = l.remaining(c.clock.local(self.now))?;
+                Some(('v', j, l.fence().unwrap_or_default(), rem))
+            }));
+            let limit = if believers.len() > sessions { 1 } else { limit };
             if believers.len() > limit {
                 let who: Vec<String> =
                     believers.iter().map(|(p, i, f, r)| format!("{p}{i} (fence {f}, {r} left)")).collect();
