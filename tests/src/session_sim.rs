@@ -23,6 +23,23 @@
 //!   no change is lost, repeated or reordered, and a reported fence never goes down;
 //! - once the network heals (after `run_for`: no loss, no faults, no new acquisitions) each
 //!   observer's last report is the key's holder at the end.
+//!
+//! Beside the sessions, up to two v1 clients (core's [`Lease`] machine, each for one of the
+//! keys, crashed, restarted and partitioned like the holders) contend for the same keys in one
+//! namespace, as on the built-in server: the authority composes v1's rules with the session
+//! authority through [`leasehold_core::namespace`], the same calls in the same order as
+//! `server/src/namespace.rs`. The checker adds:
+//! - a v1 believer counts like a session holder, and holds its key alone: with one, the key
+//!   has no other believer at any true instant;
+//! - each key's fences strictly increase across both protocols' grants;
+//! - no v1 grant while a session holds the key, the sessions hold the key for v1 whenever v1
+//!   keeps it (its grant, or the lock-delay after one), and never beside a session's grant;
+//! - no session (a queued waiter included) is granted a key before v1's grant of it, and its
+//!   lock-delay, ended on the authority's clock. Send-anchoring is what the believers check
+//!   covers: a v1 client believes from its request's send, before the authority's decision.
+//!
+//! A third of the seeds have no v1 client; they draw exactly what they drew before v1 clients
+//! existed, so their runs (and traces) are unchanged.
 
 use std::collections::BTreeMap;
 use std::fmt;
