@@ -174,6 +174,8 @@ enum What {
     V1Crash(usize),
     V1Restart(usize, OwnerId),
     V1Partition(usize, u64, Direction),
+    V1Waits(usize, Key),
+    V1Set(Key, Option<Instant>),
 }
 
 /// One line of a run's trace.
@@ -215,6 +217,8 @@ impl fmt::Display for TraceEntry {
             What::V1Partition(j, until, dir) => {
                 write!(f, "v{j} partitioned ({dir:?}) until {:.3}ms", *until as f64 / 1000.0)
             }
+            What::V1Waits(j, k) => write!(f, "authority: v{j} v1 {k} waits for the key's turn"),
+            What::V1Set(k, until) => write!(f, "authority: sessions told v1 keeps {k} until {until:?}"),
         }
     }
 }
@@ -331,6 +335,15 @@ struct Client {
     port: Port,
 }
 
+/// A key's v1 turn, from a v1 decision to its set: what to tell the sessions, when, and the
+/// key's v1 requests that arrived meanwhile.
+struct V1Turn {
+    set_at: u64,
+    record: Record,
+    floor: Fence,
+    backlog: Vec<(usize, Request)>,
+}
+
 /// A v1 client: core's [`Lease`] machine for one key, as the v1 simulator drives it.
 struct V1Client {
     /// Index into the world's keys.
@@ -436,6 +449,8 @@ pub struct World {
     v1_limits: Limits,
     /// Keys whose last grant was v1's.
     v1_granted_last: BTreeMap<Key, bool>,
+    /// Per key (index): its v1 turn in progress.
+    v1_turns: Vec<Option<V1Turn>>,
 }
 
 impl World {
@@ -486,6 +501,7 @@ impl World {
             v1_records: BTreeMap::new(),
             v1_limits: Limits { lock_delay: params.lock_delay, ..Limits::default() },
             v1_granted_last: BTreeMap::new(),
+            v1_turns: (0..params.keys).map(|_| None).collect(),
             history: keys.iter().map(|k| (k.clone(), vec![None])).collect(),
             keys,
             observing: BTreeMap::new(),
@@ -579,6 +595,7 @@ impl World {
             V1Timer(usize),
             V1App(usize),
             V1Restart(usize),
+            V1Set(usize),
         }
         let mut best: Option<(u64, Next)> = None;
         let mut consider = |t: u64, n: Next| {
@@ -613,6 +630,11 @@ impl World {
             }
             if let Some(t) = c.restart_at {
                 consider(t, Next::V1Restart(j));
+            }
+        }
+        for (k, t) in self.v1_turns.iter().enumerate() {
+            if let Some(t) = t {
+                consider(t.set_at, Next::V1Set(k));
             }
         }
         let Some((t, next)) = best else { return Ok(false) };
@@ -656,6 +678,7 @@ impl World {
                 self.v1_drain(j)?;
             }
             Next::V1App(j) => self.v1_app(j)?,
+            Next::V1Set(k) => self.v1_set(k)?,
             Next::V1Restart(j) => {
                 let c = &mut self.v1[j];
                 c.incarnation += 1;
@@ -949,6 +972,12 @@ impl World {
     /// nothing between them (the server's fsyncs do not reorder them: a key's v1 requests
     /// take turns).
     fn v1_decide(&mut self, j: usize, key: Key, request: Request) -> Result<(), Box<Violation>> {
+        let k = self.keys.iter().position(|x| *x == key).unwrap_or_default();
+        if let Some(turn) = self.v1_turns[k].as_mut() {
+            turn.backlog.push((j, request));
+            self.log(What::V1Waits(j, key));
+            return Ok(());
+        }
         let now = self.clock.local(self.now);
         let before = View::of(&self.authority);
         let record = self.v1_records.get(&key).copied().unwrap_or_default();
@@ -970,9 +999,10 @@ impl World {
                 if d.changed(&record) {
                     self.v1_records.insert(key.clone(), d.record);
                 }
-                let until =
-                    namespace::remaining(&d.record, self.v1_limits.lock_delay, now).map(|left| now + left);
-                self.authority.set_external(now, &key, until, namespace::set_fence(&d.record, floor));
+                // The set lands later, after the v1 commit and its answer (the server's order);
+                // the key's next v1 request waits for it.
+                let at = self.now + self.rng.u64(0..=self.params.max_delay);
+                self.v1_turns[k] = Some(V1Turn { set_at: at, record: d.record, floor, backlog: Vec::new() });
                 d
             }
         };
@@ -998,6 +1028,29 @@ impl World {
         self.check_authority(&before, None)?;
         let response = Response { id: request.id, owner: request.owner, reply: d.reply };
         self.send(j, Msg::V1ToClient { client: j, response });
+        Ok(())
+    }
+
+    /// v1's decision on `keys[k]` told to the sessions: its end (from v1's clock now, as the
+    /// server samples it at the set) and fence; then the requests that waited for the turn.
+    fn v1_set(&mut self, k: usize) -> Result<(), Box<Violation>> {
+        let Some(turn) = self.v1_turns[k].take() else { return Ok(()) };
+        let key = self.keys[k].clone();
+        let now = self.clock.local(self.now);
+        let before = View::of(&self.authority);
+        let until = namespace::remaining(&turn.record, self.v1_limits.lock_delay, now).map(|left| now + left);
+        self.authority.set_external(now, &key, until, namespace::set_fence(&turn.record, turn.floor));
+        self.record_history();
+        self.log(What::V1Set(key.clone(), until));
+        self.check_authority(&before, None)?;
+        let mut backlog = turn.backlog.into_iter();
+        while let Some((j, request)) = backlog.next() {
+            self.v1_decide(j, key.clone(), request)?;
+            if let Some(t) = self.v1_turns[k].as_mut() {
+                t.backlog.extend(backlog);
+                break;
+            }
+        }
         Ok(())
     }
 
