@@ -13,7 +13,7 @@
 //!    v2 fence: the floor.
 //! 2. **Decide** ([`decide_above`]): v1's rules, with its fences continuing above the floor.
 //! 3. **Set**: [`SessionAuthority::set_external`] with the record's end ([`remaining`]: its
-//!    holder's expiry, or the end of a lock-delay, plus the lock-delay) and its last fence
+//!    holder's expiry, or its last grant's expiry, plus the lock-delay) and its last fence
 //!    ([`set_fence`]), so that v2's fences continue above v1's and a key v1 frees goes to the
 //!    head of its v2 queue.
 //!
