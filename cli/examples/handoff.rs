@@ -20,48 +20,14 @@
 //! cargo build --release -p leasehold && cargo run --release -p leasehold --example handoff [-- SECONDS [dynamodb]]
 //! ```
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-/// A child process group, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.0.wait();
-    }
-}
-
-/// The `leasehold` binary next to this example's directory (`target/release/leasehold`).
-fn leasehold_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("leasehold")).expect("a target directory");
-    assert!(bin.exists(), "{} is missing: cargo build --release -p leasehold first", bin.display());
-    bin
-}
-
-/// `leasehold serve` on a kernel-picked port; returns it with its URL.
-fn serve(bin: &Path, data: &Path) -> (Proc, String) {
-    let mut child = Command::new(bin)
-        .args(["serve", "--data"])
-        .arg(data)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("start leasehold serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
-    (Proc(child), url)
-}
+use common::{leasehold_bin, percentile, serve, Proc};
 
 struct Group {
     name: &'static str,
@@ -80,13 +46,6 @@ fn contender(group: &Group, who: usize, log: &Path, until_ns: u128) -> Proc {
         lock = group.lock
     );
     Proc(Command::new("sh").args(["-c", &script]).process_group(0).spawn().expect("sh"))
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Gaps (ms) between each end and the next start, the section count per contender, and
@@ -128,7 +87,7 @@ fn main() {
     let seconds: u64 = std::env::args().nth(1).map(|s| s.parse().expect("SECONDS")).unwrap_or(30);
     let bin = leasehold_bin();
     let dir = tempfile::tempdir().unwrap();
-    let (_server, url) = serve(&bin, &dir.path().join("store"));
+    let (_server, url) = serve(&bin, &dir.path().join("store"), &[]);
     let run = |extra: &str, key: &str| format!("{} run --key {key} --ttl 5s {extra} --", bin.display());
     let dynamodb = std::env::args().nth(2).is_some_and(|a| a == "dynamodb");
     let _dynalite;

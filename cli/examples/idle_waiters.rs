@@ -19,11 +19,11 @@
 //! cargo build --release -p leasehold && cargo run --release -p leasehold --example idle_waiters [-- WAITERS HANDOFFS]
 //! ```
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration as StdDuration, Instant};
 
@@ -32,50 +32,14 @@ use leasehold_core::session::wire::{
 };
 use leasehold_core::{parse_key, Duration, Fence};
 
+use common::{leasehold_bin, percentile, serve};
+
 /// The sessions' ttl: the server's default longest (5 min), so that no session needs a renewal
 /// beyond its held keepalive's.
 const TTL: Duration = Duration::from_secs(300);
 /// What each held keepalive asks for; the server holds it at most 60 s.
 const WAIT_MS: u64 = 600_000;
 const KEY: &str = "idle";
-
-/// A child process group, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.0.wait();
-    }
-}
-
-/// The `leasehold` binary next to this example's directory (`target/release/leasehold`).
-fn leasehold_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("leasehold")).expect("a target directory");
-    assert!(bin.exists(), "{} is missing: cargo build --release -p leasehold first", bin.display());
-    bin
-}
-
-/// `leasehold serve` on a kernel-picked port, with room for every waiter's connection.
-fn serve(bin: &Path, data: &Path, connections: usize) -> (Proc, SocketAddr) {
-    let mut child = Command::new(bin)
-        .args(["serve", "--data"])
-        .arg(data)
-        .args(["--listen", "127.0.0.1:0", "--max-connections", &connections.to_string()])
-        .stdout(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("start leasehold serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").expect("listening line");
-    let addr = url.trim_start_matches("http://").parse().expect("an address");
-    (Proc(child), addr)
-}
 
 /// One request on a kept-alive connection; the status and body.
 fn call(conn: &mut BufReader<TcpStream>, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
@@ -281,10 +245,6 @@ fn waiter(mut h: Holder, news: mpsc::Sender<(usize, News)>, me: usize, rounds: s
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 /// Set once the figures are printed and the server is being stopped.
 static ENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -300,7 +260,10 @@ fn main() {
     let handoffs = args.get(1).copied().unwrap_or(20).min(waiters);
     let bin = leasehold_bin();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (server, addr) = serve(&bin, &dir.path().join("store"), waiters + 64);
+    // Room for every waiter's connection.
+    let (server, url) =
+        serve(&bin, &dir.path().join("store"), &["--max-connections", &(waiters + 64).to_string()]);
+    let addr: SocketAddr = url.trim_start_matches("http://").parse().expect("an address");
     let pid = server.0.id();
 
     let mut holder = Holder::open(addr, "holder");

@@ -1,6 +1,11 @@
 //! `leasehold demo`: a local server, contending worker processes, a shared resource that
 //! logs every write attempted on it, a SIGKILL of one holder, a SIGSTOP of another past its
 //! ttl, and an analysis of the log that applies the fence check and gives a verdict.
+//!
+//! The workers hold the key in protocol-v2 sessions by default (FIFO waiting, grants pushed
+//! at a release or an expiry), or in v1 leases (`--protocol v1`: each waiter polls). The
+//! timeline then also shows each hand-off after a release and whether the grant went to the
+//! worker that had waited longest.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
@@ -11,10 +16,12 @@ use std::time::{Duration, Instant};
 
 use leasehold_core::resource::HighWater;
 use leasehold_core::{Fence, OwnerId};
-use leasehold_http::{BuiltinBackend, Client, Options};
+use leasehold_http::{AcquireError, BuiltinBackend, BuiltinSessions, Client, Lease, Options, SessionClient};
 use leasehold_server::{Server, ServerConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+use crate::run::Protocol;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -34,6 +41,10 @@ pub(crate) struct Args {
     /// (once the failover after the kill has been seen).
     #[arg(long, default_value = "7s", value_parser = crate::duration)]
     stop_after: Duration,
+    /// How the workers hold the key: `v2` sessions (FIFO waiting, pushed grants) or `v1`
+    /// leases (waiters poll).
+    #[arg(long, value_enum, default_value = "v2")]
+    protocol: Protocol,
 }
 
 #[derive(clap::Args)]
@@ -48,6 +59,8 @@ pub(crate) struct WorkerArgs {
     resource: SocketAddr,
     #[arg(long, value_parser = crate::duration)]
     ttl: Duration,
+    #[arg(long, value_enum)]
+    protocol: Protocol,
 }
 
 const DRIFT_PPM: u32 = 10_000;
@@ -249,17 +262,26 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         std::thread::spawn(move || serve_resource(listener, resource, start, ttl));
     }
     let bound = ttl.mul_f64(1.0 + DRIFT_PPM as f64 / 1e6);
+    let protocol_arg = match args.protocol {
+        Protocol::V1 => "v1",
+        Protocol::V2 => "v2",
+    };
     println!(
-        "leasehold demo: server {} (store {}), key \"demo\", ttl {:?}, ε {}%, {} workers",
+        "leasehold demo: server {} (store {}), key \"demo\", ttl {:?}, ε {}%, {} workers, protocol {}",
         server.url(),
         dir.path().display(),
         ttl,
         DRIFT_PPM as f64 / 1e4,
-        args.workers
+        args.workers,
+        protocol_arg
     );
     println!(
         "each worker: acquire, write to a shared resource with its fence ~every 150 ms, release, repeat"
     );
+    match args.protocol {
+        Protocol::V2 => println!("each worker holds the key in a session: waiters queue FIFO at the server and are pushed the grant"),
+        Protocol::V1 => println!("each worker holds the key in a v1 lease: waiters poll with backoff"),
+    }
     println!("the resource logs every write; the analysis refuses any whose fence is lower than one written before\n");
 
     let lines: Arc<Mutex<Vec<Line>>> = Arc::new(Mutex::new(Vec::new()));
@@ -270,6 +292,7 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let mut child = std::process::Command::new(&exe)
             .args(["demo-worker", "--server", &server.url(), "--key", "demo", "--name", &name])
             .args(["--resource", &resource_addr.to_string(), "--ttl", &format!("{}ms", ttl.as_millis())])
+            .args(["--protocol", protocol_arg])
             .stdout(Stdio::piped())
             .spawn()?;
         lock(&resource).pids.insert(name.clone(), child.id());
@@ -358,10 +381,32 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             _ => spans.push((w.fence, w.worker.clone(), w.t, w.t, 1)),
         }
     }
-    println!("\nwho held which fence when (the writes the fence check accepts):");
+    let handed = hand_offs(&lines);
+    println!("\nwho held which fence when (the writes the fence check accepts), and how each got it:");
     for (f, w, from, to, n) in &spans {
+        let how = match handed.iter().find(|h| h.fence == *f) {
+            Some(h) => {
+                let after = match &h.after_release {
+                    Some(r) => format!(
+                        "{:.1} ms after {} release of fence {}",
+                        r.gap.as_secs_f64() * 1e3,
+                        if r.by_itself { "its own" } else { "the" },
+                        r.fence
+                    ),
+                    None if h.first => "first".to_string(),
+                    None => "after an expiry".to_string(),
+                };
+                let order = match &h.overtook {
+                    Some(o) => format!("OUT OF ORDER: {o} had waited longer"),
+                    None if h.rivals > 0 => "the longest waiter".to_string(),
+                    None => "nobody else waiting".to_string(),
+                };
+                format!("  granted {after}, {order}")
+            }
+            None => String::new(),
+        };
         println!(
-            "  fence {f:>3}  {w}  {:>7.3}s – {:>7.3}s  {n} writes",
+            "  fence {f:>3}  {w}  {:>7.3}s – {:>7.3}s  {n:>2} writes{how}",
             from.as_secs_f64(),
             to.as_secs_f64()
         );
@@ -385,6 +430,14 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let failover = killed
         .as_ref()
         .and_then(|(t_kill, victim, _)| acquired_after(&lines, *t_kill, victim).map(|t| t - *t_kill));
+    // Hand-offs to another worker: a worker that takes the key back gave nobody a turn.
+    let mut gaps: Vec<Duration> = handed
+        .iter()
+        .filter_map(|h| h.after_release.as_ref().filter(|r| !r.by_itself).map(|r| r.gap))
+        .collect();
+    gaps.sort_unstable();
+    let contested: Vec<&HandOff> = handed.iter().filter(|h| h.rivals > 0).collect();
+    let overtaken = contested.iter().filter(|h| h.overtook.is_some()).count();
     let stopped_fence = res.stopped.as_ref().map(|s| s.fence);
     // Only the holder stopped on purpose may have overlapped a newer one.
     let unexpected: Vec<u64> = a.interleaved.iter().copied().filter(|f| Some(*f) != stopped_fence).collect();
@@ -394,9 +447,14 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         (Some(_), Some(f)) => {
             let ratio = f.as_secs_f64() / bound.as_secs_f64();
             println!(
-                "failover after kill -9: {:.3}s; bound ttl·(1+ε) = {:.3}s; ratio {ratio:.2}",
+                "failover after kill -9: {:.3}s; bound ttl·(1+ε) = {:.3}s; ratio {ratio:.2}{}",
                 f.as_secs_f64(),
-                bound.as_secs_f64()
+                bound.as_secs_f64(),
+                match args.protocol {
+                    // The session's ttl runs from its last keepalive, which came before the kill.
+                    Protocol::V2 => " (the session expired a ttl after its last keepalive; the head waiter was pushed the key)",
+                    Protocol::V1 => "",
+                }
             );
             // The bound plus one retry's jitter (backoff_min = ttl/64) and scheduling slack.
             ok &= f <= bound + ttl / 64 + Duration::from_millis(100);
@@ -407,6 +465,25 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
         (None, _) => println!("nobody held the lease at the kill time; no failover measured"),
     }
+    match (gaps.first(), gaps.last()) {
+        (Some(min), Some(max)) => println!(
+            "hand-off after a release ({}): {} hand-offs, min {:.1} ms, median {:.1} ms, max {:.1} ms",
+            match args.protocol {
+                Protocol::V2 => "pushed to the head of the queue",
+                Protocol::V1 => "found by a waiter's poll",
+            },
+            gaps.len(),
+            min.as_secs_f64() * 1e3,
+            gaps[gaps.len() / 2].as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        ),
+        _ => println!("hand-off after a release: none seen"),
+    }
+    println!(
+        "grants while others waited: {} of {} to the longest waiter, {overtaken} out of order",
+        contested.len() - overtaken,
+        contested.len()
+    );
     match &res.stopped {
         Some(st) => {
             let refused = a.refused.iter().filter(|w| w.worker == st.worker && w.fence == st.fence).count();
@@ -435,6 +512,69 @@ fn demo(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     Ok(ok)
 }
 
+/// How one grant came about, from the workers' lines.
+#[derive(Debug, PartialEq)]
+struct HandOff {
+    fence: u64,
+    /// The release this grant followed; `None` if the key came free otherwise (an expiry,
+    /// or the first grant).
+    after_release: Option<Released>,
+    /// The key's first grant in the demo.
+    first: bool,
+    /// How many other workers were waiting when it was granted.
+    rivals: usize,
+    /// A worker that had been waiting longer (by more than [`SAME_TIME`]) and was passed over.
+    overtook: Option<String>,
+}
+
+/// A release that a grant followed.
+#[derive(Debug, PartialEq)]
+struct Released {
+    fence: u64,
+    /// From the release's send to the grant's report.
+    gap: Duration,
+    /// The releasing worker was granted the key again.
+    by_itself: bool,
+}
+
+/// Waits begun this close together may reach the server in either order: the lines are
+/// timed as the demo reads them, not as the requests arrive.
+const SAME_TIME: Duration = Duration::from_millis(100);
+
+/// Each grant in `lines`, with the release it followed and whether it went to the worker
+/// that had waited longest (a worker waits from its `waiting` line to its next grant).
+fn hand_offs(lines: &[Line]) -> Vec<HandOff> {
+    let mut lines: Vec<&Line> = lines.iter().collect();
+    lines.sort_by_key(|l| l.t);
+    let mut waiting: HashMap<&str, Duration> = HashMap::new();
+    let mut released: Option<(u64, Duration, &str)> = None;
+    let mut out = Vec::new();
+    for l in lines {
+        if l.text == "waiting" {
+            waiting.insert(&l.who, l.t);
+        } else if let Some(fence) = l.text.strip_prefix("releasing fence ").and_then(|f| f.parse().ok()) {
+            released = Some((fence, l.t, &l.who));
+        } else if let Some(fence) = l.text.strip_prefix("acquired fence ").and_then(|f| f.parse().ok()) {
+            let since = waiting.remove(l.who.as_str());
+            let overtook = since.and_then(|since| {
+                waiting
+                    .iter()
+                    .filter(|(_, t)| **t + SAME_TIME < since)
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(w, _)| w.to_string())
+            });
+            let after_release = released.take().map(|(f, t, by)| Released {
+                fence: f,
+                gap: l.t.saturating_sub(t),
+                by_itself: by == l.who,
+            });
+            let first = out.is_empty();
+            out.push(HandOff { fence, after_release, first, rivals: waiting.len(), overtook });
+        }
+    }
+    out
+}
+
 /// When a worker other than `not` first reported a grant after `t`.
 fn acquired_after(lines: &[Line], t: Duration, not: &str) -> Option<Duration> {
     lines.iter().find(|l| l.t > t && l.who != not && l.text.starts_with("acquired")).map(|l| l.t)
@@ -457,17 +597,12 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
         println!("{s}");
         let _ = std::io::stdout().flush();
     };
-    let mut options = Options::new(args.ttl);
-    options.config.drift = leasehold_core::Drift::from_ppm(DRIFT_PPM);
-    let backend = match BuiltinBackend::new(&args.server, None, options.config.request_timeout.into()) {
-        Ok(b) => b,
+    let client = match Holder::new(&args) {
+        Ok(c) => c,
         Err(e) => {
             say(format!("error: {e}"));
             return ExitCode::FAILURE;
         }
-    };
-    let Ok(client) = Client::new(backend, options) else {
-        return ExitCode::FAILURE;
     };
     let Ok(conn) = TcpStream::connect(args.resource) else {
         say("error: resource unreachable".into());
@@ -491,7 +626,8 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
             };
             let fence = lease.fence().map_or(0, |f| f.0);
             say(format!("acquired fence {fence}"));
-            let writes = 6 + fastrand_u64() % 10;
+            // Holds of 0.5–1.3 s: several hand-offs before the kill and after the stop.
+            let writes = 3 + fastrand_u64() % 6;
             let mut lost = false;
             for seq in 0..writes {
                 // Act only with time to spare; the fence protects the resource regardless.
@@ -516,6 +652,9 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
             if lost {
                 say(format!("lost fence {fence}: {:?}", lease.health()));
             } else {
+                // Said before the release is sent: a pushed grant may reach the next holder
+                // before this one hears its release acknowledged.
+                say(format!("releasing fence {fence}"));
                 match lease.release().await {
                     Ok(()) => say(format!("released fence {fence}")),
                     Err(e) => say(format!("release of fence {fence}: {e}")),
@@ -524,6 +663,42 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitCode {
             async_io::Timer::after(Duration::from_millis(50 + fastrand_u64() % 250)).await;
         }
     })
+}
+
+/// A worker's client, in the protocol the demo was asked for.
+enum Holder {
+    V1(Client<BuiltinBackend>),
+    V2(SessionClient),
+}
+
+impl Holder {
+    fn new(args: &WorkerArgs) -> Result<Holder, Box<dyn std::error::Error>> {
+        let mut options = match args.protocol {
+            Protocol::V1 => Options::new(args.ttl),
+            Protocol::V2 => Options::session(args.ttl),
+        };
+        options.config.drift = leasehold_core::Drift::from_ppm(DRIFT_PPM);
+        let timeout = options.config.request_timeout.into();
+        Ok(match args.protocol {
+            Protocol::V1 => {
+                Holder::V1(Client::new(BuiltinBackend::new(&args.server, None, timeout)?, options)?)
+            }
+            Protocol::V2 => Holder::V2(SessionClient::new(
+                BuiltinSessions::new(&args.server, None, timeout)?,
+                &args.name,
+                options,
+            )?),
+        })
+    }
+
+    /// Waits for `key`: a v1 client polls with backoff, a session queues FIFO at the server
+    /// and is pushed the grant.
+    async fn acquire(&self, key: &str) -> Result<Lease, AcquireError> {
+        match self {
+            Holder::V1(c) => c.acquire(key).await,
+            Holder::V2(c) => c.acquire(key).await,
+        }
+    }
 }
 
 fn fastrand_u64() -> u64 {
@@ -583,6 +758,52 @@ mod tests {
         let a = analyse(&l, &grants(&[(0, 1)]));
         assert_eq!(a.refused, log(&[(20, 1, "b")]));
         assert_eq!(a.accepted, log(&[(10, 1, "a"), (30, 1, "a")]));
+    }
+
+    fn lines(ls: &[(u64, &str, &str)]) -> Vec<Line> {
+        ls.iter().map(|&(t, who, text)| Line { t: ms(t), who: who.into(), text: text.into() }).collect()
+    }
+
+    #[test]
+    fn a_grant_after_a_release_is_timed_from_the_release_and_checked_against_the_longest_waiter() {
+        let l = lines(&[
+            (0, "a", "waiting"),
+            (1, "a", "acquired fence 1"),
+            (10, "b", "waiting"),
+            (300, "c", "waiting"),
+            (500, "a", "releasing fence 1"),
+            (503, "b", "acquired fence 2"), // b waited since 10, c since 300: in order
+            (600, "a", "waiting"),
+            (900, "b", "releasing fence 2"),
+            (950, "a", "acquired fence 3"), // a waited since 600, c since 300: c was passed over
+            (1200, "a", "releasing fence 3"),
+            (1300, "a", "waiting"),
+            (1320, "a", "acquired fence 4"), // a takes it back after its own release
+        ]);
+        let h = hand_offs(&l);
+        assert_eq!(h.len(), 4);
+        assert!(h[0].first && h[0].after_release.is_none() && h[0].rivals == 0);
+        assert_eq!(h[1].after_release, Some(Released { fence: 1, gap: ms(3), by_itself: false }));
+        assert_eq!((h[1].rivals, h[1].overtook.as_deref()), (1, None));
+        assert_eq!(h[2].overtook.as_deref(), Some("c"));
+        assert_eq!(h[3].after_release, Some(Released { fence: 3, gap: ms(120), by_itself: true }));
+        assert_eq!(h[3].overtook.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn waits_begun_at_about_the_same_time_are_in_no_order() {
+        let l = lines(&[
+            (0, "a", "waiting"),
+            (40, "b", "waiting"),
+            (45, "b", "acquired fence 1"),
+            (2000, "b", "releasing fence 1"),
+            (2001, "c", "waiting"),
+            (2010, "a", "acquired fence 2"),
+        ]);
+        let h = hand_offs(&l);
+        assert_eq!((h[0].rivals, h[0].overtook.as_deref()), (1, None));
+        // c began waiting after a: a is the longest waiter.
+        assert_eq!((h[1].rivals, h[1].overtook.as_deref()), (1, None));
     }
 
     #[test]

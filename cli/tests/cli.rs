@@ -247,13 +247,15 @@ fn a_killed_server_keeps_its_grants_and_fences() {
     assert_eq!(dead.status.code(), Some(2));
 }
 
-#[test]
-fn demo_passes_and_refuses_the_stopped_holders_stale_write() {
+/// Runs `leasehold demo` (ttl 2 s) with `extra` arguments, checks what holds under either
+/// protocol, and returns its output.
+fn demo(extra: &[&str]) -> String {
     let out = Command::new(BIN)
         .args(["demo", "--duration", "8s", "--kill-after", "2s", "--stop-after", "4s"])
+        .args(extra)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}");
     assert!(text.contains("kill -9") && text.contains("kill -STOP") && text.contains("kill -CONT"), "{text}");
     let verdict = text.lines().find(|l| l.starts_with("VERDICT: PASS")).unwrap_or_else(|| panic!("{text}"));
@@ -266,6 +268,50 @@ fn demo_passes_and_refuses_the_stopped_holders_stale_write() {
     assert_eq!(count(" stale writes accepted"), 0, "{verdict}");
     assert_eq!(count(" interleaved holders"), count(" stopped on purpose"), "{verdict}");
     assert!(text.contains("REFUSED"), "{text}");
+    // "failover after kill -9: F s; bound ttl·(1+ε) = B s; …": within the bound, plus a v1
+    // retry's jitter (ttl/64) and scheduling slack. Not sooner is the fence analysis's part.
+    let failover = text
+        .lines()
+        .find_map(|l| l.strip_prefix("failover after kill -9: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let secs =
+        |s: &str| -> f64 { s.trim().trim_end_matches('s').parse().unwrap_or_else(|_| panic!("{failover}")) };
+    let (took, rest) = failover.split_once(';').unwrap();
+    let bound = secs(rest.split('=').nth(1).unwrap().split(';').next().unwrap());
+    assert!((2.0..2.03).contains(&bound), "{failover}");
+    assert!(secs(took) <= bound + 2.0 / 64.0 + 0.1, "{failover}");
+    text
+}
+
+/// The numbers in `line` after `label`, e.g. `"max "` in "… max 3.2 ms".
+fn figure(text: &str, line: &str, label: &str) -> f64 {
+    let l = text.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("no {line:?} in {text}"));
+    let after = l.split(label).nth(1).unwrap_or_else(|| panic!("no {label:?} in {l}"));
+    after.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{l}"))
+}
+
+#[test]
+fn demo_on_sessions_refuses_the_stopped_holders_stale_write_and_grants_in_fifo_order() {
+    let text = demo(&[]);
+    assert!(text.contains("protocol v2"), "{text}");
+    // Every grant made while others waited went to the one that had waited longest (the
+    // session queue's FIFO). There is at least one: the killed holder's two rivals both wait
+    // out its session's ttl, and only one of them gets the key.
+    assert_eq!(figure(&text, "grants while others waited:", " to the longest waiter, "), 0.0, "{text}");
+    let contested = figure(&text, "grants while others waited:", " of ");
+    assert!(contested >= 1.0, "{text}");
+    // A pushed hand-off waits for no poll: at worst for the waiter's next keepalive (ttl/4 =
+    // 500 ms) if none was held at the release, plus scheduling slack.
+    if !text.contains("hand-off after a release: none seen") {
+        let max = figure(&text, "hand-off after a release", " max ");
+        assert!(max <= 500.0 + 500.0, "{text}");
+    }
+}
+
+#[test]
+fn demo_on_v1_leases_refuses_the_stopped_holders_stale_write() {
+    let text = demo(&["--protocol", "v1"]);
+    assert!(text.contains("protocol v1") && text.contains("waiters poll"), "{text}");
 }
 
 #[test]

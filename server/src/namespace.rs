@@ -45,7 +45,9 @@
 //!   retried after it, and the per-key turn is held until it is durable, so the next v1
 //!   request of the key sees it.
 //!
-//! The cost is a second fsync (the hold) before a v1 grant or renewal is decided.
+//! The cost is a second fsync (the hold) before a v1 grant or renewal is decided. Measured
+//! (README, "one key namespace"): v1 acquire+release at 1 client about half the rate of the
+//! commit before this one (median of 6 runs 129/s against 250/s), at 8 clients 0.64 of it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

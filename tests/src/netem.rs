@@ -100,19 +100,21 @@ impl Direction {
 /// How a run's network treats messages: loss per message while a link is good, Gilbert-Elliott
 /// spells of burst loss, delay and duplication.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Net {
-    pub(crate) loss: f64,
-    /// Per-message chance that a good link turns bad...
-    pub(crate) burst_start: f64,
+pub struct Net {
+    /// Per-message loss probability while a link is good (see `burst_*` for bad spells).
+    pub loss: f64,
+    /// Gilbert-Elliott burst loss: per-message chance that a good link turns bad...
+    pub burst_start: f64,
     /// ...and that a bad link recovers...
-    pub(crate) burst_end: f64,
+    pub burst_end: f64,
     /// ...and the loss probability while it is bad.
-    pub(crate) burst_loss: f64,
-    /// One-way delay (µs).
-    pub(crate) min_delay: u64,
-    pub(crate) max_delay: u64,
+    pub burst_loss: f64,
+    /// Smallest one-way delay (µs).
+    pub min_delay: u64,
+    /// Largest one-way delay (µs).
+    pub max_delay: u64,
     /// Per-message duplication probability.
-    pub(crate) duplication: f64,
+    pub duplication: f64,
 }
 
 /// A client's end of the network: its partition, and each direction's burst state.

@@ -75,26 +75,14 @@ pub struct Params {
     pub limits: [u16; 3],
     /// Session timing shared by all holders.
     pub config: Config,
-    /// Smallest one-way network delay (µs).
-    pub min_delay: u64,
-    /// Largest one-way network delay (µs).
-    pub max_delay: u64,
-    /// Per-message loss probability while a link is good (see `burst_*` for bad spells).
-    pub loss: f64,
-    /// Per-message duplication probability.
-    pub duplication: f64,
+    /// The network: delay, loss (with bursts) and duplication.
+    pub net: Net,
     /// The authority's deliberate bug, if any.
     pub fault: SessionFault,
     /// Simulated true time to run (µs).
     pub run_for: u64,
     /// Number of observer sessions, after the holders.
     pub observers: usize,
-    /// Gilbert-Elliott burst loss: per-message chance that a good link turns bad...
-    pub burst_start: f64,
-    /// ...and that a bad link recovers...
-    pub burst_end: f64,
-    /// ...and the loss probability while it is bad.
-    pub burst_loss: f64,
     /// Number of v1 clients (core's [`Lease`] machine), each contending for one of the keys
     /// beside the sessions, in the same namespace (none: the run is as before they existed).
     pub v1_clients: usize,
@@ -103,19 +91,6 @@ pub struct Params {
 }
 
 impl Params {
-    /// The network these parameters describe.
-    fn net(&self) -> Net {
-        Net {
-            loss: self.loss,
-            burst_start: self.burst_start,
-            burst_end: self.burst_end,
-            burst_loss: self.burst_loss,
-            min_delay: self.min_delay,
-            max_delay: self.max_delay,
-            duplication: self.duplication,
-        }
-    }
-
     /// Draws a run's parameters from `seed`, with `fault` planted in the authority.
     pub fn from_seed(seed: u64, fault: SessionFault) -> Params {
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -125,30 +100,35 @@ impl Params {
         // The safety argument must hold with no margin at all.
         config.margin = Duration::ZERO;
         let max_delay = rng.u64(1..=ttl.as_micros() / 10);
+        // Drawn in the order of the seeds' first runs, so a seed still replays the same run.
+        let clients = rng.usize(2..=5);
+        let keys = rng.usize(1..=3);
+        // Half the keys are semaphores, which need a client more than their limit to queue.
+        let limits = [(); 3].map(|_| if rng.bool() { 1 } else { rng.u16(2..=3) });
+        let min_delay = rng.u64(0..=max_delay / 4);
+        let (loss, duplication) = (rng.f64() * 0.2, rng.f64() * 0.1);
+        // Drawn after the network's first numbers, as in runs before observers existed.
+        let observers = rng.usize(1..=2);
+        let (burst_start, burst_end, burst_loss) =
+            (rng.f64() * 0.05, 0.1 + rng.f64() * 0.4, 0.5 + rng.f64() * 0.5);
+        // Drawn last again: a third of the seeds run without v1 clients, as before them.
+        let v1_clients = rng.usize(0..=2);
+        let lock_delay = match rng.u8(0..3) {
+            0 => Duration::from_micros(rng.u64(0..=ttl.as_micros() / 2)),
+            _ => Duration::ZERO,
+        };
         Params {
             seed,
-            clients: rng.usize(2..=5),
-            keys: rng.usize(1..=3),
-            // Half the keys are semaphores, which need a client more than their limit to queue.
-            limits: [(); 3].map(|_| if rng.bool() { 1 } else { rng.u16(2..=3) }),
+            clients,
+            keys,
+            limits,
             config,
-            min_delay: rng.u64(0..=max_delay / 4),
-            max_delay,
-            loss: rng.f64() * 0.2,
-            duplication: rng.f64() * 0.1,
+            net: Net { loss, burst_start, burst_end, burst_loss, min_delay, max_delay, duplication },
             fault,
             run_for: ttl.as_micros() * 30,
-            // Drawn last, so the draws above are those of runs before observers existed.
-            observers: rng.usize(1..=2),
-            burst_start: rng.f64() * 0.05,
-            burst_end: 0.1 + rng.f64() * 0.4,
-            burst_loss: 0.5 + rng.f64() * 0.5,
-            // Drawn last again: a third of the seeds run without v1 clients, as before.
-            v1_clients: rng.usize(0..=2),
-            lock_delay: match rng.u8(0..3) {
-                0 => Duration::from_micros(rng.u64(0..=ttl.as_micros() / 2)),
-                _ => Duration::ZERO,
-            },
+            observers,
+            v1_clients,
+            lock_delay,
         }
     }
 }
@@ -551,9 +531,9 @@ impl World {
     /// No more loss, duplication, partitions or faults, and the holders stop asking for keys.
     fn heal(&mut self) {
         self.healed = true;
-        self.params.loss = 0.0;
-        self.params.burst_start = 0.0;
-        self.params.duplication = 0.0;
+        self.params.net.loss = 0.0;
+        self.params.net.burst_start = 0.0;
+        self.params.net.duplication = 0.0;
         self.next_fault = u64::MAX;
         for c in self.clients.iter_mut() {
             c.port.heal();
@@ -809,7 +789,7 @@ impl World {
             Msg::V1ToAuthority { .. } => (Direction::Outbound, &mut self.v1[client].port),
             Msg::V1ToClient { .. } => (Direction::Inbound, &mut self.v1[client].port),
         };
-        if let Err(why) = self.network.send(&mut self.rng, self.now, port, dir, self.params.net(), msg) {
+        if let Err(why) = self.network.send(&mut self.rng, self.now, port, dir, self.params.net, msg) {
             self.stats.dropped += 1;
             self.log(What::Dropped(why));
         }
@@ -1001,7 +981,7 @@ impl World {
                 }
                 // The set lands later, after the v1 commit and its answer (the server's order);
                 // the key's next v1 request waits for it.
-                let at = self.now + self.rng.u64(0..=self.params.max_delay);
+                let at = self.now + self.rng.u64(0..=self.params.net.max_delay);
                 self.v1_turns[k] = Some(V1Turn { set_at: at, record: d.record, floor, backlog: Vec::new() });
                 d
             }

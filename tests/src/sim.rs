@@ -101,26 +101,14 @@ pub struct Params {
     pub discipline: Discipline,
     /// Lease timing shared by all clients.
     pub config: Config,
-    /// Smallest one-way network delay (µs).
-    pub min_delay: u64,
-    /// Largest one-way network delay (µs).
-    pub max_delay: u64,
-    /// Per-message loss probability while a link is good (see `burst_*` for bad spells).
-    pub loss: f64,
-    /// Per-message duplication probability.
-    pub duplication: f64,
+    /// The network: delay, loss (with bursts) and duplication.
+    pub net: Net,
     /// Whether clients crash, partitions happen and the authority restarts.
     pub faults: bool,
     /// Simulated true time to run (µs).
     pub run_for: u64,
     /// Number of resources the lease protects.
     pub resources: usize,
-    /// Gilbert-Elliott burst loss: per-message chance that a good link turns bad...
-    pub burst_start: f64,
-    /// ...and that a bad link recovers...
-    pub burst_end: f64,
-    /// ...and the loss probability while it is bad.
-    pub burst_loss: f64,
     /// The authority's lock-delay (server-timed only; zero: off).
     pub lock_delay: Duration,
     /// The deliberate bug outside the core.
@@ -128,19 +116,6 @@ pub struct Params {
 }
 
 impl Params {
-    /// The network these parameters describe.
-    fn net(&self) -> Net {
-        Net {
-            loss: self.loss,
-            burst_start: self.burst_start,
-            burst_end: self.burst_end,
-            burst_loss: self.burst_loss,
-            min_delay: self.min_delay,
-            max_delay: self.max_delay,
-            duplication: self.duplication,
-        }
-    }
-
     /// Draws a run's parameters from `seed`. `fault` is the deliberate bug to inject
     /// ([`Fault::None`] for the real machine).
     pub fn from_seed(seed: u64, fault: Fault) -> Params {
@@ -158,21 +133,24 @@ impl Params {
         } else {
             Duration::ZERO
         };
+        // Drawn in the order of the seeds' first runs, so a seed still replays the same run.
+        let clients = rng.usize(3..=5);
+        let discipline = if rng.bool() { Discipline::ServerTimed } else { Discipline::CompareAndSet };
+        let min_delay = rng.u64(0..=max_delay / 4);
+        let (loss, duplication) = (rng.f64() * 0.2, rng.f64() * 0.1);
+        let faults = rng.u8(..) < 200;
+        let resources = rng.usize(1..=2);
+        let (burst_start, burst_end, burst_loss) =
+            (rng.f64() * 0.05, 0.1 + rng.f64() * 0.4, 0.5 + rng.f64() * 0.5);
         Params {
             seed,
-            clients: rng.usize(3..=5),
-            discipline: if rng.bool() { Discipline::ServerTimed } else { Discipline::CompareAndSet },
+            clients,
+            discipline,
             config,
-            min_delay: rng.u64(0..=max_delay / 4),
-            max_delay,
-            loss: rng.f64() * 0.2,
-            duplication: rng.f64() * 0.1,
-            faults: rng.u8(..) < 200,
+            net: Net { loss, burst_start, burst_end, burst_loss, min_delay, max_delay, duplication },
+            faults,
             run_for: ttl.as_micros() * 30,
-            resources: rng.usize(1..=2),
-            burst_start: rng.f64() * 0.05,
-            burst_end: 0.1 + rng.f64() * 0.4,
-            burst_loss: 0.5 + rng.f64() * 0.5,
+            resources,
             lock_delay,
             bug: Bug::None,
         }
@@ -707,7 +685,7 @@ impl World {
     fn send(&mut self, client: usize, msg: Msg) {
         let (_, dir) = msg.link();
         let port = &mut self.clients[client].port;
-        if let Err(why) = self.network.send(&mut self.rng, self.now, port, dir, self.params.net(), msg) {
+        if let Err(why) = self.network.send(&mut self.rng, self.now, port, dir, self.params.net, msg) {
             self.stats.dropped += 1;
             self.log(What::Dropped(why));
         }

@@ -53,6 +53,8 @@ use leasehold_core::{Config, Duration as LDuration, Fence, Instant as LInstant, 
 use leasehold_http::{SessionBackend, TransportError};
 use serde_json::{json, Value};
 
+use crate::session_exchange::{respond, session_of, Fail};
+
 use crate::dynamodb::{get_body, num, update_body, DynamoDbBackend, Failure};
 use crate::Credentials;
 
@@ -155,19 +157,6 @@ enum Attempt {
     Ours(Fence),
     /// Held by another holder at this version, with this ttl.
     Held { version: u64, ttl: LDuration },
-}
-
-/// Why an exchange ended without the value needed.
-enum Fail {
-    /// A key of the session was taken over: its validity had ended.
-    Expired,
-    Transport(TransportError),
-}
-
-impl From<TransportError> for Fail {
-    fn from(e: TransportError) -> Fail {
-        Fail::Transport(e)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -764,13 +753,9 @@ fn release_body(table: &str, key: &Key, local: &Local, fence: Fence) -> Value {
 
 impl SessionBackend for DynamoSessions {
     async fn call(&self, req: SessionRequest, hold: Duration) -> Result<SessionResponse, TransportError> {
-        let local = match req.op {
-            SessionOp::Open { .. } => None,
-            _ => match self.local(req.session) {
-                Some(l) if l.secret.ct_eq(&req.secret) => Some(l),
-                Some(_) => return Ok(req.answer(SessionReply::Rejected(Reject::Unauthorized))),
-                None => return Ok(req.answer(SessionReply::Expired)),
-            },
+        let local = match session_of(&req, |id| self.local(id), |l| &l.secret) {
+            Ok(local) => local,
+            Err(unknown) => return Ok(req.answer(unknown.reply())),
         };
         let r = match (&req.op, local) {
             (SessionOp::Open { ttl, label }, _) => self.open(*ttl, label),
@@ -795,14 +780,7 @@ impl SessionBackend for DynamoSessions {
                 Some(_),
             ) => Ok(SessionReply::Rejected(Reject::Malformed)),
         };
-        match r {
-            Ok(reply) => Ok(req.answer(reply)),
-            Err(Fail::Expired) => {
-                self.forget(req.session);
-                Ok(req.answer(SessionReply::Expired))
-            }
-            Err(Fail::Transport(e)) => Err(e),
-        }
+        respond(&req, r, |session| self.forget(session))
     }
 }
 

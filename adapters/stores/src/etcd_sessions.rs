@@ -73,6 +73,8 @@ use leasehold_core::{Duration as LDuration, Fence, Key, Reject};
 use leasehold_http::{HttpClient, SessionBackend, TransportError, MAX_IN_FLIGHT};
 use serde_json::{json, Value};
 
+use crate::session_exchange::{respond, session_of, Fail};
+
 use crate::listing::{Filter, ListError, DEFAULT_PAGE};
 
 use crate::etcd::{
@@ -224,20 +226,6 @@ enum Want {
     },
     /// First in the queue, reported in keepalives until an acquire confirms it.
     Pushed(Grant),
-}
-
-/// Why an exchange ended without the value needed.
-enum Fail {
-    /// The session's lease is gone.
-    Expired,
-    /// No usable answer.
-    Transport(TransportError),
-}
-
-impl From<TransportError> for Fail {
-    fn from(e: TransportError) -> Fail {
-        Fail::Transport(e)
-    }
 }
 
 /// What a held keepalive watches: one key's deletion, or a queue's changes.
@@ -1016,13 +1004,9 @@ fn answer(path: &str, status: u16, body: &[u8]) -> Result<Value, Fail> {
 
 impl SessionBackend for EtcdSessions {
     async fn call(&self, req: SessionRequest, hold: Duration) -> Result<SessionResponse, TransportError> {
-        let local = match req.op {
-            SessionOp::Open { .. } => None,
-            _ => match self.local(req.session) {
-                Some(l) if l.secret.ct_eq(&req.secret) => Some(l),
-                Some(_) => return Ok(req.answer(SessionReply::Rejected(Reject::Unauthorized))),
-                None => return Ok(req.answer(SessionReply::Expired)),
-            },
+        let local = match session_of(&req, |id| self.local(id), |l| &l.secret) {
+            Ok(local) => local,
+            Err(unknown) => return Ok(req.answer(unknown.reply())),
         };
         let r = match (&req.op, local) {
             (SessionOp::Open { ttl, label }, _) => self.open(*ttl, label).await,
@@ -1047,14 +1031,7 @@ impl SessionBackend for EtcdSessions {
             (SessionOp::Observe { key }, Some(l)) => Ok(self.observe(&l, req.seq, key)),
             (SessionOp::Unobserve { key }, Some(l)) => Ok(self.unobserve(&l, req.seq, key)),
         };
-        match r {
-            Ok(reply) => Ok(req.answer(reply)),
-            Err(Fail::Expired) => {
-                self.forget(req.session);
-                Ok(req.answer(SessionReply::Expired))
-            }
-            Err(Fail::Transport(e)) => Err(e),
-        }
+        respond(&req, r, |session| self.forget(session))
     }
 }
 

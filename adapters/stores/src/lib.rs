@@ -5,6 +5,7 @@ mod dynamodb_sessions;
 mod etcd;
 mod etcd_sessions;
 mod listing;
+mod session_exchange;
 
 pub use aws_credential_types::Credentials;
 pub use dynamodb::DynamoDbBackend;

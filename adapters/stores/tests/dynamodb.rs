@@ -4,48 +4,29 @@
 
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
 use leasehold_core::{
     parse_key, Duration as LDuration, Fence, Op, OwnerId, Reject, Reply, Request, RequestId,
 };
-use leasehold_http::{Backend, HttpClient, TransportError};
-use leasehold_stores::{Credentials, DynamoDbBackend};
+use leasehold_http::{Backend, TransportError};
+use leasehold_stores::DynamoDbBackend;
 use leasehold_test_servers::{dynalite, dynalite_with_create_table_ms, free_port};
 use serde_json::{json, Value};
+
+mod common;
+use common::{creds, dynamo_raw};
 
 const TTL: LDuration = LDuration::from_secs(2);
 
 fn backend(url: &str, table: &str) -> DynamoDbBackend {
-    let creds = Credentials::new("AKIDLEASEHOLDTEST", "not-a-real-secret", None, None, "test");
-    DynamoDbBackend::new(url, "us-east-1", table, creds, Duration::from_secs(2)).unwrap()
+    DynamoDbBackend::new(url, "us-east-1", table, creds(), Duration::from_secs(2)).unwrap()
 }
 
 async fn call(b: &DynamoDbBackend, owner: u64, op: Op) -> Result<Reply, TransportError> {
     b.call(&parse_key("pump").unwrap(), Request { id: RequestId(1), owner: OwnerId(owner), op }).await
 }
 
-/// Raw access to the table. dynalite checks that a request is signed, not the signature.
-async fn raw(url: &str, op: &str, body: Value) -> (u16, Value) {
-    let http = HttpClient::new(url, Duration::from_secs(2)).unwrap();
-    let req = http
-        .request(hyper::Method::POST, "/")
-        .header("content-type", "application/x-amz-json-1.0")
-        .header("x-amz-target", format!("DynamoDB_20120810.{op}"))
-        .header("x-amz-date", "20260101T000000Z")
-        .header(
-            "authorization",
-            "AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/dynamodb/aws4_request, \
-             SignedHeaders=host;x-amz-date, Signature=00",
-        )
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = http.send(req).await.unwrap();
-    (resp.status, serde_json::from_slice(&resp.body).unwrap())
-}
-
 async fn item(url: &str) -> Value {
-    let (status, v) = raw(
+    let (status, v) = dynamo_raw(
         url,
         "GetItem",
         json!({"TableName": "leases", "Key": {"key": {"S": "pump"}}, "ConsistentRead": true}),
@@ -114,7 +95,7 @@ fn an_item_not_written_by_leasehold_is_misconfigured_not_a_wait() {
     smol::block_on(async {
         b.create_table().await.unwrap();
         let put = json!({"TableName": "leases", "Item": {"key": {"S": "pump"}, "owner": {"S": "someone"}}});
-        assert_eq!(raw(url, "PutItem", put).await.0, 200);
+        assert_eq!(dynamo_raw(url, "PutItem", put).await.0, 200);
         assert_eq!(call(&b, 1, Op::Acquire { ttl: TTL }).await, Ok(Reply::Rejected(Reject::Misconfigured)));
     });
 }

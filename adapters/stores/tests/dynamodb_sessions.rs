@@ -5,26 +5,21 @@
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
-use http_body_util::Full;
-use hyper::body::Bytes;
 use leasehold_core::session::wire::{
     parse_label, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest,
 };
 use leasehold_core::{
     parse_key, Duration as LDuration, Fence, Op, OwnerId, Reject, Reply, Request, RequestId,
 };
-use leasehold_http::{
-    AcquireError, Backend, Health, HttpClient, LostReason, Options, SessionBackend, SessionClient,
-};
-use leasehold_stores::{Credentials, DynamoDbBackend, DynamoFault, DynamoSessions};
+use leasehold_http::{AcquireError, Backend, Health, LostReason, Options, SessionBackend, SessionClient};
+use leasehold_stores::{DynamoDbBackend, DynamoFault, DynamoSessions};
 use leasehold_test_servers::dynalite;
 use serde_json::{json, Value};
 
-const TABLE: &str = "leases";
+mod common;
+use common::{creds, dynamo_raw, sleep, within};
 
-fn creds() -> Credentials {
-    Credentials::new("AKIDLEASEHOLDTEST", "not-a-real-secret", None, None, "test")
-}
+const TABLE: &str = "leases";
 
 fn sessions(url: &str, ttl_ms: u64, fault: Option<DynamoFault>) -> (DynamoSessions, Options) {
     let options = Options::session(Duration::from_millis(ttl_ms));
@@ -53,39 +48,12 @@ fn setup(url: &str) {
     smol::block_on(v1(url).create_table()).unwrap();
 }
 
-async fn sleep(ms: u64) {
-    async_io::Timer::after(Duration::from_millis(ms)).await;
-}
-
-/// Fails the test instead of hanging it.
-async fn within<T>(ms: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    future::or(f, async {
-        sleep(ms).await;
-        panic!("{what} did not finish within {ms} ms")
-    })
-    .await
-}
-
-/// `key`'s item as the table has it. dynalite checks that a request is signed, not the
-/// signature.
+/// `key`'s item as the table has it.
 async fn item(url: &str, key: &str) -> Value {
-    let http = HttpClient::new(url, Duration::from_secs(2)).unwrap();
     let body = json!({"TableName": TABLE, "Key": {"key": {"S": key}}, "ConsistentRead": true});
-    let req = http
-        .request(hyper::Method::POST, "/")
-        .header("content-type", "application/x-amz-json-1.0")
-        .header("x-amz-target", "DynamoDB_20120810.GetItem")
-        .header("x-amz-date", "20260101T000000Z")
-        .header(
-            "authorization",
-            "AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/dynamodb/aws4_request, \
-             SignedHeaders=host;x-amz-date, Signature=00",
-        )
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = http.send(req).await.unwrap();
-    assert_eq!(resp.status, 200);
-    serde_json::from_slice::<Value>(&resp.body).unwrap()["Item"].clone()
+    let (status, v) = dynamo_raw(url, "GetItem", body).await;
+    assert_eq!(status, 200);
+    v["Item"].clone()
 }
 
 fn n(v: &Value, attr: &str) -> u64 {

@@ -6,15 +6,16 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use http_body_util::Full;
-use hyper::body::Bytes;
 use leasehold_core::{
     parse_key, Duration as LDuration, Fence, Op, OwnerId, Reject, Reply, Request, RequestId,
 };
-use leasehold_http::{Backend, Client, HttpClient, LostReason, Options};
+use leasehold_http::{Backend, Client, LostReason, Options};
 use leasehold_stores::EtcdBackend;
 use leasehold_test_servers::etcd;
-use serde_json::{json, Value};
+use serde_json::json;
+
+mod common;
+use common::Etcd;
 
 const PREFIX: &str = "leasehold/";
 
@@ -37,22 +38,8 @@ async fn grant(b: &EtcdBackend, key: &str, owner: u64, ttl: LDuration) -> Fence 
     }
 }
 
-/// Direct access to etcd's gateway, as an operator would have.
-struct Etcd(HttpClient);
-
+/// What these tests read from etcd beyond [`Etcd`]'s own.
 impl Etcd {
-    fn new(url: &str) -> Etcd {
-        Etcd(HttpClient::new(url, Duration::from_secs(2)).unwrap())
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let req =
-            self.0.request(hyper::Method::POST, path).body(Full::new(Bytes::from(body.to_string()))).unwrap();
-        let resp = self.0.send(req).await.unwrap();
-        assert_eq!(resp.status, 200, "{path}: {:?}", resp.body);
-        serde_json::from_slice(&resp.body).unwrap()
-    }
-
     /// The stored key: (value, mod_revision, lease).
     async fn get(&self, key: &str) -> Option<(String, u64, i64)> {
         let v = self.post("/v3/kv/range", json!({"key": B64.encode(format!("{PREFIX}{key}"))})).await;
@@ -62,11 +49,6 @@ impl Etcd {
             let value = String::from_utf8(B64.decode(kv["value"].as_str().unwrap()).unwrap()).unwrap();
             (value, n("mod_revision") as u64, n("lease"))
         })
-    }
-
-    async fn leases(&self) -> usize {
-        let v = self.post("/v3/lease/leases", json!({})).await;
-        v["leases"].as_array().map_or(0, Vec::len)
     }
 
     async fn ttl(&self, lease: i64) -> (i64, i64) {

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use futures_lite::future;
-use http_body_util::Full;
-use hyper::body::Bytes;
 use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
-use leasehold_http::{AcquireError, Backend, Health, HttpClient, LostReason, Options, SessionClient};
+use leasehold_http::{AcquireError, Backend, Health, LostReason, Options, SessionClient};
 use leasehold_stores::{EtcdBackend, EtcdFault, EtcdSessions};
 use leasehold_test_servers::etcd;
 use serde_json::{json, Value};
+
+mod common;
+use common::{sleep, within, Etcd};
 
 const PREFIX: &str = "leasehold/";
 
@@ -31,35 +32,8 @@ fn client_with(url: &str, label: &str, ttl_ms: u64, fault: Option<EtcdFault>) ->
     SessionClient::new(backend, label, options).unwrap()
 }
 
-async fn sleep(ms: u64) {
-    async_io::Timer::after(Duration::from_millis(ms)).await;
-}
-
-/// Fails the test instead of hanging it.
-async fn within<T>(ms: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    future::or(f, async {
-        sleep(ms).await;
-        panic!("{what} did not finish within {ms} ms")
-    })
-    .await
-}
-
-/// Direct access to etcd's gateway, as an operator would have.
-struct Etcd(HttpClient);
-
+/// What these tests read from etcd beyond [`Etcd`]'s own.
 impl Etcd {
-    fn new(url: &str) -> Etcd {
-        Etcd(HttpClient::new(url, Duration::from_secs(2)).unwrap())
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let req =
-            self.0.request(hyper::Method::POST, path).body(Full::new(Bytes::from(body.to_string()))).unwrap();
-        let resp = self.0.send(req).await.unwrap();
-        assert_eq!(resp.status, 200, "{path}: {:?}", resp.body);
-        serde_json::from_slice(&resp.body).unwrap()
-    }
-
     /// Every key under `prefix` as (key, lease, create revision), oldest first.
     async fn keys(&self, prefix: &str) -> Vec<(String, i64, u64)> {
         let mut end = prefix.as_bytes().to_vec();
@@ -82,11 +56,6 @@ impl Etcd {
                 (key, n(kv, "lease"), n(kv, "create_revision") as u64)
             })
             .collect()
-    }
-
-    async fn leases(&self) -> usize {
-        let v = self.post("/v3/lease/leases", json!({})).await;
-        v["leases"].as_array().map_or(0, Vec::len)
     }
 }
 
