@@ -282,6 +282,8 @@ pub struct Stats {
     pub v1_refused: u64,
     /// Session grants of a key whose last grant was v1's.
     pub v2_after_v1: u64,
+    /// Of those, hand-offs to sessions that queued behind v1's grant.
+    pub queued_behind_v1: u64,
 }
 
 impl Stats {
@@ -302,6 +304,7 @@ impl Stats {
         self.v1_grants += o.v1_grants;
         self.v1_refused += o.v1_refused;
         self.v2_after_v1 += o.v2_after_v1;
+        self.queued_behind_v1 += o.queued_behind_v1;
     }
 }
 
@@ -1227,6 +1230,9 @@ impl World {
             }
             if !new.is_empty() && self.v1_granted_last.insert(key.clone(), false) == Some(true) {
                 self.stats.v2_after_v1 += 1;
+                if old.is_some_and(|v| !v.waiters.is_empty()) {
+                    self.stats.queued_behind_v1 += 1;
+                }
             }
             for g in &new {
                 self.stats.grants += 1;

@@ -88,6 +88,7 @@ fn session_safety_holds_across_seeds() {
     // Two seeds in three have v1 clients beside the sessions.
     assert!(total.v1_grants > n && total.v1_refused > n, "v1 clients were granted and refused: {total:?}");
     assert!(total.v2_after_v1 > n / 2, "sessions were granted keys v1 had: {total:?}");
+    assert!(total.queued_behind_v1 > n / 4, "sessions queued behind v1 were handed its keys: {total:?}");
 }
 
 /// Runs seeds from 0 with `fault` planted in the authority until the checker objects; within
