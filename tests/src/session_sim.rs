@@ -238,6 +238,7 @@ impl fmt::Display for Violation {
             (SessionFault::HideFreeChanges, _) => "LEASEHOLD_SIM_FAULT=hide-free-changes ",
             (SessionFault::ExternalOverSessions, _) => "LEASEHOLD_SIM_FAULT=external-over-sessions ",
             (SessionFault::ExternalBelowFloor, _) => "LEASEHOLD_SIM_FAULT=external-below-floor ",
+            (SessionFault::EndExternalEarly, _) => "LEASEHOLD_SIM_FAULT=end-external-early ",
             (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
             _ => "",
         };

@@ -185,6 +185,7 @@ fn replay() {
         Ok("hide-free-changes") => SessionFault::HideFreeChanges,
         Ok("external-over-sessions") => SessionFault::ExternalOverSessions,
         Ok("external-below-floor") => SessionFault::ExternalBelowFloor,
+        Ok("end-external-early") => SessionFault::EndExternalEarly,
         _ => SessionFault::None,
     };
     let mut params = Params::from_seed(seed, fault);
@@ -212,4 +213,16 @@ fn holding_a_key_for_v1_while_sessions_hold_it_is_caught() {
 fn deciding_v1_below_the_sessions_fences_is_caught() {
     let v = caught(SessionFault::ExternalBelowFloor);
     assert!(v.message.contains("granted to v1 with fence"), "{}", v.message);
+}
+
+/// A session queued behind a v1 grant must not get the key before that grant (and its
+/// lock-delay) ended.
+#[test]
+fn handing_a_v1_key_to_sessions_before_it_expires_is_caught() {
+    let v = caught(SessionFault::EndExternalEarly);
+    assert!(
+        v.message.contains("do not hold it for v1") || v.message.contains("while v1 keeps it"),
+        "{}",
+        v.message
+    );
 }

@@ -68,6 +68,8 @@ pub enum SessionFault {
     /// Answer a hold for the other protocol with no fence floor: its grant may reuse a
     /// session's fence.
     ExternalBelowFloor,
+    /// End a hold for the other protocol a quarter of its remaining time early.
+    EndExternalEarly,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -747,6 +749,13 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
     /// goes to the head of its queue at once. The table being full, a new key is not recorded
     /// (no session could be granted it either).
     pub fn set_external(&mut self, now: Instant, key: &Key, until: Option<Instant>, fence: Fence) {
+        #[cfg(feature = "fault-injection")]
+        let until = match until {
+            Some(t) if self.limits.fault == SessionFault::EndExternalEarly && t > now => {
+                Some(now + Duration::from_micros((t - now).as_micros() * 3 / 4))
+            }
+            u => u,
+        };
         let before = self.sessions.len();
         self.expire(now);
         let Some(ki) = self.key_index(key) else { return };
