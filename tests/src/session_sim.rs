@@ -38,6 +38,10 @@
 //!   lock-delay, ended on the authority's clock. Send-anchoring is what the believers check
 //!   covers: a v1 client believes from its request's send, before the authority's decision.
 //!
+//! As on the server, v1's set lands after its decision and answer (here up to the network's
+//! largest delay later), and the key's next v1 requests wait for it, so sessions meet holds
+//! still `Pending` and releases already answered.
+//!
 //! A third of the seeds have no v1 client; they draw exactly what they drew before v1 clients
 //! existed, so their runs (and traces) are unchanged.
 

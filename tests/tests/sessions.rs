@@ -16,8 +16,9 @@ use leasehold_tests::session_sim::{run_seed, Params, Stats, Violation, World};
 /// ttls at the end): 10.3 s at load average 2.5 on 2 shared cores; at load average 7.5, 34 s
 /// against 15 s without them (`cargo test --release -p leasehold-tests --test sessions
 /// session_safety -- --nocapture`). v1 clients beside the sessions (two seeds in three) cost
-/// 29 % more CPU: the whole test binary took 53.1 s of CPU (121.7 s at load average 10.5)
-/// against 41.2 s (83.1 s) before them (`/usr/bin/time target/debug/deps/sessions-…`).
+/// 23-29 % more CPU: the whole test binary took 48.2-51.6 s of CPU (58.7 and 45.1 s of real
+/// time at load average 5.7-6.1) against 37.9-42.1 s (44.1 and 34.0 s) before them, run
+/// alternately (`/usr/bin/time target/debug/deps/sessions-…`).
 const CI_SEEDS: u64 = 10_000;
 
 fn seeds() -> u64 {
