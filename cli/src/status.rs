@@ -219,7 +219,8 @@ mod sessions {
                     value: Some(h.value).filter(|v| !v.is_empty()),
                 })
                 .collect();
-            let last_fence = holders.iter().map(|h| h.fence).max().unwrap_or(0);
+            let v1_fence = q.v1_holder.as_ref().map(|h| h.fence.0);
+            let last_fence = holders.iter().map(|h| h.fence).chain(v1_fence).max().unwrap_or(0);
             SessionKey {
                 key: q.key,
                 holders,
@@ -227,8 +228,7 @@ mod sessions {
                 last_fence,
                 waiting: q.waiting as u64,
                 limit: q.limit,
-                // etcd's v1 and v2 keys are separate namespaces: no v1 lease shows here.
-                v1_remaining: None,
+                v1_remaining: q.v1_holder.map(|h| h.remaining.as_micros() as u64),
             }
         }
 
@@ -580,6 +580,7 @@ mod tests {
             limit: 2,
             holders: vec![holder(7, 10, "addr"), holder(8, 14, "")],
             waiting: 3,
+            v1_holder: None,
         };
         let row = serde_json::to_value(sessions::SessionKey::of_etcd(q)).unwrap();
         assert_eq!(
@@ -587,6 +588,16 @@ mod tests {
             json!({"key": "sem", "limit": 2, "waiting": 3, "last_fence": 14, "holders": [
                 {"session": 7, "label": "h7", "fence": 10, "ttl": 6_000_000, "remaining": 0, "value": "addr"},
                 {"session": 8, "label": "h8", "fence": 14, "ttl": 6_000_000, "remaining": 0}]})
+        );
+        // A v1 holder shows as on the built-in server: no session holder, its time left.
+        let v1 = leasehold_stores::V1Holder { fence: Fence(20), remaining: Duration::from_secs(4) };
+        let q =
+            QueueStatus { key: "pump".into(), limit: 1, holders: vec![], waiting: 1, v1_holder: Some(v1) };
+        let row = serde_json::to_value(sessions::SessionKey::of_etcd(q)).unwrap();
+        assert_eq!(
+            row,
+            json!({"key": "pump", "limit": 1, "waiting": 1, "last_fence": 20, "holders": [],
+                   "v1_remaining": 4_000_000})
         );
     }
 

@@ -532,3 +532,51 @@ fn run_limit_is_a_semaphore_on_etcd_sessions() {
         assert!(s.0.wait().unwrap().success());
     }
 }
+
+#[test]
+fn v1_and_v2_runs_share_one_key_namespace_on_etcd() {
+    let e = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let fence_of = |path: &std::path::Path| -> u64 {
+        std::fs::read_to_string(path).unwrap().trim().parse().expect("a fence")
+    };
+    // A v1 holder: a session is refused without waiting, and v2's status shows the key held by v1.
+    let (go, marker, v1_fence) = (dir.path().join("go"), dir.path().join("held"), dir.path().join("v1"));
+    let hold = format!(
+        "echo $LEASEHOLD_FENCE > {}; touch {}; while [ ! -e {} ]; do sleep 0.05; done",
+        v1_fence.display(),
+        marker.display(),
+        go.display()
+    );
+    let mut holder = holding("etcd", e.url(), V1, "mixed", &hold, &marker);
+    let v2_no_wait = ["--key", "mixed", "--no-wait", "--protocol", "v2"];
+    assert_eq!(run("etcd", e.url(), &v2_no_wait, &["true"]).status().unwrap().code(), Some(75));
+    let rows = etcd_v2_status(e.url(), &[]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["key"], "mixed");
+    assert_eq!(rows[0]["holders"], serde_json::json!([]), "{rows:?}");
+    assert_eq!(rows[0]["last_fence"].as_u64(), Some(fence_of(&v1_fence)), "{rows:?}");
+    assert!(rows[0]["v1_remaining"].as_u64().is_some_and(|us| us > 0), "{rows:?}");
+    // A waiting session runs once the v1 holder ends, under a higher fence.
+    let v2_fence = dir.path().join("v2");
+    let record = format!("echo $LEASEHOLD_FENCE > {}", v2_fence.display());
+    let mut waiter = run("etcd", e.url(), &["--key", "mixed", "--protocol", "v2"], &["sh", "-c", &record])
+        .spawn()
+        .unwrap();
+    eventually("the session queued", || etcd_keys(e.url(), "leasehold/v2/mixed@").len() == 2);
+    assert!(!v2_fence.exists(), "the session ran while the v1 holder held the key");
+    std::fs::write(&go, "").unwrap();
+    assert!(holder.wait().unwrap().success());
+    assert!(waiter.wait().unwrap().success());
+    assert!(fence_of(&v2_fence) > fence_of(&v1_fence));
+    // A session holder: v1 is refused without waiting.
+    let (go, marker) = (dir.path().join("go2"), dir.path().join("held2"));
+    let hold = format!("touch {}; while [ ! -e {} ]; do sleep 0.05; done", marker.display(), go.display());
+    let mut holder = holding("etcd", e.url(), &["--protocol", "v2"], "mixed", &hold, &marker);
+    let v1_no_wait = ["--key", "mixed", "--no-wait", "--protocol", "v1"];
+    assert_eq!(run("etcd", e.url(), &v1_no_wait, &["true"]).status().unwrap().code(), Some(75));
+    std::fs::write(&go, "").unwrap();
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(run("etcd", e.url(), &v1_no_wait, &["true"]).status().unwrap().code(), Some(0));
+    assert_eq!(etcd_keys(e.url(), "leasehold/"), Vec::<String>::new(), "nothing left behind");
+}

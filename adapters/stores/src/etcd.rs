@@ -11,6 +11,48 @@
 //! the key itself (`kvs[0].lease`, or the deleted `prev_kv` on release), so a grant can be
 //! renewed or released by another process with the same owner id, e.g. after a restart.
 //!
+//! # One key namespace with protocol v2
+//!
+//! A v1 holder and a v2 session ([`EtcdSessions`](crate::EtcdSessions)) of one key exclude
+//! each other, and their fences increase together, because a v1 holder also stands in the
+//! key's v2 queue:
+//!
+//! - A v1 grant is one txn that puts `<prefix><key>` **and** the queue entry
+//!   `<prefix>v2/<key>@v1` (value: a v2 waiter's `{"label","limit","value"}`, limit 1, label
+//!   `v1 owner <id>`), both on the grant's etcd lease. It succeeds only if `<prefix><key>` is
+//!   absent and the key's whole queue, the range `<prefix>v2/<key>@` to its end, is empty: a
+//!   txn compare over a range with no keys compares against a zero KeyValue (etcd's
+//!   `applyCompare`), so `create_revision == 0` over the range holds exactly when no session
+//!   holds or waits for the key (checked against the real etcd by the tests). A session holding
+//!   or waiting makes the v1 acquire `Busy`, as the built-in server does.
+//! - The two keys are written, kept alive (one lease) and deleted together: a release deletes
+//!   both in one txn, and the lease's expiry or revoke deletes both in one revision. So while
+//!   the v1 key exists, so does its queue entry, and a session that acquires meanwhile queues
+//!   behind it and watches its deletion exactly as it watches a v2 predecessor: it is pushed
+//!   the key at the v1 release (a watch event, not a keepalive later) or at the v1 lease's
+//!   expiry (which etcd times from after the acquire was sent, so never before the v1 ttl).
+//!   `@` is not in the key alphabet and `v1` is not a session's 16 hex digits, so the entry is
+//!   nobody else's.
+//! - Fences: a v1 fence is the txn's revision, which is also the entry's create revision, and
+//!   a v2 fence is its waiter key's create revision. A v1 grant finds the queue empty, so it is
+//!   above every earlier grant's fence (each was created at an earlier revision); a session is
+//!   granted only once every entry created before its own is gone, and its create revision is
+//!   above theirs. etcd's revision only grows, across restarts of etcd and of every client, so
+//!   the fences of one key strictly increase in grant order across both protocols.
+//! - A retried acquire that finds the key already its owner's (its reply was lost, or the same
+//!   owner restarted) drops that grant, which nobody believes in, and acquires afresh: a new
+//!   fence. Putting the key again in place would keep the entry's old create revision, below
+//!   the fence of a session that queued behind it meanwhile.
+//! - A semaphore (v2 `AcquireWithLimit`) behind a v1 holder is refused `LimitMismatch`: the v1
+//!   entry says limit 1, and a key is one or the other.
+//!
+//! Keys written by a leasehold older than this have no queue entry. A session that finds one
+//! (in the same txn that queues it) is answered `Busy` even if it would wait, since there is
+//! nothing to wait behind, and tries again after that holder's lease. But an older v1 client
+//! does not look at the queue, so it can still take a key a session holds: before a v2 client
+//! uses a key, restart its v1 clients on this version (each new grant writes the entry). v1
+//! clients of either version exclude each other as before.
+//!
 //! The request bodies and the reading of etcd's answers are pure functions below, unit-tested
 //! on answers recorded from etcd 3.4.23; [`EtcdBackend`] only sequences them over HTTP.
 
@@ -25,7 +67,13 @@ use leasehold_core::{Duration as LDuration, Fence, Key, Op, OwnerId, Reject, Rep
 use leasehold_http::{Backend, HttpClient, HttpResponse, TransportError};
 use serde_json::{json, Value};
 
+#[cfg(feature = "fault-injection")]
+use crate::etcd_sessions::EtcdFault;
 use crate::listing::{self, Filter, KeyStatus, ListError, DEFAULT_PAGE};
+
+/// What follows `<prefix>v2/<key>@` in a v1 holder's entry in the key's v2 queue; a session's
+/// entry has its lease id there, in 16 hex digits.
+pub(crate) const V1_ENTRY: &str = "v1";
 
 /// How long a contender waits when etcd cannot say how long the holder has left.
 pub(crate) const UNKNOWN_WAIT: LDuration = LDuration::from_secs(1);
@@ -33,12 +81,15 @@ pub(crate) const UNKNOWN_WAIT: LDuration = LDuration::from_secs(1);
 /// A lease backend on an etcd cluster's v3 JSON gateway.
 ///
 /// Keys live under a prefix as `<prefix><key>` with the owner id (decimal) as value, attached
-/// to an etcd lease.
+/// to an etcd lease, each with its entry in the key's v2 queue (see the module doc: v1 and v2
+/// share one key namespace).
 pub struct EtcdBackend {
     http: HttpClient,
     prefix: String,
     /// Keys per range request of a listing.
     page: u32,
+    #[cfg(feature = "fault-injection")]
+    fault: Option<EtcdFault>,
 }
 
 /// Why an etcd exchange ended without the value we needed.
@@ -65,7 +116,24 @@ impl EtcdBackend {
             http: HttpClient::new(url, timeout)?,
             prefix: prefix.to_string(),
             page: DEFAULT_PAGE,
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         })
+    }
+
+    /// Plants `fault` (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_fault(self, fault: EtcdFault) -> EtcdBackend {
+        EtcdBackend { fault: Some(fault), ..self }
+    }
+
+    /// Whether an acquire requires the key's v2 queue to be empty.
+    fn excludes_sessions(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(EtcdFault::V1IgnoresSessions) {
+            return false;
+        }
+        true
     }
 
     /// How many keys [`list`](Self::list) asks etcd for per request (default 1000); smaller
@@ -127,6 +195,10 @@ impl EtcdBackend {
             Some(Ok(k)) => k.to_string(),
             _ => return Ok(None),
         };
+        // The v2 queues' entries (v1 holders' included): `@` is in no v1 key.
+        if key.starts_with("v2/") && key.contains('@') {
+            return Ok(None);
+        }
         let Some(Holder { value, mod_revision, lease }) = first_kv(&json!({"kvs": [kv]})) else {
             return Ok(None);
         };
@@ -185,6 +257,17 @@ impl EtcdBackend {
         B64.encode(format!("{}{}", self.prefix, key))
     }
 
+    /// `key`'s v2 queue, as in [`EtcdSessions`](crate::EtcdSessions): base64 of the v1
+    /// holder's entry, and of the range of every entry.
+    fn queue(&self, key: &Key) -> Queue {
+        let start = format!("{}v2/{key}@", self.prefix);
+        Queue {
+            entry: B64.encode(format!("{start}{V1_ENTRY}")),
+            end: B64.encode(range_end(start.as_bytes())),
+            start: B64.encode(start),
+        }
+    }
+
     async fn exchange(&self, path: &str, body: &Value) -> Result<HttpResponse, TransportError> {
         let req = self
             .http
@@ -212,51 +295,65 @@ impl EtcdBackend {
         let id = int(&granted["ID"])
             .ok_or_else(|| TransportError::Protocol(format!("lease grant without ID: {granted}")))?;
         let k = self.key(key);
+        let queue = self.queue(key);
         let me = value_of(owner);
-        let txn = match self.post("/v3/kv/txn", create_txn(&k, &me, id)).await {
-            Ok(v) => parse_txn(&v),
-            Err(e) => {
-                if matches!(e, Fail::Reply(_)) {
-                    self.revoke(id).await;
+        let create = create_txn(&k, &queue, &me, owner, id, self.excludes_sessions());
+        // Twice at most: a grant of ours found the first time is dropped, then won afresh.
+        for _ in 0..2 {
+            let txn = match self.post("/v3/kv/txn", create.clone()).await {
+                Ok(v) => parse_txn(&v),
+                Err(e) => {
+                    // A transport error may hide a txn that succeeded: the lease then carries the
+                    // grant, and must not be revoked under it.
+                    if matches!(e, Fail::Reply(_)) {
+                        self.revoke(id).await;
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
-        };
-        let revision = match txn.holder {
-            _ if txn.succeeded => txn.revision,
-            // Ours already: a retried acquire whose reply was lost. Write it again under the
-            // new lease so the fence (the write's revision) is new, unless it changed meanwhile.
-            Some(h) if h.value == me => {
-                let again = self.post("/v3/kv/txn", reput_txn(&k, &me, id, h.mod_revision)).await?;
-                let again = parse_txn(&again);
-                if !again.succeeded {
-                    self.revoke(id).await;
-                    return Ok(Reply::Busy { retry_after: LDuration::from_millis(100) });
-                }
-                if let Some(old) = h.lease.filter(|l| *l != id) {
-                    self.revoke(old).await;
-                }
-                again.revision
-            }
-            holder => {
-                self.revoke(id).await;
-                let wait = match holder.and_then(|h| h.lease) {
-                    Some(l) => match self.post("/v3/lease/timetolive", json!({"ID": l.to_string()})).await {
-                        Ok(v) => remaining_time(&v),
-                        Err(_) => None,
-                    },
-                    None => None,
+            };
+            if txn.succeeded {
+                return match txn.revision.filter(|r| *r > 0) {
+                    Some(r) => Ok(Reply::Granted { fence: Fence(r as u64), ttl }),
+                    None => {
+                        self.revoke(id).await;
+                        Err(TransportError::Protocol("txn answer without a revision".into()).into())
+                    }
                 };
-                return Ok(Reply::Busy { retry_after: wait.unwrap_or(UNKNOWN_WAIT) });
             }
-        };
-        match revision.filter(|r| *r > 0) {
-            Some(r) => Ok(Reply::Granted { fence: Fence(r as u64), ttl }),
-            None => {
-                self.revoke(id).await;
-                Err(TransportError::Protocol("txn answer without a revision".into()).into())
+            match txn.holder {
+                // Ours already: a retried acquire whose reply was lost. Nobody believes in that
+                // grant; drop it (unless it changed meanwhile) and win the key afresh, with a new
+                // fence (see the module doc for why not in place).
+                Some(h) if h.value == me => {
+                    let dropped = self.post("/v3/kv/txn", drop_txn(&k, &queue, h.mod_revision)).await;
+                    if let Err(e) = dropped {
+                        self.revoke(id).await;
+                        return Err(e);
+                    }
+                    if let Some(old) = h.lease.filter(|l| *l != id) {
+                        self.revoke(old).await;
+                    }
+                }
+                // Another v1 holder, or else the first of the sessions holding or waiting.
+                holder => {
+                    self.revoke(id).await;
+                    let lease = holder.or(txn.first_in_queue).and_then(|h| h.lease);
+                    let wait = match lease {
+                        Some(l) => {
+                            match self.post("/v3/lease/timetolive", json!({"ID": l.to_string()})).await {
+                                Ok(v) => remaining_time(&v),
+                                Err(_) => None,
+                            }
+                        }
+                        None => None,
+                    };
+                    return Ok(Reply::Busy { retry_after: wait.unwrap_or(UNKNOWN_WAIT) });
+                }
             }
         }
+        // Ours again after the drop: another request of the same owner raced this one.
+        self.revoke(id).await;
+        Ok(Reply::Busy { retry_after: LDuration::from_millis(100) })
     }
 
     async fn renew(&self, key: &Key, owner: OwnerId, fence: Fence, ttl: LDuration) -> Result<Reply, Fail> {
@@ -287,7 +384,9 @@ impl EtcdBackend {
     }
 
     async fn release(&self, key: &Key, owner: OwnerId, fence: Fence) -> Result<Reply, Fail> {
-        let v = self.post("/v3/kv/txn", release_txn(&self.key(key), &value_of(owner), fence)).await?;
+        let v = self
+            .post("/v3/kv/txn", release_txn(&self.key(key), &self.queue(key), &value_of(owner), fence))
+            .await?;
         if v["succeeded"] != json!(true) {
             return Ok(Reply::NotHolder);
         }
@@ -328,32 +427,64 @@ pub(crate) fn grant_body(ttl: LDuration) -> Value {
     json!({"TTL": secs.to_string()})
 }
 
-/// Put `value` under `lease` if the key does not exist; otherwise read it.
-fn create_txn(key: &str, value: &str, lease: i64) -> Value {
+/// A key's v2 queue (base64): the v1 holder's entry, and the range of all entries.
+#[derive(Debug, Clone)]
+struct Queue {
+    entry: String,
+    start: String,
+    end: String,
+}
+
+/// The v1 holder's queue entry: a v2 waiter's value, so sessions and `status` read it as one.
+fn entry_value(owner: OwnerId) -> String {
+    B64.encode(json!({"label": format!("v1 owner {}", owner.0), "limit": 1, "value": ""}).to_string())
+}
+
+/// Put `value` (and the queue entry) under `lease` if the key does not exist and, when
+/// `exclusive`, no session holds or waits for it; otherwise read the key and the queue's
+/// oldest entry.
+fn create_txn(key: &str, queue: &Queue, value: &str, owner: OwnerId, lease: i64, exclusive: bool) -> Value {
+    let mut compare =
+        vec![json!({"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"})];
+    if exclusive {
+        // Over a range with no keys etcd compares a zero KeyValue: true only for an empty queue.
+        compare.push(json!({"key": queue.start, "range_end": queue.end, "target": "CREATE",
+            "result": "EQUAL", "create_revision": "0"}));
+    }
     json!({
-        "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
-        "success": [{"request_put": {"key": key, "value": value, "lease": lease.to_string()}}],
-        "failure": [{"request_range": {"key": key}}],
+        "compare": compare,
+        "success": [
+            {"request_put": {"key": key, "value": value, "lease": lease.to_string()}},
+            {"request_put": {"key": queue.entry, "value": entry_value(owner), "lease": lease.to_string()}},
+        ],
+        "failure": [
+            {"request_range": {"key": key}},
+            {"request_range": {"key": queue.start, "range_end": queue.end, "sort_order": "ASCEND",
+                "sort_target": "CREATE", "limit": "1"}},
+        ],
     })
 }
 
-/// Put `value` under `lease` again if the key is still the write at `mod_revision`.
-fn reput_txn(key: &str, value: &str, lease: i64, mod_revision: i64) -> Value {
+/// Delete the key and its queue entry if the key is still the write at `mod_revision`.
+fn drop_txn(key: &str, queue: &Queue, mod_revision: i64) -> Value {
     json!({
         "compare": [{"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": mod_revision.to_string()}],
-        "success": [{"request_put": {"key": key, "value": value, "lease": lease.to_string()}}],
+        "success": [{"request_delete_range": {"key": key}}, {"request_delete_range": {"key": queue.entry}}],
     })
 }
 
-/// Delete the key if it is still `value`'s write at revision `fence`, returning what was deleted
-/// (for its lease id).
-fn release_txn(key: &str, value: &str, fence: Fence) -> Value {
+/// Delete the key (returning it, for its lease id) and its queue entry if the key is still
+/// `value`'s write at revision `fence`.
+fn release_txn(key: &str, queue: &Queue, value: &str, fence: Fence) -> Value {
     json!({
         "compare": [
             {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": fence.0.to_string()},
             {"key": key, "target": "VALUE", "result": "EQUAL", "value": value},
         ],
-        "success": [{"request_delete_range": {"key": key, "prev_kv": true}}],
+        "success": [
+            {"request_delete_range": {"key": key, "prev_kv": true}},
+            {"request_delete_range": {"key": queue.entry}},
+        ],
     })
 }
 
@@ -375,6 +506,8 @@ struct Txn {
     revision: Option<i64>,
     /// On failure of [`create_txn`], the key as it is.
     holder: Option<Holder>,
+    /// On failure of [`create_txn`], the oldest entry of the key's v2 queue.
+    first_in_queue: Option<Holder>,
 }
 
 /// Reads a `kv/txn` answer. Proto3 JSON leaves out defaults: a failed txn has no `succeeded`.
@@ -383,6 +516,7 @@ fn parse_txn(v: &Value) -> Txn {
         succeeded: v["succeeded"] == json!(true),
         revision: int(&v["header"]["revision"]),
         holder: first_kv(&v["responses"][0]["response_range"]),
+        first_in_queue: first_kv(&v["responses"][1]["response_range"]),
     }
 }
 
@@ -544,30 +678,57 @@ mod tests {
         let k = B64.encode("leasehold/pump");
         let me = value_of(OwnerId(7));
         assert_eq!(me, "Nw==");
-        let c = create_txn(&k, &me, 99);
+        let queue = Queue {
+            entry: B64.encode("leasehold/v2/pump@v1"),
+            start: B64.encode("leasehold/v2/pump@"),
+            end: B64.encode("leasehold/v2/pumpA"),
+        };
+        let c = create_txn(&k, &queue, &me, OwnerId(7), 99, true);
         assert_eq!(c["compare"][0]["target"], "CREATE");
         assert_eq!(c["compare"][0]["create_revision"], "0");
+        // The whole queue must be empty: `@` + 1 is `A`.
+        assert_eq!(c["compare"][1]["key"], json!(queue.start));
+        assert_eq!(c["compare"][1]["range_end"], json!(queue.end));
+        assert_eq!(c["compare"][1]["create_revision"], "0");
         assert_eq!(c["success"][0]["request_put"]["lease"], "99");
+        // The entry on the same lease, read by sessions as a waiter of limit 1.
+        assert_eq!(c["success"][1]["request_put"]["key"], json!(queue.entry));
+        assert_eq!(c["success"][1]["request_put"]["lease"], "99");
+        let entry = B64.decode(c["success"][1]["request_put"]["value"].as_str().unwrap()).unwrap();
+        let entry: Value = serde_json::from_slice(&entry).unwrap();
+        assert_eq!(entry, json!({"label": "v1 owner 7", "limit": 1, "value": ""}));
         assert_eq!(c["failure"][0]["request_range"]["key"], json!(k));
-        let r = reput_txn(&k, &me, 100, 42);
+        assert_eq!(c["failure"][1]["request_range"]["limit"], "1");
+        assert_eq!(
+            create_txn(&k, &queue, &me, OwnerId(7), 99, false)["compare"].as_array().unwrap().len(),
+            1
+        );
+        let r = drop_txn(&k, &queue, 42);
         assert_eq!(r["compare"][0]["mod_revision"], "42");
-        assert_eq!(r["success"][0]["request_put"]["lease"], "100");
-        let d = release_txn(&k, &me, Fence(42));
+        assert_eq!(r["success"][1]["request_delete_range"]["key"], json!(queue.entry));
+        let d = release_txn(&k, &queue, &me, Fence(42));
         assert_eq!(d["compare"][0]["mod_revision"], "42");
         assert_eq!(d["compare"][1]["value"], json!(me));
         assert_eq!(d["success"][0]["request_delete_range"]["prev_kv"], true);
+        assert_eq!(d["success"][1]["request_delete_range"]["key"], json!(queue.entry));
     }
 
     #[test]
     fn reads_txn_answers() {
-        assert_eq!(parse_txn(&v(WON)), Txn { succeeded: true, revision: Some(2), holder: None });
+        assert_eq!(
+            parse_txn(&v(WON)),
+            Txn { succeeded: true, revision: Some(2), holder: None, first_in_queue: None }
+        );
         let lost = parse_txn(&v(LOST));
         assert!(!lost.succeeded);
         assert_eq!(
             lost.holder,
             Some(Holder { value: "Nw==".into(), mod_revision: 2, lease: Some(4111120230455099655) })
         );
-        assert_eq!(parse_txn(&v(FAILED_NO_RANGE)), Txn { succeeded: false, revision: Some(4), holder: None });
+        assert_eq!(
+            parse_txn(&v(FAILED_NO_RANGE)),
+            Txn { succeeded: false, revision: Some(4), holder: None, first_in_queue: None }
+        );
         // A key put without a lease has `lease` left out.
         let no_lease = v(r#"{"kvs":[{"value":"OA==","mod_revision":"9"}]}"#);
         assert_eq!(first_kv(&no_lease).unwrap().lease, None);

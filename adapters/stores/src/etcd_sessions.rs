@@ -48,9 +48,13 @@
 //! guards against a confused caller of this process. Who may touch the keys is etcd's own
 //! authorisation: TLS client certificates (`--client-cert-auth`) and RBAC on the prefix.
 //!
-//! v1 ([`EtcdBackend`](crate::EtcdBackend)) keys live at `<prefix><key>`, v2's under
-//! `<prefix>v2/`: a v1 and a v2 client of the same key do **not** exclude each other, so move
-//! every contender of a key to v2 together.
+//! v1 ([`EtcdBackend`](crate::EtcdBackend)) and v2 share one key namespace: a v1 holder keeps
+//! its key at `<prefix><key>` and also stands in the key's queue as the entry
+//! `<prefix>v2/<key>@v1` on its own etcd lease, so a session queues behind it (and a v1
+//! acquire is refused while the queue is not empty). A session waiting behind a v1 holder
+//! watches that entry's deletion like any predecessor's, and is pushed the key at the v1
+//! release or expiry; fences are create revisions on both sides, so they increase across both.
+//! The argument is in [`EtcdBackend`](crate::EtcdBackend)'s module doc.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -79,7 +83,7 @@ use crate::listing::{Filter, ListError, DEFAULT_PAGE};
 
 use crate::etcd::{
     error_message, grant_body, int, keepalive_ttl, range_end, refusal, remaining_time, stored_key, Refusal,
-    UNKNOWN_WAIT,
+    UNKNOWN_WAIT, V1_ENTRY,
 };
 
 /// Most watches one held keepalive keeps at once (one streamed request each: a waiter's
@@ -109,6 +113,9 @@ pub enum EtcdFault {
     SecondInLineGranted,
     /// Held keepalives watch nothing: a waiter hears of its turn only at its next keepalive.
     NoWatch,
+    /// A v1 acquire ([`EtcdBackend::with_fault`](crate::EtcdBackend::with_fault)) does not
+    /// look at the key's v2 queue: a v1 holder and a session can hold the key at once.
+    V1IgnoresSessions,
 }
 
 /// Sessions on an etcd cluster's v3 JSON gateway (etcd 3.4+), as a [`SessionBackend`] for
@@ -142,6 +149,8 @@ pub struct EtcdSessions {
     watch_http: HttpClient,
     /// `<prefix>v2/`.
     prefix: String,
+    /// `<prefix>`, where v1 ([`EtcdBackend`](crate::EtcdBackend)) keeps its keys.
+    v1_prefix: String,
     sessions: Mutex<HashMap<SessionId, Arc<Local>>>,
     #[cfg(feature = "fault-injection")]
     fault: Option<EtcdFault>,
@@ -260,6 +269,47 @@ pub struct QueueStatus {
     pub holders: Vec<SlotHolder>,
     /// How many sessions wait for it.
     pub waiting: usize,
+    /// Held by a v1 holder ([`EtcdBackend`](crate::EtcdBackend)) instead of a session.
+    pub v1_holder: Option<V1Holder>,
+}
+
+/// A v1 holder of a key, as the key's v2 queue shows it: v1 and v2 share one key namespace on
+/// etcd, so a session is refused (or queues behind) a key a v1 client holds.
+///
+/// ```
+/// use std::time::Duration;
+/// use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
+/// use leasehold_http::{AcquireError, Backend, Options, SessionClient};
+/// use leasehold_stores::{EtcdBackend, EtcdSessions, Filter};
+///
+/// # let etcd = leasehold_test_servers::etcd();
+/// # let url = etcd.url();
+/// futures_lite::future::block_on(async {
+///     let v1 = EtcdBackend::new(url, "leasehold/", Duration::from_secs(2))?;
+///     let acquire = Op::Acquire { ttl: LDuration::from_secs(10) };
+///     let request = Request { id: RequestId(1), owner: OwnerId(7), op: acquire };
+///     let Reply::Granted { fence, .. } = v1.call(&parse_key("pump")?, request).await? else {
+///         panic!("the key is free")
+///     };
+///
+///     let options = Options::session(Duration::from_secs(6));
+///     let timeout = options.config.request_timeout.into();
+///     let worker = SessionClient::new(EtcdSessions::new(url, "leasehold/", timeout)?, "worker-1", options)?;
+///     assert_eq!(worker.try_acquire("pump").await.unwrap_err(), AcquireError::Busy);
+///
+///     let queues = EtcdSessions::new(url, "leasehold/", timeout)?.list(&Filter::default()).await?;
+///     let held = queues[0].v1_holder.as_ref().expect("held by v1");
+///     assert_eq!((queues[0].key.as_str(), held.fence), ("pump", fence));
+///     Ok::<(), Box<dyn std::error::Error>>(())
+/// })
+/// .unwrap();
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Holder {
+    /// Its fence (the v1 key's revision, and its queue entry's create revision).
+    pub fence: Fence,
+    /// How long its etcd lease has left (zero if it ended since the listing's read).
+    pub remaining: Duration,
 }
 
 /// One holder of a v2 key on etcd.
@@ -296,6 +346,7 @@ impl EtcdSessions {
             keepalive_http: HttpClient::new(url, timeout)?.with_max_connections(2),
             watch_http: HttpClient::new(url, timeout)?.with_max_connections(2 * MAX_WATCHES),
             prefix: format!("{prefix}v2/"),
+            v1_prefix: prefix.to_string(),
             sessions: Mutex::new(HashMap::new()),
             #[cfg(feature = "fault-injection")]
             fault: None,
@@ -336,8 +387,8 @@ impl EtcdSessions {
         let start = format!("{}{}", self.prefix, filter.prefix).into_bytes();
         let end = B64.encode(range_end(&start));
         let mut from = start;
-        // Per key, its waiter keys as (create revision, lease, stake).
-        let mut queues: std::collections::BTreeMap<String, Vec<(i64, i64, Stake)>> = Default::default();
+        // Per key, its waiter keys as (create revision, lease, stake, whether a v1 holder's).
+        let mut queues: std::collections::BTreeMap<String, Vec<(i64, i64, Stake, bool)>> = Default::default();
         loop {
             let range =
                 json!({"key": B64.encode(&from), "range_end": end, "limit": DEFAULT_PAGE.to_string()});
@@ -352,7 +403,8 @@ impl EtcdSessions {
                 let (Some(revision), Some(lease)) = (int(&kv["create_revision"]), int(&kv["lease"])) else {
                     continue;
                 };
-                queues.entry(key.to_string()).or_default().push((revision, lease, Stake::of(kv)));
+                let v1 = &name[at + 1..] == V1_ENTRY.as_bytes();
+                queues.entry(key.to_string()).or_default().push((revision, lease, Stake::of(kv), v1));
             }
             match kvs.last() {
                 // The next page starts just after the last key of this one.
@@ -373,7 +425,8 @@ impl EtcdSessions {
             let limit = waiters[0].2.limit.max(1);
             let held = waiters.len().min(usize::from(limit));
             let mut holders = Vec::with_capacity(held);
-            for (revision, lease, stake) in waiters.iter().take(held) {
+            let mut v1_holder = None;
+            for (revision, lease, stake, v1) in waiters.iter().take(held) {
                 let alive = match ttls.get(lease) {
                     Some(v) => v.clone(),
                     None => {
@@ -383,6 +436,11 @@ impl EtcdSessions {
                     }
                 };
                 let secs = |v: &Value| int(v).filter(|t| *t > 0).map(|t| Duration::from_secs(t as u64));
+                if *v1 {
+                    let remaining = secs(&alive["TTL"]).unwrap_or_default();
+                    v1_holder = Some(V1Holder { fence: Fence(*revision as u64), remaining });
+                    continue;
+                }
                 holders.push(SlotHolder {
                     session: *lease as u64,
                     label: stake.label.clone(),
@@ -392,7 +450,7 @@ impl EtcdSessions {
                     remaining: secs(&alive["TTL"]),
                 });
             }
-            out.push(QueueStatus { key, limit, holders, waiting: waiters.len() - held });
+            out.push(QueueStatus { key, limit, holders, waiting: waiters.len() - held, v1_holder });
         }
         Ok(out)
     }
@@ -544,10 +602,12 @@ impl EtcdSessions {
         // Put our waiter key if absent (a repeated acquire keeps its place, its fence and its
         // first value) and read the queue, its oldest waiter key and ours in the same txn, so
         // the put is in what we read.
+        let v1_key = B64.encode(format!("{}{key}", self.v1_prefix));
         let reads = [
             json!({"request_range": self.queue(key)}),
             json!({"request_range": self.oldest(key)}),
             json!({"request_range": {"key": me}}),
+            json!({"request_range": {"key": v1_key}}),
         ];
         let put = json!({"request_put": {"key": me, "value": B64.encode(stake.encode()), "lease": local.lease.to_string()}});
         let txn = json!({
@@ -561,11 +621,11 @@ impl EtcdSessions {
         let ranges: Vec<&[Value]> = responses
             .iter()
             .rev()
-            .take(3)
+            .take(4)
             .map(|r| r["response_range"]["kvs"].as_array().map(Vec::as_slice).unwrap_or_default())
             .collect();
-        let (kvs, oldest, mine) = match ranges[..] {
-            [mine, oldest, kvs] => (kvs, oldest.first(), mine.first()),
+        let (kvs, oldest, mine, v1_held) = match ranges[..] {
+            [v1, mine, oldest, kvs] => (kvs, oldest.first(), mine.first(), v1.first()),
             _ => {
                 return Err(
                     TransportError::Protocol(format!("etcd txn answer without its ranges: {v}")).into()
@@ -577,6 +637,22 @@ impl EtcdSessions {
                 TransportError::Protocol(format!("etcd txn put {me} but its range lacks it: {v}")).into()
             );
         };
+        // A v1 key with no entry in the queue was written by an older leasehold (or its entry
+        // was deleted by hand): its holder cannot be waited behind, so the key is busy even
+        // for a session that would wait, until that holder's lease ends.
+        let v1_entry = B64.encode(format!("{}{key}@{V1_ENTRY}", self.prefix));
+        if let Some(v1) =
+            v1_held.filter(|_| !kvs.iter().any(|kv| kv["key"].as_str() == Some(v1_entry.as_str())))
+        {
+            lock(&local.keys).remove(key);
+            // Not acquired: a place kept would be granted to nobody.
+            self.leave(&me, revision).await?;
+            let left = match int(&v1["lease"]).filter(|l| *l > 0) {
+                Some(l) => self.lease_left(l).await,
+                None => UNKNOWN_WAIT,
+            };
+            return Ok(SessionReply::Busy { key: key.clone(), expires_in: left });
+        }
         // Every holder and waiter of a key must agree on its limit: the key's is its oldest
         // waiter's (each later one was checked against it on the way in). Of two sessions
         // asking with different limits at once, the later txn sees the earlier's key and is
@@ -619,15 +695,16 @@ impl EtcdSessions {
         let holders =
             kvs.iter().take(usize::from(limit).min(MAX_TTL_LOOKUPS)).filter_map(|kv| int(&kv["lease"]));
         for l in holders {
-            let left = match self.post(&self.http, "/v3/lease/timetolive", json!({"ID": l.to_string()})).await
-            {
-                Ok(v) => remaining_time(&v),
-                Err(_) => None,
-            };
-            let left = left.unwrap_or(UNKNOWN_WAIT);
+            let left = self.lease_left(l).await;
             expires_in = Some(expires_in.map_or(left, |e| e.min(left)));
         }
         Ok(SessionReply::Busy { key: key.clone(), expires_in: expires_in.unwrap_or(UNKNOWN_WAIT) })
+    }
+
+    /// How long etcd keeps `lease`, for a `Busy` answer; [`UNKNOWN_WAIT`] when it cannot say.
+    async fn lease_left(&self, lease: i64) -> LDuration {
+        let v = self.post(&self.http, "/v3/lease/timetolive", json!({"ID": lease.to_string()})).await;
+        v.ok().and_then(|v| remaining_time(&v)).unwrap_or(UNKNOWN_WAIT)
     }
 
     /// Deletes our waiter key `me` (base64) if it is still the one created at `revision`.

@@ -15,5 +15,5 @@ pub use dynamodb_sessions::DynamoSessions;
 pub use etcd::EtcdBackend;
 #[cfg(feature = "fault-injection")]
 pub use etcd_sessions::EtcdFault;
-pub use etcd_sessions::{EtcdSessions, QueueStatus, SlotHolder, MAX_OBSERVED, MAX_WATCHES};
+pub use etcd_sessions::{EtcdSessions, QueueStatus, SlotHolder, V1Holder, MAX_OBSERVED, MAX_WATCHES};
 pub use listing::{Filter, Holder, KeyStatus, ListError};

@@ -254,8 +254,10 @@ fn a_key_re_created_by_a_rival_before_the_keepalive_is_not_renewed() {
     let (url, rival) = (server.url().to_string(), rival_fence.clone());
     let proxy = Interceptor::start(server.url(), b"POST /v3/lease/keepalive", move || {
         smol::block_on(async {
-            let key = B64.encode(format!("{PREFIX}raced"));
-            Etcd::new(&url).post("/v3/kv/deleterange", json!({"key": key})).await;
+            // The key and its entry in the key's v2 queue, as an expiry deletes them.
+            for k in [format!("{PREFIX}raced"), format!("{PREFIX}v2/raced@v1")] {
+                Etcd::new(&url).post("/v3/kv/deleterange", json!({"key": B64.encode(k)})).await;
+            }
             *rival.lock().unwrap() = Some(grant(&backend(&url), "raced", 2, ttl).await);
         })
     });

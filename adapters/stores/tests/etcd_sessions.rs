@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use futures_lite::future;
-use leasehold_core::{parse_key, Duration as LDuration, Op, OwnerId, Reply, Request, RequestId};
-use leasehold_http::{AcquireError, Backend, Health, LostReason, Options, SessionClient};
-use leasehold_stores::{EtcdBackend, EtcdFault, EtcdSessions};
+use leasehold_core::{parse_key, Duration as LDuration};
+use leasehold_http::{AcquireError, Health, LostReason, Options, SessionClient};
+use leasehold_stores::{EtcdFault, EtcdSessions};
 use leasehold_test_servers::etcd;
 use serde_json::{json, Value};
 
@@ -321,23 +321,7 @@ fn closing_revokes_the_session_and_frees_its_keys_and_its_places() {
     });
 }
 
-#[test]
-fn v1_and_v2_keys_live_apart_and_do_not_exclude_each_other() {
-    let e = etcd();
-    let raw = Etcd::new(e.url());
-    let v1 = EtcdBackend::new(e.url(), PREFIX, Duration::from_secs(2)).unwrap();
-    let v2 = client(e.url(), "v2", 6_000);
-    smol::block_on(async {
-        let request =
-            Request { id: RequestId(1), owner: OwnerId(7), op: Op::Acquire { ttl: LDuration::from_secs(5) } };
-        assert!(matches!(v1.call(&parse_key("k").unwrap(), request).await.unwrap(), Reply::Granted { .. }));
-        // As documented: v2 is a separate namespace, so this grant coexists with v1's.
-        let l = v2.try_acquire("k").await.expect("v2 does not see v1's key");
-        let keys: Vec<String> = raw.keys(PREFIX).await.into_iter().map(|k| k.0).collect();
-        assert_eq!(keys, vec![format!("{PREFIX}k"), waiter("k", v2.session_id().unwrap())]);
-        l.release().await.unwrap();
-    });
-}
+// v1 beside v2 (one key namespace on etcd) is tested in `etcd_namespace.rs`.
 
 /// The backend's answers to the core's requests, sent by hand as the holder machine would.
 #[test]
