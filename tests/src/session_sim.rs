@@ -649,14 +649,7 @@ impl World {
                 c.app_at = (c.observer || !self.healed).then_some(self.now);
                 self.log(What::Restart(i));
             }
-            Next::AuthorityTimer => {
-                self.log(What::AuthorityTimer);
-                let before = View::of(&self.authority);
-                let now = self.clock.local(self.now);
-                self.authority.handle_timeout(now);
-                self.record_history();
-                self.check_authority(&before, None)?;
-            }
+            Next::AuthorityTimer => self.authority_timer()?,
             Next::Fault => self.fault()?,
             Next::V1Timer(j) => {
                 let local = self.v1[j].clock.local(self.now);
@@ -684,6 +677,15 @@ impl World {
 
     fn local(&self, i: usize) -> Instant {
         self.clients[i].clock.local(self.now)
+    }
+
+    fn authority_timer(&mut self) -> Result<(), Box<Violation>> {
+        self.log(What::AuthorityTimer);
+        let before = View::of(&self.authority);
+        let now = self.clock.local(self.now);
+        self.authority.handle_timeout(now);
+        self.record_history();
+        self.check_authority(&before, None)
     }
 
     fn log(&mut self, what: What) {
@@ -807,6 +809,13 @@ impl World {
         match msg {
             Msg::ToAuthority { client, request } => {
                 let now = self.clock.local(self.now);
+                // A request handled at the instant a session expires expires it first, then
+                // may hand its key on: two changes in one step, which the history must see
+                // apart. The timer's step first changes nothing else (the request's handling
+                // starts with the same expiry).
+                if self.authority.poll_timeout().is_some_and(|at| at <= now) {
+                    self.authority_timer()?;
+                }
                 let before = View::of(&self.authority);
                 let reply = match request.op {
                     SessionOp::Open { ttl, ref label } => {
