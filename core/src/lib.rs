@@ -8,6 +8,7 @@ extern crate std;
 pub mod authority;
 mod config;
 mod lease;
+pub mod namespace;
 pub mod resource;
 pub mod session;
 mod time;

@@ -5,7 +5,11 @@
 //! v2 sessions stay the core's [`SessionAuthority`](leasehold_core::session::SessionAuthority)
 //! with its log in `sessions.redb` (the [`Sessions`]). The session authority is told of every
 //! v1 lease as an *external hold* of its key, through logged inputs, so its replay stays
-//! exact. A v1 request that may grant or extend goes, one at a time per key:
+//! exact. The rules of that composition (which request holds the key, v1's answer to a
+//! refusal, the floor under v1's fences, the end and fence set) are core's
+//! [`leasehold_core::namespace`], which the session simulator drives in the same order; this
+//! module adds the I/O: the two stores, their fsyncs, the per-key turn and the retries. A v1
+//! request that may grant or extend goes, one at a time per key:
 //!
 //! 1. **Hold** ([`Sessions::hold_external`]): the key is held for v1 with no end yet
 //!    (`Pending`), refused if a session holds it (and, for an acquire, if sessions wait for
@@ -49,9 +53,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
-use leasehold_core::authority::{Decision, Outcome, Record};
-use leasehold_core::session::authority::ExternalRefusal;
-use leasehold_core::{Duration, Fence, Instant, Key, Op, Reject, Reply, Request};
+use leasehold_core::authority::{Decision, Record};
+use leasehold_core::{namespace, Duration, Fence, Instant, Key, Request};
 
 use crate::sessions::{SessionStoreError, Sessions};
 use crate::store::{Store, StoreError};
@@ -166,43 +169,19 @@ impl Namespace {
             let _ = answer.try_send(Err(V1Error::Stalled(key)));
             return;
         };
-        let exclusive = match request.op {
-            Op::Release { .. } => None,
-            Op::Renew { .. } => Some(false),
-            Op::Acquire { .. } | Op::Takeover { .. } => Some(true),
-        };
+        let claim = namespace::V1Claim::of(&request.op);
         let mut floor = Fence::NONE;
-        if let Some(exclusive) = exclusive {
-            let refused = |reply| Decision {
-                record: Record::default(),
-                reply,
-                outcome: Outcome::Refused,
-                expired: false,
-            };
-            let refusal = match self.sessions.hold_external(key.clone(), exclusive).await {
+        if let Some(claim) = claim {
+            match self.sessions.hold_external(key.clone(), claim.exclusive()).await {
                 Err(e) => {
                     let _ = answer.try_send(Err(V1Error::Sessions(e)));
                     return;
                 }
-                Ok(Ok(fence)) => {
-                    floor = fence;
-                    None
+                Ok(Ok(fence)) => floor = fence,
+                Ok(Err(refusal)) => {
+                    let _ = answer.try_send(Ok(claim.refused(refusal)));
+                    return;
                 }
-                Ok(Err(ExternalRefusal::Busy { retry_after })) if exclusive => {
-                    Some(refused(Reply::Busy { retry_after }))
-                }
-                // A renewal of a key a session holds: the v1 lease ended before that grant.
-                Ok(Err(ExternalRefusal::Busy { .. })) => Some(refused(Reply::NotHolder)),
-                Ok(Err(ExternalRefusal::Capacity)) => Some(Decision {
-                    record: Record::default(),
-                    reply: Reply::Rejected(Reject::Capacity),
-                    outcome: Outcome::Rejected,
-                    expired: false,
-                }),
-            };
-            if let Some(d) = refusal {
-                let _ = answer.try_send(Ok(d));
-                return;
             }
         }
         let decided = self.store.apply(key.clone(), request, floor).await;
@@ -212,7 +191,7 @@ impl Namespace {
             Some(r) => r,
             // A failed release changed nothing the sessions need to know early: their hold
             // still ends no sooner than the lease did.
-            None if exclusive.is_none() => return,
+            None if claim.is_none() => return,
             None => match self.read_back(&key).await {
                 Some(r) => r,
                 None => return,
@@ -242,7 +221,11 @@ impl Namespace {
         loop {
             // The v1 clock first: the end lands no earlier than the v1 one.
             let remaining = self.remaining(&record, self.clock.now());
-            match self.sessions.set_external(key.clone(), remaining, record.last_fence.max(floor)).await {
+            match self
+                .sessions
+                .set_external(key.clone(), remaining, namespace::set_fence(&record, floor))
+                .await
+            {
                 Ok(()) => return,
                 Err(e) if matches!(*e, SessionStoreError::Stopped) => return,
                 Err(e) => {
@@ -257,12 +240,8 @@ impl Namespace {
     /// How long from `now` (the v1 clock) `record` keeps its key from anyone else: to its
     /// holder's expiry, or to the end of a lock-delay; `None` if it is free.
     fn remaining(&self, record: &Record, now: Instant) -> Option<StdDuration> {
-        let end = match (record.holder, record.expired_at) {
-            (Some(h), _) => h.expires_at,
-            (None, Some(at)) => at,
-            (None, None) => return None,
-        } + self.lock_delay;
-        (end > now).then(|| StdDuration::from_micros((end - now).as_micros()))
+        namespace::remaining(record, self.lock_delay, now)
+            .map(|left| StdDuration::from_micros(left.as_micros()))
     }
 }
 

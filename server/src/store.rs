@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use leasehold_core::authority::{self, Decision, Limits, Record};
-use leasehold_core::{Fence, Key, Request};
+use leasehold_core::authority::{Decision, Limits, Record};
+use leasehold_core::{namespace, Fence, Key, Request};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::Clock;
@@ -516,13 +516,11 @@ fn apply_batch(
         let floor = floor_in(&txn.open_table(META).map_err(StoreError::db)?)?;
         for job in batch {
             let key = job.key.as_str();
-            let mut before = match table.get(key).map_err(StoreError::db)? {
+            let before = match table.get(key).map_err(StoreError::db)? {
                 Some(v) => decode(key, v.value())?,
                 None => Record::fresh(floor),
             };
-            // Kept only if the decision writes the record: a grant, whose fence is above it.
-            before.last_fence = before.last_fence.max(job.floor);
-            let d = authority::decide(&before, clock.now(), &job.request, limits);
+            let d = namespace::decide_above(&before, job.floor, clock.now(), &job.request, limits);
             if d.changed(&before) {
                 table.insert(key, encode(&d.record).as_slice()).map_err(StoreError::db)?;
                 dirty = true;

@@ -23,17 +23,43 @@
 //!   no change is lost, repeated or reordered, and a reported fence never goes down;
 //! - once the network heals (after `run_for`: no loss, no faults, no new acquisitions) each
 //!   observer's last report is the key's holder at the end.
+//!
+//! Beside the sessions, up to two v1 clients (core's [`Lease`] machine, each for one of the
+//! keys, crashed, restarted and partitioned like the holders) contend for the same keys in one
+//! namespace, as on the built-in server: the authority composes v1's rules with the session
+//! authority through [`leasehold_core::namespace`], the same calls in the same order as
+//! `server/src/namespace.rs`. The checker adds:
+//! - a v1 believer counts like a session holder, and holds its key alone: with one, the key
+//!   has no other believer at any true instant;
+//! - each key's fences strictly increase across both protocols' grants;
+//! - no v1 grant while a session holds the key, the sessions hold the key for v1 whenever v1
+//!   keeps it (its grant, or the lock-delay after one), and never beside a session's grant;
+//! - no session (a queued waiter included) is granted a key before v1's grant of it, and its
+//!   lock-delay, ended on the authority's clock. Send-anchoring is what the believers check
+//!   covers: a v1 client believes from its request's send, before the authority's decision.
+//!
+//! As on the server, v1's set lands after its decision and answer (here up to the network's
+//! largest delay later), and the key's next v1 requests wait for it, so sessions meet holds
+//! still `Pending` and releases already answered.
+//!
+//! A third of the seeds have no v1 client; they draw exactly what they drew before v1 clients
+//! existed, so their runs (and traces) are unchanged.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::netem::{Clock, Direction, Net, Port, Wire};
-use leasehold_core::session::authority::{KeyHolder, KeyStatus, SessionFault, SessionStatus};
+use leasehold_core::authority::{Limits, Outcome, Record};
+use leasehold_core::namespace::{self, V1Claim};
+use leasehold_core::session::authority::{ExternalHold, KeyHolder, KeyStatus, SessionFault, SessionStatus};
 use leasehold_core::session::wire::{
     parse_label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
 };
 use leasehold_core::session::{Session, SessionAuthority, SessionEvent, SessionLimits, SessionState};
-use leasehold_core::{parse_key, Config, Drift, Duration, Fault, Fence, Instant, Key, Reject};
+use leasehold_core::{
+    parse_key, Config, Drift, Duration, Event, Fault, Fence, Instant, Key, Lease, OwnerId, Reject, Request,
+    Response,
+};
 
 /// Sessions the authority can track: clients plus the orphans of duplicated opens. Claims:
 /// every client on every key (5 × 3) with room to spare.
@@ -61,6 +87,11 @@ pub struct Params {
     pub run_for: u64,
     /// Number of observer sessions, after the holders.
     pub observers: usize,
+    /// Number of v1 clients (core's [`Lease`] machine), each contending for one of the keys
+    /// beside the sessions, in the same namespace (none: the run is as before they existed).
+    pub v1_clients: usize,
+    /// The v1 rules' lock-delay after an expiry.
+    pub lock_delay: Duration,
 }
 
 impl Params {
@@ -84,6 +115,12 @@ impl Params {
         let observers = rng.usize(1..=2);
         let (burst_start, burst_end, burst_loss) =
             (rng.f64() * 0.05, 0.1 + rng.f64() * 0.4, 0.5 + rng.f64() * 0.5);
+        // Drawn last again: a third of the seeds run without v1 clients, as before them.
+        let v1_clients = rng.usize(0..=2);
+        let lock_delay = match rng.u8(0..3) {
+            0 => Duration::from_micros(rng.u64(0..=ttl.as_micros() / 2)),
+            _ => Duration::ZERO,
+        };
         Params {
             seed,
             clients,
@@ -94,6 +131,8 @@ impl Params {
             fault,
             run_for: ttl.as_micros() * 30,
             observers,
+            v1_clients,
+            lock_delay,
         }
     }
 }
@@ -111,6 +150,16 @@ enum What {
     Restart(usize),
     Partition(usize, u64, Direction),
     Injected(&'static str, SessionRequest, SessionReply),
+    V1App(usize, &'static str),
+    V1Send(usize, Request),
+    V1Handles(usize, Key, Request, leasehold_core::Reply),
+    V1Receives(usize, Response),
+    V1Event(usize, Event),
+    V1Crash(usize),
+    V1Restart(usize, OwnerId),
+    V1Partition(usize, u64, Direction),
+    V1Waits(usize, Key),
+    V1Set(Key, Option<Instant>),
 }
 
 /// One line of a run's trace.
@@ -140,6 +189,20 @@ impl fmt::Display for TraceEntry {
             What::Injected(how, r, reply) => {
                 write!(f, "INJECTED {how}: {} seq={} {:?} -> {reply:?}", r.session, r.seq.0, r.op)
             }
+            What::V1App(j, how) => write!(f, "v{j} app: {how}"),
+            What::V1Send(j, r) => write!(f, "v{j} sends v1 {:?} id={} owner={:x}", r.op, r.id.0, r.owner.0),
+            What::V1Handles(j, k, r, reply) => {
+                write!(f, "authority: v{j} v1 {k} {:?} id={} -> {reply:?}", r.op, r.id.0)
+            }
+            What::V1Receives(j, r) => write!(f, "v{j} receives v1 id={} {:?}", r.id.0, r.reply),
+            What::V1Event(j, e) => write!(f, "v{j} EVENT {e:?}"),
+            What::V1Crash(j) => write!(f, "v{j} CRASHES"),
+            What::V1Restart(j, o) => write!(f, "v{j} restarts as owner {:x}", o.0),
+            What::V1Partition(j, until, dir) => {
+                write!(f, "v{j} partitioned ({dir:?}) until {:.3}ms", *until as f64 / 1000.0)
+            }
+            What::V1Waits(j, k) => write!(f, "authority: v{j} v1 {k} waits for the key's turn"),
+            What::V1Set(k, until) => write!(f, "authority: sessions told v1 keeps {k} until {until:?}"),
         }
     }
 }
@@ -177,6 +240,9 @@ impl fmt::Display for Violation {
             (SessionFault::OverAdmit, _) => "LEASEHOLD_SIM_FAULT=over-admit ",
             (SessionFault::IgnoreLimitMismatch, _) => "LEASEHOLD_SIM_FAULT=ignore-limit-mismatch ",
             (SessionFault::HideFreeChanges, _) => "LEASEHOLD_SIM_FAULT=hide-free-changes ",
+            (SessionFault::ExternalOverSessions, _) => "LEASEHOLD_SIM_FAULT=external-over-sessions ",
+            (SessionFault::ExternalBelowFloor, _) => "LEASEHOLD_SIM_FAULT=external-below-floor ",
+            (SessionFault::EndExternalEarly, _) => "LEASEHOLD_SIM_FAULT=end-external-early ",
             (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
             _ => "",
         };
@@ -215,6 +281,14 @@ pub struct Stats {
     pub mismatched: u64,
     /// Changes of observed keys told to observers.
     pub observed: u64,
+    /// v1 grants.
+    pub v1_grants: u64,
+    /// v1 acquires and renewals refused because sessions held or waited for the key.
+    pub v1_refused: u64,
+    /// Session grants of a key whose last grant was v1's.
+    pub v2_after_v1: u64,
+    /// Of those, hand-offs to sessions that queued behind v1's grant.
+    pub queued_behind_v1: u64,
 }
 
 impl Stats {
@@ -232,6 +306,10 @@ impl Stats {
         self.shared += o.shared;
         self.mismatched += o.mismatched;
         self.observed += o.observed;
+        self.v1_grants += o.v1_grants;
+        self.v1_refused += o.v1_refused;
+        self.v2_after_v1 += o.v2_after_v1;
+        self.queued_behind_v1 += o.queued_behind_v1;
     }
 }
 
@@ -245,10 +323,35 @@ struct Client {
     port: Port,
 }
 
+/// A key's v1 turn, from a v1 decision to its set: what to tell the sessions, when, and the
+/// key's v1 requests that arrived meanwhile.
+struct V1Turn {
+    set_at: u64,
+    record: Record,
+    floor: Fence,
+    backlog: Vec<(usize, Request)>,
+}
+
+/// A v1 client: core's [`Lease`] machine for one key, as the v1 simulator drives it.
+struct V1Client {
+    /// Index into the world's keys.
+    key: usize,
+    clock: Clock,
+    lease: Option<Lease>,
+    incarnation: u32,
+    /// Asked for the key and not yet answered by an event.
+    acquiring: bool,
+    app_at: Option<u64>,
+    restart_at: Option<u64>,
+    port: Port,
+}
+
 #[derive(Debug, Clone)]
 enum Msg {
     ToAuthority { client: usize, request: SessionRequest },
     ToClient { client: usize, response: SessionResponse },
+    V1ToAuthority { client: usize, key: Key, request: Request },
+    V1ToClient { client: usize, response: Response },
 }
 
 /// What the checker compares around each authority step: everything but the replay windows.
@@ -266,6 +369,8 @@ struct KeyView {
     status: KeyStatus,
     holders: Vec<KeyHolder>,
     waiters: Vec<SessionId>,
+    /// Held by v1.
+    external: Option<ExternalHold>,
 }
 
 impl View {
@@ -279,6 +384,7 @@ impl View {
                     status,
                     holders: a.holders(k).collect(),
                     waiters: a.waiters(k).collect(),
+                    external: a.external_hold(k),
                 })
                 .collect(),
             next: a.next_session(),
@@ -325,6 +431,14 @@ pub struct World {
     reported_fence: BTreeMap<(usize, Key), Fence>,
     /// After `run_for`: no loss, no faults, no new acquisitions.
     healed: bool,
+    v1: Vec<V1Client>,
+    /// The v1 rules' records (the server's `leases.redb`), on the authority's clock.
+    v1_records: BTreeMap<Key, Record>,
+    v1_limits: Limits,
+    /// Keys whose last grant was v1's.
+    v1_granted_last: BTreeMap<Key, bool>,
+    /// Per key (index): its v1 turn in progress.
+    v1_turns: Vec<Option<V1Turn>>,
 }
 
 impl World {
@@ -356,14 +470,33 @@ impl World {
         let keys: Vec<Key> =
             (0..params.keys).map(|k| parse_key(&format!("k{k}")).expect("valid key")).collect();
         let limits = SessionLimits { fault: params.fault, ..SessionLimits::default() };
+        let next_fault = rng.u64(0..params.run_for / 8);
+        // After every draw of the runs before v1 clients existed.
+        let v1 = (0..params.v1_clients)
+            .map(|j| V1Client {
+                key: rng.usize(0..params.keys),
+                clock: Clock::random(&mut rng, drift),
+                lease: Some(Lease::new(v1_owner(j, 0), params.config).expect("sim config is valid")),
+                incarnation: 0,
+                acquiring: false,
+                app_at: Some(rng.u64(0..params.config.ttl.as_micros())),
+                restart_at: None,
+                port: Port::default(),
+            })
+            .collect();
         World {
+            v1,
+            v1_records: BTreeMap::new(),
+            v1_limits: Limits { lock_delay: params.lock_delay, ..Limits::default() },
+            v1_granted_last: BTreeMap::new(),
+            v1_turns: (0..params.keys).map(|_| None).collect(),
             history: keys.iter().map(|k| (k.clone(), vec![None])).collect(),
             keys,
             observing: BTreeMap::new(),
             reported: BTreeMap::new(),
             reported_fence: BTreeMap::new(),
             healed: false,
-            next_fault: rng.u64(0..params.run_for / 8),
+            next_fault,
             params,
             rng,
             now: 0,
@@ -416,6 +549,10 @@ impl World {
                 c.app_at = None;
             }
         }
+        for c in self.v1.iter_mut() {
+            c.port.heal();
+            c.app_at = None;
+        }
     }
 
     /// True time now (µs).
@@ -443,6 +580,10 @@ impl World {
             Restart(usize),
             AuthorityTimer,
             Fault,
+            V1Timer(usize),
+            V1App(usize),
+            V1Restart(usize),
+            V1Set(usize),
         }
         let mut best: Option<(u64, Next)> = None;
         let mut consider = |t: u64, n: Next| {
@@ -468,6 +609,22 @@ impl World {
             consider(self.clock.true_time_of(at).max(self.now), Next::AuthorityTimer);
         }
         consider(self.next_fault, Next::Fault);
+        for (j, c) in self.v1.iter().enumerate() {
+            if let Some(at) = c.lease.as_ref().and_then(Lease::poll_timeout) {
+                consider(c.clock.true_time_of(at).max(self.now), Next::V1Timer(j));
+            }
+            if let Some(t) = c.app_at {
+                consider(t, Next::V1App(j));
+            }
+            if let Some(t) = c.restart_at {
+                consider(t, Next::V1Restart(j));
+            }
+        }
+        for (k, t) in self.v1_turns.iter().enumerate() {
+            if let Some(t) = t {
+                consider(t.set_at, Next::V1Set(k));
+            }
+        }
         let Some((t, next)) = best else { return Ok(false) };
         self.now = t;
         self.stats.steps += 1;
@@ -492,15 +649,27 @@ impl World {
                 c.app_at = (c.observer || !self.healed).then_some(self.now);
                 self.log(What::Restart(i));
             }
-            Next::AuthorityTimer => {
-                self.log(What::AuthorityTimer);
-                let before = View::of(&self.authority);
-                let now = self.clock.local(self.now);
-                self.authority.handle_timeout(now);
-                self.record_history();
-                self.check_authority(&before, None)?;
-            }
+            Next::AuthorityTimer => self.authority_timer()?,
             Next::Fault => self.fault()?,
+            Next::V1Timer(j) => {
+                let local = self.v1[j].clock.local(self.now);
+                if let Some(l) = self.v1[j].lease.as_mut() {
+                    l.handle_timeout(local);
+                }
+                self.v1_drain(j)?;
+            }
+            Next::V1App(j) => self.v1_app(j)?,
+            Next::V1Set(k) => self.v1_set(k)?,
+            Next::V1Restart(j) => {
+                let c = &mut self.v1[j];
+                c.incarnation += 1;
+                c.restart_at = None;
+                let o = v1_owner(j, c.incarnation);
+                c.lease = Some(Lease::new(o, self.params.config).expect("sim config is valid"));
+                c.acquiring = false;
+                c.app_at = (!self.healed).then_some(self.now);
+                self.log(What::V1Restart(j, o));
+            }
         }
         self.check_beliefs()?;
         Ok(true)
@@ -508,6 +677,15 @@ impl World {
 
     fn local(&self, i: usize) -> Instant {
         self.clients[i].clock.local(self.now)
+    }
+
+    fn authority_timer(&mut self) -> Result<(), Box<Violation>> {
+        self.log(What::AuthorityTimer);
+        let before = View::of(&self.authority);
+        let now = self.clock.local(self.now);
+        self.authority.handle_timeout(now);
+        self.record_history();
+        self.check_authority(&before, None)
     }
 
     fn log(&mut self, what: What) {
@@ -615,11 +793,12 @@ impl World {
     }
 
     fn send(&mut self, client: usize, msg: Msg) {
-        let dir = match msg {
-            Msg::ToAuthority { .. } => Direction::Outbound,
-            Msg::ToClient { .. } => Direction::Inbound,
+        let (dir, port) = match msg {
+            Msg::ToAuthority { .. } => (Direction::Outbound, &mut self.clients[client].port),
+            Msg::ToClient { .. } => (Direction::Inbound, &mut self.clients[client].port),
+            Msg::V1ToAuthority { .. } => (Direction::Outbound, &mut self.v1[client].port),
+            Msg::V1ToClient { .. } => (Direction::Inbound, &mut self.v1[client].port),
         };
-        let port = &mut self.clients[client].port;
         if let Err(why) = self.network.send(&mut self.rng, self.now, port, dir, self.params.net, msg) {
             self.stats.dropped += 1;
             self.log(What::Dropped(why));
@@ -630,6 +809,13 @@ impl World {
         match msg {
             Msg::ToAuthority { client, request } => {
                 let now = self.clock.local(self.now);
+                // A request handled at the instant a session expires expires it first, then
+                // may hand its key on: two changes in one step, which the history must see
+                // apart. The timer's step first changes nothing else (the request's handling
+                // starts with the same expiry).
+                if self.authority.poll_timeout().is_some_and(|at| at <= now) {
+                    self.authority_timer()?;
+                }
                 let before = View::of(&self.authority);
                 let reply = match request.op {
                     SessionOp::Open { ttl, ref label } => {
@@ -681,6 +867,186 @@ impl World {
                 self.log(What::Receives(client, response));
                 self.drain(client)?;
             }
+            Msg::V1ToAuthority { client, key, request } => self.v1_decide(client, key, request)?,
+            Msg::V1ToClient { client, response } => {
+                let c = &self.v1[client];
+                if c.port.cut(self.now, Direction::Inbound) || c.lease.is_none() {
+                    self.stats.dropped += 1;
+                    self.log(What::Dropped("client unreachable"));
+                    return Ok(());
+                }
+                let local = c.clock.local(self.now);
+                if let Some(l) = self.v1[client].lease.as_mut() {
+                    l.handle_response(local, response);
+                }
+                self.log(What::V1Receives(client, response));
+                self.v1_drain(client)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The v1 application: acquire the key (mostly waiting for it), hold it a while, release.
+    fn v1_app(&mut self, j: usize) -> Result<(), Box<Violation>> {
+        let c = &mut self.v1[j];
+        let local = c.clock.local(self.now);
+        let ttl = self.params.config.ttl.as_micros();
+        let roll = self.rng.u8(..);
+        c.app_at = None;
+        let Some(lease) = c.lease.as_mut() else { return Ok(()) };
+        let how = if lease.fence().is_some() {
+            let _ = lease.release(local);
+            "release"
+        } else if c.acquiring {
+            return Ok(());
+        } else {
+            c.acquiring = true;
+            let (how, r) = match roll {
+                0..=191 => ("acquire", lease.acquire(local)),
+                _ => ("try_acquire", lease.try_acquire(local)),
+            };
+            if r.is_err() {
+                // Still releasing (or losing) its last grant: try again later.
+                c.acquiring = false;
+                c.app_at = Some(self.now + self.rng.u64(0..ttl));
+                return Ok(());
+            }
+            how
+        };
+        if how == "release" {
+            // In case the release's outcome is never told (a crash of the reply's way).
+            c.app_at = Some(self.now + self.rng.u64(0..ttl));
+        }
+        self.log(What::V1App(j, how));
+        self.v1_drain(j)
+    }
+
+    fn v1_drain(&mut self, j: usize) -> Result<(), Box<Violation>> {
+        let key = self.keys[self.v1[j].key].clone();
+        while let Some(request) = self.v1[j].lease.as_mut().and_then(Lease::poll_transmit) {
+            self.log(What::V1Send(j, request));
+            self.send(j, Msg::V1ToAuthority { client: j, key: key.clone(), request });
+        }
+        let ttl = self.params.config.ttl.as_micros();
+        while let Some(e) = self.v1[j].lease.as_mut().and_then(Lease::poll_event) {
+            self.log(What::V1Event(j, e));
+            match e {
+                Event::Acquired { fence, .. } => {
+                    self.stats.acquired += 1;
+                    let shared = self.limit_of(&key) > 1 || self.limit_in_force(&key).is_some_and(|l| l > 1);
+                    let teller = shared.then_some(self.clients.len() + j);
+                    let told = self.told.entry((key.clone(), teller)).or_default();
+                    if fence <= *told {
+                        let msg =
+                            format!("v{j} told Acquired {key} fence {fence} after fence {told} was told");
+                        return Err(self.violation(msg));
+                    }
+                    *told = fence;
+                    let c = &mut self.v1[j];
+                    c.acquiring = false;
+                    if !self.healed {
+                        c.app_at = Some(self.now + self.rng.u64(0..3 * ttl));
+                    }
+                }
+                Event::NotAcquired { .. } | Event::Lost { .. } | Event::Released { .. } => {
+                    if matches!(e, Event::Lost { .. }) {
+                        self.stats.lost += 1;
+                    }
+                    let c = &mut self.v1[j];
+                    c.acquiring = false;
+                    if !self.healed {
+                        c.app_at = Some(self.now + self.rng.u64(0..ttl));
+                    }
+                }
+                Event::Renewed { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The authority's v1 side, composed with the sessions as the built-in server does it
+    /// (`server/src/namespace.rs`): the same core calls in the same order, on one clock, with
+    /// nothing between them (the server's fsyncs do not reorder them: a key's v1 requests
+    /// take turns).
+    fn v1_decide(&mut self, j: usize, key: Key, request: Request) -> Result<(), Box<Violation>> {
+        let k = self.keys.iter().position(|x| *x == key).unwrap_or_default();
+        if let Some(turn) = self.v1_turns[k].as_mut() {
+            turn.backlog.push((j, request));
+            self.log(What::V1Waits(j, key));
+            return Ok(());
+        }
+        let now = self.clock.local(self.now);
+        let before = View::of(&self.authority);
+        let record = self.v1_records.get(&key).copied().unwrap_or_default();
+        let claim = V1Claim::of(&request.op);
+        let held = match claim {
+            Some(c) => self
+                .authority
+                .hold_external(now, &key, ExternalHold::Pending, c.exclusive())
+                .map_err(|r| (c, r)),
+            None => Ok(Fence::NONE),
+        };
+        let d = match held {
+            Err((c, refusal)) => {
+                self.stats.v1_refused += 1;
+                c.refused(refusal)
+            }
+            Ok(floor) => {
+                let d = namespace::decide_above(&record, floor, now, &request, &self.v1_limits);
+                if d.changed(&record) {
+                    self.v1_records.insert(key.clone(), d.record);
+                }
+                // The set lands later, after the v1 commit and its answer (the server's order);
+                // the key's next v1 request waits for it.
+                let at = self.now + self.rng.u64(0..=self.params.net.max_delay);
+                self.v1_turns[k] = Some(V1Turn { set_at: at, record: d.record, floor, backlog: Vec::new() });
+                d
+            }
+        };
+        self.record_history();
+        self.log(What::V1Handles(j, key.clone(), request, d.reply));
+        if d.outcome == Outcome::Granted {
+            self.stats.v1_grants += 1;
+            let fence = d.record.last_fence;
+            let last = self.granted.insert(key.clone(), fence).unwrap_or_default();
+            if fence <= last {
+                return Err(
+                    self.violation(format!("{key} granted to v1 with fence {fence} after fence {last}"))
+                );
+            }
+            if let Some(v) = before.key(&key).filter(|v| !v.holders.is_empty()) {
+                return Err(self.violation(format!(
+                    "{key} granted to v1 client v{j} (fence {fence}) while sessions held it: {:?}",
+                    v.holders
+                )));
+            }
+            self.v1_granted_last.insert(key.clone(), true);
+        }
+        self.check_authority(&before, None)?;
+        let response = Response { id: request.id, owner: request.owner, reply: d.reply };
+        self.send(j, Msg::V1ToClient { client: j, response });
+        Ok(())
+    }
+
+    /// v1's decision on `keys[k]` told to the sessions: its end (from v1's clock now, as the
+    /// server samples it at the set) and fence; then the requests that waited for the turn.
+    fn v1_set(&mut self, k: usize) -> Result<(), Box<Violation>> {
+        let Some(turn) = self.v1_turns[k].take() else { return Ok(()) };
+        let key = self.keys[k].clone();
+        let now = self.clock.local(self.now);
+        let before = View::of(&self.authority);
+        let until = namespace::remaining(&turn.record, self.v1_limits.lock_delay, now).map(|left| now + left);
+        self.authority.set_external(now, &key, until, namespace::set_fence(&turn.record, turn.floor));
+        self.record_history();
+        self.log(What::V1Set(key.clone(), until));
+        self.check_authority(&before, None)?;
+        let mut backlog = turn.backlog.into_iter();
+        while let Some((j, request)) = backlog.next() {
+            self.v1_decide(j, key.clone(), request)?;
+            if let Some(t) = self.v1_turns[k].as_mut() {
+                t.backlog.extend(backlog);
+                break;
+            }
         }
         Ok(())
     }
@@ -688,6 +1054,26 @@ impl World {
     fn fault(&mut self) -> Result<(), Box<Violation>> {
         let ttl = self.params.config.ttl.as_micros();
         self.next_fault = self.now + self.rng.u64(0..ttl);
+        // Runs without v1 clients draw nothing more, so they stay as they were.
+        if !self.v1.is_empty() && self.rng.u8(0..4) == 0 {
+            let j = self.rng.usize(0..self.v1.len());
+            if self.rng.bool() {
+                let c = &mut self.v1[j];
+                if c.lease.is_some() {
+                    c.lease = None;
+                    c.acquiring = false;
+                    c.app_at = None;
+                    c.restart_at = Some(self.now + self.rng.u64(0..2 * ttl));
+                    self.log(What::V1Crash(j));
+                }
+            } else {
+                let until = self.now + self.rng.u64(0..2 * ttl);
+                let dir = Direction::draw(&mut self.rng);
+                self.v1[j].port.partition(until, dir);
+                self.log(What::V1Partition(j, until, dir));
+            }
+            return Ok(());
+        }
         let i = self.rng.usize(0..self.clients.len());
         match self.rng.u8(0..6) {
             0 if self.clients[i].session.is_some() => {
@@ -787,8 +1173,24 @@ impl World {
         request: Option<&SessionRequest>,
     ) -> Result<(), Box<Violation>> {
         let after = View::of(&self.authority);
+        let now = self.clock.local(self.now);
         for kv in &after.keys {
             let key = &kv.key;
+            // One namespace: while v1 keeps the key (its grant, or a lock-delay after one), the
+            // sessions have it held, and never beside a session's grant.
+            let v1 =
+                self.v1_records.get(key).and_then(|r| namespace::remaining(r, self.params.lock_delay, now));
+            if v1.is_some() && kv.external.is_none() {
+                return Err(self.violation(format!(
+                    "{key} is kept by v1 for {v1:?} but the sessions do not hold it for v1"
+                )));
+            }
+            if kv.external.is_some() && !kv.holders.is_empty() {
+                return Err(self.violation(format!(
+                    "{key} is held for v1 ({:?}) and by sessions {:?} at once",
+                    kv.external, kv.holders
+                )));
+            }
             // The limit in force is the one its holders and waiters asked for: the key's, or
             // one more while a misconfigured contender's claims hold it.
             let limit = usize::from(kv.status.limit);
@@ -834,6 +1236,16 @@ impl World {
                         "{key} passed from {} to {to} while {} was alive and had not released",
                         h.session, h.session
                     )));
+                }
+            }
+            if let (Some(g), Some(left)) = (new.first(), v1) {
+                return Err(self
+                    .violation(format!("{key} granted to {} while v1 keeps it for {left} more", g.session)));
+            }
+            if !new.is_empty() && self.v1_granted_last.insert(key.clone(), false) == Some(true) {
+                self.stats.v2_after_v1 += 1;
+                if old.is_some_and(|v| !v.waiters.is_empty()) {
+                    self.stats.queued_behind_v1 += 1;
                 }
             }
             for g in &new {
@@ -948,19 +1360,28 @@ impl World {
             // (or the key's own, when it has no claims) bounds the believers.
             let configured = usize::from(self.params.limits[k]);
             let limit = self.limit_in_force(key).map_or(configured, |l| l.max(configured));
-            let believers: Vec<(usize, Fence, Duration)> = self
+            // Who (a session client `c`, a v1 client `v`), its fence, its time left.
+            let mut believers: Vec<(char, usize, Fence, Duration)> = self
                 .clients
                 .iter()
                 .enumerate()
                 .filter_map(|(i, c)| {
                     let s = c.session.as_ref()?;
                     let rem = s.remaining(c.clock.local(self.now), key)?;
-                    Some((i, s.fence(key).unwrap_or_default(), rem))
+                    Some(('c', i, s.fence(key).unwrap_or_default(), rem))
                 })
                 .collect();
+            // A v1 believer excludes everyone else: v1 holds a key alone.
+            let sessions = believers.len();
+            believers.extend(self.v1.iter().enumerate().filter(|(_, c)| c.key == k).filter_map(|(j, c)| {
+                let l = c.lease.as_ref()?;
+                let rem = l.remaining(c.clock.local(self.now))?;
+                Some(('v', j, l.fence().unwrap_or_default(), rem))
+            }));
+            let limit = if believers.len() > sessions { 1 } else { limit };
             if believers.len() > limit {
                 let who: Vec<String> =
-                    believers.iter().map(|(i, f, r)| format!("c{i} (fence {f}, {r} left)")).collect();
+                    believers.iter().map(|(p, i, f, r)| format!("{p}{i} (fence {f}, {r} left)")).collect();
                 let n = match believers.len() {
                     2 => "two".to_string(),
                     n => n.to_string(),
@@ -974,6 +1395,10 @@ impl World {
         }
         Ok(())
     }
+}
+
+fn v1_owner(client: usize, incarnation: u32) -> OwnerId {
+    OwnerId(((client as u64 + 1) << 32) | u64::from(incarnation))
 }
 
 fn holder(i: usize, config: Config) -> Holder {

@@ -62,6 +62,14 @@ pub enum SessionFault {
     IgnoreLimitMismatch,
     /// Do not tell observers that a key became free.
     HideFreeChanges,
+    /// Hold a key for the other protocol ([`SessionAuthority::hold_external`]) even while
+    /// sessions hold it or wait for it: a v1 grant beside a session's.
+    ExternalOverSessions,
+    /// Answer a hold for the other protocol with no fence floor: its grant may reuse a
+    /// session's fence.
+    ExternalBelowFloor,
+    /// End a hold for the other protocol a quarter of its remaining time early.
+    EndExternalEarly,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -711,7 +719,10 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         self.note_changes(self.sessions.len() < before);
         let ki = self.key_index(key).ok_or(ExternalRefusal::Capacity)?;
         let Some((_, r)) = self.keys.get_index(ki as usize) else { return Err(ExternalRefusal::Capacity) };
-        if r.holders.len > 0 || (exclusive && r.waiters.len > 0) {
+        let busy = r.holders.len > 0 || (exclusive && r.waiters.len > 0);
+        #[cfg(feature = "fault-injection")]
+        let busy = busy && self.limits.fault != SessionFault::ExternalOverSessions;
+        if busy {
             return Err(ExternalRefusal::Busy { retry_after: self.first_slot_free(r, now) - now });
         }
         let merged = match (r.external, hold) {
@@ -720,6 +731,9 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
             (None, h) => h,
         };
         let last_fence = r.last_fence;
+        #[cfg(feature = "fault-injection")]
+        let last_fence =
+            if self.limits.fault == SessionFault::ExternalBelowFloor { Fence::NONE } else { last_fence };
         if let Some((_, r)) = self.keys.get_index_mut(ki as usize) {
             r.external = Some(merged);
         }
@@ -735,6 +749,13 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
     /// goes to the head of its queue at once. The table being full, a new key is not recorded
     /// (no session could be granted it either).
     pub fn set_external(&mut self, now: Instant, key: &Key, until: Option<Instant>, fence: Fence) {
+        #[cfg(feature = "fault-injection")]
+        let until = match until {
+            Some(t) if self.limits.fault == SessionFault::EndExternalEarly && t > now => {
+                Some(now + Duration::from_micros((t - now).as_micros() * 3 / 4))
+            }
+            u => u,
+        };
         let before = self.sessions.len();
         self.expire(now);
         let Some(ki) = self.key_index(key) else { return };
