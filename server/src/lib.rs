@@ -385,7 +385,7 @@ impl Server {
 
     /// Serves until this future is dropped; dropping it closes every connection and the store.
     /// Works on any executor: connections run on an executor driven by this future and by one
-    /// worker thread per further core (see [`Workers`]), and store I/O on a blocking thread pool.
+    /// worker thread per further core (see `Workers`), and store I/O on a blocking thread pool.
     pub async fn run(self) {
         #[cfg(feature = "tls")]
         let Server { listener, tls, shared, writer, session_writer, v1_runner, threads } = self;
