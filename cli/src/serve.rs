@@ -33,7 +33,7 @@ pub(crate) struct Args {
     /// Most bytes of a request head; a longer head is answered 431 and its connection closed.
     #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES")]
     max_header_bytes: usize,
-    /// Threads that serve connections (HTTP and JSON); one per core if not given. Each log
+    /// Threads that serve connections (HTTP and JSON); one if not given. Each log
     /// is written by one writer whatever this is.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,

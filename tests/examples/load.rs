@@ -11,7 +11,7 @@
 //! cargo run --release -p leasehold-tests --example load -- 64 5        # 1 and 64 clients
 //! cargo run --release -p leasehold-tests --example load -- 1,16,64,256 5
 //! cargo run --release -p leasehold-tests --example load -- 64 5 v2      # only some: v1,v2,etcd
-//! LOAD_SERVER_THREADS=1 cargo run --release -p leasehold-tests --example load -- 64 5
+//! LOAD_SERVER_THREADS=2 cargo run --release -p leasehold-tests --example load -- 64 5
 //! ```
 //!
 //! etcd is started on loopback if the `etcd` binary is installed (`apt-get install
@@ -87,7 +87,7 @@ fn main() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = ServerConfig::new(dir.path().join("builtin"), "127.0.0.1:0".parse().unwrap());
-    // LOAD_SERVER_THREADS=1 measures the server as it was before it served on every core.
+    // LOAD_SERVER_THREADS=N serves connections on N threads (one by default).
     if let Some(n) = std::env::var("LOAD_SERVER_THREADS").ok().and_then(|n| n.parse().ok()) {
         config.threads = n;
     }
