@@ -27,3 +27,5 @@ pub use frame::{Body, EncodeError, Frame, Header, MAX_FRAME, VERSION};
 #[cfg(feature = "sessions")]
 pub use session::{AsyncSessionLink, SessionLink, SessionLinkStats};
 pub use watch::LeaseWatch;
+#[cfg(feature = "sessions")]
+pub use watch::{Renewal, SessionWatch};

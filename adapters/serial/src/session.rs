@@ -100,6 +100,7 @@ use crate::decode::{DecodeError, DecodeStats, FrameDecoder};
 use crate::device::Clock;
 use crate::frame::{Body, Frame, SessionRefusal, MAX_FRAME};
 use crate::outbox::{send_all, Outbox, Sending};
+use crate::watch::SessionWatch;
 
 /// How many of the link's last frames it remembers, to tell the machine which request a
 /// version-mismatch notice (which echoes the frame, not the request) was about. A device
@@ -432,6 +433,7 @@ pub struct AsyncSessionLink<U, C, D, const K: usize, const O: usize = 16> {
     /// The frame in `tx` still being written: its seq, its length, bytes written so far.
     /// Kept across calls so that a cancelled `next_event` resumes it instead of losing it.
     sending: Sending<Seq>,
+    watch: Option<&'static SessionWatch<K>>,
 }
 
 impl<
@@ -451,6 +453,21 @@ impl<
             core: SessionCore::new(session, device),
             tx: [0; MAX_FRAME],
             sending: None,
+            watch: None,
+        }
+    }
+
+    /// From now on, keeps `watch` up to date with the keys held, their fences and the
+    /// session's validity, for other tasks to read while this one waits in
+    /// [`next_event`](AsyncSessionLink::next_event).
+    pub fn publish_to(&mut self, watch: &'static SessionWatch<K>) {
+        self.watch = Some(watch);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        if let Some(w) = self.watch {
+            w.publish(&self.core.session, self.clock.now());
         }
     }
 
@@ -466,22 +483,30 @@ impl<
 
     /// Opens the session; see [`Session::open`].
     pub fn open(&mut self) -> Result<(), OpenError> {
-        self.core.session.open(self.clock.now())
+        let r = self.core.session.open(self.clock.now());
+        self.publish();
+        r
     }
 
     /// Acquires `key`, queueing for it if `wait`; see [`Session::acquire`].
     pub fn acquire(&mut self, key: Key, wait: bool) -> Result<(), AcquireError> {
-        self.core.session.acquire(self.clock.now(), key, wait)
+        let r = self.core.session.acquire(self.clock.now(), key, wait);
+        self.publish();
+        r
     }
 
     /// Gives `key` back (or stops waiting for it); see [`Session::release`].
     pub fn release(&mut self, key: &Key) -> Result<(), ReleaseError> {
-        self.core.session.release(self.clock.now(), key)
+        let r = self.core.session.release(self.clock.now(), key);
+        self.publish();
+        r
     }
 
     /// Ends the session, giving up every key; see [`Session::close`].
     pub fn close(&mut self) -> Result<(), CloseError> {
-        self.core.close(self.clock.now())
+        let r = self.core.close(self.clock.now());
+        self.publish();
+        r
     }
 
     /// The decoder's counts and the link's own.
@@ -498,6 +523,7 @@ impl<
         loop {
             let now = self.clock.now();
             self.core.due(now);
+            self.publish();
             self.send(now).await?;
             if let Some(e) = self.core.poll_event(now) {
                 return Ok(e);
@@ -505,7 +531,10 @@ impl<
             let wait = self.core.session.poll_timeout().map(|t| t.saturating_duration_since(now));
             let wait_us = wait.map_or(u32::MAX, |d| d.as_micros().min(u64::from(u32::MAX)) as u32);
             match select(self.uart.read(&mut chunk), self.delay.delay_us(wait_us)).await {
-                Either::First(Ok(n)) => self.core.feed(self.clock.now(), chunk.get(..n).unwrap_or(&chunk)),
+                Either::First(Ok(n)) => {
+                    self.core.feed(self.clock.now(), chunk.get(..n).unwrap_or(&chunk));
+                    self.publish();
+                }
                 Either::First(Err(e)) => return Err(e),
                 Either::Second(()) => {}
             }

@@ -54,3 +54,111 @@ impl LeaseWatch {
         critical_section::with(|cs| self.held.borrow(cs).set(held));
     }
 }
+
+/// The keys a device's session holds, their fences and the session's validity, published by
+/// its [`AsyncSessionLink`](crate::AsyncSessionLink) for other tasks: the session-side
+/// [`LeaseWatch`], on the same terms (published after every change of the machine's belief and
+/// before the link awaits anything, so it is never more optimistic than the machine; guarded
+/// by a `critical_section`). `K` is the session's number of keys.
+///
+/// ```
+/// use leasehold_core::{parse_key, Instant};
+/// use leasehold_serial::SessionWatch;
+///
+/// static WATCH: SessionWatch<2> = SessionWatch::new();
+/// // Nothing is published before the link opens its session.
+/// assert_eq!(WATCH.held(Instant::from_micros(5), &parse_key("pump").unwrap()), None);
+/// assert_eq!(WATCH.renewed(), None);
+/// ```
+#[cfg(feature = "sessions")]
+#[derive(Debug)]
+pub struct SessionWatch<const K: usize> {
+    view: Mutex<core::cell::RefCell<SessionView<K>>>,
+}
+
+/// A session's validity as its link last saw it.
+#[cfg(feature = "sessions")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Renewal {
+    /// The end of the session's validity (the link's clock): the send time of the request that
+    /// extended it, plus the machine's validity per ttl.
+    pub valid_until: Instant,
+    /// When the link first saw the validity end there (fed the reply). `seen_at - (valid_until
+    /// - validity)` is that request's round trip, a held keepalive's hold included.
+    pub seen_at: Instant,
+}
+
+#[cfg(feature = "sessions")]
+#[derive(Debug)]
+struct SessionView<const K: usize> {
+    /// `None` while the session is not open.
+    renewal: Option<Renewal>,
+    held: heapless::Vec<(leasehold_core::Key, Fence), K>,
+}
+
+#[cfg(feature = "sessions")]
+impl<const K: usize> Default for SessionWatch<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "sessions")]
+impl<const K: usize> SessionWatch<K> {
+    /// No session yet.
+    pub const fn new() -> Self {
+        SessionWatch {
+            view: Mutex::new(core::cell::RefCell::new(SessionView {
+                renewal: None,
+                held: heapless::Vec::new(),
+            })),
+        }
+    }
+
+    /// The fence `key` is held under and how long it may still be relied on at `now` (the
+    /// link's clock), or `None` if it may not be.
+    pub fn held(&self, now: Instant, key: &leasehold_core::Key) -> Option<(Fence, Duration)> {
+        // Inside the critical section nothing else borrows the view: `try_borrow` only avoids
+        // RefCell's panic path.
+        let (fence, until) = critical_section::with(|cs| {
+            let view = self.view.borrow(cs).try_borrow().ok()?;
+            let fence = view.held.iter().find(|(k, _)| k == key)?.1;
+            Some((fence, view.renewal?.valid_until))
+        })?;
+        (now < until).then(|| (fence, until - now))
+    }
+
+    /// How long the session may still be relied on at `now`.
+    pub fn remaining(&self, now: Instant) -> Option<Duration> {
+        let until = self.renewed()?.valid_until;
+        (now < until).then(|| until - now)
+    }
+
+    /// The session's end of validity and when the link saw it move there; `None` while the
+    /// session is not open. A change of `valid_until` is a renewal.
+    pub fn renewed(&self) -> Option<Renewal> {
+        critical_section::with(|cs| self.view.borrow(cs).try_borrow().ok()?.renewal)
+    }
+
+    /// Copies the machine's belief at `now`.
+    pub(crate) fn publish<const O: usize>(
+        &self,
+        session: &leasehold_core::session::Session<K, O>,
+        now: Instant,
+    ) {
+        let valid_until = session.session_remaining(now).map(|r| now + r);
+        critical_section::with(|cs| {
+            let Ok(mut view) = self.view.borrow(cs).try_borrow_mut() else { return };
+            view.renewal = valid_until.map(|valid_until| match view.renewal {
+                Some(r) if r.valid_until == valid_until => r,
+                _ => Renewal { valid_until, seen_at: now },
+            });
+            view.held.clear();
+            for (key, fence) in session.held() {
+                // Cannot be full: the machine holds at most K keys.
+                let _ = view.held.push((key.clone(), fence));
+            }
+        });
+    }
+}

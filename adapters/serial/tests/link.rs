@@ -6,9 +6,13 @@ use std::time::{Duration, Instant};
 
 use embedded_io_adapters::futures_03::FromFutures;
 use leasehold_core::authority::{LeaseTable, Limits};
+use leasehold_core::session::wire::parse_label;
+use leasehold_core::session::{Session, SessionAuthority, SessionEvent, SessionLimits};
 use leasehold_core::{parse_key, Config, Duration as LDuration, Event, Instant as LInstant, Lease, OwnerId};
 use leasehold_serial::host::{response_to, AsyncHostLink};
-use leasehold_serial::{AsyncDeviceLink, Body, Clock, LeaseWatch};
+use leasehold_serial::{
+    AsyncDeviceLink, AsyncSessionLink, Body, Clock, Frame, LeaseWatch, Renewal, SessionWatch,
+};
 
 #[derive(Clone, Copy)]
 struct HostClock(Instant);
@@ -218,5 +222,120 @@ fn next_event_is_cancel_safe_and_the_watch_shows_validity_meanwhile() {
         link.release().unwrap();
         assert_eq!(watch.held(clock.now()), None, "gone from the watch at release");
         assert_eq!(link.next_event().await.unwrap(), Event::Released { fence, acknowledged: true });
+    });
+}
+
+/// Answers every session request on `stream` from one in-memory session authority (the core's
+/// rules, as the built-in server applies them; keepalives are answered at once, not held).
+async fn session_gateway(stream: async_net::TcpStream, epoch: Instant) {
+    use leasehold_core::session::wire::{Secret, SessionOp};
+    let mut authority = SessionAuthority::<4, 8, 4>::new(SessionLimits::default());
+    let mut link = AsyncHostLink::new(stream);
+    while let Ok(Some(frame)) = link.read_frame().await {
+        let Ok(Frame { header, body: Body::SessionRequest(request) }) = frame else { continue };
+        let now = LInstant::from_micros(epoch.elapsed().as_micros() as u64);
+        let reply = match &request.op {
+            SessionOp::Open { ttl, label } => authority.open(now, *ttl, label, Secret::from_bytes([5; 16])),
+            _ => authority.handle(now, &request),
+        };
+        let answer = Frame::new(header.seq, header.device, Body::SessionResponse(request.answer(reply)));
+        if link.write_frame(&answer).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// The async session link with `next_event` dropped every 7 ms, mid-wait, for three ttls: the
+/// session holding two keys is renewed throughout, and another task reads both keys' fences
+/// and the session's validity through a `SessionWatch` meanwhile, never more than the
+/// machine's own; a released key leaves the watch at once.
+#[test]
+fn async_session_link_publishes_its_keys_and_validity_to_a_watch_while_cancelled() {
+    smol::block_on(async {
+        let epoch = Instant::now();
+        let clock = HostClock(epoch);
+        let listener = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _host = smol::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            session_gateway(s, epoch).await
+        });
+        let uart = FromFutures::new(async_net::TcpStream::connect(addr).await.unwrap());
+        let ttl = LDuration::from_millis(400);
+        let mut config = Config::new(ttl);
+        config.renew_every = ttl.mul_div_floor(1, 4);
+        config.request_timeout = ttl.mul_div_floor(1, 3);
+        let validity = config.validity(ttl);
+        let session = Session::<2, 0>::new(parse_label("watched").unwrap(), config).unwrap();
+        let mut link = AsyncSessionLink::new(uart, clock, TimerDelay, session, 4);
+        let watch: &'static SessionWatch<2> = Box::leak(Box::new(SessionWatch::new()));
+        link.publish_to(watch);
+        let (pump, valve) = (parse_key("pump").unwrap(), parse_key("valve").unwrap());
+        assert_eq!(watch.renewed(), None, "no session yet");
+
+        link.open().unwrap();
+        assert!(matches!(link.next_event().await.unwrap(), SessionEvent::Opened { .. }));
+        assert!(watch.remaining(clock.now()).is_some_and(|r| r <= validity));
+        assert_eq!(watch.held(clock.now(), &pump), None, "opened, nothing held yet");
+        let mut fences = Vec::new();
+        for key in [&pump, &valve] {
+            link.acquire(key.clone(), false).unwrap();
+            let SessionEvent::Acquired { key: k, fence, .. } = link.next_event().await.unwrap() else {
+                panic!("{key} not acquired")
+            };
+            assert_eq!(&k, key);
+            assert_eq!(watch.held(clock.now(), key).map(|h| h.0), Some(fence), "{key} not on the watch");
+            fences.push(fence);
+        }
+
+        let held_since = Instant::now();
+        let mut cancelled = 0;
+        let mut renewals: Vec<Renewal> = watch.renewed().into_iter().collect();
+        while held_since.elapsed() < Duration::from_millis(1_200) {
+            let tick = async {
+                async_io::Timer::after(Duration::from_millis(7)).await;
+                None
+            };
+            if let Some(event) = futures_lite::future::or(async { Some(link.next_event().await) }, tick).await
+            {
+                panic!("unexpected {event:?}");
+            }
+            cancelled += 1;
+            // The reading task: the watch never promises more than the machine.
+            let now = clock.now();
+            for (key, fence) in [&pump, &valve].into_iter().zip(&fences) {
+                let (f, left) =
+                    watch.held(now, key).unwrap_or_else(|| panic!("{key} dropped from the watch"));
+                assert_eq!(f, *fence);
+                assert!(
+                    left <= link.session().remaining(now, key).unwrap_or(LDuration::ZERO),
+                    "watch ahead of the machine"
+                );
+            }
+            let r = watch.renewed().unwrap();
+            if renewals.last() != Some(&r) {
+                // Seen after the keepalive that earned it was sent, and not in the future.
+                assert!(r.valid_until - validity <= r.seen_at && r.seen_at <= now, "{r:?} at {now:?}");
+                renewals.push(r);
+            }
+        }
+        assert!(cancelled >= 10, "{cancelled} cancellations");
+        // A keepalive every ttl/4 = 100 ms for 1.2 s; the watch may miss none of their answers.
+        assert!(
+            renewals.len() >= 6,
+            "{} renewals seen with next_event cancelled {cancelled} times",
+            renewals.len()
+        );
+        assert!(renewals.windows(2).all(|w| w[0].valid_until < w[1].valid_until), "{renewals:?}");
+
+        link.release(&valve).unwrap();
+        assert_eq!(watch.held(clock.now(), &valve), None, "gone from the watch at release");
+        assert!(watch.held(clock.now(), &pump).is_some(), "the pump is still held");
+        assert!(matches!(
+            link.next_event().await.unwrap(),
+            SessionEvent::Released { acknowledged: true, .. }
+        ));
+        link.close().unwrap();
+        assert_eq!(watch.held(clock.now(), &pump), None, "gone from the watch at close");
     });
 }
