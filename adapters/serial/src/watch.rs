@@ -71,9 +71,10 @@ impl LeaseWatch {
 /// assert_eq!(WATCH.renewed(), None);
 /// ```
 #[cfg(feature = "sessions")]
-#[derive(Debug)]
 pub struct SessionWatch<const K: usize> {
     view: Mutex<core::cell::RefCell<SessionView<K>>>,
+    /// The task waiting in [`changed`](SessionWatch::changed), woken when the renewal changes.
+    waiter: Mutex<Cell<Option<core::task::Waker>>>,
 }
 
 /// A session's validity as its link last saw it.
@@ -98,6 +99,14 @@ struct SessionView<const K: usize> {
 }
 
 #[cfg(feature = "sessions")]
+impl<const K: usize> core::fmt::Debug for SessionWatch<K> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let renewal = self.renewed();
+        f.debug_struct("SessionWatch").field("renewal", &renewal).finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "sessions")]
 impl<const K: usize> Default for SessionWatch<K> {
     fn default() -> Self {
         Self::new()
@@ -113,6 +122,7 @@ impl<const K: usize> SessionWatch<K> {
                 renewal: None,
                 held: heapless::Vec::new(),
             })),
+            waiter: Mutex::new(Cell::new(None)),
         }
     }
 
@@ -141,6 +151,25 @@ impl<const K: usize> SessionWatch<K> {
         critical_section::with(|cs| self.view.borrow(cs).try_borrow().ok()?.renewal)
     }
 
+    /// Waits until [`renewed`](SessionWatch::renewed) is no longer `from`, and returns it: a
+    /// task can log or act on each renewal (or the session's end) as the link sees it, without
+    /// polling. One task waits at a time: a second waiter takes the first one's place.
+    pub async fn changed(&self, from: Option<Renewal>) -> Option<Renewal> {
+        core::future::poll_fn(|cx| {
+            critical_section::with(|cs| {
+                // Registered in the same critical section as the look, so a publish cannot
+                // fall between them unseen.
+                let now = self.view.borrow(cs).try_borrow().ok().and_then(|v| v.renewal);
+                if now != from {
+                    return core::task::Poll::Ready(now);
+                }
+                self.waiter.borrow(cs).set(Some(cx.waker().clone()));
+                core::task::Poll::Pending
+            })
+        })
+        .await
+    }
+
     /// Copies the machine's belief at `now`.
     pub(crate) fn publish<const O: usize>(
         &self,
@@ -148,17 +177,23 @@ impl<const K: usize> SessionWatch<K> {
         now: Instant,
     ) {
         let valid_until = session.session_remaining(now).map(|r| now + r);
-        critical_section::with(|cs| {
-            let Ok(mut view) = self.view.borrow(cs).try_borrow_mut() else { return };
-            view.renewal = valid_until.map(|valid_until| match view.renewal {
+        let waiter = critical_section::with(|cs| {
+            let Ok(mut view) = self.view.borrow(cs).try_borrow_mut() else { return None };
+            let renewal = valid_until.map(|valid_until| match view.renewal {
                 Some(r) if r.valid_until == valid_until => r,
                 _ => Renewal { valid_until, seen_at: now },
             });
+            let changed = renewal != view.renewal;
+            view.renewal = renewal;
             view.held.clear();
             for (key, fence) in session.held() {
                 // Cannot be full: the machine holds at most K keys.
                 let _ = view.held.push((key.clone(), fence));
             }
+            changed.then(|| self.waiter.borrow(cs).take()).flatten()
         });
+        if let Some(w) = waiter {
+            w.wake();
+        }
     }
 }

@@ -288,6 +288,30 @@ fn async_session_link_publishes_its_keys_and_validity_to_a_watch_while_cancelled
             fences.push(fence);
         }
 
+        // A task elsewhere (a thread, here) waiting for the next renewal is woken by it.
+        let before = watch.renewed();
+        let waiter = std::thread::spawn(move || futures_lite::future::block_on(watch.changed(before)));
+        let driven = Instant::now();
+        while !waiter.is_finished() {
+            assert!(
+                driven.elapsed() < Duration::from_secs(5),
+                "the waiter was not woken by a renewal in 5 s"
+            );
+            let tick = async {
+                async_io::Timer::after(Duration::from_millis(7)).await;
+                None
+            };
+            if let Some(event) = futures_lite::future::or(async { Some(link.next_event().await) }, tick).await
+            {
+                panic!("unexpected {event:?}");
+            }
+        }
+        let next = waiter.join().unwrap();
+        assert!(
+            before.zip(next).is_some_and(|(b, n)| b.valid_until < n.valid_until),
+            "{before:?} then {next:?}"
+        );
+
         let held_since = Instant::now();
         let mut cancelled = 0;
         let mut renewals: Vec<Renewal> = watch.renewed().into_iter().collect();
