@@ -109,8 +109,20 @@ const SESSION_MICROBIT: Firmware = Firmware {
     target_dir: "target/sessions",
     m0_budget: false,
 };
+/// The embassy pump on protocol v2 (firmware-embassy's `sessions` feature): the same two
+/// keys through the async session link; the same `async fn` guard as [`EMBASSY`].
+const SESSION_EMBASSY: Firmware = Firmware {
+    krate: "firmware-embassy",
+    machine: "lm3s6965evb",
+    target: "thumbv7m-none-eabi",
+    features: &["--features", "sessions"],
+    allowed_panics: &["panic_const_async_fn_resumed"],
+    target_dir: "target/sessions",
+    m0_budget: false,
+};
 /// Every release firmware checked for panic paths and measured.
-const RELEASES: [&Firmware; 5] = [&LM3S, &MICROBIT, &EMBASSY, &SESSION_LM3S, &SESSION_MICROBIT];
+const RELEASES: [&Firmware; 6] =
+    [&LM3S, &MICROBIT, &EMBASSY, &SESSION_LM3S, &SESSION_MICROBIT, &SESSION_EMBASSY];
 
 /// Builds the release firmware (once per test binary) and returns its ELF.
 fn build(fw: &Firmware) -> PathBuf {
@@ -706,6 +718,13 @@ fn hand_off(lines: &[Line], after: Duration) -> Option<HandOff> {
     Some(HandOff { from: release.who.clone(), to: grant.who.clone(), released: release.t, acquired: grant.t })
 }
 
+/// The first board other than `not` to log HOLDING after `after`: who, when, and its (pump,
+/// valve) fences.
+fn holding_by_other(lines: &[Line], not: &str, after: Duration) -> Option<(String, Duration, u64, u64)> {
+    let who = &lines.iter().find(|l| l.t > after && l.who != not && l.text.starts_with("HOLDING"))?.who;
+    holding(lines, who, after).map(|(t, pump, valve)| (who.clone(), t, pump, valve))
+}
+
 /// When `who` next logged HOLDING after `after`, with its (pump, valve) fences.
 fn holding(lines: &[Line], who: &str, after: Duration) -> Option<(Duration, u64, u64)> {
     said(lines, who, after).find(|(_, w)| w.first() == Some(&"HOLDING")).and_then(|(t, w)| match nums(&w)[..]
@@ -729,12 +748,14 @@ fn forwarded(metrics: u16, uart: u16) -> u64 {
     leasehold_test_servers::metric(metrics, &series).unwrap_or_else(|| panic!("no {series} on /metrics"))
 }
 
-/// Two boards on the session pump, an lm3s6965evb (board1) and a micro:bit (board2), through
-/// the real gateway and the real built-in server: hand-offs by release are pushed, one keepalive a period renews both keys, a killed
-/// holder's keys go to the waiter at its session's expiry and not before, and every fence
-/// rises. `config` may plant a bug in the server, `gateway_fault` one in the gateway.
+/// Three boards on the session pump, an lm3s6965evb (board1) and a micro:bit (board2) on
+/// firmware-pump's blocking link and an lm3s6965evb on firmware-embassy's async one (board3),
+/// through the real gateway and the real built-in server: hand-offs by release are pushed, one
+/// keepalive a period renews both keys, a killed holder's keys go to the next waiter at its
+/// session's expiry and not before, every board holds both keys, and every fence rises.
+/// `config` may plant a bug in the server, `gateway_fault` one in the gateway.
 fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
-    let firmwares = [&SESSION_LM3S, &SESSION_MICROBIT];
+    let firmwares = [&SESSION_LM3S, &SESSION_MICROBIT, &SESSION_EMBASSY];
     let images: Vec<PathBuf> = firmwares.iter().map(|fw| build(fw)).collect();
     let start = Instant::now();
     let log: Arc<Mutex<Vec<Line>>> = Arc::default();
@@ -780,7 +801,6 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
     // renewed in that holding.
     let second = wait_for(&log, "second hand-off", |l| hand_off(l, t2));
     let victim = second.to.clone();
-    let survivor = second.from.clone();
     let (victim_held_at, victim_pump, victim_valve) =
         wait_for(&log, "the victim's holding", |l| holding(l, &victim, second.acquired));
     wait_for(&log, "a renewal mid-hold", |l| {
@@ -795,7 +815,7 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
     // alone cannot tell a grant at the expiry from one a quarter of a ttl early.
     let victim_label = format!("pump-{}", victim.trim_start_matches("board"));
     let expiry_seen = std::cell::Cell::new(None::<Duration>);
-    let (taken_at, survivor_pump, survivor_valve) = wait_for(&log, "takeover", |l| {
+    let (survivor, taken_at, survivor_pump, survivor_valve) = wait_for(&log, "takeover", |l| {
         let asked = start.elapsed();
         let seen = leasehold_test_servers::http_get(server.addr().port(), "/v2/leases")
             .and_then(|r| serde_json::from_str::<serde_json::Value>(r.split_once("\r\n\r\n")?.1).ok());
@@ -810,13 +830,16 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
             let expiry = asked + Duration::from_micros(r);
             expiry_seen.set(Some(expiry_seen.get().map_or(expiry, |e: Duration| e.max(expiry))));
         }
-        holding(l, &survivor, killed_at)
+        holding_by_other(l, &victim, killed_at)
     });
     wait_for(&log, "the survivor's actions", |l| last_act(l, &survivor, taken_at).filter(|&n| n >= 3));
     drop(boards);
     drop(gateway);
     let lines = log.lock().unwrap().clone();
     let dump = || render(&lines);
+    if let Some(path) = std::env::var_os("LEASEHOLD_QEMU_LOG") {
+        std::fs::write(path, dump()).unwrap();
+    }
 
     // A waiter's keepalive is held until its grant or the hold's end: about one request per
     // hold, plus its acquire. A waiter polling for its grant would send one per round trip.
@@ -960,7 +983,10 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
     assert!(!refusals.is_empty(), "no board refused its replayed stale pump command:\n{}", dump());
     assert!(refusals.iter().all(|r| r.len() == 2 && r[0] < r[1]), "odd refusals {refusals:?}:\n{}", dump());
 
-    for (who, fw, image) in [("board1", firmwares[0], &images[0]), ("board2", firmwares[1], &images[1])] {
+    for (i, (fw, image)) in firmwares.iter().zip(&images).enumerate() {
+        let who = &format!("board{}", i + 1);
+        // Every board took part: the embassy one too, whichever turn it had.
+        assert!(holding(&lines, who, Duration::ZERO).is_some(), "{who} never held both keys:\n{}", dump());
         let e = elf(image);
         let stack = said(&lines, who, Duration::ZERO)
             .filter(|(_, w)| w.first() == Some(&"STACK"))
@@ -972,14 +998,26 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
             .filter_map(|(_, w)| nums(&w).first().copied())
             .collect();
         rtts.sort_unstable();
+        // A request's round trip that nothing holds: the valve's acquire, asked for the moment
+        // the pump is granted, and free (only the pump's holder takes it, and it gives the
+        // valve back first).
+        let mut acquires: Vec<u64> = said(&lines, who, Duration::ZERO)
+            .filter(|(_, w)| w[..2] == ["ACQUIRED", "valve"])
+            .filter_map(|(_, w)| nums(&w).get(1).copied())
+            .collect();
+        acquires.sort_unstable();
+        let ms = |v: &[u64], i: usize| v.get(i).map_or(0.0, |&r| r as f64 / 1e3);
         println!(
-            "{who}: {}: flash {} B, static RAM {} B, stack high-water mark {stack} B; keepalive round trips (held ones included) min {:.2} ms, median {:.2} ms over {}",
+            "{who}: {}: flash {} B, static RAM {} B, stack high-water mark {stack} B; keepalive round trips (held ones included) min {:.2} ms, median {:.2} ms over {}; valve acquire round trip min {:.2} ms, median {:.2} ms over {}",
             fw.name(),
             e.flash(),
             e.static_ram(),
-            rtts.first().map_or(0.0, |&r| r as f64 / 1e3),
-            rtts.get(rtts.len() / 2).map_or(0.0, |&r| r as f64 / 1e3),
-            rtts.len()
+            ms(&rtts, 0),
+            ms(&rtts, rtts.len() / 2),
+            rtts.len(),
+            ms(&acquires, 0),
+            ms(&acquires, acquires.len() / 2),
+            acquires.len()
         );
     }
 }

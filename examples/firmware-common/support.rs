@@ -4,7 +4,10 @@
 //! `mod support` (`#[path]`); every index is checked (`get`), so none of it links a panic path.
 
 use cortex_m_semihosting::{debug, hio, nr};
-use leasehold_core::{parse_key, Config, Duration, Event, Instant, Key, Lease, OwnerId};
+use leasehold_core::resource::{AdmitError, HighWater};
+use leasehold_core::session::wire::{parse_label, Label};
+use leasehold_core::session::Session;
+use leasehold_core::{parse_key, Config, Duration, Event, Fence, Instant, Key, Lease, OwnerId};
 
 // ----- The pump: the same policy on every firmware, so the end-to-end test reads all alike -----
 
@@ -64,6 +67,95 @@ pub fn report(now: Instant, due: Instant) -> Instant {
     Line::new("CLOCK ").num(now.as_micros()).say();
     Line::new("STACK ").num(stack_high_water() as u64).say();
     now + Duration::from_secs(1)
+}
+
+// ----- The pump's actuator -----
+
+/// The pump's actuator: the resource the fence protects. The controller's lease says when it
+/// may command; the actuator keeps, in RAM, the highest fence it has obeyed and refuses a
+/// command under a lower one (a command that sat in a queue, or was replayed), by core's rule
+/// (`HighWater::admit`), the one the SQL adapter and the demo apply too.
+pub struct Actuator {
+    /// What it drives, for its refusals in the log ("" on the v1 pump, which has one).
+    name: &'static str,
+    mark: HighWater,
+}
+
+impl Actuator {
+    pub const fn new(name: &'static str) -> Actuator {
+        Actuator { name, mark: HighWater::NONE }
+    }
+
+    /// Admits a command of `holder`'s grant `fence`, or refuses it and says so ("REFUSED
+    /// [NAME ]fence F below M", or "REFUSED [NAME ]fence F" when no grant could have sent it).
+    pub fn admit(&mut self, fence: Fence, holder: OwnerId) -> bool {
+        match self.mark.admit(fence, holder) {
+            Ok(mark) => {
+                self.mark = mark;
+                return true;
+            }
+            Err(AdmitError::Stale { high_water, .. }) => {
+                Line::new("REFUSED ")
+                    .push(self.name)
+                    .push("fence ")
+                    .num(fence.0)
+                    .push(" below ")
+                    .num(high_water.0)
+                    .say();
+            }
+            Err(_) => {
+                Line::new("REFUSED ").push(self.name).push("fence ").num(fence.0).say();
+            }
+        }
+        false
+    }
+}
+
+// ----- The pump on sessions (protocol v2): the same policy on every session firmware -----
+
+/// The session's ttl. Keepalives go every ttl/4 = 1 s, and a waiter's keepalive is held at
+/// most as long: a pushed hand-off is milliseconds, a polled one would average half a second.
+pub const SESSION_TTL: Duration = Duration::from_millis(4_000);
+/// Actions per holding of both keys: 5 s of holding, longer than the ttl, so the keys must be
+/// renewed.
+pub const SESSION_ACTS_PER_HOLD: u32 = 50;
+/// The keys a session pump holds at once: "pump", then "valve".
+pub const SESSION_KEYS: usize = 2;
+/// Keys it observes: none. The session machine's room for observations is most of its size
+/// (7.4 KB of stack for 16, 1.3 KB for none).
+pub const SESSION_OBSERVED: usize = 0;
+
+/// The session pump's machine (not yet opened), labelled "pump-DEVICE", configured as
+/// `leasehold_client::Options::session`. Returns the device id, the machine, its validity per
+/// ttl and whether REPLAY was asked for. Logs BOOT.
+pub fn pump_session(
+    board: &str,
+    runtime: &str,
+) -> (u32, Session<SESSION_KEYS, SESSION_OBSERVED>, Duration, bool) {
+    let [device, nonce, replay] = boot_args();
+    let mut config = Config::new(SESSION_TTL);
+    // A keepalive every ttl/4 (also the longest the gateway holds one), a request timeout of
+    // ttl/3, longer than that hold.
+    config.renew_every = SESSION_TTL.mul_div_floor(1, 4);
+    config.request_timeout = SESSION_TTL.mul_div_floor(1, 3);
+    config.jitter_seed = u64::from(nonce) ^ u64::from(device);
+    let Ok(session) = Session::new(session_label(device), config) else { fail() };
+    Line::new("BOOT device ")
+        .num(u64::from(device))
+        .push(" board ")
+        .push(board)
+        .push(runtime)
+        .push(" sessions")
+        .say();
+    (device, session, config.validity(SESSION_TTL), replay == 1)
+}
+
+/// The session's label: "pump-DEVICE" (the end-to-end test finds a board's session by it).
+fn session_label(device: u32) -> Label {
+    let mut line = Line::new("pump-");
+    line.num(u64::from(device));
+    let text = line.buf.get(..line.len).and_then(|b| core::str::from_utf8(b).ok()).unwrap_or("pump");
+    parse_label(text).unwrap_or_else(|_| fail())
 }
 
 // ----- Memory-mapped peripheral registers -----

@@ -21,6 +21,8 @@
 
 #[path = "../../firmware-common/lm3s6965evb.rs"]
 mod board;
+// Each build uses only part of it.
+#[allow(dead_code)]
 #[path = "../../firmware-common/support.rs"]
 mod support;
 
@@ -31,15 +33,11 @@ use core::task::{Poll, Waker};
 use cortex_m_rt::entry;
 use critical_section::Mutex;
 use embassy_executor::Executor;
-use embassy_futures::select::{select3, Either3};
-use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
-use embassy_sync::signal::Signal;
 use embassy_sync::waitqueue::AtomicWaker;
-use embassy_time::{Delay, Timer};
 use embassy_time_driver::Driver;
-use leasehold_core::{Duration, Instant};
-use leasehold_serial::{AsyncDeviceLink, Clock, LeaseWatch};
-use support::{fail, log_event, paint_stack, pump_lease, report, Line, ACTS_PER_HOLD, ACT_EVERY, ACT_GUARD};
+use leasehold_core::Instant;
+use leasehold_serial::Clock;
+use support::{fail, paint_stack};
 
 // ----- embassy-time: SysTick's counter for now(), Timer 0A's tick for alarms -----
 
@@ -166,84 +164,22 @@ impl embedded_io_async::Write for AsyncUart {
     }
 }
 
-// ----- The two tasks -----
+// ----- The tasks: protocol v1 (src/lease.rs) or v2 sessions (src/sessions.rs) -----
 
-type Link = AsyncDeviceLink<AsyncUart, board::SysTickClock, Delay>;
-
-static WATCH: LeaseWatch = LeaseWatch::new();
-static RELEASE: Signal<CriticalSectionRawMutex, ()> = Signal::new();
-
-#[embassy_executor::task]
-async fn link_task(mut link: Link, validity: Duration) -> ! {
-    link.publish_to(&WATCH);
-    let _ = link.acquire();
-    let mut asked_at = now();
-    let mut reacquire_at: Option<Instant> = None;
-    loop {
-        let again = async {
-            match reacquire_at {
-                Some(t) => Timer::at(at(t)).await,
-                None => core::future::pending().await,
-            }
-        };
-        // Losing this race drops `next_event` mid-wait, which it is built for.
-        match select3(link.next_event(), RELEASE.wait(), again).await {
-            Either3::First(event) => {
-                let Ok(event) = event;
-                if let Some(t) = log_event(&event, now(), asked_at, validity) {
-                    reacquire_at = Some(t);
-                }
-            }
-            Either3::Second(()) => {
-                let _ = link.release();
-            }
-            Either3::Third(()) => {
-                reacquire_at = None;
-                asked_at = now();
-                let _ = link.acquire();
-            }
-        }
-    }
-}
-
-#[embassy_executor::task]
-async fn pump_task() -> ! {
-    // (fence, actions under it)
-    let mut acting = (0, 0);
-    let mut next_report = Instant::ZERO;
-    loop {
-        Timer::after_micros(ACT_EVERY.as_micros()).await;
-        let now = now();
-        // The fence goes with every action; acting needs validity to spare.
-        if let Some((fence, left)) = WATCH.held(now) {
-            if fence.0 != acting.0 {
-                acting = (fence.0, 0);
-            }
-            if acting.1 == ACTS_PER_HOLD {
-                // Released one period after the last action, when it has finished.
-                acting.1 += 1;
-                RELEASE.signal(());
-            } else if left >= ACT_GUARD && acting.1 < ACTS_PER_HOLD {
-                acting.1 += 1;
-                Line::new("ACT ").num(fence.0).push(" ").num(u64::from(acting.1)).say();
-            }
-        }
-        next_report = report(now, next_report);
-    }
-}
+#[cfg(not(feature = "sessions"))]
+mod lease;
+#[cfg(not(feature = "sessions"))]
+use lease as tasks;
+#[cfg(feature = "sessions")]
+mod sessions;
+#[cfg(feature = "sessions")]
+use sessions as tasks;
 
 #[entry]
 fn main() -> ! {
     paint_stack();
     let mut cp = cortex_m::Peripherals::take().unwrap_or_else(|| fail());
     let (uart, clock) = board::init(&mut cp);
-
-    let (device, lease, key, validity) = pump_lease(board::NAME, " embassy");
-    let link = AsyncDeviceLink::new(AsyncUart(uart), clock, Delay, lease, key, device);
-
     let executor = cortex_m::singleton!(: Executor = Executor::new()).unwrap_or_else(|| fail());
-    executor.run(|spawner| {
-        spawner.spawn(link_task(link, validity).unwrap_or_else(|_| fail()));
-        spawner.spawn(pump_task().unwrap_or_else(|_| fail()));
-    })
+    executor.run(|spawner| tasks::spawn(spawner, AsyncUart(uart), clock))
 }

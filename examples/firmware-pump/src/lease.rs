@@ -5,10 +5,11 @@ use cortex_m_rt::entry;
 use leasehold_core::{Event, Fence, Instant};
 use leasehold_serial::DeviceLink;
 
+use crate::board;
+use crate::support::Actuator;
 use crate::support::{
     boot_args, fail, log_event, paint_stack, pump_lease, report, Line, ACTS_PER_HOLD, ACT_EVERY, ACT_GUARD,
 };
-use crate::{board, Actuator};
 
 /// Runs the `n`-th action of `holder`'s grant `fence` ("ACT F N"), unless the actuator
 /// refuses it.

@@ -33,54 +33,10 @@ compile_error!("choose one board: `--no-default-features --features microbit` fo
 mod board;
 #[cfg(feature = "sessions")]
 mod sessions;
-// The session pump uses only part of it.
-#[cfg_attr(feature = "sessions", allow(dead_code))]
+// Each build uses only part of it.
+#[allow(dead_code)]
 #[path = "../../firmware-common/support.rs"]
 mod support;
-
-use leasehold_core::resource::{AdmitError, HighWater};
-use leasehold_core::{Fence, OwnerId};
-use support::Line;
-
-/// The pump's actuator: the resource the fence protects. The controller's lease says when it
-/// may command; the actuator keeps, in RAM, the highest fence it has obeyed and refuses a
-/// command under a lower one (a command that sat in a queue, or was replayed), by core's rule
-/// (`HighWater::admit`), the one the SQL adapter and the demo apply too.
-struct Actuator {
-    /// What it drives, for its refusals in the log ("" on the v1 pump, which has one).
-    name: &'static str,
-    mark: HighWater,
-}
-
-impl Actuator {
-    const fn new(name: &'static str) -> Actuator {
-        Actuator { name, mark: HighWater::NONE }
-    }
-
-    /// Admits a command of `holder`'s grant `fence`, or refuses it and says so ("REFUSED
-    /// [NAME ]fence F below M", or "REFUSED [NAME ]fence F" when no grant could have sent it).
-    fn admit(&mut self, fence: Fence, holder: OwnerId) -> bool {
-        match self.mark.admit(fence, holder) {
-            Ok(mark) => {
-                self.mark = mark;
-                return true;
-            }
-            Err(AdmitError::Stale { high_water, .. }) => {
-                Line::new("REFUSED ")
-                    .push(self.name)
-                    .push("fence ")
-                    .num(fence.0)
-                    .push(" below ")
-                    .num(high_water.0)
-                    .say();
-            }
-            Err(_) => {
-                Line::new("REFUSED ").push(self.name).push("fence ").num(fence.0).say();
-            }
-        }
-        false
-    }
-}
 
 /// Called by the board's 1 kHz wake-up interrupt; the main loop needs nothing more than the
 /// wake-up itself.

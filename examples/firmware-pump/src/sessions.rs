@@ -4,7 +4,7 @@
 //! The device opens a session through the gateway, queues for "pump", and once it holds it
 //! queues for "valve" (always in that order, so two devices can never each hold one and wait
 //! for the other). While it holds both it commands both actuators every 100 ms, each command
-//! under its key's fence, and gives both back after [`ACTS_PER_HOLD`] actions. A device that
+//! under its key's fence, and gives both back after [`SESSION_ACTS_PER_HOLD`] actions. A device that
 //! waits is pushed its grant by the gateway in the reply to a keepalive it holds open: the
 //! firmware never polls for a key.
 //!
@@ -27,24 +27,15 @@
 
 use cortex_m_rt::entry;
 use embedded_io::{Read, ReadReady, Write};
-use leasehold_core::session::wire::parse_label;
-use leasehold_core::session::{Session, SessionEvent};
-use leasehold_core::{parse_key, Config, Duration, Fence, Instant, Key, OwnerId};
+use leasehold_core::session::SessionEvent;
+use leasehold_core::{parse_key, Duration, Fence, Instant, Key, OwnerId};
 use leasehold_serial::{Clock, SessionLink};
 
-use crate::support::{boot_args, fail, paint_stack, report, Line, ACT_EVERY, ACT_GUARD, PAUSE};
-use crate::{board, Actuator};
-
-/// The session's ttl. Keepalives go every ttl/4 = 1 s, and a waiter's keepalive is held at
-/// most as long: a pushed hand-off is milliseconds, a polled one would average half a second.
-pub const TTL: Duration = Duration::from_millis(4_000);
-/// Actions per holding: 5 s of holding, longer than the ttl, so the keys must be renewed.
-pub const ACTS_PER_HOLD: u32 = 50;
-/// The keys a device holds at once.
-const KEYS: usize = 2;
-/// Keys it observes: none. The session machine's room for observations is most of its size
-/// (7.4 KB of stack for 16, 1.3 KB for none).
-const OBSERVED: usize = 0;
+use crate::board;
+use crate::support::{
+    fail, paint_stack, pump_session, report, Actuator, Line, ACT_EVERY, ACT_GUARD, PAUSE,
+    SESSION_ACTS_PER_HOLD, SESSION_KEYS, SESSION_OBSERVED,
+};
 
 /// The keys, in the order they are taken.
 struct Keys {
@@ -67,59 +58,19 @@ enum Phase {
     Pausing { resume_at: Instant },
 }
 
-/// The session's label: "pump-DEVICE".
-fn label(device: u32) -> leasehold_core::session::wire::Label {
-    let mut buf = [0u8; 16];
-    let prefix = b"pump-";
-    let mut len = 0;
-    for (slot, &b) in buf.iter_mut().zip(prefix) {
-        *slot = b;
-        len += 1;
-    }
-    let mut digits = [0u8; 10];
-    let (mut n, mut count) = (device, 0);
-    for d in digits.iter_mut() {
-        *d = b'0' + (n % 10) as u8;
-        n /= 10;
-        count += 1;
-        if n == 0 {
-            break;
-        }
-    }
-    for (&d, slot) in digits.iter().take(count).rev().zip(buf.iter_mut().skip(len)) {
-        *slot = d;
-        len += 1;
-    }
-    let text = buf.get(..len).and_then(|b| core::str::from_utf8(b).ok()).unwrap_or("pump");
-    parse_label(text).unwrap_or_else(|_| fail())
-}
-
 #[entry]
 fn main() -> ! {
     paint_stack();
     let mut cp = cortex_m::Peripherals::take().unwrap_or_else(|| fail());
     let (uart, clock) = board::init(&mut cp);
-    let [device, nonce, replay] = boot_args();
-    let mut config = Config::new(TTL);
-    // As `leasehold_client::Options::session`: a keepalive every ttl/4 (also the longest the
-    // gateway holds one), a request timeout of ttl/3, longer than that hold.
-    config.renew_every = TTL.mul_div_floor(1, 4);
-    config.request_timeout = TTL.mul_div_floor(1, 3);
-    config.jitter_seed = u64::from(nonce) ^ u64::from(device);
-    let Ok(session) = Session::<KEYS, OBSERVED>::new(label(device), config) else { fail() };
-    Line::new("BOOT device ")
-        .num(u64::from(device))
-        .push(" board ")
-        .push(board::NAME)
-        .push(" sessions")
-        .say();
+    let (device, session, validity, replay) = pump_session(board::NAME, "");
     let (Ok(pump), Ok(valve)) = (parse_key("pump"), parse_key("valve")) else { fail() };
     let link = SessionLink::new(uart, clock, session, device);
-    run(link, Keys { pump, valve }, config.validity(TTL), replay == 1)
+    run(link, Keys { pump, valve }, validity, replay)
 }
 
 fn run<U: Read + ReadReady + Write, C: Clock>(
-    mut link: SessionLink<U, C, KEYS, OBSERVED>,
+    mut link: SessionLink<U, C, SESSION_KEYS, SESSION_OBSERVED>,
     keys: Keys,
     validity: Duration,
     mut replay: bool,
@@ -160,7 +111,7 @@ fn run<U: Read + ReadReady + Write, C: Clock>(
                 *next_act = now + ACT_EVERY;
                 let holder = OwnerId(link.session().id().map_or(0, |s| s.0));
                 let left = |key: &Key| link.remaining(key).unwrap_or(Duration::ZERO);
-                if *acts >= ACTS_PER_HOLD {
+                if *acts >= SESSION_ACTS_PER_HOLD {
                     // Given back one period after the last action, when it has finished; the
                     // valve first, so the next holder of the pump finds it free. Said before
                     // the frames go: a hand-off is timed from here.
@@ -206,7 +157,7 @@ fn run<U: Read + ReadReady + Write, C: Clock>(
 
 /// Queues for `key` (the machine says `Queued`, then `Acquired` when it is pushed to us).
 fn ask<U: Read + ReadReady + Write, C: Clock>(
-    link: &mut SessionLink<U, C, KEYS, OBSERVED>,
+    link: &mut SessionLink<U, C, SESSION_KEYS, SESSION_OBSERVED>,
     key: &Key,
     now: Instant,
 ) -> Phase {
@@ -217,7 +168,7 @@ fn ask<U: Read + ReadReady + Write, C: Clock>(
 }
 
 fn on_event<U: Read + ReadReady + Write, C: Clock>(
-    link: &mut SessionLink<U, C, KEYS, OBSERVED>,
+    link: &mut SessionLink<U, C, SESSION_KEYS, SESSION_OBSERVED>,
     keys: &Keys,
     phase: Phase,
     event: SessionEvent,
@@ -288,7 +239,7 @@ fn on_event<U: Read + ReadReady + Write, C: Clock>(
 
 /// Stops acting, gives back whatever is held or asked for, and pauses.
 fn give_back<U: Read + ReadReady + Write, C: Clock>(
-    link: &mut SessionLink<U, C, KEYS, OBSERVED>,
+    link: &mut SessionLink<U, C, SESSION_KEYS, SESSION_OBSERVED>,
     keys: &Keys,
     now: Instant,
 ) -> Phase {
