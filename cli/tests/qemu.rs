@@ -1,7 +1,9 @@
 //! End to end on emulated hardware: the built-in server, the gateway, an lm3s6965evb
-//! (Cortex-M3) and a micro:bit (Cortex-M0) running examples/firmware-pump, and a host client,
-//! all contending for "pump". Also: the release firmwares contain no panic path, and their
-//! sizes.
+//! (Cortex-M3) and a micro:bit (Cortex-M0) running examples/firmware-pump, an lm3s6965evb
+//! running examples/firmware-embassy, and a host client, all contending for "pump"; then the
+//! same three boards on protocol v2 sessions, holding "pump" and "valve". Also: the release
+//! firmwares contain no panic path, and their sizes. `LEASEHOLD_QEMU_LOG=FILE` keeps the
+//! session test's merged log.
 //!
 //! Needs `qemu-system-arm` and the `thumbv7m-none-eabi` and `thumbv6m-none-eabi` targets
 //! (`bash scripts/setup.sh`).

@@ -1,12 +1,19 @@
-//! The pump controller of firmware-pump on embassy, on QEMU's lm3s6965evb (Cortex-M3): two
-//! tasks on `embassy-executor`, and an `embassy-time` driver over the board's clock.
+//! The pump controller of firmware-pump on embassy, on QEMU's lm3s6965evb (Cortex-M3): tasks
+//! on `embassy-executor`, and an `embassy-time` driver over the board's clock.
 //!
-//! - The link task owns the [`AsyncDeviceLink`] and waits in `next_event`, in a `select`
+//! On protocol v1 (the default, src/lease.rs), two tasks:
+//! - The link task owns the `AsyncDeviceLink` and waits in `next_event`, in a `select`
 //!   against a release request and its re-acquire timer: `next_event` is cancel-safe, so
 //!   losing that race costs nothing.
 //! - The pump task acts every 100 ms while the lease is valid, reading the validity and the
-//!   fence from a [`LeaseWatch`] the link publishes to, since the link itself is borrowed by
+//!   fence from a `LeaseWatch` the link publishes to, since the link itself is borrowed by
 //!   its waiting task. A period after its eighth action it asks the link task to release.
+//!
+//! With the `sessions` feature it runs protocol v2 instead (src/sessions.rs): firmware-pump's
+//! session storyline, "pump" then "valve" in one session, on the async `AsyncSessionLink`,
+//! with a `SessionWatch` in place of the `LeaseWatch` and a third task logging renewals. Build
+//! it into its own target directory so it never overwrites the v1 ELF:
+//! `cargo build --release --features sessions --target-dir target/sessions`.
 //!
 //! Time: `embassy-time`'s driver reads SysTick's cycle counter (the same clock as
 //! firmware-pump, `firmware-common/lm3s6965evb.rs`) at 1 MHz, and wakes expired timers from
@@ -41,7 +48,8 @@ use support::{fail, paint_stack};
 
 // ----- embassy-time: SysTick's counter for now(), Timer 0A's tick for alarms -----
 
-/// Timers waiting at once: the pump's `Timer`, the link's `Delay` and its re-acquire `Timer`.
+/// Timers waiting at once: the pump's `Timer`, the link's `Delay` and its re-acquire (or, on
+/// sessions, end-of-pause) `Timer`.
 const TIMERS: usize = 4;
 
 /// The timer queue: who to wake, and when. A fixed table rather than embassy-time-queue-utils:
