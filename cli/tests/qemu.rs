@@ -1000,6 +1000,9 @@ fn session_boards(config: impl FnOnce(&mut ServerConfig), gateway_fault: &str) {
             .filter_map(|(_, w)| nums(&w).first().copied())
             .collect();
         rtts.sort_unstable();
+        // Every board waited or held for longer than a keepalive interval, so each saw its
+        // session renewed (the embassy build through its watch's wake-ups).
+        assert!(!rtts.is_empty(), "{who} never logged a renewal:\n{}", dump());
         // A request's round trip that nothing holds: the valve's acquire, asked for the moment
         // the pump is granted, and free (only the pump's holder takes it, and it gives the
         // valve back first).
