@@ -621,7 +621,7 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
                 s.expires_at = now + s.ttl;
                 let ttl = s.ttl;
                 if let SessionOp::KeepAliveSeen { key, change } = &request.op {
-                    self.observations.ack(sid, key, *change);
+                    self.observations.ack(sid, key, *change, request.seq);
                 }
                 let chain = s.claims;
                 let keys = &self.keys;
