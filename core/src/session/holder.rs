@@ -661,6 +661,10 @@ impl<const K: usize, const O: usize> Session<K, O> {
     /// authority holds a keepalive open until it has a grant to push (HTTP long polling), so
     /// that a key just queued for has a keepalive out to bring its grant at once. A keepalive
     /// already out is left alone. Renewing early is always safe.
+    ///
+    /// After a pushed grant, while other keys still wait, the machine makes the next keepalive
+    /// itself once the grant's confirmation is answered: one made before could overtake the
+    /// confirmation on the way and be answered at once with the same grant again.
     pub fn keep_alive_now(&mut self, now: Instant) {
         if self.expire(now) {
             return;
