@@ -204,7 +204,7 @@ impl DriverThread {
         let ex = executor.clone();
         std::thread::Builder::new()
             .name("leasehold-driver".into())
-            .spawn(move || async_io::block_on(ex.run(future::pending::<()>())))?;
+            .spawn(move || future::block_on(ex.run(future::pending::<()>())))?;
         let _ = SHARED.set(executor.clone());
         Ok(DriverThread { executor })
     }
