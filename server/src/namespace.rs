@@ -86,6 +86,9 @@ pub(crate) struct Namespace {
     turns: Arc<KeyTurns>,
     /// To the runner, which decides each v1 request on a task of its own.
     jobs: async_channel::Sender<Job>,
+    /// Planted bug: a grant is answered before its hold is durable.
+    #[cfg(feature = "fault-injection")]
+    answer_early: bool,
 }
 
 struct Job {
@@ -111,9 +114,19 @@ impl Namespace {
         sessions: Sessions,
         clock: Clock,
         lock_delay: Duration,
+        #[cfg(feature = "fault-injection")] answer_early: bool,
     ) -> (Namespace, impl std::future::Future<Output = ()> + Send) {
         let (jobs, queued) = async_channel::bounded::<Job>(1024);
-        let namespace = Namespace { store, sessions, clock, lock_delay, turns: Arc::default(), jobs };
+        let namespace = Namespace {
+            store,
+            sessions,
+            clock,
+            lock_delay,
+            turns: Arc::default(),
+            jobs,
+            #[cfg(feature = "fault-injection")]
+            answer_early,
+        };
         let this = namespace.clone();
         let runner = async move {
             let ex = smol::Executor::new();
@@ -171,22 +184,36 @@ impl Namespace {
         };
         let claim = namespace::V1Claim::of(&request.op);
         let mut floor = Fence::NONE;
+        let mut hold = None;
         if let Some(claim) = claim {
             match self.sessions.hold_external(key.clone(), claim.exclusive()).await {
                 Err(e) => {
                     let _ = answer.try_send(Err(V1Error::Sessions(e)));
                     return;
                 }
-                Ok(Ok(fence)) => floor = fence,
-                Ok(Err(refusal)) => {
+                Ok((Ok(fence), commit)) => (floor, hold) = (fence, Some(commit)),
+                // A refusal may be answered before it is on disk: refusing is always safe.
+                Ok((Err(refusal), _)) => {
                     let _ = answer.try_send(Ok(claim.refused(refusal)));
                     return;
                 }
             }
         }
+        // v1 decides and commits while the hold's commit is under way: the two fsyncs overlap.
         let decided = self.store.apply(key.clone(), request, floor).await;
         let record = decided.as_ref().ok().map(|d| d.record);
-        let _ = answer.try_send(decided.map_err(V1Error::Store));
+        let decided = decided.map_err(V1Error::Store);
+        #[cfg(feature = "fault-injection")]
+        if self.answer_early {
+            let _ = answer.try_send(decided.clone());
+        }
+        // A grant only once its hold is on disk too: a failed session commit rebuilds the
+        // table from the log, which then lacks the hold (see the module docs).
+        let held = match hold {
+            Some(commit) => commit.durable().await.map_err(V1Error::Sessions),
+            None => Ok(()),
+        };
+        let _ = answer.try_send(held.and(decided));
         let record = match record {
             Some(r) => r,
             // A failed release changed nothing the sessions need to know early: their hold
