@@ -306,7 +306,7 @@ async fn read_body(req: hyper::Request<Incoming>, timeout: std::time::Duration) 
     // hyper bounds the wait for the head only; a client that never finishes its body must not
     // pin the connection either.
     let deadline = async {
-        async_io::Timer::after(timeout).await;
+        leasehold_timer::Deadline::after(timeout).await;
         Err(err(StatusCode::BAD_REQUEST, "malformed_json", format!("body not received within {timeout:?}")))
     };
     let body = futures_lite::future::or(collect, deadline).await?;

@@ -741,7 +741,7 @@ impl Writer {
             let first = match wake_at {
                 Some(at) => {
                     futures_lite::future::or(job, async {
-                        async_io::Timer::at(at).await;
+                        leasehold_timer::Deadline::at(at).await;
                         Some(None)
                     })
                     .await

@@ -386,7 +386,7 @@ impl Writer {
         match until {
             Some(at) => {
                 futures_lite::future::or(job, async {
-                    async_io::Timer::at(at).await;
+                    leasehold_timer::Deadline::at(at).await;
                     Wake::Timer
                 })
                 .await

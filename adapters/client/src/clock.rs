@@ -48,7 +48,7 @@ impl Clock for SystemClock {
     fn sleep_until(&self, deadline: Instant) -> Boxed<'static, ()> {
         let at = to_std(deadline);
         Box::pin(async move {
-            async_io::Timer::at(at).await;
+            leasehold_timer::Deadline::at(at).await;
         })
     }
 }

@@ -298,7 +298,7 @@ impl HttpClient {
     pub async fn send(&self, request: hyper::Request<Full<Bytes>>) -> Result<HttpResponse, TransportError> {
         let timeout = self.timeout;
         future::or(self.send_inner(request), async move {
-            async_io::Timer::after(timeout).await;
+            leasehold_timer::Deadline::after(timeout).await;
             Err(TransportError::Timeout { addr: self.target.authority.clone(), timeout })
         })
         .await
@@ -315,7 +315,7 @@ impl HttpClient {
     pub async fn stream(&self, request: hyper::Request<Full<Bytes>>) -> Result<HttpStream, TransportError> {
         let timeout = self.timeout;
         future::or(self.stream_inner(request), async move {
-            async_io::Timer::after(timeout).await;
+            leasehold_timer::Deadline::after(timeout).await;
             Err(TransportError::Timeout { addr: self.target.authority.clone(), timeout })
         })
         .await
