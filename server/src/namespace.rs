@@ -178,7 +178,7 @@ impl Namespace {
             None
         })
         .await;
-        let Some(_turn) = turn else {
+        let Some(turn) = turn else {
             let _ = answer.try_send(Err(V1Error::Stalled(key)));
             return;
         };
@@ -224,7 +224,7 @@ impl Namespace {
                 None => return,
             },
         };
-        self.set(key, record, floor).await;
+        self.set(key, record, floor, turn).await;
     }
 
     /// The record of `key` as the v1 store has it on disk, once it can be read; `None` if the
@@ -242,23 +242,55 @@ impl Namespace {
         None
     }
 
-    /// Tells the sessions `record`'s end and fence, until that is on disk.
-    async fn set(&self, key: Key, record: Record, floor: Fence) {
-        let mut delay = RETRY_MIN;
-        loop {
-            // The v1 clock first: the end lands no earlier than the v1 one.
-            let remaining = self.remaining(&record, self.clock.now());
-            match self
-                .sessions
-                .set_external(key.clone(), remaining, namespace::set_fence(&record, floor))
-                .await
-            {
-                Ok(()) => return,
-                Err(e) if matches!(*e, SessionStoreError::Stopped) => return,
-                Err(e) => {
-                    tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {e}")
+    /// Tells the sessions `record`'s end and fence. The key's turn goes once that is applied
+    /// in memory: the key's next request is logged after it, so it sees it. If its commit then
+    /// fails, the rebuilt table lacks it (and has the key held at least as long: see the
+    /// module docs), and [`reset`](Self::reset) tells the sessions what the v1 store holds by
+    /// then, under the key's turn again.
+    async fn set(&self, key: Key, record: Record, floor: Fence, turn: Turn<'_>) {
+        // The v1 clock first: the end lands no earlier than the v1 one.
+        let remaining = self.remaining(&record, self.clock.now());
+        let applied =
+            self.sessions.set_external(key.clone(), remaining, namespace::set_fence(&record, floor)).await;
+        let failed = match applied {
+            Ok(commit) => {
+                drop(turn);
+                match commit.durable().await {
+                    Ok(()) => return,
+                    Err(e) => e,
                 }
             }
+            Err(e) => e,
+        };
+        if matches!(*failed, SessionStoreError::Stopped) {
+            return;
+        }
+        tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {failed}");
+        async_io::Timer::after(RETRY_MIN).await;
+        let _turn = self.turns.take(&key).await;
+        self.reset(&key).await;
+    }
+
+    /// Tells the sessions what the v1 store holds for `key`, until that is on disk; under the
+    /// key's turn, so no v1 decision of the key is under way and the record is its truth.
+    async fn reset(&self, key: &Key) {
+        let mut delay = RETRY_MIN;
+        while let Some(record) = self.read_back(key).await {
+            let remaining = self.remaining(&record, self.clock.now());
+            // The record's own last fence: the sessions' floor under it is on disk, or was
+            // never answered.
+            let set = self.sessions.set_external(key.clone(), remaining, record.last_fence).await;
+            let failed = match set {
+                Ok(commit) => match commit.durable().await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if matches!(*failed, SessionStoreError::Stopped) {
+                return;
+            }
+            tracing::warn!("telling the sessions what v1 holds for {key:?} failed, retrying: {failed}");
             async_io::Timer::after(delay).await;
             delay = (delay * 2).min(RETRY_MAX);
         }

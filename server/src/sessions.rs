@@ -555,31 +555,40 @@ impl Sessions {
         result.recv().await.map_err(|_| Arc::new(SessionStoreError::Stopped))?
     }
 
-    /// Holds `key` for a v1 request about to be decided ([`ExternalHold::Pending`]); answers
-    /// as soon as the hold is applied in memory, with the key's last fence, which v1's grant
-    /// must be above, and the hold's commit to wait for ([`HoldCommit::durable`]) before v1
-    /// may answer a grant. Follow it with [`set_external`](Self::set_external), whatever v1
-    /// decides (a refused hold changed nothing and needs neither).
-    pub(crate) async fn hold_external(
+    /// Submits `input` and answers once it is applied in memory, before its commit: its
+    /// reply, and the commit to wait for ([`LogCommit::durable`]).
+    async fn submit_applied(
         &self,
-        key: Key,
-        exclusive: bool,
-    ) -> Result<(Result<Fence, ExternalRefusal>, HoldCommit), Arc<SessionStoreError>> {
-        let input = Input::HoldExternal { key, hold: ExternalHold::Pending, exclusive };
+        input: Input,
+    ) -> Result<(SessionReply, LogCommit), Arc<SessionStoreError>> {
         let (applied, in_memory) = async_channel::bounded(1);
         let (done, committed) = async_channel::bounded(1);
         let job = Job { input, hold: None, applied: Some(applied), done };
         self.jobs.send(job).await.map_err(|_| Arc::new(SessionStoreError::Stopped))?;
-        let commit = HoldCommit { committed };
-        let reply = match in_memory.recv().await {
-            Ok(reply) => reply,
+        let commit = LogCommit { committed };
+        match in_memory.recv().await {
+            Ok(reply) => Ok((reply, commit)),
             // Never applied (the log could not be rebuilt after a failure): the commit's
             // answer says why.
             Err(_) => {
                 commit.durable().await?;
-                return Err(Arc::new(SessionStoreError::Stopped));
+                Err(Arc::new(SessionStoreError::Stopped))
             }
-        };
+        }
+    }
+
+    /// Holds `key` for a v1 request about to be decided ([`ExternalHold::Pending`]); answers
+    /// as soon as the hold is applied in memory, with the key's last fence, which v1's grant
+    /// must be above, and the hold's commit, which v1 must wait for before it answers a grant.
+    /// Follow it with [`set_external`](Self::set_external), whatever v1 decides (a refused hold
+    /// changed nothing and needs neither).
+    pub(crate) async fn hold_external(
+        &self,
+        key: Key,
+        exclusive: bool,
+    ) -> Result<(Result<Fence, ExternalRefusal>, LogCommit), Arc<SessionStoreError>> {
+        let input = Input::HoldExternal { key, hold: ExternalHold::Pending, exclusive };
+        let (reply, commit) = self.submit_applied(input).await?;
         let held = match reply {
             SessionReply::Granted { fence, .. } => Ok(fence),
             SessionReply::Busy { expires_in, .. } => Err(ExternalRefusal::Busy { retry_after: expires_in }),
@@ -589,15 +598,15 @@ impl Sessions {
     }
 
     /// Records what v1 decided for `key`: held for `remaining` from now (`None`: free), and
-    /// the highest fence v1 granted it. Returns once it is on disk.
+    /// the highest fence v1 granted it. Answers once it is applied in memory, with its commit.
     pub(crate) async fn set_external(
         &self,
         key: Key,
         remaining: Option<StdDuration>,
         fence: Fence,
-    ) -> Result<(), Arc<SessionStoreError>> {
+    ) -> Result<LogCommit, Arc<SessionStoreError>> {
         let until = remaining.map(|r| self.clock.now() + Duration::from_micros(r.as_micros() as u64));
-        self.submit(Input::SetExternal { key, until, fence }, None).await.map(|_| ())
+        Ok(self.submit_applied(Input::SetExternal { key, until, fence }).await?.1)
     }
 
     /// At a start, before the writer runs: makes the keys held under another protocol exactly
@@ -701,15 +710,15 @@ impl Sessions {
     }
 }
 
-/// The commit of a v1 hold ([`Sessions::hold_external`]), which the session writer makes
-/// whether or not anyone waits for it.
-pub(crate) struct HoldCommit {
+/// The commit of an input answered from memory (a v1 hold or set), which the session writer
+/// makes whether or not anyone waits for it.
+pub(crate) struct LogCommit {
     committed: async_channel::Receiver<Result<SessionReply, Arc<SessionStoreError>>>,
 }
 
-impl HoldCommit {
-    /// Returns once the hold is on disk, or why it is not (then a rebuild of the session table
-    /// from its log drops it: the hold never happened).
+impl LogCommit {
+    /// Returns once the input is on disk, or why it is not (then a rebuild of the session
+    /// table from its log drops it: it never happened).
     pub(crate) async fn durable(self) -> Result<(), Arc<SessionStoreError>> {
         self.committed.recv().await.map_err(|_| Arc::new(SessionStoreError::Stopped))?.map(|_| ())
     }

@@ -256,7 +256,7 @@ fn a_start_tells_the_sessions_what_v1_holds_even_with_the_session_log_gone() {
 #[cfg(feature = "fault-injection")]
 mod faults {
     use super::*;
-    use leasehold_server::{RunningServer, ServerFaults};
+    use leasehold_server::{RunningServer, Server, ServerConfig, ServerFaults};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -353,6 +353,33 @@ mod faults {
     }
 
     #[test]
+    fn faults_a_set_whose_commit_failed_keeps_the_key_from_sessions_until_v1_truth_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, switch) = faulty(dir.path(), false);
+        let mut a = open(s.addr(), TTL, "a");
+        assert_eq!(v1_fence(&v1_acquire(s.addr(), "k", 7, V1_TTL)), 1);
+        switch.store(true, Ordering::Relaxed);
+        // Answered before its set, whose commit then fails (and its retries, while the switch
+        // is on): the rebuilt table still has the grant's hold, so sessions are refused.
+        assert_eq!(v1_release(s.addr(), "k", 7, 1), json!("released"));
+        within(10, "a failed session commit", || {
+            (metric(s.addr(), "leasehold_session_log_failures_total") > 0).then_some(())
+        });
+        let busy = within(10, "the session's acquire answered", || a.try_send(acquire("k", false)));
+        assert!(
+            matches!(busy, SessionReply::Busy { .. }),
+            "granted before v1's release reached the log: {busy:?}"
+        );
+        switch.store(false, Ordering::Relaxed);
+        // The retry tells the sessions what v1 holds by then: free, well before the lease's 30 s.
+        within(10, "the key free for sessions", || match a.try_send(acquire("k", false)) {
+            Some(SessionReply::Granted { fence, .. }) => Some(assert_eq!(fence, Fence(2))),
+            _ => None,
+        });
+        assert!(v1_acquire(s.addr(), "k", 8, V1_TTL)["busy"].is_object());
+    }
+
+    #[test]
     fn faults_a_restart_after_a_hold_that_never_reached_the_log_restores_it_from_v1() {
         // The crash between v1's commit and its hold's: v1's record is on disk, the log has
         // neither the hold nor the set.
@@ -362,7 +389,11 @@ mod faults {
             switch.store(true, Ordering::Relaxed);
             assert_eq!(v1_try_acquire(s.addr(), "k", 7).status, 503);
         }
-        let s = server(dir.path());
+        // A commit the stopped server's session writer had under way on the blocking pool
+        // (a rebuild of the table, failing again) may keep the log open a moment longer.
+        let s = within(10, "the stopped server's logs closed", || {
+            Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).ok()
+        });
         let mut a = open(s.addr(), TTL, "a");
         assert!(
             matches!(a.send(acquire("k", false)), SessionReply::Busy { .. }),
