@@ -341,10 +341,11 @@ mod faults {
         switch.store(false, Ordering::Relaxed);
         // v1 stored an unanswered grant of fence 1 for owner 7; its set lands now, beside the
         // session's grant. Neither v1 owner may have the key while the session holds it.
-        within(10, "v1's set on disk", || {
+        let r = within(10, "v1's set on disk", || {
             let r = v1_try_acquire(s.addr(), "k", 7);
-            (r.status == 200).then(|| assert!(r.json()["reply"]["busy"].is_object(), "{}", r.body))
+            (r.status == 200).then_some(r)
         });
+        assert!(r.json()["reply"]["busy"].is_object(), "{}", r.body);
         assert!(v1_acquire(s.addr(), "k", 8, V1_TTL)["busy"].is_object());
         assert_eq!(a.send(release("k", fence)), SessionReply::Released { key: parse_key("k").unwrap() });
         // Owner 7's record says it holds the key: its acquire is granted again, above both.
@@ -372,10 +373,11 @@ mod faults {
         );
         switch.store(false, Ordering::Relaxed);
         // The retry tells the sessions what v1 holds by then: free, well before the lease's 30 s.
-        within(10, "the key free for sessions", || match a.try_send(acquire("k", false)) {
-            Some(SessionReply::Granted { fence, .. }) => Some(assert_eq!(fence, Fence(2))),
+        let fence = within(10, "the key free for sessions", || match a.try_send(acquire("k", false)) {
+            Some(SessionReply::Granted { fence, .. }) => Some(fence),
             _ => None,
         });
+        assert_eq!(fence, Fence(2));
         assert!(v1_acquire(s.addr(), "k", 8, V1_TTL)["busy"].is_object());
     }
 
