@@ -288,22 +288,25 @@ impl Namespace {
         let remaining = self.remaining(&record, self.clock.now());
         let applied =
             self.sessions.set_external(key.clone(), remaining, namespace::set_fence(&record, floor)).await;
-        let failed = match applied {
+        let stopped = |e: &SessionStoreError| matches!(e, SessionStoreError::Stopped);
+        let _turn = match applied {
             Ok(commit) => {
                 drop(turn);
-                match commit.durable().await {
-                    Ok(()) => return,
-                    Err(e) => e,
+                let Err(e) = commit.durable().await else { return };
+                if stopped(&e) {
+                    return;
                 }
+                tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {e}");
+                async_io::Timer::after(RETRY_MIN).await;
+                self.turns.take(&key).await
             }
-            Err(e) => e,
+            // Never applied: the turn is still this request's.
+            Err(e) if stopped(&e) => return,
+            Err(e) => {
+                tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {e}");
+                turn
+            }
         };
-        if matches!(*failed, SessionStoreError::Stopped) {
-            return;
-        }
-        tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {failed}");
-        async_io::Timer::after(RETRY_MIN).await;
-        let _turn = self.turns.take(&key).await;
         self.reset(&key).await;
     }
 
