@@ -66,9 +66,8 @@ pub struct ServerConfig {
     pub reclaim_after: Option<std::time::Duration>,
     /// Threads that serve connections (HTTP and JSON), the one polling [`Server::run`]
     /// included: one by default. Each log is still written by one writer in one order,
-    /// whatever this is. More threads measured no faster on 2 cores, and with two, one
-    /// session test saw a pushed grant missed (a session's requests on two connections are
-    /// handled out of order more often): not the default until that is understood.
+    /// whatever this is. More threads measured no faster on 2 cores. (With two, a session's
+    /// requests are handled out of order more often; the holder machine allows for it.)
     pub threads: usize,
     /// Serve https instead of http.
     #[cfg(feature = "tls")]

@@ -243,6 +243,7 @@ impl fmt::Display for Violation {
             (SessionFault::ExternalOverSessions, _) => "LEASEHOLD_SIM_FAULT=external-over-sessions ",
             (SessionFault::ExternalBelowFloor, _) => "LEASEHOLD_SIM_FAULT=external-below-floor ",
             (SessionFault::EndExternalEarly, _) => "LEASEHOLD_SIM_FAULT=end-external-early ",
+            (SessionFault::CountStaleAcks, _) => "LEASEHOLD_SIM_FAULT=count-stale-acks ",
             (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
             _ => "",
         };

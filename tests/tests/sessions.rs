@@ -132,6 +132,12 @@ fn hiding_a_key_becoming_free_from_observers_is_caught() {
 }
 
 #[test]
+fn counting_an_observers_acknowledgement_made_before_its_observe_is_caught() {
+    let v = caught(SessionFault::CountStaleAcks);
+    assert!(v.message.contains("true history") || v.message.contains("after the heal"), "{}", v.message);
+}
+
+#[test]
 fn accepting_an_old_request_id_is_caught() {
     let v = caught(SessionFault::AcceptReplays);
     assert!(v.message.contains("replay request changed the authority's state"), "{}", v.message);
@@ -187,6 +193,7 @@ fn replay() {
         Ok("external-over-sessions") => SessionFault::ExternalOverSessions,
         Ok("external-below-floor") => SessionFault::ExternalBelowFloor,
         Ok("end-external-early") => SessionFault::EndExternalEarly,
+        Ok("count-stale-acks") => SessionFault::CountStaleAcks,
         _ => SessionFault::None,
     };
     let mut params = Params::from_seed(seed, fault);

@@ -670,27 +670,18 @@ async fn drive(inner: Arc<Inner>, executor: Arc<async_executor::Executor<'static
                 next_flight += 1;
                 flights.push(send(req, next_flight));
             }
-            let (mut news, mut acquired) = (false, false);
+            let mut news = false;
             while let Some(e) = m.poll_event() {
                 tracing::debug!("session event: {e:?}");
-                match e {
-                    // The grant will come in a keepalive's reply: have one held at the
-                    // server from now on, not from the next renewal.
-                    SessionEvent::Queued { .. } => m.keep_alive_now(inner.clock.now()),
-                    SessionEvent::Acquired { .. } => acquired = true,
-                    _ => {}
+                // The grant will come in a keepalive's reply: have one held at the server from
+                // now on, not from the next renewal. After a pushed grant the machine makes the
+                // next one itself once its confirmation lands: made before, it could overtake
+                // the confirmation on another connection and be answered at once with the
+                // grant again.
+                if let SessionEvent::Queued { .. } = e {
+                    m.keep_alive_now(inner.clock.now());
                 }
                 news |= inner.route(e);
-            }
-            // A pushed grant answered the held keepalive early; if other keys still wait, the
-            // next one must be held from now, not from the next renewal, or their grants wait
-            // for it.
-            if acquired
-                && lock(&inner.slots)
-                    .values()
-                    .any(|s| matches!(*s.event(), Some(SessionEvent::Queued { .. })))
-            {
-                m.keep_alive_now(inner.clock.now());
             }
             if news || m.state() != state_before {
                 inner.changed.notify(usize::MAX);

@@ -6,8 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::future;
-use leasehold_http::{AcquireError, BuiltinSessions, Health, LostReason, Options, SessionClient, Waiting};
+use leasehold_core::session::wire::{SessionOp, SessionRequest, SessionResponse};
+use leasehold_http::{
+    AcquireError, BuiltinSessions, Health, LostReason, Options, SessionBackend, SessionClient,
+    TransportError, Waiting,
+};
 use leasehold_server::{RunningServer, Server, ServerConfig};
+use leasehold_test_servers as test_servers;
 
 mod support;
 use support::{sleep, within};
@@ -346,6 +351,101 @@ fn one_session_waiting_for_two_keys_is_pushed_each_when_its_holder_lets_go() {
             assert!(took < Duration::from_secs(1), "{}: hand-off took {took:?}", lease.key());
             lease.release().await.unwrap();
         }
+    });
+}
+
+/// Carries a session's requests to the built-in server, those `lagged` picks `LAG` late: as if
+/// they went on a slower connection than the keepalives, so a keepalive made after one of them
+/// reaches the server first, every time (on two server threads this happens by chance).
+struct Lagging {
+    sessions: BuiltinSessions,
+    lagged: fn(&SessionOp) -> bool,
+}
+
+const LAG: Duration = Duration::from_millis(200);
+
+impl SessionBackend for Lagging {
+    fn call(
+        &self,
+        request: SessionRequest,
+        hold: Duration,
+    ) -> impl std::future::Future<Output = Result<SessionResponse, TransportError>> + Send {
+        let lag = if (self.lagged)(&request.op) { LAG } else { Duration::ZERO };
+        async move {
+            async_io::Timer::after(lag).await;
+            self.sessions.call(request, hold).await
+        }
+    }
+}
+
+/// A session waits for m1 and m2; m2's holder lets go, then m1's. Each grant must be pushed,
+/// whatever the server saw first of the waiter's requests after the first push.
+fn a_waiter_for_two_keys_is_pushed_each_in_time_with(lagged: fn(&SessionOp) -> bool) {
+    // Keepalives every ttl/4 = 5 s: a grant found at the next keepalive takes seconds.
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let (a, b) = (client(&s.url(), "a", 20_000), client(&s.url(), "b", 20_000));
+    let options = Options::session(Duration::from_millis(20_000));
+    let sessions = BuiltinSessions::new(&s.url(), None, options.config.request_timeout.into()).unwrap();
+    let c = SessionClient::new(Lagging { sessions, lagged }, "c", options).unwrap();
+    smol::block_on(async {
+        let (m1, m2) = (a.acquire("m1").await.unwrap(), b.acquire("m2").await.unwrap());
+        let wait = |key: &'static str| {
+            let (tx, rx) = async_channel::bounded::<()>(1);
+            let c = c.clone();
+            let task = smol::spawn(async move {
+                c.acquire_reporting(key, None, move |_| {
+                    let _ = tx.try_send(());
+                })
+                .await
+            });
+            (task, rx)
+        };
+        let (w1, q1) = wait("m1");
+        let (w2, q2) = wait("m2");
+        within(10_000, "c queued for m1", q1.recv()).await.unwrap();
+        within(10_000, "c queued for m2", q2.recv()).await.unwrap();
+        for (held, waiter) in [(m2, w2), (m1, w1)] {
+            sleep(300).await;
+            held.release().await.unwrap();
+            let released = std::time::Instant::now();
+            let lease = within(10_000, "pushed", waiter).await.unwrap();
+            let took = released.elapsed();
+            // The push itself is not lagged; m1's may wait for the lagged requests that
+            // settle m2's grant (under 3 lags), never for a keepalive period.
+            assert!(took < Duration::from_secs(2), "{}: hand-off took {took:?}", lease.key());
+            lease.release().await.unwrap();
+        }
+        // A grant made again is given back: the server ends with no key held by anyone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let leases = test_servers::http_get(s.addr().port(), "/v2/leases").unwrap();
+            assert!(leases.starts_with("HTTP/1.1 200"), "{leases}");
+            if !leases.contains("\"session\":") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "a grant was never given back: {leases}");
+            sleep(20).await;
+        }
+    });
+}
+
+#[test]
+fn a_keepalive_that_overtakes_a_pushed_grants_confirmation_does_not_leave_the_next_grant_waiting() {
+    // Every request but the keepalives lags: the next keepalive reaches the server before the
+    // confirmation of the grant it just pushed, and is answered at once with that grant again.
+    a_waiter_for_two_keys_is_pushed_each_in_time_with(|op| {
+        !matches!(op, SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. })
+    });
+}
+
+#[test]
+fn a_grant_made_again_by_a_confirmation_that_its_release_overtook_is_given_back_and_the_next_pushed() {
+    // Only acquires lag: the release of the pushed m2 reaches the server before m2's
+    // confirmation, which then grants m2 again (to be given back), and is reported in the next
+    // keepalive's reply at once.
+    a_waiter_for_two_keys_is_pushed_each_in_time_with(|op| {
+        matches!(op, SessionOp::Acquire { .. } | SessionOp::AcquireWithLimit { .. })
     });
 }
 

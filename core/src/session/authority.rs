@@ -70,6 +70,9 @@ pub enum SessionFault {
     ExternalBelowFloor,
     /// End a hold for the other protocol a quarter of its remaining time early.
     EndExternalEarly,
+    /// Count an observer's acknowledgement even if it was made before its observation's
+    /// observe (of an earlier observation of the key, reordered on the way).
+    CountStaleAcks,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -621,7 +624,14 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
                 s.expires_at = now + s.ttl;
                 let ttl = s.ttl;
                 if let SessionOp::KeepAliveSeen { key, change } = &request.op {
-                    self.observations.ack(sid, key, *change);
+                    #[cfg(feature = "fault-injection")]
+                    let seq = match self.limits.fault {
+                        SessionFault::CountStaleAcks => Seq(u64::MAX),
+                        _ => request.seq,
+                    };
+                    #[cfg(not(feature = "fault-injection"))]
+                    let seq = request.seq;
+                    self.observations.ack(sid, key, *change, seq);
                 }
                 let chain = s.claims;
                 let keys = &self.keys;

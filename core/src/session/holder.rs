@@ -227,6 +227,18 @@ enum KeyPhase {
 }
 
 impl KeyPhase {
+    /// Whether this key's request in flight ends a grant the authority reports in every
+    /// keepalive's reply until the request lands: a pushed grant's confirmation, a give-back,
+    /// or a release (of a grant whose confirmation it overtook, perhaps).
+    fn settles_a_report(&self) -> bool {
+        matches!(
+            self,
+            KeyPhase::Held { confirm: Some(_), .. }
+                | KeyPhase::Releasing { .. }
+                | KeyPhase::GivingBack { .. }
+        )
+    }
+
     fn flight(&self) -> Option<&Flight> {
         match self {
             KeyPhase::Asking { flight, .. }
@@ -649,6 +661,10 @@ impl<const K: usize, const O: usize> Session<K, O> {
     /// authority holds a keepalive open until it has a grant to push (HTTP long polling), so
     /// that a key just queued for has a keepalive out to bring its grant at once. A keepalive
     /// already out is left alone. Renewing early is always safe.
+    ///
+    /// After a pushed grant, while other keys still wait, the machine makes the next keepalive
+    /// itself once the grant's confirmation is answered: one made before could overtake the
+    /// confirmation on the way and be answered at once with the same grant again.
     pub fn keep_alive_now(&mut self, now: Instant) {
         if self.expire(now) {
             return;
@@ -733,7 +749,11 @@ impl<const K: usize, const O: usize> Session<K, O> {
                     slot.phase.flight().and_then(Flight::sent).is_some_and(|(s, _)| s == seq)
                 });
                 if let Some(i) = found {
+                    let settling = self.slots[i].phase.settles_a_report();
                     self.on_key_reply(now, i, reply);
+                    if settling && !self.slots.get(i).is_some_and(|s| s.phase.settles_a_report()) {
+                        self.keep_alive_for_waiters(now);
+                    }
                 }
                 let watch = self
                     .watches
@@ -1122,6 +1142,22 @@ impl<const K: usize, const O: usize> Session<K, O> {
         slot.phase = phase;
         if event.is_some() {
             slot.event = event;
+        }
+    }
+
+    /// A request that settled a reported grant was answered. A key still waits for its grant,
+    /// which only a keepalive's reply brings, and the keepalive may have been answered early
+    /// with that very report (it overtook the request on another connection, or the request
+    /// was reordered after a release and granted the key again): have one out now, not at
+    /// the next renewal, or a grant pushed meanwhile waits for that. Not while another such
+    /// request is out, for until it lands every keepalive is answered at once with its report.
+    fn keep_alive_for_waiters(&mut self, now: Instant) {
+        let waiting = self.slots.iter().any(|s| s.phase == KeyPhase::Queued);
+        if !waiting || self.slots.iter().any(|s| s.phase.settles_a_report()) {
+            return;
+        }
+        if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
+            *at = (*at).min(now);
         }
     }
 
@@ -1791,5 +1827,120 @@ mod tests {
         watcher.handle_timeout(ms(5));
         let ka = watcher.poll_transmit().unwrap();
         assert_eq!(a.handle(ms(5) + SKEW, &ka), SessionReply::Alive { ttl: TTL, granted: None, more: false });
+    }
+
+    /// `waiter` queued for x and y, both held by `holder`; the waiter's keepalive is out (held
+    /// at the authority) when `holder` releases y, so its reply pushes y. Returns the two,
+    /// and the waiter's confirmation of y, not yet sent.
+    fn pushed_one_of_two(a: &mut Authority) -> (Holder, Holder, SessionRequest) {
+        let mut holder = opened(a, "holder");
+        let mut waiter = opened(a, "waiter");
+        for k in ["x", "y"] {
+            holder.acquire(ms(1), key(k), false).unwrap();
+            waiter.acquire(ms(2), key(k), true).unwrap();
+        }
+        exchange(&mut holder, a, ms(1));
+        exchange(&mut waiter, a, ms(2));
+        events(&mut holder);
+        assert!(matches!(
+            events(&mut waiter)[..],
+            [SessionEvent::Queued { .. }, SessionEvent::Queued { .. }]
+        ));
+        waiter.keep_alive_now(ms(3));
+        waiter.handle_timeout(ms(3));
+        let held = waiter.poll_transmit().unwrap();
+        assert_eq!(held.op, SessionOp::KeepAlive);
+        holder.release(ms(10), &key("y")).unwrap();
+        exchange(&mut holder, a, ms(10));
+        events(&mut holder);
+        waiter.handle_response(ms(11), &held.answer(a.handle(ms(11) + SKEW, &held)));
+        assert!(matches!(events(&mut waiter)[..], [SessionEvent::Acquired { .. }]));
+        let confirm = waiter.poll_transmit().unwrap();
+        assert_eq!(confirm.op, SessionOp::Acquire { key: key("y"), wait: true });
+        (holder, waiter, confirm)
+    }
+
+    /// Runs `waiter` from `from` ms, a millisecond a step, against an authority that holds a
+    /// keepalive while it has nothing to report and answers everything else at once, until a
+    /// keepalive is held: that one, and how many keepalives were answered at once before it.
+    fn until_held(waiter: &mut Holder, a: &mut Authority, from: u64) -> (SessionRequest, usize) {
+        let id = waiter.id().unwrap();
+        let mut early = 0;
+        // A renewal is 3 s away: a keepalive held within these steps was made for the waiter.
+        for t in from..from + 20 {
+            waiter.handle_timeout(ms(t));
+            while let Some(r) = waiter.poll_transmit() {
+                if r.op == SessionOp::KeepAlive && !a.has_news(id) {
+                    return (r, early);
+                }
+                early += usize::from(r.op == SessionOp::KeepAlive);
+                waiter.handle_response(ms(t), &r.answer(a.handle(ms(t) + SKEW, &r)));
+            }
+        }
+        panic!("no keepalive out for x's grant from {from} ms to {} ms", from + 20);
+    }
+
+    /// `holder` lets x go while `held` is held: its reply pushes x to `waiter`.
+    fn x_is_pushed(
+        holder: &mut Holder,
+        waiter: &mut Holder,
+        a: &mut Authority,
+        held: SessionRequest,
+        at: u64,
+    ) {
+        holder.release(ms(at), &key("x")).unwrap();
+        exchange(holder, a, ms(at));
+        waiter.handle_response(ms(at), &held.answer(a.handle(ms(at) + SKEW, &held)));
+        let got = events(waiter);
+        assert!(
+            matches!(&got[..], [SessionEvent::Acquired { key: k, .. }] if *k == key("x")),
+            "x pushed in the held keepalive's reply: {got:?}"
+        );
+    }
+
+    #[test]
+    fn a_keepalive_that_overtook_a_confirmation_is_made_again_when_the_confirmation_lands() {
+        let mut a = Authority::new(SessionLimits::default());
+        let (mut holder, mut waiter, confirm) = pushed_one_of_two(&mut a);
+        // A keepalive made before the confirmation landed overtakes it (another connection):
+        // the authority still reports y, so it is answered at once, with y again.
+        waiter.keep_alive_now(ms(12));
+        waiter.handle_timeout(ms(12));
+        let overtaking = waiter.poll_transmit().unwrap();
+        assert_eq!(overtaking.op, SessionOp::KeepAlive);
+        let reply = a.handle(ms(12) + SKEW, &overtaking);
+        assert!(
+            matches!(&reply, SessionReply::Alive { granted: Some(g), .. } if g.key == key("y")),
+            "{reply:?}"
+        );
+        waiter.handle_response(ms(13), &overtaking.answer(reply));
+        assert_eq!(events(&mut waiter)[..], []);
+        // The confirmation lands (reordered, so the authority reports y until a newer one).
+        waiter.handle_response(ms(14), &confirm.answer(a.handle(ms(14) + SKEW, &confirm)));
+        assert_eq!(waiter.poll_timeout(), Some(ms(14)), "x waits: keep alive at once, not at the renewal");
+        let (held, early) = until_held(&mut waiter, &mut a, 14);
+        assert!(early <= 1, "{early} keepalives answered at once before one was held");
+        x_is_pushed(&mut holder, &mut waiter, &mut a, held, 100);
+        assert_eq!(waiter.fence(&key("y")), Some(Fence(2)), "y still held");
+    }
+
+    #[test]
+    fn a_grant_made_again_by_a_confirmation_that_a_release_overtook_is_given_back_and_a_keepalive_held() {
+        let mut a = Authority::new(SessionLimits::default());
+        let (mut holder, mut waiter, confirm) = pushed_one_of_two(&mut a);
+        waiter.release(ms(12), &key("y")).unwrap();
+        let release = waiter.poll_transmit().unwrap();
+        waiter.handle_response(ms(13), &release.answer(a.handle(ms(13) + SKEW, &release)));
+        let released = SessionEvent::Released { key: key("y"), fence: Fence(2), acknowledged: true };
+        assert_eq!(events(&mut waiter)[..], [released]);
+        // The confirmation, overtaken by the release, lands after it: as a reordered acquire it
+        // grants y again, and the authority reports that grant until it is given back.
+        let again = a.handle(ms(14) + SKEW, &confirm);
+        assert_eq!(again, SessionReply::Granted { key: key("y"), fence: Fence(3) });
+        waiter.handle_response(ms(14), &confirm.answer(again));
+        let (held, early) = until_held(&mut waiter, &mut a, 14);
+        assert_eq!(early, 1, "the keepalive that brought the grant to give back");
+        assert_eq!(a.key(&key("y")).unwrap().holder, None, "given back");
+        x_is_pushed(&mut holder, &mut waiter, &mut a, held, 100);
     }
 }

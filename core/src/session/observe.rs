@@ -186,10 +186,14 @@ impl<const O: usize, const V: usize> Observations<O, V> {
         self.drop_unwatched();
     }
 
-    /// `session` acknowledges the changes of `key` up to `change` (never past the latest, so a
-    /// forged or confused number cannot skip changes yet to come).
-    pub(super) fn ack(&mut self, session: SessionId, key: &Key, change: u64) {
-        if let Some(o) = self.observers.iter_mut().find(|o| o.session == session && o.key == *key) {
+    /// `session` acknowledges, in its request `seq`, the changes of `key` up to `change` (never
+    /// past the latest, so a forged or confused number cannot skip changes yet to come). An
+    /// acknowledgement made before this observation's observe is of an earlier observation of
+    /// the key (reordered after the observe that began this one): counting it would skip
+    /// this one's first reports.
+    pub(super) fn ack(&mut self, session: SessionId, key: &Key, change: u64, seq: Seq) {
+        let this = |o: &&mut Observer| o.session == session && o.key == *key && o.since < seq;
+        if let Some(o) = self.observers.iter_mut().find(this) {
             o.acked = o.acked.max(change.min(o.latest));
         }
     }
@@ -418,6 +422,29 @@ mod tests {
         assert!(late.seq < Seq(o.seq));
         assert_eq!(t.handle(at(9), &late), SessionReply::Observing { key: key("x") });
         assert!(matches!(o.send(&mut t, at(10), SessionOp::KeepAlive), SessionReply::Alive { .. }));
+    }
+
+    #[test]
+    fn an_acknowledgement_of_an_earlier_observation_reordered_after_a_new_observe_skips_nothing() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), "a");
+        let mut o = Client::open(&mut t, at(0), "o");
+        let observing = SessionReply::Observing { key: key("x") };
+        assert_eq!(o.send(&mut t, at(1), SessionOp::Observe { key: key("x") }), observing);
+        assert_eq!(observed(&o.send(&mut t, at(2), SessionOp::KeepAlive)), Some((1, None)));
+        assert!(matches!(a.send(&mut t, at(3), acquire_valued("x", "v")), SessionReply::Granted { .. }));
+        assert_eq!(observed(&o.send(&mut t, at(4), seen("x", 1))), Some((2, Some(("a", 1, "v")))));
+        // Told change 2 as it leaves, the observer acknowledges it in a keepalive, which its
+        // next observe (a new observation) overtakes on the way.
+        let unobserved = o.send(&mut t, at(5), SessionOp::Unobserve { key: key("x") });
+        assert_eq!(unobserved, SessionReply::Unobserved { key: key("x") });
+        let old_ack = o.req(seen("x", 2));
+        assert_eq!(o.send(&mut t, at(6), SessionOp::Observe { key: key("x") }), observing);
+        t.handle(at(7), &old_ack);
+        // The new observation's first report (of its own watch: numbered afresh) is still the
+        // current state, not silence (its holder does not believe a report in the reply to a
+        // keepalive older than its observe).
+        assert_eq!(observed(&o.send(&mut t, at(8), SessionOp::KeepAlive)), Some((1, Some(("a", 1, "v")))));
     }
 
     #[test]
