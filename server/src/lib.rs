@@ -76,6 +76,24 @@ pub struct ServerConfig {
     /// with the `fault-injection` feature only).
     #[cfg(feature = "fault-injection")]
     pub session_fault: leasehold_core::session::authority::SessionFault,
+    /// Failures of the server's own logs, and planted bugs in its order of commits (builds
+    /// with the `fault-injection` feature only).
+    #[cfg(feature = "fault-injection")]
+    pub faults: ServerFaults,
+}
+
+/// Deliberate faults of the server's I/O and of its order, so that tests can drive a failure
+/// case or prove they catch a planted bug.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Default)]
+pub struct ServerFaults {
+    /// While true, every session-log commit that carries a v1 hold or set fails as a full
+    /// disk would; the next commit then rebuilds the session table from the log on disk.
+    /// Shared, so a test can turn it on and off while the server runs.
+    pub fail_v1_session_commits: Arc<std::sync::atomic::AtomicBool>,
+    /// Planted bug: a v1 grant is answered once v1's own record is on disk, without waiting
+    /// for its hold in the session log to be.
+    pub v1_answers_before_its_hold_is_durable: bool,
 }
 
 impl ServerConfig {
@@ -95,6 +113,8 @@ impl ServerConfig {
             tls: None,
             #[cfg(feature = "fault-injection")]
             session_fault: leasehold_core::session::authority::SessionFault::None,
+            #[cfg(feature = "fault-injection")]
+            faults: ServerFaults::default(),
         }
     }
 
@@ -334,8 +354,16 @@ impl Server {
             session_limits.fault = config.session_fault;
         }
         let (sessions, session_writer) = sessions::Sessions::open(&config.data_dir, session_limits)?;
-        let (namespace, v1_runner) =
-            namespace::Namespace::new(store.clone(), sessions.clone(), clock, config.limits.lock_delay);
+        #[cfg(feature = "fault-injection")]
+        sessions.fail_v1_commits_while(config.faults.fail_v1_session_commits.clone());
+        let (namespace, v1_runner) = namespace::Namespace::new(
+            store.clone(),
+            sessions.clone(),
+            clock,
+            config.limits.lock_delay,
+            #[cfg(feature = "fault-injection")]
+            config.faults.v1_answers_before_its_hold_is_durable,
+        );
         // Before serving: the sessions learn what v1 holds on disk (a crash may have cut off
         // what they were told).
         namespace.sync().await?;

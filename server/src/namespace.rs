@@ -13,41 +13,77 @@
 //!
 //! 1. **Hold** ([`Sessions::hold_external`]): the key is held for v1 with no end yet
 //!    (`Pending`), refused if a session holds it (and, for an acquire, if sessions wait for
-//!    it: they are first in line). v1 then answers `Busy` (an acquire) or `NotHolder` (a
-//!    renewal) without deciding. The reply carries the key's last v2 fence.
+//!    it: they are first in line). The session writer answers this as soon as it is applied
+//!    in memory, and logs it in its current group commit. A refusal is v1's answer at once:
+//!    `Busy` (an acquire) or `NotHolder` (a renewal), nothing decided. Otherwise the answer
+//!    carries the key's last v2 fence.
 //! 2. **Decide** ([`Store::apply`]): v1's rules, with the v2 fence as a floor, so a v1 grant's
-//!    fence is above every v2 fence of the key; committed with fsync; answered.
-//! 3. **Set** ([`Sessions::set_external`]): the v1 record's end (its holder's expiry plus the
+//!    fence is above every v2 fence of the key; committed with fsync *while the hold's commit
+//!    is under way*, so the two fsyncs overlap.
+//! 3. **Answer**: a grant or renewal only once both commits succeeded. If the hold's failed,
+//!    the answer is `unavailable`, whatever v1 stored.
+//! 4. **Set** ([`Sessions::set_external`]): the v1 record's end (its holder's expiry plus the
 //!    lock-delay, or free) and its last fence, so v2 fences continue above v1's. A free key
 //!    goes to the head of its v2 queue at once, and that grant is pushed; a held one at the
-//!    end of the hold, by the session writer's timer. Retried until it is on disk.
+//!    end of the hold, by the session writer's timer. The key's turn goes once the set is
+//!    applied in memory; if its commit fails, the key's turn is taken again and the sessions
+//!    are told what the v1 store holds by then, until that is on disk.
 //!
-//! A release only decides and sets. Sessions waiting behind a v1 lease are pushed the grant
-//! when it is released or expires, never before: the hold's end is converted from the v1
-//! clock to the log's by sampling the v1 clock first, so it lands at or after the v1 expiry.
+//! A release only decides, answers and sets. Sessions waiting behind a v1 lease are pushed the
+//! grant when it is released or expires, never before: the hold's end is converted from the
+//! v1 clock to the log's by sampling the v1 clock first, so it lands at or after the v1
+//! expiry.
 //!
 //! **Crash atomicity without one transaction.** The two stores are two redb files, each
-//! committed with fsync on its own. The argument does not need them to agree at every
-//! instant, only in these orders:
-//! - a v1 grant is committed only after its hold was applied to the session authority's
-//!   memory, and every v2 grant the authority made or makes from then on saw the hold; a v2
-//!   grant is durable only with every log entry before it, the hold included. So a crash
-//!   cannot leave a durable v2 grant that the hold would have refused.
-//! - after a crash, a hold or set may be missing from the log (or a `Pending` hold may have
-//!   no set). At every start, before serving, [`Sessions::sync_external`] makes the
-//!   authority's external holds exactly the live v1 records (re-armed for their full ttl by
-//!   the v1 store's recovery, as v1 grants are), raises the fences of every v1 key, and
-//!   raises the floor of keys it never saw to v1's store-wide floor (keys v1 forgot). What
-//!   v1 has on disk is the truth for v1 leases, and it is re-applied as logged inputs.
-//! - a v1 decision that failed (the v1 store is down) may or may not be on disk: its key's
-//!   hold then stays `Pending` until the record can be read back, which then sets it.
-//! - a session log commit that fails is rebuilt from the log (see `sessions`); the set is
-//!   retried after it, and the per-key turn is held until it is durable, so the next v1
-//!   request of the key sees it.
+//! committed with fsync on its own, and the session log's commit that fails is followed by a
+//! rebuild of the session table from the log on disk (see `sessions`), which drops every input
+//! of the failed commit and after it that was applied in memory only. The argument needs two
+//! things on disk before v1 answers a grant or a renewal: v1's record, and the hold (with every
+//! log entry before it). Before a session is answered a grant of a key v1 might hold, its own
+//! log entry is on disk, and with it every entry before it.
+//! - *A v2 grant beside an answered v1 grant.* The hold was applied to the authority's memory
+//!   before v1 decided, so every v2 grant the authority made from then on saw it and was
+//!   refused; one made before it made the hold refused. A v2 grant is durable only with every
+//!   entry before it: a durable one that the hold would have refused cannot follow a hold that
+//!   vanished, since v1 answers only once the hold is durable.
+//! - *Why the hold must be durable before v1 answers (the counter-example to a cheaper order).*
+//!   If v1 answered once its own record was on disk, with the hold in memory only: the hold's
+//!   commit fails, the next commit rebuilds the table without it, and a session is granted
+//!   the key (v1's set cannot land while the disk stays full) while the v1 holder holds it.
+//!   Re-applying lost holds after a rebuild does not mend it: the rebuilt table may be older
+//!   than the one the hold was granted against. A session holding the key with a waiter on
+//!   disk may have released it, and the waiter been granted and released it, in the failed
+//!   commit: re-applied, the hold is refused, and the retried release hands the key to the
+//!   waiter while v1's holder holds it. (Test: the planted
+//!   `v1_answers_before_its_hold_is_durable`.)
+//! - *A hold whose commit failed, with v1's grant stored.* v1 answered `unavailable`: no one
+//!   believes in that grant. Until the set lands the key looks free to sessions, and one may
+//!   be granted it, with a fence v1's unanswered grant may share; the set then holds the key
+//!   until that record's end and raises the sessions' fence to it. v1's next grant of the key
+//!   (its owner's retry included) needs a new hold, refused while the session holds it, and is
+//!   above both fences.
+//! - *A set whose commit failed.* The rebuilt table has the key held at least as long as the
+//!   lost set would have: a grant's or renewal's durable `Pending` hold, or (for a release)
+//!   the durable end of the grant before it. So the key's next request, logged after the
+//!   set, decides no worse for having lost it, and v1's decisions do not read the set (their
+//!   floor is the record's own fence too). The retry tells the sessions the record's truth
+//!   under the key's turn, so an older retry never lands after a newer decision's set.
+//! - *A crash* between any two steps: a hold or set may be missing from the log (or a
+//!   `Pending` hold may have no set, or a hold reached the log and v1's record did not). At
+//!   every start, before serving, [`Sessions::sync_external`] makes the authority's external
+//!   holds exactly the live v1 records (re-armed for their full ttl by the v1 store's
+//!   recovery, as v1 grants are), raises the fences of every v1 key, and raises the floor of
+//!   keys it never saw to v1's store-wide floor (keys v1 forgot). What v1 has on disk is the
+//!   truth for v1 leases, and it is re-applied as logged inputs. Nothing answered is lost:
+//!   an answered grant had both its record and its hold on disk.
+//! - *A v1 decision that failed* (the v1 store is down) may or may not be on disk: it is
+//!   answered `unavailable`, and its key's hold stays `Pending` until the record can be read
+//!   back, which then sets it.
+//! - *Fences.* The floor is the key's last v2 fence in memory, at least its last durable one;
+//!   a v2 fence lost in a rebuild was never answered.
 //!
-//! The cost is a second fsync (the hold) before a v1 grant or renewal is decided. Measured
-//! (README, "one key namespace"): v1 acquire+release at 1 client about half the rate of the
-//! commit before this one (median of 6 runs 129/s against 250/s), at 8 clients 0.64 of it.
+//! **The cost.** The hold's fsync now overlaps v1's own, and the set's no longer holds up the
+//! key's next request. Measured (README, "one key namespace"): see the figures there.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -86,6 +122,9 @@ pub(crate) struct Namespace {
     turns: Arc<KeyTurns>,
     /// To the runner, which decides each v1 request on a task of its own.
     jobs: async_channel::Sender<Job>,
+    /// Planted bug: a grant is answered before its hold is durable.
+    #[cfg(feature = "fault-injection")]
+    answer_early: bool,
 }
 
 struct Job {
@@ -111,9 +150,19 @@ impl Namespace {
         sessions: Sessions,
         clock: Clock,
         lock_delay: Duration,
+        #[cfg(feature = "fault-injection")] answer_early: bool,
     ) -> (Namespace, impl std::future::Future<Output = ()> + Send) {
         let (jobs, queued) = async_channel::bounded::<Job>(1024);
-        let namespace = Namespace { store, sessions, clock, lock_delay, turns: Arc::default(), jobs };
+        let namespace = Namespace {
+            store,
+            sessions,
+            clock,
+            lock_delay,
+            turns: Arc::default(),
+            jobs,
+            #[cfg(feature = "fault-injection")]
+            answer_early,
+        };
         let this = namespace.clone();
         let runner = async move {
             let ex = smol::Executor::new();
@@ -165,28 +214,42 @@ impl Namespace {
             None
         })
         .await;
-        let Some(_turn) = turn else {
+        let Some(turn) = turn else {
             let _ = answer.try_send(Err(V1Error::Stalled(key)));
             return;
         };
         let claim = namespace::V1Claim::of(&request.op);
         let mut floor = Fence::NONE;
+        let mut hold = None;
         if let Some(claim) = claim {
             match self.sessions.hold_external(key.clone(), claim.exclusive()).await {
                 Err(e) => {
                     let _ = answer.try_send(Err(V1Error::Sessions(e)));
                     return;
                 }
-                Ok(Ok(fence)) => floor = fence,
-                Ok(Err(refusal)) => {
+                Ok((Ok(fence), commit)) => (floor, hold) = (fence, Some(commit)),
+                // A refusal may be answered before it is on disk: refusing is always safe.
+                Ok((Err(refusal), _)) => {
                     let _ = answer.try_send(Ok(claim.refused(refusal)));
                     return;
                 }
             }
         }
+        // v1 decides and commits while the hold's commit is under way: the two fsyncs overlap.
         let decided = self.store.apply(key.clone(), request, floor).await;
         let record = decided.as_ref().ok().map(|d| d.record);
-        let _ = answer.try_send(decided.map_err(V1Error::Store));
+        let decided = decided.map_err(V1Error::Store);
+        #[cfg(feature = "fault-injection")]
+        if self.answer_early {
+            let _ = answer.try_send(decided.clone());
+        }
+        // A grant only once its hold is on disk too: a failed session commit rebuilds the
+        // table from the log, which then lacks the hold (see the module docs).
+        let held = match hold {
+            Some(commit) => commit.durable().await.map_err(V1Error::Sessions),
+            None => Ok(()),
+        };
+        let _ = answer.try_send(held.and(decided));
         let record = match record {
             Some(r) => r,
             // A failed release changed nothing the sessions need to know early: their hold
@@ -197,7 +260,7 @@ impl Namespace {
                 None => return,
             },
         };
-        self.set(key, record, floor).await;
+        self.set(key, record, floor, turn).await;
     }
 
     /// The record of `key` as the v1 store has it on disk, once it can be read; `None` if the
@@ -215,23 +278,58 @@ impl Namespace {
         None
     }
 
-    /// Tells the sessions `record`'s end and fence, until that is on disk.
-    async fn set(&self, key: Key, record: Record, floor: Fence) {
-        let mut delay = RETRY_MIN;
-        loop {
-            // The v1 clock first: the end lands no earlier than the v1 one.
-            let remaining = self.remaining(&record, self.clock.now());
-            match self
-                .sessions
-                .set_external(key.clone(), remaining, namespace::set_fence(&record, floor))
-                .await
-            {
-                Ok(()) => return,
-                Err(e) if matches!(*e, SessionStoreError::Stopped) => return,
-                Err(e) => {
-                    tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {e}")
+    /// Tells the sessions `record`'s end and fence. The key's turn goes once that is applied
+    /// in memory: the key's next request is logged after it, so it sees it. If its commit then
+    /// fails, the rebuilt table lacks it (and has the key held at least as long: see the
+    /// module docs), and [`reset`](Self::reset) tells the sessions what the v1 store holds by
+    /// then, under the key's turn again.
+    async fn set(&self, key: Key, record: Record, floor: Fence, turn: Turn<'_>) {
+        // The v1 clock first: the end lands no earlier than the v1 one.
+        let remaining = self.remaining(&record, self.clock.now());
+        let applied =
+            self.sessions.set_external(key.clone(), remaining, namespace::set_fence(&record, floor)).await;
+        let stopped = |e: &SessionStoreError| matches!(e, SessionStoreError::Stopped);
+        let _turn = match applied {
+            Ok(commit) => {
+                drop(turn);
+                let Err(e) = commit.durable().await else { return };
+                if stopped(&e) {
+                    return;
                 }
+                tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {e}");
+                async_io::Timer::after(RETRY_MIN).await;
+                self.turns.take(&key).await
             }
+            // Never applied: the turn is still this request's.
+            Err(e) if stopped(&e) => return,
+            Err(e) => {
+                tracing::warn!("telling the sessions of v1's decision on {key:?} failed, retrying: {e}");
+                turn
+            }
+        };
+        self.reset(&key).await;
+    }
+
+    /// Tells the sessions what the v1 store holds for `key`, until that is on disk; under the
+    /// key's turn, so no v1 decision of the key is under way and the record is its truth.
+    async fn reset(&self, key: &Key) {
+        let mut delay = RETRY_MIN;
+        while let Some(record) = self.read_back(key).await {
+            let remaining = self.remaining(&record, self.clock.now());
+            // The record's own last fence: the sessions' floor under it is on disk, or was
+            // never answered.
+            let set = self.sessions.set_external(key.clone(), remaining, record.last_fence).await;
+            let failed = match set {
+                Ok(commit) => match commit.durable().await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if matches!(*failed, SessionStoreError::Stopped) {
+                return;
+            }
+            tracing::warn!("telling the sessions what v1 holds for {key:?} failed, retrying: {failed}");
             async_io::Timer::after(delay).await;
             delay = (delay * 2).min(RETRY_MAX);
         }

@@ -177,6 +177,9 @@ struct Job {
     input: Input,
     /// A keepalive to hold until its session has news (or is gone), at most until then.
     hold: Option<(SessionId, std::time::Instant)>,
+    /// Told the reply as soon as the input is applied in memory, before its commit: for a v1
+    /// hold, whose decision may run beside the hold's fsync (see the `namespace` module).
+    applied: Option<async_channel::Sender<SessionReply>>,
     done: async_channel::Sender<Result<SessionReply, Arc<SessionStoreError>>>,
 }
 
@@ -192,6 +195,9 @@ struct State {
     /// Set when a commit failed after its inputs were applied in memory: the authority is
     /// ahead of the log and must be rebuilt from it before it answers again.
     diverged: Option<String>,
+    /// While true, commits carrying a v1 hold or set fail (`ServerFaults`).
+    #[cfg(feature = "fault-injection")]
+    fail_v1_commits: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -449,6 +455,8 @@ impl Sessions {
             next_index,
             snapshot_at: next_index,
             diverged: None,
+            #[cfg(feature = "fault-injection")]
+            fail_v1_commits: Arc::default(),
         }));
         let (tx, rx) = async_channel::bounded::<Job>(4 * MAX_BATCH);
         let stats = Arc::new(SessionStats::default());
@@ -464,6 +472,12 @@ impl Sessions {
         }
         .run();
         Ok((Sessions { clock, state, jobs: tx, stats, failing }, writer))
+    }
+
+    /// Fails every commit carrying a v1 hold or set while `switch` is true.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn fail_v1_commits_while(&self, switch: Arc<std::sync::atomic::AtomicBool>) {
+        self.lock().fail_v1_commits = switch;
     }
 
     /// Since when and why the log takes no writes, if its last commit failed.
@@ -536,37 +550,63 @@ impl Sessions {
         hold: Option<(SessionId, std::time::Instant)>,
     ) -> Result<SessionReply, Arc<SessionStoreError>> {
         let (done, result) = async_channel::bounded(1);
-        let job = Job { input, hold, done };
+        let job = Job { input, hold, applied: None, done };
         self.jobs.send(job).await.map_err(|_| Arc::new(SessionStoreError::Stopped))?;
         result.recv().await.map_err(|_| Arc::new(SessionStoreError::Stopped))?
     }
 
-    /// Holds `key` for a v1 request about to be decided ([`ExternalHold::Pending`]), once
-    /// that is on disk; the key's last fence, which v1's grant must be above. Follow it with
-    /// [`set_external`](Self::set_external), whatever v1 decides.
+    /// Submits `input` and answers once it is applied in memory, before its commit: its
+    /// reply, and the commit to wait for ([`LogCommit::durable`]).
+    async fn submit_applied(
+        &self,
+        input: Input,
+    ) -> Result<(SessionReply, LogCommit), Arc<SessionStoreError>> {
+        let (applied, in_memory) = async_channel::bounded(1);
+        let (done, committed) = async_channel::bounded(1);
+        let job = Job { input, hold: None, applied: Some(applied), done };
+        self.jobs.send(job).await.map_err(|_| Arc::new(SessionStoreError::Stopped))?;
+        let commit = LogCommit { committed };
+        match in_memory.recv().await {
+            Ok(reply) => Ok((reply, commit)),
+            // Never applied (the log could not be rebuilt after a failure): the commit's
+            // answer says why.
+            Err(_) => {
+                commit.durable().await?;
+                Err(Arc::new(SessionStoreError::Stopped))
+            }
+        }
+    }
+
+    /// Holds `key` for a v1 request about to be decided ([`ExternalHold::Pending`]); answers
+    /// as soon as the hold is applied in memory, with the key's last fence, which v1's grant
+    /// must be above, and the hold's commit, which v1 must wait for before it answers a grant.
+    /// Follow it with [`set_external`](Self::set_external), whatever v1 decides (a refused hold
+    /// changed nothing and needs neither).
     pub(crate) async fn hold_external(
         &self,
         key: Key,
         exclusive: bool,
-    ) -> Result<Result<Fence, ExternalRefusal>, Arc<SessionStoreError>> {
+    ) -> Result<(Result<Fence, ExternalRefusal>, LogCommit), Arc<SessionStoreError>> {
         let input = Input::HoldExternal { key, hold: ExternalHold::Pending, exclusive };
-        Ok(match self.submit(input, None).await? {
+        let (reply, commit) = self.submit_applied(input).await?;
+        let held = match reply {
             SessionReply::Granted { fence, .. } => Ok(fence),
             SessionReply::Busy { expires_in, .. } => Err(ExternalRefusal::Busy { retry_after: expires_in }),
             _ => Err(ExternalRefusal::Capacity),
-        })
+        };
+        Ok((held, commit))
     }
 
     /// Records what v1 decided for `key`: held for `remaining` from now (`None`: free), and
-    /// the highest fence v1 granted it. Returns once it is on disk.
+    /// the highest fence v1 granted it. Answers once it is applied in memory, with its commit.
     pub(crate) async fn set_external(
         &self,
         key: Key,
         remaining: Option<StdDuration>,
         fence: Fence,
-    ) -> Result<(), Arc<SessionStoreError>> {
+    ) -> Result<LogCommit, Arc<SessionStoreError>> {
         let until = remaining.map(|r| self.clock.now() + Duration::from_micros(r.as_micros() as u64));
-        self.submit(Input::SetExternal { key, until, fence }, None).await.map(|_| ())
+        Ok(self.submit_applied(Input::SetExternal { key, until, fence }).await?.1)
     }
 
     /// At a start, before the writer runs: makes the keys held under another protocol exactly
@@ -667,6 +707,20 @@ impl Sessions {
     #[cfg(test)]
     fn key(&self, key: &leasehold_core::Key) -> Option<leasehold_core::session::authority::KeyStatus> {
         self.lock().authority.key(key)
+    }
+}
+
+/// The commit of an input answered from memory (a v1 hold or set), which the session writer
+/// makes whether or not anyone waits for it.
+pub(crate) struct LogCommit {
+    committed: async_channel::Receiver<Result<SessionReply, Arc<SessionStoreError>>>,
+}
+
+impl LogCommit {
+    /// Returns once the input is on disk, or why it is not (then a rebuild of the session
+    /// table from its log drops it: it never happened).
+    pub(crate) async fn durable(self) -> Result<(), Arc<SessionStoreError>> {
+        self.committed.recv().await.map_err(|_| Arc::new(SessionStoreError::Stopped))?.map(|_| ())
     }
 }
 
@@ -876,6 +930,9 @@ fn commit_batch(
         }
         count(stats, &job.input);
         entries.push(encode(&entry));
+        if let Some(applied) = &job.applied {
+            let _ = applied.try_send(reply.clone());
+        }
         answered.push((job, reply));
     };
     // Held keepalives of this batch wait with the others; the rest are handled in order.
@@ -908,7 +965,19 @@ fn commit_batch(
     if entries.is_empty() {
         return (answered, parked, Ok(false));
     }
-    let result = match state.db().and_then(|db| append(db, state.next_index, &entries)) {
+    #[cfg(feature = "fault-injection")]
+    let injected = state.fail_v1_commits.load(Ordering::Relaxed)
+        && answered
+            .iter()
+            .any(|(j, _)| matches!(j.input, Input::HoldExternal { .. } | Input::SetExternal { .. }));
+    #[cfg(not(feature = "fault-injection"))]
+    let injected = false;
+    let appended = if injected {
+        Err(SessionStoreError::Db(redb::Error::Io(std::io::Error::other("injected: the disk is full"))))
+    } else {
+        state.db().and_then(|db| append(db, state.next_index, &entries))
+    };
+    let result = match appended {
         Ok(()) => {
             state.next_index += entries.len() as u64;
             if state.next_index - state.snapshot_at >= SNAPSHOT_EVERY {

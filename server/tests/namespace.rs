@@ -249,3 +249,160 @@ fn a_start_tells_the_sessions_what_v1_holds_even_with_the_session_log_gone() {
     assert_eq!(v1_release(s.addr(), "held", 7, 1), json!("released"));
     assert_eq!(a.send(acquire("held", false)), granted("held", 2));
 }
+
+/// Failures of the session log between a v1 hold and v1's answer, and the order they rule out
+/// (see the server's `namespace` module): `cargo test -p leasehold-server --features
+/// fault-injection --test namespace faults`.
+#[cfg(feature = "fault-injection")]
+mod faults {
+    use super::*;
+    use leasehold_server::{RunningServer, Server, ServerConfig, ServerFaults};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A v1 acquire's reply: its HTTP status and body.
+    fn v1_try_acquire(addr: SocketAddr, key: &str, owner: u64) -> Reply {
+        let body = json!({"id": 1, "owner": owner, "op": {"acquire": {"ttl": V1_TTL.as_micros() as u64}}});
+        request(addr, "POST", &format!("/v1/leases/{key}"), None, body.to_string().as_bytes())
+    }
+
+    impl Holder {
+        /// `op`'s reply, or `None` while the session log answers unavailable.
+        fn try_send(&mut self, op: SessionOp) -> Option<SessionReply> {
+            let req = self.next(op);
+            let path = format!("/v2/sessions/{}", self.id.0);
+            let r = post_json(self.addr, &path, &serde_json::to_vec(&req).unwrap());
+            match r.status {
+                200 => Some(serde_json::from_str::<SessionResponse>(&r.body).unwrap().reply),
+                503 => None,
+                other => panic!("{other}: {}", r.body),
+            }
+        }
+    }
+
+    /// A server whose session-log commits of v1 holds and sets fail while the switch is on.
+    fn faulty(dir: &std::path::Path, plant: bool) -> (RunningServer, Arc<AtomicBool>) {
+        let switch = Arc::new(AtomicBool::new(false));
+        let faults = ServerFaults {
+            fail_v1_session_commits: switch.clone(),
+            v1_answers_before_its_hold_is_durable: plant,
+        };
+        (server_with(dir, |c| c.faults = faults), switch)
+    }
+
+    /// The failure a cheaper order must survive: the hold's commit fails, so the session table
+    /// is rebuilt from its log without the hold, and a session is granted the key before v1's
+    /// set can land. v1 decided (and may have stored) a grant meanwhile: it must not have
+    /// answered it. Returns v1's reply and the session's grant.
+    fn hold_lost_in_a_rebuild(plant: bool) -> (Reply, SessionReply) {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, switch) = faulty(dir.path(), plant);
+        let mut a = open(s.addr(), TTL, "a");
+        switch.store(true, Ordering::Relaxed);
+        let v1 = v1_try_acquire(s.addr(), "k", 7);
+        // The rebuilt table lacks the hold, and v1's set keeps failing: the key looks free.
+        let session = within(10, "the session's acquire answered", || a.try_send(acquire("k", false)));
+        switch.store(false, Ordering::Relaxed);
+        (v1, session)
+    }
+
+    #[test]
+    fn faults_a_v1_grant_is_answered_only_once_its_hold_is_durable() {
+        let (v1, session) = hold_lost_in_a_rebuild(false);
+        assert_eq!(session, granted("k", 1), "the rebuilt table lacks the failed hold");
+        assert_eq!(v1.status, 503, "v1 answered while its hold was not on disk: {}", v1.body);
+        assert_eq!(v1.error_code(), "unavailable", "{}", v1.body);
+    }
+
+    #[test]
+    fn faults_planted_a_v1_grant_answered_before_its_hold_is_durable_is_caught() {
+        let (v1, session) = hold_lost_in_a_rebuild(true);
+        assert_eq!(v1.status, 200, "{}", v1.body);
+        let both =
+            v1.json()["reply"]["granted"].is_object() && matches!(session, SessionReply::Granted { .. });
+        assert!(
+            both,
+            "the planted bug should grant the key under both protocols: v1 {}, v2 {session:?}",
+            v1.body
+        );
+    }
+
+    #[test]
+    fn faults_after_a_lost_hold_v1_record_and_sessions_agree_again_and_fences_rise() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, switch) = faulty(dir.path(), false);
+        let mut a = open(s.addr(), TTL, "a");
+        switch.store(true, Ordering::Relaxed);
+        assert_eq!(v1_try_acquire(s.addr(), "k", 7).status, 503);
+        let fence = match within(10, "the session's acquire answered", || a.try_send(acquire("k", false))) {
+            SessionReply::Granted { fence, .. } => fence.0,
+            other => panic!("{other:?}"),
+        };
+        switch.store(false, Ordering::Relaxed);
+        // v1 stored an unanswered grant of fence 1 for owner 7; its set lands now, beside the
+        // session's grant. Neither v1 owner may have the key while the session holds it.
+        let r = within(10, "v1's set on disk", || {
+            let r = v1_try_acquire(s.addr(), "k", 7);
+            (r.status == 200).then_some(r)
+        });
+        assert!(r.json()["reply"]["busy"].is_object(), "{}", r.body);
+        assert!(v1_acquire(s.addr(), "k", 8, V1_TTL)["busy"].is_object());
+        assert_eq!(a.send(release("k", fence)), SessionReply::Released { key: parse_key("k").unwrap() });
+        // Owner 7's record says it holds the key: its acquire is granted again, above both.
+        let again = v1_fence(&v1_acquire(s.addr(), "k", 7, V1_TTL));
+        assert!(again > fence && again > 1, "fence {again} not above v2's {fence} and v1's 1");
+    }
+
+    #[test]
+    fn faults_a_set_whose_commit_failed_keeps_the_key_from_sessions_until_v1_truth_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, switch) = faulty(dir.path(), false);
+        let mut a = open(s.addr(), TTL, "a");
+        assert_eq!(v1_fence(&v1_acquire(s.addr(), "k", 7, V1_TTL)), 1);
+        switch.store(true, Ordering::Relaxed);
+        // Answered before its set, whose commit then fails (and its retries, while the switch
+        // is on): the rebuilt table still has the grant's hold, so sessions are refused.
+        assert_eq!(v1_release(s.addr(), "k", 7, 1), json!("released"));
+        within(10, "a failed session commit", || {
+            (metric(s.addr(), "leasehold_session_log_failures_total") > 0).then_some(())
+        });
+        let busy = within(10, "the session's acquire answered", || a.try_send(acquire("k", false)));
+        assert!(
+            matches!(busy, SessionReply::Busy { .. }),
+            "granted before v1's release reached the log: {busy:?}"
+        );
+        switch.store(false, Ordering::Relaxed);
+        // The retry tells the sessions what v1 holds by then: free, well before the lease's 30 s.
+        let fence = within(10, "the key free for sessions", || match a.try_send(acquire("k", false)) {
+            Some(SessionReply::Granted { fence, .. }) => Some(fence),
+            _ => None,
+        });
+        assert_eq!(fence, Fence(2));
+        assert!(v1_acquire(s.addr(), "k", 8, V1_TTL)["busy"].is_object());
+    }
+
+    #[test]
+    fn faults_a_restart_after_a_hold_that_never_reached_the_log_restores_it_from_v1() {
+        // The crash between v1's commit and its hold's: v1's record is on disk, the log has
+        // neither the hold nor the set.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, switch) = faulty(dir.path(), false);
+            switch.store(true, Ordering::Relaxed);
+            assert_eq!(v1_try_acquire(s.addr(), "k", 7).status, 503);
+        }
+        // A commit the stopped server's session writer had under way on the blocking pool
+        // (a rebuild of the table, failing again) may keep the log open a moment longer.
+        let s = within(10, "the stopped server's logs closed", || {
+            Server::spawn(ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap())).ok()
+        });
+        let mut a = open(s.addr(), TTL, "a");
+        assert!(
+            matches!(a.send(acquire("k", false)), SessionReply::Busy { .. }),
+            "granted under v1's record"
+        );
+        let fence = v1_fence(&v1_acquire(s.addr(), "k", 7, V1_TTL));
+        assert_eq!(v1_release(s.addr(), "k", 7, fence), json!("released"));
+        assert_eq!(a.send(acquire("k", false)), granted("k", fence + 1));
+    }
+}
