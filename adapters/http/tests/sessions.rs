@@ -325,33 +325,37 @@ fn one_session_waiting_for_two_keys_is_pushed_each_when_its_holder_lets_go() {
     let s = server(dir.path());
     let (a, b, c) =
         (client(&s.url(), "a", 20_000), client(&s.url(), "b", 20_000), client(&s.url(), "c", 20_000));
-    smol::block_on(async {
-        let (m1, m2) = (a.acquire("m1").await.unwrap(), b.acquire("m2").await.unwrap());
-        let wait = |key: &'static str| {
-            let (tx, rx) = async_channel::bounded::<()>(1);
-            let c = c.clone();
-            let task = smol::spawn(async move {
-                c.acquire_reporting(key, None, move |_| {
-                    let _ = tx.try_send(());
-                })
-                .await
-            });
-            (task, rx)
-        };
-        let (w1, q1) = wait("m1");
-        let (w2, q2) = wait("m2");
-        within(10_000, "c queued for m1", q1.recv()).await.unwrap();
-        within(10_000, "c queued for m2", q2.recv()).await.unwrap();
-        for (held, waiter) in [(m2, w2), (m1, w1)] {
-            sleep(300).await;
-            held.release().await.unwrap();
-            let released = std::time::Instant::now();
-            let lease = within(10_000, "pushed", waiter).await.unwrap();
-            let took = released.elapsed();
-            assert!(took < Duration::from_secs(1), "{}: hand-off took {took:?}", lease.key());
-            lease.release().await.unwrap();
-        }
-    });
+    smol::block_on(pushed_m2_then_m1(&a, &b, &c, Duration::from_secs(1)));
+}
+
+/// `a` holds m1 and `b` m2; `c` waits for both, then m2's holder lets go, then m1's. Each
+/// grant must reach `c` within `bound` of its release: pushed, not found at a keepalive.
+async fn pushed_m2_then_m1(a: &SessionClient, b: &SessionClient, c: &SessionClient, bound: Duration) {
+    let (m1, m2) = (a.acquire("m1").await.unwrap(), b.acquire("m2").await.unwrap());
+    let wait = |key: &'static str| {
+        let (tx, rx) = async_channel::bounded::<()>(1);
+        let c = c.clone();
+        let task = smol::spawn(async move {
+            c.acquire_reporting(key, None, move |_| {
+                let _ = tx.try_send(());
+            })
+            .await
+        });
+        (task, rx)
+    };
+    let (w1, q1) = wait("m1");
+    let (w2, q2) = wait("m2");
+    within(10_000, "c queued for m1", q1.recv()).await.unwrap();
+    within(10_000, "c queued for m2", q2.recv()).await.unwrap();
+    for (held, waiter) in [(m2, w2), (m1, w1)] {
+        sleep(300).await;
+        held.release().await.unwrap();
+        let released = std::time::Instant::now();
+        let lease = within(10_000, "pushed", waiter).await.unwrap();
+        let took = released.elapsed();
+        assert!(took < bound, "{}: hand-off took {took:?}", lease.key());
+        lease.release().await.unwrap();
+    }
 }
 
 /// Carries a session's requests to the built-in server, those `lagged` picks `LAG` late: as if
@@ -389,33 +393,9 @@ fn a_waiter_for_two_keys_is_pushed_each_in_time_with(lagged: fn(&SessionOp) -> b
     let sessions = BuiltinSessions::new(&s.url(), None, options.config.request_timeout.into()).unwrap();
     let c = SessionClient::new(Lagging { sessions, lagged }, "c", options).unwrap();
     smol::block_on(async {
-        let (m1, m2) = (a.acquire("m1").await.unwrap(), b.acquire("m2").await.unwrap());
-        let wait = |key: &'static str| {
-            let (tx, rx) = async_channel::bounded::<()>(1);
-            let c = c.clone();
-            let task = smol::spawn(async move {
-                c.acquire_reporting(key, None, move |_| {
-                    let _ = tx.try_send(());
-                })
-                .await
-            });
-            (task, rx)
-        };
-        let (w1, q1) = wait("m1");
-        let (w2, q2) = wait("m2");
-        within(10_000, "c queued for m1", q1.recv()).await.unwrap();
-        within(10_000, "c queued for m2", q2.recv()).await.unwrap();
-        for (held, waiter) in [(m2, w2), (m1, w1)] {
-            sleep(300).await;
-            held.release().await.unwrap();
-            let released = std::time::Instant::now();
-            let lease = within(10_000, "pushed", waiter).await.unwrap();
-            let took = released.elapsed();
-            // The push itself is not lagged; m1's may wait for the lagged requests that
-            // settle m2's grant (under 3 lags), never for a keepalive period.
-            assert!(took < Duration::from_secs(2), "{}: hand-off took {took:?}", lease.key());
-            lease.release().await.unwrap();
-        }
+        // The push itself is not lagged; m1's may wait for the lagged requests that settle
+        // m2's grant (under 3 lags), never for a keepalive period.
+        pushed_m2_then_m1(&a, &b, &c, Duration::from_secs(2)).await;
         // A grant made again is given back: the server ends with no key held by anyone.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
