@@ -423,7 +423,7 @@ impl Server {
         let Server { listener, shared, writer, session_writer, v1_runner, threads } = self;
         // Declared before `ex`, so dropped after it: every connection is gone before the
         // writers are stopped and joined, and the store is closed once `run` returns.
-        let mut _logs = LogWriters::default();
+        let mut _logs = LogWriters::new();
         let ex = Arc::new(smol::Executor::new());
         // Declared after `ex`, so dropped before it: the workers are joined first, and then the
         // last handle on the executor drops its tasks (every connection) here.
@@ -534,30 +534,28 @@ impl Workers {
 /// A future a log's writer runs.
 type LogWriter = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// The logs' writers, each on a thread of its own until dropped. On the connections' executor
-/// a writer waited behind every connection's task for its turn, twice per commit (for the
-/// first request, and to answer once its fsync was done): measured at 64 clients, a request
-/// spent 2.2 ms of its 4 ms between handing its input to the session log and hearing back,
-/// while the writer was busy a third of the time. On its own thread it runs when woken.
-#[derive(Default)]
+/// The logs' writers, each on a thread of its own until dropped, so that a writer is never
+/// queued behind the connections' tasks for its turn (twice per commit: for the first
+/// request, and to answer once its fsync is done). At 64 clients a request spent ~2.2 ms of
+/// its ~4 ms between handing its input to the session log and its connection task running
+/// again, but that span includes the connection task's own turn: alternating `load 64,64 4
+/// v2` runs measured no clear gain from this (README's figures).
 struct LogWriters {
-    stop: Option<async_channel::Sender<()>>,
-    stopped: Option<async_channel::Receiver<()>>,
+    stop: async_channel::Sender<()>,
+    stopped: async_channel::Receiver<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl LogWriters {
+    fn new() -> LogWriters {
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        LogWriters { stop, stopped, threads: Vec::new() }
+    }
+
     /// Runs `writer` on a new thread named `name`; gives it back if no thread could be
     /// started, to be run on the executor as before (slower, never wrong).
     fn start(&mut self, name: &str, writer: LogWriter) -> Option<LogWriter> {
-        let stopped = match &self.stopped {
-            Some(stopped) => stopped.clone(),
-            None => {
-                let (stop, stopped) = async_channel::bounded::<()>(1);
-                self.stop = Some(stop);
-                self.stopped.insert(stopped).clone()
-            }
-        };
+        let stopped = self.stopped.clone();
         // Handed over once the thread runs, so that a failed spawn leaves it here.
         let (hand, over) = std::sync::mpsc::sync_channel::<LogWriter>(1);
         let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
@@ -584,9 +582,7 @@ impl LogWriters {
 
 impl Drop for LogWriters {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.close();
-        }
+        self.stop.close();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -110,9 +110,8 @@ impl Future for Deadline {
             this.state = Armed::Fallback(timer);
             return poll;
         };
-        let mut guard = table.lock();
         match this.state {
-            Armed::Table(id) => match guard.armed.get_mut(&(this.at, id)) {
+            Armed::Table(id) => match table.lock().armed.get_mut(&(this.at, id)) {
                 Some(waker) => {
                     if !waker.will_wake(cx.waker()) {
                         waker.clone_from(cx.waker());
@@ -122,10 +121,7 @@ impl Future for Deadline {
                 // being) woken, and the next poll sees the time has come.
                 None => cx.waker().wake_by_ref(),
             },
-            _ => {
-                drop(guard);
-                this.state = Armed::Table(table.arm(this.at, cx.waker()).0);
-            }
+            _ => this.state = Armed::Table(table.arm(this.at, cx.waker()).0),
         }
         Poll::Pending
     }
