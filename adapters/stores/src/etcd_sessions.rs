@@ -56,7 +56,7 @@
 //! release or expiry; fences are create revisions on both sides, so they increase across both.
 //! The argument is in [`EtcdBackend`](crate::EtcdBackend)'s module doc.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,7 +71,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use leasehold_core::session::wire::{
     parse_label, parse_value, Grant, Observed, ObservedHolder, Secret, Seq, SessionId, SessionOp,
-    SessionReply, SessionRequest, SessionResponse,
+    SessionReply, SessionRequest, SessionResponse, OBSERVED_HISTORY,
 };
 use leasehold_core::{Duration as LDuration, Fence, Key, Reject};
 use leasehold_http::{HttpClient, SessionBackend, TransportError, MAX_IN_FLIGHT};
@@ -149,6 +149,9 @@ pub struct EtcdSessions {
     watch_http: HttpClient,
     /// `<prefix>v2/`.
     prefix: String,
+    /// How long replaying an observed key's history may take before the holder now is told
+    /// instead: the request timeout.
+    catch_up: Duration,
     /// `<prefix>`, where v1 ([`EtcdBackend`](crate::EtcdBackend)) keeps its keys.
     v1_prefix: String,
     sessions: Mutex<HashMap<SessionId, Arc<Local>>>,
@@ -175,17 +178,200 @@ struct Local {
 struct Follow {
     /// The seq of the observe that began it: an unobserve older than that is not for it.
     since: Seq,
-    /// The latest change recorded (0: none yet; the first is the holder when it began).
-    latest: u64,
     /// The highest change the session acknowledged.
     acked: u64,
-    /// The holder at the latest change.
+    /// The changes recorded, oldest first: the last [`OBSERVED_HISTORY`], as the built-in
+    /// server keeps, so a laggard costs no more than that (empty: the queue not read yet).
+    changes: VecDeque<Change>,
+    /// The key's queue as this process last knew it (`None`: to be read afresh).
+    replica: Option<Replica>,
+}
+
+/// One recorded change of an observed key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Change {
+    number: u64,
     holder: Option<ObservedHolder>,
 }
 
+/// An observed key's queue (its waiter keys' kvs, with values, in create order) at a revision:
+/// the state that replaying the queue's events from `at + 1` moves through.
+#[derive(Debug, Clone, PartialEq)]
+struct Replica {
+    at: i64,
+    queue: Vec<Value>,
+    /// etcd compacted the history after `at`: it cannot be replayed, only read afresh.
+    compacted: bool,
+}
+
+/// What a read of an observed queue did to its replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caught {
+    /// Brought to the read with nothing missed (or nothing to replay yet).
+    Current,
+    /// The queue's history must be replayed from this revision first.
+    ReplayFrom(i64),
+    /// Its history was compacted: the holder now is recorded, the changes before it may not
+    /// have been heard.
+    Coalesced,
+}
+
+/// What one watch message did to an observed key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replayed {
+    /// Its events were applied; whether a change was recorded.
+    Applied { changed: bool },
+    /// etcd compacted the history asked for (its compact revision): the replica is marked, to
+    /// be read afresh.
+    Compacted(i64),
+    /// The watch failed or was cancelled otherwise; nothing was applied.
+    Failed,
+}
+
 impl Follow {
+    fn new(since: Seq) -> Follow {
+        Follow { since, acked: 0, changes: VecDeque::new(), replica: None }
+    }
+
+    /// The latest change's number (0: none yet; the first is the holder when it began).
+    fn latest(&self) -> u64 {
+        self.changes.back().map_or(0, |c| c.number)
+    }
+
     fn behind(&self) -> bool {
-        self.acked < self.latest
+        self.acked < self.latest()
+    }
+
+    /// The oldest change not acknowledged still kept (for a laggard, the oldest kept: its
+    /// number shows the gap).
+    fn report(&self) -> Option<&Change> {
+        self.changes.iter().find(|c| c.number > self.acked)
+    }
+
+    /// Records `holder` as the next change if it is not the holder recorded last.
+    fn record(&mut self, holder: Option<ObservedHolder>) -> bool {
+        let same = self.changes.back().is_some_and(|c| match (&c.holder, &holder) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.session == b.session && a.fence == b.fence,
+            _ => false,
+        });
+        if same {
+            return false;
+        }
+        let number = self.latest() + 1;
+        self.changes.push_back(Change { number, holder });
+        while self.changes.len() > OBSERVED_HISTORY {
+            self.changes.pop_front();
+        }
+        true
+    }
+
+    /// Takes the read of the key's queue `kvs` at revision `at`.
+    ///
+    /// Why a replica that matches the read (the same waiter keys, created and modified at the
+    /// same revisions) and is not empty has missed no change: its oldest waiter key is alive at
+    /// `at` unmodified, so it lived throughout, and no key created later can be older; the
+    /// holder never changed, and what else happened in between (a waiter that came and went)
+    /// is gone by `at`. An empty replica matching an empty read proves nothing (a session may
+    /// have taken the key and given it back in between): the replica stays where it was, and
+    /// a held keepalive's watch replays from there.
+    fn read(&mut self, kvs: &[Value], at: i64) -> Caught {
+        let Some(r) = &mut self.replica else {
+            self.resync(kvs, at);
+            return Caught::Current;
+        };
+        if r.same_as(kvs) {
+            if !kvs.is_empty() || r.compacted {
+                // A compacted history cannot be replayed; for an empty queue on both sides
+                // this is the fallback, with nothing to tell.
+                r.at = r.at.max(at);
+                r.compacted = false;
+            }
+            return Caught::Current;
+        }
+        if r.compacted {
+            self.resync(kvs, at);
+            return Caught::Coalesced;
+        }
+        // Ahead of the read already (a watch applied what came after it).
+        if r.at >= at {
+            return Caught::Current;
+        }
+        Caught::ReplayFrom(r.at + 1)
+    }
+
+    /// The replica becomes the read `kvs` at `at`, and its holder a change if it is another:
+    /// the first report, or catching up after history that could not be replayed
+    /// (coalesced, with the holders in between not heard).
+    fn resync(&mut self, kvs: &[Value], at: i64) {
+        let replica = Replica { at, queue: kvs.to_vec(), compacted: false };
+        self.record(replica.holder());
+        self.replica = Some(replica);
+    }
+
+    /// Applies one watch message of the key's queue: its events in revision order, each
+    /// revision a whole step (a release that hands the key to the next waiter, a revoke that
+    /// deletes several keys), recording each holder the queue passes through. Events at or
+    /// before the replica's revision are skipped, so two watches replaying the same history
+    /// record it once.
+    fn replay(&mut self, m: &Value) -> Replayed {
+        let result = &m["result"];
+        if let Some(compacted) = int(&result["compact_revision"]).filter(|c| *c > 0) {
+            if let Some(r) = &mut self.replica {
+                r.compacted = true;
+            }
+            return Replayed::Compacted(compacted);
+        }
+        if result["canceled"] == json!(true) || !m["error"].is_null() {
+            return Replayed::Failed;
+        }
+        let Some(mut replica) = self.replica.take_if(|r| !r.compacted) else { return Replayed::Failed };
+        let mut changed = false;
+        let events = result["events"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for (i, event) in events.iter().enumerate() {
+            let Some(revision) = int(&event["kv"]["mod_revision"]).filter(|r| *r > replica.at) else {
+                continue;
+            };
+            replica.apply(event);
+            // etcd sends a revision's events together, in one message: the step ends with the
+            // last event of its revision.
+            let next = events.get(i + 1).and_then(|e| int(&e["kv"]["mod_revision"]));
+            if next != Some(revision) {
+                replica.at = revision;
+                changed |= self.record(replica.holder());
+            }
+        }
+        self.replica = Some(replica);
+        Replayed::Applied { changed }
+    }
+}
+
+impl Replica {
+    /// The holder: the oldest waiter key's session (a semaphore's oldest grant), or a v1
+    /// holder's entry.
+    fn holder(&self) -> Option<ObservedHolder> {
+        self.queue.first().and_then(observed_holder)
+    }
+
+    /// Whether `kvs` (a read of the queue in create order) has the same waiter keys, created
+    /// and modified at the same revisions.
+    fn same_as(&self, kvs: &[Value]) -> bool {
+        let id = |kv: &Value| (kv["key"].clone(), int(&kv["create_revision"]), int(&kv["mod_revision"]));
+        self.queue.len() == kvs.len() && self.queue.iter().zip(kvs).all(|(a, b)| id(a) == id(b))
+    }
+
+    /// One watch event: a put adds its waiter key in create order (or replaces it), a delete
+    /// removes it.
+    fn apply(&mut self, event: &Value) {
+        let kv = &event["kv"];
+        self.queue.retain(|q| q["key"] != kv["key"]);
+        if event["type"] == json!("DELETE") {
+            return;
+        }
+        // A put's type is etcd's default, so the gateway leaves it out.
+        let created = int(&kv["create_revision"]).unwrap_or(i64::MAX);
+        let at = self.queue.partition_point(|q| int(&q["create_revision"]).unwrap_or(0) <= created);
+        self.queue.insert(at, kv.clone());
     }
 }
 
@@ -246,6 +432,8 @@ struct Watched {
     range_end: Option<String>,
     /// Deletions only (a waiter cares for nothing else); an observer wants puts too.
     deletions_only: bool,
+    /// The observed key whose queue this is: its events are replayed into its replica.
+    follows: Option<Key>,
 }
 
 /// The answer of a keepalive held open.
@@ -346,6 +534,7 @@ impl EtcdSessions {
             keepalive_http: HttpClient::new(url, timeout)?.with_max_connections(2),
             watch_http: HttpClient::new(url, timeout)?.with_max_connections(2 * MAX_WATCHES),
             prefix: format!("{prefix}v2/"),
+            catch_up: timeout,
             v1_prefix: prefix.to_string(),
             sessions: Mutex::new(HashMap::new()),
             #[cfg(feature = "fault-injection")]
@@ -528,6 +717,12 @@ impl EtcdSessions {
     fn queue(&self, key: &Key) -> Value {
         let (start, end) = self.queue_range(key);
         json!({"key": start, "range_end": end, "sort_order": "ASCEND", "sort_target": "CREATE", "keys_only": true})
+    }
+
+    /// `key`'s queue as a range request: every waiter key with its value, oldest first.
+    fn queue_with_values(&self, key: &Key) -> Value {
+        let (start, end) = self.queue_range(key);
+        json!({"key": start, "range_end": end, "sort_order": "ASCEND", "sort_target": "CREATE"})
     }
 
     /// `key`'s oldest waiter key, with its value (the key's limit, its holder's label and
@@ -725,13 +920,13 @@ impl EtcdSessions {
             // by its own Unobserve left this one behind), as the built-in server does.
             Some(f) => {
                 if f.since < seq {
-                    f.acked = f.latest.saturating_sub(1);
+                    f.acked = f.latest().saturating_sub(1);
                     f.since = seq;
                 }
             }
             None if full => return SessionReply::Rejected(Reject::Capacity),
             None => {
-                observed.insert(key.clone(), Follow { since: seq, latest: 0, acked: 0, holder: None });
+                observed.insert(key.clone(), Follow::new(seq));
             }
         }
         drop(observed);
@@ -806,7 +1001,7 @@ impl EtcdSessions {
             let wake = future::or(
                 async {
                     match watch.filter(|_| self.watches()) {
-                        Some((revision, keys)) => self.first_event(revision, keys).await,
+                        Some((revision, keys)) => self.first_event(local, revision, keys).await,
                         None => future::pending().await,
                     }
                 },
@@ -845,16 +1040,17 @@ impl EtcdSessions {
         if waiting.is_empty() && observed.is_empty() {
             return Ok(None);
         }
-        // Waited queues first (keys only), then the holders of observed ones (with values).
+        // Waited queues first (keys only), then observed ones (with values).
         let reads: Vec<Value> = waiting
             .iter()
             .map(|(k, ..)| self.queue(k))
-            .chain(observed.iter().map(|k| self.oldest(k)))
+            .chain(observed.iter().map(|k| self.queue_with_values(k)))
             .map(|q| json!({"request_range": q}))
             .collect();
         // A txn per MAX_TXN_OPS queues; watching from the oldest revision read misses nothing.
         let mut read_at = i64::MAX;
-        let mut queues: Vec<Vec<Value>> = Vec::with_capacity(reads.len());
+        // Each queue with the revision it was read at.
+        let mut queues: Vec<(Vec<Value>, i64)> = Vec::with_capacity(reads.len());
         for chunk in reads.chunks(MAX_TXN_OPS) {
             let v = self.post(&self.keepalive_http, "/v3/kv/txn", json!({"success": chunk})).await?;
             let Some(r) = int(&v["header"]["revision"]) else {
@@ -865,14 +1061,14 @@ impl EtcdSessions {
             read_at = read_at.min(r);
             for i in 0..chunk.len() {
                 let kvs = v["responses"][i]["response_range"]["kvs"].as_array().cloned().unwrap_or_default();
-                queues.push(kvs);
+                queues.push((kvs, r));
             }
         }
         let (waited_queues, observed_queues) = queues.split_at(waiting.len());
         let (mut watched, mut vanished) = (Vec::new(), Vec::new());
         {
             let mut keys = lock(&local.keys);
-            for ((key, asked, revision, limit, value), kvs) in waiting.into_iter().zip(waited_queues) {
+            for ((key, asked, revision, limit, value), (kvs, _)) in waiting.into_iter().zip(waited_queues) {
                 let me = B64.encode(self.waiter(&key, local.lease));
                 // Only a key still waiting: an acquire or release may have moved it since.
                 if !matches!(keys.get(&key), Some(Want::Queued { revision: r, .. }) if *r == revision) {
@@ -891,13 +1087,19 @@ impl EtcdSessions {
                                 key: k.to_string(),
                                 range_end: None,
                                 deletions_only: true,
+                                follows: None,
                             });
                         }
                     }
                     // N slots: any deletion ahead of us can give us one.
                     Some(_) => {
                         let (start, end) = self.queue_range(&key);
-                        watched.push(Watched { key: start, range_end: Some(end), deletions_only: true });
+                        watched.push(Watched {
+                            key: start,
+                            range_end: Some(end),
+                            deletions_only: true,
+                            follows: None,
+                        });
                     }
                     // Our waiter key is gone while the session lives (deleted by hand): the place is
                     // lost, so queue again at the back rather than wait for a grant that never comes.
@@ -910,24 +1112,25 @@ impl EtcdSessions {
                 }
             }
         }
+        let mut replays = Vec::new();
         {
             let mut follows = lock(&local.observed);
-            for (key, kvs) in observed.iter().zip(observed_queues) {
+            for (key, (kvs, at)) in observed.iter().zip(observed_queues) {
                 let Some(f) = follows.get_mut(key) else { continue };
-                let holder = kvs.first().and_then(observed_holder);
-                let same = match (&f.holder, &holder) {
-                    (None, None) => f.latest > 0,
-                    (Some(a), Some(b)) => a.session == b.session && a.fence == b.fence,
-                    _ => false,
-                };
-                if !same {
-                    f.latest += 1;
-                    f.holder = holder;
+                match f.read(kvs, *at) {
+                    Caught::Current => {}
+                    Caught::ReplayFrom(from) => replays.push(self.catch_up(local, key, from, kvs, *at)),
+                    Caught::Coalesced => tracing::warn!(
+                        %key,
+                        "etcd compacted the observed key's history: told its holder now, the changes before it not heard"
+                    ),
                 }
                 let (start, end) = self.queue_range(key);
-                watched.push(Watched { key: start, range_end: Some(end), deletions_only: false });
+                let follows = Some(key.clone());
+                watched.push(Watched { key: start, range_end: Some(end), deletions_only: false, follows });
             }
         }
+        all(replays).await;
         for (key, asked, limit, value) in vanished {
             if let SessionReply::Granted { key, fence } =
                 self.acquire(local, asked, &key, true, limit, &value).await?
@@ -941,11 +1144,17 @@ impl EtcdSessions {
         Ok((!watched.is_empty()).then_some((read_at, watched)))
     }
 
-    /// Waits until one of `watched` sees an event after `revision`. A watch that cannot be
-    /// set up never wakes (the keepalive's timer does, and the next one looks again).
-    async fn first_event(&self, revision: i64, watched: Vec<Watched>) -> Wake {
-        let watches: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> =
-            watched.into_iter().map(|w| Box::pin(self.event(revision, w)) as Pin<Box<_>>).collect();
+    /// Waits until one of `watched` sees an event after `revision` (an observed queue's
+    /// watch: until a change of its holder is recorded). A watch that cannot be set up never
+    /// wakes (the keepalive's timer does, and the next one looks again).
+    async fn first_event(&self, local: &Local, revision: i64, watched: Vec<Watched>) -> Wake {
+        let watches: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = watched
+            .into_iter()
+            .map(|w| match w.follows {
+                Some(key) => Box::pin(self.follow(local, key)) as Pin<Box<_>>,
+                None => Box::pin(self.event(revision, w)) as Pin<Box<_>>,
+            })
+            .collect();
         let mut watches = watches;
         future::poll_fn(|cx| {
             for w in watches.iter_mut() {
@@ -971,6 +1180,97 @@ impl EtcdSessions {
         if watched.deletions_only {
             create["filters"] = json!(["NOPUT"]);
         }
+        // Only the watch's creation is no news; an event, a cancellation (a compacted start
+        // revision) or an error all mean: look again.
+        if let Err(WatchEnd::Refused) = self.watch(create, |m| (!watch_created(m)).then_some(())).await {
+            future::pending::<()>().await;
+        }
+    }
+
+    /// Replays `key`'s queue into its replica from the revision after the replica's, while a
+    /// keepalive is held, and returns once that records a change (or finds the history
+    /// compacted: the next read catches up). A watch that fails never returns (the keepalive's
+    /// timer does).
+    async fn follow(&self, local: &Local, key: Key) {
+        let from = lock(&local.observed)
+            .get(&key)
+            .and_then(|f| f.replica.as_ref())
+            .filter(|r| !r.compacted)
+            .map(|r| r.at + 1);
+        let Some(from) = from else { return future::pending().await };
+        let heard = self
+            .watch(self.queue_history(&key, from), |m| {
+                let mut follows = lock(&local.observed);
+                // Unobserved meanwhile: look again, and watch it no more.
+                let Some(f) = follows.get_mut(&key) else { return Some(true) };
+                match f.replay(m) {
+                    Replayed::Applied { changed } => changed.then_some(true),
+                    Replayed::Compacted(_) => Some(true),
+                    Replayed::Failed => Some(false),
+                }
+            })
+            .await;
+        if heard != Ok(true) {
+            future::pending::<()>().await;
+        }
+    }
+
+    /// Replays `key`'s queue into its replica from revision `from` until it has caught up with
+    /// the read `kvs` at revision `at`. History etcd compacted, or that cannot be replayed
+    /// within a request timeout, falls back to the read itself: the holder now is recorded
+    /// (if it is another), the changes before it not heard, and that is logged.
+    async fn catch_up(&self, local: &Local, key: &Key, from: i64, kvs: &[Value], at: i64) {
+        let replay = self.watch(self.queue_history(key, from), |m| {
+            let mut follows = lock(&local.observed);
+            let Some(f) = follows.get_mut(key) else { return Some(Ok(())) };
+            match f.replay(m) {
+                Replayed::Applied { .. } => {
+                    let r = f.replica.as_mut()?;
+                    if r.at >= at {
+                        return Some(Ok(()));
+                    }
+                    // Matched and held: nothing more to hear before `at` (see Follow::read).
+                    // Matched and empty: what may follow is replayed by a held keepalive.
+                    if r.same_as(kvs) {
+                        if !kvs.is_empty() {
+                            r.at = at;
+                        }
+                        return Some(Ok(()));
+                    }
+                    None
+                }
+                Replayed::Compacted(c) => Some(Err(format!("etcd compacted its history up to revision {c}"))),
+                Replayed::Failed => Some(Err(format!("etcd ended the watch: {m}"))),
+            }
+        });
+        let timeout = async {
+            async_io::Timer::after(self.catch_up).await;
+            Err(WatchEnd::TimedOut)
+        };
+        let why = match future::or(replay, timeout).await {
+            Ok(Ok(())) => return,
+            Ok(Err(why)) => why,
+            Err(end) => end.to_string(),
+        };
+        tracing::warn!(
+            %key,
+            "cannot replay the observed key's changes from etcd revision {from} ({why}): told its holder now, the changes before it not heard"
+        );
+        if let Some(f) = lock(&local.observed).get_mut(key) {
+            f.resync(kvs, at);
+        }
+    }
+
+    /// A watch of `key`'s queue, puts and deletes, from revision `from` (etcd answers from its
+    /// history what came since).
+    fn queue_history(&self, key: &Key, from: i64) -> Value {
+        let (start, end) = self.queue_range(key);
+        json!({"key": start, "range_end": end, "start_revision": from.to_string()})
+    }
+
+    /// Opens the watch `create` (a watch create request) and hands each of its messages to
+    /// `on` until `on` returns something.
+    async fn watch<T>(&self, create: Value, mut on: impl FnMut(&Value) -> Option<T>) -> Result<T, WatchEnd> {
         let body = json!({ "create_request": create });
         let request = self
             .watch_http
@@ -985,30 +1285,73 @@ impl EtcdSessions {
             Ok(s) if s.status == 200 => s,
             Ok(s) => {
                 tracing::debug!("etcd refused a watch: HTTP {}", s.status);
-                return future::pending().await;
+                return Err(WatchEnd::Refused);
             }
             Err(e) => {
                 tracing::debug!("etcd watch: {e}");
-                return future::pending().await;
+                return Err(WatchEnd::Refused);
             }
         };
         let mut buf = Vec::new();
         while let Some(chunk) = stream.next_chunk().await {
-            let Ok(chunk) = chunk else { return };
+            let Ok(chunk) = chunk else { return Err(WatchEnd::Ended) };
             buf.extend_from_slice(&chunk);
             let mut messages = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
             for m in messages.by_ref() {
-                let Ok(m) = m else { return };
-                // Only the watch's creation is no news; an event, a cancellation (a compacted
-                // start revision) or an error all mean: look again.
-                if !watch_created(&m) {
-                    return;
+                match m {
+                    Ok(m) => {
+                        if let Some(t) = on(&m) {
+                            return Ok(t);
+                        }
+                    }
+                    // A message cut at the chunk's end: the rest comes with the next chunk.
+                    Err(e) if e.is_eof() => break,
+                    Err(_) => return Err(WatchEnd::Ended),
                 }
             }
             let used = messages.byte_offset();
             buf.drain(..used);
         }
+        Err(WatchEnd::Ended)
     }
+}
+
+/// Why a watch handed nothing back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchEnd {
+    /// etcd refused it, or could not be reached.
+    Refused,
+    /// Its stream ended (or carried something that is not JSON).
+    Ended,
+    /// Not answered in time.
+    TimedOut,
+}
+
+impl std::fmt::Display for WatchEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WatchEnd::Refused => "etcd refused the watch or could not be reached",
+            WatchEnd::Ended => "the watch's stream ended",
+            WatchEnd::TimedOut => "no answer within a request timeout",
+        })
+    }
+}
+
+/// Runs every future in `all` to its end.
+async fn all<F: Future<Output = ()>>(all: Vec<F>) {
+    let mut all: Vec<Option<Pin<Box<F>>>> = all.into_iter().map(|f| Some(Box::pin(f))).collect();
+    future::poll_fn(|cx| {
+        for slot in all.iter_mut() {
+            if slot.as_mut().is_some_and(|f| f.as_mut().poll(cx).is_ready()) {
+                *slot = None;
+            }
+        }
+        match all.iter().all(Option::is_none) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// The keepalive's answer: the session's ttl, one grant not yet confirmed and one change of
@@ -1026,9 +1369,9 @@ fn alive_reply(local: &Local, ttl: LDuration) -> SessionReply {
     let Some((key, f)) = behind.next() else {
         return SessionReply::Alive { ttl, granted, more: more_grants };
     };
-    // The latest state, not every one since the acknowledged: changes are coalesced here.
-    let observed = Observed { key: key.clone(), change: f.latest, holder: f.holder.clone() };
-    let more = more_grants || behind.next().is_some();
+    let Some(c) = f.report() else { return SessionReply::Alive { ttl, granted, more: more_grants } };
+    let observed = Observed { key: key.clone(), change: c.number, holder: c.holder.clone() };
+    let more = more_grants || c.number < f.latest() || behind.next().is_some();
     SessionReply::AliveObserved { ttl, granted, more, observed }
 }
 
@@ -1092,7 +1435,7 @@ impl SessionBackend for EtcdSessions {
             (SessionOp::KeepAliveSeen { key, change }, Some(l)) => {
                 if let Some(f) = lock(&l.observed).get_mut(key) {
                     // Never past the latest: a confused number cannot skip changes to come.
-                    f.acked = f.acked.max((*change).min(f.latest));
+                    f.acked = f.acked.max((*change).min(f.latest()));
                 }
                 self.keep_alive(&l, hold).await
             }
