@@ -1494,6 +1494,115 @@ mod tests {
         assert_eq!(observed_holder(&json!({"key": "YQ==", "create_revision": "9"})), None, "no lease");
     }
 
+    /// A waiter key of session `lease` created at revision `created`, as a range or a watch
+    /// shows it.
+    fn waiter_kv(name: &str, lease: i64, created: i64) -> Value {
+        let stake = Stake { label: format!("s{lease}"), limit: 1, value: String::new() };
+        json!({"key": B64.encode(name), "lease": lease.to_string(), "create_revision": created.to_string(),
+               "mod_revision": created.to_string(), "version": "1", "value": B64.encode(stake.encode())})
+    }
+
+    /// A watch message with `events`, as etcd 3.4.23's gateway sends it (a put has no type).
+    fn message(events: &[Value]) -> Value {
+        json!({"result": {"header": {"revision": "99"}, "events": events}})
+    }
+
+    fn put(kv: Value) -> Value {
+        json!({"kv": kv})
+    }
+
+    fn delete(name: &str, at: i64) -> Value {
+        json!({"type": "DELETE", "kv": {"key": B64.encode(name), "mod_revision": at.to_string()}})
+    }
+
+    /// The recorded changes as (number, holder's session or 0 for free).
+    fn heard(f: &Follow) -> Vec<(u64, u64)> {
+        f.changes.iter().map(|c| (c.number, c.holder.as_ref().map_or(0, |h| h.session.0))).collect()
+    }
+
+    #[test]
+    fn a_replayed_queue_records_each_holder_once_per_revision_and_a_replay_twice_once() {
+        let mut f = Follow::new(Seq(1));
+        assert_eq!(f.read(&[], 3), Caught::Current);
+        assert_eq!(heard(&f), [(1, 0)], "the first report: free");
+        // a takes the key (4), b and c queue (5, 6); a's release hands it to b (7): one change;
+        // a revoke deletes b's and c's keys at once (8): one change, to free.
+        let events = [
+            put(waiter_kv("q@a", 10, 4)),
+            put(waiter_kv("q@b", 11, 5)),
+            put(waiter_kv("q@c", 12, 6)),
+            delete("q@a", 7),
+            delete("q@b", 8),
+            delete("q@c", 8),
+        ];
+        assert_eq!(f.replay(&message(&events[..2])), Replayed::Applied { changed: true });
+        assert_eq!(f.replay(&message(&events[2..])), Replayed::Applied { changed: true });
+        assert_eq!(heard(&f), [(1, 0), (2, 10), (3, 11), (4, 0)]);
+        // The same history from a second watch: skipped, nothing recorded twice.
+        assert_eq!(f.replay(&message(&events)), Replayed::Applied { changed: false });
+        assert_eq!(f.latest(), 4);
+        // The watch's creation is no event.
+        let created = json!({"result": {"header": {"revision": "8"}, "created": true}});
+        assert_eq!(f.replay(&created), Replayed::Applied { changed: false });
+        assert_eq!(f.replica.as_ref().map(|r| r.at), Some(8));
+    }
+
+    #[test]
+    fn a_read_matching_a_held_replica_proves_nothing_was_missed_and_an_empty_one_does_not() {
+        let mut f = Follow::new(Seq(1));
+        let held = [waiter_kv("q@a", 10, 4)];
+        assert_eq!(f.read(&held, 4), Caught::Current);
+        // Read again later, the same holder unmodified: current up to the read.
+        assert_eq!(f.read(&held, 20), Caught::Current);
+        assert_eq!(f.replica.as_ref().map(|r| r.at), Some(20));
+        // Another queue: the history after 20 must be replayed.
+        let other = [waiter_kv("q@b", 11, 22)];
+        assert_eq!(f.read(&other, 30), Caught::ReplayFrom(21));
+        assert_eq!(f.latest(), 1, "nothing recorded before the replay");
+        // Free at both reads: the replica stays where it was, for a held watch to replay from.
+        let mut free = Follow::new(Seq(1));
+        free.read(&[], 3);
+        assert_eq!(free.read(&[], 9), Caught::Current);
+        assert_eq!(free.replica.as_ref().map(|r| r.at), Some(3));
+    }
+
+    #[test]
+    fn a_compacted_history_is_coalesced_into_the_next_read_unless_the_holder_stayed() {
+        let compacted = json!({"result": {"header": {"revision": "40"}, "canceled": true, "compact_revision": "35"}});
+        let mut f = Follow::new(Seq(1));
+        let held = [waiter_kv("q@a", 10, 4)];
+        f.read(&held, 4);
+        assert_eq!(f.replay(&compacted), Replayed::Compacted(35));
+        // The same holder, unmodified, at the next read: nothing can have been missed.
+        assert_eq!(f.read(&held, 41), Caught::Current);
+        assert_eq!(f.latest(), 1);
+        assert_eq!(f.replay(&compacted), Replayed::Compacted(35));
+        // Nothing is applied to a compacted replica.
+        assert_eq!(f.replay(&message(&[delete("q@a", 42)])), Replayed::Failed);
+        let now = [waiter_kv("q@c", 12, 39)];
+        assert_eq!(f.read(&now, 43), Caught::Coalesced);
+        assert_eq!(heard(&f), [(1, 10), (2, 12)]);
+        let error = json!({"error": {"grpc_code": 14, "message": "unavailable"}});
+        assert_eq!(f.replay(&error), Replayed::Failed);
+    }
+
+    #[test]
+    fn a_laggard_is_reported_the_oldest_of_the_last_eight_changes() {
+        let mut f = Follow::new(Seq(1));
+        f.read(&[], 1);
+        for i in 0..10 {
+            let name = format!("q@{i}");
+            let at = 2 + 2 * i;
+            f.replay(&message(&[put(waiter_kv(&name, 100 + i, at)), delete(&name, at + 1)]));
+        }
+        assert_eq!(f.latest(), 21);
+        assert_eq!(f.changes.len(), OBSERVED_HISTORY);
+        let first = f.report().expect("behind");
+        assert_eq!(first.number, 21 - OBSERVED_HISTORY as u64 + 1, "its number shows the gap");
+        f.acked = 20;
+        assert_eq!(f.report().map(|c| (c.number, c.holder.is_none())), Some((21, true)));
+    }
+
     #[test]
     fn a_waiters_place_is_its_index_in_create_order() {
         let kvs: Vec<Value> = serde_json::from_str(
