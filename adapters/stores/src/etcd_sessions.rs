@@ -30,17 +30,45 @@
 //! # Observers and their change numbers
 //!
 //! An observer follows the key's oldest waiter key, its holder (for a semaphore, its oldest
-//! grant, as on the built-in server). Each time this process reads the key's queue (at each
-//! keepalive of the observing session, and at once when a held keepalive's watch of the queue
-//! sees a put or a delete) and finds a holder (session, fence) other than the one it recorded
-//! last, it records a change, numbered per observation from 1 (the holder when the observation
-//! began). So the numbers are dense as [`Observed::change`] promises, and a gap in them means
-//! a change was recorded but its report was lost or overtaken. Changes between two reads
-//! (while no keepalive is held open) are coalesced into the latest, never reported out of
-//! order. They are not etcd revisions: a revision counts every write of the whole cluster,
-//! so the holder machine would count each unrelated write as a missed change. They need not
-//! survive a restart of this process, because the session does not: a new process's session
-//! observes afresh and its first report is the holder at that time.
+//! grant, as on the built-in server; a v1 holder's entry `<prefix>v2/<key>@v1` is a holder
+//! too). This process keeps a replica of each observed key's queue (its waiter keys with their
+//! values) and the revision it is current at, and records a change, numbered per observation
+//! from 1 (the holder when the observation began), for each holder (session, fence) the queue
+//! passes through, in order:
+//!
+//! - At each keepalive of the observing session it reads the queue. A read that matches the
+//!   replica (the same waiter keys, created and modified at the same revisions) and is not
+//!   empty proves that the holder did not change in between (it lived throughout, and nobody
+//!   joins ahead of it). Otherwise it replays the queue's puts and deletes from the revision
+//!   after the replica's, with a watch that etcd answers from its history, and records each
+//!   holder the queue went through, until the replica has reached the read.
+//! - A held keepalive watches the queue from the replica's revision on, applying its events
+//!   as they come, and answers when one records a change. So a key free at two reads and
+//!   taken and given back in between (which a read cannot tell from a key nobody touched) is
+//!   heard from the keepalive held after the first: a session that never holds its keepalives
+//!   hears it only at its next held one.
+//! - A state is what holds after a whole revision: a release that hands the key straight to
+//!   the next waiter (the delete's revision) is one change, never an instant of free, and a
+//!   revoke that deletes several waiter keys at once is one change too. An event at or before
+//!   the replica's revision is skipped, so two watches replaying the same history record it
+//!   once.
+//! - The last [`OBSERVED_HISTORY`] (8) changes of each observed key are kept, as the built-in
+//!   server keeps them: an observer further behind is reported the oldest kept, whose number
+//!   shows the gap (the client logs it), so a laggard costs no more memory than that.
+//! - History etcd compacted (the replay's watch is cancelled with a `compact_revision`), or
+//!   that cannot be replayed (the watch refused or cut off, or no answer within the request
+//!   timeout), falls back to the read: the holder
+//!   now is recorded as the next change if it is another, the holders in between are not
+//!   heard, and this process logs that (a warning). A compaction is no gap when the holder
+//!   read is the replica's, unmodified: it held throughout.
+//!
+//! So the numbers are dense as [`Observed::change`] promises, and a gap in them means the
+//! observer lagged more than 8 changes behind, or a report was lost or overtaken. They are not
+//! etcd revisions: a revision counts every write of the whole cluster, so the holder machine
+//! would count each unrelated write as a missed change. They need not survive a restart of
+//! this process, because the session does not: a new process's session observes afresh and
+//! its first report is the holder at that time. Each keepalive reads every observed queue
+//! whole, with its values (a queue of n waiters is n kvs).
 //!
 //! [`Observed::change`]: leasehold_core::session::wire::Observed::change
 //!
@@ -1568,7 +1596,8 @@ mod tests {
 
     #[test]
     fn a_compacted_history_is_coalesced_into_the_next_read_unless_the_holder_stayed() {
-        let compacted = json!({"result": {"header": {"revision": "40"}, "canceled": true, "compact_revision": "35"}});
+        let compacted =
+            json!({"result": {"header": {"revision": "40"}, "canceled": true, "compact_revision": "35"}});
         let mut f = Follow::new(Seq(1));
         let held = [waiter_kv("q@a", 10, 4)];
         f.read(&held, 4);

@@ -821,9 +821,8 @@ async fn observe_free(b: &ByHand, watcher: Hand, key: &leasehold_core::Key) {
 async fn pushed(b: &ByHand, h: Hand) -> leasehold_core::Fence {
     use leasehold_core::session::wire::{SessionOp, SessionReply};
     match b.send(h, SessionOp::KeepAlive).await {
-        SessionReply::Alive { granted: Some(g), .. } | SessionReply::AliveObserved { granted: Some(g), .. } => {
-            g.fence
-        }
+        SessionReply::Alive { granted: Some(g), .. }
+        | SessionReply::AliveObserved { granted: Some(g), .. } => g.fence,
         other => panic!("no grant pushed: {other:?}"),
     }
 }
@@ -880,7 +879,8 @@ fn an_observer_further_behind_than_eight_changes_is_told_the_oldest_kept() {
         // The last eight kept (5..=12): the number of the first shows the three not kept.
         let heard = reports_from(&watching, watcher, &k, 1).await;
         let holders: Vec<_> = heard.iter().map(|(_, f, _)| *f).collect();
-        let want = [None, Some(fences[2]), None, Some(fences[3]), None, Some(fences[4]), None, Some(fences[5])];
+        let want =
+            [None, Some(fences[2]), None, Some(fences[3]), None, Some(fences[4]), None, Some(fences[5])];
         assert_eq!(holders, want, "{heard:?}");
         let numbers: Vec<u64> = heard.iter().map(|(n, ..)| *n).collect();
         assert_eq!(numbers, (5..=12).collect::<Vec<_>>());
@@ -904,14 +904,18 @@ fn a_compacted_history_is_caught_up_as_the_holder_now_and_followed_in_full_after
         holding.give_back(a, &k, fa).await;
         let fb = holding.take(bb, &k).await;
         // etcd forgets the revisions the observer has not read: a's turn is gone from history.
-        let now = raw.post("/v3/kv/range", json!({"key": B64.encode("x")})).await["header"]["revision"].clone();
+        let now =
+            raw.post("/v3/kv/range", json!({"key": B64.encode("x")})).await["header"]["revision"].clone();
         raw.post("/v3/kv/compaction", json!({"revision": now, "physical": true})).await;
         // The documented fallback: the holder now, numbered next (a is not heard).
         assert_eq!(reports_from(&watching, watcher, &k, 1).await, vec![(2, Some(fb), false)]);
         // History after the compaction is followed in full again: b's release, then c.
         holding.give_back(bb, &k, fb).await;
         let fc = holding.take(c, &k).await;
-        assert_eq!(reports_from(&watching, watcher, &k, 2).await, vec![(3, None, true), (4, Some(fc), false)]);
+        assert_eq!(
+            reports_from(&watching, watcher, &k, 2).await,
+            vec![(3, None, true), (4, Some(fc), false)]
+        );
         for h in [a, bb, c] {
             holding.send(h, SessionOp::Close).await;
         }
@@ -944,8 +948,13 @@ fn an_observer_free_at_both_reads_hears_the_holders_in_between_in_its_held_keepa
         let (o, more) = first.expect("a change reported before the hold ran out");
         assert_eq!((o.change, o.holder.map(|h| h.fence), more), (2, Some(fences[0]), true));
         let heard = reports_from(&watching, watcher, &k, 2).await;
-        let want =
-            vec![(3, None, true), (4, Some(fences[1]), true), (5, None, true), (6, Some(fences[2]), true), (7, None, false)];
+        let want = vec![
+            (3, None, true),
+            (4, Some(fences[1]), true),
+            (5, None, true),
+            (6, Some(fences[2]), true),
+            (7, None, false),
+        ];
         assert_eq!(heard, want);
         watching.send(watcher, SessionOp::Close).await;
     });
