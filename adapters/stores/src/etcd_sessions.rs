@@ -36,12 +36,12 @@
 //! from 1 (the holder when the observation began), for each holder (session, fence) the queue
 //! passes through, in order:
 //!
-//! - At each keepalive of the observing session it reads the queue. A read that matches the
-//!   replica (the same waiter keys, created and modified at the same revisions) and is not
-//!   empty proves that the holder did not change in between (it lived throughout, and nobody
-//!   joins ahead of it). Otherwise it replays the queue's puts and deletes from the revision
-//!   after the replica's, with a watch that etcd answers from its history, and records each
-//!   holder the queue went through, until the replica has reached the read.
+//! - At each keepalive of the observing session it reads the queue. A read whose oldest
+//!   waiter key is the replica's, created and modified at the same revisions, proves that the
+//!   holder did not change in between (it lived throughout, and nobody joins ahead of it): the
+//!   read becomes the replica. Otherwise it replays the queue's puts and deletes from the
+//!   revision after the replica's, with a watch that etcd answers from its history, and
+//!   records each holder the queue went through, until the replica has reached the read.
 //! - A held keepalive watches the queue from the replica's revision on, applying its events
 //!   as they come, and answers when one records a change. So a key free at two reads and
 //!   taken and given back in between (which a read cannot tell from a key nobody touched) is
@@ -294,27 +294,15 @@ impl Follow {
         true
     }
 
-    /// Takes the read of the key's queue `kvs` at revision `at`.
-    ///
-    /// Why a replica that matches the read (the same waiter keys, created and modified at the
-    /// same revisions) and is not empty has missed no change: its oldest waiter key is alive at
-    /// `at` unmodified, so it lived throughout, and no key created later can be older; the
-    /// holder never changed, and what else happened in between (a waiter that came and went)
-    /// is gone by `at`. An empty replica matching an empty read proves nothing (a session may
-    /// have taken the key and given it back in between): the replica stays where it was, and
-    /// a held keepalive's watch replays from there.
+    /// Takes the read of the key's queue `kvs` at revision `at`: the replica is brought to it
+    /// if that needs no history (see [`Replica::adopt`]), or must be replayed from its
+    /// revision first.
     fn read(&mut self, kvs: &[Value], at: i64) -> Caught {
         let Some(r) = &mut self.replica else {
             self.resync(kvs, at);
             return Caught::Current;
         };
-        if r.same_as(kvs) {
-            if !kvs.is_empty() || r.compacted {
-                // A compacted history cannot be replayed; for an empty queue on both sides
-                // this is the fallback, with nothing to tell.
-                r.at = r.at.max(at);
-                r.compacted = false;
-            }
+        if r.adopt(kvs, at) {
             return Caught::Current;
         }
         if r.compacted {
@@ -381,11 +369,38 @@ impl Replica {
         self.queue.first().and_then(observed_holder)
     }
 
-    /// Whether `kvs` (a read of the queue in create order) has the same waiter keys, created
-    /// and modified at the same revisions.
-    fn same_as(&self, kvs: &[Value]) -> bool {
+    /// Becomes the read `kvs` (the queue in create order) at `at` if no holder can have come
+    /// between them, and says whether it did.
+    ///
+    /// Why a read whose oldest waiter key is the replica's, created and modified at the same
+    /// revisions, has missed no change: that key is alive at `at` unmodified, so it lived
+    /// throughout (deleted and put again, it would have another create revision), and no key
+    /// created later can be older; the holder never changed, and the waiters that came and
+    /// went behind it are no change. An empty replica and an empty read prove nothing (a
+    /// session may have taken the key and given it back in between): the replica stays where
+    /// it was, for a held keepalive's watch to replay from, unless its history was compacted
+    /// (nothing can be replayed, and there is nothing to tell).
+    fn adopt(&mut self, kvs: &[Value], at: i64) -> bool {
         let id = |kv: &Value| (kv["key"].clone(), int(&kv["create_revision"]), int(&kv["mod_revision"]));
-        self.queue.len() == kvs.len() && self.queue.iter().zip(kvs).all(|(a, b)| id(a) == id(b))
+        match (self.queue.first(), kvs.first()) {
+            (Some(mine), Some(read)) if id(mine) == id(read) => {
+                // A replica ahead of the read stays as it is.
+                if at >= self.at {
+                    self.queue = kvs.to_vec();
+                    self.at = at;
+                    self.compacted = false;
+                }
+                true
+            }
+            (None, None) => {
+                if self.compacted {
+                    self.at = self.at.max(at);
+                    self.compacted = false;
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     /// One watch event: a put adds its waiter key in create order (or replaces it), a delete
@@ -1252,20 +1267,12 @@ impl EtcdSessions {
             let mut follows = lock(&local.observed);
             let Some(f) = follows.get_mut(key) else { return Some(Ok(())) };
             match f.replay(m) {
+                // Past the read, or at a holder the read shows unchanged: nothing more to
+                // hear before it (a queue empty at both ends: what may follow is replayed by
+                // a held keepalive).
                 Replayed::Applied { .. } => {
                     let r = f.replica.as_mut()?;
-                    if r.at >= at {
-                        return Some(Ok(()));
-                    }
-                    // Matched and held: nothing more to hear before `at` (see Follow::read).
-                    // Matched and empty: what may follow is replayed by a held keepalive.
-                    if r.same_as(kvs) {
-                        if !kvs.is_empty() {
-                            r.at = at;
-                        }
-                        return Some(Ok(()));
-                    }
-                    None
+                    (r.at >= at || r.adopt(kvs, at)).then_some(Ok(()))
                 }
                 Replayed::Compacted(c) => Some(Err(format!("etcd compacted its history up to revision {c}"))),
                 Replayed::Failed => Some(Err(format!("etcd ended the watch: {m}"))),
@@ -1576,13 +1583,18 @@ mod tests {
     }
 
     #[test]
-    fn a_read_matching_a_held_replica_proves_nothing_was_missed_and_an_empty_one_does_not() {
+    fn a_read_with_the_replicas_holder_proves_nothing_was_missed_and_an_empty_one_does_not() {
         let mut f = Follow::new(Seq(1));
         let held = [waiter_kv("q@a", 10, 4)];
         assert_eq!(f.read(&held, 4), Caught::Current);
-        // Read again later, the same holder unmodified: current up to the read.
-        assert_eq!(f.read(&held, 20), Caught::Current);
-        assert_eq!(f.replica.as_ref().map(|r| r.at), Some(20));
+        // Read again later, the same holder unmodified and a waiter behind it: current up to
+        // the read, which it becomes.
+        let waited = [waiter_kv("q@a", 10, 4), waiter_kv("q@w", 13, 15)];
+        assert_eq!(f.read(&waited, 20), Caught::Current);
+        assert_eq!(f.replica.as_ref().map(|r| (r.at, r.queue.len())), Some((20, 2)));
+        // A read older than the replica leaves it as it is.
+        assert_eq!(f.read(&held, 18), Caught::Current);
+        assert_eq!(f.replica.as_ref().map(|r| (r.at, r.queue.len())), Some((20, 2)));
         // Another queue: the history after 20 must be replayed.
         let other = [waiter_kv("q@b", 11, 22)];
         assert_eq!(f.read(&other, 30), Caught::ReplayFrom(21));
