@@ -808,13 +808,46 @@ async fn reports_from(
     heard
 }
 
-/// Observes `key` from `watcher` and returns once its first report (the key free) is
-/// acknowledged.
-async fn observe_free(b: &ByHand, watcher: Hand, key: &leasehold_core::Key) {
-    use leasehold_core::session::wire::{SessionOp, SessionReply};
-    let observing = b.send(watcher, SessionOp::Observe { key: key.clone() }).await;
-    assert_eq!(observing, SessionReply::Observing { key: key.clone() });
-    assert_eq!(reports_from(b, watcher, key, 0).await, vec![(1, None, false)]);
+/// A by-hand watcher observing a key, and a second backend (another process) for its holders.
+struct Observing {
+    watching: ByHand,
+    holding: ByHand,
+    watcher: Hand,
+    key: leasehold_core::Key,
+}
+
+impl Observing {
+    /// `key` observed by a new watcher session, its first report (the key free) acknowledged.
+    async fn free(url: &str, key: &str) -> Observing {
+        use leasehold_core::session::wire::{SessionOp, SessionReply};
+        let (watching, holding) = (ByHand::new(url), ByHand::new(url));
+        let watcher = watching.open("w").await;
+        let key = parse_key(key).unwrap();
+        let observing = watching.send(watcher, SessionOp::Observe { key: key.clone() }).await;
+        assert_eq!(observing, SessionReply::Observing { key: key.clone() });
+        assert_eq!(reports_from(&watching, watcher, &key, 0).await, vec![(1, None, false)]);
+        Observing { watching, holding, watcher, key }
+    }
+
+    /// What the watcher is told from `acked` on (see [`reports_from`]).
+    async fn reports(&self, acked: u64) -> Vec<(u64, Option<leasehold_core::Fence>, bool)> {
+        reports_from(&self.watching, self.watcher, &self.key, acked).await
+    }
+
+    async fn close(self, holders: &[Hand]) {
+        use leasehold_core::session::wire::SessionOp;
+        for h in holders {
+            self.holding.send(*h, SessionOp::Close).await;
+        }
+        self.watching.send(self.watcher, SessionOp::Close).await;
+    }
+}
+
+/// Runs `test` against a fresh etcd (its URL) with `key` observed, free (see
+/// [`Observing::free`]).
+fn observed<F: std::future::Future<Output = ()>>(key: &str, test: impl FnOnce(Observing, String) -> F) {
+    let e = etcd();
+    smol::block_on(async { test(Observing::free(e.url(), key).await, e.url().to_string()).await });
 }
 
 /// The grant a by-hand waiter's keepalive is pushed.
@@ -830,124 +863,92 @@ async fn pushed(b: &ByHand, h: Hand) -> leasehold_core::Fence {
 #[test]
 fn an_observer_that_reads_only_now_and_then_is_told_every_holder_in_turn() {
     use leasehold_core::session::wire::{SessionOp, SessionReply};
-    let e = etcd();
-    let (watching, holding) = (ByHand::new(e.url()), ByHand::new(e.url()));
-    smol::block_on(async {
-        let watcher = watching.open("w").await;
-        let k = parse_key("turns").unwrap();
-        observe_free(&watching, watcher, &k).await;
+    observed("turns", |o, _| async move {
+        let (hs, k) = (&o.holding, &o.key);
         // Three sessions take the key in turn while the observer sends nothing: a holds, b and
         // c queue behind it, and each release hands the key straight to the next.
-        let (a, bb, c) = (holding.open("a").await, holding.open("b").await, holding.open("c").await);
-        let fa = holding.take(a, &k).await;
-        for (h, place) in [(bb, 1), (c, 2)] {
-            let queued = holding.send(h, SessionOp::Acquire { key: k.clone(), wait: true }).await;
+        let (a, b, c) = (hs.open("a").await, hs.open("b").await, hs.open("c").await);
+        let fa = hs.take(a, k).await;
+        for (h, place) in [(b, 1), (c, 2)] {
+            let queued = hs.send(h, SessionOp::Acquire { key: k.clone(), wait: true }).await;
             assert_eq!(queued, SessionReply::Queued { key: k.clone(), position: place });
         }
-        holding.give_back(a, &k, fa).await;
-        let fb = pushed(&holding, bb).await;
-        holding.give_back(bb, &k, fb).await;
-        let fc = pushed(&holding, c).await;
+        hs.give_back(a, k, fa).await;
+        let fb = pushed(hs, b).await;
+        hs.give_back(b, k, fb).await;
+        let fc = pushed(hs, c).await;
         // Each hand-off is one change (never an instant of free), numbered on from 1.
-        let heard = reports_from(&watching, watcher, &k, 1).await;
-        assert_eq!(heard, vec![(2, Some(fa), true), (3, Some(fb), true), (4, Some(fc), false)]);
-        for h in [a, bb, c] {
-            holding.send(h, SessionOp::Close).await;
-        }
-        watching.send(watcher, SessionOp::Close).await;
+        assert_eq!(o.reports(1).await, vec![(2, Some(fa), true), (3, Some(fb), true), (4, Some(fc), false)]);
+        o.close(&[a, b, c]).await;
     });
 }
 
 #[test]
 fn an_observer_further_behind_than_eight_changes_is_told_the_oldest_kept() {
-    use leasehold_core::session::wire::SessionOp;
-    let e = etcd();
-    let (watching, holding) = (ByHand::new(e.url()), ByHand::new(e.url()));
-    smol::block_on(async {
-        let watcher = watching.open("w").await;
-        let k = parse_key("laggard").unwrap();
-        observe_free(&watching, watcher, &k).await;
+    observed("laggard", |o, _| async move {
         // Eleven changes (2..=12) unheard: five holds and releases, then a sixth hold.
-        let a = holding.open("a").await;
+        let a = o.holding.open("a").await;
         let mut fences = Vec::new();
         for _ in 0..5 {
-            let f = holding.take(a, &k).await;
-            holding.give_back(a, &k, f).await;
+            let f = o.holding.take(a, &o.key).await;
+            o.holding.give_back(a, &o.key, f).await;
             fences.push(f);
         }
-        fences.push(holding.take(a, &k).await);
+        fences.push(o.holding.take(a, &o.key).await);
         // The last eight kept (5..=12): the number of the first shows the three not kept.
-        let heard = reports_from(&watching, watcher, &k, 1).await;
+        let heard = o.reports(1).await;
         let holders: Vec<_> = heard.iter().map(|(_, f, _)| *f).collect();
         let want =
             [None, Some(fences[2]), None, Some(fences[3]), None, Some(fences[4]), None, Some(fences[5])];
         assert_eq!(holders, want, "{heard:?}");
         let numbers: Vec<u64> = heard.iter().map(|(n, ..)| *n).collect();
         assert_eq!(numbers, (5..=12).collect::<Vec<_>>());
-        holding.send(a, SessionOp::Close).await;
-        watching.send(watcher, SessionOp::Close).await;
+        o.close(&[a]).await;
     });
 }
 
 #[test]
 fn a_compacted_history_is_caught_up_as_the_holder_now_and_followed_in_full_after() {
-    use leasehold_core::session::wire::SessionOp;
-    let e = etcd();
-    let raw = Etcd::new(e.url());
-    let (watching, holding) = (ByHand::new(e.url()), ByHand::new(e.url()));
-    smol::block_on(async {
-        let watcher = watching.open("w").await;
-        let k = parse_key("compacted").unwrap();
-        observe_free(&watching, watcher, &k).await;
-        let (a, bb, c) = (holding.open("a").await, holding.open("b").await, holding.open("c").await);
-        let fa = holding.take(a, &k).await;
-        holding.give_back(a, &k, fa).await;
-        let fb = holding.take(bb, &k).await;
+    observed("compacted", |o, url| async move {
+        let raw = Etcd::new(&url);
+        let (hs, k) = (&o.holding, &o.key);
+        let (a, b, c) = (hs.open("a").await, hs.open("b").await, hs.open("c").await);
+        let fa = hs.take(a, k).await;
+        hs.give_back(a, k, fa).await;
+        let fb = hs.take(b, k).await;
         // etcd forgets the revisions the observer has not read: a's turn is gone from history.
         let now =
             raw.post("/v3/kv/range", json!({"key": B64.encode("x")})).await["header"]["revision"].clone();
         raw.post("/v3/kv/compaction", json!({"revision": now, "physical": true})).await;
         // The documented fallback: the holder now, numbered next (a is not heard).
-        assert_eq!(reports_from(&watching, watcher, &k, 1).await, vec![(2, Some(fb), false)]);
+        assert_eq!(o.reports(1).await, vec![(2, Some(fb), false)]);
         // History after the compaction is followed in full again: b's release, then c.
-        holding.give_back(bb, &k, fb).await;
-        let fc = holding.take(c, &k).await;
-        assert_eq!(
-            reports_from(&watching, watcher, &k, 2).await,
-            vec![(3, None, true), (4, Some(fc), false)]
-        );
-        for h in [a, bb, c] {
-            holding.send(h, SessionOp::Close).await;
-        }
-        watching.send(watcher, SessionOp::Close).await;
+        hs.give_back(b, k, fb).await;
+        let fc = hs.take(c, k).await;
+        assert_eq!(o.reports(2).await, vec![(3, None, true), (4, Some(fc), false)]);
+        o.close(&[a, b, c]).await;
     });
 }
 
 #[test]
 fn an_observer_free_at_both_reads_hears_the_holders_in_between_in_its_held_keepalive() {
     use leasehold_core::session::wire::SessionOp;
-    let e = etcd();
-    let (watching, holding) = (ByHand::new(e.url()), ByHand::new(e.url()));
-    smol::block_on(async {
-        let watcher = watching.open("w").await;
-        let k = parse_key("between").unwrap();
-        observe_free(&watching, watcher, &k).await;
+    observed("between", |o, _| async move {
         // Three sessions take the key in turn and give it back while the observer sends
         // nothing: the key is free at both of its reads.
         let mut fences = Vec::new();
         for label in ["a", "b", "c"] {
-            let h = holding.open(label).await;
-            let f = holding.take(h, &k).await;
-            holding.give_back(h, &k, f).await;
-            holding.send(h, SessionOp::Close).await;
+            let h = o.holding.open(label).await;
+            let f = o.holding.take(h, &o.key).await;
+            o.holding.give_back(h, &o.key, f).await;
+            o.holding.send(h, SessionOp::Close).await;
             fences.push(f);
         }
         // A keepalive held open is answered with the first of them, not at its timer.
-        let op = SessionOp::KeepAliveSeen { key: k.clone(), change: 1 };
-        let first = reported(watching.held(watcher, op, Duration::from_secs(8)).await);
-        let (o, more) = first.expect("a change reported before the hold ran out");
-        assert_eq!((o.change, o.holder.map(|h| h.fence), more), (2, Some(fences[0]), true));
-        let heard = reports_from(&watching, watcher, &k, 2).await;
+        let op = SessionOp::KeepAliveSeen { key: o.key.clone(), change: 1 };
+        let first = reported(o.watching.held(o.watcher, op, Duration::from_secs(8)).await);
+        let (first, more) = first.expect("a change reported before the hold ran out");
+        assert_eq!((first.change, first.holder.map(|h| h.fence), more), (2, Some(fences[0]), true));
         let want = vec![
             (3, None, true),
             (4, Some(fences[1]), true),
@@ -955,8 +956,8 @@ fn an_observer_free_at_both_reads_hears_the_holders_in_between_in_its_held_keepa
             (6, Some(fences[2]), true),
             (7, None, false),
         ];
-        assert_eq!(heard, want);
-        watching.send(watcher, SessionOp::Close).await;
+        assert_eq!(o.reports(2).await, want);
+        o.close(&[]).await;
     });
 }
 
