@@ -57,10 +57,10 @@
 //!   shows the gap (the client logs it), so a laggard costs no more memory than that.
 //! - History etcd compacted (the replay's watch is cancelled with a `compact_revision`), or
 //!   that cannot be replayed (the watch refused or cut off, or no answer within the request
-//!   timeout), falls back to the read: the holder
-//!   now is recorded as the next change if it is another, the holders in between are not
-//!   heard, and this process logs that (a warning). A compaction is no gap when the holder
-//!   read is the replica's, unmodified: it held throughout.
+//!   timeout), falls back to the read: the holder now is recorded as the next change if it is
+//!   another, the holders in between are not heard, and this process logs that (a warning).
+//!   A compaction is no gap when the holder read is the replica's, unmodified: it held
+//!   throughout.
 //!
 //! So the numbers are dense as [`Observed::change`] promises, and a gap in them means the
 //! observer lagged more than 8 changes behind, or a report was lost or overtaken. They are not
