@@ -30,17 +30,45 @@
 //! # Observers and their change numbers
 //!
 //! An observer follows the key's oldest waiter key, its holder (for a semaphore, its oldest
-//! grant, as on the built-in server). Each time this process reads the key's queue (at each
-//! keepalive of the observing session, and at once when a held keepalive's watch of the queue
-//! sees a put or a delete) and finds a holder (session, fence) other than the one it recorded
-//! last, it records a change, numbered per observation from 1 (the holder when the observation
-//! began). So the numbers are dense as [`Observed::change`] promises, and a gap in them means
-//! a change was recorded but its report was lost or overtaken. Changes between two reads
-//! (while no keepalive is held open) are coalesced into the latest, never reported out of
-//! order. They are not etcd revisions: a revision counts every write of the whole cluster,
-//! so the holder machine would count each unrelated write as a missed change. They need not
-//! survive a restart of this process, because the session does not: a new process's session
-//! observes afresh and its first report is the holder at that time.
+//! grant, as on the built-in server; a v1 holder's entry `<prefix>v2/<key>@v1` is a holder
+//! too). This process keeps a replica of each observed key's queue (its waiter keys with their
+//! values) and the revision it is current at, and records a change, numbered per observation
+//! from 1 (the holder when the observation began), for each holder (session, fence) the queue
+//! passes through, in order:
+//!
+//! - At each keepalive of the observing session it reads the queue. A read whose oldest
+//!   waiter key is the replica's, created and modified at the same revisions, proves that the
+//!   holder did not change in between (it lived throughout, and nobody joins ahead of it): the
+//!   read becomes the replica. Otherwise it replays the queue's puts and deletes from the
+//!   revision after the replica's, with a watch that etcd answers from its history, and
+//!   records each holder the queue went through, until the replica has reached the read.
+//! - A held keepalive watches the queue from the replica's revision on, applying its events
+//!   as they come, and answers when one records a change. So a key free at two reads and
+//!   taken and given back in between (which a read cannot tell from a key nobody touched) is
+//!   heard from the keepalive held after the first: a session that never holds its keepalives
+//!   hears it only at its next held one.
+//! - A state is what holds after a whole revision: a release that hands the key straight to
+//!   the next waiter (the delete's revision) is one change, never an instant of free, and a
+//!   revoke that deletes several waiter keys at once is one change too. An event at or before
+//!   the replica's revision is skipped, so two watches replaying the same history record it
+//!   once.
+//! - The last [`OBSERVED_HISTORY`] (8) changes of each observed key are kept, as the built-in
+//!   server keeps them: an observer further behind is reported the oldest kept, whose number
+//!   shows the gap (the client logs it), so a laggard costs no more memory than that.
+//! - History etcd compacted (the replay's watch is cancelled with a `compact_revision`), or
+//!   that cannot be replayed (the watch refused or cut off, or no answer within the request
+//!   timeout), falls back to the read: the holder now is recorded as the next change if it is
+//!   another, the holders in between are not heard, and this process logs that (a warning).
+//!   A compaction is no gap when the holder read is the replica's, unmodified: it held
+//!   throughout.
+//!
+//! So the numbers are dense as [`Observed::change`] promises, and a gap in them means the
+//! observer lagged more than 8 changes behind, or a report was lost or overtaken. They are not
+//! etcd revisions: a revision counts every write of the whole cluster, so the holder machine
+//! would count each unrelated write as a missed change. They need not survive a restart of
+//! this process, because the session does not: a new process's session observes afresh and
+//! its first report is the holder at that time. Each keepalive reads every observed queue
+//! whole, with its values (a queue of n waiters is n kvs).
 //!
 //! [`Observed::change`]: leasehold_core::session::wire::Observed::change
 //!
@@ -56,7 +84,7 @@
 //! release or expiry; fences are create revisions on both sides, so they increase across both.
 //! The argument is in [`EtcdBackend`](crate::EtcdBackend)'s module doc.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,7 +99,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use leasehold_core::session::wire::{
     parse_label, parse_value, Grant, Observed, ObservedHolder, Secret, Seq, SessionId, SessionOp,
-    SessionReply, SessionRequest, SessionResponse,
+    SessionReply, SessionRequest, SessionResponse, OBSERVED_HISTORY,
 };
 use leasehold_core::{Duration as LDuration, Fence, Key, Reject};
 use leasehold_http::{HttpClient, SessionBackend, TransportError, MAX_IN_FLIGHT};
@@ -149,6 +177,9 @@ pub struct EtcdSessions {
     watch_http: HttpClient,
     /// `<prefix>v2/`.
     prefix: String,
+    /// How long replaying an observed key's history may take before the holder now is told
+    /// instead: the request timeout.
+    catch_up: Duration,
     /// `<prefix>`, where v1 ([`EtcdBackend`](crate::EtcdBackend)) keeps its keys.
     v1_prefix: String,
     sessions: Mutex<HashMap<SessionId, Arc<Local>>>,
@@ -175,17 +206,215 @@ struct Local {
 struct Follow {
     /// The seq of the observe that began it: an unobserve older than that is not for it.
     since: Seq,
-    /// The latest change recorded (0: none yet; the first is the holder when it began).
-    latest: u64,
     /// The highest change the session acknowledged.
     acked: u64,
-    /// The holder at the latest change.
+    /// The changes recorded, oldest first: the last [`OBSERVED_HISTORY`], as the built-in
+    /// server keeps, so a laggard costs no more than that (empty: the queue not read yet).
+    changes: VecDeque<Change>,
+    /// The key's queue as this process last knew it (`None`: to be read afresh).
+    replica: Option<Replica>,
+}
+
+/// One recorded change of an observed key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Change {
+    number: u64,
     holder: Option<ObservedHolder>,
 }
 
+/// An observed key's queue (its waiter keys' kvs, with values, in create order) at a revision:
+/// the state that replaying the queue's events from `at + 1` moves through.
+#[derive(Debug, Clone, PartialEq)]
+struct Replica {
+    at: i64,
+    queue: Vec<Value>,
+    /// etcd compacted the history after `at`: it cannot be replayed, only read afresh.
+    compacted: bool,
+}
+
+/// What a read of an observed queue did to its replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caught {
+    /// Brought to the read with nothing missed (or nothing to replay yet).
+    Current,
+    /// The queue's history must be replayed from this revision first.
+    ReplayFrom(i64),
+    /// Its history was compacted: the holder now is recorded, the changes before it may not
+    /// have been heard.
+    Coalesced,
+}
+
+/// What one watch message did to an observed key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replayed {
+    /// Its events were applied; whether a change was recorded.
+    Applied { changed: bool },
+    /// etcd compacted the history asked for (its compact revision): the replica is marked, to
+    /// be read afresh.
+    Compacted(i64),
+    /// The watch failed or was cancelled otherwise; nothing was applied.
+    Failed,
+}
+
 impl Follow {
+    fn new(since: Seq) -> Follow {
+        Follow { since, acked: 0, changes: VecDeque::new(), replica: None }
+    }
+
+    /// The latest change's number (0: none yet; the first is the holder when it began).
+    fn latest(&self) -> u64 {
+        self.changes.back().map_or(0, |c| c.number)
+    }
+
     fn behind(&self) -> bool {
-        self.acked < self.latest
+        self.acked < self.latest()
+    }
+
+    /// The oldest change not acknowledged still kept (for a laggard, the oldest kept: its
+    /// number shows the gap).
+    fn report(&self) -> Option<&Change> {
+        self.changes.iter().find(|c| c.number > self.acked)
+    }
+
+    /// Records `holder` as the next change if it is not the holder recorded last.
+    fn record(&mut self, holder: Option<ObservedHolder>) -> bool {
+        let same = self.changes.back().is_some_and(|c| match (&c.holder, &holder) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.session == b.session && a.fence == b.fence,
+            _ => false,
+        });
+        if same {
+            return false;
+        }
+        let number = self.latest() + 1;
+        self.changes.push_back(Change { number, holder });
+        while self.changes.len() > OBSERVED_HISTORY {
+            self.changes.pop_front();
+        }
+        true
+    }
+
+    /// Takes the read of the key's queue `kvs` at revision `at`: the replica is brought to it
+    /// if that needs no history (see [`Replica::adopt`]), or must be replayed from its
+    /// revision first.
+    fn read(&mut self, kvs: &[Value], at: i64) -> Caught {
+        let Some(r) = &mut self.replica else {
+            self.resync(kvs, at);
+            return Caught::Current;
+        };
+        if r.adopt(kvs, at) {
+            return Caught::Current;
+        }
+        if r.compacted {
+            self.resync(kvs, at);
+            return Caught::Coalesced;
+        }
+        // Ahead of the read already (a watch applied what came after it).
+        if r.at >= at {
+            return Caught::Current;
+        }
+        Caught::ReplayFrom(r.at + 1)
+    }
+
+    /// The replica becomes the read `kvs` at `at`, and its holder a change if it is another:
+    /// the first report, or catching up after history that could not be replayed
+    /// (coalesced, with the holders in between not heard).
+    fn resync(&mut self, kvs: &[Value], at: i64) {
+        let replica = Replica { at, queue: kvs.to_vec(), compacted: false };
+        self.record(replica.holder());
+        self.replica = Some(replica);
+    }
+
+    /// Applies one watch message of the key's queue: its events in revision order, each
+    /// revision a whole step (a release that hands the key to the next waiter, a revoke that
+    /// deletes several keys), recording each holder the queue passes through. Events at or
+    /// before the replica's revision are skipped, so two watches replaying the same history
+    /// record it once.
+    fn replay(&mut self, m: &Value) -> Replayed {
+        let result = &m["result"];
+        if let Some(compacted) = int(&result["compact_revision"]).filter(|c| *c > 0) {
+            if let Some(r) = &mut self.replica {
+                r.compacted = true;
+            }
+            return Replayed::Compacted(compacted);
+        }
+        if result["canceled"] == json!(true) || !m["error"].is_null() {
+            return Replayed::Failed;
+        }
+        let Some(mut replica) = self.replica.take_if(|r| !r.compacted) else { return Replayed::Failed };
+        let mut changed = false;
+        let events = result["events"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for (i, event) in events.iter().enumerate() {
+            let Some(revision) = int(&event["kv"]["mod_revision"]).filter(|r| *r > replica.at) else {
+                continue;
+            };
+            replica.apply(event);
+            // etcd sends a revision's events together, in one message: the step ends with the
+            // last event of its revision.
+            let next = events.get(i + 1).and_then(|e| int(&e["kv"]["mod_revision"]));
+            if next != Some(revision) {
+                replica.at = revision;
+                changed |= self.record(replica.holder());
+            }
+        }
+        self.replica = Some(replica);
+        Replayed::Applied { changed }
+    }
+}
+
+impl Replica {
+    /// The holder: the oldest waiter key's session (a semaphore's oldest grant), or a v1
+    /// holder's entry.
+    fn holder(&self) -> Option<ObservedHolder> {
+        self.queue.first().and_then(observed_holder)
+    }
+
+    /// Becomes the read `kvs` (the queue in create order) at `at` if no holder can have come
+    /// between them, and says whether it did.
+    ///
+    /// Why a read whose oldest waiter key is the replica's, created and modified at the same
+    /// revisions, has missed no change: that key is alive at `at` unmodified, so it lived
+    /// throughout (deleted and put again, it would have another create revision), and no key
+    /// created later can be older; the holder never changed, and the waiters that came and
+    /// went behind it are no change. An empty replica and an empty read prove nothing (a
+    /// session may have taken the key and given it back in between): the replica stays where
+    /// it was, for a held keepalive's watch to replay from, unless its history was compacted
+    /// (nothing can be replayed, and there is nothing to tell).
+    fn adopt(&mut self, kvs: &[Value], at: i64) -> bool {
+        let id = |kv: &Value| (kv["key"].clone(), int(&kv["create_revision"]), int(&kv["mod_revision"]));
+        match (self.queue.first(), kvs.first()) {
+            (Some(mine), Some(read)) if id(mine) == id(read) => {
+                // A replica ahead of the read stays as it is.
+                if at >= self.at {
+                    self.queue = kvs.to_vec();
+                    self.at = at;
+                    self.compacted = false;
+                }
+                true
+            }
+            (None, None) => {
+                if self.compacted {
+                    self.at = self.at.max(at);
+                    self.compacted = false;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// One watch event: a put adds its waiter key in create order (or replaces it), a delete
+    /// removes it.
+    fn apply(&mut self, event: &Value) {
+        let kv = &event["kv"];
+        self.queue.retain(|q| q["key"] != kv["key"]);
+        if event["type"] == json!("DELETE") {
+            return;
+        }
+        // A put's type is etcd's default, so the gateway leaves it out.
+        let created = int(&kv["create_revision"]).unwrap_or(i64::MAX);
+        let at = self.queue.partition_point(|q| int(&q["create_revision"]).unwrap_or(0) <= created);
+        self.queue.insert(at, kv.clone());
     }
 }
 
@@ -246,6 +475,8 @@ struct Watched {
     range_end: Option<String>,
     /// Deletions only (a waiter cares for nothing else); an observer wants puts too.
     deletions_only: bool,
+    /// The observed key whose queue this is: its events are replayed into its replica.
+    follows: Option<Key>,
 }
 
 /// The answer of a keepalive held open.
@@ -346,6 +577,7 @@ impl EtcdSessions {
             keepalive_http: HttpClient::new(url, timeout)?.with_max_connections(2),
             watch_http: HttpClient::new(url, timeout)?.with_max_connections(2 * MAX_WATCHES),
             prefix: format!("{prefix}v2/"),
+            catch_up: timeout,
             v1_prefix: prefix.to_string(),
             sessions: Mutex::new(HashMap::new()),
             #[cfg(feature = "fault-injection")]
@@ -528,6 +760,12 @@ impl EtcdSessions {
     fn queue(&self, key: &Key) -> Value {
         let (start, end) = self.queue_range(key);
         json!({"key": start, "range_end": end, "sort_order": "ASCEND", "sort_target": "CREATE", "keys_only": true})
+    }
+
+    /// `key`'s queue as a range request: every waiter key with its value, oldest first.
+    fn queue_with_values(&self, key: &Key) -> Value {
+        let (start, end) = self.queue_range(key);
+        json!({"key": start, "range_end": end, "sort_order": "ASCEND", "sort_target": "CREATE"})
     }
 
     /// `key`'s oldest waiter key, with its value (the key's limit, its holder's label and
@@ -725,13 +963,13 @@ impl EtcdSessions {
             // by its own Unobserve left this one behind), as the built-in server does.
             Some(f) => {
                 if f.since < seq {
-                    f.acked = f.latest.saturating_sub(1);
+                    f.acked = f.latest().saturating_sub(1);
                     f.since = seq;
                 }
             }
             None if full => return SessionReply::Rejected(Reject::Capacity),
             None => {
-                observed.insert(key.clone(), Follow { since: seq, latest: 0, acked: 0, holder: None });
+                observed.insert(key.clone(), Follow::new(seq));
             }
         }
         drop(observed);
@@ -806,7 +1044,7 @@ impl EtcdSessions {
             let wake = future::or(
                 async {
                     match watch.filter(|_| self.watches()) {
-                        Some((revision, keys)) => self.first_event(revision, keys).await,
+                        Some((revision, keys)) => self.first_event(local, revision, keys).await,
                         None => future::pending().await,
                     }
                 },
@@ -845,16 +1083,17 @@ impl EtcdSessions {
         if waiting.is_empty() && observed.is_empty() {
             return Ok(None);
         }
-        // Waited queues first (keys only), then the holders of observed ones (with values).
+        // Waited queues first (keys only), then observed ones (with values).
         let reads: Vec<Value> = waiting
             .iter()
             .map(|(k, ..)| self.queue(k))
-            .chain(observed.iter().map(|k| self.oldest(k)))
+            .chain(observed.iter().map(|k| self.queue_with_values(k)))
             .map(|q| json!({"request_range": q}))
             .collect();
         // A txn per MAX_TXN_OPS queues; watching from the oldest revision read misses nothing.
         let mut read_at = i64::MAX;
-        let mut queues: Vec<Vec<Value>> = Vec::with_capacity(reads.len());
+        // Each queue with the revision it was read at.
+        let mut queues: Vec<(Vec<Value>, i64)> = Vec::with_capacity(reads.len());
         for chunk in reads.chunks(MAX_TXN_OPS) {
             let v = self.post(&self.keepalive_http, "/v3/kv/txn", json!({"success": chunk})).await?;
             let Some(r) = int(&v["header"]["revision"]) else {
@@ -865,14 +1104,14 @@ impl EtcdSessions {
             read_at = read_at.min(r);
             for i in 0..chunk.len() {
                 let kvs = v["responses"][i]["response_range"]["kvs"].as_array().cloned().unwrap_or_default();
-                queues.push(kvs);
+                queues.push((kvs, r));
             }
         }
         let (waited_queues, observed_queues) = queues.split_at(waiting.len());
         let (mut watched, mut vanished) = (Vec::new(), Vec::new());
         {
             let mut keys = lock(&local.keys);
-            for ((key, asked, revision, limit, value), kvs) in waiting.into_iter().zip(waited_queues) {
+            for ((key, asked, revision, limit, value), (kvs, _)) in waiting.into_iter().zip(waited_queues) {
                 let me = B64.encode(self.waiter(&key, local.lease));
                 // Only a key still waiting: an acquire or release may have moved it since.
                 if !matches!(keys.get(&key), Some(Want::Queued { revision: r, .. }) if *r == revision) {
@@ -891,13 +1130,19 @@ impl EtcdSessions {
                                 key: k.to_string(),
                                 range_end: None,
                                 deletions_only: true,
+                                follows: None,
                             });
                         }
                     }
                     // N slots: any deletion ahead of us can give us one.
                     Some(_) => {
                         let (start, end) = self.queue_range(&key);
-                        watched.push(Watched { key: start, range_end: Some(end), deletions_only: true });
+                        watched.push(Watched {
+                            key: start,
+                            range_end: Some(end),
+                            deletions_only: true,
+                            follows: None,
+                        });
                     }
                     // Our waiter key is gone while the session lives (deleted by hand): the place is
                     // lost, so queue again at the back rather than wait for a grant that never comes.
@@ -910,24 +1155,25 @@ impl EtcdSessions {
                 }
             }
         }
+        let mut replays = Vec::new();
         {
             let mut follows = lock(&local.observed);
-            for (key, kvs) in observed.iter().zip(observed_queues) {
+            for (key, (kvs, at)) in observed.iter().zip(observed_queues) {
                 let Some(f) = follows.get_mut(key) else { continue };
-                let holder = kvs.first().and_then(observed_holder);
-                let same = match (&f.holder, &holder) {
-                    (None, None) => f.latest > 0,
-                    (Some(a), Some(b)) => a.session == b.session && a.fence == b.fence,
-                    _ => false,
-                };
-                if !same {
-                    f.latest += 1;
-                    f.holder = holder;
+                match f.read(kvs, *at) {
+                    Caught::Current => {}
+                    Caught::ReplayFrom(from) => replays.push(self.catch_up(local, key, from, kvs, *at)),
+                    Caught::Coalesced => tracing::warn!(
+                        %key,
+                        "etcd compacted the observed key's history: told its holder now, the changes before it not heard"
+                    ),
                 }
                 let (start, end) = self.queue_range(key);
-                watched.push(Watched { key: start, range_end: Some(end), deletions_only: false });
+                let follows = Some(key.clone());
+                watched.push(Watched { key: start, range_end: Some(end), deletions_only: false, follows });
             }
         }
+        all(replays).await;
         for (key, asked, limit, value) in vanished {
             if let SessionReply::Granted { key, fence } =
                 self.acquire(local, asked, &key, true, limit, &value).await?
@@ -941,11 +1187,17 @@ impl EtcdSessions {
         Ok((!watched.is_empty()).then_some((read_at, watched)))
     }
 
-    /// Waits until one of `watched` sees an event after `revision`. A watch that cannot be
-    /// set up never wakes (the keepalive's timer does, and the next one looks again).
-    async fn first_event(&self, revision: i64, watched: Vec<Watched>) -> Wake {
-        let watches: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> =
-            watched.into_iter().map(|w| Box::pin(self.event(revision, w)) as Pin<Box<_>>).collect();
+    /// Waits until one of `watched` sees an event after `revision` (an observed queue's
+    /// watch: until a change of its holder is recorded). A watch that cannot be set up never
+    /// wakes (the keepalive's timer does, and the next one looks again).
+    async fn first_event(&self, local: &Local, revision: i64, watched: Vec<Watched>) -> Wake {
+        let watches: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = watched
+            .into_iter()
+            .map(|w| match w.follows {
+                Some(key) => Box::pin(self.follow(local, key)) as Pin<Box<_>>,
+                None => Box::pin(self.event(revision, w)) as Pin<Box<_>>,
+            })
+            .collect();
         let mut watches = watches;
         future::poll_fn(|cx| {
             for w in watches.iter_mut() {
@@ -971,6 +1223,89 @@ impl EtcdSessions {
         if watched.deletions_only {
             create["filters"] = json!(["NOPUT"]);
         }
+        // Only the watch's creation is no news; an event, a cancellation (a compacted start
+        // revision) or an error all mean: look again.
+        if let Err(WatchEnd::Refused) = self.watch(create, |m| (!watch_created(m)).then_some(())).await {
+            future::pending::<()>().await;
+        }
+    }
+
+    /// Replays `key`'s queue into its replica from the revision after the replica's, while a
+    /// keepalive is held, and returns once that records a change (or finds the history
+    /// compacted: the next read catches up). A watch that fails never returns (the keepalive's
+    /// timer does).
+    async fn follow(&self, local: &Local, key: Key) {
+        let from = lock(&local.observed)
+            .get(&key)
+            .and_then(|f| f.replica.as_ref())
+            .filter(|r| !r.compacted)
+            .map(|r| r.at + 1);
+        let Some(from) = from else { return future::pending().await };
+        let heard = self
+            .watch(self.queue_history(&key, from), |m| {
+                let mut follows = lock(&local.observed);
+                // Unobserved meanwhile: look again, and watch it no more.
+                let Some(f) = follows.get_mut(&key) else { return Some(true) };
+                match f.replay(m) {
+                    Replayed::Applied { changed } => changed.then_some(true),
+                    Replayed::Compacted(_) => Some(true),
+                    Replayed::Failed => Some(false),
+                }
+            })
+            .await;
+        if heard != Ok(true) {
+            future::pending::<()>().await;
+        }
+    }
+
+    /// Replays `key`'s queue into its replica from revision `from` until it has caught up with
+    /// the read `kvs` at revision `at`. History etcd compacted, or that cannot be replayed
+    /// within a request timeout, falls back to the read itself: the holder now is recorded
+    /// (if it is another), the changes before it not heard, and that is logged.
+    async fn catch_up(&self, local: &Local, key: &Key, from: i64, kvs: &[Value], at: i64) {
+        let replay = self.watch(self.queue_history(key, from), |m| {
+            let mut follows = lock(&local.observed);
+            let Some(f) = follows.get_mut(key) else { return Some(Ok(())) };
+            match f.replay(m) {
+                // Past the read, or at a holder the read shows unchanged: nothing more to
+                // hear before it (a queue empty at both ends: what may follow is replayed by
+                // a held keepalive).
+                Replayed::Applied { .. } => {
+                    let r = f.replica.as_mut()?;
+                    (r.at >= at || r.adopt(kvs, at)).then_some(Ok(()))
+                }
+                Replayed::Compacted(c) => Some(Err(format!("etcd compacted its history up to revision {c}"))),
+                Replayed::Failed => Some(Err(format!("etcd ended the watch: {m}"))),
+            }
+        });
+        let timeout = async {
+            async_io::Timer::after(self.catch_up).await;
+            Err(WatchEnd::TimedOut)
+        };
+        let why = match future::or(replay, timeout).await {
+            Ok(Ok(())) => return,
+            Ok(Err(why)) => why,
+            Err(end) => end.to_string(),
+        };
+        tracing::warn!(
+            %key,
+            "cannot replay the observed key's changes from etcd revision {from} ({why}): told its holder now, the changes before it not heard"
+        );
+        if let Some(f) = lock(&local.observed).get_mut(key) {
+            f.resync(kvs, at);
+        }
+    }
+
+    /// A watch of `key`'s queue, puts and deletes, from revision `from` (etcd answers from its
+    /// history what came since).
+    fn queue_history(&self, key: &Key, from: i64) -> Value {
+        let (start, end) = self.queue_range(key);
+        json!({"key": start, "range_end": end, "start_revision": from.to_string()})
+    }
+
+    /// Opens the watch `create` (a watch create request) and hands each of its messages to
+    /// `on` until `on` returns something.
+    async fn watch<T>(&self, create: Value, mut on: impl FnMut(&Value) -> Option<T>) -> Result<T, WatchEnd> {
         let body = json!({ "create_request": create });
         let request = self
             .watch_http
@@ -985,30 +1320,73 @@ impl EtcdSessions {
             Ok(s) if s.status == 200 => s,
             Ok(s) => {
                 tracing::debug!("etcd refused a watch: HTTP {}", s.status);
-                return future::pending().await;
+                return Err(WatchEnd::Refused);
             }
             Err(e) => {
                 tracing::debug!("etcd watch: {e}");
-                return future::pending().await;
+                return Err(WatchEnd::Refused);
             }
         };
         let mut buf = Vec::new();
         while let Some(chunk) = stream.next_chunk().await {
-            let Ok(chunk) = chunk else { return };
+            let Ok(chunk) = chunk else { return Err(WatchEnd::Ended) };
             buf.extend_from_slice(&chunk);
             let mut messages = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
             for m in messages.by_ref() {
-                let Ok(m) = m else { return };
-                // Only the watch's creation is no news; an event, a cancellation (a compacted
-                // start revision) or an error all mean: look again.
-                if !watch_created(&m) {
-                    return;
+                match m {
+                    Ok(m) => {
+                        if let Some(t) = on(&m) {
+                            return Ok(t);
+                        }
+                    }
+                    // A message cut at the chunk's end: the rest comes with the next chunk.
+                    Err(e) if e.is_eof() => break,
+                    Err(_) => return Err(WatchEnd::Ended),
                 }
             }
             let used = messages.byte_offset();
             buf.drain(..used);
         }
+        Err(WatchEnd::Ended)
     }
+}
+
+/// Why a watch handed nothing back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchEnd {
+    /// etcd refused it, or could not be reached.
+    Refused,
+    /// Its stream ended (or carried something that is not JSON).
+    Ended,
+    /// Not answered in time.
+    TimedOut,
+}
+
+impl std::fmt::Display for WatchEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WatchEnd::Refused => "etcd refused the watch or could not be reached",
+            WatchEnd::Ended => "the watch's stream ended",
+            WatchEnd::TimedOut => "no answer within a request timeout",
+        })
+    }
+}
+
+/// Runs every future in `all` to its end.
+async fn all<F: Future<Output = ()>>(all: Vec<F>) {
+    let mut all: Vec<Option<Pin<Box<F>>>> = all.into_iter().map(|f| Some(Box::pin(f))).collect();
+    future::poll_fn(|cx| {
+        for slot in all.iter_mut() {
+            if slot.as_mut().is_some_and(|f| f.as_mut().poll(cx).is_ready()) {
+                *slot = None;
+            }
+        }
+        match all.iter().all(Option::is_none) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// The keepalive's answer: the session's ttl, one grant not yet confirmed and one change of
@@ -1026,9 +1404,9 @@ fn alive_reply(local: &Local, ttl: LDuration) -> SessionReply {
     let Some((key, f)) = behind.next() else {
         return SessionReply::Alive { ttl, granted, more: more_grants };
     };
-    // The latest state, not every one since the acknowledged: changes are coalesced here.
-    let observed = Observed { key: key.clone(), change: f.latest, holder: f.holder.clone() };
-    let more = more_grants || behind.next().is_some();
+    let Some(c) = f.report() else { return SessionReply::Alive { ttl, granted, more: more_grants } };
+    let observed = Observed { key: key.clone(), change: c.number, holder: c.holder.clone() };
+    let more = more_grants || c.number < f.latest() || behind.next().is_some();
     SessionReply::AliveObserved { ttl, granted, more, observed }
 }
 
@@ -1092,7 +1470,7 @@ impl SessionBackend for EtcdSessions {
             (SessionOp::KeepAliveSeen { key, change }, Some(l)) => {
                 if let Some(f) = lock(&l.observed).get_mut(key) {
                     // Never past the latest: a confused number cannot skip changes to come.
-                    f.acked = f.acked.max((*change).min(f.latest));
+                    f.acked = f.acked.max((*change).min(f.latest()));
                 }
                 self.keep_alive(&l, hold).await
             }
@@ -1149,6 +1527,121 @@ mod tests {
         assert_eq!((held.session, held.fence, held.label.as_str()), (SessionId(42), Fence(9), "host:7"));
         assert_eq!(held.value.as_str(), "10.0.0.1:80");
         assert_eq!(observed_holder(&json!({"key": "YQ==", "create_revision": "9"})), None, "no lease");
+    }
+
+    /// A waiter key of session `lease` created at revision `created`, as a range or a watch
+    /// shows it.
+    fn waiter_kv(name: &str, lease: i64, created: i64) -> Value {
+        let stake = Stake { label: format!("s{lease}"), limit: 1, value: String::new() };
+        json!({"key": B64.encode(name), "lease": lease.to_string(), "create_revision": created.to_string(),
+               "mod_revision": created.to_string(), "version": "1", "value": B64.encode(stake.encode())})
+    }
+
+    /// A watch message with `events`, as etcd 3.4.23's gateway sends it (a put has no type).
+    fn message(events: &[Value]) -> Value {
+        json!({"result": {"header": {"revision": "99"}, "events": events}})
+    }
+
+    fn put(kv: Value) -> Value {
+        json!({"kv": kv})
+    }
+
+    fn delete(name: &str, at: i64) -> Value {
+        json!({"type": "DELETE", "kv": {"key": B64.encode(name), "mod_revision": at.to_string()}})
+    }
+
+    /// The recorded changes as (number, holder's session or 0 for free).
+    fn heard(f: &Follow) -> Vec<(u64, u64)> {
+        f.changes.iter().map(|c| (c.number, c.holder.as_ref().map_or(0, |h| h.session.0))).collect()
+    }
+
+    #[test]
+    fn a_replayed_queue_records_each_holder_once_per_revision_and_a_replay_twice_once() {
+        let mut f = Follow::new(Seq(1));
+        assert_eq!(f.read(&[], 3), Caught::Current);
+        assert_eq!(heard(&f), [(1, 0)], "the first report: free");
+        // a takes the key (4), b and c queue (5, 6); a's release hands it to b (7): one change;
+        // a revoke deletes b's and c's keys at once (8): one change, to free.
+        let events = [
+            put(waiter_kv("q@a", 10, 4)),
+            put(waiter_kv("q@b", 11, 5)),
+            put(waiter_kv("q@c", 12, 6)),
+            delete("q@a", 7),
+            delete("q@b", 8),
+            delete("q@c", 8),
+        ];
+        assert_eq!(f.replay(&message(&events[..2])), Replayed::Applied { changed: true });
+        assert_eq!(f.replay(&message(&events[2..])), Replayed::Applied { changed: true });
+        assert_eq!(heard(&f), [(1, 0), (2, 10), (3, 11), (4, 0)]);
+        // The same history from a second watch: skipped, nothing recorded twice.
+        assert_eq!(f.replay(&message(&events)), Replayed::Applied { changed: false });
+        assert_eq!(f.latest(), 4);
+        // The watch's creation is no event.
+        let created = json!({"result": {"header": {"revision": "8"}, "created": true}});
+        assert_eq!(f.replay(&created), Replayed::Applied { changed: false });
+        assert_eq!(f.replica.as_ref().map(|r| r.at), Some(8));
+    }
+
+    #[test]
+    fn a_read_with_the_replicas_holder_proves_nothing_was_missed_and_an_empty_one_does_not() {
+        let mut f = Follow::new(Seq(1));
+        let held = [waiter_kv("q@a", 10, 4)];
+        assert_eq!(f.read(&held, 4), Caught::Current);
+        // Read again later, the same holder unmodified and a waiter behind it: current up to
+        // the read, which it becomes.
+        let waited = [waiter_kv("q@a", 10, 4), waiter_kv("q@w", 13, 15)];
+        assert_eq!(f.read(&waited, 20), Caught::Current);
+        assert_eq!(f.replica.as_ref().map(|r| (r.at, r.queue.len())), Some((20, 2)));
+        // A read older than the replica leaves it as it is.
+        assert_eq!(f.read(&held, 18), Caught::Current);
+        assert_eq!(f.replica.as_ref().map(|r| (r.at, r.queue.len())), Some((20, 2)));
+        // Another queue: the history after 20 must be replayed.
+        let other = [waiter_kv("q@b", 11, 22)];
+        assert_eq!(f.read(&other, 30), Caught::ReplayFrom(21));
+        assert_eq!(f.latest(), 1, "nothing recorded before the replay");
+        // Free at both reads: the replica stays where it was, for a held watch to replay from.
+        let mut free = Follow::new(Seq(1));
+        free.read(&[], 3);
+        assert_eq!(free.read(&[], 9), Caught::Current);
+        assert_eq!(free.replica.as_ref().map(|r| r.at), Some(3));
+    }
+
+    #[test]
+    fn a_compacted_history_is_coalesced_into_the_next_read_unless_the_holder_stayed() {
+        let compacted =
+            json!({"result": {"header": {"revision": "40"}, "canceled": true, "compact_revision": "35"}});
+        let mut f = Follow::new(Seq(1));
+        let held = [waiter_kv("q@a", 10, 4)];
+        f.read(&held, 4);
+        assert_eq!(f.replay(&compacted), Replayed::Compacted(35));
+        // The same holder, unmodified, at the next read: nothing can have been missed.
+        assert_eq!(f.read(&held, 41), Caught::Current);
+        assert_eq!(f.latest(), 1);
+        assert_eq!(f.replay(&compacted), Replayed::Compacted(35));
+        // Nothing is applied to a compacted replica.
+        assert_eq!(f.replay(&message(&[delete("q@a", 42)])), Replayed::Failed);
+        let now = [waiter_kv("q@c", 12, 39)];
+        assert_eq!(f.read(&now, 43), Caught::Coalesced);
+        assert_eq!(heard(&f), [(1, 10), (2, 12)]);
+        let error = json!({"error": {"grpc_code": 14, "message": "unavailable"}});
+        assert_eq!(f.replay(&error), Replayed::Failed);
+    }
+
+    #[test]
+    fn a_laggard_is_reported_the_oldest_of_the_last_eight_changes() {
+        let mut f = Follow::new(Seq(1));
+        f.read(&[], 1);
+        for i in 0..10 {
+            let name = format!("q@{i}");
+            let at = 2 + 2 * i;
+            f.replay(&message(&[put(waiter_kv(&name, 100 + i, at)), delete(&name, at + 1)]));
+        }
+        assert_eq!(f.latest(), 21);
+        assert_eq!(f.changes.len(), OBSERVED_HISTORY);
+        let first = f.report().expect("behind");
+        assert_eq!(first.number, 21 - OBSERVED_HISTORY as u64 + 1, "its number shows the gap");
+        f.acked = 20;
+        assert_eq!(f.report().map(|c| (c.number, c.holder.is_none())), Some((21, true)));
     }
 
     #[test]

@@ -639,99 +639,325 @@ fn an_observer_whose_session_is_lost_catches_up_with_the_holder_now() {
     });
 }
 
-/// The observe requests sent by hand: numbering, a lost report heard again, a missed change
-/// caught up (coalesced into the holder now), acknowledgements, unobserve.
+/// Sessions driven by hand over one backend, every keepalive answered at once (never held):
+/// an observer reads its keys only when it sends a request.
+struct ByHand {
+    backend: EtcdSessions,
+    seq: std::cell::Cell<u64>,
+}
+
+/// A session opened [`ByHand`].
+#[derive(Debug, Clone, Copy)]
+struct Hand {
+    session: leasehold_core::session::wire::SessionId,
+    secret: leasehold_core::session::wire::Secret,
+}
+
+impl ByHand {
+    fn new(url: &str) -> ByHand {
+        ByHand { backend: EtcdSessions::new(url, PREFIX, Duration::from_secs(2)).unwrap(), seq: 1.into() }
+    }
+
+    async fn open(&self, label: &str) -> Hand {
+        use leasehold_core::session::wire::{parse_label, SessionId, SessionOp, SessionReply};
+        let ttl = LDuration::from_secs(10);
+        let op = SessionOp::Open { ttl, label: parse_label(label).unwrap() };
+        let none = Hand { session: SessionId::NONE, secret: leasehold_core::session::wire::Secret::NONE };
+        match self.send(none, op).await {
+            SessionReply::Opened { session, secret, .. } => Hand { session, secret },
+            other => panic!("not opened: {other:?}"),
+        }
+    }
+
+    async fn send(
+        &self,
+        h: Hand,
+        op: leasehold_core::session::wire::SessionOp,
+    ) -> leasehold_core::session::wire::SessionReply {
+        self.held(h, op, Duration::ZERO).await
+    }
+
+    /// Sends `op`, a keepalive held open for up to `hold` if it is one.
+    async fn held(
+        &self,
+        h: Hand,
+        op: leasehold_core::session::wire::SessionOp,
+        hold: Duration,
+    ) -> leasehold_core::session::wire::SessionReply {
+        use leasehold_core::session::wire::{Seq, SessionRequest};
+        use leasehold_http::SessionBackend;
+        self.seq.set(self.seq.get() + 1);
+        let r = SessionRequest { session: h.session, secret: h.secret, seq: Seq(self.seq.get()), op };
+        self.backend.call(r, hold).await.unwrap().reply
+    }
+
+    /// Acknowledges `change` of `key` (0: nothing) and returns the report that comes back.
+    async fn seen(&self, h: Hand, key: &leasehold_core::Key, change: u64) -> Reported {
+        use leasehold_core::session::wire::SessionOp;
+        let op = match change {
+            0 => SessionOp::KeepAlive,
+            _ => SessionOp::KeepAliveSeen { key: key.clone(), change },
+        };
+        reported(self.send(h, op).await)
+    }
+
+    /// Takes `key` without waiting: its fence.
+    async fn take(&self, h: Hand, key: &leasehold_core::Key) -> leasehold_core::Fence {
+        use leasehold_core::session::wire::{SessionOp, SessionReply};
+        match self.send(h, SessionOp::Acquire { key: key.clone(), wait: false }).await {
+            SessionReply::Granted { fence, .. } => fence,
+            other => panic!("not granted: {other:?}"),
+        }
+    }
+
+    async fn give_back(&self, h: Hand, key: &leasehold_core::Key, fence: leasehold_core::Fence) {
+        use leasehold_core::session::wire::{SessionOp, SessionReply};
+        let released = self.send(h, SessionOp::Release { key: key.clone(), fence }).await;
+        assert_eq!(released, SessionReply::Released { key: key.clone() });
+    }
+}
+
+/// A keepalive's report of an observed key: the change and whether more wait behind it.
+type Reported = Option<(leasehold_core::session::wire::Observed, bool)>;
+
+fn reported(reply: leasehold_core::session::wire::SessionReply) -> Reported {
+    use leasehold_core::session::wire::SessionReply;
+    match reply {
+        SessionReply::AliveObserved { observed, more, .. } => Some((observed, more)),
+        SessionReply::Alive { .. } => None,
+        other => panic!("not a keepalive's answer: {other:?}"),
+    }
+}
+
+/// The observe requests sent by hand: numbering, a lost report heard again, acknowledgements,
+/// unobserve.
 #[test]
 fn observe_by_hand_numbers_changes_and_repeats_what_was_not_acknowledged() {
-    use leasehold_core::session::wire::{
-        parse_label, Observed, Secret, Seq, SessionId, SessionOp, SessionReply, SessionRequest,
-    };
-    use leasehold_http::SessionBackend;
+    use leasehold_core::session::wire::{Observed, SessionOp, SessionReply};
     let e = etcd();
-    let b = EtcdSessions::new(e.url(), PREFIX, Duration::from_secs(2)).unwrap();
-    let hold = Duration::ZERO;
+    let b = ByHand::new(e.url());
     smol::block_on(async {
-        let open = |label: &str| SessionRequest {
-            session: SessionId::NONE,
-            secret: Secret::NONE,
-            seq: Seq(1),
-            op: SessionOp::Open { ttl: LDuration::from_secs(10), label: parse_label(label).unwrap() },
-        };
-        let SessionReply::Opened { session: watcher, secret: ws, .. } =
-            b.call(open("w"), hold).await.unwrap().reply
-        else {
-            panic!("opened")
-        };
-        let SessionReply::Opened { session: holder, secret: hs, .. } =
-            b.call(open("h"), hold).await.unwrap().reply
-        else {
-            panic!("opened")
-        };
-        let seq = std::cell::Cell::new(1);
-        let send = |session, secret, op| {
-            seq.set(seq.get() + 1);
-            let r = SessionRequest { session, secret, seq: Seq(seq.get()), op };
-            let b = &b;
-            async move { b.call(r, hold).await.unwrap().reply }
-        };
+        let watcher = b.open("w").await;
+        let holder = b.open("h").await;
         let k = parse_key("obs").unwrap();
-        let observed = |reply: SessionReply| match reply {
-            SessionReply::AliveObserved { observed, .. } => observed,
-            other => panic!("no change reported: {other:?}"),
-        };
+        let observed = |r: Reported| r.expect("a change reported").0;
         assert_eq!(
-            send(watcher, ws, SessionOp::Observe { key: k.clone() }).await,
+            b.send(watcher, SessionOp::Observe { key: k.clone() }).await,
             SessionReply::Observing { key: k.clone() }
         );
-        let first = observed(send(watcher, ws, SessionOp::KeepAlive).await);
+        let first = observed(b.seen(watcher, &k, 0).await);
         assert_eq!(first, Observed { key: k.clone(), change: 1, holder: None });
         // Not acknowledged: reported again (a lost reply is never a lost change).
-        assert_eq!(observed(send(watcher, ws, SessionOp::KeepAlive).await), first);
-        let ack1 = SessionOp::KeepAliveSeen { key: k.clone(), change: 1 };
-        assert!(matches!(send(watcher, ws, ack1.clone()).await, SessionReply::Alive { .. }), "nothing new");
+        assert_eq!(observed(b.seen(watcher, &k, 0).await), first);
+        assert_eq!(b.seen(watcher, &k, 1).await, None, "nothing new");
         let value = leasehold_core::session::wire::parse_value("addr").unwrap();
         let acq = SessionOp::AcquireWithValue { key: k.clone(), wait: false, value };
-        let SessionReply::Granted { fence, .. } = send(holder, hs, acq).await else { panic!("granted") };
-        let second = observed(send(watcher, ws, ack1.clone()).await);
+        let SessionReply::Granted { fence, .. } = b.send(holder, acq).await else { panic!("granted") };
+        let second = observed(b.seen(watcher, &k, 1).await);
         assert_eq!(second.change, 2);
         let h = second.holder.clone().expect("held");
-        assert_eq!((h.session, h.label.as_str(), h.fence, h.value.as_str()), (holder, "h", fence, "addr"));
-        // Two changes while nobody looks (released, then held again): caught up as one, the
-        // holder now, numbered next.
-        let release = SessionOp::Release { key: k.clone(), fence };
-        assert_eq!(send(holder, hs, release).await, SessionReply::Released { key: k.clone() });
-        let acq = SessionOp::Acquire { key: k.clone(), wait: false };
-        let SessionReply::Granted { fence: again, .. } = send(holder, hs, acq).await else {
-            panic!("granted")
-        };
-        assert!(again > fence);
-        let ack2 = SessionOp::KeepAliveSeen { key: k.clone(), change: 2 };
-        let third = observed(send(watcher, ws, ack2).await);
-        assert_eq!(third.change, 3);
-        assert_eq!(third.holder.map(|h| (h.fence, h.value.is_empty())), Some((again, true)));
+        assert_eq!(
+            (h.session, h.label.as_str(), h.fence, h.value.as_str()),
+            (holder.session, "h", fence, "addr")
+        );
+        b.give_back(holder, &k, fence).await;
+        let third = observed(b.seen(watcher, &k, 2).await);
+        assert_eq!((third.change, third.holder), (3, None));
         // An acknowledgement past the latest skips nothing to come.
-        let ack_far = SessionOp::KeepAliveSeen { key: k.clone(), change: 99 };
-        assert!(matches!(send(watcher, ws, ack_far).await, SessionReply::Alive { .. }));
-        let release = SessionOp::Release { key: k.clone(), fence: again };
-        send(holder, hs, release).await;
-        let fourth = observed(send(watcher, ws, SessionOp::KeepAlive).await);
-        assert_eq!((fourth.change, fourth.holder), (4, None));
+        assert_eq!(b.seen(watcher, &k, 99).await, None);
+        let again = b.take(holder, &k).await;
+        assert!(again > fence);
+        let fourth = observed(b.seen(watcher, &k, 0).await);
+        assert_eq!(fourth.change, 4);
+        assert_eq!(fourth.holder.map(|h| (h.fence, h.value.is_empty())), Some((again, true)));
+        b.give_back(holder, &k, again).await;
+        let fifth = observed(b.seen(watcher, &k, 4).await);
+        assert_eq!((fifth.change, fifth.holder), (5, None));
         // Observed again by a later request: the report starts over at the holder now, though
         // it was acknowledged (an Observe overtaken by its own Unobserve must not leave the
         // session without a first report).
-        let ack4 = SessionOp::KeepAliveSeen { key: k.clone(), change: 4 };
-        assert!(matches!(send(watcher, ws, ack4).await, SessionReply::Alive { .. }));
+        assert_eq!(b.seen(watcher, &k, 5).await, None);
         let observe = SessionOp::Observe { key: k.clone() };
-        assert_eq!(send(watcher, ws, observe).await, SessionReply::Observing { key: k.clone() });
-        let again = observed(send(watcher, ws, SessionOp::KeepAlive).await);
-        assert_eq!((again.change, again.holder), (4, None));
+        assert_eq!(b.send(watcher, observe).await, SessionReply::Observing { key: k.clone() });
+        let again = observed(b.seen(watcher, &k, 0).await);
+        assert_eq!((again.change, again.holder), (5, None));
         assert_eq!(
-            send(watcher, ws, SessionOp::Unobserve { key: k.clone() }).await,
+            b.send(watcher, SessionOp::Unobserve { key: k.clone() }).await,
             SessionReply::Unobserved { key: k.clone() }
         );
-        assert!(matches!(send(watcher, ws, SessionOp::KeepAlive).await, SessionReply::Alive { .. }));
-        send(watcher, ws, SessionOp::Close).await;
-        send(holder, hs, SessionOp::Close).await;
+        assert_eq!(b.seen(watcher, &k, 0).await, None);
+        b.send(watcher, SessionOp::Close).await;
+        b.send(holder, SessionOp::Close).await;
+    });
+}
+
+/// The holders an observer is told, acknowledging each report as it comes, from `change` on,
+/// until a keepalive reports nothing new: (change, fence or `None` for free, more) each.
+async fn reports_from(
+    b: &ByHand,
+    watcher: Hand,
+    key: &leasehold_core::Key,
+    mut acked: u64,
+) -> Vec<(u64, Option<leasehold_core::Fence>, bool)> {
+    let mut heard = Vec::new();
+    while let Some((o, more)) = b.seen(watcher, key, acked).await {
+        heard.push((o.change, o.holder.map(|h| h.fence), more));
+        acked = o.change;
+        assert!(heard.len() <= 64, "reports never end: {heard:?}");
+    }
+    heard
+}
+
+/// A by-hand watcher observing a key, and a second backend (another process) for its holders.
+struct Observing {
+    watching: ByHand,
+    holding: ByHand,
+    watcher: Hand,
+    key: leasehold_core::Key,
+}
+
+impl Observing {
+    /// `key` observed by a new watcher session, its first report (the key free) acknowledged.
+    async fn free(url: &str, key: &str) -> Observing {
+        use leasehold_core::session::wire::{SessionOp, SessionReply};
+        let (watching, holding) = (ByHand::new(url), ByHand::new(url));
+        let watcher = watching.open("w").await;
+        let key = parse_key(key).unwrap();
+        let observing = watching.send(watcher, SessionOp::Observe { key: key.clone() }).await;
+        assert_eq!(observing, SessionReply::Observing { key: key.clone() });
+        assert_eq!(reports_from(&watching, watcher, &key, 0).await, vec![(1, None, false)]);
+        Observing { watching, holding, watcher, key }
+    }
+
+    /// What the watcher is told from `acked` on (see [`reports_from`]).
+    async fn reports(&self, acked: u64) -> Vec<(u64, Option<leasehold_core::Fence>, bool)> {
+        reports_from(&self.watching, self.watcher, &self.key, acked).await
+    }
+
+    async fn close(self, holders: &[Hand]) {
+        use leasehold_core::session::wire::SessionOp;
+        for h in holders {
+            self.holding.send(*h, SessionOp::Close).await;
+        }
+        self.watching.send(self.watcher, SessionOp::Close).await;
+    }
+}
+
+/// Runs `test` against a fresh etcd (its URL) with `key` observed, free (see
+/// [`Observing::free`]).
+fn observed<F: std::future::Future<Output = ()>>(key: &str, test: impl FnOnce(Observing, String) -> F) {
+    let e = etcd();
+    smol::block_on(async { test(Observing::free(e.url(), key).await, e.url().to_string()).await });
+}
+
+/// The grant a by-hand waiter's keepalive is pushed.
+async fn pushed(b: &ByHand, h: Hand) -> leasehold_core::Fence {
+    use leasehold_core::session::wire::{SessionOp, SessionReply};
+    match b.send(h, SessionOp::KeepAlive).await {
+        SessionReply::Alive { granted: Some(g), .. }
+        | SessionReply::AliveObserved { granted: Some(g), .. } => g.fence,
+        other => panic!("no grant pushed: {other:?}"),
+    }
+}
+
+#[test]
+fn an_observer_that_reads_only_now_and_then_is_told_every_holder_in_turn() {
+    use leasehold_core::session::wire::{SessionOp, SessionReply};
+    observed("turns", |o, _| async move {
+        let (hs, k) = (&o.holding, &o.key);
+        // Three sessions take the key in turn while the observer sends nothing: a holds, b and
+        // c queue behind it, and each release hands the key straight to the next.
+        let (a, b, c) = (hs.open("a").await, hs.open("b").await, hs.open("c").await);
+        let fa = hs.take(a, k).await;
+        for (h, place) in [(b, 1), (c, 2)] {
+            let queued = hs.send(h, SessionOp::Acquire { key: k.clone(), wait: true }).await;
+            assert_eq!(queued, SessionReply::Queued { key: k.clone(), position: place });
+        }
+        hs.give_back(a, k, fa).await;
+        let fb = pushed(hs, b).await;
+        hs.give_back(b, k, fb).await;
+        let fc = pushed(hs, c).await;
+        // Each hand-off is one change (never an instant of free), numbered on from 1.
+        assert_eq!(o.reports(1).await, vec![(2, Some(fa), true), (3, Some(fb), true), (4, Some(fc), false)]);
+        o.close(&[a, b, c]).await;
+    });
+}
+
+#[test]
+fn an_observer_further_behind_than_eight_changes_is_told_the_oldest_kept() {
+    observed("laggard", |o, _| async move {
+        // Eleven changes (2..=12) unheard: five holds and releases, then a sixth hold.
+        let a = o.holding.open("a").await;
+        let mut fences = Vec::new();
+        for _ in 0..5 {
+            let f = o.holding.take(a, &o.key).await;
+            o.holding.give_back(a, &o.key, f).await;
+            fences.push(f);
+        }
+        fences.push(o.holding.take(a, &o.key).await);
+        // The last eight kept (5..=12): the number of the first shows the three not kept.
+        let heard = o.reports(1).await;
+        let holders: Vec<_> = heard.iter().map(|(_, f, _)| *f).collect();
+        let want =
+            [None, Some(fences[2]), None, Some(fences[3]), None, Some(fences[4]), None, Some(fences[5])];
+        assert_eq!(holders, want, "{heard:?}");
+        let numbers: Vec<u64> = heard.iter().map(|(n, ..)| *n).collect();
+        assert_eq!(numbers, (5..=12).collect::<Vec<_>>());
+        o.close(&[a]).await;
+    });
+}
+
+#[test]
+fn a_compacted_history_is_caught_up_as_the_holder_now_and_followed_in_full_after() {
+    observed("compacted", |o, url| async move {
+        let raw = Etcd::new(&url);
+        let (hs, k) = (&o.holding, &o.key);
+        let (a, b, c) = (hs.open("a").await, hs.open("b").await, hs.open("c").await);
+        let fa = hs.take(a, k).await;
+        hs.give_back(a, k, fa).await;
+        let fb = hs.take(b, k).await;
+        // etcd forgets the revisions the observer has not read: a's turn is gone from history.
+        let now =
+            raw.post("/v3/kv/range", json!({"key": B64.encode("x")})).await["header"]["revision"].clone();
+        raw.post("/v3/kv/compaction", json!({"revision": now, "physical": true})).await;
+        // The documented fallback: the holder now, numbered next (a is not heard).
+        assert_eq!(o.reports(1).await, vec![(2, Some(fb), false)]);
+        // History after the compaction is followed in full again: b's release, then c.
+        hs.give_back(b, k, fb).await;
+        let fc = hs.take(c, k).await;
+        assert_eq!(o.reports(2).await, vec![(3, None, true), (4, Some(fc), false)]);
+        o.close(&[a, b, c]).await;
+    });
+}
+
+#[test]
+fn an_observer_free_at_both_reads_hears_the_holders_in_between_in_its_held_keepalive() {
+    use leasehold_core::session::wire::SessionOp;
+    observed("between", |o, _| async move {
+        // Three sessions take the key in turn and give it back while the observer sends
+        // nothing: the key is free at both of its reads.
+        let mut fences = Vec::new();
+        for label in ["a", "b", "c"] {
+            let h = o.holding.open(label).await;
+            let f = o.holding.take(h, &o.key).await;
+            o.holding.give_back(h, &o.key, f).await;
+            o.holding.send(h, SessionOp::Close).await;
+            fences.push(f);
+        }
+        // A keepalive held open is answered with the first of them, not at its timer.
+        let op = SessionOp::KeepAliveSeen { key: o.key.clone(), change: 1 };
+        let first = reported(o.watching.held(o.watcher, op, Duration::from_secs(8)).await);
+        let (first, more) = first.expect("a change reported before the hold ran out");
+        assert_eq!((first.change, first.holder.map(|h| h.fence), more), (2, Some(fences[0]), true));
+        let want = vec![
+            (3, None, true),
+            (4, Some(fences[1]), true),
+            (5, None, true),
+            (6, Some(fences[2]), true),
+            (7, None, false),
+        ];
+        assert_eq!(o.reports(2).await, want);
+        o.close(&[]).await;
     });
 }
 
