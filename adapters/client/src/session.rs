@@ -603,7 +603,7 @@ struct Flight {
     keepalive: bool,
     patience: leasehold_core::Duration,
     give_up_at: leasehold_core::Instant,
-    task: async_executor::Task<()>,
+    task: async_task::Task<()>,
 }
 
 /// Whether `op` renews the session (and so is held at the server and sent on its own pool).
@@ -671,7 +671,8 @@ impl Inner {
     fn turn(self: &Arc<Self>, input: Input, turner: Turner) -> (Option<leasehold_core::Instant>, bool) {
         let Some(executor) = self.executor.get() else { return (None, false) };
         let mut m = lock(&self.machine);
-        let mut f = lock(&self.flights);
+        let mut guard = lock(&self.flights);
+        let f = &mut *guard;
         match input {
             Input::Response(id, result) => {
                 // A flight given up on has been answered to the machine already.
@@ -685,7 +686,6 @@ impl Inner {
             Input::Timer => m.handle_timeout(self.clock.now()),
             Input::Nothing => {}
         }
-        let f = &mut *f;
         if self.users.load(Ordering::SeqCst) == 0 && m.state() == SessionState::Open {
             let _ = m.close(self.clock.now());
         }
@@ -705,7 +705,7 @@ impl Inner {
             });
             m.handle_transport_error(now, late.seq);
         }
-        let send = |req: SessionRequest, id: u64| -> Flight {
+        let spawn = |req: SessionRequest, id: u64| -> (Flight, async_task::Runnable) {
             let inner = self.clone();
             // The machine gives up on a request at its timeout, on its clock, and makes it
             // again under a new seq; the flight is given up then too. A keepalive's late reply
@@ -714,17 +714,28 @@ impl Inner {
             let keepalive = is_keepalive(&req.op);
             let patience = if keepalive { self.ttl } else { self.request_timeout };
             let (seq, give_up_at) = (req.seq, self.clock.now() + patience);
-            let task = executor.spawn(async move {
+            let flight = async move {
                 let r = inner.call(&req).await;
                 inner.turn(Input::Response(id, r), Turner::Other);
+            };
+            // Every wake-up runs it on the driver's executor; the first poll, which writes the
+            // request, runs where this turn is (see `starts`).
+            let executor = executor.clone();
+            let (start, task) = async_task::spawn(flight, move |run: async_task::Runnable| {
+                executor.spawn(async move { run.run() }).detach();
             });
-            Flight { id, seq, keepalive, patience, give_up_at, task }
+            (Flight { id, seq, keepalive, patience, give_up_at, task }, start)
         };
-        let transmit = |m: &mut Machine, f: &mut Flights| {
+        let transmit = |m: &mut Machine, f: &mut Flights, starts: &mut Vec<async_task::Runnable>| {
+            let mut send = |req: SessionRequest, f: &mut Flights| {
+                f.next_id += 1;
+                let (flight, start) = spawn(req, f.next_id);
+                f.out.push(flight);
+                starts.push(start);
+            };
             while let Some(req) = m.poll_transmit() {
                 if is_keepalive(&req.op) {
-                    f.next_id += 1;
-                    f.out.push(send(req, f.next_id));
+                    send(req, f);
                 } else {
                     f.backlog.push_back((req, self.clock.now()));
                 }
@@ -736,11 +747,15 @@ impl Inner {
                 if made <= stale_before {
                     continue;
                 }
-                f.next_id += 1;
-                f.out.push(send(req, f.next_id));
+                send(req, f);
             }
         };
-        transmit(&mut m, f);
+        // The new flights' first polls, run once the locks are let go (a flight that ends at
+        // once takes a turn itself). Spawned instead, a request a verb made waited behind
+        // every flight already queued on the driver thread (at 64 clients, a burst of them)
+        // before it was written.
+        let mut starts = Vec::new();
+        transmit(&mut m, f, &mut starts);
         let mut news = false;
         while let Some(e) = m.poll_event() {
             tracing::debug!("session event: {e:?}");
@@ -754,7 +769,7 @@ impl Inner {
             news |= self.route(e);
         }
         // Routing may have asked for a keepalive now: send what that made in this turn.
-        transmit(&mut m, f);
+        transmit(&mut m, f, &mut starts);
         let state = m.state();
         if news || state != f.last_state {
             self.changed.notify(usize::MAX);
@@ -773,6 +788,10 @@ impl Inner {
         let gone = self.users.load(Ordering::SeqCst) == 0;
         let finished =
             gone && f.out.is_empty() && !matches!(state, SessionState::Open | SessionState::Closing);
+        drop((m, guard));
+        for start in starts {
+            start.run();
+        }
         (deadline, finished)
     }
 
