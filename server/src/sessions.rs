@@ -842,31 +842,23 @@ impl Standing {
         }
     }
 
-    /// Whether a held keepalive is to be handled now: its session has news or is gone, or
-    /// its hold is over.
-    fn due(&self, job: &Job, at: std::time::Instant) -> bool {
+    /// Whether a held keepalive is to be handled now: its hold is over, or core's rule
+    /// ([`SessionAuthority::keepalive_due_given`]) says so on the facts gathered in
+    /// [`of`](Self::of)'s one pass.
+    fn due(&self, authority: &Authority, job: &Job, at: std::time::Instant) -> bool {
         let Some((session, until)) = job.hold else { return false };
-        until <= at
-            || self.news.contains(&session)
-            || !self.live.contains(&session)
-            || self.observed(job, session)
-    }
-
-    /// Whether an observed key of `session` has a change to report, once the acknowledgement
-    /// the keepalive carries is counted: a keepalive acknowledging the latest change is held
-    /// for the next.
-    fn observed(&self, job: &Job, session: SessionId) -> bool {
-        let Some(behind) = self.behind.get(&session) else { return false };
-        let ack = match &job.input {
-            Input::Request(SessionRequest { op: SessionOp::KeepAliveSeen { key, change }, .. }) => {
-                Some((key, *change))
-            }
-            _ => None,
+        let op = match &job.input {
+            Input::Request(r) => &r.op,
+            _ => &SessionOp::KeepAlive,
         };
-        behind.iter().any(|(key, acked, latest)| match ack {
-            Some((k, change)) if k == key => (*acked).max(change) < *latest,
-            _ => acked < latest,
-        })
+        let behind = self.behind.get(&session).into_iter().flatten().map(|(k, acked, latest)| (k, *acked, *latest));
+        until <= at
+            || authority.keepalive_due_given(
+                self.live.contains(&session),
+                self.news.contains(&session),
+                behind,
+                op,
+            )
     }
 }
 
@@ -953,7 +945,7 @@ fn commit_batch(
             break;
         }
         let standing = Standing::of(&state.authority);
-        let (now_due, still): (Vec<Job>, Vec<Job>) = parked.into_iter().partition(|j| standing.due(j, wall));
+        let (now_due, still): (Vec<Job>, Vec<Job>) = parked.into_iter().partition(|j| standing.due(&state.authority, j, wall));
         parked = still;
         if now_due.is_empty() {
             break;

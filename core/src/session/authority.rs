@@ -73,6 +73,12 @@ pub enum SessionFault {
     /// Count an observer's acknowledgement even if it was made before its observation's
     /// observe (of an earlier observation of the key, reordered on the way).
     CountStaleAcks,
+    /// Keep a held keepalive waiting ([`SessionAuthority::keepalive_due`]) though its session
+    /// has a grant to be told of: a pushed grant waits for the hold's end.
+    HoldPushedGrants,
+    /// At [`SessionAuthority::recover`] (a restart's replay), forget the fence counter of every
+    /// key no one holds: their next grants reuse fences granted before the restart.
+    RecoverForgetsFences,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -688,6 +694,12 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         for s in self.sessions.iter_mut() {
             s.expires_at = now + s.ttl;
         }
+        #[cfg(feature = "fault-injection")]
+        if self.limits.fault == SessionFault::RecoverForgetsFences {
+            for (_, r) in self.keys.iter_mut().filter(|(_, r)| r.holders.len == 0 && r.external.is_none()) {
+                r.last_fence = Fence::NONE;
+            }
+        }
     }
 
     /// Holds `key` for another protocol that shares this authority's key namespace (the
@@ -883,6 +895,45 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         self.claims.used().filter_map(|(_, c)| match c.stake {
             Stake::Holding { notice: Notice::Reported, .. } => Some(c.session),
             _ => None,
+        })
+    }
+
+    /// Whether a keepalive of `session` that a transport holds open (long polling) is to be
+    /// handled now rather than at its hold's end: the session has a grant it has not been told
+    /// of ([`has_news`](Self::has_news)), an observed key with a change to report, or is gone.
+    /// `op` is the keepalive's: a [`SessionOp::KeepAliveSeen`] counts its acknowledgement, so
+    /// a keepalive acknowledging the latest change is held for the next. The hold's end is the
+    /// transport's to time. Costs a pass over the session's claims and the observers; a
+    /// transport holding many keepalives gathers the facts for all of them in one pass and
+    /// asks [`keepalive_due_given`](Self::keepalive_due_given).
+    pub fn keepalive_due(&self, session: SessionId, op: &SessionOp) -> bool {
+        let behind = self.observers_behind().filter(|(s, ..)| *s == session).map(|(_, k, a, l)| (k, a, l));
+        self.keepalive_due_given(self.session(session).is_some(), self.has_news(session), behind, op)
+    }
+
+    /// The rule of [`keepalive_due`](Self::keepalive_due) on facts gathered beforehand: `live`,
+    /// whether the session is alive; `news`, whether it [`has_news`](Self::has_news); `behind`,
+    /// its entries of [`observers_behind`](Self::observers_behind) (key, change acknowledged,
+    /// latest change).
+    pub fn keepalive_due_given<'k>(
+        &self,
+        live: bool,
+        news: bool,
+        behind: impl IntoIterator<Item = (&'k Key, u64, u64)>,
+        op: &SessionOp,
+    ) -> bool {
+        #[cfg(feature = "fault-injection")]
+        let news = news && self.limits.fault != SessionFault::HoldPushedGrants;
+        if !live || news {
+            return true;
+        }
+        let ack = match op {
+            SessionOp::KeepAliveSeen { key, change } => Some((key, *change)),
+            _ => None,
+        };
+        behind.into_iter().any(|(key, acked, latest)| match ack {
+            Some((k, change)) if k == key => acked.max(change) < latest,
+            _ => acked < latest,
         })
     }
 
@@ -1126,6 +1177,14 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
                     SessionReply::Granted { key, fence }
                 }
                 Stake::Waiting => {
+                    // The holder's newest acquire of the key now owns the wait: its grant is
+                    // reported as asked by it. Left at the older seq, a holder that gave up
+                    // that acquisition (a confirmation overtaken by its release queues the
+                    // session again) and then asked anew would take the grant as stale and
+                    // ignore it, and the key would stay with a session that never uses it.
+                    if newest {
+                        c.asked = seq;
+                    }
                     SessionReply::Queued { key, position: queue_position(position.unwrap_or(0)) }
                 }
             };
