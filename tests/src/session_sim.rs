@@ -44,6 +44,36 @@
 //!
 //! A third of the seeds have no v1 client; they draw exactly what they drew before v1 clients
 //! existed, so their runs (and traces) are unchanged.
+//!
+//! **Held keepalives** (half the seeds). The authority holds each keepalive, as the built-in
+//! server's writer does, until core's rule ([`SessionAuthority::keepalive_due`]) says its
+//! session has news (a pushed grant, an observed change) or is gone, or its hold ends: what
+//! the holder asked (`Options::session`'s `min(renew_every, 0.75 × request timeout)`, the
+//! holders timed as it times them), at most a third of the session's ttl and half its time
+//! left. Which are due is decided for all held keepalives before any is handled, after every
+//! batch, until none is. The checker adds:
+//! - once the network is healed and what was in flight has landed (two ttls), the holders let
+//!   go of their keys one at a time, and a waiter handed a key hears of it within five of the
+//!   network's largest delays plus 4ε of a hold (see `World::tell_bound`), where a keepalive
+//!   held to its hold's end would take up to a whole hold more.
+//!
+//! **A durable authority** (a quarter of the seeds, all without v1 clients). Every input is
+//! logged with the authority's clock, and each step's inputs are one batch (the server's group
+//! commit), answered only once committed. Now and then (one batch in 400) the commit fails:
+//! its replies are dropped (the server answers them unavailable) and the authority is rebuilt
+//! from the log, the checker's record of grants, holder history and observations with it. A
+//! few times a run the authority crashes between batches (its held keepalives go with their
+//! connections, nothing reaches it while down) and restarts as `Sessions::open` does: the
+//! snapshot and the log after it replayed, the clock continuing 1 µs after the last time logged
+//! (`LogClock`), then `Recover` re-arms every session, and a snapshot is taken. The checker adds:
+//! - the table rebuilt after a failed commit is the one before the batch, and the one replayed
+//!   at a restart is the one that crashed;
+//! - everything above holds across restarts and failed commits, and each key's fences strictly
+//!   increase across restarts too (a session granted a key before the crash holds it after, so
+//!   nobody else is granted it while its holder may believe).
+//!
+//! Seeds that draw neither draw exactly what they drew before (the new draws come last, and
+//! from a generator of their own).
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1528,16 +1528,17 @@ mod tests {
             b.send(&mut t, at(2), acquire("x", true)),
             SessionReply::Queued { key: key("x"), position: 1 }
         );
-        let c_asked = Seq(c.seq + 1);
         assert_eq!(
             c.send(&mut t, at(3), acquire("x", true)),
             SessionReply::Queued { key: key("x"), position: 2 }
         );
-        // Asking again keeps the place.
+        // Asking again keeps the place, and the newest acquire owns the wait: the grant is
+        // reported as asked by it, so a holder that asked anew does not take it as stale.
         assert_eq!(
             b.send(&mut t, at(4), acquire("x", true)),
             SessionReply::Queued { key: key("x"), position: 1 }
         );
+        let c_asked = Seq(c.seq + 1);
         assert_eq!(
             c.send(&mut t, at(4), acquire("x", false)),
             SessionReply::Queued { key: key("x"), position: 2 }
@@ -1559,6 +1560,38 @@ mod tests {
             c.send(&mut t, at(10), SessionOp::KeepAlive),
             SessionReply::Alive { ttl: TTL, granted: None, more: false }
         );
+    }
+
+    #[test]
+    fn a_held_keepalive_is_due_when_its_session_has_news_or_is_gone() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        let mut o = Client::open(&mut t, at(0), 3);
+        a.send(&mut t, at(1), acquire("x", false));
+        b.send(&mut t, at(2), acquire("x", true));
+        let observing = SessionReply::Observing { key: key("x") };
+        assert_eq!(o.send(&mut t, at(3), SessionOp::Observe { key: key("x") }), observing);
+        assert!(!t.keepalive_due(b.id, &SessionOp::KeepAlive), "nothing to tell the waiter yet");
+        // The observer is told the holder it observed first.
+        let first = match o.send(&mut t, at(4), SessionOp::KeepAlive) {
+            SessionReply::AliveObserved { observed, .. } => observed.change,
+            r => panic!("{r:?}"),
+        };
+        let seen = SessionOp::KeepAliveSeen { key: key("x"), change: first };
+        assert!(t.keepalive_due(o.id, &SessionOp::KeepAlive), "not acknowledged yet");
+        assert!(!t.keepalive_due(o.id, &seen), "a keepalive acknowledging the latest waits for the next");
+        a.send(&mut t, at(5), release("x", 1));
+        assert!(t.keepalive_due(b.id, &SessionOp::KeepAlive), "b has a grant to be pushed");
+        assert!(t.keepalive_due(o.id, &seen), "the observer has a change to hear of");
+        assert!(!t.keepalive_due(a.id, &SessionOp::KeepAlive), "a has no news");
+        a.send(&mut t, at(6), SessionOp::Close);
+        assert!(t.keepalive_due(a.id, &SessionOp::KeepAlive), "a's session is gone");
+        #[cfg(feature = "fault-injection")]
+        {
+            t.set_limits(SessionLimits { fault: SessionFault::HoldPushedGrants, ..SessionLimits::default() });
+            assert!(!t.keepalive_due(b.id, &SessionOp::KeepAlive), "the planted bug holds the push back");
+        }
     }
 
     #[test]
