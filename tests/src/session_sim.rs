@@ -1231,8 +1231,17 @@ impl World {
     }
 
     /// Every hand-off after the heal told to its waiter in time (a waiter whose session ended
-    /// meanwhile is not owed it).
+    /// meanwhile is not owed it). A waiter that no longer wants the key (its confirmation of
+    /// an earlier push was overtaken by its release, which queued it again) gives it back when
+    /// told: the grant ending at the authority is its answer too.
     fn check_tells(&mut self) -> Result<(), Box<Violation>> {
+        if self.tells.is_empty() {
+            return Ok(());
+        }
+        let before = self.tells.len();
+        let a = &self.authority;
+        self.tells.retain(|t| a.holders(&t.key).any(|h| h.session == t.session && h.fence == t.fence));
+        self.stats.prompt += (before - self.tells.len()) as u64;
         let now = self.now;
         let late = self.tells.iter().find(|t| {
             t.by < now && self.clients[t.client].session.as_ref().and_then(Holder::id) == Some(t.session)
