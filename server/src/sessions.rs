@@ -851,7 +851,8 @@ impl Standing {
             Input::Request(r) => &r.op,
             _ => &SessionOp::KeepAlive,
         };
-        let behind = self.behind.get(&session).into_iter().flatten().map(|(k, acked, latest)| (k, *acked, *latest));
+        let behind =
+            self.behind.get(&session).into_iter().flatten().map(|(k, acked, latest)| (k, *acked, *latest));
         until <= at
             || authority.keepalive_due_given(
                 self.live.contains(&session),
@@ -945,7 +946,8 @@ fn commit_batch(
             break;
         }
         let standing = Standing::of(&state.authority);
-        let (now_due, still): (Vec<Job>, Vec<Job>) = parked.into_iter().partition(|j| standing.due(&state.authority, j, wall));
+        let (now_due, still): (Vec<Job>, Vec<Job>) =
+            parked.into_iter().partition(|j| standing.due(&state.authority, j, wall));
         parked = still;
         if now_due.is_empty() {
             break;

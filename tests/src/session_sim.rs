@@ -285,7 +285,10 @@ impl fmt::Display for TraceEntry {
                 *until as f64 / 1000.0
             ),
             What::CommitFailed(entries, replies) => {
-                write!(f, "authority: COMMIT FAILS ({entries} inputs, {replies} replies answered unavailable)")
+                write!(
+                    f,
+                    "authority: COMMIT FAILS ({entries} inputs, {replies} replies answered unavailable)"
+                )
             }
             What::AuthorityCrash(until) => {
                 write!(f, "authority CRASHES, down until {:.3}ms", *until as f64 / 1000.0)
@@ -1056,7 +1059,10 @@ impl World {
     /// held keepalives that are due; then (durable runs) the commit. A batch drawn to fail is
     /// applied in memory like any other, then its replies are dropped (the server answers
     /// them unavailable) and the authority is rebuilt from the committed log.
-    fn batch(&mut self, f: impl FnOnce(&mut Self) -> Result<(), Box<Violation>>) -> Result<(), Box<Violation>> {
+    fn batch(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<(), Box<Violation>>,
+    ) -> Result<(), Box<Violation>> {
         if self.batch_depth > 0 {
             return f(self);
         }
@@ -1137,7 +1143,7 @@ impl World {
                 }
                 if log.entries.len() >= SNAPSHOT_EVERY {
                     // The server's snapshot: the table as of the log's end, and the log cut.
-                    log.snapshot = Box::new(self.authority.clone());
+                    *log.snapshot = self.authority.clone();
                     log.entries.clear();
                 }
                 for (client, response) in std::mem::take(&mut self.outbox) {
@@ -1195,7 +1201,7 @@ impl World {
         if let Some(log) = self.log.as_mut() {
             let entries = std::mem::take(&mut self.batch);
             log.last = entries.iter().map(|e| e.now).fold(log.last, Instant::max);
-            log.snapshot = Box::new(self.authority.clone());
+            *log.snapshot = self.authority.clone();
             log.entries.clear();
         }
         Ok(())
@@ -1209,7 +1215,9 @@ impl World {
 
     /// The holder client whose session `session` is now.
     fn client_of(&self, session: SessionId) -> Option<usize> {
-        self.clients.iter().position(|c| !c.observer && c.session.as_ref().and_then(Holder::id) == Some(session))
+        self.clients
+            .iter()
+            .position(|c| !c.observer && c.session.as_ref().and_then(Holder::id) == Some(session))
     }
 
     /// How long after a hand-off its waiter hears of it, at most, once the network is healed,
@@ -1416,7 +1424,9 @@ impl World {
                 self.log(What::Receives(client, response));
                 self.drain(client)?;
             }
-            Msg::V1ToAuthority { client, key, request } => self.batch(|w| w.v1_decide(client, key, request))?,
+            Msg::V1ToAuthority { client, key, request } => {
+                self.batch(|w| w.v1_decide(client, key, request))?
+            }
             Msg::V1ToClient { client, response } => {
                 let c = &self.v1[client];
                 if c.port.cut(self.now, Direction::Inbound) || c.lease.is_none() {

@@ -190,7 +190,9 @@ fn answering_a_batch_before_its_commit_is_caught() {
     let v = violation.expect("the checker missed replies sent before their commit");
     println!("ReplyBeforeCommit caught at seed {}: {}", v.params.seed, v.message);
     assert!(
-        v.message.contains("at once") || v.message.contains("after fence") || v.message.contains("true history"),
+        v.message.contains("at once")
+            || v.message.contains("after fence")
+            || v.message.contains("true history"),
         "{}",
         v.message
     );
