@@ -1040,6 +1040,17 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 if let Some(g) = granted {
                     self.on_report(now, g);
                 }
+                // Not at once while the confirmation of the grant just reported is out: made
+                // beside it, the keepalive may overtake it and be answered with that same
+                // grant again (a confirmation landing after a later seq confirms nothing), as
+                // often as the two race, and the next key's grant waits behind it. The
+                // keepalive is made when the confirmation lands (`keep_alive_for_waiters`).
+                let settling = self.slots.iter().any(|s| s.phase.settles_a_report());
+                if *more && settling && self.slots.iter().any(|s| s.phase == KeyPhase::Queued) {
+                    if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
+                        *at = (sent_at + self.config.renew_every).max(now);
+                    }
+                }
                 self.on_observed(now, answered, observed);
             }
             SessionReply::Expired => self.lose(LostReason::Revoked),
