@@ -25,10 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
-use leasehold_core::session::authority::{ExternalHold, ExternalRefusal, KeyHolder, SessionStatus};
+use leasehold_core::session::authority::{
+    ExternalHold, ExternalRefusal, KeyHolder, SessionInput as Input, SessionStatus,
+};
 use leasehold_core::session::wire::{Label, Secret, SessionId, SessionOp, SessionReply, SessionRequest};
 use leasehold_core::session::{SessionAuthority, SessionLimits};
-use leasehold_core::{Duration, Fence, Instant, Key, Reject};
+use leasehold_core::{Duration, Fence, Instant, Key};
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -62,26 +64,6 @@ const SNAPSHOT_EVERY: u64 = 100_000;
 
 /// At most this many inputs share one commit; bounds a batch's latency.
 const MAX_BATCH: usize = 512;
-
-/// One input to the authority, as logged.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Input {
-    /// [`SessionAuthority::open`], with the secret drawn for it.
-    Open { ttl: Duration, label: Label, secret: Secret },
-    /// [`SessionAuthority::handle`].
-    Request(SessionRequest),
-    /// [`SessionAuthority::handle_timeout`].
-    Timeout,
-    /// [`SessionAuthority::recover`]: the server (re)started.
-    Recover,
-    /// [`SessionAuthority::hold_external`], for a v1 request about to be decided.
-    HoldExternal { key: Key, hold: ExternalHold, exclusive: bool },
-    /// [`SessionAuthority::set_external`]: what v1 decided (or, at a start, what v1 holds).
-    SetExternal { key: Key, until: Option<Instant>, fence: Fence },
-    /// [`SessionAuthority::raise_fence_floor`]: v1's floor for the keys it forgot.
-    FenceFloor { floor: Fence },
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
@@ -309,38 +291,7 @@ struct Snapshot {
 }
 
 fn apply(authority: &mut Authority, entry: &Entry) -> Option<SessionReply> {
-    let now = entry.now;
-    match &entry.input {
-        Input::Open { ttl, label, secret } => Some(authority.open(now, *ttl, label, *secret)),
-        Input::Request(r) => Some(authority.handle(now, r)),
-        Input::Timeout => {
-            authority.handle_timeout(now);
-            None
-        }
-        Input::Recover => {
-            authority.recover(now);
-            None
-        }
-        // Answered in the session protocol's terms, to share the writer's one reply channel:
-        // `Granted` carries the key's last fence, `Busy` the refusal.
-        Input::HoldExternal { key, hold, exclusive } => {
-            Some(match authority.hold_external(now, key, *hold, *exclusive) {
-                Ok(fence) => SessionReply::Granted { key: key.clone(), fence },
-                Err(ExternalRefusal::Busy { retry_after }) => {
-                    SessionReply::Busy { key: key.clone(), expires_in: retry_after }
-                }
-                Err(ExternalRefusal::Capacity) => SessionReply::Rejected(Reject::Capacity),
-            })
-        }
-        Input::SetExternal { key, until, fence } => {
-            authority.set_external(now, key, *until, *fence);
-            None
-        }
-        Input::FenceFloor { floor } => {
-            authority.raise_fence_floor(*floor);
-            None
-        }
-    }
+    authority.apply(entry.now, &entry.input)
 }
 
 fn encode(entry: &Entry) -> Vec<u8> {

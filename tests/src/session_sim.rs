@@ -81,9 +81,11 @@ use std::fmt;
 use crate::netem::{Clock, Direction, Net, Port, Wire};
 use leasehold_core::authority::{Limits, Outcome, Record};
 use leasehold_core::namespace::{self, V1Claim};
-use leasehold_core::session::authority::{ExternalHold, KeyHolder, KeyStatus, SessionFault, SessionStatus};
+use leasehold_core::session::authority::{
+    ExternalHold, KeyHolder, KeyStatus, SessionFault, SessionInput as Input, SessionStatus,
+};
 use leasehold_core::session::wire::{
-    parse_label, Label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
+    parse_label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
 };
 use leasehold_core::session::{Session, SessionAuthority, SessionEvent, SessionLimits, SessionState};
 use leasehold_core::{
@@ -469,17 +471,6 @@ enum Msg {
     V1ToClient { client: usize, response: Response },
 }
 
-/// One input to the authority, as the built-in server logs it (`server/src/sessions.rs`).
-#[derive(Debug, Clone)]
-enum Input {
-    Open { ttl: Duration, label: Label, secret: Secret },
-    Request(SessionRequest),
-    Timeout,
-    Recover,
-    HoldExternal { key: Key, hold: ExternalHold, exclusive: bool },
-    SetExternal { key: Key, until: Option<Instant>, fence: Fence },
-}
-
 /// A logged input: the authority's clock when it was applied, and the input.
 #[derive(Debug, Clone)]
 struct Logged {
@@ -488,27 +479,7 @@ struct Logged {
 }
 
 fn apply(a: &mut Authority, e: &Logged) -> Option<SessionReply> {
-    let now = e.now;
-    match &e.input {
-        Input::Open { ttl, label, secret } => Some(a.open(now, *ttl, label, *secret)),
-        Input::Request(r) => Some(a.handle(now, r)),
-        Input::Timeout => {
-            a.handle_timeout(now);
-            None
-        }
-        Input::Recover => {
-            a.recover(now);
-            None
-        }
-        Input::HoldExternal { key, hold, exclusive } => {
-            let _ = a.hold_external(now, key, *hold, *exclusive);
-            None
-        }
-        Input::SetExternal { key, until, fence } => {
-            a.set_external(now, key, *until, *fence);
-            None
-        }
-    }
+    a.apply(e.now, &e.input)
 }
 
 /// A keepalive the authority holds: whose, and until when (true time).

@@ -389,6 +389,54 @@ pub enum ExternalHold {
     Until(Instant),
 }
 
+/// One input to a [`SessionAuthority`], as a store logs it: the authority is deterministic, so
+/// its table is exactly the result of its inputs, and a log of them (each with its `now`)
+/// replays it exactly through [`SessionAuthority::apply`]. The built-in server's write-ahead
+/// log holds these; the simulator's model of it too.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum SessionInput {
+    /// [`SessionAuthority::open`], with the secret drawn for it.
+    Open {
+        /// The ttl asked.
+        ttl: Duration,
+        /// The holder's label.
+        label: Label,
+        /// The secret drawn for the session.
+        secret: Secret,
+    },
+    /// [`SessionAuthority::handle`].
+    Request(SessionRequest),
+    /// [`SessionAuthority::handle_timeout`].
+    Timeout,
+    /// [`SessionAuthority::recover`]: the store (re)started.
+    Recover,
+    /// [`SessionAuthority::hold_external`], for another protocol's request about to be decided.
+    HoldExternal {
+        /// The key.
+        key: Key,
+        /// Until when.
+        hold: ExternalHold,
+        /// A new grant rather than an extension.
+        exclusive: bool,
+    },
+    /// [`SessionAuthority::set_external`]: what the other protocol decided.
+    SetExternal {
+        /// The key.
+        key: Key,
+        /// Held until then (`None`: free).
+        until: Option<Instant>,
+        /// The highest fence it granted the key.
+        fence: Fence,
+    },
+    /// [`SessionAuthority::raise_fence_floor`].
+    FenceFloor {
+        /// The floor.
+        floor: Fence,
+    },
+}
+
 /// Why [`SessionAuthority::hold_external`] refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -801,6 +849,42 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
     /// fences instead.
     pub fn raise_fence_floor(&mut self, floor: Fence) {
         self.fence_floor = self.fence_floor.max(floor);
+    }
+
+    /// Applies a logged `input` as of `now`: what replaying a log calls for each entry. Its
+    /// reply, for the inputs that have one; a hold for the other protocol is answered in the
+    /// session protocol's terms, so that one reply type serves every input: `Granted` carries
+    /// the key's last fence, `Busy` the refusal, `Rejected(Capacity)` a full table.
+    pub fn apply(&mut self, now: Instant, input: &SessionInput) -> Option<SessionReply> {
+        match input {
+            SessionInput::Open { ttl, label, secret } => Some(self.open(now, *ttl, label, *secret)),
+            SessionInput::Request(r) => Some(self.handle(now, r)),
+            SessionInput::Timeout => {
+                self.handle_timeout(now);
+                None
+            }
+            SessionInput::Recover => {
+                self.recover(now);
+                None
+            }
+            SessionInput::HoldExternal { key, hold, exclusive } => {
+                Some(match self.hold_external(now, key, *hold, *exclusive) {
+                    Ok(fence) => SessionReply::Granted { key: key.clone(), fence },
+                    Err(ExternalRefusal::Busy { retry_after }) => {
+                        SessionReply::Busy { key: key.clone(), expires_in: retry_after }
+                    }
+                    Err(ExternalRefusal::Capacity) => SessionReply::Rejected(Reject::Capacity),
+                })
+            }
+            SessionInput::SetExternal { key, until, fence } => {
+                self.set_external(now, key, *until, *fence);
+                None
+            }
+            SessionInput::FenceFloor { floor } => {
+                self.raise_fence_floor(*floor);
+                None
+            }
+        }
     }
 
     // ----- outputs -----
