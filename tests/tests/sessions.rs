@@ -20,9 +20,9 @@ use leasehold_tests::session_sim::{run_seed, Params, ServerFault, Stats, Violati
 /// time at load average 5.7-6.1) against 37.9-42.1 s (44.1 and 34.0 s) before them, run
 /// alternately (`/usr/bin/time target/debug/deps/sessions-…`). Held keepalives (half the
 /// seeds) and the durable authority's log, failed commits and restarts (a quarter) left the
-/// cost where it was: the whole binary 91.6 s of real time and 100.8 s of CPU at load average
-/// 3.5-4.5, against 96.8 s and 99.1 s on the commit before them at 4.1-5.1 (the safety test:
-/// 110 seeds/s against 118).
+/// CPU cost where it was: the whole binary took 97.9 s of CPU (143.6 s of real time at load
+/// average 5.8-6.1; an earlier run 100.8 s and 91.6 s at 3.5-4.5) against 99.1 s (96.8 s at
+/// 4.1-5.1) on the commit before them.
 const CI_SEEDS: u64 = 10_000;
 
 fn seeds() -> u64 {
