@@ -25,10 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
-use leasehold_core::session::authority::{ExternalHold, ExternalRefusal, KeyHolder, SessionStatus};
+use leasehold_core::session::authority::{
+    ExternalHold, ExternalRefusal, KeyHolder, SessionInput as Input, SessionStatus,
+};
 use leasehold_core::session::wire::{Label, Secret, SessionId, SessionOp, SessionReply, SessionRequest};
 use leasehold_core::session::{SessionAuthority, SessionLimits};
-use leasehold_core::{Duration, Fence, Instant, Key, Reject};
+use leasehold_core::{Duration, Fence, Instant, Key};
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -62,26 +64,6 @@ const SNAPSHOT_EVERY: u64 = 100_000;
 
 /// At most this many inputs share one commit; bounds a batch's latency.
 const MAX_BATCH: usize = 512;
-
-/// One input to the authority, as logged.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Input {
-    /// [`SessionAuthority::open`], with the secret drawn for it.
-    Open { ttl: Duration, label: Label, secret: Secret },
-    /// [`SessionAuthority::handle`].
-    Request(SessionRequest),
-    /// [`SessionAuthority::handle_timeout`].
-    Timeout,
-    /// [`SessionAuthority::recover`]: the server (re)started.
-    Recover,
-    /// [`SessionAuthority::hold_external`], for a v1 request about to be decided.
-    HoldExternal { key: Key, hold: ExternalHold, exclusive: bool },
-    /// [`SessionAuthority::set_external`]: what v1 decided (or, at a start, what v1 holds).
-    SetExternal { key: Key, until: Option<Instant>, fence: Fence },
-    /// [`SessionAuthority::raise_fence_floor`]: v1's floor for the keys it forgot.
-    FenceFloor { floor: Fence },
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
@@ -309,38 +291,7 @@ struct Snapshot {
 }
 
 fn apply(authority: &mut Authority, entry: &Entry) -> Option<SessionReply> {
-    let now = entry.now;
-    match &entry.input {
-        Input::Open { ttl, label, secret } => Some(authority.open(now, *ttl, label, *secret)),
-        Input::Request(r) => Some(authority.handle(now, r)),
-        Input::Timeout => {
-            authority.handle_timeout(now);
-            None
-        }
-        Input::Recover => {
-            authority.recover(now);
-            None
-        }
-        // Answered in the session protocol's terms, to share the writer's one reply channel:
-        // `Granted` carries the key's last fence, `Busy` the refusal.
-        Input::HoldExternal { key, hold, exclusive } => {
-            Some(match authority.hold_external(now, key, *hold, *exclusive) {
-                Ok(fence) => SessionReply::Granted { key: key.clone(), fence },
-                Err(ExternalRefusal::Busy { retry_after }) => {
-                    SessionReply::Busy { key: key.clone(), expires_in: retry_after }
-                }
-                Err(ExternalRefusal::Capacity) => SessionReply::Rejected(Reject::Capacity),
-            })
-        }
-        Input::SetExternal { key, until, fence } => {
-            authority.set_external(now, key, *until, *fence);
-            None
-        }
-        Input::FenceFloor { floor } => {
-            authority.raise_fence_floor(*floor);
-            None
-        }
-    }
+    authority.apply(entry.now, &entry.input)
 }
 
 fn encode(entry: &Entry) -> Vec<u8> {
@@ -842,31 +793,24 @@ impl Standing {
         }
     }
 
-    /// Whether a held keepalive is to be handled now: its session has news or is gone, or
-    /// its hold is over.
-    fn due(&self, job: &Job, at: std::time::Instant) -> bool {
+    /// Whether a held keepalive is to be handled now: its hold is over, or core's rule
+    /// ([`SessionAuthority::keepalive_due_given`]) says so on the facts gathered in
+    /// [`of`](Self::of)'s one pass.
+    fn due(&self, authority: &Authority, job: &Job, at: std::time::Instant) -> bool {
         let Some((session, until)) = job.hold else { return false };
-        until <= at
-            || self.news.contains(&session)
-            || !self.live.contains(&session)
-            || self.observed(job, session)
-    }
-
-    /// Whether an observed key of `session` has a change to report, once the acknowledgement
-    /// the keepalive carries is counted: a keepalive acknowledging the latest change is held
-    /// for the next.
-    fn observed(&self, job: &Job, session: SessionId) -> bool {
-        let Some(behind) = self.behind.get(&session) else { return false };
-        let ack = match &job.input {
-            Input::Request(SessionRequest { op: SessionOp::KeepAliveSeen { key, change }, .. }) => {
-                Some((key, *change))
-            }
-            _ => None,
+        let op = match &job.input {
+            Input::Request(r) => &r.op,
+            _ => &SessionOp::KeepAlive,
         };
-        behind.iter().any(|(key, acked, latest)| match ack {
-            Some((k, change)) if k == key => (*acked).max(change) < *latest,
-            _ => acked < latest,
-        })
+        let behind =
+            self.behind.get(&session).into_iter().flatten().map(|(k, acked, latest)| (k, *acked, *latest));
+        until <= at
+            || authority.keepalive_due_given(
+                self.live.contains(&session),
+                self.news.contains(&session),
+                behind,
+                op,
+            )
     }
 }
 
@@ -953,7 +897,8 @@ fn commit_batch(
             break;
         }
         let standing = Standing::of(&state.authority);
-        let (now_due, still): (Vec<Job>, Vec<Job>) = parked.into_iter().partition(|j| standing.due(j, wall));
+        let (now_due, still): (Vec<Job>, Vec<Job>) =
+            parked.into_iter().partition(|j| standing.due(&state.authority, j, wall));
         parked = still;
         if now_due.is_empty() {
             break;

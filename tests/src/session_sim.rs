@@ -44,6 +44,36 @@
 //!
 //! A third of the seeds have no v1 client; they draw exactly what they drew before v1 clients
 //! existed, so their runs (and traces) are unchanged.
+//!
+//! **Held keepalives** (half the seeds). The authority holds each keepalive, as the built-in
+//! server's writer does, until core's rule ([`SessionAuthority::keepalive_due`]) says its
+//! session has news (a pushed grant, an observed change) or is gone, or its hold ends: what
+//! the holder asked (`Options::session`'s `min(renew_every, 0.75 × request timeout)`, the
+//! holders timed as it times them), at most a third of the session's ttl and half its time
+//! left. Which are due is decided for all held keepalives before any is handled, after every
+//! batch, until none is. The checker adds:
+//! - once the network is healed and what was in flight has landed (two ttls), the holders let
+//!   go of their keys one at a time, and a waiter handed a key hears of it within five of the
+//!   network's largest delays plus 4ε of a hold (see `World::tell_bound`), where a keepalive
+//!   held to its hold's end would take up to a whole hold more.
+//!
+//! **A durable authority** (a quarter of the seeds, all without v1 clients). Every input is
+//! logged with the authority's clock, and each step's inputs are one batch (the server's group
+//! commit), answered only once committed. Now and then (one batch in 400) the commit fails:
+//! its replies are dropped (the server answers them unavailable) and the authority is rebuilt
+//! from the log, the checker's record of grants, holder history and observations with it. A
+//! few times a run the authority crashes between batches (its held keepalives go with their
+//! connections, nothing reaches it while down) and restarts as `Sessions::open` does: the
+//! snapshot and the log after it replayed, the clock continuing 1 µs after the last time logged
+//! (`LogClock`), then `Recover` re-arms every session, and a snapshot is taken. The checker adds:
+//! - the table rebuilt after a failed commit is the one before the batch, and the one replayed
+//!   at a restart is the one that crashed;
+//! - everything above holds across restarts and failed commits, and each key's fences strictly
+//!   increase across restarts too (a session granted a key before the crash holds it after, so
+//!   nobody else is granted it while its holder may believe).
+//!
+//! Seeds that draw neither draw exactly what they drew before (the new draws come last, and
+//! from a generator of their own).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,7 +81,9 @@ use std::fmt;
 use crate::netem::{Clock, Direction, Net, Port, Wire};
 use leasehold_core::authority::{Limits, Outcome, Record};
 use leasehold_core::namespace::{self, V1Claim};
-use leasehold_core::session::authority::{ExternalHold, KeyHolder, KeyStatus, SessionFault, SessionStatus};
+use leasehold_core::session::authority::{
+    ExternalHold, KeyHolder, KeyStatus, SessionFault, SessionInput as Input, SessionStatus,
+};
 use leasehold_core::session::wire::{
     parse_label, Secret, SessionId, SessionOp, SessionReply, SessionRequest, SessionResponse,
 };
@@ -92,6 +124,28 @@ pub struct Params {
     pub v1_clients: usize,
     /// The v1 rules' lock-delay after an expiry.
     pub lock_delay: Duration,
+    /// The authority holds keepalives until their session has news or their hold ends, as the
+    /// built-in server does, and the holders are timed as `Options::session` times them
+    /// (renewing every ttl/4, a request timeout of ttl/3), each keepalive asking a hold of
+    /// `min(renew_every, 0.75 × request timeout)`.
+    pub held_keepalives: bool,
+    /// The authority logs its inputs and commits them a batch at a time, now and then a
+    /// commit fails (its batch never happened: rebuilt from the log), and a few times a run it
+    /// crashes and restarts from its log. Only in runs without v1 clients.
+    pub durable: bool,
+    /// A deliberate bug of the simulated server (not of core's rules), if any.
+    pub server_fault: ServerFault,
+}
+
+/// Deliberate bugs of the simulated server's log, so tests prove the checker catches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerFault {
+    /// As the built-in server does.
+    #[default]
+    None,
+    /// Send a batch's replies before its commit: when the commit fails, holders believe
+    /// grants that never happened.
+    ReplyBeforeCommit,
 }
 
 impl Params {
@@ -121,6 +175,14 @@ impl Params {
             0 => Duration::from_micros(rng.u64(0..=ttl.as_micros() / 2)),
             _ => Duration::ZERO,
         };
+        // Drawn after everything else, so runs with neither are as before these existed.
+        let held_keepalives = rng.bool();
+        let durable = v1_clients == 0 && rng.u8(0..4) != 0;
+        if held_keepalives {
+            // `Options::session`: a keepalive held at the authority at almost every moment.
+            config.request_timeout = ttl.mul_div_floor(1, 3);
+            config.renew_every = ttl.mul_div_floor(1, 4);
+        }
         Params {
             seed,
             clients,
@@ -133,7 +195,16 @@ impl Params {
             observers,
             v1_clients,
             lock_delay,
+            held_keepalives,
+            durable,
+            server_fault: ServerFault::None,
         }
+    }
+
+    /// The hold a holder asks for its keepalives, as `SessionClient` does.
+    fn hold(&self) -> Duration {
+        let timeout = self.config.request_timeout;
+        self.config.renew_every.min(Duration::from_micros(timeout.as_micros() * 3 / 4))
     }
 }
 
@@ -160,6 +231,10 @@ enum What {
     V1Partition(usize, u64, Direction),
     V1Waits(usize, Key),
     V1Set(Key, Option<Instant>),
+    Parked(usize, SessionRequest, u64),
+    CommitFailed(usize, usize),
+    AuthorityCrash(u64),
+    AuthorityRestart(Instant),
 }
 
 /// One line of a run's trace.
@@ -203,6 +278,24 @@ impl fmt::Display for TraceEntry {
             }
             What::V1Waits(j, k) => write!(f, "authority: v{j} v1 {k} waits for the key's turn"),
             What::V1Set(k, until) => write!(f, "authority: sessions told v1 keeps {k} until {until:?}"),
+            What::Parked(c, r, until) => write!(
+                f,
+                "authority: holds c{c} {} seq={} {:?} until {:.3}ms",
+                r.session,
+                r.seq.0,
+                r.op,
+                *until as f64 / 1000.0
+            ),
+            What::CommitFailed(entries, replies) => {
+                write!(
+                    f,
+                    "authority: COMMIT FAILS ({entries} inputs, {replies} replies answered unavailable)"
+                )
+            }
+            What::AuthorityCrash(until) => {
+                write!(f, "authority CRASHES, down until {:.3}ms", *until as f64 / 1000.0)
+            }
+            What::AuthorityRestart(base) => write!(f, "authority restarts from its log, clock at {base:?}"),
         }
     }
 }
@@ -244,6 +337,11 @@ impl fmt::Display for Violation {
             (SessionFault::ExternalBelowFloor, _) => "LEASEHOLD_SIM_FAULT=external-below-floor ",
             (SessionFault::EndExternalEarly, _) => "LEASEHOLD_SIM_FAULT=end-external-early ",
             (SessionFault::CountStaleAcks, _) => "LEASEHOLD_SIM_FAULT=count-stale-acks ",
+            (SessionFault::HoldPushedGrants, _) => "LEASEHOLD_SIM_FAULT=hold-pushed-grants ",
+            (SessionFault::RecoverForgetsFences, _) => "LEASEHOLD_SIM_FAULT=recover-forgets-fences ",
+            _ if self.params.server_fault == ServerFault::ReplyBeforeCommit => {
+                "LEASEHOLD_SIM_FAULT=reply-before-commit "
+            }
             (_, Fault::AnchorAtReceive) => "LEASEHOLD_SIM_FAULT=anchor-at-receive ",
             _ => "",
         };
@@ -290,6 +388,18 @@ pub struct Stats {
     pub v2_after_v1: u64,
     /// Of those, hand-offs to sessions that queued behind v1's grant.
     pub queued_behind_v1: u64,
+    /// Keepalives the authority held.
+    pub held: u64,
+    /// Of those, answered before their hold's end (their session had news or ended).
+    pub held_answered_early: u64,
+    /// Hand-offs after the heal whose waiter was checked to be told within the bound.
+    pub prompt: u64,
+    /// Commits that failed (their batch rebuilt away).
+    pub failed_commits: u64,
+    /// Authority restarts from its log.
+    pub restarts: u64,
+    /// Keys granted after a restart that had been granted before it.
+    pub granted_across_restarts: u64,
 }
 
 impl Stats {
@@ -311,6 +421,12 @@ impl Stats {
         self.v1_refused += o.v1_refused;
         self.v2_after_v1 += o.v2_after_v1;
         self.queued_behind_v1 += o.queued_behind_v1;
+        self.held += o.held;
+        self.held_answered_early += o.held_answered_early;
+        self.prompt += o.prompt;
+        self.failed_commits += o.failed_commits;
+        self.restarts += o.restarts;
+        self.granted_across_restarts += o.granted_across_restarts;
     }
 }
 
@@ -353,6 +469,61 @@ enum Msg {
     ToClient { client: usize, response: SessionResponse },
     V1ToAuthority { client: usize, key: Key, request: Request },
     V1ToClient { client: usize, response: Response },
+}
+
+/// A logged input: the authority's clock when it was applied, and the input.
+#[derive(Debug, Clone)]
+struct Logged {
+    now: Instant,
+    input: Input,
+}
+
+fn apply(a: &mut Authority, e: &Logged) -> Option<SessionReply> {
+    a.apply(e.now, &e.input)
+}
+
+/// A keepalive the authority holds: whose, and until when (true time).
+#[derive(Debug, Clone)]
+struct Parked {
+    client: usize,
+    request: SessionRequest,
+    until: u64,
+}
+
+/// The durable log: a snapshot and the committed inputs after it, as the server keeps them.
+struct Log {
+    snapshot: Box<Authority>,
+    entries: Vec<Logged>,
+    /// The latest time logged (the server's `last`): a restart's clock continues from it.
+    last: Instant,
+}
+
+/// Entries after which the log is cut under a new snapshot (the server's `SNAPSHOT_EVERY`,
+/// smaller, so runs restart from a snapshot and a log both).
+const SNAPSHOT_EVERY: usize = 256;
+/// One batch in this many fails to commit, in durable runs.
+const FAIL_ONE_IN: u16 = 400;
+
+/// The checker's state as of the last commit, kept while a batch drawn to fail runs: the
+/// rebuilt authority forgot the batch, and so does the checker.
+struct Checkpoint {
+    authority: View,
+    granted: BTreeMap<Key, (Fence, u64)>,
+    history: Vec<usize>,
+    observing: BTreeMap<(SessionId, Key), (usize, u64)>,
+    handled: Vec<SessionRequest>,
+    pending_tells: Vec<Tell>,
+}
+
+/// A hand-off after the heal that its waiter must hear of by `by` (true time).
+#[derive(Debug, Clone)]
+struct Tell {
+    client: usize,
+    session: SessionId,
+    key: Key,
+    fence: Fence,
+    granted_at: u64,
+    by: u64,
 }
 
 /// What the checker compares around each authority step: everything but the replay windows.
@@ -414,8 +585,8 @@ pub struct World {
     next_fault: u64,
     /// Requests the authority has handled, for replay.
     handled: Vec<SessionRequest>,
-    /// Per key: the highest fence granted, and the highest told to any holder.
-    granted: BTreeMap<Key, Fence>,
+    /// Per key: the highest fence granted, and how many authority restarts came before it.
+    granted: BTreeMap<Key, (Fence, u64)>,
     /// Per key (and per client, for a semaphore).
     told: BTreeMap<(Key, Option<usize>), Fence>,
     trace: Vec<TraceEntry>,
@@ -432,6 +603,8 @@ pub struct World {
     reported_fence: BTreeMap<(usize, Key), Fence>,
     /// After `run_for`: no loss, no faults, no new acquisitions.
     healed: bool,
+    /// When the heal came (true time).
+    healed_at: Option<u64>,
     v1: Vec<V1Client>,
     /// The v1 rules' records (the server's `leases.redb`), on the authority's clock.
     v1_records: BTreeMap<Key, Record>,
@@ -440,6 +613,29 @@ pub struct World {
     v1_granted_last: BTreeMap<Key, bool>,
     /// Per key (index): its v1 turn in progress.
     v1_turns: Vec<Option<V1Turn>>,
+    /// Draws for held keepalives, commits and restarts, apart from `rng`, so that runs with
+    /// none of them draw what they drew before these existed.
+    extra: fastrand::Rng,
+    /// Keepalives held by the authority, in arrival order.
+    parked: Vec<Parked>,
+    /// Durable runs: the committed log.
+    log: Option<Log>,
+    /// Inputs of the batch in progress, applied in memory, not yet committed.
+    batch: Vec<Logged>,
+    /// Replies of the batch in progress: sent at its commit, dropped if it fails.
+    outbox: Vec<(usize, SessionResponse)>,
+    /// Nesting of [`World::batch`].
+    batch_depth: u32,
+    /// The batch in progress will fail: the state to return to.
+    failing: Option<Box<Checkpoint>>,
+    /// When the authority next crashes (true time).
+    next_crash: u64,
+    /// Down until then (true time), and its state when it went down.
+    down: Option<(u64, View)>,
+    /// Authority restarts so far.
+    restarts: u64,
+    /// Hand-offs after the heal not yet told to their waiters.
+    tells: Vec<Tell>,
 }
 
 impl World {
@@ -471,6 +667,8 @@ impl World {
         let keys: Vec<Key> =
             (0..params.keys).map(|k| parse_key(&format!("k{k}")).expect("valid key")).collect();
         let limits = SessionLimits { fault: params.fault, ..SessionLimits::default() };
+        let mut extra = fastrand::Rng::with_seed(params.seed ^ 0xD15C_FA11);
+        let (durable, run_for) = (params.durable, params.run_for);
         let next_fault = rng.u64(0..params.run_for / 8);
         // After every draw of the runs before v1 clients existed.
         let v1 = (0..params.v1_clients)
@@ -497,6 +695,7 @@ impl World {
             reported: BTreeMap::new(),
             reported_fence: BTreeMap::new(),
             healed: false,
+            healed_at: None,
             next_fault,
             params,
             rng,
@@ -510,6 +709,21 @@ impl World {
             told: BTreeMap::new(),
             trace: Vec::with_capacity(4096),
             stats: Stats::default(),
+            next_crash: if durable { extra.u64(0..run_for / 2) } else { u64::MAX },
+            log: durable.then(|| Log {
+                snapshot: Box::new(Authority::new(limits)),
+                entries: Vec::new(),
+                last: Instant::from_micros(0),
+            }),
+            extra,
+            parked: Vec::new(),
+            batch: Vec::new(),
+            outbox: Vec::new(),
+            batch_depth: 0,
+            failing: None,
+            down: None,
+            restarts: 0,
+            tells: Vec::new(),
         }
     }
 
@@ -540,14 +754,20 @@ impl World {
     /// No more loss, duplication, partitions or faults, and the holders stop asking for keys.
     fn heal(&mut self) {
         self.healed = true;
+        self.healed_at = Some(self.now);
+        self.next_crash = u64::MAX;
         self.params.net.loss = 0.0;
         self.params.net.burst_start = 0.0;
         self.params.net.duplication = 0.0;
         self.next_fault = u64::MAX;
+        let ttl = self.params.config.ttl.as_micros();
         for c in self.clients.iter_mut() {
             c.port.heal();
             if !c.observer {
-                c.app_at = None;
+                // With held keepalives, the holders let go of their keys one at a time once
+                // settled, so their waiters are handed them while the bound on telling them
+                // is checked.
+                c.app_at = self.params.held_keepalives.then(|| self.now + 2 * ttl + self.extra.u64(0..ttl));
             }
         }
         for c in self.v1.iter_mut() {
@@ -585,6 +805,9 @@ impl World {
             V1App(usize),
             V1Restart(usize),
             V1Set(usize),
+            HoldEnds,
+            AuthorityCrash,
+            AuthorityRestart,
         }
         let mut best: Option<(u64, Next)> = None;
         let mut consider = |t: u64, n: Next| {
@@ -606,8 +829,17 @@ impl World {
                 consider(t, Next::Restart(i));
             }
         }
-        if let Some(at) = self.authority.poll_timeout() {
-            consider(self.clock.true_time_of(at).max(self.now), Next::AuthorityTimer);
+        match &self.down {
+            Some((until, _)) => consider(*until, Next::AuthorityRestart),
+            None => {
+                if let Some(at) = self.authority.poll_timeout() {
+                    consider(self.clock.true_time_of(at).max(self.now), Next::AuthorityTimer);
+                }
+                if let Some(t) = self.parked.iter().map(|p| p.until).min() {
+                    consider(t, Next::HoldEnds);
+                }
+                consider(self.next_crash, Next::AuthorityCrash);
+            }
         }
         consider(self.next_fault, Next::Fault);
         for (j, c) in self.v1.iter().enumerate() {
@@ -650,7 +882,10 @@ impl World {
                 c.app_at = (c.observer || !self.healed).then_some(self.now);
                 self.log(What::Restart(i));
             }
-            Next::AuthorityTimer => self.authority_timer()?,
+            Next::AuthorityTimer => self.batch(Self::authority_timer)?,
+            Next::HoldEnds => self.batch(|_| Ok(()))?,
+            Next::AuthorityCrash => self.crash_authority(),
+            Next::AuthorityRestart => self.restart_authority()?,
             Next::Fault => self.fault()?,
             Next::V1Timer(j) => {
                 let local = self.v1[j].clock.local(self.now);
@@ -660,7 +895,7 @@ impl World {
                 self.v1_drain(j)?;
             }
             Next::V1App(j) => self.v1_app(j)?,
-            Next::V1Set(k) => self.v1_set(k)?,
+            Next::V1Set(k) => self.batch(|w| w.v1_set(k))?,
             Next::V1Restart(j) => {
                 let c = &mut self.v1[j];
                 c.incarnation += 1;
@@ -673,6 +908,7 @@ impl World {
             }
         }
         self.check_beliefs()?;
+        self.check_tells()?;
         Ok(true)
     }
 
@@ -680,13 +916,328 @@ impl World {
         self.clients[i].clock.local(self.now)
     }
 
+    /// A request reaches the authority: a keepalive is held (in runs that hold them) while its
+    /// session lives, as the server's `held_keepalive` does; anything else is handled now.
+    fn arrive(&mut self, client: usize, request: SessionRequest) -> Result<(), Box<Violation>> {
+        let keepalive = matches!(request.op, SessionOp::KeepAlive | SessionOp::KeepAliveSeen { .. });
+        let now = self.clock.local(self.now);
+        let session = self.authority.session(request.session);
+        match session.filter(|_| keepalive && self.params.held_keepalives) {
+            Some(s) => {
+                // Never long enough for the session to run out while its keepalive waits.
+                let bound = self
+                    .params
+                    .hold()
+                    .min(s.ttl.mul_div_floor(1, 3))
+                    .min((s.expires_at - now).mul_div_floor(1, 2));
+                let until = self.clock.true_time_of(now + bound).max(self.now);
+                self.stats.held += 1;
+                self.log(What::Parked(client, request.clone(), until));
+                self.parked.push(Parked { client, request, until });
+                Ok(())
+            }
+            None => self.handle_request(client, request),
+        }
+    }
+
+    /// The authority handles `request` of `client` now and answers it (at the batch's commit).
+    fn handle_request(&mut self, client: usize, request: SessionRequest) -> Result<(), Box<Violation>> {
+        let now = self.clock.local(self.now);
+        // A request handled at the instant a session expires expires it first, then
+        // may hand its key on: two changes in one step, which the history must see
+        // apart. The timer's step first changes nothing else (the request's handling
+        // starts with the same expiry).
+        if self.authority.poll_timeout().is_some_and(|at| at <= now) {
+            self.authority_timer()?;
+        }
+        let before = View::of(&self.authority);
+        let reply = match request.op {
+            SessionOp::Open { ttl, ref label } => {
+                let secret = Secret::from_bytes(self.rng.u128(..).to_le_bytes());
+                self.apply(Input::Open { ttl, label: label.clone(), secret })
+            }
+            _ => self.apply(Input::Request(request.clone())),
+        };
+        self.record_history();
+        if let SessionOp::Observe { key } | SessionOp::Unobserve { key } = &request.op {
+            // Registered: note where its numbering starts; gone: observed again, it
+            // starts afresh.
+            let at = (request.session, key.clone());
+            match (self.authority.observes(request.session, key), self.observing.contains_key(&at)) {
+                (true, false) => {
+                    let index = self.history.get(key).map_or(0, |h| h.len() - 1);
+                    let change = self.authority.latest_change(key).unwrap_or_default();
+                    self.observing.insert(at, (index, change));
+                }
+                (false, true) => {
+                    self.observing.remove(&at);
+                }
+                _ => {}
+            }
+        }
+        self.log(What::Handles(client, request.clone(), reply.clone()));
+        self.check_authority(&before, Some(&request))?;
+        self.check_limit_refusal(&before, &request, &reply)?;
+        let response = request.answer(reply);
+        if !matches!(request.op, SessionOp::Open { .. }) {
+            if self.handled.len() >= 256 {
+                self.handled.swap_remove(self.rng.usize(0..256));
+            }
+            self.handled.push(request);
+        }
+        self.reply(client, response);
+        Ok(())
+    }
+
     fn authority_timer(&mut self) -> Result<(), Box<Violation>> {
         self.log(What::AuthorityTimer);
         let before = View::of(&self.authority);
-        let now = self.clock.local(self.now);
-        self.authority.handle_timeout(now);
+        self.apply(Input::Timeout);
         self.record_history();
         self.check_authority(&before, None)
+    }
+
+    /// Applies `input` to the authority now, as part of the batch in progress; its reply
+    /// (`Expired` for an input without one, as the server answers it).
+    fn apply(&mut self, input: Input) -> SessionReply {
+        let e = Logged { now: self.clock.local(self.now), input };
+        let reply = apply(&mut self.authority, &e).unwrap_or(SessionReply::Expired);
+        if self.log.is_some() {
+            self.batch.push(e);
+        }
+        reply
+    }
+
+    /// Logs `input`, applied to the authority by the caller (for the inputs whose outcome
+    /// the caller needs whole).
+    fn record(&mut self, input: Input) {
+        if self.log.is_some() {
+            self.batch.push(Logged { now: self.clock.local(self.now), input });
+        }
+    }
+
+    /// Answers `client`: in durable runs at the batch's commit, as the server answers only
+    /// after its fsync.
+    fn reply(&mut self, client: usize, response: SessionResponse) {
+        if self.log.is_some() && self.params.server_fault != ServerFault::ReplyBeforeCommit {
+            self.outbox.push((client, response));
+        } else {
+            self.send(client, Msg::ToClient { client, response });
+        }
+    }
+
+    /// One batch of the authority's inputs, as the server's writer makes one: `f`'s, then the
+    /// held keepalives that are due; then (durable runs) the commit. A batch drawn to fail is
+    /// applied in memory like any other, then its replies are dropped (the server answers
+    /// them unavailable) and the authority is rebuilt from the committed log.
+    fn batch(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<(), Box<Violation>>,
+    ) -> Result<(), Box<Violation>> {
+        if self.batch_depth > 0 {
+            return f(self);
+        }
+        if self.log.is_some() && !self.healed && self.extra.u16(0..FAIL_ONE_IN) == 0 {
+            self.failing = Some(Box::new(Checkpoint {
+                authority: View::of(&self.authority),
+                granted: self.granted.clone(),
+                history: self.keys.iter().map(|k| self.history[k].len()).collect(),
+                observing: self.observing.clone(),
+                handled: self.handled.clone(),
+                pending_tells: self.tells.clone(),
+            }));
+        }
+        self.batch_depth += 1;
+        let r = f(self).and_then(|()| self.serve_held());
+        self.batch_depth -= 1;
+        r?;
+        self.commit()
+    }
+
+    /// Handles the held keepalives that are due (core's rule, or their hold is over), until
+    /// none is: handling one may expire sessions and hand their keys to others' sessions. As
+    /// the server does, which are due is decided for all before any is handled.
+    fn serve_held(&mut self) -> Result<(), Box<Violation>> {
+        while !self.parked.is_empty() {
+            let (now, a) = (self.now, &self.authority);
+            let due = |p: &Parked| p.until <= now || a.keepalive_due(p.request.session, &p.request.op);
+            let (now_due, still): (Vec<Parked>, Vec<Parked>) = self.parked.drain(..).partition(due);
+            self.parked = still;
+            if now_due.is_empty() {
+                break;
+            }
+            for p in now_due {
+                if p.until > self.now {
+                    self.stats.held_answered_early += 1;
+                }
+                self.handle_request(p.client, p.request)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the batch in progress, or fails it (see [`batch`](Self::batch)).
+    fn commit(&mut self) -> Result<(), Box<Violation>> {
+        let entries = std::mem::take(&mut self.batch);
+        let failing = self.failing.take();
+        let Some(log) = self.log.as_mut() else { return Ok(()) };
+        match failing {
+            // An empty batch writes nothing, so it cannot fail.
+            Some(cp) if !entries.is_empty() => {
+                self.stats.failed_commits += 1;
+                let replies = self.outbox.len();
+                self.outbox.clear();
+                self.log(What::CommitFailed(entries.len(), replies));
+                let rebuilt = self.replay();
+                let view = View::of(&rebuilt);
+                if view != cp.authority {
+                    return Err(self.violation(format!(
+                        "the table rebuilt from the log after a failed commit is not the one before \
+                         the batch:\n  before {:?}\n  rebuilt {view:?}",
+                        cp.authority
+                    )));
+                }
+                self.authority = rebuilt;
+                let Checkpoint { granted, history, observing, handled, pending_tells, .. } = *cp;
+                for (k, len) in self.keys.iter().zip(history) {
+                    if let Some(h) = self.history.get_mut(k) {
+                        h.truncate(len);
+                    }
+                }
+                (self.granted, self.observing, self.handled, self.tells) =
+                    (granted, observing, handled, pending_tells);
+            }
+            _ => {
+                for e in entries {
+                    log.last = log.last.max(e.now);
+                    log.entries.push(e);
+                }
+                if log.entries.len() >= SNAPSHOT_EVERY {
+                    // The server's snapshot: the table as of the log's end, and the log cut.
+                    *log.snapshot = self.authority.clone();
+                    log.entries.clear();
+                }
+                for (client, response) in std::mem::take(&mut self.outbox) {
+                    self.send(client, Msg::ToClient { client, response });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The table the committed log rebuilds: its snapshot, then its entries replayed.
+    fn replay(&self) -> Authority {
+        let Some(log) = &self.log else { return self.authority.clone() };
+        let mut a = (*log.snapshot).clone();
+        for e in &log.entries {
+            apply(&mut a, e);
+        }
+        a
+    }
+
+    /// The authority process dies between two batches: its held keepalives go with their
+    /// connections, and nothing reaches it until it restarts.
+    fn crash_authority(&mut self) {
+        let ttl = self.params.config.ttl.as_micros();
+        let until = self.now + self.extra.u64(0..ttl);
+        self.next_crash = until + self.extra.u64(0..self.params.run_for / 2);
+        self.parked.clear();
+        self.down = Some((until, View::of(&self.authority)));
+        self.log(What::AuthorityCrash(until));
+    }
+
+    /// The authority starts again as the server does (`Sessions::open`): the table replayed
+    /// from the log, its clock continuing 1 µs after the last time logged (`LogClock`), every
+    /// session re-armed from then (`Recover`, logged), and a snapshot written.
+    fn restart_authority(&mut self) -> Result<(), Box<Violation>> {
+        let Some((_, before)) = self.down.take() else { return Ok(()) };
+        self.restarts += 1;
+        self.stats.restarts += 1;
+        let rebuilt = self.replay();
+        let view = View::of(&rebuilt);
+        if view != before {
+            return Err(self.violation(format!(
+                "the table replayed at the restart is not the one that crashed:\n  crashed {before:?}\n  \
+                 replayed {view:?}"
+            )));
+        }
+        self.authority = rebuilt;
+        let last = self.log.as_ref().map_or(Instant::from_micros(0), |l| l.last);
+        let base = last + Duration::from_micros(1);
+        self.clock.restart(self.now, base.as_micros());
+        self.log(What::AuthorityRestart(base));
+        self.apply(Input::Recover);
+        self.record_history();
+        self.check_authority(&before, None)?;
+        if let Some(log) = self.log.as_mut() {
+            let entries = std::mem::take(&mut self.batch);
+            log.last = entries.iter().map(|e| e.now).fold(log.last, Instant::max);
+            *log.snapshot = self.authority.clone();
+            log.entries.clear();
+        }
+        Ok(())
+    }
+
+    /// After the heal, once what was in flight has landed or been retried: two ttls on.
+    fn settled(&self) -> bool {
+        self.healed_at.is_some_and(|t| self.now >= t + 2 * self.params.config.ttl.as_micros())
+            && self.params.held_keepalives
+    }
+
+    /// The holder client whose session `session` is now.
+    fn client_of(&self, session: SessionId) -> Option<usize> {
+        self.clients
+            .iter()
+            .position(|c| !c.observer && c.session.as_ref().and_then(Holder::id) == Some(session))
+    }
+
+    /// How long after a hand-off its waiter hears of it, at most, once the network is healed,
+    /// with keepalives held: each holder sends its next keepalive when the last one's reply
+    /// lands (its renewal interval is the hold), so one is held at the authority at almost
+    /// every moment. The grant finds one held (answered at once: one way), or on its way
+    /// (a round trip), or its reply on the way back, the next sent on arrival (a way and a
+    /// round trip), or, just after another key's pushed grant, that grant's confirmation
+    /// out, the next keepalive made when it lands (two ways, then a round trip): at most five
+    /// of the network's largest delays. Plus the clocks: the holder's renewal interval and
+    /// the authority's hold are the same length on two clocks each off by up to ε, and the
+    /// authority's hold is cut to whole µs (4ε of a hold covers both). A keepalive held until
+    /// its hold's end though the grant was made (a renewal later, as with the planted
+    /// `HoldPushedGrants`) takes up to a whole hold more.
+    fn tell_bound(&self) -> u64 {
+        let hold = self.params.hold().as_micros();
+        let eps = u64::from(self.params.config.drift.as_ppm());
+        5 * self.params.net.max_delay + hold * 4 * eps / 1_000_000 + 2
+    }
+
+    /// Every hand-off after the heal told to its waiter in time (a waiter whose session ended
+    /// meanwhile is not owed it). A waiter that no longer wants the key (its confirmation of
+    /// an earlier push was overtaken by its release, which queued it again) gives it back when
+    /// told: the grant ending at the authority is its answer too.
+    fn check_tells(&mut self) -> Result<(), Box<Violation>> {
+        if self.tells.is_empty() {
+            return Ok(());
+        }
+        let before = self.tells.len();
+        let a = &self.authority;
+        self.tells.retain(|t| a.holders(&t.key).any(|h| h.session == t.session && h.fence == t.fence));
+        self.stats.prompt += (before - self.tells.len()) as u64;
+        let now = self.now;
+        let late = self.tells.iter().find(|t| {
+            t.by < now && self.clients[t.client].session.as_ref().and_then(Holder::id) == Some(t.session)
+        });
+        if let Some(t) = late {
+            return Err(self.violation(format!(
+                "c{} was handed {} (fence {}) at {:.3}ms after the heal and not told within {:.3}ms \
+                 (held keepalives: told a renewal later?)",
+                t.client,
+                t.key,
+                t.fence,
+                t.granted_at as f64 / 1000.0,
+                self.tell_bound() as f64 / 1000.0
+            )));
+        }
+        self.tells.retain(|t| t.by >= now);
+        Ok(())
     }
 
     fn log(&mut self, what: What) {
@@ -707,6 +1258,15 @@ impl World {
         let (key, limit) = (self.keys[k].clone(), self.params.limits[k]);
         self.clients[i].app_at = Some(self.now + self.rng.u64(0..ttl));
         let observer = self.clients[i].observer;
+        if self.healed && !observer {
+            // Held-keepalive runs only: let go of one key, if any is held.
+            let Some(s) = self.clients[i].session.as_mut() else { return Ok(()) };
+            let key = s.held().map(|(k, _)| k.clone()).next();
+            if let Some(key) = key {
+                let _ = s.release(local, &key);
+            }
+            return self.drain(i);
+        }
         let Some(s) = self.clients[i].session.as_mut() else { return Ok(()) };
         if observer {
             match s.state() {
@@ -758,6 +1318,11 @@ impl World {
             match &e {
                 SessionEvent::Acquired { key, fence, .. } => {
                     self.stats.acquired += 1;
+                    if !self.tells.is_empty() {
+                        let before = self.tells.len();
+                        self.tells.retain(|t| !(t.client == i && t.key == *key && t.fence == *fence));
+                        self.stats.prompt += (before - self.tells.len()) as u64;
+                    }
                     // A lease's fences rise across all holders in the order they are told; a
                     // semaphore's holders may hear of their grants in any order, each its own
                     // rising.
@@ -809,50 +1374,12 @@ impl World {
     fn deliver(&mut self, msg: Msg) -> Result<(), Box<Violation>> {
         match msg {
             Msg::ToAuthority { client, request } => {
-                let now = self.clock.local(self.now);
-                // A request handled at the instant a session expires expires it first, then
-                // may hand its key on: two changes in one step, which the history must see
-                // apart. The timer's step first changes nothing else (the request's handling
-                // starts with the same expiry).
-                if self.authority.poll_timeout().is_some_and(|at| at <= now) {
-                    self.authority_timer()?;
+                if self.down.is_some() {
+                    self.stats.dropped += 1;
+                    self.log(What::Dropped("authority down"));
+                    return Ok(());
                 }
-                let before = View::of(&self.authority);
-                let reply = match request.op {
-                    SessionOp::Open { ttl, ref label } => {
-                        let secret = Secret::from_bytes(self.rng.u128(..).to_le_bytes());
-                        self.authority.open(now, ttl, label, secret)
-                    }
-                    _ => self.authority.handle(now, &request),
-                };
-                self.record_history();
-                if let SessionOp::Observe { key } | SessionOp::Unobserve { key } = &request.op {
-                    // Registered: note where its numbering starts; gone: observed again, it
-                    // starts afresh.
-                    let at = (request.session, key.clone());
-                    match (self.authority.observes(request.session, key), self.observing.contains_key(&at)) {
-                        (true, false) => {
-                            let index = self.history.get(key).map_or(0, |h| h.len() - 1);
-                            let change = self.authority.latest_change(key).unwrap_or_default();
-                            self.observing.insert(at, (index, change));
-                        }
-                        (false, true) => {
-                            self.observing.remove(&at);
-                        }
-                        _ => {}
-                    }
-                }
-                self.log(What::Handles(client, request.clone(), reply.clone()));
-                self.check_authority(&before, Some(&request))?;
-                self.check_limit_refusal(&before, &request, &reply)?;
-                let response = request.answer(reply);
-                if !matches!(request.op, SessionOp::Open { .. }) {
-                    if self.handled.len() >= 256 {
-                        self.handled.swap_remove(self.rng.usize(0..256));
-                    }
-                    self.handled.push(request);
-                }
-                self.send(client, Msg::ToClient { client, response });
+                self.batch(|w| w.arrive(client, request))?;
             }
             Msg::ToClient { client, response } => {
                 let c = &self.clients[client];
@@ -868,7 +1395,9 @@ impl World {
                 self.log(What::Receives(client, response));
                 self.drain(client)?;
             }
-            Msg::V1ToAuthority { client, key, request } => self.v1_decide(client, key, request)?,
+            Msg::V1ToAuthority { client, key, request } => {
+                self.batch(|w| w.v1_decide(client, key, request))?
+            }
             Msg::V1ToClient { client, response } => {
                 let c = &self.v1[client];
                 if c.port.cut(self.now, Direction::Inbound) || c.lease.is_none() {
@@ -981,10 +1510,11 @@ impl World {
         let record = self.v1_records.get(&key).copied().unwrap_or_default();
         let claim = V1Claim::of(&request.op);
         let held = match claim {
-            Some(c) => self
-                .authority
-                .hold_external(now, &key, ExternalHold::Pending, c.exclusive())
-                .map_err(|r| (c, r)),
+            Some(c) => {
+                let (hold, exclusive) = (ExternalHold::Pending, c.exclusive());
+                self.record(Input::HoldExternal { key: key.clone(), hold, exclusive });
+                self.authority.hold_external(now, &key, hold, exclusive).map_err(|r| (c, r))
+            }
             None => Ok(Fence::NONE),
         };
         let d = match held {
@@ -1009,7 +1539,7 @@ impl World {
         if d.outcome == Outcome::Granted {
             self.stats.v1_grants += 1;
             let fence = d.record.last_fence;
-            let last = self.granted.insert(key.clone(), fence).unwrap_or_default();
+            let (last, _) = self.granted.insert(key.clone(), (fence, self.restarts)).unwrap_or_default();
             if fence <= last {
                 return Err(
                     self.violation(format!("{key} granted to v1 with fence {fence} after fence {last}"))
@@ -1037,7 +1567,9 @@ impl World {
         let now = self.clock.local(self.now);
         let before = View::of(&self.authority);
         let until = namespace::remaining(&turn.record, self.v1_limits.lock_delay, now).map(|left| now + left);
-        self.authority.set_external(now, &key, until, namespace::set_fence(&turn.record, turn.floor));
+        let fence = namespace::set_fence(&turn.record, turn.floor);
+        self.record(Input::SetExternal { key: key.clone(), until, fence });
+        self.authority.set_external(now, &key, until, fence);
         self.record_history();
         self.log(What::V1Set(key.clone(), until));
         self.check_authority(&before, None)?;
@@ -1100,7 +1632,7 @@ impl World {
                 } else {
                     "replay"
                 };
-                self.inject(how, request)?;
+                self.batch(|w| w.inject(how, request))?;
             }
             _ => {}
         }
@@ -1110,14 +1642,16 @@ impl World {
     /// Hands the authority a request it has seen (or a forgery of one) and checks that its
     /// state did not change. Expiry due by now happens first: that change is not the replay's.
     fn inject(&mut self, how: &'static str, request: SessionRequest) -> Result<(), Box<Violation>> {
+        if self.down.is_some() {
+            return Ok(());
+        }
         self.stats.injected += 1;
-        let now = self.clock.local(self.now);
         let before = View::of(&self.authority);
-        self.authority.handle_timeout(now);
+        self.apply(Input::Timeout);
         self.record_history();
         self.check_authority(&before, None)?;
         let before = View::of(&self.authority);
-        let reply = self.authority.handle(now, &request);
+        let reply = self.apply(Input::Request(request.clone()));
         self.record_history();
         self.log(What::Injected(how, request, reply));
         let after = View::of(&self.authority);
@@ -1221,6 +1755,7 @@ impl World {
             let old_holders = old.map(|v| v.holders.as_slice()).unwrap_or_default();
             let mut new: Vec<KeyHolder> =
                 kv.holders.iter().filter(|h| !old_holders.contains(h)).copied().collect();
+            let had_waiters = old.is_some_and(|v| !v.waiters.is_empty());
             new.sort_by_key(|h| h.fence);
             for h in old_holders.iter().filter(|h| !kv.holders.contains(h)) {
                 let gave_up = request.is_some_and(|r| {
@@ -1251,11 +1786,39 @@ impl World {
             }
             for g in &new {
                 self.stats.grants += 1;
-                let last = self.granted.insert(key.clone(), g.fence).unwrap_or_default();
+                let (last, then) =
+                    self.granted.insert(key.clone(), (g.fence, self.restarts)).unwrap_or_default();
+                // Fences strictly increase per key, across authority restarts too: the fence
+                // counter is replayed from the log like everything else.
+                if then < self.restarts && last > Fence::NONE {
+                    self.stats.granted_across_restarts += 1;
+                    if g.fence <= last {
+                        return Err(self.violation(format!(
+                            "{key} granted with fence {} across {} authority restart(s) after fence {last}",
+                            g.fence,
+                            self.restarts - then
+                        )));
+                    }
+                }
                 if g.fence <= last {
                     return Err(
                         self.violation(format!("{key} granted with fence {} after fence {last}", g.fence))
                     );
+                }
+                // After the heal, a waiter handed the key is told within the bound (see
+                // `tell_bound`).
+                if had_waiters && self.settled() {
+                    if let Some(client) = self.client_of(g.session) {
+                        let by = self.now + self.tell_bound();
+                        self.tells.push(Tell {
+                            client,
+                            session: g.session,
+                            key: key.clone(),
+                            fence: g.fence,
+                            granted_at: self.now,
+                            by,
+                        });
+                    }
                 }
                 if !after.alive(g.session) {
                     return Err(

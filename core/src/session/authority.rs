@@ -73,6 +73,12 @@ pub enum SessionFault {
     /// Count an observer's acknowledgement even if it was made before its observation's
     /// observe (of an earlier observation of the key, reordered on the way).
     CountStaleAcks,
+    /// Keep a held keepalive waiting ([`SessionAuthority::keepalive_due`]) though its session
+    /// has a grant to be told of: a pushed grant waits for the hold's end.
+    HoldPushedGrants,
+    /// At [`SessionAuthority::recover`] (a restart's replay), forget the fence counter of every
+    /// key no one holds: their next grants reuse fences granted before the restart.
+    RecoverForgetsFences,
 }
 
 /// The ttls an authority accepts, and (in tests) a deliberate bug.
@@ -383,6 +389,54 @@ pub enum ExternalHold {
     Until(Instant),
 }
 
+/// One input to a [`SessionAuthority`], as a store logs it: the authority is deterministic, so
+/// its table is exactly the result of its inputs, and a log of them (each with its `now`)
+/// replays it exactly through [`SessionAuthority::apply`]. The built-in server's write-ahead
+/// log holds these; the simulator's model of it too.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum SessionInput {
+    /// [`SessionAuthority::open`], with the secret drawn for it.
+    Open {
+        /// The ttl asked.
+        ttl: Duration,
+        /// The holder's label.
+        label: Label,
+        /// The secret drawn for the session.
+        secret: Secret,
+    },
+    /// [`SessionAuthority::handle`].
+    Request(SessionRequest),
+    /// [`SessionAuthority::handle_timeout`].
+    Timeout,
+    /// [`SessionAuthority::recover`]: the store (re)started.
+    Recover,
+    /// [`SessionAuthority::hold_external`], for another protocol's request about to be decided.
+    HoldExternal {
+        /// The key.
+        key: Key,
+        /// Until when.
+        hold: ExternalHold,
+        /// A new grant rather than an extension.
+        exclusive: bool,
+    },
+    /// [`SessionAuthority::set_external`]: what the other protocol decided.
+    SetExternal {
+        /// The key.
+        key: Key,
+        /// Held until then (`None`: free).
+        until: Option<Instant>,
+        /// The highest fence it granted the key.
+        fence: Fence,
+    },
+    /// [`SessionAuthority::raise_fence_floor`].
+    FenceFloor {
+        /// The floor.
+        floor: Fence,
+    },
+}
+
 /// Why [`SessionAuthority::hold_external`] refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -688,6 +742,12 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         for s in self.sessions.iter_mut() {
             s.expires_at = now + s.ttl;
         }
+        #[cfg(feature = "fault-injection")]
+        if self.limits.fault == SessionFault::RecoverForgetsFences {
+            for (_, r) in self.keys.iter_mut().filter(|(_, r)| r.holders.len == 0 && r.external.is_none()) {
+                r.last_fence = Fence::NONE;
+            }
+        }
     }
 
     /// Holds `key` for another protocol that shares this authority's key namespace (the
@@ -791,6 +851,42 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         self.fence_floor = self.fence_floor.max(floor);
     }
 
+    /// Applies a logged `input` as of `now`: what replaying a log calls for each entry. Its
+    /// reply, for the inputs that have one; a hold for the other protocol is answered in the
+    /// session protocol's terms, so that one reply type serves every input: `Granted` carries
+    /// the key's last fence, `Busy` the refusal, `Rejected(Capacity)` a full table.
+    pub fn apply(&mut self, now: Instant, input: &SessionInput) -> Option<SessionReply> {
+        match input {
+            SessionInput::Open { ttl, label, secret } => Some(self.open(now, *ttl, label, *secret)),
+            SessionInput::Request(r) => Some(self.handle(now, r)),
+            SessionInput::Timeout => {
+                self.handle_timeout(now);
+                None
+            }
+            SessionInput::Recover => {
+                self.recover(now);
+                None
+            }
+            SessionInput::HoldExternal { key, hold, exclusive } => {
+                Some(match self.hold_external(now, key, *hold, *exclusive) {
+                    Ok(fence) => SessionReply::Granted { key: key.clone(), fence },
+                    Err(ExternalRefusal::Busy { retry_after }) => {
+                        SessionReply::Busy { key: key.clone(), expires_in: retry_after }
+                    }
+                    Err(ExternalRefusal::Capacity) => SessionReply::Rejected(Reject::Capacity),
+                })
+            }
+            SessionInput::SetExternal { key, until, fence } => {
+                self.set_external(now, key, *until, *fence);
+                None
+            }
+            SessionInput::FenceFloor { floor } => {
+                self.raise_fence_floor(*floor);
+                None
+            }
+        }
+    }
+
     // ----- outputs -----
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called: the next session
@@ -883,6 +979,45 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         self.claims.used().filter_map(|(_, c)| match c.stake {
             Stake::Holding { notice: Notice::Reported, .. } => Some(c.session),
             _ => None,
+        })
+    }
+
+    /// Whether a keepalive of `session` that a transport holds open (long polling) is to be
+    /// handled now rather than at its hold's end: the session has a grant it has not been told
+    /// of ([`has_news`](Self::has_news)), an observed key with a change to report, or is gone.
+    /// `op` is the keepalive's: a [`SessionOp::KeepAliveSeen`] counts its acknowledgement, so
+    /// a keepalive acknowledging the latest change is held for the next. The hold's end is the
+    /// transport's to time. Costs a pass over the session's claims and the observers; a
+    /// transport holding many keepalives gathers the facts for all of them in one pass and
+    /// asks [`keepalive_due_given`](Self::keepalive_due_given).
+    pub fn keepalive_due(&self, session: SessionId, op: &SessionOp) -> bool {
+        let behind = self.observers_behind().filter(|(s, ..)| *s == session).map(|(_, k, a, l)| (k, a, l));
+        self.keepalive_due_given(self.session(session).is_some(), self.has_news(session), behind, op)
+    }
+
+    /// The rule of [`keepalive_due`](Self::keepalive_due) on facts gathered beforehand: `live`,
+    /// whether the session is alive; `news`, whether it [`has_news`](Self::has_news); `behind`,
+    /// its entries of [`observers_behind`](Self::observers_behind) (key, change acknowledged,
+    /// latest change).
+    pub fn keepalive_due_given<'k>(
+        &self,
+        live: bool,
+        news: bool,
+        behind: impl IntoIterator<Item = (&'k Key, u64, u64)>,
+        op: &SessionOp,
+    ) -> bool {
+        #[cfg(feature = "fault-injection")]
+        let news = news && self.limits.fault != SessionFault::HoldPushedGrants;
+        if !live || news {
+            return true;
+        }
+        let ack = match op {
+            SessionOp::KeepAliveSeen { key, change } => Some((key, *change)),
+            _ => None,
+        };
+        behind.into_iter().any(|(key, acked, latest)| match ack {
+            Some((k, change)) if k == key => acked.max(change) < latest,
+            _ => acked < latest,
         })
     }
 
@@ -1126,6 +1261,14 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
                     SessionReply::Granted { key, fence }
                 }
                 Stake::Waiting => {
+                    // The holder's newest acquire of the key now owns the wait: its grant is
+                    // reported as asked by it. Left at the older seq, a holder that gave up
+                    // that acquisition (a confirmation overtaken by its release queues the
+                    // session again) and then asked anew would take the grant as stale and
+                    // ignore it, and the key would stay with a session that never uses it.
+                    if newest {
+                        c.asked = seq;
+                    }
                     SessionReply::Queued { key, position: queue_position(position.unwrap_or(0)) }
                 }
             };
@@ -1469,16 +1612,17 @@ mod tests {
             b.send(&mut t, at(2), acquire("x", true)),
             SessionReply::Queued { key: key("x"), position: 1 }
         );
-        let c_asked = Seq(c.seq + 1);
         assert_eq!(
             c.send(&mut t, at(3), acquire("x", true)),
             SessionReply::Queued { key: key("x"), position: 2 }
         );
-        // Asking again keeps the place.
+        // Asking again keeps the place, and the newest acquire owns the wait: the grant is
+        // reported as asked by it, so a holder that asked anew does not take it as stale.
         assert_eq!(
             b.send(&mut t, at(4), acquire("x", true)),
             SessionReply::Queued { key: key("x"), position: 1 }
         );
+        let c_asked = Seq(c.seq + 1);
         assert_eq!(
             c.send(&mut t, at(4), acquire("x", false)),
             SessionReply::Queued { key: key("x"), position: 2 }
@@ -1500,6 +1644,38 @@ mod tests {
             c.send(&mut t, at(10), SessionOp::KeepAlive),
             SessionReply::Alive { ttl: TTL, granted: None, more: false }
         );
+    }
+
+    #[test]
+    fn a_held_keepalive_is_due_when_its_session_has_news_or_is_gone() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        let mut o = Client::open(&mut t, at(0), 3);
+        a.send(&mut t, at(1), acquire("x", false));
+        b.send(&mut t, at(2), acquire("x", true));
+        let observing = SessionReply::Observing { key: key("x") };
+        assert_eq!(o.send(&mut t, at(3), SessionOp::Observe { key: key("x") }), observing);
+        assert!(!t.keepalive_due(b.id, &SessionOp::KeepAlive), "nothing to tell the waiter yet");
+        // The observer is told the holder it observed first.
+        let first = match o.send(&mut t, at(4), SessionOp::KeepAlive) {
+            SessionReply::AliveObserved { observed, .. } => observed.change,
+            r => panic!("{r:?}"),
+        };
+        let seen = SessionOp::KeepAliveSeen { key: key("x"), change: first };
+        assert!(t.keepalive_due(o.id, &SessionOp::KeepAlive), "not acknowledged yet");
+        assert!(!t.keepalive_due(o.id, &seen), "a keepalive acknowledging the latest waits for the next");
+        a.send(&mut t, at(5), release("x", 1));
+        assert!(t.keepalive_due(b.id, &SessionOp::KeepAlive), "b has a grant to be pushed");
+        assert!(t.keepalive_due(o.id, &seen), "the observer has a change to hear of");
+        assert!(!t.keepalive_due(a.id, &SessionOp::KeepAlive), "a has no news");
+        a.send(&mut t, at(6), SessionOp::Close);
+        assert!(t.keepalive_due(a.id, &SessionOp::KeepAlive), "a's session is gone");
+        #[cfg(feature = "fault-injection")]
+        {
+            t.set_limits(SessionLimits { fault: SessionFault::HoldPushedGrants, ..SessionLimits::default() });
+            assert!(!t.keepalive_due(b.id, &SessionOp::KeepAlive), "the planted bug holds the push back");
+        }
     }
 
     #[test]

@@ -1040,6 +1040,17 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 if let Some(g) = granted {
                     self.on_report(now, g);
                 }
+                // Not at once while the confirmation of the grant just reported is out: made
+                // beside it, the keepalive may overtake it and be answered with that same
+                // grant again (a confirmation landing after a later seq confirms nothing), as
+                // often as the two race, and the next key's grant waits behind it. The
+                // keepalive is made when the confirmation lands (`keep_alive_for_waiters`).
+                let settling = self.slots.iter().any(|s| s.phase.settles_a_report());
+                if *more && settling && self.slots.iter().any(|s| s.phase == KeyPhase::Queued) {
+                    if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
+                        *at = (sent_at + self.config.renew_every).max(now);
+                    }
+                }
                 self.on_observed(now, answered, observed);
             }
             SessionReply::Expired => self.lose(LostReason::Revoked),
@@ -1451,6 +1462,49 @@ mod tests {
         assert_eq!(events(&mut second)[..], [got]);
         assert!(!a.has_news(second.id().unwrap()));
         assert_eq!(second.fence(&key("x")), Some(Fence(2)));
+    }
+
+    #[test]
+    fn a_pushed_grant_with_more_to_come_is_confirmed_before_the_next_keepalive() {
+        let mut a = Authority::new(SessionLimits::default());
+        let mut first = opened(&mut a, "first");
+        let mut second = opened(&mut a, "second");
+        for k in ["x", "y"] {
+            first.acquire(ms(1), key(k), false).unwrap();
+        }
+        exchange(&mut first, &mut a, ms(1));
+        for k in ["x", "y"] {
+            second.acquire(ms(2), key(k), true).unwrap();
+        }
+        exchange(&mut second, &mut a, ms(2));
+        for k in ["x", "y"] {
+            first.release(ms(3), &key(k)).unwrap();
+        }
+        exchange(&mut first, &mut a, ms(3));
+        events(&mut second);
+        second.keep_alive_now(ms(4));
+        second.handle_timeout(ms(4));
+        let ka = second.poll_transmit().unwrap();
+        let reply = a.handle(ms(4), &ka);
+        assert!(matches!(reply, SessionReply::Alive { granted: Some(_), more: true, .. }), "{reply:?}");
+        second.handle_response(ms(5), &ka.answer(reply));
+        assert!(matches!(events(&mut second)[..], [SessionEvent::Acquired { .. }]));
+        // Only the confirmation goes out: a keepalive beside it could overtake it and be
+        // answered with the same grant again, for as long as the two race.
+        let confirm = second.poll_transmit().unwrap();
+        assert!(matches!(confirm.op, SessionOp::Acquire { .. }), "{:?}", confirm.op);
+        assert_eq!(second.poll_transmit(), None);
+        assert!(second.poll_timeout().is_some_and(|t| t > ms(5)), "no keepalive due at once");
+        // Once it lands, the keepalive brings the other grant.
+        let reply = a.handle(ms(6), &confirm);
+        second.handle_response(ms(7), &confirm.answer(reply));
+        assert_eq!(second.poll_timeout(), Some(ms(7)));
+        second.handle_timeout(ms(7));
+        let ka = second.poll_transmit().unwrap();
+        let reply = a.handle(ms(7), &ka);
+        second.handle_response(ms(8), &ka.answer(reply));
+        assert!(matches!(events(&mut second)[..], [SessionEvent::Acquired { .. }]));
+        assert_eq!(second.held().count(), 2);
     }
 
     #[test]
