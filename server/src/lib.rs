@@ -421,6 +421,10 @@ impl Server {
         let Server { listener, tls, shared, writer, session_writer, v1_runner, threads } = self;
         #[cfg(not(feature = "tls"))]
         let Server { listener, shared, writer, session_writer, v1_runner, threads } = self;
+        // Dropped last: closes both databases, waiting for any transaction still running on
+        // the blocking pool (its task is gone, its closure is not), so that a server started
+        // on this directory once `run` is dropped finds them free, not `DatabaseAlreadyOpen`.
+        let _shut = Shut(shared.clone());
         // Declared before `ex`, so dropped after it: every connection is gone before the
         // writers are stopped and joined, and the store is closed once `run` returns.
         let mut _logs = LogWriters::new();
@@ -528,6 +532,16 @@ impl Workers {
             })
             .collect();
         Workers { stop, threads }
+    }
+}
+
+/// Closes the server's databases when dropped (see [`Server::run`]).
+struct Shut(Arc<Shared>);
+
+impl Drop for Shut {
+    fn drop(&mut self) {
+        self.0.store.shut();
+        self.0.sessions.shut();
     }
 }
 

@@ -437,6 +437,11 @@ impl Sessions {
     }
 
     /// Whether the writer is gone (the server stopped).
+    /// Closes the session log for good, once no commit uses it (see `Store::shut`).
+    pub(crate) fn shut(&self) {
+        self.lock().db = None;
+    }
+
     pub(crate) fn stopped(&self) -> bool {
         self.jobs.is_closed()
     }

@@ -216,6 +216,13 @@ pub(crate) struct Store {
 }
 
 impl Store {
+    /// Closes the database for good, once no transaction uses it (a reader on the blocking
+    /// pool may outlive the task that asked for it): the next server on this directory can
+    /// open it.
+    pub(crate) fn shut(&self) {
+        drop(self.inner.db.write().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
     /// Opens (or creates) the store in `dir`, re-arms every grant as of `now`, compacts it, and
     /// returns it with the writer loop, which the caller must run.
     pub(crate) fn open(
