@@ -322,6 +322,10 @@ fn main() {
     rounds.start(false);
     std::thread::sleep(StdDuration::from_secs(1));
     quiet_window(pid, addr, StdDuration::from_secs(8), "between renewals, every waiter's keepalive held");
+    // A waiter whose held keepalive ends before its hand-off (a loaded machine can stretch the
+    // hand-offs past the server's 15 s hold) renews at once: waiting for the next round, it
+    // would never hear its grant, and this thread would wait for it forever.
+    rounds.start(false);
 
     // Hand-offs: the holder releases; the head's held keepalive returns with the grant.
     let mut latencies = Vec::new();
@@ -365,8 +369,9 @@ fn main() {
     rounds.start(true);
     // Every waiter renews its session each time the server ends its held keepalive: the cost
     // of keeping the waiting sessions alive, none of it polling the key. Once the renewals are
-    // spread (one hold of the server's 15 s later):
-    std::thread::sleep(StdDuration::from_secs(16));
+    // spread (the keepalives out end within one hold of the server's 15 s, and the shorter
+    // holds that spread them within another):
+    std::thread::sleep(StdDuration::from_secs(31));
     quiet_window(pid, addr, StdDuration::from_secs(60), "60 s of steady waiting, renewals spread, included");
     // Killing the server ends the waiters' connections: no panic messages for that.
     ENDING.store(true, std::sync::atomic::Ordering::Relaxed);
