@@ -545,15 +545,29 @@ impl Drop for Shut {
     }
 }
 
+std::thread_local! {
+    /// Whether this thread is a log writer's own (see [`LogWriters`]): nothing else runs on it.
+    static LOG_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a log writer's blocking work (a commit and its fsync, a sweep, a re-open): right here
+/// on the writer's own thread, where nothing else waits for it, else on the blocking pool.
+/// Handing each commit to the pool from its own thread cost two thread wake-ups per commit,
+/// which every request of its group waited for.
+pub(crate) async fn log_work<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    if LOG_THREAD.with(std::cell::Cell::get) {
+        work()
+    } else {
+        smol::unblock(work).await
+    }
+}
+
 /// A future a log's writer runs.
 type LogWriter = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The logs' writers, each on a thread of its own until dropped, so that a writer is never
 /// queued behind the connections' tasks for its turn (twice per commit: for the first
-/// request, and to answer once its fsync is done). At 64 clients a request spent ~2.2 ms of
-/// its ~4 ms between handing its input to the session log and its connection task running
-/// again, but that span includes the connection task's own turn: alternating `load 64,64 4
-/// v2` runs measured no clear gain from this (README's figures).
+/// request, and to answer once its fsync is done), and commits on it (see [`log_work`]).
 struct LogWriters {
     stop: async_channel::Sender<()>,
     stopped: async_channel::Receiver<()>,
@@ -574,6 +588,7 @@ impl LogWriters {
         let (hand, over) = std::sync::mpsc::sync_channel::<LogWriter>(1);
         let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
             if let Ok(writer) = over.recv() {
+                LOG_THREAD.with(|own| own.set(true));
                 // Stopped between two commits: a writer is only ever dropped at an await.
                 async_io::block_on(futures_lite::future::or(writer, async {
                     while stopped.recv().await.is_ok() {}

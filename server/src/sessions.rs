@@ -733,7 +733,7 @@ impl Writer {
     async fn commit(&self, batch: Vec<Job>, parked: Vec<Job>) -> Vec<Job> {
         let (state, clock, limits, path) = (self.state.clone(), self.clock, self.limits, self.path.clone());
         let stats = self.stats.clone();
-        let (answered, parked, result) = smol::unblock(move || {
+        let (answered, parked, result) = crate::log_work(move || {
             let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
             commit_batch(&mut guard, batch, parked, clock, limits, &path, &stats)
         })

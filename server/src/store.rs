@@ -363,7 +363,7 @@ impl Writer {
                 Wake::Job(first) => self.commit(first).await,
                 Wake::Timer if down => {
                     let inner = self.inner.clone();
-                    match smol::unblock(move || inner.reopen()).await {
+                    match crate::log_work(move || inner.reopen()).await {
                         Ok(()) => {
                             tracing::warn!("store re-opened: serving again");
                             up_since = std::time::Instant::now();
@@ -412,7 +412,7 @@ impl Writer {
             }
         }
         let (inner, clock, limits) = (self.inner.clone(), self.clock, self.limits);
-        let (batch, result) = smol::unblock(move || {
+        let (batch, result) = crate::log_work(move || {
             let r = inner.read(|db| apply_batch(db, &batch, clock, &limits));
             if let Err(e @ StoreError::Db(_)) = &r {
                 // redb refuses everything after an I/O error until re-opened.
@@ -445,7 +445,7 @@ impl Writer {
     async fn sweep(&self, candidates: &mut HashMap<String, Fence>) {
         let (inner, clock) = (self.inner.clone(), self.clock);
         let seen = std::mem::take(candidates);
-        let result = smol::unblock(move || {
+        let result = crate::log_work(move || {
             let r = inner.read(|db| reclaim(db, clock, &seen));
             match &r {
                 Ok((reclaimed, floor, _)) if *reclaimed > 0 => {
