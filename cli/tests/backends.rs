@@ -85,12 +85,19 @@ fn kill_9(name: &str, url: &str, flags: &[&str], slack: Duration) {
     let mut holder = holding(backend, url, flags, "failover", &hold, &held);
     let mark = format!("date +%s%N > {}", acquired.display());
     let extra: Vec<&str> = ["--key", "failover"].iter().chain(flags).copied().collect();
-    let mut waiter = run(backend, url, &extra, &["sh", "-c", &mark]).spawn().unwrap();
+    // Its stderr is kept: a failure must say why the waiter gave up.
+    let waiter = run(backend, url, &extra, &["sh", "-c", &mark]).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let killed_at = nanos_now();
     killpg(Pid::from_raw(holder.id() as i32), Signal::SIGKILL).unwrap();
     let _ = holder.wait();
-    assert!(waiter.wait().unwrap().success(), "{name}: waiter failed");
+    let waited = waiter.wait_with_output().unwrap();
+    assert!(
+        waited.status.success(),
+        "{name}: waiter failed ({}): {}",
+        waited.status,
+        String::from_utf8_lossy(&waited.stderr)
+    );
     let at: u128 = std::fs::read_to_string(&acquired).unwrap().trim().parse().unwrap();
     let failover = Duration::from_nanos((at - killed_at) as u64);
     let bound = Duration::from_secs(2).mul_f64(1.01);
