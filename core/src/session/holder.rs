@@ -1065,7 +1065,17 @@ impl<const K: usize, const O: usize> Session<K, O> {
         let Phase::Open { valid_until, .. } = self.phase else { return };
         let next_seq = &mut self.next_seq;
         let mut fresh = || Flight::Unsent { seq: take_seq(next_seq), at: now };
-        match self.slots.iter_mut().find(|s| s.key == g.key) {
+        // The key's acquisition under way, before one that ended with its event still untaken
+        // (an acquisition asked since stands beside it).
+        let i = self.slots.iter().position(|s| s.key == g.key && s.phase != KeyPhase::Done);
+        match i.or_else(|| self.slots.iter().position(|s| s.key == g.key)).map(|i| &mut self.slots[i]) {
+            // No acquisition of the key under way, so none that this fence could answer: give
+            // it back as below. The slot keeps its event, and a new acquisition waits for the
+            // give-back (`AcquireError::Releasing`), so it cannot be granted this fence and
+            // then lose it to the give-back.
+            Some(slot) if slot.phase == KeyPhase::Done => {
+                slot.phase = KeyPhase::GivingBack { fence: g.fence, flight: fresh() };
+            }
             Some(slot) if g.asked >= slot.start => match slot.phase {
                 KeyPhase::Asking { .. } | KeyPhase::Queued => {
                     slot.phase = KeyPhase::Held { fence: g.fence, confirm: Some(fresh()) };
@@ -1996,5 +2006,107 @@ mod tests {
         assert_eq!(early, 1, "the keepalive that brought the grant to give back");
         assert_eq!(a.key(&key("y")).unwrap().holder, None, "given back");
         x_is_pushed(&mut holder, &mut waiter, &mut a, held, 100);
+    }
+
+    /// `h` and `other` open, `other` holding x; `h` asks for x with `wait`, and that acquire
+    /// is held up on the way while its request timeout makes the next attempt, which is
+    /// answered (queued, or busy). Returns `h` and the held-up acquire, and the time.
+    fn acquire_held_up(a: &mut Authority, wait: bool) -> (Holder, Holder, SessionRequest, Instant) {
+        let mut other = opened(a, "other");
+        let mut h = opened(a, "h");
+        other.acquire(ms(1), key("x"), false).unwrap();
+        exchange(&mut other, a, ms(1));
+        events(&mut other);
+        h.acquire(ms(2), key("x"), wait).unwrap();
+        let late = h.poll_transmit().unwrap();
+        let retry_at = ms(2) + config().request_timeout;
+        h.handle_timeout(retry_at);
+        assert_eq!(exchange(&mut h, a, retry_at), 1, "only the retry");
+        (other, h, late, retry_at)
+    }
+
+    #[test]
+    fn a_grant_reported_for_an_acquisition_that_ended_is_given_back_once() {
+        let mut a = Authority::new(SessionLimits::default());
+        let (mut other, mut h, late, t) = acquire_held_up(&mut a, false);
+        // The retry was answered busy: the acquisition is over (its event not yet taken).
+        other.release(t, &key("x")).unwrap();
+        exchange(&mut other, &mut a, t);
+        // The held-up acquire lands on a free key: a reordered acquire, so its grant is
+        // reported, and its reply is ignored (h awaits no such seq).
+        let again = a.handle(t + SKEW, &late);
+        assert_eq!(again, SessionReply::Granted { key: key("x"), fence: Fence(2) });
+        h.handle_response(t, &late.answer(again));
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        let ka = h.poll_transmit().unwrap();
+        let reply = a.handle(t + SKEW, &ka);
+        assert!(matches!(&reply, SessionReply::Alive { granted: Some(g), .. } if g.key == key("x")), "{reply:?}");
+        h.handle_response(t, &ka.answer(reply));
+        // Given back at once, by its fence, and never believed.
+        let back = h.poll_transmit().expect("a give-back");
+        assert_eq!(back.op, SessionOp::Release { key: key("x"), fence: Fence(2) });
+        assert_eq!(h.poll_transmit(), None);
+        assert_eq!(h.fence(&key("x")), None);
+        assert_eq!(
+            events(&mut h)[..],
+            [SessionEvent::NotAcquired { key: key("x"), reason: NotAcquired::Busy }],
+            "the application hears of the acquisition only"
+        );
+        // Reported again while the give-back is out: no second one.
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        let ka = h.poll_transmit().unwrap();
+        assert_eq!(ka.op, SessionOp::KeepAlive);
+        h.handle_response(t, &ka.answer(a.handle(t + SKEW, &ka)));
+        assert_eq!(h.poll_transmit(), None);
+        h.handle_response(t, &back.answer(a.handle(t + SKEW, &back)));
+        assert_eq!(a.key(&key("x")).unwrap().holder, None, "free again");
+        assert!(!a.has_news(h.id().unwrap()));
+        assert_eq!(events(&mut h)[..], []);
+        // And the key can be asked for again.
+        h.acquire(t, key("x"), false).unwrap();
+        exchange(&mut h, &mut a, t);
+        assert!(matches!(events(&mut h)[..], [SessionEvent::Acquired { fence: Fence(3), .. }]));
+    }
+
+    #[test]
+    fn a_grant_asked_anew_by_an_acquire_that_a_keepalive_overtook_is_believed() {
+        let mut a = Authority::new(SessionLimits::default());
+        let (mut other, mut h, late, t) = acquire_held_up(&mut a, true);
+        // The retry queued h; h stops waiting.
+        assert_eq!(events(&mut h)[..], [SessionEvent::Queued { key: key("x"), position: 1 }]);
+        h.release(t, &key("x")).unwrap();
+        exchange(&mut h, &mut a, t);
+        let cancelled = SessionEvent::NotAcquired { key: key("x"), reason: NotAcquired::Cancelled };
+        assert_eq!(events(&mut h)[..], [cancelled]);
+        // The held-up acquire lands after the stop: reordered, it queues h again, as asked by
+        // its own (old) seq. Its reply is ignored.
+        let again = a.handle(t + SKEW, &late);
+        assert!(matches!(again, SessionReply::Queued { .. }), "{again:?}");
+        h.handle_response(t, &late.answer(again));
+        // h asks anew, and a keepalive made after that acquire overtakes it on the way, so
+        // the acquire lands reordered too.
+        h.acquire(t, key("x"), true).unwrap();
+        let anew = h.poll_transmit().unwrap();
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        let ka = h.poll_transmit().unwrap();
+        assert_eq!(ka.op, SessionOp::KeepAlive);
+        h.handle_response(t, &ka.answer(a.handle(t + SKEW, &ka)));
+        h.handle_response(t, &anew.answer(a.handle(t + SKEW, &anew)));
+        assert_eq!(events(&mut h)[..], [SessionEvent::Queued { key: key("x"), position: 1 }]);
+        // x passes to h: its grant must be reported as asked by this acquisition, or h takes
+        // it as stale, and x stays with a session that never uses it.
+        other.release(t, &key("x")).unwrap();
+        exchange(&mut other, &mut a, t);
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        exchange(&mut h, &mut a, t);
+        assert!(
+            matches!(events(&mut h)[..], [SessionEvent::Acquired { fence: Fence(2), .. }]),
+            "the pushed grant is believed"
+        );
+        assert!(!a.has_news(h.id().unwrap()), "and confirmed");
     }
 }
