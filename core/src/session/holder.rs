@@ -529,7 +529,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
 
     /// The fence under which `key` is held now, if it is.
     pub fn fence(&self, key: &Key) -> Option<Fence> {
-        match self.slots.iter().find(|s| s.key == *key)?.phase {
+        match self.slots.iter().find(|s| s.key == *key && s.phase != KeyPhase::Done)?.phase {
             KeyPhase::Held { fence, .. } => Some(fence),
             _ => None,
         }
@@ -611,7 +611,9 @@ impl<const K: usize, const O: usize> Session<K, O> {
             return Err(AcquireError::NotOpen);
         }
         self.forget_done();
-        match self.slots.iter().find(|s| s.key == key).map(|s| s.phase) {
+        // A slot that ended, its event untaken, is left beside the new one (both events are
+        // told, in order); it is not the key's slot any more.
+        match self.slots.iter().find(|s| s.key == key && s.phase != KeyPhase::Done).map(|s| s.phase) {
             Some(KeyPhase::Held { .. }) => return Err(AcquireError::AlreadyHeld),
             Some(KeyPhase::Asking { .. } | KeyPhase::Queued) => return Err(AcquireError::InProgress),
             Some(KeyPhase::Releasing { .. } | KeyPhase::GivingBack { .. }) => {
@@ -629,7 +631,11 @@ impl<const K: usize, const O: usize> Session<K, O> {
     pub fn release(&mut self, now: Instant, key: &Key) -> Result<(), ReleaseError> {
         self.expire(now);
         let next_seq = &mut self.next_seq;
-        let slot = self.slots.iter_mut().find(|s| s.key == *key).ok_or(ReleaseError::NotHeld)?;
+        let slot = self
+            .slots
+            .iter_mut()
+            .find(|s| s.key == *key && s.phase != KeyPhase::Done)
+            .ok_or(ReleaseError::NotHeld)?;
         let fence = match slot.phase {
             KeyPhase::Held { fence, .. } => fence,
             KeyPhase::Asking { .. } | KeyPhase::Queued => Fence::NONE,
@@ -2108,5 +2114,38 @@ mod tests {
             "the pushed grant is believed"
         );
         assert!(!a.has_news(h.id().unwrap()), "and confirmed");
+    }
+
+    #[test]
+    fn an_acquisition_asked_before_the_last_ones_event_was_taken_is_the_keys_slot() {
+        let mut a = Authority::new(SessionLimits::default());
+        let (mut other, mut h, _lost, t) = acquire_held_up(&mut a, false);
+        // Busy, and before that event is taken the application asks again, to wait this time.
+        h.acquire(t, key("x"), true).unwrap();
+        assert_eq!(h.acquire(t, key("x"), true), Err(AcquireError::InProgress));
+        exchange(&mut h, &mut a, t);
+        other.release(t, &key("x")).unwrap();
+        exchange(&mut other, &mut a, t);
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        exchange(&mut h, &mut a, t);
+        // The pushed grant is the new acquisition's, and confirmed, though the ended one is
+        // still there for its event.
+        assert!(!a.has_news(h.id().unwrap()), "confirmed");
+        assert_eq!(h.fence(&key("x")), Some(Fence(2)));
+        let got = events(&mut h);
+        assert!(
+            matches!(
+                got[..],
+                [
+                    SessionEvent::NotAcquired { reason: NotAcquired::Busy, .. },
+                    SessionEvent::Acquired { fence: Fence(2), .. }
+                ]
+            ),
+            "{got:?}"
+        );
+        h.release(t, &key("x")).unwrap();
+        exchange(&mut h, &mut a, t);
+        assert_eq!(a.key(&key("x")).unwrap().holder, None);
     }
 }
