@@ -1797,10 +1797,16 @@ mod tests {
         let mut b = Client::open(&mut t, at(0), 2);
         a.send(&mut t, at(1), acquire("x", false));
         a.send(&mut t, at(1), acquire("y", false));
-        let reported = |b: &mut Client, t: &mut Table, k: &str, fence: u64| match b.send(t, at(9), SessionOp::KeepAlive) {
-            SessionReply::Alive { granted: Some(g), .. } if g.key == key(k) && g.fence == Fence(fence) => g.asked,
-            other => panic!("{other:?}"),
-        };
+        let reported =
+            |b: &mut Client, t: &mut Table, k: &str, fence: u64| match b.send(t, at(9), SessionOp::KeepAlive)
+            {
+                SessionReply::Alive { granted: Some(g), .. }
+                    if g.key == key(k) && g.fence == Fence(fence) =>
+                {
+                    g.asked
+                }
+                other => panic!("{other:?}"),
+            };
         // x: the newer acquire lands first, the older after it.
         let older = b.req(acquire("x", true));
         let newer = b.req(acquire("x", true));

@@ -37,6 +37,11 @@ pub struct Session<const K: usize, const O: usize = 16> {
     label: Label,
     phase: Phase,
     slots: Vec<Slot, K>,
+    /// Giving back a grant reported for a key we pursue no acquisition of, while `slots` had
+    /// no room for it (every slot in use): the authority reports it in every keepalive's reply
+    /// and lets no one else have it until it is given back. One is enough: it reports one
+    /// grant at a time, the same one until it is settled.
+    spare: Option<(Key, Fence, Flight)>,
     /// The keys observed.
     watches: Vec<WatchSlot, O>,
     /// The seq of the next request.
@@ -486,6 +491,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
             label,
             phase: Phase::Idle,
             slots: Vec::new(),
+            spare: None,
             watches: Vec::new(),
             next_seq: 1,
             event: None,
@@ -550,6 +556,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
         match self.phase {
             Phase::Idle | Phase::Ended => {
                 self.slots.clear();
+                self.spare = None;
                 self.watches.clear();
                 self.phase =
                     Phase::Opening { flight: Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now } };
@@ -619,6 +626,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
             Some(KeyPhase::Releasing { .. } | KeyPhase::GivingBack { .. }) => {
                 return Err(AcquireError::Releasing)
             }
+            Some(KeyPhase::Done) | None if self.spares(&key) => return Err(AcquireError::Releasing),
             Some(KeyPhase::Done) | None => {}
         }
         let start = take_seq(&mut self.next_seq);
@@ -761,6 +769,19 @@ impl<const K: usize, const O: usize> Session<K, O> {
                         self.keep_alive_for_waiters(now);
                     }
                 }
+                if self.spare.as_ref().and_then(|(_, _, f)| f.sent()).is_some_and(|(s, _)| s == seq) {
+                    match reply {
+                        SessionReply::Expired => return self.lose(LostReason::Revoked),
+                        SessionReply::Released { .. }
+                        | SessionReply::NotHolder { .. }
+                        | SessionReply::Rejected(_) => {
+                            self.spare = None;
+                            self.keep_alive_for_waiters(now);
+                        }
+                        // Replayed or confused: the timeout retries.
+                        _ => {}
+                    }
+                }
                 let watch = self
                     .watches
                     .iter()
@@ -798,10 +819,9 @@ impl<const K: usize, const O: usize> Session<K, O> {
             Phase::Open { keepalive, .. } => fail(keepalive),
             Phase::Idle | Phase::Ended => {}
         }
-        for slot in self.slots.iter_mut() {
-            if let Some(f) = slot.phase.flight_mut() {
-                fail(f);
-            }
+        let spare = self.spare.as_mut().map(|(_, _, f)| f);
+        for f in self.slots.iter_mut().filter_map(|s| s.phase.flight_mut()).chain(spare) {
+            fail(f);
         }
         for w in self.watches.iter_mut() {
             if let Some(f) = w.phase.flight_mut() {
@@ -829,10 +849,9 @@ impl<const K: usize, const O: usize> Session<K, O> {
             }
             Phase::Idle | Phase::Ended => {}
         }
-        for slot in self.slots.iter_mut() {
-            if let Some(f) = slot.phase.flight_mut() {
-                f.tick(now, timeout, next_seq);
-            }
+        let spare = self.spare.as_mut().map(|(_, _, f)| f);
+        for f in self.slots.iter_mut().filter_map(|s| s.phase.flight_mut()).chain(spare) {
+            f.tick(now, timeout, next_seq);
         }
         for w in self.watches.iter_mut() {
             if let Some(f) = w.phase.flight_mut() {
@@ -883,7 +902,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
         if watch.is_some() {
             return watch;
         }
-        self.slots.iter_mut().find_map(|slot| {
+        let key = self.slots.iter_mut().find_map(|slot| {
             let seq = slot.phase.flight_mut()?.transmit()?;
             let key = slot.key.clone();
             // A lease asks with the original form, which every authority understands.
@@ -903,6 +922,11 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 KeyPhase::Queued | KeyPhase::Done => return None,
             };
             Some(SessionRequest { session, secret, seq, op })
+        });
+        key.or_else(|| {
+            let (key, fence, flight) = self.spare.as_mut()?;
+            let op = SessionOp::Release { key: key.clone(), fence: *fence };
+            Some(SessionRequest { session, secret, seq: flight.transmit()?, op })
         })
     }
 
@@ -932,7 +956,13 @@ impl<const K: usize, const O: usize> Session<K, O> {
             }
             Phase::Idle | Phase::Ended => None,
         };
-        let keys = self.slots.iter().filter_map(|s| s.phase.flight().and_then(|f| f.deadline(timeout)));
+        let spare = self.spare.as_ref().map(|(_, _, f)| f);
+        let keys = self
+            .slots
+            .iter()
+            .filter_map(|s| s.phase.flight())
+            .chain(spare)
+            .filter_map(|f| f.deadline(timeout));
         let watches = self.watches.iter().filter_map(|w| w.phase.flight().and_then(|f| f.deadline(timeout)));
         session.into_iter().chain(keys).chain(watches).min()
     }
@@ -965,6 +995,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
 
     /// Ends every key with its event, all at this instant.
     fn end_keys(&mut self, how: Ending) {
+        self.spare = None;
         for slot in self.slots.iter_mut() {
             let key = slot.key.clone();
             let event = match (slot.phase, how) {
@@ -1051,7 +1082,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 // grant again (a confirmation landing after a later seq confirms nothing), as
                 // often as the two race, and the next key's grant waits behind it. The
                 // keepalive is made when the confirmation lands (`keep_alive_for_waiters`).
-                let settling = self.slots.iter().any(|s| s.phase.settles_a_report());
+                let settling = self.settling();
                 if *more && settling && self.slots.iter().any(|s| s.phase == KeyPhase::Queued) {
                     if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
                         *at = (sent_at + self.config.renew_every).max(now);
@@ -1069,6 +1100,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
     /// A keepalive's reply reports a grant the authority has not seen us confirm.
     fn on_report(&mut self, now: Instant, g: &Grant) {
         let Phase::Open { valid_until, .. } = self.phase else { return };
+        let spared = self.spares(&g.key);
         let next_seq = &mut self.next_seq;
         let mut fresh = || Flight::Unsent { seq: take_seq(next_seq), at: now };
         // The key's acquisition under way, before one that ended with its event still untaken
@@ -1100,7 +1132,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
             },
             // A grant from an acquisition we no longer pursue: the key is ours at the
             // authority though, so give it back rather than block it until we expire.
-            None => {
+            None if !spared => {
                 let phase = KeyPhase::GivingBack { fence: g.fence, flight: fresh() };
                 let slot = Slot {
                     key: g.key.clone(),
@@ -1110,9 +1142,15 @@ impl<const K: usize, const O: usize> Session<K, O> {
                     event: None,
                     value: Value::new(),
                 };
-                let _ = self.slots.push(slot);
+                // Every slot in use: the spare, if free (else at a later report).
+                if let Err(Slot { key, phase: KeyPhase::GivingBack { fence, flight }, .. }) =
+                    self.slots.push(slot)
+                {
+                    self.spare = self.spare.take().or(Some((key, fence, flight)));
+                }
             }
-            Some(_) => {}
+            // Being given back already (`spare`), or a stale report.
+            None | Some(_) => {}
         }
     }
 
@@ -1180,12 +1218,23 @@ impl<const K: usize, const O: usize> Session<K, O> {
     /// request is out, for until it lands every keepalive is answered at once with its report.
     fn keep_alive_for_waiters(&mut self, now: Instant) {
         let waiting = self.slots.iter().any(|s| s.phase == KeyPhase::Queued);
-        if !waiting || self.slots.iter().any(|s| s.phase.settles_a_report()) {
+        if !waiting || self.settling() {
             return;
         }
         if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
             *at = (*at).min(now);
         }
+    }
+
+    /// Whether `key` is being given back by the spare.
+    fn spares(&self, key: &Key) -> bool {
+        self.spare.as_ref().is_some_and(|(k, ..)| k == key)
+    }
+
+    /// Whether a request that settles a reported grant is out (see
+    /// [`KeyPhase::settles_a_report`]): until it lands, every keepalive is answered with it.
+    fn settling(&self) -> bool {
+        self.spare.is_some() || self.slots.iter().any(|s| s.phase.settles_a_report())
     }
 
     fn forget_done(&mut self) {
@@ -1319,7 +1368,11 @@ mod tests {
 
     /// Carries every request `h` has to the authority and the replies straight back, at `now`
     /// (no delay). Returns the requests carried.
-    fn exchange(h: &mut Holder, a: &mut Authority, now: Instant) -> usize {
+    fn exchange<const S: usize, const AK: usize, const W: usize>(
+        h: &mut Holder,
+        a: &mut SessionAuthority<S, AK, W>,
+        now: Instant,
+    ) -> usize {
         let mut n = 0;
         while let Some(r) = h.poll_transmit() {
             n += 1;
@@ -1337,7 +1390,10 @@ mod tests {
     fn events(h: &mut Holder) -> std::vec::Vec<SessionEvent> {
         core::iter::from_fn(|| h.poll_event()).collect()
     }
-    fn opened(a: &mut Authority, label: &str) -> Holder {
+    fn opened<const S: usize, const AK: usize, const W: usize>(
+        a: &mut SessionAuthority<S, AK, W>,
+        label: &str,
+    ) -> Holder {
         let mut h = holder(label);
         h.open(ms(0)).unwrap();
         exchange(&mut h, a, ms(0));
@@ -2017,7 +2073,10 @@ mod tests {
     /// `h` and `other` open, `other` holding x; `h` asks for x with `wait`, and that acquire
     /// is held up on the way while its request timeout makes the next attempt, which is
     /// answered (queued, or busy). Returns `h` and the held-up acquire, and the time.
-    fn acquire_held_up(a: &mut Authority, wait: bool) -> (Holder, Holder, SessionRequest, Instant) {
+    fn acquire_held_up<const S: usize, const AK: usize, const W: usize>(
+        a: &mut SessionAuthority<S, AK, W>,
+        wait: bool,
+    ) -> (Holder, Holder, SessionRequest, Instant) {
         let mut other = opened(a, "other");
         let mut h = opened(a, "h");
         other.acquire(ms(1), key("x"), false).unwrap();
@@ -2047,7 +2106,10 @@ mod tests {
         h.handle_timeout(t);
         let ka = h.poll_transmit().unwrap();
         let reply = a.handle(t + SKEW, &ka);
-        assert!(matches!(&reply, SessionReply::Alive { granted: Some(g), .. } if g.key == key("x")), "{reply:?}");
+        assert!(
+            matches!(&reply, SessionReply::Alive { granted: Some(g), .. } if g.key == key("x")),
+            "{reply:?}"
+        );
         h.handle_response(t, &ka.answer(reply));
         // Given back at once, by its fence, and never believed.
         let back = h.poll_transmit().expect("a give-back");
@@ -2147,5 +2209,56 @@ mod tests {
         h.release(t, &key("x")).unwrap();
         exchange(&mut h, &mut a, t);
         assert_eq!(a.key(&key("x")).unwrap().holder, None);
+    }
+
+    #[test]
+    fn a_grant_reported_while_every_slot_is_in_use_is_given_back_all_the_same() {
+        // Room at the authority for x and the four keys h tracks.
+        let mut a = SessionAuthority::<4, 8, 8>::new(SessionLimits::default());
+        let (mut other, mut h, late, t) = acquire_held_up(&mut a, false);
+        events(&mut h);
+        // Busy and forgotten; then the application tracks as many keys as the machine can.
+        for k in ["a", "b", "c", "d"] {
+            h.acquire(t, key(k), false).unwrap();
+        }
+        exchange(&mut h, &mut a, t);
+        assert_eq!(h.held().count(), 4);
+        assert_eq!(events(&mut h).len(), 4);
+        other.release(t, &key("x")).unwrap();
+        exchange(&mut other, &mut a, t);
+        // The held-up acquire lands: x is h's at the authority, and reported.
+        let again = a.handle(t + SKEW, &late);
+        assert_eq!(again, SessionReply::Granted { key: key("x"), fence: Fence(2) });
+        h.handle_response(t, &late.answer(again));
+        for round in 0..2 {
+            h.keep_alive_now(t);
+            h.handle_timeout(t);
+            let ka = h.poll_transmit().unwrap();
+            assert_eq!(ka.op, SessionOp::KeepAlive);
+            h.handle_response(t, &ka.answer(a.handle(t + SKEW, &ka)));
+            if round == 0 {
+                let back = h.poll_transmit().expect("a give-back");
+                assert_eq!(back.op, SessionOp::Release { key: key("x"), fence: Fence(2) });
+            }
+            assert_eq!(h.poll_transmit(), None, "one give-back at a time, however often reported");
+            assert_eq!(h.fence(&key("x")), None);
+        }
+        // x is not asked for while it is being given back: its grant could be this fence.
+        h.release(t, &key("a")).unwrap();
+        assert_eq!(h.acquire(t, key("x"), false), Err(AcquireError::Releasing));
+        // The give-back is lost: its request timeout makes it again, under a new seq.
+        let retry_at = t + config().request_timeout;
+        h.handle_timeout(retry_at);
+        exchange(&mut h, &mut a, retry_at);
+        assert_eq!(a.key(&key("x")).unwrap().holder, None, "x is free again, not stuck with h");
+        assert!(!a.has_news(h.id().unwrap()));
+        assert_eq!(
+            events(&mut h)[..],
+            [SessionEvent::Released { key: key("a"), fence: Fence(1), acknowledged: true }]
+        );
+        assert_eq!(h.held().count(), 3);
+        h.acquire(retry_at, key("x"), false).unwrap();
+        exchange(&mut h, &mut a, retry_at);
+        assert!(matches!(events(&mut h)[..], [SessionEvent::Acquired { fence: Fence(3), .. }]));
     }
 }
