@@ -29,7 +29,8 @@ use crate::wire::{Fence, Key, Reject};
 /// a moment after `s`. When that time comes every key is lost at the same instant: one
 /// [`SessionEvent::Lost`] per key, then [`SessionEvent::SessionLost`]. A key granted by a
 /// reply or pushed in a keepalive's reply is believed only until the session's current end;
-/// a report of a grant older than the key's current acquisition is not believed at all.
+/// a report of a grant older than the key's current acquisition is not believed at all, and
+/// one of a key with no acquisition under way is given back (once), never believed.
 /// Replies to seqs the machine is not waiting for are ignored.
 #[derive(Debug, Clone)]
 pub struct Session<const K: usize, const O: usize = 16> {
