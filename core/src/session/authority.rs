@@ -1253,6 +1253,14 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
         if let Some(id) = self.find_claim(sid, ki) {
             let position = self.claims.walk(&r.waiters, Thread::Key).position(|(i, _)| i == id);
             let Some(c) = self.claims.get_mut(id) else { return SessionReply::Rejected(Reject::Capacity) };
+            // The holder's newest acquire of the key owns the claim: its grant is reported as
+            // asked by it. Left at an older seq, a holder that gave up that acquisition (a
+            // confirmation overtaken by its release, or a held-up acquire landing after a
+            // stop, queues the session again) and then asked anew would take the grant as
+            // stale and ignore it, and the key would stay with a session that never uses it.
+            // The highest seq, not the last to land: the newest acquire may land before an
+            // older one, or after a later keepalive (then it is not the newest request).
+            c.asked = c.asked.max(seq);
             return match c.stake {
                 Stake::Holding { fence, ref mut notice } => {
                     if newest {
@@ -1261,14 +1269,6 @@ impl<const S: usize, const K: usize, const W: usize, const O: usize> SessionAuth
                     SessionReply::Granted { key, fence }
                 }
                 Stake::Waiting => {
-                    // The holder's newest acquire of the key now owns the wait: its grant is
-                    // reported as asked by it. Left at the older seq, a holder that gave up
-                    // that acquisition (a confirmation overtaken by its release queues the
-                    // session again) and then asked anew would take the grant as stale and
-                    // ignore it, and the key would stay with a session that never uses it.
-                    if newest {
-                        c.asked = seq;
-                    }
                     SessionReply::Queued { key, position: queue_position(position.unwrap_or(0)) }
                 }
             };
@@ -1788,6 +1788,49 @@ mod tests {
         // ...and the fenced release frees it.
         assert_eq!(a.send(&mut t, at(5), release("x", 1)), SessionReply::Released { key: key("x") });
         assert_eq!(t.key(&key("x")).unwrap().holder, None);
+    }
+
+    #[test]
+    fn a_claim_is_reported_as_asked_by_the_highest_acquire_whatever_order_they_land_in() {
+        let mut t = Table::new(SessionLimits::default());
+        let mut a = Client::open(&mut t, at(0), 1);
+        let mut b = Client::open(&mut t, at(0), 2);
+        a.send(&mut t, at(1), acquire("x", false));
+        a.send(&mut t, at(1), acquire("y", false));
+        let reported =
+            |b: &mut Client, t: &mut Table, k: &str, fence: u64| match b.send(t, at(9), SessionOp::KeepAlive)
+            {
+                SessionReply::Alive { granted: Some(g), .. }
+                    if g.key == key(k) && g.fence == Fence(fence) =>
+                {
+                    g.asked
+                }
+                other => panic!("{other:?}"),
+            };
+        // x: the newer acquire lands first, the older after it.
+        let older = b.req(acquire("x", true));
+        let newer = b.req(acquire("x", true));
+        assert!(matches!(t.handle(at(2), &newer), SessionReply::Queued { .. }));
+        assert!(matches!(t.handle(at(3), &older), SessionReply::Queued { .. }));
+        a.send(&mut t, at(4), release("x", 1));
+        assert_eq!(reported(&mut b, &mut t, "x", 2), newer.seq);
+        b.send(&mut t, at(5), release("x", 2));
+        // y: a stale claim (an acquire held up past its stop) stands when b asks anew, and a
+        // keepalive overtakes that acquire, so it lands as a reordered request.
+        let stale = b.req(acquire("y", true));
+        assert_eq!(b.send(&mut t, at(6), release("y", 0)), SessionReply::Released { key: key("y") });
+        assert!(matches!(t.handle(at(6), &stale), SessionReply::Queued { .. }));
+        let anew = b.req(acquire("y", true));
+        b.send(&mut t, at(7), SessionOp::KeepAlive);
+        assert!(matches!(t.handle(at(7), &anew), SessionReply::Queued { .. }));
+        a.send(&mut t, at(8), release("y", 1));
+        assert_eq!(reported(&mut b, &mut t, "y", 2), anew.seq, "not the stale acquire's seq");
+        // The same for a claim granted already: a reordered acquire answered with the grant
+        // makes its seq the one the report carries, so the holder can confirm it.
+        let again = b.req(acquire("y", true));
+        b.send(&mut t, at(9), SessionOp::KeepAlive);
+        assert_eq!(t.handle(at(9), &again), granted("y", 2));
+        assert_eq!(reported(&mut b, &mut t, "y", 2), again.seq);
     }
 
     #[test]

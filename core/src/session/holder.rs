@@ -29,7 +29,8 @@ use crate::wire::{Fence, Key, Reject};
 /// a moment after `s`. When that time comes every key is lost at the same instant: one
 /// [`SessionEvent::Lost`] per key, then [`SessionEvent::SessionLost`]. A key granted by a
 /// reply or pushed in a keepalive's reply is believed only until the session's current end;
-/// a report of a grant older than the key's current acquisition is not believed at all.
+/// a report of a grant older than the key's current acquisition is not believed at all, and
+/// one of a key with no acquisition under way is given back (once), never believed.
 /// Replies to seqs the machine is not waiting for are ignored.
 #[derive(Debug, Clone)]
 pub struct Session<const K: usize, const O: usize = 16> {
@@ -37,6 +38,11 @@ pub struct Session<const K: usize, const O: usize = 16> {
     label: Label,
     phase: Phase,
     slots: Vec<Slot, K>,
+    /// Giving back a grant reported for a key we pursue no acquisition of, while `slots` had
+    /// no room for it (every slot in use): the authority reports it in every keepalive's reply
+    /// and lets no one else have it until it is given back. One is enough: it reports one
+    /// grant at a time, the same one until it is settled.
+    spare: Option<(Key, Fence, Flight)>,
     /// The keys observed.
     watches: Vec<WatchSlot, O>,
     /// The seq of the next request.
@@ -486,6 +492,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
             label,
             phase: Phase::Idle,
             slots: Vec::new(),
+            spare: None,
             watches: Vec::new(),
             next_seq: 1,
             event: None,
@@ -529,7 +536,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
 
     /// The fence under which `key` is held now, if it is.
     pub fn fence(&self, key: &Key) -> Option<Fence> {
-        match self.slots.iter().find(|s| s.key == *key)?.phase {
+        match self.slots.iter().find(|s| s.key == *key && s.phase != KeyPhase::Done)?.phase {
             KeyPhase::Held { fence, .. } => Some(fence),
             _ => None,
         }
@@ -550,6 +557,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
         match self.phase {
             Phase::Idle | Phase::Ended => {
                 self.slots.clear();
+                self.spare = None;
                 self.watches.clear();
                 self.phase =
                     Phase::Opening { flight: Flight::Unsent { seq: take_seq(&mut self.next_seq), at: now } };
@@ -611,12 +619,15 @@ impl<const K: usize, const O: usize> Session<K, O> {
             return Err(AcquireError::NotOpen);
         }
         self.forget_done();
-        match self.slots.iter().find(|s| s.key == key).map(|s| s.phase) {
+        // A slot that ended, its event untaken, is left beside the new one (both events are
+        // told, in order); it is not the key's slot any more.
+        match self.slots.iter().find(|s| s.key == key && s.phase != KeyPhase::Done).map(|s| s.phase) {
             Some(KeyPhase::Held { .. }) => return Err(AcquireError::AlreadyHeld),
             Some(KeyPhase::Asking { .. } | KeyPhase::Queued) => return Err(AcquireError::InProgress),
             Some(KeyPhase::Releasing { .. } | KeyPhase::GivingBack { .. }) => {
                 return Err(AcquireError::Releasing)
             }
+            Some(KeyPhase::Done) | None if self.spares(&key) => return Err(AcquireError::Releasing),
             Some(KeyPhase::Done) | None => {}
         }
         let start = take_seq(&mut self.next_seq);
@@ -629,7 +640,11 @@ impl<const K: usize, const O: usize> Session<K, O> {
     pub fn release(&mut self, now: Instant, key: &Key) -> Result<(), ReleaseError> {
         self.expire(now);
         let next_seq = &mut self.next_seq;
-        let slot = self.slots.iter_mut().find(|s| s.key == *key).ok_or(ReleaseError::NotHeld)?;
+        let slot = self
+            .slots
+            .iter_mut()
+            .find(|s| s.key == *key && s.phase != KeyPhase::Done)
+            .ok_or(ReleaseError::NotHeld)?;
         let fence = match slot.phase {
             KeyPhase::Held { fence, .. } => fence,
             KeyPhase::Asking { .. } | KeyPhase::Queued => Fence::NONE,
@@ -755,6 +770,19 @@ impl<const K: usize, const O: usize> Session<K, O> {
                         self.keep_alive_for_waiters(now);
                     }
                 }
+                if self.spare.as_ref().and_then(|(_, _, f)| f.sent()).is_some_and(|(s, _)| s == seq) {
+                    match reply {
+                        SessionReply::Expired => return self.lose(LostReason::Revoked),
+                        SessionReply::Released { .. }
+                        | SessionReply::NotHolder { .. }
+                        | SessionReply::Rejected(_) => {
+                            self.spare = None;
+                            self.keep_alive_for_waiters(now);
+                        }
+                        // Replayed or confused: the timeout retries.
+                        _ => {}
+                    }
+                }
                 let watch = self
                     .watches
                     .iter()
@@ -792,10 +820,9 @@ impl<const K: usize, const O: usize> Session<K, O> {
             Phase::Open { keepalive, .. } => fail(keepalive),
             Phase::Idle | Phase::Ended => {}
         }
-        for slot in self.slots.iter_mut() {
-            if let Some(f) = slot.phase.flight_mut() {
-                fail(f);
-            }
+        let spare = self.spare.as_mut().map(|(_, _, f)| f);
+        for f in self.slots.iter_mut().filter_map(|s| s.phase.flight_mut()).chain(spare) {
+            fail(f);
         }
         for w in self.watches.iter_mut() {
             if let Some(f) = w.phase.flight_mut() {
@@ -823,10 +850,9 @@ impl<const K: usize, const O: usize> Session<K, O> {
             }
             Phase::Idle | Phase::Ended => {}
         }
-        for slot in self.slots.iter_mut() {
-            if let Some(f) = slot.phase.flight_mut() {
-                f.tick(now, timeout, next_seq);
-            }
+        let spare = self.spare.as_mut().map(|(_, _, f)| f);
+        for f in self.slots.iter_mut().filter_map(|s| s.phase.flight_mut()).chain(spare) {
+            f.tick(now, timeout, next_seq);
         }
         for w in self.watches.iter_mut() {
             if let Some(f) = w.phase.flight_mut() {
@@ -877,7 +903,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
         if watch.is_some() {
             return watch;
         }
-        self.slots.iter_mut().find_map(|slot| {
+        let key = self.slots.iter_mut().find_map(|slot| {
             let seq = slot.phase.flight_mut()?.transmit()?;
             let key = slot.key.clone();
             // A lease asks with the original form, which every authority understands.
@@ -897,6 +923,11 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 KeyPhase::Queued | KeyPhase::Done => return None,
             };
             Some(SessionRequest { session, secret, seq, op })
+        });
+        key.or_else(|| {
+            let (key, fence, flight) = self.spare.as_mut()?;
+            let op = SessionOp::Release { key: key.clone(), fence: *fence };
+            Some(SessionRequest { session, secret, seq: flight.transmit()?, op })
         })
     }
 
@@ -926,7 +957,13 @@ impl<const K: usize, const O: usize> Session<K, O> {
             }
             Phase::Idle | Phase::Ended => None,
         };
-        let keys = self.slots.iter().filter_map(|s| s.phase.flight().and_then(|f| f.deadline(timeout)));
+        let spare = self.spare.as_ref().map(|(_, _, f)| f);
+        let keys = self
+            .slots
+            .iter()
+            .filter_map(|s| s.phase.flight())
+            .chain(spare)
+            .filter_map(|f| f.deadline(timeout));
         let watches = self.watches.iter().filter_map(|w| w.phase.flight().and_then(|f| f.deadline(timeout)));
         session.into_iter().chain(keys).chain(watches).min()
     }
@@ -959,6 +996,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
 
     /// Ends every key with its event, all at this instant.
     fn end_keys(&mut self, how: Ending) {
+        self.spare = None;
         for slot in self.slots.iter_mut() {
             let key = slot.key.clone();
             let event = match (slot.phase, how) {
@@ -1045,7 +1083,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
                 // grant again (a confirmation landing after a later seq confirms nothing), as
                 // often as the two race, and the next key's grant waits behind it. The
                 // keepalive is made when the confirmation lands (`keep_alive_for_waiters`).
-                let settling = self.slots.iter().any(|s| s.phase.settles_a_report());
+                let settling = self.settling();
                 if *more && settling && self.slots.iter().any(|s| s.phase == KeyPhase::Queued) {
                     if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
                         *at = (sent_at + self.config.renew_every).max(now);
@@ -1063,9 +1101,20 @@ impl<const K: usize, const O: usize> Session<K, O> {
     /// A keepalive's reply reports a grant the authority has not seen us confirm.
     fn on_report(&mut self, now: Instant, g: &Grant) {
         let Phase::Open { valid_until, .. } = self.phase else { return };
+        let spared = self.spares(&g.key);
         let next_seq = &mut self.next_seq;
         let mut fresh = || Flight::Unsent { seq: take_seq(next_seq), at: now };
-        match self.slots.iter_mut().find(|s| s.key == g.key) {
+        // The key's acquisition under way, before one that ended with its event still untaken
+        // (an acquisition asked since stands beside it).
+        let i = self.slots.iter().position(|s| s.key == g.key && s.phase != KeyPhase::Done);
+        match i.or_else(|| self.slots.iter().position(|s| s.key == g.key)).map(|i| &mut self.slots[i]) {
+            // No acquisition of the key under way, so none that this fence could answer: give
+            // it back as below. The slot keeps its event, and a new acquisition waits for the
+            // give-back (`AcquireError::Releasing`), so it cannot be granted this fence and
+            // then lose it to the give-back.
+            Some(slot) if slot.phase == KeyPhase::Done => {
+                slot.phase = KeyPhase::GivingBack { fence: g.fence, flight: fresh() };
+            }
             Some(slot) if g.asked >= slot.start => match slot.phase {
                 KeyPhase::Asking { .. } | KeyPhase::Queued => {
                     slot.phase = KeyPhase::Held { fence: g.fence, confirm: Some(fresh()) };
@@ -1084,7 +1133,7 @@ impl<const K: usize, const O: usize> Session<K, O> {
             },
             // A grant from an acquisition we no longer pursue: the key is ours at the
             // authority though, so give it back rather than block it until we expire.
-            None => {
+            None if !spared => {
                 let phase = KeyPhase::GivingBack { fence: g.fence, flight: fresh() };
                 let slot = Slot {
                     key: g.key.clone(),
@@ -1094,9 +1143,15 @@ impl<const K: usize, const O: usize> Session<K, O> {
                     event: None,
                     value: Value::new(),
                 };
-                let _ = self.slots.push(slot);
+                // Every slot in use: the spare, if free (else at a later report).
+                if let Err(Slot { key, phase: KeyPhase::GivingBack { fence, flight }, .. }) =
+                    self.slots.push(slot)
+                {
+                    self.spare = self.spare.take().or(Some((key, fence, flight)));
+                }
             }
-            Some(_) => {}
+            // Being given back already (`spare`), or a stale report.
+            None | Some(_) => {}
         }
     }
 
@@ -1164,12 +1219,23 @@ impl<const K: usize, const O: usize> Session<K, O> {
     /// request is out, for until it lands every keepalive is answered at once with its report.
     fn keep_alive_for_waiters(&mut self, now: Instant) {
         let waiting = self.slots.iter().any(|s| s.phase == KeyPhase::Queued);
-        if !waiting || self.slots.iter().any(|s| s.phase.settles_a_report()) {
+        if !waiting || self.settling() {
             return;
         }
         if let Phase::Open { keepalive: Flight::Due { ref mut at }, .. } = self.phase {
             *at = (*at).min(now);
         }
+    }
+
+    /// Whether `key` is being given back by the spare.
+    fn spares(&self, key: &Key) -> bool {
+        self.spare.as_ref().is_some_and(|(k, ..)| k == key)
+    }
+
+    /// Whether a request that settles a reported grant is out (see
+    /// [`KeyPhase::settles_a_report`]): until it lands, every keepalive is answered with it.
+    fn settling(&self) -> bool {
+        self.spare.is_some() || self.slots.iter().any(|s| s.phase.settles_a_report())
     }
 
     fn forget_done(&mut self) {
@@ -1303,7 +1369,11 @@ mod tests {
 
     /// Carries every request `h` has to the authority and the replies straight back, at `now`
     /// (no delay). Returns the requests carried.
-    fn exchange(h: &mut Holder, a: &mut Authority, now: Instant) -> usize {
+    fn exchange<const S: usize, const AK: usize, const W: usize>(
+        h: &mut Holder,
+        a: &mut SessionAuthority<S, AK, W>,
+        now: Instant,
+    ) -> usize {
         let mut n = 0;
         while let Some(r) = h.poll_transmit() {
             n += 1;
@@ -1321,7 +1391,10 @@ mod tests {
     fn events(h: &mut Holder) -> std::vec::Vec<SessionEvent> {
         core::iter::from_fn(|| h.poll_event()).collect()
     }
-    fn opened(a: &mut Authority, label: &str) -> Holder {
+    fn opened<const S: usize, const AK: usize, const W: usize>(
+        a: &mut SessionAuthority<S, AK, W>,
+        label: &str,
+    ) -> Holder {
         let mut h = holder(label);
         h.open(ms(0)).unwrap();
         exchange(&mut h, a, ms(0));
@@ -1996,5 +2069,197 @@ mod tests {
         assert_eq!(early, 1, "the keepalive that brought the grant to give back");
         assert_eq!(a.key(&key("y")).unwrap().holder, None, "given back");
         x_is_pushed(&mut holder, &mut waiter, &mut a, held, 100);
+    }
+
+    /// `h` and `other` open, `other` holding x; `h` asks for x with `wait`, and that acquire
+    /// is held up on the way while its request timeout makes the next attempt, which is
+    /// answered (queued, or busy). Returns `h` and the held-up acquire, and the time.
+    fn acquire_held_up<const S: usize, const AK: usize, const W: usize>(
+        a: &mut SessionAuthority<S, AK, W>,
+        wait: bool,
+    ) -> (Holder, Holder, SessionRequest, Instant) {
+        let mut other = opened(a, "other");
+        let mut h = opened(a, "h");
+        other.acquire(ms(1), key("x"), false).unwrap();
+        exchange(&mut other, a, ms(1));
+        events(&mut other);
+        h.acquire(ms(2), key("x"), wait).unwrap();
+        let late = h.poll_transmit().unwrap();
+        let retry_at = ms(2) + config().request_timeout;
+        h.handle_timeout(retry_at);
+        assert_eq!(exchange(&mut h, a, retry_at), 1, "only the retry");
+        (other, h, late, retry_at)
+    }
+
+    #[test]
+    fn a_grant_reported_for_an_acquisition_that_ended_is_given_back_once() {
+        let mut a = Authority::new(SessionLimits::default());
+        let (mut other, mut h, late, t) = acquire_held_up(&mut a, false);
+        // The retry was answered busy: the acquisition is over (its event not yet taken).
+        other.release(t, &key("x")).unwrap();
+        exchange(&mut other, &mut a, t);
+        // The held-up acquire lands on a free key: a reordered acquire, so its grant is
+        // reported, and its reply is ignored (h awaits no such seq).
+        let again = a.handle(t + SKEW, &late);
+        assert_eq!(again, SessionReply::Granted { key: key("x"), fence: Fence(2) });
+        h.handle_response(t, &late.answer(again));
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        let ka = h.poll_transmit().unwrap();
+        let reply = a.handle(t + SKEW, &ka);
+        assert!(
+            matches!(&reply, SessionReply::Alive { granted: Some(g), .. } if g.key == key("x")),
+            "{reply:?}"
+        );
+        h.handle_response(t, &ka.answer(reply));
+        // Given back at once, by its fence, and never believed.
+        let back = h.poll_transmit().expect("a give-back");
+        assert_eq!(back.op, SessionOp::Release { key: key("x"), fence: Fence(2) });
+        assert_eq!(h.poll_transmit(), None);
+        assert_eq!(h.fence(&key("x")), None);
+        assert_eq!(
+            events(&mut h)[..],
+            [SessionEvent::NotAcquired { key: key("x"), reason: NotAcquired::Busy }],
+            "the application hears of the acquisition only"
+        );
+        // Reported again while the give-back is out: no second one.
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        let ka = h.poll_transmit().unwrap();
+        assert_eq!(ka.op, SessionOp::KeepAlive);
+        h.handle_response(t, &ka.answer(a.handle(t + SKEW, &ka)));
+        assert_eq!(h.poll_transmit(), None);
+        h.handle_response(t, &back.answer(a.handle(t + SKEW, &back)));
+        assert_eq!(a.key(&key("x")).unwrap().holder, None, "free again");
+        assert!(!a.has_news(h.id().unwrap()));
+        assert_eq!(events(&mut h)[..], []);
+        // And the key can be asked for again.
+        h.acquire(t, key("x"), false).unwrap();
+        exchange(&mut h, &mut a, t);
+        assert!(matches!(events(&mut h)[..], [SessionEvent::Acquired { fence: Fence(3), .. }]));
+    }
+
+    #[test]
+    fn a_grant_asked_anew_by_an_acquire_that_a_keepalive_overtook_is_believed() {
+        let mut a = Authority::new(SessionLimits::default());
+        let (mut other, mut h, late, t) = acquire_held_up(&mut a, true);
+        // The retry queued h; h stops waiting.
+        assert_eq!(events(&mut h)[..], [SessionEvent::Queued { key: key("x"), position: 1 }]);
+        h.release(t, &key("x")).unwrap();
+        exchange(&mut h, &mut a, t);
+        let cancelled = SessionEvent::NotAcquired { key: key("x"), reason: NotAcquired::Cancelled };
+        assert_eq!(events(&mut h)[..], [cancelled]);
+        // The held-up acquire lands after the stop: reordered, it queues h again, as asked by
+        // its own (old) seq. Its reply is ignored.
+        let again = a.handle(t + SKEW, &late);
+        assert!(matches!(again, SessionReply::Queued { .. }), "{again:?}");
+        h.handle_response(t, &late.answer(again));
+        // h asks anew, and a keepalive made after that acquire overtakes it on the way, so
+        // the acquire lands reordered too.
+        h.acquire(t, key("x"), true).unwrap();
+        let anew = h.poll_transmit().unwrap();
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        let ka = h.poll_transmit().unwrap();
+        assert_eq!(ka.op, SessionOp::KeepAlive);
+        h.handle_response(t, &ka.answer(a.handle(t + SKEW, &ka)));
+        h.handle_response(t, &anew.answer(a.handle(t + SKEW, &anew)));
+        assert_eq!(events(&mut h)[..], [SessionEvent::Queued { key: key("x"), position: 1 }]);
+        // x passes to h: its grant must be reported as asked by this acquisition, or h takes
+        // it as stale, and x stays with a session that never uses it.
+        other.release(t, &key("x")).unwrap();
+        exchange(&mut other, &mut a, t);
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        exchange(&mut h, &mut a, t);
+        assert!(
+            matches!(events(&mut h)[..], [SessionEvent::Acquired { fence: Fence(2), .. }]),
+            "the pushed grant is believed"
+        );
+        assert!(!a.has_news(h.id().unwrap()), "and confirmed");
+    }
+
+    #[test]
+    fn an_acquisition_asked_before_the_last_ones_event_was_taken_is_the_keys_slot() {
+        let mut a = Authority::new(SessionLimits::default());
+        let (mut other, mut h, _lost, t) = acquire_held_up(&mut a, false);
+        // Busy, and before that event is taken the application asks again, to wait this time.
+        h.acquire(t, key("x"), true).unwrap();
+        assert_eq!(h.acquire(t, key("x"), true), Err(AcquireError::InProgress));
+        exchange(&mut h, &mut a, t);
+        other.release(t, &key("x")).unwrap();
+        exchange(&mut other, &mut a, t);
+        h.keep_alive_now(t);
+        h.handle_timeout(t);
+        exchange(&mut h, &mut a, t);
+        // The pushed grant is the new acquisition's, and confirmed, though the ended one is
+        // still there for its event.
+        assert!(!a.has_news(h.id().unwrap()), "confirmed");
+        assert_eq!(h.fence(&key("x")), Some(Fence(2)));
+        let got = events(&mut h);
+        assert!(
+            matches!(
+                got[..],
+                [
+                    SessionEvent::NotAcquired { reason: NotAcquired::Busy, .. },
+                    SessionEvent::Acquired { fence: Fence(2), .. }
+                ]
+            ),
+            "{got:?}"
+        );
+        h.release(t, &key("x")).unwrap();
+        exchange(&mut h, &mut a, t);
+        assert_eq!(a.key(&key("x")).unwrap().holder, None);
+    }
+
+    #[test]
+    fn a_grant_reported_while_every_slot_is_in_use_is_given_back_all_the_same() {
+        // Room at the authority for x and the four keys h tracks.
+        let mut a = SessionAuthority::<4, 8, 8>::new(SessionLimits::default());
+        let (mut other, mut h, late, t) = acquire_held_up(&mut a, false);
+        events(&mut h);
+        // Busy and forgotten; then the application tracks as many keys as the machine can.
+        for k in ["a", "b", "c", "d"] {
+            h.acquire(t, key(k), false).unwrap();
+        }
+        exchange(&mut h, &mut a, t);
+        assert_eq!(h.held().count(), 4);
+        assert_eq!(events(&mut h).len(), 4);
+        other.release(t, &key("x")).unwrap();
+        exchange(&mut other, &mut a, t);
+        // The held-up acquire lands: x is h's at the authority, and reported.
+        let again = a.handle(t + SKEW, &late);
+        assert_eq!(again, SessionReply::Granted { key: key("x"), fence: Fence(2) });
+        h.handle_response(t, &late.answer(again));
+        for round in 0..2 {
+            h.keep_alive_now(t);
+            h.handle_timeout(t);
+            let ka = h.poll_transmit().unwrap();
+            assert_eq!(ka.op, SessionOp::KeepAlive);
+            h.handle_response(t, &ka.answer(a.handle(t + SKEW, &ka)));
+            if round == 0 {
+                let back = h.poll_transmit().expect("a give-back");
+                assert_eq!(back.op, SessionOp::Release { key: key("x"), fence: Fence(2) });
+            }
+            assert_eq!(h.poll_transmit(), None, "one give-back at a time, however often reported");
+            assert_eq!(h.fence(&key("x")), None);
+        }
+        // x is not asked for while it is being given back: its grant could be this fence.
+        h.release(t, &key("a")).unwrap();
+        assert_eq!(h.acquire(t, key("x"), false), Err(AcquireError::Releasing));
+        // The give-back is lost: its request timeout makes it again, under a new seq.
+        let retry_at = t + config().request_timeout;
+        h.handle_timeout(retry_at);
+        exchange(&mut h, &mut a, retry_at);
+        assert_eq!(a.key(&key("x")).unwrap().holder, None, "x is free again, not stuck with h");
+        assert!(!a.has_news(h.id().unwrap()));
+        assert_eq!(
+            events(&mut h)[..],
+            [SessionEvent::Released { key: key("a"), fence: Fence(1), acknowledged: true }]
+        );
+        assert_eq!(h.held().count(), 3);
+        h.acquire(retry_at, key("x"), false).unwrap();
+        exchange(&mut h, &mut a, retry_at);
+        assert!(matches!(events(&mut h)[..], [SessionEvent::Acquired { fence: Fence(3), .. }]));
     }
 }
