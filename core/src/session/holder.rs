@@ -1107,7 +1107,8 @@ impl<const K: usize, const O: usize> Session<K, O> {
         // The key's acquisition under way, before one that ended with its event still untaken
         // (an acquisition asked since stands beside it).
         let i = self.slots.iter().position(|s| s.key == g.key && s.phase != KeyPhase::Done);
-        match i.or_else(|| self.slots.iter().position(|s| s.key == g.key)).map(|i| &mut self.slots[i]) {
+        match i.or_else(|| self.slots.iter().position(|s| s.key == g.key)).and_then(|i| self.slots.get_mut(i))
+        {
             // No acquisition of the key under way, so none that this fence could answer: give
             // it back as below. The slot keeps its event, and a new acquisition waits for the
             // give-back (`AcquireError::Releasing`), so it cannot be granted this fence and
